@@ -1,0 +1,436 @@
+//! pre / reset / post for one device, vendor-reset style: each step is logged with the BDF and
+//! the sequence version, and post (unmap, restore PCI_COMMAND and power control, unlock) always
+//! runs, on errors and panics too.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::backend::Backend;
+use crate::bdf::Bdf;
+use crate::devices::{self, DeviceProfile, Family};
+use crate::holders::{self, Holder};
+use crate::io::{DryRun, Op, Recorder};
+use crate::lock::DeviceLock;
+use crate::regs::*;
+use crate::sequence::{self, Outcome};
+use crate::sysfs::{PciSysfs, SysfsDevice};
+use crate::verdict::{self, Verdict};
+use crate::{Error, Result};
+
+/// Where the engine finds the host's state; tests point every path at a tree of their own.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub sysfs: PciSysfs,
+    pub proc_root: PathBuf,
+    pub run_dir: PathBuf,
+    pub lock_wait: Duration,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            sysfs: PciSysfs::default(),
+            proc_root: PathBuf::from("/proc"),
+            run_dir: PathBuf::from(crate::lock::DEFAULT_RUN_DIR),
+            lock_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Opens config space and the BAR of a device (sysfs/VFIO in production, the simulator in tests).
+pub type Opener<'a> = dyn FnMut(&SysfsDevice) -> Result<Box<dyn Backend>> + 'a;
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub bdf: Bdf,
+    pub profile: Option<String>,
+    pub bar: Option<u8>,
+    /// Reset even when bound to a driver other than vfio-pci (never when held).
+    pub force: bool,
+    pub dry_run: bool,
+    /// Use our register sequence even where the kernel has `device_specific`.
+    pub ignore_kernel_reset: bool,
+}
+
+impl Request {
+    pub fn new(bdf: Bdf) -> Self {
+        Request { bdf, profile: None, bar: None, force: false, dry_run: false, ignore_kernel_reset: false }
+    }
+}
+
+/// What the host shows about a target device, without touching it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub bdf: Bdf,
+    #[serde(skip)]
+    pub dev: SysfsDevice,
+    pub vendor: u16,
+    pub device: u16,
+    pub profile: DeviceProfile,
+    pub driver: Option<String>,
+    pub iommu_group: Option<String>,
+    pub holders: Vec<Holder>,
+    pub reset_methods: Option<Vec<String>>,
+    pub power_state: Option<String>,
+    pub power_control: Option<String>,
+}
+
+impl Target {
+    /// The kernel already has the Qualcomm device-specific reset (the 2026 quirk).
+    pub fn kernel_has_device_specific(&self) -> bool {
+        self.reset_methods.as_ref().is_some_and(|m| m.iter().any(|m| m == "device_specific"))
+    }
+
+    /// Why we must not write to the device now, if anything.
+    pub fn refusal(&self, force: bool) -> Option<Error> {
+        if let Some(h) = self.holders.first() {
+            return Some(Error::Held { bdf: self.bdf, holder: h.to_string() });
+        }
+        match self.driver.as_deref() {
+            None | Some("vfio-pci") => None,
+            Some(_) if force => None,
+            Some(d) => Some(Error::WrongDriver { bdf: self.bdf, driver: d.to_string() }),
+        }
+    }
+}
+
+pub fn inspect(host: &Host, bdf: Bdf, profile: Option<&str>, bar: Option<u8>) -> Result<Target> {
+    let dev = host.sysfs.device(bdf)?;
+    let (vendor, device) = dev.ids()?;
+    let profile = devices::resolve(vendor, device, profile, bar)?;
+    let paths = holders::device_paths(&dev)?;
+    Ok(Target {
+        bdf,
+        vendor,
+        device,
+        profile,
+        driver: dev.driver()?,
+        iommu_group: dev.iommu_group()?,
+        holders: holders::find(&host.proc_root, &paths, Some(std::process::id())),
+        reset_methods: dev.reset_methods()?,
+        power_state: dev.power_state()?,
+        power_control: dev.power_control()?,
+        dev,
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Our replay of the reviewed register sequence through the BAR.
+    RegisterSequence,
+    /// The kernel's own `device_specific` reset through sysfs `reset`.
+    KernelDeviceSpecific,
+    /// Nothing touched; `plan` lists what would be done.
+    DryRun,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Restored {
+    pub command: Option<u16>,
+    pub power_control: Option<String>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub bdf: Bdf,
+    pub profile: &'static str,
+    pub family: Family,
+    pub sequence_version: &'static str,
+    pub method: Method,
+    pub access: &'static str,
+    pub outcome: Option<Outcome>,
+    pub verdict: Option<Verdict>,
+    /// Register operations of the sequence, in order (for dry runs: those it would do).
+    pub ops: Vec<Op>,
+    /// Dry run: every step, register operations included.
+    pub plan: Vec<String>,
+    pub restored: Restored,
+    pub duration_ms: u64,
+}
+
+/// Config space, power and the BAR for the duration of a sequence; restores on drop.
+struct Session {
+    bdf: Bdf,
+    dev: SysfsDevice,
+    backend: Box<dyn Backend>,
+    saved_command: Option<u16>,
+    saved_power: Option<String>,
+    restored: Option<Restored>,
+}
+
+impl Session {
+    fn begin(t: &Target, backend: Box<dyn Backend>) -> Result<Session> {
+        let mut s = Session {
+            bdf: t.bdf,
+            dev: t.dev.clone(),
+            backend,
+            saved_command: None,
+            saved_power: None,
+            restored: None,
+        };
+        // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
+        if let Some(p) = t.power_control.as_deref().filter(|p| *p != "on") {
+            s.dev.write("power/control", "on")?;
+            s.saved_power = Some(p.to_string());
+        }
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while let Some(state) = s.dev.power_state()?.filter(|st| st != "D0") {
+            if Instant::now() >= deadline {
+                return Err(Error::NotD0 { bdf: t.bdf, state });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(s)
+    }
+
+    fn config_ids(&mut self) -> (u16, u16) {
+        let v = self.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
+        let d = self.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
+        (v, d)
+    }
+
+    /// Saves PCI_COMMAND and enables memory decoding (vfio leaves it cleared after release).
+    fn enable_memory(&mut self) -> Result<()> {
+        let path = self.dev.path("config");
+        let cmd = self
+            .backend
+            .config_read16(PCI_COMMAND)
+            .map_err(|source| Error::SysfsRead { path: path.clone(), source })?;
+        self.saved_command = Some(cmd);
+        self.backend
+            .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
+            .map_err(|source| Error::SysfsWrite { path, source })
+    }
+
+    fn restore(&mut self) -> Restored {
+        if let Some(r) = &self.restored {
+            return r.clone();
+        }
+        let mut r = Restored::default();
+        if let Some(cmd) = self.saved_command {
+            match self.backend.config_write16(PCI_COMMAND, cmd) {
+                Ok(()) => r.command = Some(cmd),
+                Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
+            }
+        }
+        if let Some(p) = &self.saved_power {
+            match self.dev.write("power/control", p) {
+                Ok(()) => r.power_control = Some(p.clone()),
+                Err(e) => r.errors.push(e.to_string()),
+            }
+        }
+        for e in &r.errors {
+            warn!(bdf = %self.bdf, "post: restore failed: {e}");
+        }
+        self.restored = Some(r.clone());
+        r
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+fn step(bdf: Bdf, version: &str, what: &str) {
+    info!(bdf = %bdf, seq = version, "{what}");
+}
+
+/// Values a healthy device would return, so a dry run follows the success path.
+fn healthy_read(offset: u32) -> u32 {
+    match offset {
+        BHIOFF => crate::sim::model::BHI_BASE,
+        MHISTATUS => (MHI_STATE_READY as u32) << 8 | MHISTATUS_READY,
+        _ => 0,
+    }
+}
+
+fn dry_run(t: &Target, access: &str) -> Report {
+    let p = &t.profile;
+    let mut plan = vec![format!("lock {}", t.bdf)];
+    if t.kernel_has_device_specific() {
+        plan.push("kernel has device_specific: sysfs reset_method <- device_specific (if not first)".into());
+        plan.push("sysfs reset <- 1".into());
+    } else {
+        if t.power_control.as_deref().is_some_and(|c| c != "on") {
+            plan.push("sysfs power/control <- on".into());
+        }
+        plan.push(format!("config ({access}) read vendor; stop with link-down if 0xffff"));
+        plan.push(format!("config ({access}) PCI_COMMAND <- saved | MEMORY"));
+        plan.push(format!("map BAR{} via {access}", p.bar));
+    }
+    let mut io = Recorder::new(DryRun { assumed: healthy_read });
+    let outcome = sequence::run(p.family, &mut io, &mut |_| {});
+    let ops = io.ops;
+    if !t.kernel_has_device_specific() {
+        plan.extend(ops.iter().map(|o| o.to_string()));
+        plan.push(format!(
+            "verify: poll MHISTATUS/MHICTRL/EE every 25 ms for up to {} ms",
+            verdict::settle_window(p.family).as_millis()
+        ));
+        plan.push(format!("unmap BAR{}", p.bar));
+        plan.push(format!("config ({access}) PCI_COMMAND <- saved"));
+        if let Some(c) = t.power_control.as_deref().filter(|c| *c != "on") {
+            plan.push(format!("sysfs power/control <- {c}"));
+        }
+    }
+    plan.push(format!("unlock {}", t.bdf));
+    Report {
+        bdf: t.bdf,
+        profile: p.name,
+        family: p.family,
+        sequence_version: p.family.sequence_version(),
+        method: Method::DryRun,
+        access: "none",
+        outcome: Some(outcome),
+        verdict: None,
+        ops,
+        plan,
+        restored: Restored::default(),
+        duration_ms: 0,
+    }
+}
+
+/// Resets one device: refuses unsafe cases, then pre / reset / verify / post.
+pub fn reset(host: &Host, req: &Request, open: &mut Opener<'_>, access_name: &str) -> Result<Report> {
+    let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+    if let Some(e) = t.refusal(req.force) {
+        return Err(e);
+    }
+    if req.dry_run {
+        return Ok(dry_run(&t, access_name));
+    }
+    let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    // A VM may have opened the device while we waited for the lock.
+    let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+    if let Some(e) = t.refusal(req.force) {
+        return Err(e);
+    }
+    let started = Instant::now();
+    let p = t.profile;
+    let version = p.family.sequence_version();
+    step(t.bdf, version, &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar));
+
+    let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
+    if kernel {
+        step(t.bdf, version, "reset: the kernel provides device_specific; using its reset instead of ours");
+        kernel_reset(&t)?;
+    }
+    let mut session = Session::begin(&t, open(&t.dev)?)?;
+    let access = session.backend.name();
+    let mut ops = Vec::new();
+    let mut outcome = None;
+    let verdict = 'seq: {
+        let (vendor, device) = session.config_ids();
+        if vendor == 0xffff {
+            step(t.bdf, version, "pre: config space reads all-ones; link down, no BAR writes");
+            break 'seq verdict::judge(p.family, &verdict::Registers { config_vendor: vendor, config_device: device, ..Default::default() });
+        }
+        session.enable_memory()?;
+        let need = sequence::bar_needed(p.family);
+        let (bar, len) = session.backend.map_bar(p.bar)?;
+        if len < need {
+            return Err(Error::BarTooSmall { bdf: t.bdf, bar: p.bar, len, need, family: p.family.name() });
+        }
+        let mut io = Recorder::new(bar);
+        if !kernel {
+            let o = sequence::run(p.family, &mut io, &mut |s| step(t.bdf, version, &format!("reset: {s}")));
+            step(t.bdf, version, &format!("reset: {o:?}"));
+            outcome = Some(o);
+            ops = std::mem::take(&mut io.ops);
+        }
+        step(t.bdf, version, "verify: reading config space and MHI registers");
+        let mut ids = || -> (u16, u16) {
+            let v = session.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
+            let d = session.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
+            (v, d)
+        };
+        verdict::verify(p.family, &mut ids, &mut io, len)
+    };
+    step(t.bdf, version, &format!("verdict: {} ({})", verdict.health, verdict.detail));
+    let restored = session.restore();
+    step(t.bdf, version, "post: BAR unmapped, PCI_COMMAND and power control restored");
+    Ok(Report {
+        bdf: t.bdf,
+        profile: p.name,
+        family: p.family,
+        sequence_version: version,
+        method: if kernel { Method::KernelDeviceSpecific } else { Method::RegisterSequence },
+        access,
+        outcome,
+        verdict: Some(verdict),
+        ops,
+        plan: Vec::new(),
+        restored,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Runs the kernel's `device_specific` reset, making it the method used for this one reset.
+fn kernel_reset(t: &Target) -> Result<()> {
+    let methods = t.reset_methods.clone().unwrap_or_default();
+    let first = methods.first().map(String::as_str) == Some("device_specific");
+    if !first {
+        t.dev.write("reset_method", "device_specific")?;
+    }
+    let r = t.dev.write("reset", "1");
+    if !first {
+        t.dev.write("reset_method", &methods.join(" "))?;
+    }
+    r.map_err(|e| match e {
+        Error::SysfsWrite { source, .. } => Error::KernelReset { bdf: t.bdf, source },
+        e => e,
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub target: Target,
+    pub kernel_device_specific: bool,
+    pub verdict: Option<Verdict>,
+    /// Why the registers were not read.
+    pub skipped: Option<String>,
+}
+
+/// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
+pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
+    let kernel_device_specific = t.kernel_has_device_specific();
+    if let Some(e) = t.refusal(false) {
+        return Ok(Status { target: t, kernel_device_specific, verdict: None, skipped: Some(e.to_string()) });
+    }
+    let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    let verdict = {
+        let mut session = Session::begin(&t, open(&t.dev)?)?;
+        let (vendor, device) = session.config_ids();
+        let regs = if vendor == 0xffff {
+            verdict::Registers { config_vendor: vendor, config_device: device, ..Default::default() }
+        } else {
+            session.enable_memory()?;
+            let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
+            verdict::read_registers(vendor, device, bar.as_mut(), len)
+        };
+        session.restore();
+        verdict::judge(t.profile.family, &regs)
+    };
+    Ok(Status { target: t, kernel_device_specific, verdict: Some(verdict), skipped: None })
+}
+
+/// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)` overrides.
+pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<Vec<Target>> {
+    let mut out = Vec::new();
+    for dev in host.sysfs.list()? {
+        let ov = overrides.iter().find(|(b, _, _)| *b == dev.bdf);
+        let Ok((vendor, device)) = dev.ids() else { continue };
+        if ov.is_none() && devices::by_id(vendor, device).is_none() {
+            continue;
+        }
+        out.push(inspect(host, dev.bdf, ov.map(|o| o.1.as_str()), ov.and_then(|o| o.2))?);
+    }
+    Ok(out)
+}

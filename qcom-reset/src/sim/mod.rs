@@ -1,0 +1,89 @@
+//! The firmware simulator: [`model::Model`] driven by a virtual clock in-process (tests), or by
+//! the wall clock behind a shared-memory BAR served by `qcom-reset-sim` (the VM lab's ivshmem).
+pub mod conformance;
+pub mod model;
+pub mod shm;
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::Error;
+use crate::backend::Backend;
+use crate::io::RegisterIo;
+pub use model::{Faults, Model};
+
+/// BAR sizes the simulator presents (WCN6855's BAR0 is 2 MiB; SDX modems show 4 KiB).
+pub const fn bar_len(family: crate::devices::Family) -> u64 {
+    match family {
+        crate::devices::Family::Wlan => 2 << 20,
+        crate::devices::Family::Modem => 4096,
+    }
+}
+
+struct State {
+    model: Model,
+    now_us: u64,
+}
+
+/// An in-process simulated PCI function with a virtual clock: delays advance time instantly.
+#[derive(Clone)]
+pub struct SimDevice {
+    state: Arc<Mutex<State>>,
+}
+
+impl SimDevice {
+    pub fn new(model: Model) -> Self {
+        SimDevice { state: Arc::new(Mutex::new(State { model, now_us: 0 })) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inspect the model (for assertions).
+    pub fn with_model<R>(&self, f: impl FnOnce(&Model) -> R) -> R {
+        f(&self.lock().model)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_micros(self.lock().now_us)
+    }
+}
+
+impl Backend for SimDevice {
+    fn name(&self) -> &'static str {
+        "simulator"
+    }
+    fn config_read16(&mut self, offset: u64) -> io::Result<u16> {
+        let mut s = self.lock();
+        let now = s.now_us;
+        Ok(s.model.config_read16(now, offset))
+    }
+    fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()> {
+        let mut s = self.lock();
+        let now = s.now_us;
+        s.model.config_write16(now, offset, value);
+        Ok(())
+    }
+    fn map_bar(&mut self, _bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
+        let len = bar_len(self.lock().model.family);
+        Ok((Box::new(self.clone()), len))
+    }
+}
+
+impl RegisterIo for SimDevice {
+    fn read32(&mut self, offset: u32) -> u32 {
+        let mut s = self.lock();
+        let now = s.now_us;
+        s.model.read32(now, offset)
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        let mut s = self.lock();
+        let now = s.now_us;
+        s.model.write32(now, offset, value)
+    }
+    fn delay(&mut self, d: Duration) {
+        self.lock().now_us += d.as_micros() as u64;
+    }
+}

@@ -1,0 +1,326 @@
+//! Register-level model of the WLAN and modem firmware's reaction to the reset registers
+//! (domain.md §2): the SoC global reset drops the link and reboots into PBL with SYSERR still
+//! latched, an MHICTRL reset clears SYSERR, the modem's SoC reset request reboots it into PBL and
+//! it raises READY later. Faults reproduce the failures seen in the field. Time is in
+//! microseconds from the model's start and is supplied by the caller, so the same model runs on
+//! a virtual clock in tests and on the wall clock behind a shared-memory BAR.
+use serde::{Deserialize, Serialize};
+
+use crate::devices::Family;
+use crate::regs::*;
+
+/// Faults to inject. Every field defaults to "off".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// SYSERR stays latched whatever the host does.
+    pub stuck_syserr: bool,
+    /// After a reset the link stays down this long (ms) instead of the family's usual time.
+    pub link_down_ms: Option<u64>,
+    /// After a reset the link never comes back.
+    pub never_returns: bool,
+    /// READY (and the end of an MHI reset) comes this long (ms) after it normally would.
+    pub slow_ready_ms: Option<u64>,
+    /// The device drops off the bus after this many register writes.
+    pub vanish_after_writes: Option<u32>,
+    /// Config space reads all-ones from the start: the link was already down.
+    pub config_all_ones: bool,
+    /// Register writes have no effect.
+    pub writes_ignored: bool,
+}
+
+impl Faults {
+    /// Parses "stuck-syserr,link-down-ms=800,..." as given to `qcom-reset-sim --fault`.
+    pub fn parse(spec: &str) -> Result<Faults, String> {
+        let mut f = Faults::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, val) = item.split_once('=').map_or((item, None), |(k, v)| (k, Some(v)));
+            let num = |v: Option<&str>| {
+                v.and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| format!("fault {key:?} needs a number, e.g. {key}=500"))
+            };
+            match key {
+                "stuck-syserr" => f.stuck_syserr = true,
+                "never-returns" => f.never_returns = true,
+                "config-all-ones" => f.config_all_ones = true,
+                "writes-ignored" => f.writes_ignored = true,
+                "link-down-ms" => f.link_down_ms = Some(num(val)?),
+                "slow-ready-ms" => f.slow_ready_ms = Some(num(val)?),
+                "vanish-after-writes" => f.vanish_after_writes = Some(num(val)? as u32),
+                _ => return Err(format!("unknown fault {key:?}; known: {}", Faults::NAMES)),
+            }
+        }
+        Ok(f)
+    }
+
+    pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, \
+         link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N";
+}
+
+/// Typical firmware timings (µs), within what the upstream sequence tolerates.
+const WLAN_LINK_DOWN_US: u64 = 40_000;
+const MODEM_LINK_DOWN_US: u64 = 300_000;
+const MHI_RESET_US: u64 = 3_000;
+const MODEM_READY_US: u64 = 600_000;
+/// Shortest assertion of the global reset bit that the SoC honours.
+const MIN_ASSERT_US: u64 = 1_000;
+pub const BHI_BASE: u32 = 0x100;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WriteRecord {
+    pub at_us: u64,
+    pub offset: u32,
+    pub value: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub family: Family,
+    pub vendor: u16,
+    pub device: u16,
+    pub faults: Faults,
+    pub command: u16,
+    /// Link down until this time (u64::MAX: for good).
+    link_down_until: u64,
+    vanished: bool,
+    global_reset: u32,
+    asserted_at: Option<u64>,
+    mhictrl: u32,
+    mhi_reset_done_at: Option<u64>,
+    mhi_state: u8,
+    syserr: bool,
+    ready: bool,
+    ready_at: Option<u64>,
+    ee: u32,
+    intvec: u32,
+    soc_reset_req: u32,
+    wake: u32,
+    /// Number of SoC resets that took effect.
+    pub resets: u32,
+    pub writes: Vec<WriteRecord>,
+}
+
+impl Model {
+    /// A device in the state an unclean VM stop leaves it: firmware crashed, SYSERR latched
+    /// (WLAN), or stuck in MHI reset and never READY (modem).
+    pub fn stuck(family: Family, vendor: u16, device: u16, faults: Faults) -> Model {
+        let link_down_until = if faults.config_all_ones { u64::MAX } else { 0 };
+        let (mhictrl, mhi_state, ee) = match family {
+            Family::Wlan => (0, MHI_STATE_SYS_ERR, EE_WFW),
+            Family::Modem => (MHICTRL_RESET, MHI_STATE_RESET, EE_AMSS),
+        };
+        Model {
+            family,
+            vendor,
+            device,
+            faults,
+            command: 0x0400,
+            link_down_until,
+            vanished: false,
+            global_reset: 0,
+            asserted_at: None,
+            mhictrl,
+            mhi_reset_done_at: None,
+            mhi_state,
+            syserr: true,
+            ready: false,
+            ready_at: None,
+            ee,
+            intvec: 0,
+            soc_reset_req: 0,
+            wake: 0,
+            resets: 0,
+            writes: Vec::new(),
+        }
+    }
+
+    pub fn link_up(&self, now: u64) -> bool {
+        !self.vanished && now >= self.link_down_until
+    }
+
+    fn slow(&self) -> u64 {
+        self.faults.slow_ready_ms.unwrap_or(0) * 1000
+    }
+
+    fn advance(&mut self, now: u64) {
+        if self.mhi_reset_done_at.is_some_and(|t| now >= t) {
+            self.mhi_reset_done_at = None;
+            self.mhictrl &= !MHICTRL_RESET;
+            if !self.faults.stuck_syserr {
+                self.syserr = false;
+                self.mhi_state = MHI_STATE_READY;
+                self.ready = true;
+            }
+        }
+        if self.ready_at.is_some_and(|t| now >= t) {
+            self.ready_at = None;
+            if !self.syserr {
+                self.ready = true;
+                self.mhi_state = MHI_STATE_READY;
+            }
+        }
+    }
+
+    /// The SoC reboots: the link drops, then the device comes back in PBL.
+    fn reboot(&mut self, now: u64, usual_link_down: u64) {
+        self.resets += 1;
+        self.link_down_until = if self.faults.never_returns {
+            u64::MAX
+        } else {
+            now + self.faults.link_down_ms.map_or(usual_link_down, |ms| ms * 1000)
+        };
+        let up = self.link_down_until;
+        self.asserted_at = None;
+        self.global_reset = 0;
+        self.mhictrl = 0;
+        self.mhi_reset_done_at = None;
+        self.mhi_state = MHI_STATE_RESET;
+        self.ready = false;
+        self.ee = EE_PBL;
+        self.intvec = 0;
+        self.soc_reset_req = 0;
+        match self.family {
+            // SYSERR survives the global reset until the host resets MHI (ath11k comment).
+            Family::Wlan => self.syserr = true,
+            Family::Modem => {
+                self.syserr = self.faults.stuck_syserr;
+                self.ready_at = Some(up.saturating_add(MODEM_READY_US + self.slow()));
+            }
+        }
+    }
+
+    pub fn config_read16(&mut self, now: u64, offset: u64) -> u16 {
+        self.advance(now);
+        if !self.link_up(now) {
+            return 0xffff;
+        }
+        match offset {
+            PCI_VENDOR_ID => self.vendor,
+            PCI_DEVICE_ID => self.device,
+            PCI_COMMAND => self.command,
+            _ => 0,
+        }
+    }
+
+    pub fn config_write16(&mut self, now: u64, offset: u64, value: u16) {
+        self.advance(now);
+        if self.link_up(now) && offset == PCI_COMMAND {
+            self.command = value;
+        }
+    }
+
+    pub fn read32(&mut self, now: u64, offset: u32) -> u32 {
+        self.advance(now);
+        if !self.link_up(now) || self.command & PCI_COMMAND_MEMORY == 0 {
+            return ALL_ONES;
+        }
+        match offset {
+            MHIREGLEN => 0x1000,
+            MHIVER => 0x0100_0000,
+            BHIOFF => BHI_BASE,
+            MHICTRL => self.mhictrl,
+            MHISTATUS => {
+                (self.mhi_state as u32) << 8
+                    | if self.syserr { MHISTATUS_SYSERR } else { 0 }
+                    | if self.ready { MHISTATUS_READY } else { 0 }
+            }
+            MHI_SOC_RESET_REQ => self.soc_reset_req,
+            PCIE_SOC_WAKE => self.wake,
+            PCIE_SOC_GLOBAL_RESET => self.global_reset,
+            o if o == BHI_BASE + BHI_EXECENV => self.ee,
+            o if o == BHI_BASE + BHI_INTVEC => self.intvec,
+            _ => 0,
+        }
+    }
+
+    pub fn write32(&mut self, now: u64, offset: u32, value: u32) {
+        self.advance(now);
+        if !self.link_up(now) || self.command & PCI_COMMAND_MEMORY == 0 {
+            return;
+        }
+        self.writes.push(WriteRecord { at_us: now, offset, value });
+        if let Some(n) = self.faults.vanish_after_writes
+            && self.writes.len() as u32 >= n
+        {
+            self.vanished = true;
+            return;
+        }
+        if self.faults.writes_ignored {
+            return;
+        }
+        match (self.family, offset) {
+            (Family::Wlan, PCIE_SOC_GLOBAL_RESET) => {
+                let was = self.asserted_at;
+                self.global_reset = value;
+                match (value & GLOBAL_RESET_V != 0, was) {
+                    (true, None) => self.asserted_at = Some(now),
+                    (false, Some(t)) if now - t >= MIN_ASSERT_US => self.reboot(now, WLAN_LINK_DOWN_US),
+                    (false, Some(_)) => self.asserted_at = None,
+                    _ => {}
+                }
+            }
+            (Family::Wlan, PCIE_SOC_WAKE) => self.wake = value,
+            (_, MHICTRL) => {
+                self.mhictrl = value;
+                if value & MHICTRL_RESET != 0 {
+                    self.mhi_reset_done_at = Some(now + MHI_RESET_US + self.slow());
+                }
+            }
+            (Family::Modem, MHI_SOC_RESET_REQ) => {
+                self.soc_reset_req = value;
+                if value & 1 != 0 {
+                    self.reboot(now, MODEM_LINK_DOWN_US);
+                }
+            }
+            (_, o) if o == BHI_BASE + BHI_INTVEC => self.intvec = value,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem_on(m: &mut Model) {
+        m.config_write16(0, PCI_COMMAND, PCI_COMMAND_MEMORY);
+    }
+
+    #[test]
+    fn wlan_global_reset_needs_a_held_assertion() {
+        let mut m = Model::stuck(Family::Wlan, 0x17cb, 0x1103, Faults::default());
+        mem_on(&mut m);
+        m.write32(0, PCIE_SOC_GLOBAL_RESET, 1);
+        m.write32(100, PCIE_SOC_GLOBAL_RESET, 0); // 0.1 ms: too short, ignored
+        assert_eq!(m.resets, 0);
+        m.write32(200, PCIE_SOC_GLOBAL_RESET, 1);
+        m.write32(10_200, PCIE_SOC_GLOBAL_RESET, 0);
+        assert_eq!(m.resets, 1);
+        assert_eq!(m.read32(10_300, MHISTATUS), ALL_ONES, "link drops after the reset");
+        let up = 10_200 + WLAN_LINK_DOWN_US;
+        assert_eq!(m.read32(up, MHISTATUS) & MHISTATUS_SYSERR, MHISTATUS_SYSERR, "SYSERR survives");
+        assert_eq!(m.read32(up, BHI_BASE + BHI_EXECENV), EE_PBL);
+        m.write32(up, MHICTRL, MHICTRL_RESET);
+        let st = m.read32(up + MHI_RESET_US, MHISTATUS);
+        assert_eq!(st & MHISTATUS_SYSERR, 0, "MHI reset clears SYSERR");
+        assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0);
+    }
+
+    #[test]
+    fn memory_decode_off_reads_all_ones() {
+        let mut m = Model::stuck(Family::Modem, 0x17cb, 0x0308, Faults::default());
+        assert_eq!(m.read32(0, MHISTATUS), ALL_ONES);
+        mem_on(&mut m);
+        assert_ne!(m.read32(0, MHISTATUS), ALL_ONES);
+    }
+
+    #[test]
+    fn fault_spec_parses_and_rejects() {
+        let f = Faults::parse("stuck-syserr, link-down-ms=800,vanish-after-writes=2").unwrap();
+        assert!(f.stuck_syserr);
+        assert_eq!(f.link_down_ms, Some(800));
+        assert_eq!(f.vanish_after_writes, Some(2));
+        assert!(Faults::parse("link-down-ms").unwrap_err().contains("needs a number"));
+        assert!(Faults::parse("bogus").unwrap_err().contains("unknown fault"));
+    }
+}

@@ -1,0 +1,90 @@
+//! Serves a [`Model`] behind a shared-memory file, the backing store of a QEMU ivshmem-plain BAR.
+//! The guest's reads see plain memory, so the server republishes every modelled register as the
+//! model changes, and learns of guest writes by noticing a writable register that differs from
+//! what it last published. A guest write landing between the two steps of one iteration could be
+//! overwritten; the sequences wait milliseconds between writes, the loop takes microseconds.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::conformance::{self, Conformance};
+use super::model::{BHI_BASE, Model, WriteRecord};
+use crate::regs::*;
+
+const WRITABLE: [u32; 5] = [PCIE_SOC_GLOBAL_RESET, PCIE_SOC_WAKE, MHICTRL, MHI_SOC_RESET_REQ, BHI_BASE + BHI_INTVEC];
+const MODELLED: [u32; 10] = [
+    MHIREGLEN,
+    MHIVER,
+    BHIOFF,
+    MHICTRL,
+    MHISTATUS,
+    MHI_SOC_RESET_REQ,
+    PCIE_SOC_WAKE,
+    PCIE_SOC_GLOBAL_RESET,
+    BHI_BASE + BHI_INTVEC,
+    BHI_BASE + BHI_EXECENV,
+];
+
+#[derive(Serialize)]
+pub struct Report<'a> {
+    pub family: &'static str,
+    pub resets: u32,
+    pub writes: &'a [WriteRecord],
+    pub conformance: Conformance,
+    pub mhistatus: u32,
+    pub link_up: bool,
+}
+
+/// Runs until `stop` returns true, rewriting the JSON report at `report` whenever the writes
+/// received or the device's state change.
+pub fn serve(path: &Path, size: u64, mut model: Model, report: &Path, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    if file.metadata()?.len() < size {
+        file.set_len(size)?;
+    }
+    let map = memmap2::MmapOptions::new().len(size as usize).map_raw(&file)?;
+    let reg = |off: u32| unsafe { map.as_mut_ptr().add(off as usize).cast::<u32>() };
+    // The ivshmem BAR is the device's register BAR; its PCI_COMMAND is QEMU's, so memory decode
+    // is modelled as on.
+    model.command = PCI_COMMAND_MEMORY;
+    let start = Instant::now();
+    let mut published = [0u32; MODELLED.len()];
+    let mut last_state = None;
+    while !stop() {
+        let now = start.elapsed().as_micros() as u64;
+        for off in WRITABLE {
+            let cur = unsafe { std::ptr::read_volatile(reg(off)) };
+            let i = MODELLED.iter().position(|o| *o == off).expect("writable registers are modelled");
+            if cur != published[i] {
+                model.write32(now, off, cur);
+            }
+        }
+        for (i, off) in MODELLED.iter().enumerate() {
+            let v = model.read32(now, *off);
+            if unsafe { std::ptr::read_volatile(reg(*off)) } != v {
+                unsafe { std::ptr::write_volatile(reg(*off), v) };
+            }
+            published[i] = v;
+        }
+        let mhistatus = model.read32(now, MHISTATUS);
+        let link_up = model.link_up(now);
+        let state = (model.writes.len(), mhistatus, link_up);
+        if last_state != Some(state) {
+            last_state = Some(state);
+            let r = Report {
+                family: model.family.name(),
+                resets: model.resets,
+                writes: &model.writes,
+                conformance: conformance::check(model.family, &model.writes),
+                mhistatus,
+                link_up,
+            };
+            let tmp = report.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&r)?)?;
+            std::fs::rename(&tmp, report)?;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
+}

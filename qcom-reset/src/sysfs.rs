@@ -1,0 +1,144 @@
+//! The PCI device's sysfs directory. The root is a parameter so tests run against a tree they
+//! build themselves, never against this machine's own devices.
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+use crate::bdf::Bdf;
+
+pub const DEFAULT_ROOT: &str = "/sys/bus/pci/devices";
+
+#[derive(Clone, Debug)]
+pub struct PciSysfs {
+    pub root: PathBuf,
+}
+
+impl Default for PciSysfs {
+    fn default() -> Self {
+        PciSysfs { root: PathBuf::from(DEFAULT_ROOT) }
+    }
+}
+
+impl PciSysfs {
+    pub fn device(&self, bdf: Bdf) -> Result<SysfsDevice, Error> {
+        let dir = self.root.join(bdf.to_string());
+        match fs::metadata(&dir) {
+            Ok(_) => Ok(SysfsDevice { bdf, dir }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::NoSuchDevice(bdf, dir)),
+            Err(source) => Err(Error::SysfsRead { path: dir, source }),
+        }
+    }
+
+    /// Every PCI function present, in address order; entries that are not addresses are skipped.
+    pub fn list(&self) -> Result<Vec<SysfsDevice>, Error> {
+        let rd = fs::read_dir(&self.root)
+            .map_err(|source| Error::SysfsRead { path: self.root.clone(), source })?;
+        let mut out: Vec<SysfsDevice> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let bdf = e.file_name().to_str()?.parse().ok()?;
+                Some(SysfsDevice { bdf, dir: e.path() })
+            })
+            .collect();
+        out.sort_by_key(|d| d.bdf);
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SysfsDevice {
+    pub bdf: Bdf,
+    pub dir: PathBuf,
+}
+
+fn read_trim(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| Error::SysfsRead { path: path.to_path_buf(), source })
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, Error> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::SysfsRead { path: path.to_path_buf(), source }),
+    }
+}
+
+fn link_name(path: &Path) -> Result<Option<String>, Error> {
+    match fs::read_link(path) {
+        Ok(t) => Ok(t.file_name().and_then(|n| n.to_str()).map(str::to_string)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::SysfsRead { path: path.to_path_buf(), source }),
+    }
+}
+
+fn parse_hex16(path: &Path, s: &str) -> Result<u16, Error> {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| Error::SysfsRead {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(ErrorKind::InvalidData, format!("not a hex ID: {s:?}")),
+    })
+}
+
+impl SysfsDevice {
+    pub fn path(&self, attr: &str) -> PathBuf {
+        self.dir.join(attr)
+    }
+
+    /// (vendor, device) from the cached IDs, readable even when the link is down.
+    pub fn ids(&self) -> Result<(u16, u16), Error> {
+        let vp = self.path("vendor");
+        let dp = self.path("device");
+        Ok((parse_hex16(&vp, &read_trim(&vp)?)?, parse_hex16(&dp, &read_trim(&dp)?)?))
+    }
+
+    pub fn driver(&self) -> Result<Option<String>, Error> {
+        link_name(&self.path("driver"))
+    }
+
+    pub fn iommu_group(&self) -> Result<Option<String>, Error> {
+        link_name(&self.path("iommu_group"))
+    }
+
+    /// `reset_method` (None when the kernel offers no reset method or predates 5.15).
+    pub fn reset_methods(&self) -> Result<Option<Vec<String>>, Error> {
+        Ok(read_opt(&self.path("reset_method"))?
+            .map(|s| s.split_whitespace().map(str::to_string).collect()))
+    }
+
+    pub fn power_control(&self) -> Result<Option<String>, Error> {
+        read_opt(&self.path("power/control"))
+    }
+
+    pub fn power_state(&self) -> Result<Option<String>, Error> {
+        read_opt(&self.path("power_state"))
+    }
+
+    /// VFIO character devices of this function (`vfio-dev/vfioN`), for the cdev holder check.
+    pub fn vfio_cdevs(&self) -> Vec<String> {
+        fs::read_dir(self.path("vfio-dev"))
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Size of BAR `bar` from the `resource` table (0 when unassigned).
+    pub fn bar_len(&self, bar: u8) -> Result<u64, Error> {
+        let p = self.path("resource");
+        let table = read_trim(&p)?;
+        let line = table.lines().nth(bar as usize).unwrap_or("");
+        let nums: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+            .collect();
+        Ok(match nums.as_slice() {
+            [start, end, ..] if *end > *start => end - start + 1,
+            _ => 0,
+        })
+    }
+
+    pub fn write(&self, attr: &str, value: &str) -> Result<(), Error> {
+        let p = self.path(attr);
+        fs::write(&p, value).map_err(|source| Error::SysfsWrite { path: p, source })
+    }
+}
