@@ -16,3 +16,5 @@ pub mod verdict;
 
 pub use error::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub mod check;
+pub mod probes;

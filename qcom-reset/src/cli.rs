@@ -1,0 +1,103 @@
+//! Command-line interface.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use qcom_reset::backend::Access;
+use qcom_reset::bdf::Bdf;
+use qcom_reset::probes::FlavourChoice;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qcom-reset",
+    version,
+    about = "Detects failed PCI resets of Qualcomm WCN6855/WCN7850 WLAN and SDX62/SDX65 modems released by VFIO, and resets them through their BAR registers",
+    after_long_help = qcom_reset::devices::help_table()
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// Where host state lives; the hidden roots let tests and containers point elsewhere.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    /// Directory for per-device locks (shared by every qcom-reset process).
+    #[arg(long, global = true, default_value = qcom_reset::lock::DEFAULT_RUN_DIR, env = "QCOM_RESET_RUN_DIR")]
+    pub run_dir: PathBuf,
+    #[arg(long, global = true, default_value = qcom_reset::sysfs::DEFAULT_ROOT, hide = true)]
+    pub sysfs_root: PathBuf,
+    #[arg(long, global = true, default_value = "/proc", hide = true)]
+    pub proc_root: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Live reset events: every reset attempt, VFIO opens and releases of target devices.
+    Trace(TraceArgs),
+    /// Preflight checks: can this host trace and reset? One line per check, exit 0 when tracing can work.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reset one device now through its BAR registers (or the kernel's device_specific reset).
+    Reset(ResetArgs),
+    /// Show target devices: driver, holder, power, reset methods, health verdict with raw registers.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// Trace every PCI device, not only the supported Qualcomm ones.
+    #[arg(long)]
+    pub all: bool,
+    /// One JSON object per line (schema: docs/events.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Probe flavour: fentry/fexit where permitted, else kprobes (auto), or force one.
+    #[arg(long, value_enum, default_value_t = FlavourChoice::Auto)]
+    pub flavour: FlavourChoice,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Treat the device as this profile even if its IDs are not in the table.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// BAR holding the registers (default: the profile's, BAR0).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..6))]
+    pub bar: Option<u8>,
+    /// How to reach config space and the BAR.
+    #[arg(long, value_enum, default_value_t = Access::Auto)]
+    pub access: Access,
+}
+
+#[derive(Args, Debug)]
+pub struct ResetArgs {
+    /// PCI address, e.g. 0000:03:00.0
+    pub bdf: Bdf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Print every operation (register offset, value, delay) and touch nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Reset even when bound to a driver other than vfio-pci. Never overrides a holder.
+    #[arg(long)]
+    pub force: bool,
+    /// Use the register sequence even where the kernel has its own device_specific reset.
+    #[arg(long)]
+    pub ignore_kernel_reset: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One device (default: every target device present).
+    pub bdf: Option<Bdf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,226 @@
+//! What each subcommand does with its arguments, and how it prints.
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use qcom_reset::backend;
+use qcom_reset::check::{self, Level};
+use qcom_reset::devices::DEVICES;
+use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
+use qcom_reset::probes::{self, Item, Tracer};
+use qcom_reset::sysfs::PciSysfs;
+use qcom_reset::verdict::Health;
+use qcom_reset::{Error, regs};
+
+use crate::cli::{Cli, Command, HostArgs, ResetArgs, StatusArgs, TraceArgs};
+
+/// Exit code when a reset ran but the device is not healthy afterwards.
+const EXIT_UNHEALTHY: u8 = 2;
+
+pub fn host(a: &HostArgs) -> Host {
+    Host {
+        sysfs: PciSysfs { root: a.sysfs_root.clone() },
+        proc_root: a.proc_root.clone(),
+        run_dir: a.run_dir.clone(),
+        lock_wait: Duration::from_secs(30),
+    }
+}
+
+fn require_root() -> Result<(), Error> {
+    if rustix::process::geteuid().is_root() { Ok(()) } else { Err(Error::NotRoot) }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let host = host(&cli.host);
+    match cli.command {
+        Command::Check { json } => check_cmd(&host, json),
+        Command::Trace(a) => trace_cmd(&host, a),
+        Command::Reset(a) => reset_cmd(&host, a),
+        Command::Status(a) => status_cmd(&host, a),
+    }
+}
+
+fn check_cmd(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
+    let checks = check::run(host);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!("{}", c.line());
+        }
+    }
+    let ok = check::tracing_possible(&checks);
+    if !json {
+        println!("{}", if ok { "tracing can work on this host" } else { "tracing cannot work on this host (see FAIL lines)" });
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
+    let opts = probes::Options {
+        trace_all: a.all,
+        targets: DEVICES.iter().map(|d| (d.vendor, d.device)).collect(),
+        ignore_tgid: std::process::id(),
+        flavour: a.flavour,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut tracer = match Tracer::start(&opts) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("qcom-reset: cannot trace: {e:#}");
+                for c in check::run(host).iter().filter(|c| c.level == Level::Fail) {
+                    eprintln!("{}", c.line());
+                }
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                item = tracer.next() => print_item(&item?, a.json)?,
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
+    match (item, json) {
+        (Item::Event(e), true) => println!("{}", serde_json::to_string(e)?),
+        (Item::Event(e), false) => println!("{}", e.line()),
+        (Item::Attached(a), true) => println!("{}", serde_json::json!({"kind": "attach", "attachments": a})),
+        (Item::Attached(a), false) => {
+            for x in a {
+                match x.flavour {
+                    Some(f) => println!("attach  {:<30} {f}{}", x.function, x.note.as_ref().map(|n| format!(" (after {n})")).unwrap_or_default()),
+                    None => println!("attach  {:<30} NOT ATTACHED: {}", x.function, x.note.as_deref().unwrap_or("?")),
+                }
+            }
+        }
+        (Item::Drops { ringbuf, brackets }, true) => println!("{}", serde_json::json!({"kind": "drops", "ringbuf": ringbuf, "brackets": brackets})),
+        (Item::Drops { ringbuf, brackets }, false) => println!("drops   ring buffer {ringbuf}, bracket table {brackets} (events were lost)"),
+        (Item::Bad(why), true) => println!("{}", serde_json::json!({"kind": "bad-record", "error": why})),
+        (Item::Bad(why), false) => println!("bad     {why}"),
+    }
+    Ok(())
+}
+
+fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
+    let req = Request {
+        bdf: a.bdf,
+        profile: a.device.profile.clone(),
+        bar: a.device.bar,
+        force: a.force,
+        dry_run: a.dry_run,
+        ignore_kernel_reset: a.ignore_kernel_reset,
+    };
+    if !a.dry_run {
+        // Refuse a missing or non-target device before asking for root: that answer is more useful.
+        engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+        require_root()?;
+    }
+    let access = a.device.access;
+    let access_name = match access {
+        backend::Access::Auto => "auto",
+        backend::Access::Sysfs => "sysfs",
+        backend::Access::Vfio => "vfio",
+    };
+    let report = engine::reset(host, &req, &mut |dev| backend::open(dev, access), access_name)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(match &report.verdict {
+        Some(v) if v.health != Health::Healthy => ExitCode::from(EXIT_UNHEALTHY),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn print_report(r: &Report) {
+    if r.method == Method::DryRun {
+        println!("dry run: {} as {} ({}), sequence {}; nothing will be touched", r.bdf, r.profile, r.family.name(), r.sequence_version);
+        for (i, p) in r.plan.iter().enumerate() {
+            println!("  {:>2}. {p}", i + 1);
+        }
+        return;
+    }
+    let how = match r.method {
+        Method::KernelDeviceSpecific => "the kernel's device_specific reset".to_string(),
+        _ => format!("register sequence {} via {}", r.sequence_version, r.access),
+    };
+    println!("{} {}: reset with {how} in {} ms", r.bdf, r.profile, r.duration_ms);
+    if let Some(o) = &r.outcome {
+        println!("  sequence: {o:?}, {} register operations", r.ops.len());
+    }
+    if let Some(v) = &r.verdict {
+        println!("  verdict: {} ({}){}", v.health, v.detail, if v.in_expected_state { "" } else { " [not the expected post-reset state]" });
+        println!("  expected: {}", v.expected);
+        println!("  registers: {}", registers_line(&v.registers));
+    }
+    let rs = &r.restored;
+    println!(
+        "  restored: PCI_COMMAND={} power/control={}{}",
+        rs.command.map_or("unchanged".into(), |c| format!("{c:#06x}")),
+        rs.power_control.as_deref().unwrap_or("unchanged"),
+        if rs.errors.is_empty() { String::new() } else { format!(" ERRORS: {}", rs.errors.join("; ")) }
+    );
+}
+
+fn registers_line(r: &qcom_reset::verdict::Registers) -> String {
+    let h = |v: Option<u32>| v.map_or("-".to_string(), |v| format!("{v:#010x}"));
+    let mut s = format!(
+        "config {:04x}:{:04x} MHICTRL={} MHISTATUS={} BHIOFF={} EXECENV={}",
+        r.config_vendor, r.config_device, h(r.mhictrl), h(r.mhistatus), h(r.bhioff), h(r.execenv)
+    );
+    if let Some(st) = r.mhistatus.filter(|s| *s != regs::ALL_ONES) {
+        s.push_str(&format!(" (MHI {})", regs::mhi_state_name(regs::mhi_state(st))));
+    }
+    s
+}
+
+fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let overrides: Vec<_> = match (a.bdf, &a.device.profile) {
+        (Some(b), Some(p)) => vec![(b, p.clone(), a.device.bar)],
+        _ => Vec::new(),
+    };
+    let targets = match a.bdf {
+        Some(b) => vec![engine::inspect(host, b, a.device.profile.as_deref(), a.device.bar)?],
+        None => engine::targets(host, &overrides)?,
+    };
+    require_root()?;
+    let access = a.device.access;
+    let mut out: Vec<Status> = Vec::new();
+    for t in targets {
+        let bdf = t.bdf;
+        out.push(engine::status(host, t, &mut |dev| backend::open(dev, access)).with_context(|| format!("status of {bdf}"))?);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if out.is_empty() {
+        println!("no target devices present (supported: {})", qcom_reset::devices::profile_names());
+    }
+    for s in &out {
+        let t = &s.target;
+        let holders: Vec<String> = t.holders.iter().map(|h| h.to_string()).collect();
+        println!("{} {} ({:04x}:{:04x}, {})", t.bdf, t.profile.name, t.vendor, t.device, t.profile.model);
+        println!("  driver: {}  iommu_group: {}  holder: {}", t.driver.as_deref().unwrap_or("none"), t.iommu_group.as_deref().unwrap_or("none"), if holders.is_empty() { "none".into() } else { holders.join(", ") });
+        println!("  power: {} (control {})  reset_method: {}{}", t.power_state.as_deref().unwrap_or("?"), t.power_control.as_deref().unwrap_or("?"),
+            t.reset_methods.as_ref().map_or("none".into(), |m| m.join(" ")),
+            if s.kernel_device_specific { " (kernel has device_specific)" } else { "" });
+        match (&s.verdict, &s.skipped) {
+            (Some(v), _) => {
+                println!("  verdict: {} ({})", v.health, v.detail);
+                println!("  registers: {}", registers_line(&v.registers));
+            }
+            (None, Some(why)) => println!("  registers not read: {why}"),
+            (None, None) => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,311 @@
+//! Decoding of ring-buffer records into the documented event schema (docs/events.md).
+use bytes::Buf;
+use qcom_reset_ebpf::{
+    BDF_LEN, COMM_LEN, EVENT_ABI_VERSION, Event, EventKind, Flavour, Func, MAX_ATTEMPTS, NEEDS_RESET_UNKNOWN,
+};
+use serde::Serialize;
+
+/// Version of the JSON schema in docs/events.md.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttemptOut {
+    pub function: &'static str,
+    pub ret: i32,
+    pub errno: Option<&'static str>,
+    pub duration_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Attempt,
+    Release,
+    Open,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TraceEvent {
+    pub schema: u32,
+    pub kind: Kind,
+    pub flavour: &'static str,
+    pub function: &'static str,
+    pub bdf: String,
+    pub vendor: String,
+    pub device: String,
+    pub ret: i32,
+    pub errno: Option<&'static str>,
+    pub duration_ns: u64,
+    /// CLOCK_MONOTONIC of the function's entry (bpf_ktime_get_ns).
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// Release/open only: the reset calls made inside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptOut>>,
+    /// Attempts seen, including any beyond the kept list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts_seen: Option<u8>,
+    /// Release only: `vdev->needs_reset` when the module's BTF made it readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs_reset: Option<bool>,
+    /// Release: the device was left without a successful reset. Open: no reset worked at open
+    /// (vfio's `reset_works` is false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_unreset: Option<bool>,
+    /// How `left_unreset` was decided: "needs_reset" or "attempts".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_unreset_from: Option<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event of {0} bytes, expected {1}: the eBPF object and the agent are from different builds")]
+    Size(usize, usize),
+    #[error("event ABI {0}, expected {EVENT_ABI_VERSION}: the eBPF object and the agent are from different builds")]
+    Abi(u8),
+    #[error("unknown {0} {1} in event")]
+    Unknown(&'static str, u8),
+}
+
+pub fn errno_name(ret: i32) -> Option<&'static str> {
+    Some(match -ret {
+        0 => return None,
+        1 => "EPERM",
+        5 => "EIO",
+        11 => "EAGAIN",
+        16 => "EBUSY",
+        19 => "ENODEV",
+        22 => "EINVAL",
+        25 => "ENOTTY",
+        110 => "ETIMEDOUT",
+        _ if ret < 0 => "E?",
+        _ => return None,
+    })
+}
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn func(v: u8) -> Result<Func, DecodeError> {
+    Func::from_u8(v).ok_or(DecodeError::Unknown("function", v))
+}
+
+/// Resets that, when they return 0, leave the device reset.
+fn resets_device(f: Func) -> bool {
+    !matches!(f, Func::VfioPciCoreEnable | Func::VfioPciCoreDisable)
+}
+
+pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
+    if b.len() != size_of::<Event>() {
+        return Err(DecodeError::Size(b.len(), size_of::<Event>()));
+    }
+    let abi = b.get_u8();
+    if abi != EVENT_ABI_VERSION {
+        return Err(DecodeError::Abi(abi));
+    }
+    let kind = match b.get_u8() {
+        k if k == EventKind::Attempt as u8 => Kind::Attempt,
+        k if k == EventKind::Release as u8 => Kind::Release,
+        k if k == EventKind::Open as u8 => Kind::Open,
+        k => return Err(DecodeError::Unknown("kind", k)),
+    };
+    let flavour = match b.get_u8() {
+        f if f == Flavour::Kprobe as u8 => "kprobe",
+        f if f == Flavour::Fentry as u8 => "fentry",
+        f => return Err(DecodeError::Unknown("flavour", f)),
+    };
+    let function = func(b.get_u8())?;
+    let needs_reset = b.get_u8();
+    let n_attempts = b.get_u8() as usize;
+    let n_seen = b.get_u8();
+    let _probe = b.get_u8();
+    let ret = b.get_i32_le();
+    let vendor = b.get_u16_le();
+    let device = b.get_u16_le();
+    let pid = b.get_u32_le();
+    let tgid = b.get_u32_le();
+    let ktime_ns = b.get_u64_le();
+    let duration_ns = b.get_u64_le();
+    let comm = cstr(&b[..COMM_LEN]);
+    b.advance(COMM_LEN);
+    let bdf = cstr(&b[..BDF_LEN]);
+    b.advance(BDF_LEN);
+    let mut attempts = Vec::new();
+    for i in 0..MAX_ATTEMPTS {
+        let f = b.get_u8();
+        b.advance(3);
+        let r = b.get_i32_le();
+        let d = b.get_u64_le();
+        if i < n_attempts {
+            attempts.push((func(f)?, r, d));
+        }
+    }
+    let mut ev = TraceEvent {
+        schema: SCHEMA_VERSION,
+        kind,
+        flavour,
+        function: function.symbol(),
+        bdf,
+        vendor: format!("{vendor:04x}"),
+        device: format!("{device:04x}"),
+        ret,
+        errno: errno_name(ret),
+        duration_ns,
+        ktime_ns,
+        pid,
+        tgid,
+        comm,
+        attempts: None,
+        attempts_seen: None,
+        needs_reset: None,
+        left_unreset: None,
+        left_unreset_from: None,
+    };
+    if ev.kind != Kind::Attempt {
+        let any_ok = attempts.iter().any(|(f, r, _)| resets_device(*f) && *r == 0);
+        ev.attempts_seen = Some(n_seen);
+        ev.attempts = Some(
+            attempts
+                .into_iter()
+                .map(|(f, r, d)| AttemptOut { function: f.symbol(), ret: r, errno: errno_name(r), duration_ns: d })
+                .collect(),
+        );
+        let known = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN).then_some(needs_reset != 0);
+        ev.needs_reset = known;
+        ev.left_unreset = Some(known.unwrap_or(!any_ok));
+        ev.left_unreset_from = Some(if known.is_some() { "needs_reset" } else { "attempts" });
+    }
+    Ok(ev)
+}
+
+impl TraceEvent {
+    /// One human-readable line.
+    pub fn line(&self) -> String {
+        let head = format!("{} {} {}:{} {}", self.bdf, self.function, self.vendor, self.device, self.flavour);
+        let who = format!("pid {} ({})", self.tgid, self.comm);
+        let ret = |r: i32, e: Option<&str>| match e {
+            Some(e) => format!("{r} ({e})"),
+            None => r.to_string(),
+        };
+        match self.kind {
+            Kind::Attempt => format!(
+                "reset   {head} ret={} in {:.3} ms, {who}",
+                ret(self.ret, self.errno),
+                self.duration_ns as f64 / 1e6
+            ),
+            Kind::Release | Kind::Open => {
+                let tries: Vec<String> = self
+                    .attempts
+                    .iter()
+                    .flatten()
+                    .map(|a| format!("{}={}", a.function, ret(a.ret, a.errno)))
+                    .collect();
+                let verdict = match (self.kind == Kind::Release, self.left_unreset) {
+                    (true, Some(true)) => "LEFT UNRESET",
+                    (true, _) => "reset ok",
+                    (false, Some(true)) => "no working reset (reset_works=0)",
+                    (false, _) => "reset ok",
+                };
+                format!(
+                    "{:<7} {head} [{}] {verdict}, {who}",
+                    if self.kind == Kind::Release { "release" } else { "open" },
+                    if tries.is_empty() { "no reset attempted".to_string() } else { tries.join(", ") }
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    /// Encodes an event exactly as the eBPF side lays it out.
+    pub fn encode(kind: EventKind, f: Func, ret: i32, needs_reset: u8, attempts: &[(Func, i32)]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(size_of::<Event>());
+        b.put_u8(EVENT_ABI_VERSION);
+        b.put_u8(kind as u8);
+        b.put_u8(Flavour::Kprobe as u8);
+        b.put_u8(f as u8);
+        b.put_u8(needs_reset);
+        b.put_u8(attempts.len() as u8);
+        b.put_u8(attempts.len() as u8);
+        b.put_u8(0);
+        b.put_i32_le(ret);
+        b.put_u16_le(0x17cb);
+        b.put_u16_le(0x1103);
+        b.put_u32_le(42);
+        b.put_u32_le(41);
+        b.put_u64_le(1_000);
+        b.put_u64_le(2_500_000);
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"qemu");
+        b.put_slice(&comm);
+        let mut bdf = [0u8; BDF_LEN];
+        bdf[..12].copy_from_slice(b"0000:03:00.0");
+        b.put_slice(&bdf);
+        for i in 0..MAX_ATTEMPTS {
+            let (af, ar) = attempts.get(i).copied().unwrap_or((Func::PciResetBus, 0));
+            b.put_u8(if i < attempts.len() { af as u8 } else { 0 });
+            b.put_slice(&[0; 3]);
+            b.put_i32_le(if i < attempts.len() { ar } else { 0 });
+            b.put_u64_le(1000);
+        }
+        assert_eq!(b.len(), size_of::<Event>(), "encoder matches the ABI struct");
+        b
+    }
+
+    #[test]
+    fn decodes_an_attempt() {
+        let e = decode(&encode(EventKind::Attempt, Func::PciResetFunction, -25, NEEDS_RESET_UNKNOWN, &[])).unwrap();
+        assert_eq!((e.kind.clone(), e.function, e.ret, e.errno), (Kind::Attempt, "pci_reset_function", -25, Some("ENOTTY")));
+        assert_eq!((e.bdf.as_str(), e.vendor.as_str(), e.device.as_str(), e.comm.as_str()), ("0000:03:00.0", "17cb", "1103", "qemu"));
+        assert_eq!(e.attempts, None);
+        assert!(e.line().contains("ret=-25 (ENOTTY) in 2.500 ms"));
+    }
+
+    #[test]
+    fn release_summary_prefers_needs_reset_and_falls_back_to_attempts() {
+        let failed = [(Func::PciResetFunctionLockedInner, -25), (Func::PciResetBus, -25)];
+        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, 1, &failed)).unwrap();
+        assert_eq!((e.needs_reset, e.left_unreset, e.left_unreset_from), (Some(true), Some(true), Some("needs_reset")));
+        assert_eq!(e.attempts.as_ref().unwrap()[1].function, "pci_reset_bus");
+        assert!(e.line().contains("LEFT UNRESET"), "{}", e.line());
+        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &failed)).unwrap();
+        assert_eq!((e.left_unreset, e.left_unreset_from), (Some(true), Some("attempts")));
+        let ok = [(Func::PciResetFunctionLockedInner, 0)];
+        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &ok)).unwrap();
+        assert_eq!(e.left_unreset, Some(false));
+        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &[])).unwrap();
+        assert_eq!(e.left_unreset, Some(true), "no attempt at all leaves the device unreset");
+        assert!(e.line().contains("no reset attempted"));
+    }
+
+    #[test]
+    fn rejects_foreign_records() {
+        let mut b = encode(EventKind::Attempt, Func::PciResetBus, 0, 0, &[]);
+        assert!(matches!(decode(&b[1..]), Err(DecodeError::Size(..))));
+        b[0] = 99;
+        assert_eq!(decode(&b), Err(DecodeError::Abi(99)));
+        b[0] = EVENT_ABI_VERSION;
+        b[3] = 200;
+        assert_eq!(decode(&b), Err(DecodeError::Unknown("function", 200)));
+    }
+
+    #[test]
+    fn json_schema_fields() {
+        let e = decode(&encode(EventKind::Open, Func::VfioPciCoreEnable, 0, NEEDS_RESET_UNKNOWN, &[(Func::PciTryResetFunction, -25)])).unwrap();
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        for k in ["schema", "kind", "flavour", "function", "bdf", "vendor", "device", "ret", "errno", "duration_ns", "ktime_ns", "pid", "tgid", "comm", "attempts", "attempts_seen", "left_unreset", "left_unreset_from"] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["kind"], "open");
+        assert_eq!(v["left_unreset"], true);
+        assert!(v.get("needs_reset").is_none(), "open has no needs_reset");
+    }
+}

@@ -1,0 +1,253 @@
+//! Loads the eBPF object, injects the BTF-derived offsets and the target filter, and attaches
+//! each probed function in the best flavour the kernel allows, falling back per function.
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{FEntry, FExit, KProbe};
+use aya::{Ebpf, EbpfLoader};
+use qcom_reset_ebpf::{DROPS_BRACKETS, DROPS_RINGBUF, Flavour, Func, VfioLayout, target_key};
+use serde::Serialize;
+
+use super::layout;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qcom-reset"));
+
+pub const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+const MODULE_DIR: &str = "/sys/module";
+const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FlavourChoice {
+    /// fentry/fexit where the kernel permits, else kprobe/kretprobe, per function.
+    #[default]
+    Auto,
+    Kprobe,
+    Fentry,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub function: &'static str,
+    /// "fentry", "kprobe", or None when not attached (see `note`).
+    pub flavour: Option<&'static str>,
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub trace_all: bool,
+    /// (vendor, device) pairs to report; ignored with `trace_all`.
+    pub targets: Vec<(u16, u16)>,
+    /// Events caused by this TGID are not reported (the agent's own VFIO accesses).
+    pub ignore_tgid: u32,
+    pub flavour: FlavourChoice,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    vmlinux: btf_rs::Btf,
+    vfio_attached: bool,
+    pub attachments: Vec<Attachment>,
+}
+
+fn program_name(prefix: &str, f: Func) -> String {
+    format!("{prefix}_{}", f.program_stem())
+}
+
+/// Turns aya's attach errors into the reason an administrator can act on.
+fn explain(e: &dyn std::fmt::Display, flavour: &str) -> String {
+    let s = e.to_string();
+    if flavour == "kprobe" && !Path::new(KPROBE_PMU).exists() {
+        return format!("kprobes unavailable: no {KPROBE_PMU} (kernel built without CONFIG_KPROBES) ({s})");
+    }
+    if s.contains("Operation not permitted") || s.contains("EPERM") || s.contains("os error 1)") {
+        return format!("{flavour} refused by the kernel (EPERM; lockdown=confidentiality or a BPF LSM?) ({s})");
+    }
+    s
+}
+
+fn full_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+impl Probes {
+    /// Loads the object (no program is loaded into the kernel yet).
+    pub fn open(opts: &Options) -> anyhow::Result<Probes> {
+        let vmlinux = layout::load_vmlinux(Path::new(layout::VMLINUX_BTF))?;
+        let pci = layout::pci_dev(&vmlinux)?;
+        let trace_all = opts.trace_all as u32;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("PCI_DEV_VENDOR_OFF", &pci.vendor, true)
+            .override_global("PCI_DEV_DEVICE_OFF", &pci.device, true)
+            .override_global("PCI_DEV_NAME_OFF", &pci.name, true)
+            .override_global("TRACE_ALL", &trace_all, true)
+            .override_global("AGENT_TGID", &opts.ignore_tgid, true)
+            .load(OBJECT)
+            .map_err(|e| anyhow::anyhow!("loading the eBPF object failed: {}", full_error(&e)))?;
+        let mut targets: HashMap<_, u32, u8> =
+            HashMap::try_from(ebpf.map_mut("TARGETS").context("TARGETS map")?)?;
+        for (v, d) in &opts.targets {
+            targets.insert(&target_key(*v, *d), &1, 0)?;
+        }
+        Ok(Probes { ebpf, vmlinux, vfio_attached: false, attachments: Vec::new() })
+    }
+
+    fn kprobe(&mut self, f: Func) -> Result<(), String> {
+        for (prefix, _) in [("kp", "entry"), ("krp", "return")] {
+            let name = program_name(prefix, f);
+            let p: &mut KProbe = self
+                .ebpf
+                .program_mut(&name)
+                .ok_or_else(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            p.load().map_err(|e| format!("verifier rejected {name}: {}", full_error(&e)))?;
+            p.attach(f.symbol(), 0).map_err(|e| explain(&full_error(&e), "kprobe"))?;
+        }
+        Ok(())
+    }
+
+    fn fentry(&mut self, f: Func, btf: &aya::Btf) -> Result<(), String> {
+        let fe = program_name("fe", f);
+        let p: &mut FEntry = self
+            .ebpf
+            .program_mut(&fe)
+            .ok_or_else(|| format!("program {fe} missing"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        p.load(f.symbol(), btf).map_err(|e| explain(&full_error(&e), "fentry"))?;
+        p.attach().map_err(|e| explain(&full_error(&e), "fentry"))?;
+        let fx = program_name("fx", f);
+        let p: &mut FExit = self
+            .ebpf
+            .program_mut(&fx)
+            .ok_or_else(|| format!("program {fx} missing"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        p.load(f.symbol(), btf).map_err(|e| explain(&full_error(&e), "fexit"))?;
+        p.attach().map_err(|e| explain(&full_error(&e), "fexit"))?;
+        Ok(())
+    }
+
+    /// Attaches the reset-function probes (vmlinux), one flavour per function.
+    pub fn attach_reset_probes(&mut self, choice: FlavourChoice) {
+        let btf = aya::Btf::from_sys_fs().ok();
+        for f in Func::ALL.into_iter().filter(|f| !f.in_vfio_module()) {
+            let mut notes = Vec::new();
+            let mut flavour = None;
+            if choice != FlavourChoice::Kprobe {
+                match btf.as_ref().map(|b| self.fentry(f, b)) {
+                    Some(Ok(())) => flavour = Some("fentry"),
+                    Some(Err(e)) => notes.push(format!("fentry: {e}")),
+                    None => notes.push("fentry: no kernel BTF".into()),
+                }
+            }
+            if flavour.is_none() && choice != FlavourChoice::Fentry {
+                match self.kprobe(f) {
+                    Ok(()) => flavour = Some("kprobe"),
+                    Err(e) => notes.push(format!("kprobe: {e}")),
+                }
+            }
+            self.attachments.push(Attachment {
+                function: f.symbol(),
+                flavour,
+                note: (!notes.is_empty()).then(|| notes.join("; ")),
+            });
+        }
+    }
+
+    /// Attaches the VFIO brackets once vfio_pci_core is loaded; returns whether anything changed.
+    pub fn attach_vfio_if_loaded(&mut self) -> bool {
+        if self.vfio_attached || !Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists() {
+            return false;
+        }
+        self.vfio_attached = true;
+        let result = self.vfio_layout().and_then(|l| {
+            let mut arr: Array<_, VfioLayout> =
+                Array::try_from(self.ebpf.map_mut("VFIO_LAYOUT").ok_or("VFIO_LAYOUT map missing")?)
+                    .map_err(|e| e.to_string())?;
+            arr.set(0, &l, 0).map_err(|e| e.to_string())
+        });
+        for f in [Func::VfioPciCoreEnable, Func::VfioPciCoreDisable] {
+            let r = result.clone().and_then(|()| self.kprobe(f));
+            self.attachments.retain(|a| a.function != f.symbol());
+            self.attachments.push(Attachment {
+                function: f.symbol(),
+                flavour: r.is_ok().then_some("kprobe"),
+                note: r.err(),
+            });
+        }
+        true
+    }
+
+    fn vfio_layout(&self) -> Result<VfioLayout, String> {
+        let path = Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE);
+        let btf = layout::load_module(&path, &self.vmlinux).map_err(|e| e.to_string())?;
+        layout::vfio(&btf).map_err(|e| e.to_string())
+    }
+
+    pub fn vfio_pending(&self) -> bool {
+        !self.vfio_attached
+    }
+
+    /// (ring buffer drops, bracket-table drops) summed over CPUs.
+    pub fn drops(&self) -> (u64, u64) {
+        let Some(map) = self.ebpf.map("DROPS") else { return (0, 0) };
+        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return (0, 0) };
+        let sum = |i| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        (sum(DROPS_RINGBUF), sum(DROPS_BRACKETS))
+    }
+
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        Ok(RingBuf::try_from(self.ebpf.take_map("EVENTS").context("EVENTS map")?)?)
+    }
+
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// Loads every program of one flavour through the kernel's verifier without attaching it.
+    pub fn verify(&mut self, flavour: Flavour) -> Vec<(String, Result<(), String>)> {
+        let btf = aya::Btf::from_sys_fs().ok();
+        let mut out = Vec::new();
+        let mut done = HashSet::new();
+        for f in Func::ALL {
+            let names: &[&str] = match flavour {
+                Flavour::Kprobe => &["kp", "krp"],
+                Flavour::Fentry if f.in_vfio_module() => &[],
+                Flavour::Fentry => &["fe", "fx"],
+            };
+            for prefix in names {
+                let name = program_name(prefix, f);
+                if !done.insert(name.clone()) {
+                    continue;
+                }
+                let r = match self.ebpf.program_mut(&name) {
+                    None => Err("missing from the object".to_string()),
+                    Some(aya::programs::Program::KProbe(p)) => p.load().map_err(|e| full_error(&e)),
+                    Some(aya::programs::Program::FEntry(p)) => match &btf {
+                        Some(b) => p.load(f.symbol(), b).map_err(|e| full_error(&e)),
+                        None => Err("no kernel BTF".into()),
+                    },
+                    Some(aya::programs::Program::FExit(p)) => match &btf {
+                        Some(b) => p.load(f.symbol(), b).map_err(|e| full_error(&e)),
+                        None => Err("no kernel BTF".into()),
+                    },
+                    Some(_) => Err("unexpected program type".into()),
+                };
+                out.push((name, r));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,122 @@
+//! The eBPF side as the agent sees it: load and attach ([`loader`]), kernel layouts from BTF
+//! ([`layout`]), record decoding ([`events`]), and [`Tracer`], the async stream of items.
+pub mod events;
+pub mod layout;
+pub mod loader;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+pub use events::TraceEvent;
+pub use loader::{Attachment, FlavourChoice, Options, Probes};
+
+#[derive(Clone, Debug)]
+pub enum Item {
+    Event(TraceEvent),
+    /// New ring-buffer or bracket-table drops since the last report (totals in the fields).
+    Drops { ringbuf: u64, brackets: u64 },
+    /// The attachment table changed (the vfio_pci_core module appeared).
+    Attached(Vec<Attachment>),
+    /// A record that could not be decoded.
+    Bad(String),
+}
+
+/// How often the module watch and the drop counters are looked at.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+pub struct Tracer {
+    probes: Probes,
+    events: AsyncFd<RingBuf<MapData>>,
+    logger: Option<LogFd>,
+    queue: VecDeque<Item>,
+    drops: (u64, u64),
+    tick: tokio::time::Interval,
+}
+
+impl Tracer {
+    /// Loads and attaches everything; fails with every reason when no reset probe attached.
+    pub fn start(opts: &Options) -> anyhow::Result<Tracer> {
+        let mut probes = Probes::open(opts)?;
+        // SAFETY: the ring buffers own their map fds and keep them open, unchanged, until dropped,
+        // which happens only when the AsyncFd is dropped.
+        let logger = probes.take_logger().and_then(|l| unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.ok());
+        probes.attach_reset_probes(opts.flavour);
+        probes.attach_vfio_if_loaded();
+        if probes.attachments.iter().all(|a| a.flavour.is_none()) {
+            let why: Vec<String> = probes
+                .attachments
+                .iter()
+                .filter_map(|a| a.note.as_ref().map(|n| format!("{}: {n}", a.function)))
+                .collect();
+            anyhow::bail!(
+                "no probe could be attached; run `qcom-reset check` for the fix. First reason: {}",
+                why.first().map(String::as_str).unwrap_or("unknown")
+            );
+        }
+        // SAFETY: as for the logger above.
+        let events = unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("registering the event ring buffer with tokio: {}", e.into_parts().1))?;
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let queue = VecDeque::from([Item::Attached(probes.attachments.clone())]);
+        Ok(Tracer { probes, events, logger, queue, drops: (0, 0), tick })
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.probes.attachments
+    }
+
+    fn housekeeping(&mut self) {
+        if self.probes.vfio_pending() && self.probes.attach_vfio_if_loaded() {
+            self.queue.push_back(Item::Attached(self.probes.attachments.clone()));
+        }
+        let d = self.probes.drops();
+        if d != self.drops {
+            self.drops = d;
+            self.queue.push_back(Item::Drops { ringbuf: d.0, brackets: d.1 });
+        }
+    }
+
+    /// The next item; cancel-safe (items stay queued).
+    pub async fn next(&mut self) -> anyhow::Result<Item> {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Ok(item);
+            }
+            tokio::select! {
+                guard = self.events.readable_mut() => {
+                    let mut guard = guard?;
+                    while let Some(rec) = guard.get_inner_mut().next() {
+                        self.queue.push_back(match events::decode(&rec) {
+                            Ok(e) => Item::Event(e),
+                            Err(e) => Item::Bad(e.to_string()),
+                        });
+                    }
+                    guard.clear_ready();
+                }
+                guard = logger_readable(&mut self.logger) => {
+                    let mut guard = guard?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                _ = self.tick.tick() => self.housekeeping(),
+            }
+        }
+    }
+}
+
+type LogFd = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
+
+/// eBPF-side log records (aya-log), forwarded to `log` and from there to tracing.
+async fn logger_readable(
+    logger: &mut Option<LogFd>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, aya_log::EbpfLogger<&'static dyn log::Log>>> {
+    match logger {
+        Some(l) => l.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
