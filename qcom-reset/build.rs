@@ -16,10 +16,19 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name.as_str() == "qcom-reset-ebpf")
         .ok_or_else(|| anyhow!("qcom-reset-ebpf package not found"))?;
-    let root = ebpf.manifest_path.parent().context("ebpf manifest has no parent")?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .context("ebpf manifest has no parent")?;
     aya_build::build_ebpf(
-        [Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() }],
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root.as_str(),
+            ..Default::default()
+        }],
         Toolchain::Custom(EBPF_NIGHTLY),
     )
-    .context("building the eBPF programs failed; run `cargo xtask setup` to install the eBPF toolchain")
+    .context(
+        "building the eBPF programs failed; run `cargo xtask setup` to install the eBPF toolchain",
+    )
 }

@@ -9,15 +9,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
-    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use qcom_reset_ebpf::{
@@ -81,17 +80,20 @@ static CALLS: HashMap<CallKey, Call> = HashMap::with_max_entries(1024, 0);
 #[map]
 static BRACKETS: HashMap<u32, Bracket> = HashMap::with_max_entries(256, 0);
 
+#[inline(always)]
 fn count_drop(index: u32) {
     if let Some(c) = DROPS.get_ptr_mut(index) {
         unsafe { *c += 1 };
     }
 }
 
+#[inline(always)]
 fn tid_tgid() -> (u32, u32) {
     let v = bpf_get_current_pid_tgid();
     (v as u32, (v >> 32) as u32)
 }
 
+#[inline(always)]
 unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     if off == OFFSET_MISSING {
         return None;
@@ -99,34 +101,46 @@ unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
-/// (vendor, device) of `pdev` when it is one we report on.
-fn wanted(pdev: u64) -> Option<(u16, u16)> {
+/// Whether `pdev` is a device we report on, for a caller other than the agent itself.
+// Inlined: a BPF-to-BPF call returning an aggregate leaves registers the verifier rejects.
+#[inline(always)]
+fn wanted(pdev: u64) -> bool {
     if pdev == 0 {
-        return None;
+        return false;
     }
     let (_, tgid) = tid_tgid();
     if tgid == AGENT_TGID.load() {
-        return None;
+        return false;
     }
-    let vendor: u16 = unsafe { read_at(pdev, PCI_DEV_VENDOR_OFF.load())? };
-    let device: u16 = unsafe { read_at(pdev, PCI_DEV_DEVICE_OFF.load())? };
-    if TRACE_ALL.load() == 0 && unsafe { TARGETS.get(&target_key(vendor, device)) }.is_none() {
-        return None;
-    }
-    Some((vendor, device))
+    let (Some(vendor), Some(device)) = (
+        unsafe { read_at::<u16>(pdev, PCI_DEV_VENDOR_OFF.load()) },
+        unsafe { read_at::<u16>(pdev, PCI_DEV_DEVICE_OFF.load()) },
+    ) else {
+        return false;
+    };
+    TRACE_ALL.load() != 0 || unsafe { TARGETS.get(&target_key(vendor, device)) }.is_some()
 }
 
+#[inline(always)]
 fn call_enter(func: Func, pdev: u64, probe: u64) {
-    if wanted(pdev).is_none() {
+    if !wanted(pdev) {
         return;
     }
     let (tid, _) = tid_tgid();
-    let key = CallKey { tid, func: func as u32 };
-    let call = Call { start_ns: unsafe { bpf_ktime_get_ns() }, pdev, probe };
+    let key = CallKey {
+        tid,
+        func: func as u32,
+    };
+    let call = Call {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        pdev,
+        probe,
+    };
     let _ = CALLS.insert(&key, &call, 0);
 }
 
 /// Fills the fields every event carries and submits it.
+#[inline(always)]
 fn emit(
     kind: EventKind,
     flavour: Flavour,
@@ -166,9 +180,13 @@ fn emit(
     entry.submit(0);
 }
 
+#[inline(always)]
 fn call_exit(func: Func, flavour: Flavour, ret: i32) {
     let (tid, _) = tid_tgid();
-    let key = CallKey { tid, func: func as u32 };
+    let key = CallKey {
+        tid,
+        func: func as u32,
+    };
     let Some(call) = (unsafe { CALLS.get(&key) }).copied() else {
         return;
     };
@@ -192,9 +210,18 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         }
         b.n_seen += 1;
     }
-    emit(EventKind::Attempt, flavour, func as u8, call.pdev, ret, call.start_ns, |_| {});
+    emit(
+        EventKind::Attempt,
+        flavour,
+        func as u8,
+        call.pdev,
+        ret,
+        call.start_ns,
+        |_| {},
+    );
 }
 
+#[inline(always)]
 fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
     let Some(layout) = VFIO_LAYOUT.get(0).copied() else {
         return;
@@ -205,7 +232,7 @@ fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
     let Some(pdev) = (unsafe { read_at::<u64>(vdev, layout.pdev) }) else {
         return;
     };
-    if wanted(pdev).is_none() {
+    if !wanted(pdev) {
         return;
     }
     let (tid, _) = tid_tgid();
@@ -220,10 +247,15 @@ fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
     };
     if BRACKETS.insert(&tid, &b, 0).is_err() {
         count_drop(DROPS_BRACKETS);
-        warn!(ctx, "qcom-reset: bracket table full, {} summary lost", func.symbol());
+        warn!(
+            ctx,
+            "qcom-reset: bracket table full, {} summary lost",
+            func.symbol()
+        );
     }
 }
 
+#[inline(always)]
 fn bracket_exit(func: Func, ret: i32) {
     let (tid, _) = tid_tgid();
     let Some(b) = (unsafe { BRACKETS.get(&tid) }).copied() else {
@@ -233,17 +265,31 @@ fn bracket_exit(func: Func, ret: i32) {
     if b.func != func as u64 {
         return;
     }
-    let kind = if func == Func::VfioPciCoreDisable { EventKind::Release } else { EventKind::Open };
+    let kind = if func == Func::VfioPciCoreDisable {
+        EventKind::Release
+    } else {
+        EventKind::Open
+    };
     let needs_reset = match (func, VFIO_LAYOUT.get(0)) {
         (Func::VfioPciCoreDisable, Some(l)) => unsafe { read_at::<u8>(b.vdev, l.needs_reset) },
         _ => None,
     };
-    emit(kind, Flavour::Kprobe, func as u8, b.pdev, ret, b.start_ns, |e| {
-        e.needs_reset = needs_reset.map(|v| (v != 0) as u8).unwrap_or(NEEDS_RESET_UNKNOWN);
-        e.n_attempts = b.n_attempts as u8;
-        e.n_seen = b.n_seen.min(255) as u8;
-        e.attempts = b.attempts;
-    });
+    emit(
+        kind,
+        Flavour::Kprobe,
+        func as u8,
+        b.pdev,
+        ret,
+        b.start_ns,
+        |e| {
+            e.needs_reset = needs_reset
+                .map(|v| (v != 0) as u8)
+                .unwrap_or(NEEDS_RESET_UNKNOWN);
+            e.n_attempts = b.n_attempts as u8;
+            e.n_seen = b.n_seen.min(255) as u8;
+            e.attempts = b.attempts;
+        },
+    );
 }
 
 /// Entry/exit programs of one reset function in both flavours. `$probe_arg` is the index of
@@ -280,22 +326,66 @@ macro_rules! reset_probes {
     (@probe fe $ctx:ident $i:literal) => { ($ctx.arg::<u64>($i) & 0xff) };
 }
 
-reset_probes!(Func::PciResetFunction, "pci_reset_function",
-    kp_pci_reset_function, krp_pci_reset_function, fe_pci_reset_function, fx_pci_reset_function, 1, none);
-reset_probes!(Func::PciTryResetFunction, "pci_try_reset_function",
-    kp_pci_try_reset_function, krp_pci_try_reset_function, fe_pci_try_reset_function,
-    fx_pci_try_reset_function, 1, none);
-reset_probes!(Func::PciResetFunctionLocked, "pci_reset_function_locked",
-    kp_pci_reset_function_locked, krp_pci_reset_function_locked, fe_pci_reset_function_locked,
-    fx_pci_reset_function_locked, 1, none);
-reset_probes!(Func::PciResetFunctionLockedInner, "__pci_reset_function_locked",
-    kp_inner_pci_reset_function_locked, krp_inner_pci_reset_function_locked,
-    fe_inner_pci_reset_function_locked, fx_inner_pci_reset_function_locked, 1, none);
-reset_probes!(Func::PciResetBus, "pci_reset_bus",
-    kp_pci_reset_bus, krp_pci_reset_bus, fe_pci_reset_bus, fx_pci_reset_bus, 1, none);
-reset_probes!(Func::PciDevSpecificReset, "pci_dev_specific_reset",
-    kp_pci_dev_specific_reset, krp_pci_dev_specific_reset, fe_pci_dev_specific_reset,
-    fx_pci_dev_specific_reset, 2, 1);
+reset_probes!(
+    Func::PciResetFunction,
+    "pci_reset_function",
+    kp_pci_reset_function,
+    krp_pci_reset_function,
+    fe_pci_reset_function,
+    fx_pci_reset_function,
+    1,
+    none
+);
+reset_probes!(
+    Func::PciTryResetFunction,
+    "pci_try_reset_function",
+    kp_pci_try_reset_function,
+    krp_pci_try_reset_function,
+    fe_pci_try_reset_function,
+    fx_pci_try_reset_function,
+    1,
+    none
+);
+reset_probes!(
+    Func::PciResetFunctionLocked,
+    "pci_reset_function_locked",
+    kp_pci_reset_function_locked,
+    krp_pci_reset_function_locked,
+    fe_pci_reset_function_locked,
+    fx_pci_reset_function_locked,
+    1,
+    none
+);
+reset_probes!(
+    Func::PciResetFunctionLockedInner,
+    "__pci_reset_function_locked",
+    kp_inner_pci_reset_function_locked,
+    krp_inner_pci_reset_function_locked,
+    fe_inner_pci_reset_function_locked,
+    fx_inner_pci_reset_function_locked,
+    1,
+    none
+);
+reset_probes!(
+    Func::PciResetBus,
+    "pci_reset_bus",
+    kp_pci_reset_bus,
+    krp_pci_reset_bus,
+    fe_pci_reset_bus,
+    fx_pci_reset_bus,
+    1,
+    none
+);
+reset_probes!(
+    Func::PciDevSpecificReset,
+    "pci_dev_specific_reset",
+    kp_pci_dev_specific_reset,
+    krp_pci_dev_specific_reset,
+    fe_pci_dev_specific_reset,
+    fx_pci_dev_specific_reset,
+    2,
+    1
+);
 
 // The VFIO brackets are kprobe-only: aya resolves fentry targets in vmlinux BTF alone, and these
 // functions live in the vfio_pci_core module.

@@ -22,7 +22,9 @@ pub trait Backend: Send {
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error>;
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     /// sysfs unless the kernel is locked down, then VFIO.
@@ -63,7 +65,10 @@ impl SysfsBackend {
             .write(true)
             .open(&path)
             .map_err(|source| Error::SysfsWrite { path, source })?;
-        Ok(SysfsBackend { dev: dev.clone(), config })
+        Ok(SysfsBackend {
+            dev: dev.clone(),
+            config,
+        })
     }
 }
 
@@ -85,10 +90,17 @@ impl Backend for SysfsBackend {
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
         let bdf = self.dev.bdf;
-        let map_err = |why: String| Error::Map { bdf, bar, via: "sysfs", why };
+        let map_err = |why: String| Error::Map {
+            bdf,
+            bar,
+            via: "sysfs",
+            why,
+        };
         let len = self.dev.bar_len(bar)?;
         if len == 0 {
-            return Err(map_err(format!("BAR{bar} is not assigned (resource table)")));
+            return Err(map_err(format!(
+                "BAR{bar} is not assigned (resource table)"
+            )));
         }
         let path = self.dev.path(&format!("resource{bar}"));
         let file = OpenOptions::new()
@@ -153,52 +165,84 @@ fn ioctl(fd: &impl AsRawFd, req: u64, arg: u64) -> io::Result<i32> {
     // SAFETY: every request passes either an integer or a pointer to a live, correctly sized
     // #[repr(C)] struct (or NUL-terminated string), as the VFIO uAPI defines for it.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 impl VfioBackend {
     pub fn open(dev: &SysfsDevice) -> Result<Self, Error> {
         let bdf = dev.bdf;
-        let fail = |why: String| Error::Map { bdf, bar: 0, via: "vfio", why };
+        let fail = |why: String| Error::Map {
+            bdf,
+            bar: 0,
+            via: "vfio",
+            why,
+        };
         let group = dev
             .iommu_group()?
             .ok_or_else(|| fail("the device has no IOMMU group; VFIO needs an IOMMU".into()))?;
         if dev.driver()?.as_deref() != Some("vfio-pci") {
-            return Err(fail("the device must be bound to vfio-pci for VFIO access".into()));
+            return Err(fail(
+                "the device must be bound to vfio-pci for VFIO access".into(),
+            ));
         }
         let container = File::options()
             .read(true)
             .write(true)
             .open("/dev/vfio/vfio")
-            .map_err(|e| fail(format!("open /dev/vfio/vfio: {e} (is the vfio module loaded?)")))?;
-        if ioctl(&container, VFIO_GET_API_VERSION, 0).map_err(|e| fail(e.to_string()))? != VFIO_API_VERSION {
+            .map_err(|e| {
+                fail(format!(
+                    "open /dev/vfio/vfio: {e} (is the vfio module loaded?)"
+                ))
+            })?;
+        if ioctl(&container, VFIO_GET_API_VERSION, 0).map_err(|e| fail(e.to_string()))?
+            != VFIO_API_VERSION
+        {
             return Err(fail("unknown VFIO API version".into()));
         }
-        if ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_TYPE1_IOMMU).map_err(|e| fail(e.to_string()))? == 0 {
-            return Err(fail("no type1 IOMMU backend; modprobe vfio_iommu_type1".into()));
+        if ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_TYPE1_IOMMU)
+            .map_err(|e| fail(e.to_string()))?
+            == 0
+        {
+            return Err(fail(
+                "no type1 IOMMU backend; modprobe vfio_iommu_type1".into(),
+            ));
         }
         let gpath = format!("/dev/vfio/{group}");
         let groupf = File::options()
             .read(true)
             .write(true)
             .open(&gpath)
-            .map_err(|e| fail(format!("open {gpath}: {e} (EBUSY: someone else holds the group)")))?;
-        let mut st = GroupStatus { argsz: size_of::<GroupStatus>() as u32, flags: 0 };
-        ioctl(&groupf, VFIO_GROUP_GET_STATUS, &raw mut st as u64).map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| {
+                fail(format!(
+                    "open {gpath}: {e} (EBUSY: someone else holds the group)"
+                ))
+            })?;
+        let mut st = GroupStatus {
+            argsz: size_of::<GroupStatus>() as u32,
+            flags: 0,
+        };
+        ioctl(&groupf, VFIO_GROUP_GET_STATUS, &raw mut st as u64)
+            .map_err(|e| fail(e.to_string()))?;
         if st.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(fail(format!(
                 "IOMMU group {group} is not viable: bind every device in it to vfio-pci"
             )));
         }
         let cfd = container.as_raw_fd();
-        ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, &raw const cfd as u64).map_err(|e| fail(e.to_string()))?;
+        ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, &raw const cfd as u64)
+            .map_err(|e| fail(e.to_string()))?;
         ioctl(&container, VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU).map_err(|e| fail(e.to_string()))?;
         let name = std::ffi::CString::new(bdf.to_string()).expect("no NUL in a BDF");
         let dfd = ioctl(&groupf, VFIO_GROUP_GET_DEVICE_FD, name.as_ptr() as u64)
             .map_err(|e| fail(format!("get device fd: {e}")))?;
         // SAFETY: the ioctl returned a new fd that nothing else owns.
         let device = unsafe { File::from_raw_fd(dfd) };
-        let config = region_info(&device, VFIO_PCI_CONFIG_REGION_INDEX).map_err(|e| fail(e.to_string()))?;
+        let config =
+            region_info(&device, VFIO_PCI_CONFIG_REGION_INDEX).map_err(|e| fail(e.to_string()))?;
         Ok(VfioBackend {
             bdf,
             _container: container.into(),
@@ -210,7 +254,11 @@ impl VfioBackend {
 }
 
 fn region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
-    let mut info = RegionInfo { argsz: size_of::<RegionInfo>() as u32, index, ..Default::default() };
+    let mut info = RegionInfo {
+        argsz: size_of::<RegionInfo>() as u32,
+        index,
+        ..Default::default()
+    };
     ioctl(device, VFIO_DEVICE_GET_REGION_INFO, &raw mut info as u64)?;
     Ok(info)
 }
@@ -223,10 +271,16 @@ impl Backend for VfioBackend {
         read16_at(&self.device, self.config_offset + offset)
     }
     fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()> {
-        self.device.write_all_at(&value.to_le_bytes(), self.config_offset + offset)
+        self.device
+            .write_all_at(&value.to_le_bytes(), self.config_offset + offset)
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
-        let map_err = |why: String| Error::Map { bdf: self.bdf, bar, via: "vfio", why };
+        let map_err = |why: String| Error::Map {
+            bdf: self.bdf,
+            bar,
+            via: "vfio",
+            why,
+        };
         let info = region_info(&self.device, bar as u32).map_err(|e| map_err(e.to_string()))?;
         if info.size == 0 || info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(map_err("the region is empty or not mappable".into()));

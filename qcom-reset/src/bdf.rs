@@ -24,8 +24,13 @@ impl FromStr for Bdf {
     type Err = BdfError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why| BdfError { input: s.to_string(), why };
-        let (head, function) = s.rsplit_once('.').ok_or_else(|| err("no '.' before the function"))?;
+        let err = |why| BdfError {
+            input: s.to_string(),
+            why,
+        };
+        let (head, function) = s
+            .rsplit_once('.')
+            .ok_or_else(|| err("no '.' before the function"))?;
         let parts: Vec<&str> = head.split(':').collect();
         let (domain, bus, device) = match parts.as_slice() {
             [d, b, dev] => (*d, *b, *dev),
@@ -48,13 +53,22 @@ impl FromStr for Bdf {
         if function > 7 {
             return Err(err("the function must be one digit 0-7"));
         }
-        Ok(Bdf { domain, bus, device: device as u8, function: function as u8 })
+        Ok(Bdf {
+            domain,
+            bus,
+            device: device as u8,
+            function: function as u8,
+        })
     }
 }
 
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -71,9 +85,23 @@ mod tests {
     #[test]
     fn parses_full_and_short_forms() {
         let b: Bdf = "0000:03:00.0".parse().unwrap();
-        assert_eq!(b, Bdf { domain: 0, bus: 3, device: 0, function: 0 });
-        assert_eq!("3a:1f.7".parse::<Bdf>().unwrap().to_string(), "0000:3a:1f.7");
-        assert_eq!("10000:00:00.0".parse::<Bdf>().unwrap_err().why, "the domain must be 4 hex digits");
+        assert_eq!(
+            b,
+            Bdf {
+                domain: 0,
+                bus: 3,
+                device: 0,
+                function: 0
+            }
+        );
+        assert_eq!(
+            "3a:1f.7".parse::<Bdf>().unwrap().to_string(),
+            "0000:3a:1f.7"
+        );
+        assert_eq!(
+            "10000:00:00.0".parse::<Bdf>().unwrap_err().why,
+            "the domain must be 4 hex digits"
+        );
     }
 
     #[test]

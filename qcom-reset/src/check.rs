@@ -32,8 +32,20 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>, blocks: bool) -> Check {
-        Check { name, level, detail: detail.into(), fix: fix.map(str::to_string), blocks_tracing: blocks }
+    fn new(
+        name: &'static str,
+        level: Level,
+        detail: impl Into<String>,
+        fix: Option<&str>,
+        blocks: bool,
+    ) -> Check {
+        Check {
+            name,
+            level,
+            detail: detail.into(),
+            fix: fix.map(str::to_string),
+            blocks_tracing: blocks,
+        }
     }
 
     pub fn line(&self) -> String {
@@ -52,7 +64,9 @@ impl Check {
 
 /// Whether these checks leave tracing possible.
 pub fn tracing_possible(checks: &[Check]) -> bool {
-    !checks.iter().any(|c| c.blocks_tracing && c.level == Level::Fail)
+    !checks
+        .iter()
+        .any(|c| c.blocks_tracing && c.level == Level::Fail)
 }
 
 fn kallsyms() -> Option<String> {
@@ -60,7 +74,9 @@ fn kallsyms() -> Option<String> {
 }
 
 fn has_symbol(kallsyms: &str, sym: &str) -> bool {
-    kallsyms.lines().any(|l| l.split_whitespace().nth(2) == Some(sym))
+    kallsyms
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some(sym))
 }
 
 pub fn run(host: &Host) -> Vec<Check> {
@@ -69,17 +85,40 @@ pub fn run(host: &Host) -> Vec<Check> {
     out.push(if root {
         Check::new("root", Level::Pass, "running as root", None, true)
     } else {
-        Check::new("root", Level::Fail, "not root: loading eBPF and BAR access need CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN", Some("run with sudo"), true)
+        Check::new(
+            "root",
+            Level::Fail,
+            "not root: loading eBPF and BAR access need CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN",
+            Some("run with sudo"),
+            true,
+        )
     });
 
     let btf = Path::new(layout::VMLINUX_BTF);
     let btf_ok = match layout::load_vmlinux(btf).and_then(|b| layout::pci_dev(&b)) {
         Ok(l) => {
-            out.push(Check::new("btf", Level::Pass, format!("{} (pci_dev.vendor@{}, dev.kobj.name@{})", btf.display(), l.vendor, l.name), None, true));
+            out.push(Check::new(
+                "btf",
+                Level::Pass,
+                format!(
+                    "{} (pci_dev.vendor@{}, dev.kobj.name@{})",
+                    btf.display(),
+                    l.vendor,
+                    l.name
+                ),
+                None,
+                true,
+            ));
             true
         }
         Err(e) => {
-            out.push(Check::new("btf", Level::Fail, e.to_string(), Some("boot a kernel built with CONFIG_DEBUG_INFO_BTF=y"), true));
+            out.push(Check::new(
+                "btf",
+                Level::Fail,
+                e.to_string(),
+                Some("boot a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
+                true,
+            ));
             false
         }
     };
@@ -96,28 +135,73 @@ pub fn run(host: &Host) -> Vec<Check> {
     // for real through the verifier, since only the kernel knows whether it allows it.
     let kprobes = Path::new(KPROBE_PMU).exists();
     let kp_check = if kprobes {
-        Check::new("kprobes", Level::Pass, format!("{KPROBE_PMU} present"), None, false)
+        Check::new(
+            "kprobes",
+            Level::Pass,
+            format!("{KPROBE_PMU} present"),
+            None,
+            false,
+        )
     } else {
-        Check::new("kprobes", Level::Fail, format!("no {KPROBE_PMU}: this kernel was built without CONFIG_KPROBES, kprobes cannot attach"), Some("use a distro kernel (CONFIG_KPROBES=y), or rely on fentry"), false)
+        Check::new(
+            "kprobes",
+            Level::Fail,
+            format!(
+                "no {KPROBE_PMU}: this kernel was built without CONFIG_KPROBES, kprobes cannot attach"
+            ),
+            Some("use a distro kernel (CONFIG_KPROBES=y), or rely on fentry"),
+            false,
+        )
     };
     let fentry = if root && btf_ok {
         match probes::Probes::open(&probes::Options::default()) {
             Ok(mut p) => {
                 let r = p.verify(Flavour::Fentry);
                 match r.iter().find(|(_, r)| r.is_err()) {
-                    None => Check::new("fentry", Level::Pass, format!("{} fentry/fexit programs load", r.len()), None, false),
-                    Some((name, Err(e))) if e.contains("os error 1") || e.contains("Operation not permitted") => Check::new(
-                        "fentry", Level::Fail,
-                        format!("the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"),
-                        Some("use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)"), false),
-                    Some((name, Err(e))) => Check::new("fentry", Level::Fail, format!("{name}: {e}"), None, false),
+                    None => Check::new(
+                        "fentry",
+                        Level::Pass,
+                        format!("{} fentry/fexit programs load", r.len()),
+                        None,
+                        false,
+                    ),
+                    Some((name, Err(e)))
+                        if e.contains("os error 1") || e.contains("Operation not permitted") =>
+                    {
+                        Check::new(
+                            "fentry",
+                            Level::Fail,
+                            format!(
+                                "the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"
+                            ),
+                            Some(
+                                "use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)",
+                            ),
+                            false,
+                        )
+                    }
+                    Some((name, Err(e))) => {
+                        Check::new("fentry", Level::Fail, format!("{name}: {e}"), None, false)
+                    }
                     Some(_) => unreachable!("find returned an error entry"),
                 }
             }
-            Err(e) => Check::new("fentry", Level::Fail, format!("cannot load the eBPF object: {e:#}"), None, false),
+            Err(e) => Check::new(
+                "fentry",
+                Level::Fail,
+                format!("cannot load the eBPF object: {e:#}"),
+                None,
+                false,
+            ),
         }
     } else {
-        Check::new("fentry", Level::Info, "not tried (needs root and BTF)", None, false)
+        Check::new(
+            "fentry",
+            Level::Info,
+            "not tried (needs root and BTF)",
+            None,
+            false,
+        )
     };
     let attachable = kprobes || fentry.level == Level::Pass;
     out.push(kp_check);
@@ -132,10 +216,20 @@ pub fn run(host: &Host) -> Vec<Check> {
     out.push(if vfio {
         Check::new("vfio", Level::Pass, "vfio_pci_core loaded", None, false)
     } else {
-        Check::new("vfio", Level::Warn, "vfio_pci_core not loaded: the release probes attach when it loads", Some("modprobe vfio-pci"), false)
+        Check::new(
+            "vfio",
+            Level::Warn,
+            "vfio_pci_core not loaded: the release probes attach when it loads",
+            Some("modprobe vfio-pci"),
+            false,
+        )
     });
 
-    match kallsyms().filter(|k| k.lines().next().is_some_and(|l| !l.starts_with("0000000000000000"))) {
+    match kallsyms().filter(|k| {
+        k.lines()
+            .next()
+            .is_some_and(|l| !l.starts_with("0000000000000000"))
+    }) {
         Some(k) => {
             let missing: Vec<&str> = qcom_reset_ebpf::Func::ALL
                 .iter()
@@ -144,24 +238,68 @@ pub fn run(host: &Host) -> Vec<Check> {
                 .filter(|s| !has_symbol(&k, s))
                 .collect();
             out.push(if missing.is_empty() {
-                Check::new("symbols", Level::Pass, "every probed function is in /proc/kallsyms", None, false)
+                Check::new(
+                    "symbols",
+                    Level::Pass,
+                    "every probed function is in /proc/kallsyms",
+                    None,
+                    false,
+                )
             } else {
-                Check::new("symbols", Level::Warn, format!("not in /proc/kallsyms (inlined or absent, those probes are skipped): {}", missing.join(" ")), None, false)
+                Check::new(
+                    "symbols",
+                    Level::Warn,
+                    format!(
+                        "not in /proc/kallsyms (inlined or absent, those probes are skipped): {}",
+                        missing.join(" ")
+                    ),
+                    None,
+                    false,
+                )
             });
         }
-        None => out.push(Check::new("symbols", Level::Info, "/proc/kallsyms unreadable or hidden; symbols checked at attach time", None, false)),
+        None => out.push(Check::new(
+            "symbols",
+            Level::Info,
+            "/proc/kallsyms unreadable or hidden; symbols checked at attach time",
+            None,
+            false,
+        )),
     }
 
     match engine::targets(host, &[]) {
-        Ok(ts) if ts.is_empty() => out.push(Check::new("devices", Level::Info, format!("no target device present ({})", devices::profile_names()), None, false)),
+        Ok(ts) if ts.is_empty() => out.push(Check::new(
+            "devices",
+            Level::Info,
+            format!("no target device present ({})", devices::profile_names()),
+            None,
+            false,
+        )),
         Ok(ts) => {
             for t in ts {
-                let methods = t.reset_methods.as_ref().map_or("none".to_string(), |m| if m.is_empty() { "none".into() } else { m.join(" ") });
-                out.push(Check::new("device", Level::Info, format!(
-                    "{} {} ({:04x}:{:04x}) driver={} iommu_group={} reset_method={}",
-                    t.bdf, t.profile.name, t.vendor, t.device,
-                    t.driver.as_deref().unwrap_or("none"), t.iommu_group.as_deref().unwrap_or("none"), methods)
-                , None, false));
+                let methods = t.reset_methods.as_ref().map_or("none".to_string(), |m| {
+                    if m.is_empty() {
+                        "none".into()
+                    } else {
+                        m.join(" ")
+                    }
+                });
+                out.push(Check::new(
+                    "device",
+                    Level::Info,
+                    format!(
+                        "{} {} ({:04x}:{:04x}) driver={} iommu_group={} reset_method={}",
+                        t.bdf,
+                        t.profile.name,
+                        t.vendor,
+                        t.device,
+                        t.driver.as_deref().unwrap_or("none"),
+                        t.iommu_group.as_deref().unwrap_or("none"),
+                        methods
+                    ),
+                    None,
+                    false,
+                ));
                 out.push(if t.kernel_has_device_specific() {
                     Check::new("kernel-reset", Level::Info, format!("{}: the kernel provides device_specific; qcom-reset steps aside and uses it", t.bdf), None, false)
                 } else {
@@ -169,7 +307,13 @@ pub fn run(host: &Host) -> Vec<Check> {
                 });
             }
         }
-        Err(e) => out.push(Check::new("devices", Level::Warn, e.to_string(), None, false)),
+        Err(e) => out.push(Check::new(
+            "devices",
+            Level::Warn,
+            e.to_string(),
+            None,
+            false,
+        )),
     }
     out
 }
@@ -189,7 +333,10 @@ mod tests {
     #[test]
     fn only_blocking_failures_stop_tracing() {
         let c = |level, blocks| Check::new("x", level, "", None, blocks);
-        assert!(tracing_possible(&[c(Level::Fail, false), c(Level::Pass, true)]));
+        assert!(tracing_possible(&[
+            c(Level::Fail, false),
+            c(Level::Pass, true)
+        ]));
         assert!(!tracing_possible(&[c(Level::Fail, true)]));
     }
 }

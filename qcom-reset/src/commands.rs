@@ -19,7 +19,9 @@ const EXIT_UNHEALTHY: u8 = 2;
 
 pub fn host(a: &HostArgs) -> Host {
     Host {
-        sysfs: PciSysfs { root: a.sysfs_root.clone() },
+        sysfs: PciSysfs {
+            root: a.sysfs_root.clone(),
+        },
         proc_root: a.proc_root.clone(),
         run_dir: a.run_dir.clone(),
         lock_wait: Duration::from_secs(30),
@@ -27,7 +29,11 @@ pub fn host(a: &HostArgs) -> Host {
 }
 
 fn require_root() -> Result<(), Error> {
-    if rustix::process::geteuid().is_root() { Ok(()) } else { Err(Error::NotRoot) }
+    if rustix::process::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(Error::NotRoot)
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -51,9 +57,20 @@ fn check_cmd(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
     }
     let ok = check::tracing_possible(&checks);
     if !json {
-        println!("{}", if ok { "tracing can work on this host" } else { "tracing cannot work on this host (see FAIL lines)" });
+        println!(
+            "{}",
+            if ok {
+                "tracing can work on this host"
+            } else {
+                "tracing cannot work on this host (see FAIL lines)"
+            }
+        );
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
@@ -63,7 +80,9 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
         ignore_tgid: std::process::id(),
         flavour: a.flavour,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut tracer = match Tracer::start(&opts) {
             Ok(t) => t,
@@ -91,18 +110,40 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
     match (item, json) {
         (Item::Event(e), true) => println!("{}", serde_json::to_string(e)?),
         (Item::Event(e), false) => println!("{}", e.line()),
-        (Item::Attached(a), true) => println!("{}", serde_json::json!({"kind": "attach", "attachments": a})),
+        (Item::Attached(a), true) => println!(
+            "{}",
+            serde_json::json!({"kind": "attach", "attachments": a})
+        ),
         (Item::Attached(a), false) => {
             for x in a {
                 match x.flavour {
-                    Some(f) => println!("attach  {:<30} {f}{}", x.function, x.note.as_ref().map(|n| format!(" (after {n})")).unwrap_or_default()),
-                    None => println!("attach  {:<30} NOT ATTACHED: {}", x.function, x.note.as_deref().unwrap_or("?")),
+                    Some(f) => println!(
+                        "attach  {:<30} {f}{}",
+                        x.function,
+                        x.note
+                            .as_ref()
+                            .map(|n| format!(" (after {n})"))
+                            .unwrap_or_default()
+                    ),
+                    None => println!(
+                        "attach  {:<30} NOT ATTACHED: {}",
+                        x.function,
+                        x.note.as_deref().unwrap_or("?")
+                    ),
                 }
             }
         }
-        (Item::Drops { ringbuf, brackets }, true) => println!("{}", serde_json::json!({"kind": "drops", "ringbuf": ringbuf, "brackets": brackets})),
-        (Item::Drops { ringbuf, brackets }, false) => println!("drops   ring buffer {ringbuf}, bracket table {brackets} (events were lost)"),
-        (Item::Bad(why), true) => println!("{}", serde_json::json!({"kind": "bad-record", "error": why})),
+        (Item::Drops { ringbuf, brackets }, true) => println!(
+            "{}",
+            serde_json::json!({"kind": "drops", "ringbuf": ringbuf, "brackets": brackets})
+        ),
+        (Item::Drops { ringbuf, brackets }, false) => {
+            println!("drops   ring buffer {ringbuf}, bracket table {brackets} (events were lost)")
+        }
+        (Item::Bad(why), true) => println!(
+            "{}",
+            serde_json::json!({"kind": "bad-record", "error": why})
+        ),
         (Item::Bad(why), false) => println!("bad     {why}"),
     }
     Ok(())
@@ -128,7 +169,12 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         backend::Access::Sysfs => "sysfs",
         backend::Access::Vfio => "vfio",
     };
-    let report = engine::reset(host, &req, &mut |dev| backend::open(dev, access), access_name)?;
+    let report = engine::reset(
+        host,
+        &req,
+        &mut |dev| backend::open(dev, access),
+        access_name,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -142,7 +188,13 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
 
 fn print_report(r: &Report) {
     if r.method == Method::DryRun {
-        println!("dry run: {} as {} ({}), sequence {}; nothing will be touched", r.bdf, r.profile, r.family.name(), r.sequence_version);
+        println!(
+            "dry run: {} as {} ({}), sequence {}; nothing will be touched",
+            r.bdf,
+            r.profile,
+            r.family.name(),
+            r.sequence_version
+        );
         for (i, p) in r.plan.iter().enumerate() {
             println!("  {:>2}. {p}", i + 1);
         }
@@ -152,21 +204,38 @@ fn print_report(r: &Report) {
         Method::KernelDeviceSpecific => "the kernel's device_specific reset".to_string(),
         _ => format!("register sequence {} via {}", r.sequence_version, r.access),
     };
-    println!("{} {}: reset with {how} in {} ms", r.bdf, r.profile, r.duration_ms);
+    println!(
+        "{} {}: reset with {how} in {} ms",
+        r.bdf, r.profile, r.duration_ms
+    );
     if let Some(o) = &r.outcome {
         println!("  sequence: {o:?}, {} register operations", r.ops.len());
     }
     if let Some(v) = &r.verdict {
-        println!("  verdict: {} ({}){}", v.health, v.detail, if v.in_expected_state { "" } else { " [not the expected post-reset state]" });
+        println!(
+            "  verdict: {} ({}){}",
+            v.health,
+            v.detail,
+            if v.in_expected_state {
+                ""
+            } else {
+                " [not the expected post-reset state]"
+            }
+        );
         println!("  expected: {}", v.expected);
         println!("  registers: {}", registers_line(&v.registers));
     }
     let rs = &r.restored;
     println!(
         "  restored: PCI_COMMAND={} power/control={}{}",
-        rs.command.map_or("unchanged".into(), |c| format!("{c:#06x}")),
+        rs.command
+            .map_or("unchanged".into(), |c| format!("{c:#06x}")),
         rs.power_control.as_deref().unwrap_or("unchanged"),
-        if rs.errors.is_empty() { String::new() } else { format!(" ERRORS: {}", rs.errors.join("; ")) }
+        if rs.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" ERRORS: {}", rs.errors.join("; "))
+        }
     );
 }
 
@@ -174,10 +243,18 @@ fn registers_line(r: &qcom_reset::verdict::Registers) -> String {
     let h = |v: Option<u32>| v.map_or("-".to_string(), |v| format!("{v:#010x}"));
     let mut s = format!(
         "config {:04x}:{:04x} MHICTRL={} MHISTATUS={} BHIOFF={} EXECENV={}",
-        r.config_vendor, r.config_device, h(r.mhictrl), h(r.mhistatus), h(r.bhioff), h(r.execenv)
+        r.config_vendor,
+        r.config_device,
+        h(r.mhictrl),
+        h(r.mhistatus),
+        h(r.bhioff),
+        h(r.execenv)
     );
     if let Some(st) = r.mhistatus.filter(|s| *s != regs::ALL_ONES) {
-        s.push_str(&format!(" (MHI {})", regs::mhi_state_name(regs::mhi_state(st))));
+        s.push_str(&format!(
+            " (MHI {})",
+            regs::mhi_state_name(regs::mhi_state(st))
+        ));
     }
     s
 }
@@ -188,7 +265,12 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
         _ => Vec::new(),
     };
     let targets = match a.bdf {
-        Some(b) => vec![engine::inspect(host, b, a.device.profile.as_deref(), a.device.bar)?],
+        Some(b) => vec![engine::inspect(
+            host,
+            b,
+            a.device.profile.as_deref(),
+            a.device.bar,
+        )?],
         None => engine::targets(host, &overrides)?,
     };
     require_root()?;
@@ -196,23 +278,51 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut out: Vec<Status> = Vec::new();
     for t in targets {
         let bdf = t.bdf;
-        out.push(engine::status(host, t, &mut |dev| backend::open(dev, access)).with_context(|| format!("status of {bdf}"))?);
+        out.push(
+            engine::status(host, t, &mut |dev| backend::open(dev, access))
+                .with_context(|| format!("status of {bdf}"))?,
+        );
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
     if out.is_empty() {
-        println!("no target devices present (supported: {})", qcom_reset::devices::profile_names());
+        println!(
+            "no target devices present (supported: {})",
+            qcom_reset::devices::profile_names()
+        );
     }
     for s in &out {
         let t = &s.target;
         let holders: Vec<String> = t.holders.iter().map(|h| h.to_string()).collect();
-        println!("{} {} ({:04x}:{:04x}, {})", t.bdf, t.profile.name, t.vendor, t.device, t.profile.model);
-        println!("  driver: {}  iommu_group: {}  holder: {}", t.driver.as_deref().unwrap_or("none"), t.iommu_group.as_deref().unwrap_or("none"), if holders.is_empty() { "none".into() } else { holders.join(", ") });
-        println!("  power: {} (control {})  reset_method: {}{}", t.power_state.as_deref().unwrap_or("?"), t.power_control.as_deref().unwrap_or("?"),
-            t.reset_methods.as_ref().map_or("none".into(), |m| m.join(" ")),
-            if s.kernel_device_specific { " (kernel has device_specific)" } else { "" });
+        println!(
+            "{} {} ({:04x}:{:04x}, {})",
+            t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
+        );
+        println!(
+            "  driver: {}  iommu_group: {}  holder: {}",
+            t.driver.as_deref().unwrap_or("none"),
+            t.iommu_group.as_deref().unwrap_or("none"),
+            if holders.is_empty() {
+                "none".into()
+            } else {
+                holders.join(", ")
+            }
+        );
+        println!(
+            "  power: {} (control {})  reset_method: {}{}",
+            t.power_state.as_deref().unwrap_or("?"),
+            t.power_control.as_deref().unwrap_or("?"),
+            t.reset_methods
+                .as_ref()
+                .map_or("none".into(), |m| m.join(" ")),
+            if s.kernel_device_specific {
+                " (kernel has device_specific)"
+            } else {
+                ""
+            }
+        );
         match (&s.verdict, &s.skipped) {
             (Some(v), _) => {
                 println!("  verdict: {} ({})", v.health, v.detail);

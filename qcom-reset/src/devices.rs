@@ -74,7 +74,9 @@ pub const DEVICES: &[DeviceProfile] = &[
 ];
 
 pub fn by_id(vendor: u16, device: u16) -> Option<&'static DeviceProfile> {
-    DEVICES.iter().find(|d| d.vendor == vendor && d.device == device)
+    DEVICES
+        .iter()
+        .find(|d| d.vendor == vendor && d.device == device)
 }
 
 pub fn by_name(name: &str) -> Option<&'static DeviceProfile> {
@@ -83,7 +85,11 @@ pub fn by_name(name: &str) -> Option<&'static DeviceProfile> {
 
 /// "wcn6855, wcn7850, sdx65", for help texts and error hints.
 pub fn profile_names() -> String {
-    DEVICES.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
+    DEVICES
+        .iter()
+        .map(|d| d.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Long help listing the table, used by clap.
@@ -111,10 +117,15 @@ pub fn resolve(
     bar: Option<u8>,
 ) -> Result<DeviceProfile, crate::Error> {
     let base = match profile {
-        Some(name) => *by_name(name).ok_or_else(|| crate::Error::UnknownProfile(name.to_string()))?,
+        Some(name) => {
+            *by_name(name).ok_or_else(|| crate::Error::UnknownProfile(name.to_string()))?
+        }
         None => *by_id(vendor, device).ok_or(crate::Error::NotTarget { vendor, device })?,
     };
-    Ok(DeviceProfile { bar: bar.unwrap_or(base.bar), ..base })
+    Ok(DeviceProfile {
+        bar: bar.unwrap_or(base.bar),
+        ..base
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +150,13 @@ mod tests {
     fn override_needs_a_known_profile() {
         let p = resolve(0x1af4, 0x1110, Some("WCN6855"), Some(2)).unwrap();
         assert_eq!((p.family, p.bar), (Family::Wlan, 2));
-        assert!(matches!(resolve(0x1af4, 0x1110, None, None), Err(crate::Error::NotTarget { .. })));
-        assert!(matches!(resolve(0x17cb, 0x1103, Some("foo"), None), Err(crate::Error::UnknownProfile(_))));
+        assert!(matches!(
+            resolve(0x1af4, 0x1110, None, None),
+            Err(crate::Error::NotTarget { .. })
+        ));
+        assert!(matches!(
+            resolve(0x17cb, 0x1103, Some("foo"), None),
+            Err(crate::Error::UnknownProfile(_))
+        ));
     }
 }

@@ -56,7 +56,14 @@ pub struct Request {
 
 impl Request {
     pub fn new(bdf: Bdf) -> Self {
-        Request { bdf, profile: None, bar: None, force: false, dry_run: false, ignore_kernel_reset: false }
+        Request {
+            bdf,
+            profile: None,
+            bar: None,
+            force: false,
+            dry_run: false,
+            ignore_kernel_reset: false,
+        }
     }
 }
 
@@ -80,18 +87,26 @@ pub struct Target {
 impl Target {
     /// The kernel already has the Qualcomm device-specific reset (the 2026 quirk).
     pub fn kernel_has_device_specific(&self) -> bool {
-        self.reset_methods.as_ref().is_some_and(|m| m.iter().any(|m| m == "device_specific"))
+        self.reset_methods
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|m| m == "device_specific"))
     }
 
     /// Why we must not write to the device now, if anything.
     pub fn refusal(&self, force: bool) -> Option<Error> {
         if let Some(h) = self.holders.first() {
-            return Some(Error::Held { bdf: self.bdf, holder: h.to_string() });
+            return Some(Error::Held {
+                bdf: self.bdf,
+                holder: h.to_string(),
+            });
         }
         match self.driver.as_deref() {
             None | Some("vfio-pci") => None,
             Some(_) if force => None,
-            Some(d) => Some(Error::WrongDriver { bdf: self.bdf, driver: d.to_string() }),
+            Some(d) => Some(Error::WrongDriver {
+                bdf: self.bdf,
+                driver: d.to_string(),
+            }),
         }
     }
 }
@@ -199,7 +214,10 @@ impl Session {
         let cmd = self
             .backend
             .config_read16(PCI_COMMAND)
-            .map_err(|source| Error::SysfsRead { path: path.clone(), source })?;
+            .map_err(|source| Error::SysfsRead {
+                path: path.clone(),
+                source,
+            })?;
         self.saved_command = Some(cmd);
         self.backend
             .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
@@ -254,17 +272,24 @@ fn dry_run(t: &Target, access: &str) -> Report {
     let p = &t.profile;
     let mut plan = vec![format!("lock {}", t.bdf)];
     if t.kernel_has_device_specific() {
-        plan.push("kernel has device_specific: sysfs reset_method <- device_specific (if not first)".into());
+        plan.push(
+            "kernel has device_specific: sysfs reset_method <- device_specific (if not first)"
+                .into(),
+        );
         plan.push("sysfs reset <- 1".into());
     } else {
         if t.power_control.as_deref().is_some_and(|c| c != "on") {
             plan.push("sysfs power/control <- on".into());
         }
-        plan.push(format!("config ({access}) read vendor; stop with link-down if 0xffff"));
+        plan.push(format!(
+            "config ({access}) read vendor; stop with link-down if 0xffff"
+        ));
         plan.push(format!("config ({access}) PCI_COMMAND <- saved | MEMORY"));
         plan.push(format!("map BAR{} via {access}", p.bar));
     }
-    let mut io = Recorder::new(DryRun { assumed: healthy_read });
+    let mut io = Recorder::new(DryRun {
+        assumed: healthy_read,
+    });
     let outcome = sequence::run(p.family, &mut io, &mut |_| {});
     let ops = io.ops;
     if !t.kernel_has_device_specific() {
@@ -297,7 +322,12 @@ fn dry_run(t: &Target, access: &str) -> Report {
 }
 
 /// Resets one device: refuses unsafe cases, then pre / reset / verify / post.
-pub fn reset(host: &Host, req: &Request, open: &mut Opener<'_>, access_name: &str) -> Result<Report> {
+pub fn reset(
+    host: &Host,
+    req: &Request,
+    open: &mut Opener<'_>,
+    access_name: &str,
+) -> Result<Report> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
     if let Some(e) = t.refusal(req.force) {
         return Err(e);
@@ -314,11 +344,19 @@ pub fn reset(host: &Host, req: &Request, open: &mut Opener<'_>, access_name: &st
     let started = Instant::now();
     let p = t.profile;
     let version = p.family.sequence_version();
-    step(t.bdf, version, &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar));
+    step(
+        t.bdf,
+        version,
+        &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
+    );
 
     let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
-        step(t.bdf, version, "reset: the kernel provides device_specific; using its reset instead of ours");
+        step(
+            t.bdf,
+            version,
+            "reset: the kernel provides device_specific; using its reset instead of ours",
+        );
         kernel_reset(&t)?;
     }
     let mut session = Session::begin(&t, open(&t.dev)?)?;
@@ -328,39 +366,80 @@ pub fn reset(host: &Host, req: &Request, open: &mut Opener<'_>, access_name: &st
     let verdict = 'seq: {
         let (vendor, device) = session.config_ids();
         if vendor == 0xffff {
-            step(t.bdf, version, "pre: config space reads all-ones; link down, no BAR writes");
-            break 'seq verdict::judge(p.family, &verdict::Registers { config_vendor: vendor, config_device: device, ..Default::default() });
+            step(
+                t.bdf,
+                version,
+                "pre: config space reads all-ones; link down, no BAR writes",
+            );
+            break 'seq verdict::judge(
+                p.family,
+                &verdict::Registers {
+                    config_vendor: vendor,
+                    config_device: device,
+                    ..Default::default()
+                },
+            );
         }
         session.enable_memory()?;
         let need = sequence::bar_needed(p.family);
         let (bar, len) = session.backend.map_bar(p.bar)?;
         if len < need {
-            return Err(Error::BarTooSmall { bdf: t.bdf, bar: p.bar, len, need, family: p.family.name() });
+            return Err(Error::BarTooSmall {
+                bdf: t.bdf,
+                bar: p.bar,
+                len,
+                need,
+                family: p.family.name(),
+            });
         }
         let mut io = Recorder::new(bar);
         if !kernel {
-            let o = sequence::run(p.family, &mut io, &mut |s| step(t.bdf, version, &format!("reset: {s}")));
+            let o = sequence::run(p.family, &mut io, &mut |s| {
+                step(t.bdf, version, &format!("reset: {s}"))
+            });
             step(t.bdf, version, &format!("reset: {o:?}"));
             outcome = Some(o);
             ops = std::mem::take(&mut io.ops);
         }
-        step(t.bdf, version, "verify: reading config space and MHI registers");
+        step(
+            t.bdf,
+            version,
+            "verify: reading config space and MHI registers",
+        );
         let mut ids = || -> (u16, u16) {
-            let v = session.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
-            let d = session.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
+            let v = session
+                .backend
+                .config_read16(PCI_VENDOR_ID)
+                .unwrap_or(0xffff);
+            let d = session
+                .backend
+                .config_read16(PCI_DEVICE_ID)
+                .unwrap_or(0xffff);
             (v, d)
         };
         verdict::verify(p.family, &mut ids, &mut io, len)
     };
-    step(t.bdf, version, &format!("verdict: {} ({})", verdict.health, verdict.detail));
+    step(
+        t.bdf,
+        version,
+        &format!("verdict: {} ({})", verdict.health, verdict.detail),
+    );
     let restored = session.restore();
-    step(t.bdf, version, "post: BAR unmapped, PCI_COMMAND and power control restored");
+    step(
+        t.bdf,
+        version,
+        "post: BAR unmapped, PCI_COMMAND and power control restored",
+    );
     Ok(Report {
         bdf: t.bdf,
         profile: p.name,
         family: p.family,
         sequence_version: version,
-        method: if kernel { Method::KernelDeviceSpecific } else { Method::RegisterSequence },
+        method: if kernel {
+            Method::KernelDeviceSpecific
+        } else {
+            Method::RegisterSequence
+        },
         access,
         outcome,
         verdict: Some(verdict),
@@ -402,14 +481,23 @@ pub struct Status {
 pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
     let kernel_device_specific = t.kernel_has_device_specific();
     if let Some(e) = t.refusal(false) {
-        return Ok(Status { target: t, kernel_device_specific, verdict: None, skipped: Some(e.to_string()) });
+        return Ok(Status {
+            target: t,
+            kernel_device_specific,
+            verdict: None,
+            skipped: Some(e.to_string()),
+        });
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
     let verdict = {
         let mut session = Session::begin(&t, open(&t.dev)?)?;
         let (vendor, device) = session.config_ids();
         let regs = if vendor == 0xffff {
-            verdict::Registers { config_vendor: vendor, config_device: device, ..Default::default() }
+            verdict::Registers {
+                config_vendor: vendor,
+                config_device: device,
+                ..Default::default()
+            }
         } else {
             session.enable_memory()?;
             let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
@@ -418,7 +506,12 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
         session.restore();
         verdict::judge(t.profile.family, &regs)
     };
-    Ok(Status { target: t, kernel_device_specific, verdict: Some(verdict), skipped: None })
+    Ok(Status {
+        target: t,
+        kernel_device_specific,
+        verdict: Some(verdict),
+        skipped: None,
+    })
 }
 
 /// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)` overrides.
@@ -426,11 +519,18 @@ pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<V
     let mut out = Vec::new();
     for dev in host.sysfs.list()? {
         let ov = overrides.iter().find(|(b, _, _)| *b == dev.bdf);
-        let Ok((vendor, device)) = dev.ids() else { continue };
+        let Ok((vendor, device)) = dev.ids() else {
+            continue;
+        };
         if ov.is_none() && devices::by_id(vendor, device).is_none() {
             continue;
         }
-        out.push(inspect(host, dev.bdf, ov.map(|o| o.1.as_str()), ov.and_then(|o| o.2))?);
+        out.push(inspect(
+            host,
+            dev.bdf,
+            ov.map(|o| o.1.as_str()),
+            ov.and_then(|o| o.2),
+        )?);
     }
     Ok(out)
 }

@@ -34,7 +34,9 @@ pub fn device_paths(dev: &SysfsDevice) -> crate::Result<Vec<PathBuf>> {
 
 pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec<Holder> {
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir(proc_root) else { return out };
+    let Ok(procs) = fs::read_dir(proc_root) else {
+        return out;
+    };
     for p in procs.filter_map(|e| e.ok()) {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
@@ -43,14 +45,22 @@ pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec
             continue;
         }
         // A process may exit while we look; its fds simply vanish.
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.filter_map(|e| e.ok()) {
-            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
             if paths.iter().any(|d| *d == target) {
                 let comm = fs::read_to_string(p.path().join("comm"))
                     .map(|s| s.trim().to_string())
                     .unwrap_or_default();
-                out.push(Holder { pid, comm, path: target.display().to_string() });
+                out.push(Holder {
+                    pid,
+                    comm,
+                    path: target.display().to_string(),
+                });
                 break;
             }
         }
@@ -69,7 +79,11 @@ mod tests {
         let mk = |pid: u32, comm: &str, links: &[&str]| {
             let fd = t.path().join(pid.to_string()).join("fd");
             fs::create_dir_all(&fd).unwrap();
-            fs::write(t.path().join(pid.to_string()).join("comm"), format!("{comm}\n")).unwrap();
+            fs::write(
+                t.path().join(pid.to_string()).join("comm"),
+                format!("{comm}\n"),
+            )
+            .unwrap();
             for (i, l) in links.iter().enumerate() {
                 std::os::unix::fs::symlink(l, fd.join(i.to_string())).unwrap();
             }
@@ -80,7 +94,14 @@ mod tests {
         fs::create_dir_all(t.path().join("self")).unwrap();
         let paths = vec![PathBuf::from("/dev/vfio/12")];
         let h = find(t.path(), &paths, Some(30));
-        assert_eq!(h, vec![Holder { pid: 20, comm: "qemu-system-x86".into(), path: "/dev/vfio/12".into() }]);
+        assert_eq!(
+            h,
+            vec![Holder {
+                pid: 20,
+                comm: "qemu-system-x86".into(),
+                path: "/dev/vfio/12".into()
+            }]
+        );
         assert!(find(t.path(), &[PathBuf::from("/dev/vfio/13")], None).is_empty());
     }
 }

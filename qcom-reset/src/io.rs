@@ -50,7 +50,10 @@ pub struct Recorder<I> {
 
 impl<I: RegisterIo> Recorder<I> {
     pub fn new(inner: I) -> Self {
-        Recorder { inner, ops: Vec::new() }
+        Recorder {
+            inner,
+            ops: Vec::new(),
+        }
     }
 }
 
@@ -66,7 +69,9 @@ impl<I: RegisterIo> RegisterIo for Recorder<I> {
     }
     fn delay(&mut self, d: Duration) {
         self.inner.delay(d);
-        self.ops.push(Op::Delay { ms: d.as_millis() as u64 });
+        self.ops.push(Op::Delay {
+            ms: d.as_millis() as u64,
+        });
     }
 }
 

@@ -21,7 +21,10 @@ impl DeviceLock {
     /// Takes the lock, waiting up to `wait` for another holder to finish.
     pub fn acquire(run_dir: &Path, bdf: Bdf, wait: Duration) -> Result<DeviceLock, Error> {
         let path = run_dir.join(format!("{bdf}.lock"));
-        let lock_err = |source| Error::Lock { path: path.clone(), source };
+        let lock_err = |source| Error::Lock {
+            path: path.clone(),
+            source,
+        };
         fs::create_dir_all(run_dir).map_err(lock_err)?;
         let file = OpenOptions::new()
             .create(true)
@@ -59,7 +62,8 @@ mod tests {
             Err(Error::Busy { .. })
         ));
         let other: Bdf = "0000:04:00.0".parse().unwrap();
-        DeviceLock::acquire(t.path(), other, Duration::ZERO).expect("other devices are independent");
+        DeviceLock::acquire(t.path(), other, Duration::ZERO)
+            .expect("other devices are independent");
         drop(a);
         DeviceLock::acquire(t.path(), bdf, Duration::ZERO).expect("free after release");
     }

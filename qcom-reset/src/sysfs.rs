@@ -16,7 +16,9 @@ pub struct PciSysfs {
 
 impl Default for PciSysfs {
     fn default() -> Self {
-        PciSysfs { root: PathBuf::from(DEFAULT_ROOT) }
+        PciSysfs {
+            root: PathBuf::from(DEFAULT_ROOT),
+        }
     }
 }
 
@@ -32,8 +34,10 @@ impl PciSysfs {
 
     /// Every PCI function present, in address order; entries that are not addresses are skipped.
     pub fn list(&self) -> Result<Vec<SysfsDevice>, Error> {
-        let rd = fs::read_dir(&self.root)
-            .map_err(|source| Error::SysfsRead { path: self.root.clone(), source })?;
+        let rd = fs::read_dir(&self.root).map_err(|source| Error::SysfsRead {
+            path: self.root.clone(),
+            source,
+        })?;
         let mut out: Vec<SysfsDevice> = rd
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -55,14 +59,20 @@ pub struct SysfsDevice {
 fn read_trim(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|source| Error::SysfsRead { path: path.to_path_buf(), source })
+        .map_err(|source| Error::SysfsRead {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn read_opt(path: &Path) -> Result<Option<String>, Error> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(Some(s.trim().to_string())),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::SysfsRead { path: path.to_path_buf(), source }),
+        Err(source) => Err(Error::SysfsRead {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -70,7 +80,10 @@ fn link_name(path: &Path) -> Result<Option<String>, Error> {
     match fs::read_link(path) {
         Ok(t) => Ok(t.file_name().and_then(|n| n.to_str()).map(str::to_string)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::SysfsRead { path: path.to_path_buf(), source }),
+        Err(source) => Err(Error::SysfsRead {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -90,7 +103,10 @@ impl SysfsDevice {
     pub fn ids(&self) -> Result<(u16, u16), Error> {
         let vp = self.path("vendor");
         let dp = self.path("device");
-        Ok((parse_hex16(&vp, &read_trim(&vp)?)?, parse_hex16(&dp, &read_trim(&dp)?)?))
+        Ok((
+            parse_hex16(&vp, &read_trim(&vp)?)?,
+            parse_hex16(&dp, &read_trim(&dp)?)?,
+        ))
     }
 
     pub fn driver(&self) -> Result<Option<String>, Error> {
@@ -118,7 +134,10 @@ impl SysfsDevice {
     /// VFIO character devices of this function (`vfio-dev/vfioN`), for the cdev holder check.
     pub fn vfio_cdevs(&self) -> Vec<String> {
         fs::read_dir(self.path("vfio-dev"))
-            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -70,8 +70,17 @@ fn bhi_readable(bhioff: u32, bar_len: u64) -> bool {
 }
 
 /// Reads everything a verdict needs; the BAR only when config space answers.
-pub fn read_registers(vendor: u16, device: u16, io: &mut dyn RegisterIo, bar_len: u64) -> Registers {
-    let mut r = Registers { config_vendor: vendor, config_device: device, ..Default::default() };
+pub fn read_registers(
+    vendor: u16,
+    device: u16,
+    io: &mut dyn RegisterIo,
+    bar_len: u64,
+) -> Registers {
+    let mut r = Registers {
+        config_vendor: vendor,
+        config_device: device,
+        ..Default::default()
+    };
     if vendor == 0xffff {
         return r;
     }
@@ -94,13 +103,21 @@ pub fn judge(family: Family, r: &Registers) -> Verdict {
         registers: *r,
     };
     if r.config_vendor == 0xffff {
-        return v(Health::LinkDown, false, "config space reads all-ones (rev ff): the link is down".into());
+        return v(
+            Health::LinkDown,
+            false,
+            "config space reads all-ones (rev ff): the link is down".into(),
+        );
     }
     let (Some(status), Some(ctrl)) = (r.mhistatus, r.mhictrl) else {
         return v(Health::LinkDown, false, "registers not readable".into());
     };
     if status == ALL_ONES || ctrl == ALL_ONES {
-        return v(Health::LinkDown, false, "BAR reads all-ones: the device is off the bus".into());
+        return v(
+            Health::LinkDown,
+            false,
+            "BAR reads all-ones: the device is off the bus".into(),
+        );
     }
     let state = mhi_state(status);
     let ee = r.execenv.filter(|e| *e != ALL_ONES);
@@ -201,16 +218,34 @@ mod tests {
 
     #[test]
     fn decodes_each_verdict() {
-        assert_eq!(judge(Family::Wlan, &regs(MHISTATUS_SYSERR, 0, EE_PBL)).health, Health::Syserr);
-        assert_eq!(judge(Family::Wlan, &regs(0xff00, 0, EE_WFW)).health, Health::Syserr);
-        assert_eq!(judge(Family::Wlan, &regs(0, MHICTRL_RESET, EE_PBL)).health, Health::NotReady);
+        assert_eq!(
+            judge(Family::Wlan, &regs(MHISTATUS_SYSERR, 0, EE_PBL)).health,
+            Health::Syserr
+        );
+        assert_eq!(
+            judge(Family::Wlan, &regs(0xff00, 0, EE_WFW)).health,
+            Health::Syserr
+        );
+        assert_eq!(
+            judge(Family::Wlan, &regs(0, MHICTRL_RESET, EE_PBL)).health,
+            Health::NotReady
+        );
         let ok = judge(Family::Wlan, &regs(0x0101, 0, EE_PBL));
         assert_eq!((ok.health, ok.in_expected_state), (Health::Healthy, true));
         let mission = judge(Family::Wlan, &regs(0x0201, 0, EE_WFW));
-        assert_eq!((mission.health, mission.in_expected_state), (Health::Healthy, false));
-        assert_eq!(judge(Family::Modem, &regs(0, 0, EE_PBL)).health, Health::NotReady);
+        assert_eq!(
+            (mission.health, mission.in_expected_state),
+            (Health::Healthy, false)
+        );
+        assert_eq!(
+            judge(Family::Modem, &regs(0, 0, EE_PBL)).health,
+            Health::NotReady
+        );
         let m = judge(Family::Modem, &regs(0x0101, 0, EE_SBL));
         assert_eq!((m.health, m.in_expected_state), (Health::Healthy, true));
-        assert_eq!(judge(Family::Modem, &regs(0x0101, 0, 0x42)).health, Health::NotReady);
+        assert_eq!(
+            judge(Family::Modem, &regs(0x0101, 0, 0x42)).health,
+            Health::NotReady
+        );
     }
 }

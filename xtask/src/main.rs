@@ -1,1 +1,121 @@
-fn main(){}
+//! `cargo xtask`: the project's own commands. Every one installs what it needs first.
+mod toolchain;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "qcom-reset's build, test and run commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain (pinned nightly + rust-src, bpf-linker) if missing.
+    Setup,
+    /// Build (release) and run qcom-reset as root; arguments after `--` go to it (default: `run`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The test suite: unit and integration tests, verifier loads when root.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Clippy for the userspace crates and, separately, for the eBPF crate.
+    Clippy,
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => toolchain::ensure_ebpf(),
+        Cmd::Run { args } => {
+            toolchain::ensure_ebpf()?;
+            toolchain::run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "qcom-reset",
+                "--bin",
+                "qcom-reset",
+            ]))?;
+            let bin = workspace_root().join("target/release/qcom-reset");
+            let args = if args.is_empty() {
+                vec!["run".to_string()]
+            } else {
+                args
+            };
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                eprintln!("xtask: qcom-reset needs root; re-running under sudo");
+                let mut c = Command::new("sudo");
+                c.arg("-E").arg(&bin);
+                c
+            };
+            let status = cmd
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => {
+            toolchain::ensure_ebpf()?;
+            toolchain::run(cargo().arg("test").args(&args))
+        }
+        Cmd::Clippy => {
+            toolchain::ensure_ebpf()?;
+            toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
+            toolchain::run(
+                cargo()
+                    .arg(format!("+{}", toolchain::EBPF_NIGHTLY))
+                    .args([
+                        "clippy",
+                        "--package",
+                        "qcom-reset-ebpf",
+                        "--bins",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ])
+                    .env(
+                        "CARGO_ENCODED_RUSTFLAGS",
+                        "--cfg=bpf_target_arch=\"x86_64\"",
+                    ),
+            )
+        }
+    }
+}

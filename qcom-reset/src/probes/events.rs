@@ -1,7 +1,8 @@
 //! Decoding of ring-buffer records into the documented event schema (docs/events.md).
 use bytes::Buf;
 use qcom_reset_ebpf::{
-    BDF_LEN, COMM_LEN, EVENT_ABI_VERSION, Event, EventKind, Flavour, Func, MAX_ATTEMPTS, NEEDS_RESET_UNKNOWN,
+    BDF_LEN, COMM_LEN, EVENT_ABI_VERSION, Event, EventKind, Flavour, Func, MAX_ATTEMPTS,
+    NEEDS_RESET_UNKNOWN,
 };
 use serde::Serialize;
 
@@ -61,9 +62,13 @@ pub struct TraceEvent {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("event of {0} bytes, expected {1}: the eBPF object and the agent are from different builds")]
+    #[error(
+        "event of {0} bytes, expected {1}: the eBPF object and the agent are from different builds"
+    )]
     Size(usize, usize),
-    #[error("event ABI {0}, expected {EVENT_ABI_VERSION}: the eBPF object and the agent are from different builds")]
+    #[error(
+        "event ABI {0}, expected {EVENT_ABI_VERSION}: the eBPF object and the agent are from different builds"
+    )]
     Abi(u8),
     #[error("unknown {0} {1} in event")]
     Unknown(&'static str, u8),
@@ -166,18 +171,30 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
         left_unreset_from: None,
     };
     if ev.kind != Kind::Attempt {
-        let any_ok = attempts.iter().any(|(f, r, _)| resets_device(*f) && *r == 0);
+        let any_ok = attempts
+            .iter()
+            .any(|(f, r, _)| resets_device(*f) && *r == 0);
         ev.attempts_seen = Some(n_seen);
         ev.attempts = Some(
             attempts
                 .into_iter()
-                .map(|(f, r, d)| AttemptOut { function: f.symbol(), ret: r, errno: errno_name(r), duration_ns: d })
+                .map(|(f, r, d)| AttemptOut {
+                    function: f.symbol(),
+                    ret: r,
+                    errno: errno_name(r),
+                    duration_ns: d,
+                })
                 .collect(),
         );
-        let known = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN).then_some(needs_reset != 0);
+        let known = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN)
+            .then_some(needs_reset != 0);
         ev.needs_reset = known;
         ev.left_unreset = Some(known.unwrap_or(!any_ok));
-        ev.left_unreset_from = Some(if known.is_some() { "needs_reset" } else { "attempts" });
+        ev.left_unreset_from = Some(if known.is_some() {
+            "needs_reset"
+        } else {
+            "attempts"
+        });
     }
     Ok(ev)
 }
@@ -185,7 +202,10 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
 impl TraceEvent {
     /// One human-readable line.
     pub fn line(&self) -> String {
-        let head = format!("{} {} {}:{} {}", self.bdf, self.function, self.vendor, self.device, self.flavour);
+        let head = format!(
+            "{} {} {}:{} {}",
+            self.bdf, self.function, self.vendor, self.device, self.flavour
+        );
         let who = format!("pid {} ({})", self.tgid, self.comm);
         let ret = |r: i32, e: Option<&str>| match e {
             Some(e) => format!("{r} ({e})"),
@@ -212,8 +232,16 @@ impl TraceEvent {
                 };
                 format!(
                     "{:<7} {head} [{}] {verdict}, {who}",
-                    if self.kind == Kind::Release { "release" } else { "open" },
-                    if tries.is_empty() { "no reset attempted".to_string() } else { tries.join(", ") }
+                    if self.kind == Kind::Release {
+                        "release"
+                    } else {
+                        "open"
+                    },
+                    if tries.is_empty() {
+                        "no reset attempted".to_string()
+                    } else {
+                        tries.join(", ")
+                    }
                 )
             }
         }
@@ -226,7 +254,13 @@ pub(crate) mod tests {
     use bytes::BufMut;
 
     /// Encodes an event exactly as the eBPF side lays it out.
-    pub fn encode(kind: EventKind, f: Func, ret: i32, needs_reset: u8, attempts: &[(Func, i32)]) -> Vec<u8> {
+    pub fn encode(
+        kind: EventKind,
+        f: Func,
+        ret: i32,
+        needs_reset: u8,
+        attempts: &[(Func, i32)],
+    ) -> Vec<u8> {
         let mut b = Vec::with_capacity(size_of::<Event>());
         b.put_u8(EVENT_ABI_VERSION);
         b.put_u8(kind as u8);
@@ -256,33 +290,96 @@ pub(crate) mod tests {
             b.put_i32_le(if i < attempts.len() { ar } else { 0 });
             b.put_u64_le(1000);
         }
-        assert_eq!(b.len(), size_of::<Event>(), "encoder matches the ABI struct");
+        assert_eq!(
+            b.len(),
+            size_of::<Event>(),
+            "encoder matches the ABI struct"
+        );
         b
     }
 
     #[test]
     fn decodes_an_attempt() {
-        let e = decode(&encode(EventKind::Attempt, Func::PciResetFunction, -25, NEEDS_RESET_UNKNOWN, &[])).unwrap();
-        assert_eq!((e.kind.clone(), e.function, e.ret, e.errno), (Kind::Attempt, "pci_reset_function", -25, Some("ENOTTY")));
-        assert_eq!((e.bdf.as_str(), e.vendor.as_str(), e.device.as_str(), e.comm.as_str()), ("0000:03:00.0", "17cb", "1103", "qemu"));
+        let e = decode(&encode(
+            EventKind::Attempt,
+            Func::PciResetFunction,
+            -25,
+            NEEDS_RESET_UNKNOWN,
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(
+            (e.kind.clone(), e.function, e.ret, e.errno),
+            (Kind::Attempt, "pci_reset_function", -25, Some("ENOTTY"))
+        );
+        assert_eq!(
+            (
+                e.bdf.as_str(),
+                e.vendor.as_str(),
+                e.device.as_str(),
+                e.comm.as_str()
+            ),
+            ("0000:03:00.0", "17cb", "1103", "qemu")
+        );
         assert_eq!(e.attempts, None);
         assert!(e.line().contains("ret=-25 (ENOTTY) in 2.500 ms"));
     }
 
     #[test]
     fn release_summary_prefers_needs_reset_and_falls_back_to_attempts() {
-        let failed = [(Func::PciResetFunctionLockedInner, -25), (Func::PciResetBus, -25)];
-        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, 1, &failed)).unwrap();
-        assert_eq!((e.needs_reset, e.left_unreset, e.left_unreset_from), (Some(true), Some(true), Some("needs_reset")));
+        let failed = [
+            (Func::PciResetFunctionLockedInner, -25),
+            (Func::PciResetBus, -25),
+        ];
+        let e = decode(&encode(
+            EventKind::Release,
+            Func::VfioPciCoreDisable,
+            0,
+            1,
+            &failed,
+        ))
+        .unwrap();
+        assert_eq!(
+            (e.needs_reset, e.left_unreset, e.left_unreset_from),
+            (Some(true), Some(true), Some("needs_reset"))
+        );
         assert_eq!(e.attempts.as_ref().unwrap()[1].function, "pci_reset_bus");
         assert!(e.line().contains("LEFT UNRESET"), "{}", e.line());
-        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &failed)).unwrap();
-        assert_eq!((e.left_unreset, e.left_unreset_from), (Some(true), Some("attempts")));
+        let e = decode(&encode(
+            EventKind::Release,
+            Func::VfioPciCoreDisable,
+            0,
+            NEEDS_RESET_UNKNOWN,
+            &failed,
+        ))
+        .unwrap();
+        assert_eq!(
+            (e.left_unreset, e.left_unreset_from),
+            (Some(true), Some("attempts"))
+        );
         let ok = [(Func::PciResetFunctionLockedInner, 0)];
-        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &ok)).unwrap();
+        let e = decode(&encode(
+            EventKind::Release,
+            Func::VfioPciCoreDisable,
+            0,
+            NEEDS_RESET_UNKNOWN,
+            &ok,
+        ))
+        .unwrap();
         assert_eq!(e.left_unreset, Some(false));
-        let e = decode(&encode(EventKind::Release, Func::VfioPciCoreDisable, 0, NEEDS_RESET_UNKNOWN, &[])).unwrap();
-        assert_eq!(e.left_unreset, Some(true), "no attempt at all leaves the device unreset");
+        let e = decode(&encode(
+            EventKind::Release,
+            Func::VfioPciCoreDisable,
+            0,
+            NEEDS_RESET_UNKNOWN,
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(
+            e.left_unreset,
+            Some(true),
+            "no attempt at all leaves the device unreset"
+        );
         assert!(e.line().contains("no reset attempted"));
     }
 
@@ -299,9 +396,35 @@ pub(crate) mod tests {
 
     #[test]
     fn json_schema_fields() {
-        let e = decode(&encode(EventKind::Open, Func::VfioPciCoreEnable, 0, NEEDS_RESET_UNKNOWN, &[(Func::PciTryResetFunction, -25)])).unwrap();
+        let e = decode(&encode(
+            EventKind::Open,
+            Func::VfioPciCoreEnable,
+            0,
+            NEEDS_RESET_UNKNOWN,
+            &[(Func::PciTryResetFunction, -25)],
+        ))
+        .unwrap();
         let v: serde_json::Value = serde_json::to_value(&e).unwrap();
-        for k in ["schema", "kind", "flavour", "function", "bdf", "vendor", "device", "ret", "errno", "duration_ns", "ktime_ns", "pid", "tgid", "comm", "attempts", "attempts_seen", "left_unreset", "left_unreset_from"] {
+        for k in [
+            "schema",
+            "kind",
+            "flavour",
+            "function",
+            "bdf",
+            "vendor",
+            "device",
+            "ret",
+            "errno",
+            "duration_ns",
+            "ktime_ns",
+            "pid",
+            "tgid",
+            "comm",
+            "attempts",
+            "attempts_seen",
+            "left_unreset",
+            "left_unreset_from",
+        ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
         assert_eq!(v["kind"], "open");

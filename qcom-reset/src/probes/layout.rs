@@ -16,7 +16,9 @@ pub enum LayoutError {
     NoBtf(String),
     #[error("cannot parse BTF {path}: {why}")]
     Parse { path: String, why: String },
-    #[error("BTF has no {0}; this kernel's layout is not supported, please report it with `uname -r`")]
+    #[error(
+        "BTF has no {0}; this kernel's layout is not supported, please report it with `uname -r`"
+    )]
     Missing(String),
 }
 
@@ -32,13 +34,18 @@ pub fn load_vmlinux(path: &Path) -> Result<Btf, LayoutError> {
     if !path.exists() {
         return Err(LayoutError::NoBtf(path.display().to_string()));
     }
-    Btf::from_file(path).map_err(|e| LayoutError::Parse { path: path.display().to_string(), why: e.to_string() })
+    Btf::from_file(path).map_err(|e| LayoutError::Parse {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 /// Module BTF is split BTF on top of vmlinux's.
 pub fn load_module(path: &Path, base: &Btf) -> Result<Btf, LayoutError> {
-    Btf::from_split_file(path, base)
-        .map_err(|e| LayoutError::Parse { path: path.display().to_string(), why: e.to_string() })
+    Btf::from_split_file(path, base).map_err(|e| LayoutError::Parse {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct, LayoutError> {
@@ -57,7 +64,11 @@ fn as_struct(btf: &Btf, mut t: Type) -> Option<btf_rs::Struct> {
     for _ in 0..16 {
         match t {
             Type::Struct(s) => return Some(s),
-            Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+            Type::Typedef(_)
+            | Type::Const(_)
+            | Type::Volatile(_)
+            | Type::Restrict(_)
+            | Type::TypeTag(_) => {
                 t = btf.resolve_chained_type(t.as_btf_type()?).ok()?;
             }
             _ => return None,
@@ -105,7 +116,12 @@ pub fn vfio(btf: &Btf) -> Result<VfioLayout, LayoutError> {
         Ok((off, false)) => off,
         _ => OFFSET_MISSING,
     };
-    Ok(VfioLayout { valid: 1, pdev, needs_reset, _pad: 0 })
+    Ok(VfioLayout {
+        valid: 1,
+        pdev,
+        needs_reset,
+        _pad: 0,
+    })
 }
 
 #[cfg(test)]
@@ -120,11 +136,24 @@ mod tests {
     #[test]
     fn resolves_offsets_from_the_fixture() {
         let btf = fixture();
-        assert_eq!(pci_dev(&btf).unwrap(), PciDevLayout { vendor: 60, device: 62, name: 192 + 16 });
+        assert_eq!(
+            pci_dev(&btf).unwrap(),
+            PciDevLayout {
+                vendor: 60,
+                device: 62,
+                name: 192 + 16
+            }
+        );
         let v = vfio(&btf).unwrap();
         assert_eq!((v.valid, v.pdev, v.needs_reset), (1, 1024, 1100));
-        assert!(matches!(member_offset(&btf, "pci_dev", &["nope"]), Err(LayoutError::Missing(_))));
-        assert!(matches!(member_offset(&btf, "no_such", &["x"]), Err(LayoutError::Missing(_))));
+        assert!(matches!(
+            member_offset(&btf, "pci_dev", &["nope"]),
+            Err(LayoutError::Missing(_))
+        ));
+        assert!(matches!(
+            member_offset(&btf, "no_such", &["x"]),
+            Err(LayoutError::Missing(_))
+        ));
     }
 
     #[test]
@@ -144,7 +173,9 @@ mod tests {
 
     #[test]
     fn missing_btf_names_the_fix() {
-        let e = load_vmlinux(Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let Err(e) = load_vmlinux(Path::new("/nonexistent/vmlinux")) else {
+            panic!("loaded a missing file")
+        };
         assert!(e.to_string().contains("CONFIG_DEBUG_INFO_BTF=y"));
     }
 }

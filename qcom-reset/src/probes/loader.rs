@@ -18,7 +18,9 @@ pub const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 const MODULE_DIR: &str = "/sys/module";
 const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FlavourChoice {
     /// fentry/fexit where the kernel permits, else kprobe/kretprobe, per function.
@@ -61,10 +63,14 @@ fn program_name(prefix: &str, f: Func) -> String {
 fn explain(e: &dyn std::fmt::Display, flavour: &str) -> String {
     let s = e.to_string();
     if flavour == "kprobe" && !Path::new(KPROBE_PMU).exists() {
-        return format!("kprobes unavailable: no {KPROBE_PMU} (kernel built without CONFIG_KPROBES) ({s})");
+        return format!(
+            "kprobes unavailable: no {KPROBE_PMU} (kernel built without CONFIG_KPROBES) ({s})"
+        );
     }
     if s.contains("Operation not permitted") || s.contains("EPERM") || s.contains("os error 1)") {
-        return format!("{flavour} refused by the kernel (EPERM; lockdown=confidentiality or a BPF LSM?) ({s})");
+        return format!(
+            "{flavour} refused by the kernel (EPERM; lockdown=confidentiality or a BPF LSM?) ({s})"
+        );
     }
     s
 }
@@ -99,7 +105,12 @@ impl Probes {
         for (v, d) in &opts.targets {
             targets.insert(&target_key(*v, *d), &1, 0)?;
         }
-        Ok(Probes { ebpf, vmlinux, vfio_attached: false, attachments: Vec::new() })
+        Ok(Probes {
+            ebpf,
+            vmlinux,
+            vfio_attached: false,
+            attachments: Vec::new(),
+        })
     }
 
     fn kprobe(&mut self, f: Func) -> Result<(), String> {
@@ -111,8 +122,10 @@ impl Probes {
                 .ok_or_else(|| format!("program {name} missing from the object"))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-            p.load().map_err(|e| format!("verifier rejected {name}: {}", full_error(&e)))?;
-            p.attach(f.symbol(), 0).map_err(|e| explain(&full_error(&e), "kprobe"))?;
+            p.load()
+                .map_err(|e| format!("verifier rejected {name}: {}", full_error(&e)))?;
+            p.attach(f.symbol(), 0)
+                .map_err(|e| explain(&full_error(&e), "kprobe"))?;
         }
         Ok(())
     }
@@ -125,7 +138,8 @@ impl Probes {
             .ok_or_else(|| format!("program {fe} missing"))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-        p.load(f.symbol(), btf).map_err(|e| explain(&full_error(&e), "fentry"))?;
+        p.load(f.symbol(), btf)
+            .map_err(|e| explain(&full_error(&e), "fentry"))?;
         p.attach().map_err(|e| explain(&full_error(&e), "fentry"))?;
         let fx = program_name("fx", f);
         let p: &mut FExit = self
@@ -134,7 +148,8 @@ impl Probes {
             .ok_or_else(|| format!("program {fx} missing"))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-        p.load(f.symbol(), btf).map_err(|e| explain(&full_error(&e), "fexit"))?;
+        p.load(f.symbol(), btf)
+            .map_err(|e| explain(&full_error(&e), "fexit"))?;
         p.attach().map_err(|e| explain(&full_error(&e), "fexit"))?;
         Ok(())
     }
@@ -173,9 +188,12 @@ impl Probes {
         }
         self.vfio_attached = true;
         let result = self.vfio_layout().and_then(|l| {
-            let mut arr: Array<_, VfioLayout> =
-                Array::try_from(self.ebpf.map_mut("VFIO_LAYOUT").ok_or("VFIO_LAYOUT map missing")?)
-                    .map_err(|e| e.to_string())?;
+            let mut arr: Array<_, VfioLayout> = Array::try_from(
+                self.ebpf
+                    .map_mut("VFIO_LAYOUT")
+                    .ok_or("VFIO_LAYOUT map missing")?,
+            )
+            .map_err(|e| e.to_string())?;
             arr.set(0, &l, 0).map_err(|e| e.to_string())
         });
         for f in [Func::VfioPciCoreEnable, Func::VfioPciCoreDisable] {
@@ -202,14 +220,20 @@ impl Probes {
 
     /// (ring buffer drops, bracket-table drops) summed over CPUs.
     pub fn drops(&self) -> (u64, u64) {
-        let Some(map) = self.ebpf.map("DROPS") else { return (0, 0) };
-        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return (0, 0) };
+        let Some(map) = self.ebpf.map("DROPS") else {
+            return (0, 0);
+        };
+        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
+            return (0, 0);
+        };
         let sum = |i| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
         (sum(DROPS_RINGBUF), sum(DROPS_BRACKETS))
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        Ok(RingBuf::try_from(self.ebpf.take_map("EVENTS").context("EVENTS map")?)?)
+        Ok(RingBuf::try_from(
+            self.ebpf.take_map("EVENTS").context("EVENTS map")?,
+        )?)
     }
 
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {

@@ -18,7 +18,10 @@ pub use loader::{Attachment, FlavourChoice, Options, Probes};
 pub enum Item {
     Event(TraceEvent),
     /// New ring-buffer or bracket-table drops since the last report (totals in the fields).
-    Drops { ringbuf: u64, brackets: u64 },
+    Drops {
+        ringbuf: u64,
+        brackets: u64,
+    },
     /// The attachment table changed (the vfio_pci_core module appeared).
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
@@ -43,7 +46,9 @@ impl Tracer {
         let mut probes = Probes::open(opts)?;
         // SAFETY: the ring buffers own their map fds and keep them open, unchanged, until dropped,
         // which happens only when the AsyncFd is dropped.
-        let logger = probes.take_logger().and_then(|l| unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.ok());
+        let logger = probes
+            .take_logger()
+            .and_then(|l| unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.ok());
         probes.attach_reset_probes(opts.flavour);
         probes.attach_vfio_if_loaded();
         if probes.attachments.iter().all(|a| a.flavour.is_none()) {
@@ -58,12 +63,25 @@ impl Tracer {
             );
         }
         // SAFETY: as for the logger above.
-        let events = unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("registering the event ring buffer with tokio: {}", e.into_parts().1))?;
+        let events =
+            unsafe { AsyncFd::register_with_interest(probes.take_events()?, Interest::READABLE) }
+                .map_err(|e| {
+                anyhow::anyhow!(
+                    "registering the event ring buffer with tokio: {}",
+                    e.into_parts().1
+                )
+            })?;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let queue = VecDeque::from([Item::Attached(probes.attachments.clone())]);
-        Ok(Tracer { probes, events, logger, queue, drops: (0, 0), tick })
+        Ok(Tracer {
+            probes,
+            events,
+            logger,
+            queue,
+            drops: (0, 0),
+            tick,
+        })
     }
 
     pub fn attachments(&self) -> &[Attachment] {
@@ -72,12 +90,16 @@ impl Tracer {
 
     fn housekeeping(&mut self) {
         if self.probes.vfio_pending() && self.probes.attach_vfio_if_loaded() {
-            self.queue.push_back(Item::Attached(self.probes.attachments.clone()));
+            self.queue
+                .push_back(Item::Attached(self.probes.attachments.clone()));
         }
         let d = self.probes.drops();
         if d != self.drops {
             self.drops = d;
-            self.queue.push_back(Item::Drops { ringbuf: d.0, brackets: d.1 });
+            self.queue.push_back(Item::Drops {
+                ringbuf: d.0,
+                brackets: d.1,
+            });
         }
     }
 
@@ -114,7 +136,9 @@ type LogFd = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
 /// eBPF-side log records (aya-log), forwarded to `log` and from there to tracing.
 async fn logger_readable(
     logger: &mut Option<LogFd>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, aya_log::EbpfLogger<&'static dyn log::Log>>> {
+) -> std::io::Result<
+    tokio::io::unix::AsyncFdReadyMutGuard<'_, aya_log::EbpfLogger<&'static dyn log::Log>>,
+> {
     match logger {
         Some(l) => l.readable_mut().await,
         None => std::future::pending().await,

@@ -18,11 +18,20 @@ pub struct Conformance {
 
 pub fn check(family: Family, writes: &[WriteRecord]) -> Conformance {
     let mut problems = Vec::new();
-    let mut expect = |i: usize, offset: u32, ok_value: &dyn Fn(u32) -> bool, what: &str| -> Option<&WriteRecord> {
+    let mut expect = |i: usize,
+                      offset: u32,
+                      ok_value: &dyn Fn(u32) -> bool,
+                      what: &str|
+     -> Option<&WriteRecord> {
         match writes.get(i) {
             Some(w) if w.offset == offset && ok_value(w.value) => Some(w),
             Some(w) => {
-                problems.push(format!("write {}: expected {what}, got {:#x} <- {:#x}", i + 1, w.offset, w.value));
+                problems.push(format!(
+                    "write {}: expected {what}, got {:#x} <- {:#x}",
+                    i + 1,
+                    w.offset,
+                    w.value
+                ));
                 None
             }
             None => {
@@ -33,17 +42,33 @@ pub fn check(family: Family, writes: &[WriteRecord]) -> Conformance {
     };
     let n = match family {
         Family::Wlan => {
-            let a = expect(0, PCIE_SOC_GLOBAL_RESET, &|v| v & GLOBAL_RESET_V != 0, "assert 0x3008 bit0").cloned();
+            let a = expect(
+                0,
+                PCIE_SOC_GLOBAL_RESET,
+                &|v| v & GLOBAL_RESET_V != 0,
+                "assert 0x3008 bit0",
+            )
+            .cloned();
             let want = a.as_ref().map(|a| a.value & !GLOBAL_RESET_V);
-            let d = expect(1, PCIE_SOC_GLOBAL_RESET, &|v| Some(v) == want, "deassert 0x3008 (value & ~1)").cloned();
+            let d = expect(
+                1,
+                PCIE_SOC_GLOBAL_RESET,
+                &|v| Some(v) == want,
+                "deassert 0x3008 (value & ~1)",
+            )
+            .cloned();
             let m = expect(2, MHICTRL, &|v| v == MHICTRL_RESET, "MHICTRL <- 0x2").cloned();
-            let mut gap = |from: &Option<WriteRecord>, to: &Option<WriteRecord>, min_ms: u64, what: &str| {
-                if let (Some(f), Some(t)) = (from, to)
-                    && t.at_us + SLACK_US < f.at_us + min_ms * 1000
-                {
-                    problems.push(format!("{what}: {} us, need at least {min_ms} ms", t.at_us - f.at_us));
-                }
-            };
+            let mut gap =
+                |from: &Option<WriteRecord>, to: &Option<WriteRecord>, min_ms: u64, what: &str| {
+                    if let (Some(f), Some(t)) = (from, to)
+                        && t.at_us + SLACK_US < f.at_us + min_ms * 1000
+                    {
+                        problems.push(format!(
+                            "{what}: {} us, need at least {min_ms} ms",
+                            t.at_us - f.at_us
+                        ));
+                    }
+                };
             gap(&a, &d, 10, "assert held");
             gap(&d, &m, 10, "MHI reset after deassert");
             3
@@ -54,7 +79,15 @@ pub fn check(family: Family, writes: &[WriteRecord]) -> Conformance {
         }
     };
     if writes.len() > n {
-        problems.push(format!("{} unexpected extra write(s), first {:#x} <- {:#x}", writes.len() - n, writes[n].offset, writes[n].value));
+        problems.push(format!(
+            "{} unexpected extra write(s), first {:#x} <- {:#x}",
+            writes.len() - n,
+            writes[n].offset,
+            writes[n].value
+        ));
     }
-    Conformance { ok: problems.is_empty(), problems }
+    Conformance {
+        ok: problems.is_empty(),
+        problems,
+    }
 }

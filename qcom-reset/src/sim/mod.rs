@@ -34,7 +34,9 @@ pub struct SimDevice {
 
 impl SimDevice {
     pub fn new(model: Model) -> Self {
-        SimDevice { state: Arc::new(Mutex::new(State { model, now_us: 0 })) }
+        SimDevice {
+            state: Arc::new(Mutex::new(State { model, now_us: 0 })),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -44,6 +46,12 @@ impl SimDevice {
     /// Inspect the model (for assertions).
     pub fn with_model<R>(&self, f: impl FnOnce(&Model) -> R) -> R {
         f(&self.lock().model)
+    }
+
+    /// Whether the device answers on the bus at the current virtual time.
+    pub fn link_up_now(&self) -> bool {
+        let s = self.lock();
+        s.model.link_up(s.now_us)
     }
 
     pub fn elapsed(&self) -> Duration {

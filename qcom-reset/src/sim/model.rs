@@ -34,7 +34,9 @@ impl Faults {
     pub fn parse(spec: &str) -> Result<Faults, String> {
         let mut f = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (key, val) = item.split_once('=').map_or((item, None), |(k, v)| (k, Some(v)));
+            let (key, val) = item
+                .split_once('=')
+                .map_or((item, None), |(k, v)| (k, Some(v)));
             let num = |v: Option<&str>| {
                 v.and_then(|v| v.parse::<u64>().ok())
                     .ok_or_else(|| format!("fault {key:?} needs a number, e.g. {key}=500"))
@@ -167,7 +169,10 @@ impl Model {
         self.link_down_until = if self.faults.never_returns {
             u64::MAX
         } else {
-            now + self.faults.link_down_ms.map_or(usual_link_down, |ms| ms * 1000)
+            now + self
+                .faults
+                .link_down_ms
+                .map_or(usual_link_down, |ms| ms * 1000)
         };
         let up = self.link_down_until;
         self.asserted_at = None;
@@ -238,7 +243,11 @@ impl Model {
         if !self.link_up(now) || self.command & PCI_COMMAND_MEMORY == 0 {
             return;
         }
-        self.writes.push(WriteRecord { at_us: now, offset, value });
+        self.writes.push(WriteRecord {
+            at_us: now,
+            offset,
+            value,
+        });
         if let Some(n) = self.faults.vanish_after_writes
             && self.writes.len() as u32 >= n
         {
@@ -254,7 +263,9 @@ impl Model {
                 self.global_reset = value;
                 match (value & GLOBAL_RESET_V != 0, was) {
                     (true, None) => self.asserted_at = Some(now),
-                    (false, Some(t)) if now - t >= MIN_ASSERT_US => self.reboot(now, WLAN_LINK_DOWN_US),
+                    (false, Some(t)) if now - t >= MIN_ASSERT_US => {
+                        self.reboot(now, WLAN_LINK_DOWN_US)
+                    }
                     (false, Some(_)) => self.asserted_at = None,
                     _ => {}
                 }
@@ -296,9 +307,17 @@ mod tests {
         m.write32(200, PCIE_SOC_GLOBAL_RESET, 1);
         m.write32(10_200, PCIE_SOC_GLOBAL_RESET, 0);
         assert_eq!(m.resets, 1);
-        assert_eq!(m.read32(10_300, MHISTATUS), ALL_ONES, "link drops after the reset");
+        assert_eq!(
+            m.read32(10_300, MHISTATUS),
+            ALL_ONES,
+            "link drops after the reset"
+        );
         let up = 10_200 + WLAN_LINK_DOWN_US;
-        assert_eq!(m.read32(up, MHISTATUS) & MHISTATUS_SYSERR, MHISTATUS_SYSERR, "SYSERR survives");
+        assert_eq!(
+            m.read32(up, MHISTATUS) & MHISTATUS_SYSERR,
+            MHISTATUS_SYSERR,
+            "SYSERR survives"
+        );
         assert_eq!(m.read32(up, BHI_BASE + BHI_EXECENV), EE_PBL);
         m.write32(up, MHICTRL, MHICTRL_RESET);
         let st = m.read32(up + MHI_RESET_US, MHISTATUS);
@@ -320,7 +339,15 @@ mod tests {
         assert!(f.stuck_syserr);
         assert_eq!(f.link_down_ms, Some(800));
         assert_eq!(f.vanish_after_writes, Some(2));
-        assert!(Faults::parse("link-down-ms").unwrap_err().contains("needs a number"));
-        assert!(Faults::parse("bogus").unwrap_err().contains("unknown fault"));
+        assert!(
+            Faults::parse("link-down-ms")
+                .unwrap_err()
+                .contains("needs a number")
+        );
+        assert!(
+            Faults::parse("bogus")
+                .unwrap_err()
+                .contains("unknown fault")
+        );
     }
 }

@@ -12,7 +12,13 @@ use super::conformance::{self, Conformance};
 use super::model::{BHI_BASE, Model, WriteRecord};
 use crate::regs::*;
 
-const WRITABLE: [u32; 5] = [PCIE_SOC_GLOBAL_RESET, PCIE_SOC_WAKE, MHICTRL, MHI_SOC_RESET_REQ, BHI_BASE + BHI_INTVEC];
+const WRITABLE: [u32; 5] = [
+    PCIE_SOC_GLOBAL_RESET,
+    PCIE_SOC_WAKE,
+    MHICTRL,
+    MHI_SOC_RESET_REQ,
+    BHI_BASE + BHI_INTVEC,
+];
 const MODELLED: [u32; 10] = [
     MHIREGLEN,
     MHIVER,
@@ -38,12 +44,25 @@ pub struct Report<'a> {
 
 /// Runs until `stop` returns true, rewriting the JSON report at `report` whenever the writes
 /// received or the device's state change.
-pub fn serve(path: &Path, size: u64, mut model: Model, report: &Path, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+pub fn serve(
+    path: &Path,
+    size: u64,
+    mut model: Model,
+    report: &Path,
+    stop: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
     if file.metadata()?.len() < size {
         file.set_len(size)?;
     }
-    let map = memmap2::MmapOptions::new().len(size as usize).map_raw(&file)?;
+    let map = memmap2::MmapOptions::new()
+        .len(size as usize)
+        .map_raw(&file)?;
     let reg = |off: u32| unsafe { map.as_mut_ptr().add(off as usize).cast::<u32>() };
     // The ivshmem BAR is the device's register BAR; its PCI_COMMAND is QEMU's, so memory decode
     // is modelled as on.
@@ -55,7 +74,10 @@ pub fn serve(path: &Path, size: u64, mut model: Model, report: &Path, stop: &dyn
         let now = start.elapsed().as_micros() as u64;
         for off in WRITABLE {
             let cur = unsafe { std::ptr::read_volatile(reg(off)) };
-            let i = MODELLED.iter().position(|o| *o == off).expect("writable registers are modelled");
+            let i = MODELLED
+                .iter()
+                .position(|o| *o == off)
+                .expect("writable registers are modelled");
             if cur != published[i] {
                 model.write32(now, off, cur);
             }

@@ -1,0 +1,177 @@
+//! The `qcom-reset` binary as an administrator meets it: one clear line per refusal, a dry run
+//! that prints every operation, and `check`/`trace` naming this machine's real limits.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn qcom(h: Option<&FakeHost>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qcom-reset"));
+    if let Some(h) = h {
+        c.arg("--sysfs-root").arg(&h.host.sysfs.root);
+        c.arg("--proc-root").arg(&h.host.proc_root);
+        c.arg("--run-dir").arg(&h.host.run_dir);
+    }
+    c.args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_the_device_table() {
+    let (out, _) = text(&qcom(None, &["--help"]));
+    for d in qcom_reset::devices::DEVICES {
+        assert!(
+            out.contains(d.name) && out.contains(&format!("{:04x}:{:04x}", d.vendor, d.device)),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: "0000:05:00.0",
+        vendor: 0x8086,
+        device: 0x1533,
+        ..Default::default()
+    });
+    h.add(FakeDevice::default());
+    h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
+    for (args, code, want) in [
+        (vec!["reset", "03:00"], 2, "malformed PCI address \"03:00\""),
+        (
+            vec!["reset", "0000:05:00.0"],
+            1,
+            "device 8086:1533 is not a qcom-reset target",
+        ),
+        (
+            vec!["reset", "0000:07:00.0"],
+            1,
+            "no PCI device 0000:07:00.0",
+        ),
+        (
+            vec!["reset", "0000:03:00.0"],
+            1,
+            "is held by pid 4242 (qemu-system-x86) through /dev/vfio/12",
+        ),
+        (
+            vec!["reset", "0000:03:00.0", "--profile", "bogus"],
+            1,
+            "unknown profile \"bogus\"",
+        ),
+        (vec!["status", "0000:05:00.0"], 1, "not a qcom-reset target"),
+    ] {
+        let o = qcom(Some(&h), &args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        if code == 1 {
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            assert!(!err.contains("panicked"));
+        }
+    }
+}
+
+#[test]
+fn dry_run_prints_the_plan() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: "0000:04:00.0",
+        device: 0x0308,
+        ..Default::default()
+    });
+    let o = qcom(Some(&h), &["reset", "0000:04:00.0", "--dry-run"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("dry run: 0000:04:00.0 as sdx65 (modem)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("write 0x00b0 <- 0x00000001") && out.contains("delay 2000 ms"),
+        "{out}"
+    );
+    assert_eq!(h.read("0000:04:00.0", "power/control"), "auto");
+    let o = qcom(Some(&h), &["reset", "0000:04:00.0", "--dry-run", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["method"], "dry-run");
+    assert_eq!(v["ops"][1]["op"], "write");
+}
+
+/// Whether this kernel lets us attach kprobes, and whether it refuses fentry.
+fn machine_facts() -> (bool, Option<bool>) {
+    let kprobes = Path::new(qcom_reset::probes::loader::KPROBE_PMU).exists();
+    if !rustix::process::geteuid().is_root() {
+        return (kprobes, None);
+    }
+    let mut p = qcom_reset::probes::Probes::open(&Default::default()).unwrap();
+    let refused = p
+        .verify(qcom_reset_ebpf::Flavour::Fentry)
+        .iter()
+        .any(|(_, r)| {
+            r.as_ref()
+                .is_err_and(|e| e.contains("os error 1") || e.contains("Operation not permitted"))
+        });
+    (kprobes, Some(refused))
+}
+
+#[test]
+fn check_names_the_real_reasons() {
+    let (kprobes, fentry_refused) = machine_facts();
+    let o = qcom(None, &["check"]);
+    let (out, _) = text(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("PASS btf") || l.starts_with("FAIL btf")),
+        "{out}"
+    );
+    if !kprobes {
+        assert!(
+            out.contains("FAIL kprobes") && out.contains("CONFIG_KPROBES"),
+            "{out}"
+        );
+    } else {
+        assert!(out.contains("PASS kprobes"), "{out}");
+    }
+    match fentry_refused {
+        Some(true) => assert!(
+            out.contains("FAIL fentry") && out.contains("EPERM"),
+            "{out}"
+        ),
+        Some(false) => assert!(out.contains("PASS fentry"), "{out}"),
+        None => assert!(out.contains("FAIL root"), "{out}"),
+    }
+    let can_trace = fentry_refused.is_some() && (kprobes || fentry_refused == Some(false));
+    assert_eq!(o.status.success(), can_trace, "{out}");
+    let o = qcom(None, &["check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().any(|c| c["name"] == "kprobes"));
+}
+
+#[test]
+fn trace_stops_with_the_explanation_when_it_cannot_attach() {
+    let (kprobes, fentry_refused) = machine_facts();
+    if kprobes || fentry_refused != Some(true) {
+        eprintln!(
+            "skipped: this host can attach probes (or is not root); the VM lab covers tracing"
+        );
+        return;
+    }
+    let o = qcom(None, &["trace"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot trace"), "{err}");
+    assert!(
+        err.contains("FAIL kprobes") && err.contains("FAIL attach"),
+        "{err}"
+    );
+}

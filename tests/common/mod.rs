@@ -1,0 +1,146 @@
+//! A host of our own for tests: a sysfs tree, /proc and a run directory in a temp dir, and
+//! simulated devices behind them. Nothing here ever looks at this machine's own PCI devices.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qcom_reset::bdf::Bdf;
+use qcom_reset::devices::Family;
+use qcom_reset::engine::{self, Host, Report, Request};
+use qcom_reset::sim::{Faults, Model, SimDevice};
+use qcom_reset::sysfs::PciSysfs;
+
+pub struct FakeHost {
+    pub dir: tempfile::TempDir,
+    pub host: Host,
+}
+
+pub struct FakeDevice<'a> {
+    pub bdf: &'a str,
+    pub vendor: u16,
+    pub device: u16,
+    pub driver: Option<&'a str>,
+    pub group: Option<&'a str>,
+    pub reset_method: Option<&'a str>,
+    pub power_state: &'a str,
+    pub bar_len: u64,
+}
+
+impl Default for FakeDevice<'_> {
+    fn default() -> Self {
+        FakeDevice {
+            bdf: "0000:03:00.0",
+            vendor: 0x17cb,
+            device: 0x1103,
+            driver: Some("vfio-pci"),
+            group: Some("12"),
+            reset_method: None,
+            power_state: "D0",
+            bar_len: 2 << 20,
+        }
+    }
+}
+
+impl FakeHost {
+    pub fn new() -> FakeHost {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in [
+            "sys/bus/pci/devices",
+            "sys/bus/pci/drivers",
+            "sys/kernel/iommu_groups",
+            "proc",
+            "run",
+        ] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let host = Host {
+            sysfs: PciSysfs {
+                root: root.join("sys/bus/pci/devices"),
+            },
+            proc_root: root.join("proc"),
+            run_dir: root.join("run"),
+            lock_wait: Duration::from_millis(200),
+        };
+        FakeHost { dir, host }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn add(&self, d: FakeDevice) -> PathBuf {
+        let dev = self.host.sysfs.root.join(d.bdf);
+        fs::create_dir_all(dev.join("power")).unwrap();
+        fs::write(dev.join("vendor"), format!("0x{:04x}\n", d.vendor)).unwrap();
+        fs::write(dev.join("device"), format!("0x{:04x}\n", d.device)).unwrap();
+        fs::write(dev.join("power/control"), "auto\n").unwrap();
+        fs::write(dev.join("power_state"), format!("{}\n", d.power_state)).unwrap();
+        fs::write(dev.join("config"), [0u8; 256]).unwrap();
+        let start = 0xfe00_0000u64;
+        fs::write(
+            dev.join("resource"),
+            format!(
+                "0x{start:016x} 0x{:016x} 0x0000000000140204\n",
+                start + d.bar_len - 1
+            ) + &"0x0000000000000000 0x0000000000000000 0x0000000000000000\n".repeat(5),
+        )
+        .unwrap();
+        if let Some(m) = d.reset_method {
+            fs::write(dev.join("reset_method"), format!("{m}\n")).unwrap();
+            fs::write(dev.join("reset"), "").unwrap();
+        }
+        if let Some(drv) = d.driver {
+            let p = self.root().join("sys/bus/pci/drivers").join(drv);
+            fs::create_dir_all(&p).unwrap();
+            symlink(&p, dev.join("driver")).unwrap();
+        }
+        if let Some(g) = d.group {
+            let p = self.root().join("sys/kernel/iommu_groups").join(g);
+            fs::create_dir_all(&p).unwrap();
+            symlink(&p, dev.join("iommu_group")).unwrap();
+        }
+        dev
+    }
+
+    /// A fake process holding `path` open (e.g. QEMU with /dev/vfio/12).
+    pub fn hold(&self, pid: u32, comm: &str, path: &str) {
+        let p = self.host.proc_root.join(pid.to_string());
+        fs::create_dir_all(p.join("fd")).unwrap();
+        fs::write(p.join("comm"), format!("{comm}\n")).unwrap();
+        symlink(path, p.join("fd/7")).unwrap();
+    }
+
+    pub fn read(&self, bdf: &str, attr: &str) -> String {
+        fs::read_to_string(self.host.sysfs.root.join(bdf).join(attr))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+pub fn sim(family: Family, faults: Faults) -> SimDevice {
+    let device = match family {
+        Family::Wlan => 0x1103,
+        Family::Modem => 0x0308,
+    };
+    SimDevice::new(Model::stuck(family, 0x17cb, device, faults))
+}
+
+pub fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+/// Runs the engine against `sim` for the device at `req.bdf`.
+pub fn reset_with(h: &FakeHost, req: &Request, sim: &SimDevice) -> qcom_reset::Result<Report> {
+    let s = sim.clone();
+    engine::reset(
+        &h.host,
+        req,
+        &mut move |_| Ok(Box::new(s.clone())),
+        "simulator",
+    )
+}

@@ -1,0 +1,552 @@
+//! The reset engine against the firmware simulator and a host tree of our own: golden operation
+//! traces, every fault's verdict with PCI_COMMAND and power control restored, and the refusals.
+mod common;
+
+use common::*;
+use qcom_reset::Error;
+use qcom_reset::devices::Family;
+use qcom_reset::engine::{self, Method, Request};
+use qcom_reset::io::Op::{self, Delay, Read, Write};
+use qcom_reset::lock::DeviceLock;
+use qcom_reset::regs::ALL_ONES;
+use qcom_reset::sequence::Outcome;
+use qcom_reset::sim::{Faults, conformance};
+use qcom_reset::verdict::Health;
+
+const WLAN: &str = "0000:03:00.0";
+const MODEM: &str = "0000:04:00.0";
+
+fn wlan_host() -> FakeHost {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    h
+}
+
+fn modem_host() -> FakeHost {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: MODEM,
+        device: 0x0308,
+        group: Some("13"),
+        bar_len: 4096,
+        ..Default::default()
+    });
+    h
+}
+
+fn writes(sim: &qcom_reset::sim::SimDevice) -> usize {
+    sim.with_model(|m| m.writes.len())
+}
+
+/// Every path ends with PCI_COMMAND back at its saved value and power/control back at "auto".
+fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r: &engine::Report) {
+    assert_eq!(
+        h.read(bdf, "power/control"),
+        "auto",
+        "power/control restored"
+    );
+    assert_eq!(r.restored.power_control.as_deref(), Some("auto"));
+    assert!(r.restored.errors.is_empty(), "{:?}", r.restored.errors);
+    if r.restored.command.is_some() {
+        assert_eq!(r.restored.command, Some(0x0400));
+        // A device that is off the bus drops config writes; the restore was still issued.
+        if sim.link_up_now() {
+            assert_eq!(
+                sim.with_model(|m| m.command),
+                0x0400,
+                "device PCI_COMMAND restored"
+            );
+        }
+    }
+}
+
+#[test]
+fn wlan_golden_trace_and_healthy_verdict() {
+    let h = wlan_host();
+    let sim = sim(Family::Wlan, Faults::default());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap();
+    let golden: Vec<Op> = vec![
+        Read {
+            offset: 0x3008,
+            value: 0,
+        },
+        Write {
+            offset: 0x3008,
+            value: 1,
+        },
+        Read {
+            offset: 0x3008,
+            value: 1,
+        },
+        Delay { ms: 10 },
+        Write {
+            offset: 0x3008,
+            value: 0,
+        },
+        Read {
+            offset: 0x3008,
+            value: ALL_ONES,
+        },
+        Delay { ms: 10 },
+        Read {
+            offset: 0x3008,
+            value: ALL_ONES,
+        },
+        Delay { ms: 20 },
+        Read {
+            offset: 0x3008,
+            value: ALL_ONES,
+        },
+        Delay { ms: 20 },
+        Read {
+            offset: 0x3008,
+            value: 0,
+        },
+        Write {
+            offset: 0x38,
+            value: 2,
+        },
+        Read {
+            offset: 0x38,
+            value: 2,
+        },
+        Delay { ms: 10 },
+    ];
+    assert_eq!(r.ops, golden);
+    assert_eq!(
+        (r.method, r.outcome, r.sequence_version),
+        (
+            Method::RegisterSequence,
+            Some(Outcome::Completed),
+            "wlan-soc-global-reset/v12"
+        )
+    );
+    let v = r.verdict.as_ref().unwrap();
+    assert_eq!(
+        (v.health, v.in_expected_state),
+        (Health::Healthy, true),
+        "{}",
+        v.detail
+    );
+    assert_eq!(v.registers.execenv, Some(0), "rebooted into PBL");
+    assert_eq!(sim.with_model(|m| m.resets), 1);
+    assert!(
+        sim.with_model(|m| conformance::check(m.family, &m.writes))
+            .ok
+    );
+    assert_restored(&h, WLAN, &sim, &r);
+}
+
+#[test]
+fn modem_golden_trace_and_healthy_verdict() {
+    let h = modem_host();
+    let sim = sim(Family::Modem, Faults::default());
+    let r = reset_with(&h, &Request::new(bdf(MODEM)), &sim).unwrap();
+    assert_eq!(
+        r.ops,
+        vec![
+            Read {
+                offset: 0x48,
+                value: 0x4
+            },
+            Write {
+                offset: 0xb0,
+                value: 1
+            },
+            Read {
+                offset: 0xb0,
+                value: ALL_ONES
+            },
+            Delay { ms: 2000 },
+        ]
+    );
+    let v = r.verdict.as_ref().unwrap();
+    assert_eq!(
+        (v.health, v.in_expected_state),
+        (Health::Healthy, true),
+        "{}",
+        v.detail
+    );
+    assert!(
+        sim.with_model(|m| conformance::check(m.family, &m.writes))
+            .ok
+    );
+    assert_restored(&h, MODEM, &sim, &r);
+}
+
+/// (family, fault, expected outcome, expected verdict, register writes the device received)
+#[test]
+fn every_fault_ends_in_the_right_verdict_with_state_restored() {
+    let cases: Vec<(Family, Faults, Option<Outcome>, Health, usize)> = vec![
+        (
+            Family::Wlan,
+            Faults {
+                stuck_syserr: true,
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Syserr,
+            3,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                link_down_ms: Some(8000),
+                ..Default::default()
+            },
+            Some(Outcome::LinkTimeout),
+            Health::LinkDown,
+            2,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                link_down_ms: Some(4000),
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Healthy,
+            3,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                never_returns: true,
+                ..Default::default()
+            },
+            Some(Outcome::LinkTimeout),
+            Health::LinkDown,
+            2,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                vanish_after_writes: Some(1),
+                ..Default::default()
+            },
+            Some(Outcome::LinkTimeout),
+            Health::LinkDown,
+            1,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                config_all_ones: true,
+                ..Default::default()
+            },
+            None,
+            Health::LinkDown,
+            0,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                writes_ignored: true,
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Syserr,
+            3,
+        ),
+        (
+            Family::Wlan,
+            Faults {
+                slow_ready_ms: Some(500),
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Healthy,
+            3,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                never_returns: true,
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::LinkDown,
+            1,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                stuck_syserr: true,
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Syserr,
+            1,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                slow_ready_ms: Some(3000),
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Healthy,
+            1,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                slow_ready_ms: Some(12000),
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::NotReady,
+            1,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                link_down_ms: Some(5000),
+                ..Default::default()
+            },
+            Some(Outcome::Completed),
+            Health::Healthy,
+            1,
+        ),
+        (
+            Family::Modem,
+            Faults {
+                config_all_ones: true,
+                ..Default::default()
+            },
+            None,
+            Health::LinkDown,
+            0,
+        ),
+    ];
+    for (family, faults, outcome, health, n_writes) in cases {
+        let (h, b) = match family {
+            Family::Wlan => (wlan_host(), WLAN),
+            Family::Modem => (modem_host(), MODEM),
+        };
+        let sim = sim(family, faults.clone());
+        let r = reset_with(&h, &Request::new(bdf(b)), &sim).unwrap();
+        let v = r.verdict.as_ref().unwrap();
+        assert_eq!(
+            (r.outcome, v.health),
+            (outcome, health),
+            "{family:?} {faults:?}: {}",
+            v.detail
+        );
+        assert_eq!(writes(&sim), n_writes, "{family:?} {faults:?}");
+        assert_restored(&h, b, &sim, &r);
+        if health == Health::LinkDown {
+            let regs = v.registers;
+            assert!(
+                regs.mhistatus.is_none_or(|s| s == ALL_ONES),
+                "link-down keeps raw all-ones, never decoded"
+            );
+        }
+    }
+}
+
+#[test]
+fn held_device_is_never_written() {
+    let h = wlan_host();
+    h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
+    let sim = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap_err();
+    assert!(matches!(e, Error::Held { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("pid 4242 (qemu-system-x86) through /dev/vfio/12"),
+        "{e}"
+    );
+    let mut forced = Request::new(bdf(WLAN));
+    forced.force = true;
+    assert!(
+        matches!(reset_with(&h, &forced, &sim), Err(Error::Held { .. })),
+        "--force never overrides a holder"
+    );
+    assert_eq!(writes(&sim), 0);
+    assert_eq!(sim.with_model(|m| m.command), 0x0400, "config untouched");
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+}
+
+#[test]
+fn refuses_non_targets_missing_devices_and_foreign_drivers() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: "0000:05:00.0",
+        vendor: 0x8086,
+        device: 0x1533,
+        ..Default::default()
+    });
+    h.add(FakeDevice {
+        bdf: WLAN,
+        driver: Some("ath11k_pci"),
+        ..Default::default()
+    });
+    let sim = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf("0000:05:00.0")), &sim).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::NotTarget {
+                vendor: 0x8086,
+                device: 0x1533
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--profile"));
+    let e = reset_with(&h, &Request::new(bdf("0000:09:00.0")), &sim).unwrap_err();
+    assert!(matches!(e, Error::NoSuchDevice(..)), "{e}");
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap_err();
+    assert!(
+        matches!(e, Error::WrongDriver { .. }) && e.to_string().contains("ath11k_pci"),
+        "{e}"
+    );
+    assert_eq!(writes(&sim), 0);
+    let mut forced = Request::new(bdf(WLAN));
+    forced.force = true;
+    let r = reset_with(&h, &forced, &sim).unwrap();
+    assert_eq!(r.verdict.unwrap().health, Health::Healthy);
+    let mut bad = Request::new(bdf(WLAN));
+    bad.profile = Some("nosuch".into());
+    assert!(matches!(
+        reset_with(&h, &bad, &sim),
+        Err(Error::UnknownProfile(_))
+    ));
+}
+
+#[test]
+fn profile_override_makes_any_device_a_target_with_its_bar() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: "0000:00:03.0",
+        vendor: 0x1af4,
+        device: 0x1110,
+        group: Some("3"),
+        ..Default::default()
+    });
+    let sim = sim(Family::Modem, Faults::default());
+    let mut req = Request::new(bdf("0000:00:03.0"));
+    req.profile = Some("sdx65".into());
+    req.bar = Some(2);
+    let r = reset_with(&h, &req, &sim).unwrap();
+    assert_eq!((r.profile, r.family), ("sdx65", Family::Modem));
+    assert_eq!(r.verdict.unwrap().health, Health::Healthy);
+}
+
+#[test]
+fn dry_run_prints_every_operation_and_touches_nothing() {
+    let h = wlan_host();
+    let sim = sim(Family::Wlan, Faults::default());
+    let mut req = Request::new(bdf(WLAN));
+    req.dry_run = true;
+    let r = reset_with(&h, &req, &sim).unwrap();
+    assert_eq!(r.method, Method::DryRun);
+    assert_eq!(writes(&sim), 0);
+    assert_eq!(
+        sim.elapsed().as_micros(),
+        0,
+        "no delay was taken on the device clock"
+    );
+    assert_eq!(sim.with_model(|m| m.command), 0x0400);
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+    assert!(
+        !h.host.run_dir.join(format!("{WLAN}.lock")).exists(),
+        "no lock file created"
+    );
+    let plan = r.plan.join("\n");
+    for want in [
+        "sysfs power/control <- on",
+        "PCI_COMMAND <- saved | MEMORY",
+        "write 0x3008 <- 0x00000001",
+        "delay 10 ms",
+        "write 0x3008 <- 0x00000000",
+        "write 0x0038 <- 0x00000002",
+        "PCI_COMMAND <- saved",
+        "sysfs power/control <- auto",
+    ] {
+        assert!(plan.contains(want), "plan lacks {want:?}:\n{plan}");
+    }
+}
+
+#[test]
+fn a_busy_device_lock_is_respected() {
+    let h = wlan_host();
+    let _held = DeviceLock::acquire(&h.host.run_dir, bdf(WLAN), std::time::Duration::ZERO).unwrap();
+    let sim = sim(Family::Wlan, Faults::default());
+    assert!(matches!(
+        reset_with(&h, &Request::new(bdf(WLAN)), &sim),
+        Err(Error::Busy { .. })
+    ));
+    assert_eq!(writes(&sim), 0);
+}
+
+#[test]
+fn steps_aside_where_the_kernel_has_device_specific() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        reset_method: Some("bus device_specific"),
+        ..Default::default()
+    });
+    let sim = sim(Family::Wlan, Faults::default());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap();
+    assert_eq!(r.method, Method::KernelDeviceSpecific);
+    assert_eq!(writes(&sim), 0, "no register writes of ours");
+    assert!(r.ops.is_empty());
+    assert_eq!(
+        h.read(WLAN, "reset"),
+        "1",
+        "the kernel's reset was triggered"
+    );
+    assert_eq!(
+        h.read(WLAN, "reset_method"),
+        "bus device_specific",
+        "method order restored"
+    );
+    assert!(r.verdict.is_some(), "the device is still verified");
+    let mut ours = Request::new(bdf(WLAN));
+    ours.ignore_kernel_reset = true;
+    let r = reset_with(&h, &ours, &sim).unwrap();
+    assert_eq!(r.method, Method::RegisterSequence);
+}
+
+#[test]
+fn a_device_stuck_outside_d0_is_refused_and_power_restored() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        power_state: "D3hot",
+        ..Default::default()
+    });
+    let sim = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap_err();
+    assert!(matches!(e, Error::NotD0 { .. }), "{e}");
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+    assert_eq!(writes(&sim), 0);
+}
+
+#[test]
+fn status_reads_registers_only_when_safe() {
+    let h = wlan_host();
+    let sim = sim(Family::Wlan, Faults::default());
+    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let s2 = sim.clone();
+    let st = engine::status(&h.host, t, &mut move |_| Ok(Box::new(s2.clone()))).unwrap();
+    let v = st.verdict.unwrap();
+    assert_eq!(
+        v.health,
+        Health::Syserr,
+        "the stuck simulator reports SYSERR"
+    );
+    assert_eq!(v.registers.mhistatus, Some(0xff04));
+    assert_eq!(
+        sim.with_model(|m| m.command),
+        0x0400,
+        "PCI_COMMAND restored after reading"
+    );
+    h.hold(77, "qemu", "/dev/vfio/12");
+    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let st = engine::status(&h.host, t, &mut |_| panic!("must not open a held device")).unwrap();
+    assert!(st.verdict.is_none());
+    assert!(st.skipped.unwrap().contains("pid 77"));
+    assert_eq!(writes(&sim), 0);
+}
