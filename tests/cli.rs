@@ -175,3 +175,41 @@ fn trace_stops_with_the_explanation_when_it_cannot_attach() {
         "{err}"
     );
 }
+
+#[test]
+fn run_refuses_a_bad_config_with_line_and_column() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("bad.toml");
+    std::fs::write(&p, "debounce_ms = 10\nmax_attempts = \"three\"\n").unwrap();
+    let o = qcom(None, &["run", "--config", p.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.toml:2:16:"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let o = qcom(
+        None,
+        &[
+            "run",
+            "--config",
+            t.path().join("missing.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text(&o).1.contains("cannot read"),
+        "an explicit config must exist"
+    );
+}
+
+#[test]
+fn hooks_only_targets_is_a_no_op_for_other_devices() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: "0000:05:00.0",
+        vendor: 0x8086,
+        device: 0x1533,
+        ..Default::default()
+    });
+    let o = qcom(Some(&h), &["reset", "0000:05:00.0", "--only-targets"]);
+    assert!(o.status.success());
+    assert!(text(&o).0.contains("not a target"));
+}

@@ -45,6 +45,34 @@ pub enum Command {
     Reset(ResetArgs),
     /// Show target devices: driver, holder, power, reset methods, health verdict with raw registers.
     Status(StatusArgs),
+    /// The auto-remediation agent: trace releases and failed resets, reset targets left stuck.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Configuration file (default /etc/qcom-reset/config.toml; missing = all defaults).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log what would be done, never write to a device.
+    #[arg(long)]
+    pub observe_only: bool,
+    /// Serve Prometheus metrics on 127.0.0.1:PORT.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// JSON-lines log of events and actions.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Attempt history file.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+    /// Global kill switch: no action while this file exists.
+    #[arg(long, value_name = "PATH")]
+    pub kill_switch: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub flavour: Option<FlavourChoice>,
+    #[arg(long, value_enum)]
+    pub access: Option<Access>,
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +110,9 @@ pub struct ResetArgs {
     /// Print every operation (register offset, value, delay) and touch nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// For hook scripts: a device that is not a target is a no-op (exit 0), not an error.
+    #[arg(long)]
+    pub only_targets: bool,
     /// Reset even when bound to a driver other than vfio-pci. Never overrides a holder.
     #[arg(long)]
     pub force: bool,

@@ -12,7 +12,7 @@ use qcom_reset::sysfs::PciSysfs;
 use qcom_reset::verdict::Health;
 use qcom_reset::{Error, regs};
 
-use crate::cli::{Cli, Command, HostArgs, ResetArgs, StatusArgs, TraceArgs};
+use crate::cli::{Cli, Command, HostArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs};
 
 /// Exit code when a reset ran but the device is not healthy afterwards.
 const EXIT_UNHEALTHY: u8 = 2;
@@ -43,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trace(a) => trace_cmd(&host, a),
         Command::Reset(a) => reset_cmd(&host, a),
         Command::Status(a) => status_cmd(&host, a),
+        Command::Run(a) => run_cmd(host, a),
     }
 }
 
@@ -158,9 +159,16 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         dry_run: a.dry_run,
         ignore_kernel_reset: a.ignore_kernel_reset,
     };
+    // Refuse a missing or non-target device before asking for root: that answer is more useful.
+    match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
+        Err(e @ Error::NotTarget { .. }) if a.only_targets => {
+            println!("{}: not a target ({e}); nothing to do", req.bdf);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
     if !a.dry_run {
-        // Refuse a missing or non-target device before asking for root: that answer is more useful.
-        engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
         require_root()?;
     }
     let access = a.device.access;
@@ -333,4 +341,141 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
+    use qcom_reset::agent::{Agent, config::Config, metrics};
+    let explicit = a.config.is_some();
+    let path = a.config.unwrap_or_else(|| config_default_path());
+    let mut cfg = Config::load(&path, explicit)?;
+    cfg.observe_only |= a.observe_only;
+    if let Some(p) = a.metrics_port {
+        cfg.metrics_port = p;
+    }
+    if let Some(j) = a.journal {
+        cfg.journal = j;
+    }
+    if let Some(s) = a.state_file {
+        cfg.state_file = s;
+    }
+    if let Some(k) = a.kill_switch {
+        cfg.kill_switch = k;
+    }
+    if let Some(f) = a.flavour {
+        cfg.flavour = f;
+    }
+    if let Some(x) = a.access {
+        cfg.access = x;
+    }
+    require_root()?;
+    // The filter: the table's IDs plus those of devices given a profile in the configuration.
+    let mut targets: Vec<(u16, u16)> = DEVICES.iter().map(|d| (d.vendor, d.device)).collect();
+    for (bdf, _, _) in cfg.overrides() {
+        if let Ok(ids) = host.sysfs.device(bdf).and_then(|d| d.ids()) {
+            targets.push(ids);
+        }
+    }
+    let opts = probes::Options {
+        trace_all: false,
+        targets,
+        ignore_tgid: std::process::id(),
+        flavour: cfg.flavour,
+    };
+    let access = cfg.access;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut tracer = match Tracer::start(&opts) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("qcom-reset: cannot start the agent: {e:#}");
+                for c in check::run(&host).iter().filter(|c| c.level == Level::Fail) {
+                    eprintln!("{}", c.line());
+                }
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let m = std::sync::Arc::new(metrics::Metrics::default());
+        if cfg.metrics_port != 0 {
+            let listener = metrics::serve(m.clone(), cfg.metrics_port);
+            tokio::spawn(async move {
+                if let Err(e) = listener.await {
+                    tracing::error!("metrics server: {e}");
+                }
+            });
+        }
+        let observe = cfg.observe_only;
+        let agent = Agent::new(
+            cfg,
+            host,
+            std::sync::Arc::new(move |d| backend::open(d, access)),
+            m,
+        )?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let forward = async {
+            let mut stop = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    item = tracer.next() => match item {
+                        Ok(i) => if tx.send(i).await.is_err() { break },
+                        Err(e) => { tracing::error!("event stream failed: {e:#}"); break }
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let signals = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("signal received");
+            sd_notify("STOPPING=1");
+            let _ = stop_tx.send(true);
+        };
+        let mut stop = stop_rx.clone();
+        tracing::info!(
+            "agent running{}",
+            if observe { " (observe-only)" } else { "" }
+        );
+        sd_notify("READY=1");
+        tokio::join!(
+            agent.run(rx, async move {
+                let _ = stop.changed().await;
+            }),
+            forward,
+            signals
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn config_default_path() -> std::path::PathBuf {
+    std::path::PathBuf::from(qcom_reset::agent::config::DEFAULT_PATH)
+}
+
+/// systemd readiness protocol (Type=notify), without a library: one datagram to NOTIFY_SOCKET.
+fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let r = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), std::path::Path::new(&path))
+    };
+    if let Err(e) = r {
+        tracing::warn!("sd_notify {msg}: {e}");
+    }
 }

@@ -16,5 +16,6 @@ pub mod verdict;
 
 pub use error::Error;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub mod agent;
 pub mod check;
 pub mod probes;

@@ -1,0 +1,248 @@
+//! /etc/qcom-reset/config.toml. Every key has a default (docs/operations.md lists them); a bad
+//! file is refused whole with its line and column, so the agent never starts half-configured.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Access;
+use crate::bdf::Bdf;
+use crate::probes::FlavourChoice;
+
+pub const DEFAULT_PATH: &str = "/etc/qcom-reset/config.toml";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Log what would be done, never write to a device.
+    pub observe_only: bool,
+    /// While this file exists the agent takes no action (a global kill switch).
+    pub kill_switch: PathBuf,
+    /// Events for one device closer together than this are handled once.
+    pub debounce_ms: u64,
+    /// Failed resets of one device before the agent gives up until the cool-down ends.
+    pub max_attempts: u32,
+    /// Wait before the 2nd attempt; doubles with every further failure.
+    pub backoff_ms: u64,
+    /// After `max_attempts` failures, no attempt for this long.
+    pub cooldown_s: u64,
+    /// Check every target at start and after lost events, and reset the unhealthy ones.
+    pub rescan: bool,
+    /// Use our register sequence even where the kernel has `device_specific`.
+    pub act_with_kernel_reset: bool,
+    /// Append-only JSON-lines log of events and actions ("" disables it).
+    pub journal: PathBuf,
+    /// Attempt history, so a restart neither repeats nor forgets.
+    pub state_file: PathBuf,
+    /// Prometheus metrics on 127.0.0.1:PORT (0 = off).
+    pub metrics_port: u16,
+    pub flavour: FlavourChoice,
+    pub access: Access,
+    /// Per-device settings by PCI address.
+    pub devices: BTreeMap<String, DeviceConfig>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// false: never act on this device.
+    pub enabled: Option<bool>,
+    /// Treat the device as this profile (for devices not in the table, e.g. a test device).
+    pub profile: Option<String>,
+    /// Register BAR override.
+    pub bar: Option<u8>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            observe_only: false,
+            kill_switch: PathBuf::from("/etc/qcom-reset/disable"),
+            debounce_ms: 500,
+            max_attempts: 3,
+            backoff_ms: 2000,
+            cooldown_s: 600,
+            rescan: true,
+            act_with_kernel_reset: false,
+            journal: PathBuf::from("/var/log/qcom-reset/events.jsonl"),
+            state_file: PathBuf::from("/var/lib/qcom-reset/state.json"),
+            metrics_port: 0,
+            flavour: FlavourChoice::Auto,
+            access: Access::Auto,
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path means all defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().replace('\n', " "),
+            }
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1 (use observe_only to never act)".into());
+        }
+        for (addr, d) in &self.devices {
+            addr.parse::<Bdf>()
+                .map_err(|e| format!("[devices.\"{addr}\"]: {e}"))?;
+            if let Some(p) = &d.profile
+                && crate::devices::by_name(p).is_none()
+            {
+                return Err(format!(
+                    "[devices.\"{addr}\"]: unknown profile {p:?}; known: {}",
+                    crate::devices::profile_names()
+                ));
+            }
+            if d.bar.is_some_and(|b| b > 5) {
+                return Err(format!("[devices.\"{addr}\"]: bar must be 0-5"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn device(&self, bdf: Bdf) -> DeviceConfig {
+        self.devices
+            .get(&bdf.to_string())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Devices configured with an explicit profile: (address, profile, BAR).
+    pub fn overrides(&self) -> Vec<(Bdf, String, Option<u8>)> {
+        self.devices
+            .iter()
+            .filter_map(|(a, d)| Some((a.parse().ok()?, d.profile.clone()?, d.bar)))
+            .collect()
+    }
+
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.debounce_ms)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("config.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults_and_keys_parse() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let c = parse(
+            "observe_only = true\nmax_attempts = 5\n[devices.\"0000:00:03.0\"]\nprofile = \"wcn6855\"\nbar = 2\n",
+        )
+        .unwrap();
+        assert!(c.observe_only);
+        assert_eq!(c.max_attempts, 5);
+        assert_eq!(
+            c.overrides(),
+            vec![(
+                "0000:00:03.0".parse().unwrap(),
+                "wcn6855".to_string(),
+                Some(2)
+            )]
+        );
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = parse("debounce_ms = 10\nmax_attempts = \"three\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config.toml:2:16:"), "{e}");
+        let e = parse("debounce_ms = 10\n\nfoo = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config.toml:3:1:") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = parse("[devices.\"03:00\"]\nenabled = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("malformed PCI address"), "{e}");
+        let e = parse("[devices.\"0000:03:00.0\"]\nprofile = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown profile"), "{e}");
+        assert!(
+            parse("max_attempts = 0")
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_explicit_file_is_an_error() {
+        let p = Path::new("/nonexistent/qcom-reset.toml");
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(p, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}
