@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands. Every one installs what it needs first.
 mod toolchain;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,6 +35,24 @@ enum Cmd {
     },
     /// Clippy for the userspace crates and, separately, for the eBPF crate.
     Clippy,
+    /// Prove probes, VFIO and the detect->reset->verify loop on Debian kernels under QEMU.
+    VmTest {
+        /// Kernel: "6.1", "6.12", "7.2" (newest matching Debian package) or a package name.
+        /// Repeatable; default 6.1 and 6.12.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Scenario to run (repeatable; default all).
+        #[arg(long = "scenario", value_enum)]
+        scenarios: Vec<vm::scenarios::Scenario>,
+        /// Echo the guest console.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// The WLAN loop scenario, narrated: how the product works without the hardware.
+    Demo {
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -91,6 +110,8 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure_ebpf()?;
             toolchain::run(cargo().arg("test").args(&args))
         }
+        Cmd::VmTest { kernels, scenarios, verbose } => vm::vm_test(&kernels, &scenarios, verbose),
+        Cmd::Demo { kernel } => vm::demo(&kernel),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;
             toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

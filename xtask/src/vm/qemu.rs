@@ -1,0 +1,93 @@
+//! One guest boot under QEMU/TCG (no usable KVM on these hosts): q35 with intel-iommu for VFIO,
+//! qboot and the PVH entry of the uncompressed kernel, serial console captured, always ends.
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+pub struct Boot {
+    /// Everything the guest printed on its console.
+    pub console: String,
+    /// The guest's `VMLAB-RC=N`, or None if it never reported (crash, hang, timeout).
+    pub rc: Option<i32>,
+    pub wall: Duration,
+}
+
+pub fn boot(vmlinux: &Path, initrd: &Path, extra: &[String], timeout: Duration, log: &Path, echo: bool) -> anyhow::Result<Boot> {
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
+        .args(["-bios", "/usr/share/qemu/qboot.rom", "-vga", "none", "-nic", "none", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinux)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on"])
+        .args(["-device", "intel-iommu"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("qemu: {l}"));
+        }
+    });
+    let mut console = String::new();
+    let deadline = start + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                if echo {
+                    println!("    | {line}");
+                }
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    console.push_str("VMLAB: timeout, QEMU killed\n");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = child.wait();
+    std::fs::write(log, &console)?;
+    let rc = console
+        .lines()
+        .filter_map(|l| l.split("VMLAB-RC=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .next_back();
+    Ok(Boot { console, rc, wall: start.elapsed() })
+}
+
+/// The lines the guest printed between `VMLAB-BEGIN name` and `VMLAB-END name`.
+pub fn section<'a>(console: &'a str, name: &str) -> Vec<&'a str> {
+    let begin = format!("VMLAB-BEGIN {name}");
+    let end = format!("VMLAB-END {name}");
+    console
+        .lines()
+        .skip_while(|l| !l.contains(&begin))
+        .skip(1)
+        .take_while(|l| !l.contains(&end))
+        .collect()
+}

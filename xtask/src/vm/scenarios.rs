@@ -1,0 +1,301 @@
+//! The VM-lab scenarios: the guest script each runs and the assertions the host makes on what it
+//! printed (and, for the loops, on the simulator's own report). Every scenario asserts.
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+
+use super::qemu::section;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Probes of both flavours see sysfs resets, VFIO opens and releases, -ENOTTY and an unreset release.
+    Probes,
+    /// ivshmem as a WLAN card: failed release -> agent -> WLAN sequence on the real BAR -> healthy.
+    LoopWlan,
+    /// The same with the modem profile.
+    LoopModem,
+    /// While a process holds the VFIO fd, nothing is written and the agent says why.
+    Held,
+    /// The simulated link never comes back: link-down verdict, PCI_COMMAND restored, no retry storm.
+    Fault,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] = [Scenario::Probes, Scenario::LoopWlan, Scenario::LoopModem, Scenario::Held, Scenario::Fault];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Probes => "probes",
+            Scenario::LoopWlan => "loop-wlan",
+            Scenario::LoopModem => "loop-modem",
+            Scenario::Held => "held",
+            Scenario::Fault => "fault",
+        }
+    }
+
+    /// The simulator behind the ivshmem BAR: (profile, faults), if the scenario has one.
+    pub fn simulator(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Scenario::Probes => None,
+            Scenario::LoopWlan | Scenario::Held => Some(("wcn6855", "")),
+            Scenario::LoopModem => Some(("sdx65", "")),
+            Scenario::Fault => Some(("wcn6855", "never-returns")),
+        }
+    }
+
+    /// QEMU devices besides intel-iommu (the ivshmem one is added by the runner).
+    pub fn devices(self) -> Vec<String> {
+        match self {
+            // edu behind a root port (reset_method "bus") and edu on the root bus (no method at all).
+            Scenario::Probes => ["-device", "pcie-root-port,id=rp1,slot=1", "-device", "edu,bus=rp1", "-device", "edu"]
+                .map(String::from)
+                .to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn script(self) -> String {
+        let body = match self {
+            Scenario::Probes => PROBES.to_string(),
+            Scenario::LoopWlan => agent_loop("wcn6855", ""),
+            Scenario::LoopModem => agent_loop("sdx65", ""),
+            Scenario::Held => held(),
+            Scenario::Fault => agent_loop("wcn6855", "max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
+        };
+        format!("{LIB}\n{body}")
+    }
+
+    pub fn check(self, console: &str, sim_report: Option<&Value>) -> anyhow::Result<Vec<String>> {
+        match self {
+            Scenario::Probes => check_probes(console),
+            Scenario::LoopWlan => check_loop(console, sim_report, "wlan", 3),
+            Scenario::LoopModem => check_loop(console, sim_report, "modem", 1),
+            Scenario::Held => check_held(console, sim_report),
+            Scenario::Fault => check_fault(console, sim_report),
+        }
+    }
+}
+
+pub const INIT: &str = r#"#!/bin/sh
+export PATH=/bin NO_COLOR=1
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+echo "VMLAB init at $(cut -d' ' -f1 /proc/uptime)s, kernel $(uname -r)"
+for m in vfio-pci vfio_iommu_type1; do modprobe $m || echo "VMLAB modprobe $m failed"; done
+sh /scenario.sh; rc=$?
+echo "VMLAB-RC=$rc at $(cut -d' ' -f1 /proc/uptime)s"
+sync; poweroff -f
+"#;
+
+const LIB: &str = r#"
+dev_by_id() { for d in /sys/bus/pci/devices/$3*; do [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ] && { basename $d; return 0; }; done; return 1; }
+bind_vfio() { echo vfio-pci > /sys/bus/pci/devices/$1/driver_override; [ -e /sys/bus/pci/devices/$1/driver ] && echo $1 > /sys/bus/pci/devices/$1/driver/unbind; echo $1 > /sys/bus/pci/drivers_probe; }
+wait_for() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i+1)); [ $i -gt $(($3*10)) ] && { echo "VMLAB timeout waiting for $2 in $1"; return 1; }; sleep 0.1; done; }
+dump() { echo "VMLAB-BEGIN $1"; cat "$2"; echo; echo "VMLAB-END $1"; }
+pci_command() { dd if=/sys/bus/pci/devices/$1/config bs=1 skip=4 count=2 2>/dev/null | od -An -tx2 | tr -d ' '; }
+"#;
+
+const PROBES: &str = r#"
+RP=0000:01:00.0; ROOT=$(dev_by_id 0x1234 0x11e8 0000:00:) || { echo "no root-bus edu"; exit 1; }
+echo "edu behind a root port: $RP, edu on the root bus: $ROOT"
+qcom-reset trace --all --json > /tmp/auto.json 2>/tmp/auto.err & P=$!
+wait_for /tmp/auto.json '"kind":"attach"' 60 || { cat /tmp/auto.err; exit 1; }
+echo 1 > /sys/bus/pci/devices/$RP/reset
+bind_vfio $RP; vmlab-guest vfio-cycle $RP
+echo "" > /sys/bus/pci/devices/$RP/reset_method
+echo 1 > /sys/bus/pci/devices/$RP/reset 2>/dev/null && echo "VMLAB reset unexpectedly worked"
+vmlab-guest vfio-cycle $RP
+bind_vfio $ROOT; vmlab-guest vfio-cycle $ROOT
+wait_for /tmp/auto.json "\"release\".*\"bdf\":\"$ROOT\"" 20
+sleep 0.5; kill -INT $P; wait $P
+dump trace-auto /tmp/auto.json; cat /tmp/auto.err
+echo default > /sys/bus/pci/devices/$RP/reset_method
+qcom-reset trace --all --json --flavour kprobe > /tmp/kp.json 2>/tmp/kp.err & P=$!
+wait_for /tmp/kp.json '"kind":"attach"' 60 || { cat /tmp/kp.err; exit 1; }
+echo 1 > /sys/bus/pci/devices/$RP/reset
+wait_for /tmp/kp.json '"pci_reset_function"' 20
+sleep 0.5; kill -INT $P; wait $P
+dump trace-kprobe /tmp/kp.json
+"#;
+
+/// Agent configuration for the ivshmem device; `extra` goes at the top level.
+fn config(profile: &str, extra: &str) -> String {
+    format!(
+        r#"D=$(dev_by_id 0x1af4 0x1110) || {{ echo "no ivshmem device"; exit 1; }}
+bind_vfio $D
+mkdir -p /etc/qcom-reset
+cat > /etc/qcom-reset/config.toml <<CONFIG
+# The device was stuck before the test: only the release may trigger the reset.
+rescan = false
+debounce_ms = 200
+journal = "/tmp/journal.jsonl"
+state_file = "/tmp/state.json"
+{extra}
+[devices."$D"]
+profile = "{profile}"
+bar = 2
+CONFIG
+qcom-reset run > /tmp/agent.log 2>&1 & P=$!
+wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
+"#
+    )
+}
+
+fn agent_loop(profile: &str, extra: &str) -> String {
+    let until = if extra.contains("max_attempts") { "gave up" } else { "\"type\":\"action\"" };
+    format!(
+        r#"{}
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '{until}' 90
+kill -TERM $P; wait $P
+echo "VMLAB pci_command=$(pci_command $D)"
+dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
+"#,
+        config(profile, extra)
+    )
+}
+
+fn held() -> String {
+    format!(
+        r#"{}
+vmlab-guest vfio-cycle $D 4000 & H=$!
+sleep 2
+qcom-reset reset $D --profile wcn6855 --bar 2 > /tmp/cli.out 2>&1; echo "cli-rc=$?" >> /tmp/cli.out
+wait $H
+wait_for /tmp/journal.jsonl '"result":"healthy"' 60
+kill -TERM $P; wait $P
+dump cli /tmp/cli.out; dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
+"#,
+        config("wcn6855", "")
+    )
+}
+
+fn json_lines(console: &str, name: &str) -> Vec<Value> {
+    section(console, name).into_iter().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect()
+}
+
+fn events<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> {
+    lines.iter().filter(move |v| v["kind"] == kind)
+}
+
+fn attempts(v: &Value) -> Vec<(String, i64)> {
+    v["attempts"]
+        .as_array()
+        .map(|a| a.iter().map(|x| (x["function"].as_str().unwrap_or("").to_string(), x["ret"].as_i64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
+fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let auto = json_lines(console, "trace-auto");
+    let attach = events(&auto, "attach").next().context("no attach record in trace --all")?;
+    let flavour = |f: &str| {
+        attach["attachments"].as_array().and_then(|a| a.iter().find(|x| x["function"] == f)).map(|x| x["flavour"].clone())
+    };
+    ensure!(flavour("pci_reset_function") == Some("fentry".into()), "auto flavour did not attach fentry: {attach}");
+    ensure!(flavour("vfio_pci_core_disable") == Some("kprobe".into()), "vfio_pci_core_disable not attached: {attach}");
+    notes.push("auto: fentry/fexit on the reset functions, kprobes on the vfio_pci_core module".into());
+    let rp = "0000:01:00.0";
+    let on = |v: &Value, f: &str, bdf: &str| v["function"] == f && v["bdf"] == bdf;
+    let sysfs_ok = events(&auto, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "fentry");
+    ensure!(sysfs_ok, "no successful sysfs pci_reset_function (fentry) on {rp}");
+    let enotty = events(&auto, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == -25 && v["errno"] == "ENOTTY");
+    ensure!(enotty, "no pci_reset_function -ENOTTY after emptying reset_method");
+    let opens: Vec<&Value> = events(&auto, "open").filter(|v| v["bdf"] == rp).collect();
+    ensure!(opens.len() == 2, "expected 2 VFIO opens of {rp}, got {}", opens.len());
+    ensure!(attempts(opens[0]).contains(&("pci_try_reset_function".into(), 0)), "open 1 attempts: {}", opens[0]);
+    ensure!(attempts(opens[1]).contains(&("pci_try_reset_function".into(), -25)), "open 2 attempts: {}", opens[1]);
+    let rels: Vec<&Value> = events(&auto, "release").filter(|v| v["bdf"] == rp).collect();
+    ensure!(rels.len() == 2, "expected 2 releases of {rp}, got {}", rels.len());
+    ensure!(attempts(rels[0]).iter().any(|(f, r)| f == "__pci_reset_function_locked" && *r == 0), "release 1: {}", rels[0]);
+    ensure!(rels[0]["left_unreset"] == false, "release 1 should be reset: {}", rels[0]);
+    let r2 = attempts(rels[1]);
+    ensure!(!r2.iter().any(|(f, _)| f == "__pci_reset_function_locked"), "release 2 tried a function reset: {}", rels[1]);
+    ensure!(r2.iter().any(|(f, r)| f == "pci_reset_bus" && *r == 0), "release 2 without the bus reset: {}", rels[1]);
+    let root_rel = events(&auto, "release").find(|v| v["bdf"] != rp).context("no release of the root-bus edu")?;
+    ensure!(root_rel["left_unreset"] == true, "root-bus release must be left unreset: {root_rel}");
+    notes.push(format!(
+        "release without any reset method: left_unreset=true (from {}), attempts {:?}",
+        root_rel["left_unreset_from"],
+        attempts(root_rel)
+    ));
+    let kp = json_lines(console, "trace-kprobe");
+    let kattach = events(&kp, "attach").next().context("no attach record with --flavour kprobe")?;
+    ensure!(
+        kattach["attachments"].as_array().is_some_and(|a| a.iter().all(|x| x["flavour"] == "kprobe")),
+        "not every probe attached as kprobe: {kattach}"
+    );
+    ensure!(
+        events(&kp, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "kprobe"),
+        "kprobe flavour saw no sysfs reset"
+    );
+    notes.push("kprobe flavour: every probe attached and fired".into());
+    Ok(notes)
+}
+
+fn actions(console: &str) -> Vec<Value> {
+    json_lines(console, "journal").into_iter().filter(|v| v["type"] == "action").map(|v| v["action"].clone()).collect()
+}
+
+fn check_loop(console: &str, sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<Vec<String>> {
+    let journal = json_lines(console, "journal");
+    let acts = actions(console);
+    let a = acts.first().context("the agent took no action")?;
+    ensure!(a["trigger"] == "release" && a["result"] == "healthy", "first action: {a}");
+    ensure!(acts.len() == 1, "expected one action, got {}: {acts:?}", acts.len());
+    let sim = sim.context("no simulator report")?;
+    ensure!(sim["family"] == family, "simulated family {}", sim["family"]);
+    ensure!(sim["conformance"]["ok"] == true, "the simulator saw a wrong sequence: {}", sim["conformance"]);
+    ensure!(sim["writes"].as_array().map(Vec::len) == Some(writes), "writes: {}", sim["writes"]);
+    let ev = journal
+        .iter()
+        .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
+        .context("no release event in the journal")?;
+    let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0) + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
+    let detect_ms = (ev["received_mono_ns"].as_u64().unwrap_or(0).saturating_sub(done_ns)) as f64 / 1e6;
+    let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
+    let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
+    Ok(vec![
+        format!("verdict {}: {}", a["result"], a["detail"]),
+        format!(
+            "detection {detect_ms:.1} ms (release returned -> agent), event -> reset start {act_ms:.1} ms, reset+verify {reset_ms} ms, total {:.0} ms",
+            detect_ms + act_ms + reset_ms as f64
+        ),
+        format!("simulator: {writes} write(s), in the reviewed order, values and delays"),
+    ])
+}
+
+fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let cli = section(console, "cli").join("\n");
+    ensure!(cli.contains("is held by pid") && cli.contains("cli-rc=1"), "the CLI did not refuse the held device: {cli}");
+    let acts = actions(console);
+    let held = acts
+        .iter()
+        .position(|a| a["result"] == "skipped" && a["detail"].as_str().is_some_and(|d| d.contains("held by pid")))
+        .context("the agent did not report the held device")?;
+    let healthy = acts.iter().position(|a| a["result"] == "healthy").context("no reset after the release")?;
+    ensure!(held < healthy, "order: {acts:?}");
+    let sim = sim.context("no simulator report")?;
+    ensure!(sim["writes"].as_array().map(Vec::len) == Some(3), "writes while held? {}", sim["writes"]);
+    Ok(vec![format!("while held: {}", acts[held]["detail"]), "after the release: one reset, healthy".into()])
+}
+
+fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let acts = actions(console);
+    let results: Vec<&str> = acts.iter().filter_map(|a| a["result"].as_str()).collect();
+    ensure!(results == ["link-down", "link-down", "skipped"], "actions: {results:?}");
+    ensure!(acts[2]["detail"].as_str().is_some_and(|d| d.contains("gave up after 2")), "{}", acts[2]);
+    let restored = acts[0]["report"]["restored"]["command"].as_u64().context("PCI_COMMAND not restored")?;
+    let now = console
+        .lines()
+        .find_map(|l| l.split("VMLAB pci_command=").nth(1))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("guest did not print PCI_COMMAND")?;
+    ensure!(now == restored, "PCI_COMMAND is {now:#x}, the agent restored {restored:#x}");
+    let sim = sim.context("no simulator report")?;
+    ensure!(sim["resets"] == 1 && sim["link_up"] == false, "simulator: {sim}");
+    if sim["writes"].as_array().map(Vec::len) != Some(2) {
+        bail!("expected 2 writes (one global reset), got {}", sim["writes"]);
+    }
+    Ok(vec![format!("2 attempts, both link-down, then: {}; PCI_COMMAND back at {restored:#06x}", acts[2]["detail"])])
+}
