@@ -29,7 +29,7 @@ fn build() -> anyhow::Result<Binaries> {
     toolchain::ensure_musl()?;
     host::ensure_packages()?;
     eprintln!("xtask: building the guest binaries (static, {MUSL}) and the simulator");
-    toolchain::run(cargo().args(["build", "--release", "--target", MUSL, "-p", "qcom-reset", "--bin", "qcom-reset", "-p", "qcom-reset-vmlab-guest"]))?;
+    toolchain::run(cargo().args(["build", "--release", "--target", MUSL, "-p", "qcom-reset", "-p", "qcom-reset-vmlab-guest", "--bin", "qcom-reset", "--bin", "vmlab-guest"]))?;
     toolchain::run(cargo().args(["build", "--release", "-p", "qcom-reset", "--bin", "qcom-reset-sim"]))?;
     let t = workspace_root().join("target");
     Ok(Binaries {
