@@ -246,8 +246,12 @@ impl Agent {
             Kind::Open => "open",
         };
         self.shared.metrics.event(kind);
-        self.shared
-            .journal(&serde_json::json!({"type": "event", "ts_ms": now_ms(), "event": &e}));
+        // CLOCK_MONOTONIC, the clock of the event's ktime_ns: the difference is the detection latency.
+        let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let received_mono_ns = mono.tv_sec as u64 * 1_000_000_000 + mono.tv_nsec as u64;
+        self.shared.journal(&serde_json::json!({
+            "type": "event", "ts_ms": now_ms(), "received_mono_ns": received_mono_ns, "event": &e
+        }));
         let (Ok(bdf), Ok(vendor), Ok(device)) = (
             e.bdf.parse::<Bdf>(),
             u16::from_str_radix(&e.vendor, 16),

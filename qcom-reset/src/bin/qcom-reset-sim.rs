@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    eprintln!("qcom-reset-sim: {} ({}) on {}, faults: {faults:?}", p.name, p.family.name(), a.shm.display());
+    let shown = if a.fault.is_empty() { "none" } else { a.fault.as_str() };
+    eprintln!("qcom-reset-sim: {} ({}) on {}, faults: {shown}", p.name, p.family.name(), a.shm.display());
     shm::serve(&a.shm, a.size, Model::stuck(p.family, p.vendor, p.device, faults), &a.report, &|| STOP.load(Ordering::SeqCst))
 }

@@ -252,7 +252,9 @@ fn check_loop(console: &str, sim: Option<&Value>, family: &str, writes: usize) -
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
         .context("no release event in the journal")?;
     let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0) + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
-    let detect_ms = (ev["received_mono_ns"].as_u64().unwrap_or(0).saturating_sub(done_ns)) as f64 / 1e6;
+    let received = ev["received_mono_ns"].as_u64().context("the journal's event has no received_mono_ns")?;
+    ensure!(received >= done_ns, "event received ({received}) before the release returned ({done_ns})?");
+    let detect_ms = (received - done_ns) as f64 / 1e6;
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
     Ok(vec![
