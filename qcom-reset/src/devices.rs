@@ -109,6 +109,26 @@ pub fn help_table() -> String {
     s
 }
 
+/// The device matrix as docs/devices.md shows it (a test keeps the two in step).
+pub fn markdown_matrix() -> String {
+    let mut s = String::from(
+        "| profile | vendor:device | model | family | BAR | sequence |\n|---|---|---|---|---|---|\n",
+    );
+    for d in DEVICES {
+        s.push_str(&format!(
+            "| {} | {:04x}:{:04x} | {} | {} | {} | {} |\n",
+            d.name,
+            d.vendor,
+            d.device,
+            d.model,
+            d.family.name(),
+            d.bar,
+            d.family.sequence_version()
+        ));
+    }
+    s
+}
+
 /// The device's profile: an explicit `--profile` override wins, else the table by ID.
 pub fn resolve(
     vendor: u16,
@@ -144,6 +164,25 @@ mod tests {
         assert_eq!(by_id(0x17cb, 0x1107).unwrap().family, Family::Wlan);
         assert_eq!(by_id(0x17cb, 0x0308).unwrap().family, Family::Modem);
         assert!(by_id(0x8086, 0x1107).is_none());
+    }
+
+    #[test]
+    fn docs_matrix_matches_the_table() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/devices.md"))
+                .expect("docs/devices.md");
+        assert!(
+            doc.contains(&markdown_matrix()),
+            "docs/devices.md is out of date; paste this matrix:\n{}",
+            markdown_matrix()
+        );
+        for d in DEVICES {
+            assert!(
+                doc.contains(d.source),
+                "docs/devices.md lacks the source of {}",
+                d.name
+            );
+        }
     }
 
     #[test]

@@ -110,7 +110,11 @@ fn main() -> anyhow::Result<()> {
             toolchain::ensure_ebpf()?;
             toolchain::run(cargo().arg("test").args(&args))
         }
-        Cmd::VmTest { kernels, scenarios, verbose } => vm::vm_test(&kernels, &scenarios, verbose),
+        Cmd::VmTest {
+            kernels,
+            scenarios,
+            verbose,
+        } => vm::vm_test(&kernels, &scenarios, verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;

@@ -237,6 +237,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_exactly_the_defaults() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/config.toml"));
+        assert_eq!(
+            Config::load(p, true).unwrap(),
+            Config::default(),
+            "dist/config.toml drifted from the defaults"
+        );
+    }
+
+    #[test]
     fn missing_default_file_is_defaults_but_missing_explicit_file_is_an_error() {
         let p = Path::new("/nonexistent/qcom-reset.toml");
         assert_eq!(Config::load(p, false).unwrap(), Config::default());

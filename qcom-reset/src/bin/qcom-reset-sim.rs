@@ -9,7 +9,11 @@ use qcom_reset::devices;
 use qcom_reset::sim::{Faults, Model, shm};
 
 #[derive(Parser)]
-#[command(name = "qcom-reset-sim", version, about = "Register-level firmware simulator served over shared memory")]
+#[command(
+    name = "qcom-reset-sim",
+    version,
+    about = "Register-level firmware simulator served over shared memory"
+)]
 struct Args {
     /// Device profile to simulate.
     #[arg(long, default_value = "wcn6855")]
@@ -36,15 +40,35 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let p = devices::by_name(&a.profile)
-        .ok_or_else(|| anyhow::anyhow!("unknown profile {:?}; known: {}", a.profile, devices::profile_names()))?;
+    let p = devices::by_name(&a.profile).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown profile {:?}; known: {}",
+            a.profile,
+            devices::profile_names()
+        )
+    })?;
     let faults = Faults::parse(&a.fault).map_err(anyhow::Error::msg)?;
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    let shown = if a.fault.is_empty() { "none" } else { a.fault.as_str() };
-    eprintln!("qcom-reset-sim: {} ({}) on {}, faults: {shown}", p.name, p.family.name(), a.shm.display());
-    shm::serve(&a.shm, a.size, Model::stuck(p.family, p.vendor, p.device, faults), &a.report, &|| STOP.load(Ordering::SeqCst))
+    let shown = if a.fault.is_empty() {
+        "none"
+    } else {
+        a.fault.as_str()
+    };
+    eprintln!(
+        "qcom-reset-sim: {} ({}) on {}, faults: {shown}",
+        p.name,
+        p.family.name(),
+        a.shm.display()
+    );
+    shm::serve(
+        &a.shm,
+        a.size,
+        Model::stuck(p.family, p.vendor, p.device, faults),
+        &a.report,
+        &|| STOP.load(Ordering::SeqCst),
+    )
 }

@@ -43,7 +43,10 @@ impl Apt {
     fn opts(&self) -> Vec<String> {
         vec![
             "-o".into(),
-            format!("Dir::Etc::SourceList={}", self.dir.join("sources.list").display()),
+            format!(
+                "Dir::Etc::SourceList={}",
+                self.dir.join("sources.list").display()
+            ),
             "-o".into(),
             "Dir::Etc::SourceParts=/nonexistent".into(),
             "-o".into(),
@@ -64,7 +67,8 @@ impl Apt {
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().is_ok_and(|e| e.as_secs() < 3600));
         if !fresh {
-            run(self.cmd("apt-get").args(["update", "-qq"])).context("apt-get update (private lists)")?;
+            run(self.cmd("apt-get").args(["update", "-qq"]))
+                .context("apt-get update (private lists)")?;
             std::fs::write(stamp, "")?;
         }
         Ok(())
@@ -72,27 +76,55 @@ impl Apt {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd} >/dev/null")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Installs QEMU, busybox-static, kmod, xz and zstd when missing.
 pub fn ensure_packages() -> anyhow::Result<()> {
     let qemu_ok = have("qemu-system-x86_64") && Path::new("/usr/share/qemu/qboot.rom").exists();
-    let tools_ok = Path::new("/bin/busybox").exists() && have("depmod") && have("modprobe") && have("xz") && have("zstd");
+    let tools_ok = Path::new("/bin/busybox").exists()
+        && have("depmod")
+        && have("modprobe")
+        && have("xz")
+        && have("zstd");
     if qemu_ok && tools_ok {
         return Ok(());
     }
     if !rustix_is_root() {
-        bail!("the VM lab needs packages (qemu-system-x86, busybox-static, kmod); run as root once to install them");
+        bail!(
+            "the VM lab needs packages (qemu-system-x86, busybox-static, kmod); run as root once to install them"
+        );
     }
-    eprintln!("xtask: installing the VM lab's packages (QEMU from bookworm-backports, busybox-static, kmod)");
+    eprintln!(
+        "xtask: installing the VM lab's packages (QEMU from bookworm-backports, busybox-static, kmod)"
+    );
     let apt = Apt::new("bookworm", BASE_SUITES)?;
     apt.update()?;
     if !qemu_ok {
         // From backports: bookworm's QEMU 7.2 would remove this machine's qemu-utils 10.0.
-        run(apt.cmd("apt-get").args(["install", "-y", "-qq", "--no-install-recommends", "-t", "bookworm-backports", "qemu-system-x86"]))?;
+        run(apt.cmd("apt-get").args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "-t",
+            "bookworm-backports",
+            "qemu-system-x86",
+        ]))?;
     }
-    run(apt.cmd("apt-get").args(["install", "-y", "-qq", "--no-install-recommends", "busybox-static", "kmod", "xz-utils", "zstd"]))
+    run(apt.cmd("apt-get").args([
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "busybox-static",
+        "kmod",
+        "xz-utils",
+        "zstd",
+    ]))
 }
 
 fn rustix_is_root() -> bool {
@@ -111,14 +143,33 @@ pub struct Kernel {
 /// Resolves "6.1", "6.12", "7.2" (newest matching amd64 image) or a full package name.
 fn resolve(apt: &Apt, wanted: &str) -> anyhow::Result<Option<String>> {
     if wanted.starts_with("linux-image-") {
-        let out = apt.cmd("apt-cache").args(["show", "--no-all-versions", wanted]).output()?;
-        return Ok(out.status.success().then(|| wanted.to_string()).filter(|_| !out.stdout.is_empty()));
+        let out = apt
+            .cmd("apt-cache")
+            .args(["show", "--no-all-versions", wanted])
+            .output()?;
+        return Ok(out
+            .status
+            .success()
+            .then(|| wanted.to_string())
+            .filter(|_| !out.stdout.is_empty()));
     }
-    let out = apt.cmd("apt-cache").args(["search", "--names-only", &format!("^linux-image-{}[.-].*-amd64$", regex_escape(wanted))]).output()?;
+    let out = apt
+        .cmd("apt-cache")
+        .args([
+            "search",
+            "--names-only",
+            &format!("^linux-image-{}[.-].*-amd64$", regex_escape(wanted)),
+        ])
+        .output()?;
     let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .filter(|n| !n.contains("-dbg") && !n.contains("unsigned") && !n.contains("-rt-") && !n.contains("cloud"))
+        .filter(|n| {
+            !n.contains("-dbg")
+                && !n.contains("unsigned")
+                && !n.contains("-rt-")
+                && !n.contains("cloud")
+        })
         .collect();
     names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
     Ok(names.pop())
@@ -130,7 +181,9 @@ fn regex_escape(s: &str) -> String {
 
 /// Sorts "linux-image-6.1.0-41-amd64" before "linux-image-6.1.0-56-amd64".
 fn version_key(name: &str) -> Vec<u64> {
-    name.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok()).collect()
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
@@ -142,8 +195,9 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
             let all: Vec<&str> = BASE_SUITES.iter().chain(EXTRA_SUITES).copied().collect();
             let wide = Apt::new("wide", &all)?;
             wide.update()?;
-            let p = resolve(&wide, wanted)?
-                .with_context(|| format!("no Debian kernel package matches {wanted:?} in bookworm, trixie or sid"))?;
+            let p = resolve(&wide, wanted)?.with_context(|| {
+                format!("no Debian kernel package matches {wanted:?} in bookworm, trixie or sid")
+            })?;
             (wide, p)
         }
     };
@@ -154,10 +208,17 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
         eprintln!("xtask: fetching {package}");
         let debs = cache_dir().join("debs");
         std::fs::create_dir_all(&debs)?;
-        run(apt.cmd("apt-get").args(["download", "-qq", &package]).current_dir(&debs))?;
+        run(apt
+            .cmd("apt-get")
+            .args(["download", "-qq", &package])
+            .current_dir(&debs))?;
         let deb = std::fs::read_dir(&debs)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb")))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
             .context("downloaded .deb not found")?;
         let root = kdir.join("root");
         let _ = std::fs::remove_dir_all(&root);
@@ -166,20 +227,31 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
         run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
         extract_vmlinux(&root.join(format!("boot/vmlinuz-{version}")), &vmlinux)?;
     }
-    Ok(Kernel { package, root: kdir.join("root"), vmlinux, version })
+    Ok(Kernel {
+        package,
+        root: kdir.join("root"),
+        vmlinux,
+        version,
+    })
 }
 
 /// The uncompressed ELF inside a bzImage (xz on 6.1, zstd on 6.12+), for PVH boot: it skips
 /// about 7 s of in-guest decompression under TCG.
 fn extract_vmlinux(bzimage: &Path, out: &Path) -> anyhow::Result<()> {
     let data = std::fs::read(bzimage).with_context(|| format!("reading {}", bzimage.display()))?;
-    for (magic, cmd) in [(&b"\xfd7zXZ\x00"[..], &["xz", "-dc", "--single-stream"][..]), (&b"\x28\xb5\x2f\xfd"[..], &["zstd", "-dcq"][..])] {
+    for (magic, cmd) in [
+        (&b"\xfd7zXZ\x00"[..], &["xz", "-dc", "--single-stream"][..]),
+        (&b"\x28\xb5\x2f\xfd"[..], &["zstd", "-dcq"][..]),
+    ] {
         let mut from = 0;
         while let Some(pos) = data[from..].windows(magic.len()).position(|w| w == magic) {
             let off = from + pos;
             let tmp = out.with_extension("part");
             std::fs::write(&tmp, &data[off..])?;
-            let o = Command::new(cmd[0]).args(&cmd[1..]).stdin(std::fs::File::open(&tmp)?).output()?;
+            let o = Command::new(cmd[0])
+                .args(&cmd[1..])
+                .stdin(std::fs::File::open(&tmp)?)
+                .output()?;
             let _ = std::fs::remove_file(&tmp);
             if o.stdout.starts_with(b"\x7fELF") {
                 std::fs::write(out, &o.stdout)?;
@@ -188,5 +260,8 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> anyhow::Result<()> {
             from = off + 1;
         }
     }
-    bail!("no xz- or zstd-compressed ELF found in {}", bzimage.display())
+    bail!(
+        "no xz- or zstd-compressed ELF found in {}",
+        bzimage.display()
+    )
 }

@@ -23,9 +23,13 @@ impl Initramfs {
             std::fs::create_dir_all(st.join(d))?;
         }
         symlink("bin", st.join("sbin"))?; // the kernel's request_module runs /sbin/modprobe
-        std::fs::copy("/bin/busybox", st.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
+        std::fs::copy("/bin/busybox", st.join("bin/busybox"))
+            .context("copying /bin/busybox (busybox-static)")?;
         let list = Command::new("/bin/busybox").arg("--list").output()?;
-        for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+        for applet in String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter(|a| *a != "busybox")
+        {
             symlink("busybox", st.join("bin").join(applet))?;
         }
         let kv = &kernel.version;
@@ -38,12 +42,28 @@ impl Initramfs {
                 .args(["-S", kv, "--show-depends", m])
                 .output()?;
             if !out.status.success() {
-                bail!("module {m} not found in {}: {}", kernel.package, String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "module {m} not found in {}: {}",
+                    kernel.package,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let Some(ko) = line.strip_prefix("insmod ").map(|l| l.split_whitespace().next().unwrap_or("")) else { continue };
-                let rel = Path::new(ko).strip_prefix(&kernel.root).context("module outside the kernel tree")?;
-                let dest = st.join(rel.to_str().unwrap().trim_end_matches(".xz").trim_end_matches(".zst"));
+                let Some(ko) = line
+                    .strip_prefix("insmod ")
+                    .map(|l| l.split_whitespace().next().unwrap_or(""))
+                else {
+                    continue;
+                };
+                let rel = Path::new(ko)
+                    .strip_prefix(&kernel.root)
+                    .context("module outside the kernel tree")?;
+                let dest = st.join(
+                    rel.to_str()
+                        .unwrap()
+                        .trim_end_matches(".xz")
+                        .trim_end_matches(".zst"),
+                );
                 std::fs::create_dir_all(dest.parent().unwrap())?;
                 let data = match Path::new(ko).extension().and_then(|e| e.to_str()) {
                     Some("xz") => Command::new("xz").args(["-dc", ko]).output()?.stdout,
@@ -53,7 +73,11 @@ impl Initramfs {
                 std::fs::write(dest, data)?;
             }
         }
-        for f in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+        for f in [
+            "modules.order",
+            "modules.builtin",
+            "modules.builtin.modinfo",
+        ] {
             let src = kernel.root.join("lib/modules").join(kv).join(f);
             if src.exists() {
                 std::fs::copy(src, mods.join(f))?;
@@ -84,10 +108,18 @@ impl Initramfs {
         let mut entries = Vec::new();
         walk(self.dir.path(), &mut entries)?;
         for path in entries {
-            let rel = path.strip_prefix(self.dir.path())?.to_str().context("non-UTF-8 path")?.to_string();
+            let rel = path
+                .strip_prefix(self.dir.path())?
+                .to_str()
+                .context("non-UTF-8 path")?
+                .to_string();
             let meta = std::fs::symlink_metadata(&path)?;
             let data = if meta.file_type().is_symlink() {
-                std::fs::read_link(&path)?.to_str().context("non-UTF-8 link")?.as_bytes().to_vec()
+                std::fs::read_link(&path)?
+                    .to_str()
+                    .context("non-UTF-8 link")?
+                    .as_bytes()
+                    .to_vec()
             } else if meta.is_file() {
                 std::fs::read(&path)?
             } else {
@@ -103,7 +135,9 @@ impl Initramfs {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let mut children: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut children: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     children.sort();
     for c in children {
         out.push(c.clone());
@@ -119,10 +153,26 @@ fn pad4(w: &mut impl std::io::Write, len: usize) -> std::io::Result<()> {
 }
 
 /// One newc record (Documentation/driver-api/early-userspace/buffer-format.rst).
-fn entry(w: &mut impl std::io::Write, ino: u32, mode: u32, name: &str, data: &[u8]) -> std::io::Result<()> {
+fn entry(
+    w: &mut impl std::io::Write,
+    ino: u32,
+    mode: u32,
+    name: &str,
+    data: &[u8],
+) -> std::io::Result<()> {
     let header = format!(
         "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        0,
+        0,
+        1,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        name.len() + 1,
+        0
     );
     w.write_all(header.as_bytes())?;
     w.write_all(name.as_bytes())?;

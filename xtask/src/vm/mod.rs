@@ -29,8 +29,28 @@ fn build() -> anyhow::Result<Binaries> {
     toolchain::ensure_musl()?;
     host::ensure_packages()?;
     eprintln!("xtask: building the guest binaries (static, {MUSL}) and the simulator");
-    toolchain::run(cargo().args(["build", "--release", "--target", MUSL, "-p", "qcom-reset", "-p", "qcom-reset-vmlab-guest", "--bin", "qcom-reset", "--bin", "vmlab-guest"]))?;
-    toolchain::run(cargo().args(["build", "--release", "-p", "qcom-reset", "--bin", "qcom-reset-sim"]))?;
+    toolchain::run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        MUSL,
+        "-p",
+        "qcom-reset",
+        "-p",
+        "qcom-reset-vmlab-guest",
+        "--bin",
+        "qcom-reset",
+        "--bin",
+        "vmlab-guest",
+    ]))?;
+    toolchain::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "qcom-reset",
+        "--bin",
+        "qcom-reset-sim",
+    ]))?;
     let t = workspace_root().join("target");
     Ok(Binaries {
         qcom_reset: t.join(MUSL).join("release/qcom-reset"),
@@ -46,8 +66,17 @@ struct Sim {
 }
 
 impl Sim {
-    fn start(bin: &Path, profile: &str, faults: &str, dir: &Path, tag: &str) -> anyhow::Result<Sim> {
-        let shm = PathBuf::from(format!("/dev/shm/qcom-reset-vmlab-{}-{tag}", std::process::id()));
+    fn start(
+        bin: &Path,
+        profile: &str,
+        faults: &str,
+        dir: &Path,
+        tag: &str,
+    ) -> anyhow::Result<Sim> {
+        let shm = PathBuf::from(format!(
+            "/dev/shm/qcom-reset-vmlab-{}-{tag}",
+            std::process::id()
+        ));
         let report = dir.join(format!("{tag}-sim.json"));
         let _ = std::fs::remove_file(&shm);
         let _ = std::fs::remove_file(&report);
@@ -71,7 +100,10 @@ impl Sim {
     fn qemu_args(&self) -> Vec<String> {
         vec![
             "-object".into(),
-            format!("memory-backend-file,id=simbar,share=on,mem-path={},size=1M", self.shm.display()),
+            format!(
+                "memory-backend-file,id=simbar,share=on,mem-path={},size=1M",
+                self.shm.display()
+            ),
             "-device".into(),
             "ivshmem-plain,memdev=simbar".into(),
         ]
@@ -82,7 +114,8 @@ impl Sim {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.shm);
-        let text = std::fs::read_to_string(&self.report).context("the simulator wrote no report (no guest write reached it?)")?;
+        let text = std::fs::read_to_string(&self.report)
+            .context("the simulator wrote no report (no guest write reached it?)")?;
         Ok(serde_json::from_str(&text)?)
     }
 }
@@ -94,13 +127,22 @@ pub struct Outcome {
     pub sim: Option<serde_json::Value>,
 }
 
-fn run_scenario(k: &host::Kernel, ird: &initramfs::Initramfs, sc: Scenario, bins: &Binaries, echo: bool) -> anyhow::Result<Outcome> {
+fn run_scenario(
+    k: &host::Kernel,
+    ird: &initramfs::Initramfs,
+    sc: Scenario,
+    bins: &Binaries,
+    echo: bool,
+) -> anyhow::Result<Outcome> {
     let dir = host::cache_dir().join("runs").join(&k.version);
     std::fs::create_dir_all(&dir)?;
     ird.add_text("/scenario.sh", &sc.script(), 0o755)?;
     let cpio = dir.join(format!("{}.cpio", sc.name()));
     ird.write(&cpio)?;
-    let sim = sc.simulator().map(|(p, f)| Sim::start(&bins.sim, p, f, &dir, sc.name())).transpose()?;
+    let sim = sc
+        .simulator()
+        .map(|(p, f)| Sim::start(&bins.sim, p, f, &dir, sc.name()))
+        .transpose()?;
     let mut extra = sc.devices();
     if let Some(s) = &sim {
         extra.extend(s.qemu_args());
@@ -124,7 +166,12 @@ fn run_scenario(k: &host::Kernel, ird: &initramfs::Initramfs, sc: Scenario, bins
     let notes = sc
         .check(&boot.console, sim_report.as_ref())
         .with_context(|| format!("assertions failed (log {})", log.display()))?;
-    Ok(Outcome { notes, wall: boot.wall, console: boot.console, sim: sim_report })
+    Ok(Outcome {
+        notes,
+        wall: boot.wall,
+        console: boot.console,
+        sim: sim_report,
+    })
 }
 
 fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::Initramfs> {
@@ -137,8 +184,16 @@ fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::I
 
 pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> anyhow::Result<()> {
     let bins = build()?;
-    let kernels: Vec<String> = if kernels.is_empty() { DEFAULT_KERNELS.map(String::from).to_vec() } else { kernels.to_vec() };
-    let scenarios = if scenarios.is_empty() { Scenario::ALL.to_vec() } else { scenarios.to_vec() };
+    let kernels: Vec<String> = if kernels.is_empty() {
+        DEFAULT_KERNELS.map(String::from).to_vec()
+    } else {
+        kernels.to_vec()
+    };
+    let scenarios = if scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        scenarios.to_vec()
+    };
     let (mut passed, mut failed) = (0, 0);
     let start = Instant::now();
     for kv in &kernels {
@@ -148,7 +203,12 @@ pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> any
             match run_scenario(&k, &ird, *sc, &bins, verbose) {
                 Ok(o) => {
                     passed += 1;
-                    println!("PASS {} {} ({:.1} s)", k.version, sc.name(), o.wall.as_secs_f64());
+                    println!(
+                        "PASS {} {} ({:.1} s)",
+                        k.version,
+                        sc.name(),
+                        o.wall.as_secs_f64()
+                    );
                     for n in o.notes {
                         println!("     {n}");
                     }
@@ -160,7 +220,11 @@ pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> any
             }
         }
     }
-    println!("vm-test: {} kernel(s), {:.0} s", kernels.len(), start.elapsed().as_secs_f64());
+    println!(
+        "vm-test: {} kernel(s), {:.0} s",
+        kernels.len(),
+        start.elapsed().as_secs_f64()
+    );
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} VM-lab scenario(s) failed");
@@ -174,26 +238,42 @@ pub fn demo(kernel: &str) -> anyhow::Result<()> {
     let k = host::fetch_kernel(kernel)?;
     let ird = guest_image(&k, &bins)?;
     println!("\n== What is simulated");
-    println!("A Debian {} kernel boots under QEMU. Its PCI bus has an ivshmem device whose BAR2 is", k.version);
+    println!(
+        "A Debian {} kernel boots under QEMU. Its PCI bus has an ivshmem device whose BAR2 is",
+        k.version
+    );
     println!("shared memory served, on this host, by qcom-reset-sim: a register-level model of a");
     println!("WCN6855 WLAN card whose firmware crashed when its VM was killed (SYSERR latched).");
-    println!("Inside the guest the card is bound to vfio-pci with no reset method, exactly like a real");
-    println!("WCN6855 on Linux up to 7.3, and qcom-reset runs as the agent, configured to treat the");
+    println!(
+        "Inside the guest the card is bound to vfio-pci with no reset method, exactly like a real"
+    );
+    println!(
+        "WCN6855 on Linux up to 7.3, and qcom-reset runs as the agent, configured to treat the"
+    );
     println!("ivshmem device as a wcn6855 with its registers in BAR2.\n");
     println!("== Booting and running (about 10-20 s under TCG)");
     let o = run_scenario(&k, &ird, Scenario::LoopWlan, &bins, false)?;
     println!("\n== What the kernel did (seen by the probes)");
-    for l in qemu::section(&o.console, "agent-log").iter().filter(|l| l.contains("release ") || l.contains("probe ")) {
+    for l in qemu::section(&o.console, "agent-log")
+        .iter()
+        .filter(|l| l.contains("release ") || l.contains("probe "))
+    {
         println!("  {}", l.trim());
     }
     println!("\n== What the agent did");
-    for l in qemu::section(&o.console, "agent-log").iter().filter(|l| l.contains("seq=") || l.contains("healthy")) {
+    for l in qemu::section(&o.console, "agent-log")
+        .iter()
+        .filter(|l| l.contains("seq=") || l.contains("healthy"))
+    {
         println!("  {}", l.trim());
     }
     if let Some(sim) = &o.sim {
         println!("\n== What the simulated card received (host side)");
         let writes = sim["writes"].as_array().cloned().unwrap_or_default();
-        let t0 = writes.first().and_then(|w| w["at_us"].as_u64()).unwrap_or(0);
+        let t0 = writes
+            .first()
+            .and_then(|w| w["at_us"].as_u64())
+            .unwrap_or(0);
         for w in &writes {
             println!(
                 "  +{:>7.1} ms  write {:#06x} <- {:#x}",
@@ -202,7 +282,10 @@ pub fn demo(kernel: &str) -> anyhow::Result<()> {
                 w["value"].as_u64().unwrap_or(0)
             );
         }
-        println!("  conformance with the reviewed upstream sequence: {}", sim["conformance"]);
+        println!(
+            "  conformance with the reviewed upstream sequence: {}",
+            sim["conformance"]
+        );
     }
     println!("\n== Verdict");
     for n in o.notes {

@@ -16,16 +16,37 @@ pub struct Boot {
     pub wall: Duration,
 }
 
-pub fn boot(vmlinux: &Path, initrd: &Path, extra: &[String], timeout: Duration, log: &Path, echo: bool) -> anyhow::Result<Boot> {
+pub fn boot(
+    vmlinux: &Path,
+    initrd: &Path,
+    extra: &[String],
+    timeout: Duration,
+    log: &Path,
+    echo: bool,
+) -> anyhow::Result<Boot> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
-        .args(["-bios", "/usr/share/qemu/qboot.rom", "-vga", "none", "-nic", "none", "-nographic", "-no-reboot"])
+        .args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2",
+        ])
+        .args([
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
+            "-vga",
+            "none",
+            "-nic",
+            "none",
+            "-nographic",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(vmlinux)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on"])
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on",
+        ])
         .args(["-device", "intel-iommu"])
         .args(extra)
         .stdin(Stdio::null())
@@ -77,7 +98,11 @@ pub fn boot(vmlinux: &Path, initrd: &Path, extra: &[String], timeout: Duration, 
         .filter_map(|l| l.split("VMLAB-RC=").nth(1))
         .filter_map(|r| r.split_whitespace().next()?.parse().ok())
         .next_back();
-    Ok(Boot { console, rc, wall: start.elapsed() })
+    Ok(Boot {
+        console,
+        rc,
+        wall: start.elapsed(),
+    })
 }
 
 /// The lines the guest printed between `VMLAB-BEGIN name` and `VMLAB-END name`.

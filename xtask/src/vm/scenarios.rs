@@ -20,7 +20,13 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [Scenario::Probes, Scenario::LoopWlan, Scenario::LoopModem, Scenario::Held, Scenario::Fault];
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Probes,
+        Scenario::LoopWlan,
+        Scenario::LoopModem,
+        Scenario::Held,
+        Scenario::Fault,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,9 +52,16 @@ impl Scenario {
     pub fn devices(self) -> Vec<String> {
         match self {
             // edu behind a root port (reset_method "bus") and edu on the root bus (no method at all).
-            Scenario::Probes => ["-device", "pcie-root-port,id=rp1,slot=1", "-device", "edu,bus=rp1", "-device", "edu"]
-                .map(String::from)
-                .to_vec(),
+            Scenario::Probes => [
+                "-device",
+                "pcie-root-port,id=rp1,slot=1",
+                "-device",
+                "edu,bus=rp1",
+                "-device",
+                "edu",
+            ]
+            .map(String::from)
+            .to_vec(),
             _ => Vec::new(),
         }
     }
@@ -59,7 +72,10 @@ impl Scenario {
             Scenario::LoopWlan => agent_loop("wcn6855", ""),
             Scenario::LoopModem => agent_loop("sdx65", ""),
             Scenario::Held => held(),
-            Scenario::Fault => agent_loop("wcn6855", "max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
+            Scenario::Fault => agent_loop(
+                "wcn6855",
+                "max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n",
+            ),
         };
         format!("{LIB}\n{body}")
     }
@@ -142,7 +158,11 @@ wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
 }
 
 fn agent_loop(profile: &str, extra: &str) -> String {
-    let until = if extra.contains("max_attempts") { "gave up" } else { "\"type\":\"action\"" };
+    let until = if extra.contains("max_attempts") {
+        "gave up"
+    } else {
+        "\"type\":\"action\""
+    };
     format!(
         r#"{}
 vmlab-guest vfio-cycle $D
@@ -171,7 +191,10 @@ dump cli /tmp/cli.out; dump journal /tmp/journal.jsonl; dump agent-log /tmp/agen
 }
 
 fn json_lines(console: &str, name: &str) -> Vec<Value> {
-    section(console, name).into_iter().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect()
+    section(console, name)
+        .into_iter()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
 }
 
 fn events<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> {
@@ -181,52 +204,128 @@ fn events<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Val
 fn attempts(v: &Value) -> Vec<(String, i64)> {
     v["attempts"]
         .as_array()
-        .map(|a| a.iter().map(|x| (x["function"].as_str().unwrap_or("").to_string(), x["ret"].as_i64().unwrap_or(0))).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    (
+                        x["function"].as_str().unwrap_or("").to_string(),
+                        x["ret"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     let auto = json_lines(console, "trace-auto");
-    let attach = events(&auto, "attach").next().context("no attach record in trace --all")?;
+    let attach = events(&auto, "attach")
+        .next()
+        .context("no attach record in trace --all")?;
     let flavour = |f: &str| {
-        attach["attachments"].as_array().and_then(|a| a.iter().find(|x| x["function"] == f)).map(|x| x["flavour"].clone())
+        attach["attachments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["function"] == f))
+            .map(|x| x["flavour"].clone())
     };
-    ensure!(flavour("pci_reset_function") == Some("fentry".into()), "auto flavour did not attach fentry: {attach}");
-    ensure!(flavour("vfio_pci_core_disable") == Some("kprobe".into()), "vfio_pci_core_disable not attached: {attach}");
-    notes.push("auto: fentry/fexit on the reset functions, kprobes on the vfio_pci_core module".into());
+    ensure!(
+        flavour("pci_reset_function") == Some("fentry".into()),
+        "auto flavour did not attach fentry: {attach}"
+    );
+    ensure!(
+        flavour("vfio_pci_core_disable") == Some("kprobe".into()),
+        "vfio_pci_core_disable not attached: {attach}"
+    );
+    notes.push(
+        "auto: fentry/fexit on the reset functions, kprobes on the vfio_pci_core module".into(),
+    );
     let rp = "0000:01:00.0";
     let on = |v: &Value, f: &str, bdf: &str| v["function"] == f && v["bdf"] == bdf;
-    let sysfs_ok = events(&auto, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "fentry");
-    ensure!(sysfs_ok, "no successful sysfs pci_reset_function (fentry) on {rp}");
-    let enotty = events(&auto, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == -25 && v["errno"] == "ENOTTY");
-    ensure!(enotty, "no pci_reset_function -ENOTTY after emptying reset_method");
+    let sysfs_ok = events(&auto, "attempt")
+        .any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "fentry");
+    ensure!(
+        sysfs_ok,
+        "no successful sysfs pci_reset_function (fentry) on {rp}"
+    );
+    let enotty = events(&auto, "attempt")
+        .any(|v| on(v, "pci_reset_function", rp) && v["ret"] == -25 && v["errno"] == "ENOTTY");
+    ensure!(
+        enotty,
+        "no pci_reset_function -ENOTTY after emptying reset_method"
+    );
     let opens: Vec<&Value> = events(&auto, "open").filter(|v| v["bdf"] == rp).collect();
-    ensure!(opens.len() == 2, "expected 2 VFIO opens of {rp}, got {}", opens.len());
-    ensure!(attempts(opens[0]).contains(&("pci_try_reset_function".into(), 0)), "open 1 attempts: {}", opens[0]);
-    ensure!(attempts(opens[1]).contains(&("pci_try_reset_function".into(), -25)), "open 2 attempts: {}", opens[1]);
-    let rels: Vec<&Value> = events(&auto, "release").filter(|v| v["bdf"] == rp).collect();
-    ensure!(rels.len() == 2, "expected 2 releases of {rp}, got {}", rels.len());
-    ensure!(attempts(rels[0]).iter().any(|(f, r)| f == "__pci_reset_function_locked" && *r == 0), "release 1: {}", rels[0]);
-    ensure!(rels[0]["left_unreset"] == false, "release 1 should be reset: {}", rels[0]);
+    ensure!(
+        opens.len() == 2,
+        "expected 2 VFIO opens of {rp}, got {}",
+        opens.len()
+    );
+    ensure!(
+        attempts(opens[0]).contains(&("pci_try_reset_function".into(), 0)),
+        "open 1 attempts: {}",
+        opens[0]
+    );
+    ensure!(
+        attempts(opens[1]).contains(&("pci_try_reset_function".into(), -25)),
+        "open 2 attempts: {}",
+        opens[1]
+    );
+    let rels: Vec<&Value> = events(&auto, "release")
+        .filter(|v| v["bdf"] == rp)
+        .collect();
+    ensure!(
+        rels.len() == 2,
+        "expected 2 releases of {rp}, got {}",
+        rels.len()
+    );
+    ensure!(
+        attempts(rels[0])
+            .iter()
+            .any(|(f, r)| f == "__pci_reset_function_locked" && *r == 0),
+        "release 1: {}",
+        rels[0]
+    );
+    ensure!(
+        rels[0]["left_unreset"] == false,
+        "release 1 should be reset: {}",
+        rels[0]
+    );
     let r2 = attempts(rels[1]);
-    ensure!(!r2.iter().any(|(f, _)| f == "__pci_reset_function_locked"), "release 2 tried a function reset: {}", rels[1]);
-    ensure!(r2.iter().any(|(f, r)| f == "pci_reset_bus" && *r == 0), "release 2 without the bus reset: {}", rels[1]);
-    let root_rel = events(&auto, "release").find(|v| v["bdf"] != rp).context("no release of the root-bus edu")?;
-    ensure!(root_rel["left_unreset"] == true, "root-bus release must be left unreset: {root_rel}");
+    ensure!(
+        !r2.iter().any(|(f, _)| f == "__pci_reset_function_locked"),
+        "release 2 tried a function reset: {}",
+        rels[1]
+    );
+    ensure!(
+        r2.iter().any(|(f, r)| f == "pci_reset_bus" && *r == 0),
+        "release 2 without the bus reset: {}",
+        rels[1]
+    );
+    let root_rel = events(&auto, "release")
+        .find(|v| v["bdf"] != rp)
+        .context("no release of the root-bus edu")?;
+    ensure!(
+        root_rel["left_unreset"] == true,
+        "root-bus release must be left unreset: {root_rel}"
+    );
     notes.push(format!(
         "release without any reset method: left_unreset=true (from {}), attempts {:?}",
         root_rel["left_unreset_from"],
         attempts(root_rel)
     ));
     let kp = json_lines(console, "trace-kprobe");
-    let kattach = events(&kp, "attach").next().context("no attach record with --flavour kprobe")?;
+    let kattach = events(&kp, "attach")
+        .next()
+        .context("no attach record with --flavour kprobe")?;
     ensure!(
-        kattach["attachments"].as_array().is_some_and(|a| a.iter().all(|x| x["flavour"] == "kprobe")),
+        kattach["attachments"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["flavour"] == "kprobe")),
         "not every probe attached as kprobe: {kattach}"
     );
     ensure!(
-        events(&kp, "attempt").any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "kprobe"),
+        events(&kp, "attempt")
+            .any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "kprobe"),
         "kprobe flavour saw no sysfs reset"
     );
     notes.push("kprobe flavour: every probe attached and fired".into());
@@ -234,26 +333,60 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
 }
 
 fn actions(console: &str) -> Vec<Value> {
-    json_lines(console, "journal").into_iter().filter(|v| v["type"] == "action").map(|v| v["action"].clone()).collect()
+    json_lines(console, "journal")
+        .into_iter()
+        .filter(|v| v["type"] == "action")
+        .map(|v| v["action"].clone())
+        .collect()
 }
 
-fn check_loop(console: &str, sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<Vec<String>> {
+fn check_loop(
+    console: &str,
+    sim: Option<&Value>,
+    family: &str,
+    writes: usize,
+) -> anyhow::Result<Vec<String>> {
     let journal = json_lines(console, "journal");
     let acts = actions(console);
     let a = acts.first().context("the agent took no action")?;
-    ensure!(a["trigger"] == "release" && a["result"] == "healthy", "first action: {a}");
-    ensure!(acts.len() == 1, "expected one action, got {}: {acts:?}", acts.len());
+    ensure!(
+        a["trigger"] == "release" && a["result"] == "healthy",
+        "first action: {a}"
+    );
+    ensure!(
+        acts.len() == 1,
+        "expected one action, got {}: {acts:?}",
+        acts.len()
+    );
     let sim = sim.context("no simulator report")?;
-    ensure!(sim["family"] == family, "simulated family {}", sim["family"]);
-    ensure!(sim["conformance"]["ok"] == true, "the simulator saw a wrong sequence: {}", sim["conformance"]);
-    ensure!(sim["writes"].as_array().map(Vec::len) == Some(writes), "writes: {}", sim["writes"]);
+    ensure!(
+        sim["family"] == family,
+        "simulated family {}",
+        sim["family"]
+    );
+    ensure!(
+        sim["conformance"]["ok"] == true,
+        "the simulator saw a wrong sequence: {}",
+        sim["conformance"]
+    );
+    ensure!(
+        sim["writes"].as_array().map(Vec::len) == Some(writes),
+        "writes: {}",
+        sim["writes"]
+    );
     let ev = journal
         .iter()
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
         .context("no release event in the journal")?;
-    let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0) + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
-    let received = ev["received_mono_ns"].as_u64().context("the journal's event has no received_mono_ns")?;
-    ensure!(received >= done_ns, "event received ({received}) before the release returned ({done_ns})?");
+    let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0)
+        + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
+    let received = ev["received_mono_ns"]
+        .as_u64()
+        .context("the journal's event has no received_mono_ns")?;
+    ensure!(
+        received >= done_ns,
+        "event received ({received}) before the release returned ({done_ns})?"
+    );
     let detect_ms = (received - done_ns) as f64 / 1e6;
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
@@ -269,35 +402,76 @@ fn check_loop(console: &str, sim: Option<&Value>, family: &str, writes: usize) -
 
 fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let cli = section(console, "cli").join("\n");
-    ensure!(cli.contains("is held by pid") && cli.contains("cli-rc=1"), "the CLI did not refuse the held device: {cli}");
+    ensure!(
+        cli.contains("is held by pid") && cli.contains("cli-rc=1"),
+        "the CLI did not refuse the held device: {cli}"
+    );
     let acts = actions(console);
     let held = acts
         .iter()
-        .position(|a| a["result"] == "skipped" && a["detail"].as_str().is_some_and(|d| d.contains("held by pid")))
+        .position(|a| {
+            a["result"] == "skipped"
+                && a["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("held by pid"))
+        })
         .context("the agent did not report the held device")?;
-    let healthy = acts.iter().position(|a| a["result"] == "healthy").context("no reset after the release")?;
+    let healthy = acts
+        .iter()
+        .position(|a| a["result"] == "healthy")
+        .context("no reset after the release")?;
     ensure!(held < healthy, "order: {acts:?}");
     let sim = sim.context("no simulator report")?;
-    ensure!(sim["writes"].as_array().map(Vec::len) == Some(3), "writes while held? {}", sim["writes"]);
-    Ok(vec![format!("while held: {}", acts[held]["detail"]), "after the release: one reset, healthy".into()])
+    ensure!(
+        sim["writes"].as_array().map(Vec::len) == Some(3),
+        "writes while held? {}",
+        sim["writes"]
+    );
+    Ok(vec![
+        format!("while held: {}", acts[held]["detail"]),
+        "after the release: one reset, healthy".into(),
+    ])
 }
 
 fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let acts = actions(console);
     let results: Vec<&str> = acts.iter().filter_map(|a| a["result"].as_str()).collect();
-    ensure!(results == ["link-down", "link-down", "skipped"], "actions: {results:?}");
-    ensure!(acts[2]["detail"].as_str().is_some_and(|d| d.contains("gave up after 2")), "{}", acts[2]);
-    let restored = acts[0]["report"]["restored"]["command"].as_u64().context("PCI_COMMAND not restored")?;
+    ensure!(
+        results == ["link-down", "link-down", "skipped"],
+        "actions: {results:?}"
+    );
+    ensure!(
+        acts[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("gave up after 2")),
+        "{}",
+        acts[2]
+    );
+    let restored = acts[0]["report"]["restored"]["command"]
+        .as_u64()
+        .context("PCI_COMMAND not restored")?;
     let now = console
         .lines()
         .find_map(|l| l.split("VMLAB pci_command=").nth(1))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .context("guest did not print PCI_COMMAND")?;
-    ensure!(now == restored, "PCI_COMMAND is {now:#x}, the agent restored {restored:#x}");
+    ensure!(
+        now == restored,
+        "PCI_COMMAND is {now:#x}, the agent restored {restored:#x}"
+    );
     let sim = sim.context("no simulator report")?;
-    ensure!(sim["resets"] == 1 && sim["link_up"] == false, "simulator: {sim}");
+    ensure!(
+        sim["resets"] == 1 && sim["link_up"] == false,
+        "simulator: {sim}"
+    );
     if sim["writes"].as_array().map(Vec::len) != Some(2) {
-        bail!("expected 2 writes (one global reset), got {}", sim["writes"]);
+        bail!(
+            "expected 2 writes (one global reset), got {}",
+            sim["writes"]
+        );
     }
-    Ok(vec![format!("2 attempts, both link-down, then: {}; PCI_COMMAND back at {restored:#06x}", acts[2]["detail"])])
+    Ok(vec![format!(
+        "2 attempts, both link-down, then: {}; PCI_COMMAND back at {restored:#06x}",
+        acts[2]["detail"]
+    )])
 }

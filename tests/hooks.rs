@@ -1,0 +1,120 @@
+//! The libvirt and Proxmox hook examples find the passed-through devices and call
+//! `qcom-reset reset BDF --only-targets` for each, in the phases that matter.
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn dist(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist/hooks")
+        .join(name)
+}
+
+/// A stand-in for qcom-reset (and `qm`) that records its arguments.
+fn stub(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    Command::new("chmod").arg("+x").arg(&p).status().unwrap();
+    p
+}
+
+fn run(script: &Path, args: &[&str], stdin: &str, dir: &Path) -> String {
+    let rec = stub(
+        dir,
+        "qcom-reset",
+        &format!("echo \"$@\" >> {}/calls", dir.display()),
+    );
+    let mut child = Command::new("sh")
+        .arg(script)
+        .args(args)
+        .env("QCOM_RESET", &rec)
+        .env(
+            "PATH",
+            format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "a hook must never fail the VM operation"
+    );
+    std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+}
+
+const DOMAIN: &str = r#"<domain type='kvm'><name>vm1</name><devices>
+  <hostdev mode='subsystem' type='pci' managed='yes'>
+    <source><address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/></source>
+    <address type='pci' domain='0x0000' bus='0x07' slot='0x00' function='0x0'/>
+  </hostdev>
+  <disk type='file'><address type='drive' controller='0' bus='0' target='0' unit='0'/></disk>
+  <hostdev mode='subsystem' type='pci' managed='yes'>
+    <source><address domain='0x0000' bus='0x0a' slot='0x1f' function='0x7'/></source>
+  </hostdev>
+</devices></domain>"#;
+
+#[test]
+fn libvirt_hook_resets_each_hostdev_before_start_and_after_release() {
+    for (op, sub) in [("prepare", "begin"), ("release", "end")] {
+        let t = tempfile::tempdir().unwrap();
+        let calls = run(
+            &dist("libvirt-qemu"),
+            &["vm1", op, sub, "-"],
+            DOMAIN,
+            t.path(),
+        );
+        assert_eq!(
+            calls, "reset 0000:03:00.0 --only-targets\nreset 0000:0a:1f.7 --only-targets\n",
+            "{op}/{sub}"
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run(
+            &dist("libvirt-qemu"),
+            &["vm1", "started", "begin", "-"],
+            DOMAIN,
+            t.path()
+        ),
+        ""
+    );
+}
+
+#[test]
+fn proxmox_hookscript_resets_hostpci_devices() {
+    let t = tempfile::tempdir().unwrap();
+    stub(
+        t.path(),
+        "qm",
+        "printf 'boot: order=scsi0\\nhostpci0: 0000:03:00.0,pcie=1\\nhostpci1: 04:00,pcie=1\\nhostpci2: mapping=wlan\\n'",
+    );
+    for phase in ["pre-start", "post-stop"] {
+        let _ = std::fs::remove_file(t.path().join("calls"));
+        let calls = run(
+            &dist("proxmox-hookscript.sh"),
+            &["101", phase],
+            "",
+            t.path(),
+        );
+        assert_eq!(
+            calls, "reset 0000:03:00.0 --only-targets\nreset 0000:04:00.0 --only-targets\n",
+            "{phase}"
+        );
+    }
+    let _ = std::fs::remove_file(t.path().join("calls"));
+    assert_eq!(
+        run(
+            &dist("proxmox-hookscript.sh"),
+            &["101", "post-start"],
+            "",
+            t.path()
+        ),
+        ""
+    );
+}
