@@ -1,0 +1,56 @@
+//! The paths between an event and a written register: decoding a ring-buffer record, judging
+//! registers, running a whole sequence against the simulator (delays are virtual, so this is the
+//! engine's own cost), and the holder scan of /proc that precedes every write.
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use qcom_reset::devices::Family;
+use qcom_reset::io::Recorder;
+use qcom_reset::probes::events;
+use qcom_reset::sequence;
+use qcom_reset::sim::{Faults, Model, SimDevice};
+use qcom_reset::verdict::{self, Registers};
+use qcom_reset_ebpf::{EVENT_ABI_VERSION, Event, EventKind, Flavour, Func};
+
+fn record() -> Vec<u8> {
+    let mut b = vec![0u8; size_of::<Event>()];
+    b[..4].copy_from_slice(&[EVENT_ABI_VERSION, EventKind::Release as u8, Flavour::Kprobe as u8, Func::VfioPciCoreDisable as u8]);
+    b[4] = 1; // needs_reset
+    b
+}
+
+fn benches(c: &mut Criterion) {
+    let rec = record();
+    c.bench_function("decode a release record", |b| b.iter(|| events::decode(black_box(&rec)).unwrap()));
+
+    let regs = Registers {
+        config_vendor: 0x17cb,
+        config_device: 0x1103,
+        mhictrl: Some(0),
+        mhistatus: Some(0x0101),
+        bhioff: Some(0x100),
+        execenv: Some(0),
+    };
+    c.bench_function("judge registers", |b| b.iter(|| verdict::judge(Family::Wlan, black_box(&regs))));
+
+    for family in [Family::Wlan, Family::Modem] {
+        c.bench_function(&format!("{} sequence + verify on the simulator", family.name()), |b| {
+            b.iter(|| {
+                let mut dev = SimDevice::new(Model::stuck(family, 0x17cb, 0x1103, Faults::default()));
+                qcom_reset::backend::Backend::config_write16(&mut dev, 4, 2).unwrap();
+                let mut io = Recorder::new(dev.clone());
+                sequence::run(family, &mut io, &mut |_| {});
+                verdict::verify(family, &mut || (0x17cb, 0x1103), &mut io, 1 << 20)
+            })
+        });
+    }
+
+    let paths = vec![PathBuf::from("/dev/vfio/999")];
+    c.bench_function("holder scan of this host's /proc", |b| {
+        b.iter(|| qcom_reset::holders::find(Path::new("/proc"), black_box(&paths), None))
+    });
+}
+
+criterion_group!(hot_paths, benches);
+criterion_main!(hot_paths);
