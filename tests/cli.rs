@@ -38,12 +38,7 @@ fn help_lists_the_device_table() {
 #[test]
 fn bad_input_gets_one_clear_line() {
     let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: "0000:05:00.0",
-        vendor: 0x8086,
-        device: 0x1533,
-        ..Default::default()
-    });
+    h.add(FakeDevice::foreign("0000:05:00.0"));
     h.add(FakeDevice::default());
     h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
     for (args, code, want) in [
@@ -203,12 +198,7 @@ fn run_refuses_a_bad_config_with_line_and_column() {
 #[test]
 fn hooks_only_targets_is_a_no_op_for_other_devices() {
     let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: "0000:05:00.0",
-        vendor: 0x8086,
-        device: 0x1533,
-        ..Default::default()
-    });
+    h.add(FakeDevice::foreign("0000:05:00.0"));
     let o = qcom(Some(&h), &["reset", "0000:05:00.0", "--only-targets"]);
     assert!(o.status.success());
     assert!(text(&o).0.contains("not a target"));

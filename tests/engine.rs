@@ -177,163 +177,110 @@ fn modem_golden_trace_and_healthy_verdict() {
 /// (family, fault, expected outcome, expected verdict, register writes the device received)
 #[test]
 fn every_fault_ends_in_the_right_verdict_with_state_restored() {
-    let cases: Vec<(Family, Faults, Option<Outcome>, Health, usize)> = vec![
+    let cases: &[(Family, &str, Option<Outcome>, Health, usize)] = &[
         (
             Family::Wlan,
-            Faults {
-                stuck_syserr: true,
-                ..Default::default()
-            },
+            "stuck-syserr",
             Some(Outcome::Completed),
             Health::Syserr,
             3,
         ),
         (
             Family::Wlan,
-            Faults {
-                link_down_ms: Some(8000),
-                ..Default::default()
-            },
+            "link-down-ms=8000",
             Some(Outcome::LinkTimeout),
             Health::LinkDown,
             2,
         ),
         (
             Family::Wlan,
-            Faults {
-                link_down_ms: Some(4000),
-                ..Default::default()
-            },
+            "link-down-ms=4000",
             Some(Outcome::Completed),
             Health::Healthy,
             3,
         ),
         (
             Family::Wlan,
-            Faults {
-                never_returns: true,
-                ..Default::default()
-            },
+            "never-returns",
             Some(Outcome::LinkTimeout),
             Health::LinkDown,
             2,
         ),
         (
             Family::Wlan,
-            Faults {
-                vanish_after_writes: Some(1),
-                ..Default::default()
-            },
+            "vanish-after-writes=1",
             Some(Outcome::LinkTimeout),
             Health::LinkDown,
             1,
         ),
+        (Family::Wlan, "config-all-ones", None, Health::LinkDown, 0),
         (
             Family::Wlan,
-            Faults {
-                config_all_ones: true,
-                ..Default::default()
-            },
-            None,
-            Health::LinkDown,
-            0,
-        ),
-        (
-            Family::Wlan,
-            Faults {
-                writes_ignored: true,
-                ..Default::default()
-            },
+            "writes-ignored",
             Some(Outcome::Completed),
             Health::Syserr,
             3,
         ),
         (
             Family::Wlan,
-            Faults {
-                slow_ready_ms: Some(500),
-                ..Default::default()
-            },
+            "slow-ready-ms=500",
             Some(Outcome::Completed),
             Health::Healthy,
             3,
         ),
         (
             Family::Modem,
-            Faults {
-                never_returns: true,
-                ..Default::default()
-            },
+            "never-returns",
             Some(Outcome::Completed),
             Health::LinkDown,
             1,
         ),
         (
             Family::Modem,
-            Faults {
-                stuck_syserr: true,
-                ..Default::default()
-            },
+            "stuck-syserr",
             Some(Outcome::Completed),
             Health::Syserr,
             1,
         ),
         (
             Family::Modem,
-            Faults {
-                slow_ready_ms: Some(3000),
-                ..Default::default()
-            },
+            "slow-ready-ms=3000",
             Some(Outcome::Completed),
             Health::Healthy,
             1,
         ),
         (
             Family::Modem,
-            Faults {
-                slow_ready_ms: Some(12000),
-                ..Default::default()
-            },
+            "slow-ready-ms=12000",
             Some(Outcome::Completed),
             Health::NotReady,
             1,
         ),
         (
             Family::Modem,
-            Faults {
-                link_down_ms: Some(5000),
-                ..Default::default()
-            },
+            "link-down-ms=5000",
             Some(Outcome::Completed),
             Health::Healthy,
             1,
         ),
-        (
-            Family::Modem,
-            Faults {
-                config_all_ones: true,
-                ..Default::default()
-            },
-            None,
-            Health::LinkDown,
-            0,
-        ),
+        (Family::Modem, "config-all-ones", None, Health::LinkDown, 0),
     ];
-    for (family, faults, outcome, health, n_writes) in cases {
+    for &(family, spec, outcome, health, n_writes) in cases {
+        let faults = Faults::parse(spec).unwrap();
         let (h, b) = match family {
             Family::Wlan => (wlan_host(), WLAN),
             Family::Modem => (modem_host(), MODEM),
         };
-        let sim = sim(family, faults.clone());
+        let sim = sim(family, faults);
         let r = reset_with(&h, &Request::new(bdf(b)), &sim).unwrap();
         let v = r.verdict.as_ref().unwrap();
         assert_eq!(
             (r.outcome, v.health),
             (outcome, health),
-            "{family:?} {faults:?}: {}",
+            "{family:?} {spec}: {}",
             v.detail
         );
-        assert_eq!(writes(&sim), n_writes, "{family:?} {faults:?}");
+        assert_eq!(writes(&sim), n_writes, "{family:?} {spec}");
         assert_restored(&h, b, &sim, &r);
         if health == Health::LinkDown {
             let regs = v.registers;
@@ -371,12 +318,7 @@ fn held_device_is_never_written() {
 #[test]
 fn refuses_non_targets_missing_devices_and_foreign_drivers() {
     let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: "0000:05:00.0",
-        vendor: 0x8086,
-        device: 0x1533,
-        ..Default::default()
-    });
+    h.add(FakeDevice::foreign("0000:05:00.0"));
     h.add(FakeDevice {
         bdf: WLAN,
         driver: Some("ath11k_pci"),

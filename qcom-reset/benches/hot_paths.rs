@@ -15,14 +15,21 @@ use qcom_reset_ebpf::{EVENT_ABI_VERSION, Event, EventKind, Flavour, Func};
 
 fn record() -> Vec<u8> {
     let mut b = vec![0u8; size_of::<Event>()];
-    b[..4].copy_from_slice(&[EVENT_ABI_VERSION, EventKind::Release as u8, Flavour::Kprobe as u8, Func::VfioPciCoreDisable as u8]);
+    b[..4].copy_from_slice(&[
+        EVENT_ABI_VERSION,
+        EventKind::Release as u8,
+        Flavour::Kprobe as u8,
+        Func::VfioPciCoreDisable as u8,
+    ]);
     b[4] = 1; // needs_reset
     b
 }
 
 fn benches(c: &mut Criterion) {
     let rec = record();
-    c.bench_function("decode a release record", |b| b.iter(|| events::decode(black_box(&rec)).unwrap()));
+    c.bench_function("decode a release record", |b| {
+        b.iter(|| events::decode(black_box(&rec)).unwrap())
+    });
 
     let regs = Registers {
         config_vendor: 0x17cb,
@@ -32,18 +39,24 @@ fn benches(c: &mut Criterion) {
         bhioff: Some(0x100),
         execenv: Some(0),
     };
-    c.bench_function("judge registers", |b| b.iter(|| verdict::judge(Family::Wlan, black_box(&regs))));
+    c.bench_function("judge registers", |b| {
+        b.iter(|| verdict::judge(Family::Wlan, black_box(&regs)))
+    });
 
     for family in [Family::Wlan, Family::Modem] {
-        c.bench_function(&format!("{} sequence + verify on the simulator", family.name()), |b| {
-            b.iter(|| {
-                let mut dev = SimDevice::new(Model::stuck(family, 0x17cb, 0x1103, Faults::default()));
-                qcom_reset::backend::Backend::config_write16(&mut dev, 4, 2).unwrap();
-                let mut io = Recorder::new(dev.clone());
-                sequence::run(family, &mut io, &mut |_| {});
-                verdict::verify(family, &mut || (0x17cb, 0x1103), &mut io, 1 << 20)
-            })
-        });
+        c.bench_function(
+            &format!("{} sequence + verify on the simulator", family.name()),
+            |b| {
+                b.iter(|| {
+                    let mut dev =
+                        SimDevice::new(Model::stuck(family, 0x17cb, 0x1103, Faults::default()));
+                    qcom_reset::backend::Backend::config_write16(&mut dev, 4, 2).unwrap();
+                    let mut io = Recorder::new(dev.clone());
+                    sequence::run(family, &mut io, &mut |_| {});
+                    verdict::verify(family, &mut || (0x17cb, 0x1103), &mut io, 1 << 20)
+                })
+            },
+        );
     }
 
     let paths = vec![PathBuf::from("/dev/vfio/999")];

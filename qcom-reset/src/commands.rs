@@ -346,7 +346,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
 fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
     use qcom_reset::agent::{Agent, config::Config, metrics};
     let explicit = a.config.is_some();
-    let path = a.config.unwrap_or_else(|| config_default_path());
+    let path = a.config.unwrap_or_else(config_default_path);
     let mut cfg = Config::load(&path, explicit)?;
     cfg.observe_only |= a.observe_only;
     if let Some(p) = a.metrics_port {

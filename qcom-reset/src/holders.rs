@@ -52,7 +52,7 @@ pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec
             let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
             };
-            if paths.iter().any(|d| *d == target) {
+            if paths.contains(&target) {
                 let comm = fs::read_to_string(p.path().join("comm"))
                     .map(|s| s.trim().to_string())
                     .unwrap_or_default();

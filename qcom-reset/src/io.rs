@@ -99,13 +99,9 @@ impl MmioBar {
         MmioBar { map }
     }
 
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
     fn ptr(&self, offset: u32) -> Option<*mut u32> {
         let off = offset as usize;
-        (off % 4 == 0 && off + 4 <= self.map.len())
+        (off.is_multiple_of(4) && off + 4 <= self.map.len())
             .then(|| unsafe { self.map.as_mut_ptr().add(off).cast::<u32>() })
     }
 }

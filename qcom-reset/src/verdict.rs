@@ -134,7 +134,7 @@ pub fn judge(family: Family, r: &Registers) -> Verdict {
         return v(Health::Syserr, false, what);
     }
     let ready = status & MHISTATUS_READY != 0;
-    if ctrl & MHICTRL_RESET != 0 || ee.is_none_or(|e| ee_name_is_invalid(e)) {
+    if ctrl & MHICTRL_RESET != 0 || ee.is_none_or(ee_name_is_invalid) {
         return v(Health::NotReady, false, what);
     }
     let ee = ee.expect("checked above");

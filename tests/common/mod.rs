@@ -44,6 +44,18 @@ impl Default for FakeDevice<'_> {
     }
 }
 
+impl FakeDevice<'_> {
+    /// An Intel NIC: present, but no target of ours.
+    pub fn foreign(bdf: &str) -> FakeDevice<'_> {
+        FakeDevice {
+            bdf,
+            vendor: 0x8086,
+            device: 0x1533,
+            ..Default::default()
+        }
+    }
+}
+
 impl FakeHost {
     pub fn new() -> FakeHost {
         let dir = tempfile::tempdir().unwrap();

@@ -121,8 +121,9 @@ fn main() -> anyhow::Result<()> {
             toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
             toolchain::run(
-                cargo()
-                    .arg(format!("+{}", toolchain::EBPF_NIGHTLY))
+                Command::new("rustup")
+                    .current_dir(workspace_root())
+                    .args(["run", toolchain::EBPF_NIGHTLY, "cargo"])
                     .args([
                         "clippy",
                         "--package",

@@ -367,12 +367,11 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
             }
             Decision::Act => {}
         }
-        if first && matches!(trigger, Trigger::Rescan | Trigger::KernelResetOk) {
-            match verify_only(sh, bdf).await {
-                Ok(None) => {}
-                Ok(Some(a)) => return sh.act(a_with(a, trigger)),
-                Err(a) => return sh.act(a_with(a, trigger)),
-            }
+        if first
+            && matches!(trigger, Trigger::Rescan | Trigger::KernelResetOk)
+            && let Some(done) = verify_only(sh, bdf, trigger).await
+        {
+            return sh.act(done);
         }
         let req = Request {
             bdf,
@@ -444,11 +443,6 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
     }
 }
 
-fn a_with(mut a: Action, trigger: Trigger) -> Action {
-    a.trigger = trigger;
-    a
-}
-
 /// Refusals are not failed attempts: nothing was written.
 fn is_refusal(e: &crate::Error) -> bool {
     use crate::Error::*;
@@ -463,43 +457,38 @@ fn is_refusal(e: &crate::Error) -> bool {
     )
 }
 
-/// Health check before acting on a weak trigger: Ok(None) = unhealthy, go on.
-async fn verify_only(sh: &Arc<Shared>, bdf: Bdf) -> Result<Option<Action>, Action> {
+/// Health check before acting on a weak trigger: the action that ends the episode (healthy,
+/// not checkable), or None when the device is unhealthy and must be reset.
+async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Action> {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.cfg.device(bdf));
     let st = tokio::task::spawn_blocking(move || {
         let t = engine::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
         engine::status(&host, t, &mut |d| open(d))
     })
     .await;
-    let placeholder = Trigger::Rescan;
     match st {
         Ok(Ok(s)) => match (s.verdict, s.skipped) {
-            (Some(v), _) if v.health == Health::Healthy => Ok(Some(action(
+            (Some(v), _) if v.health == Health::Healthy => Some(action(
                 bdf,
-                placeholder,
+                trigger,
                 "nothing-to-do",
                 format!("healthy: {}", v.detail),
-            ))),
+            )),
             (Some(v), _) => {
                 info!(bdf = %bdf, "unhealthy ({}: {}); resetting", v.health, v.detail);
-                Ok(None)
+                None
             }
-            (None, why) => Ok(Some(action(
+            (None, why) => Some(action(
                 bdf,
-                placeholder,
+                trigger,
                 "skipped",
                 format!("not checked: {}", why.unwrap_or_default()),
-            ))),
+            )),
         },
-        Ok(Err(e)) => Err(action(
+        Ok(Err(e)) => Some(action(bdf, trigger, "skipped", format!("not checked: {e}"))),
+        Err(e) => Some(action(
             bdf,
-            placeholder,
-            "skipped",
-            format!("not checked: {e}"),
-        )),
-        Err(e) => Err(action(
-            bdf,
-            placeholder,
+            trigger,
             "error",
             format!("status task failed: {e}"),
         )),

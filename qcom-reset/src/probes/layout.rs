@@ -91,7 +91,7 @@ pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<(u32, bool)
             .ok_or_else(missing)?;
         bits += m.bit_offset();
         if i + 1 == path.len() {
-            let bitfield = m.bitfield_size().is_some_and(|b| b != 0) || bits % 8 != 0;
+            let bitfield = m.bitfield_size().is_some_and(|b| b != 0) || !bits.is_multiple_of(8);
             return Ok((bits / 8, bitfield));
         }
         let t = btf.resolve_chained_type(m).map_err(|_| missing())?;

@@ -171,7 +171,7 @@ fn resolve(apt: &Apt, wanted: &str) -> anyhow::Result<Option<String>> {
                 && !n.contains("cloud")
         })
         .collect();
-    names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    names.sort_by_key(|n| version_key(n));
     Ok(names.pop())
 }
 
@@ -205,27 +205,69 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
     let kdir = cache_dir().join("kernels").join(&version);
     let vmlinux = kdir.join("vmlinux");
     if !vmlinux.exists() {
-        eprintln!("xtask: fetching {package}");
+        // From 7.x Debian splits the image into linux-binary-* (vmlinuz) and linux-modules-*.
+        let parts: Vec<String> = [
+            package.clone(),
+            format!("linux-binary-{version}"),
+            format!("linux-modules-{version}"),
+        ]
+        .into_iter()
+        .filter(|p| {
+            apt.cmd("apt-cache")
+                .args(["show", "--no-all-versions", p])
+                .output()
+                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+        })
+        .collect();
+        eprintln!("xtask: fetching {}", parts.join(" "));
         let debs = cache_dir().join("debs");
         std::fs::create_dir_all(&debs)?;
-        run(apt
-            .cmd("apt-get")
-            .args(["download", "-qq", &package])
-            .current_dir(&debs))?;
-        let deb = std::fs::read_dir(&debs)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-            .context("downloaded .deb not found")?;
         let root = kdir.join("root");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        for part in &parts {
+            run(apt
+                .cmd("apt-get")
+                .args(["download", "-qq", part])
+                .current_dir(&debs))?;
+            let deb = std::fs::read_dir(&debs)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{part}_")) && n.ends_with(".deb"))
+                })
+                .with_context(|| format!("downloaded {part} .deb not found"))?;
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        }
+        // Kernels from trixie on ship modules under /usr/lib (merged /usr); depmod and modprobe
+        // -d look under lib/.
+        if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
+            std::fs::create_dir_all(root.join("lib"))?;
+            std::os::unix::fs::symlink("../usr/lib/modules", root.join("lib/modules"))?;
+        }
+        // 7.x packages ship only the binary indexes; depmod warns for each missing text one.
+        let mods = root.join("lib/modules").join(&version);
+        for f in [
+            "modules.order",
+            "modules.builtin",
+            "modules.builtin.modinfo",
+        ] {
+            if !mods.join(f).exists() {
+                std::fs::write(mods.join(f), "")?;
+            }
+        }
         run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
-        extract_vmlinux(&root.join(format!("boot/vmlinuz-{version}")), &vmlinux)?;
+        // /boot up to 6.x; the modules directory from 7.x.
+        let vmlinuz = [
+            format!("boot/vmlinuz-{version}"),
+            format!("lib/modules/{version}/vmlinuz"),
+        ]
+        .into_iter()
+        .map(|p| root.join(p))
+        .find(|p| p.exists())
+        .context("the kernel package has no vmlinuz")?;
+        extract_vmlinux(&vmlinuz, &vmlinux)?;
     }
     Ok(Kernel {
         package,
