@@ -117,6 +117,40 @@ pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Resu
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn serves_metrics_on_loopback_only() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let m = std::sync::Arc::new(Metrics::default());
+        m.event("release");
+        let server = tokio::spawn(serve(m, port));
+        let mut body = String::new();
+        for _ in 0..50 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+                s.read_to_string(&mut body).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(
+            body.contains("qcom_reset_events_total{kind=\"release\"} 1"),
+            "{body}"
+        );
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut other = String::new();
+        s.read_to_string(&mut other).await.unwrap();
+        assert!(other.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+
     #[test]
     fn renders_counters_and_histogram() {
         let m = Metrics::default();

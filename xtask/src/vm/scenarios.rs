@@ -114,8 +114,12 @@ pci_command() { dd if=/sys/bus/pci/devices/$1/config bs=1 skip=4 count=2 2>/dev/
 const PROBES: &str = r#"
 RP=0000:01:00.0; ROOT=$(dev_by_id 0x1234 0x11e8 0000:00:) || { echo "no root-bus edu"; exit 1; }
 echo "edu behind a root port: $RP, edu on the root bus: $ROOT"
+# vfio-pci loads only after the tracer started: its probes must attach when the module appears.
+rmmod vfio_pci vfio_pci_core || { echo "cannot unload vfio-pci"; exit 1; }
 qcom-reset trace --all --json > /tmp/auto.json 2>/tmp/auto.err & P=$!
 wait_for /tmp/auto.json '"kind":"attach"' 60 || { cat /tmp/auto.err; exit 1; }
+modprobe vfio-pci
+wait_for /tmp/auto.json '"function":"vfio_pci_core_disable"' 20 || { cat /tmp/auto.err; exit 1; }
 echo 1 > /sys/bus/pci/devices/$RP/reset
 bind_vfio $RP; vmlab-guest vfio-cycle $RP
 echo "" > /sys/bus/pci/devices/$RP/reset_method
@@ -220,9 +224,12 @@ fn attempts(v: &Value) -> Vec<(String, i64)> {
 fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     let auto = json_lines(console, "trace-auto");
-    let attach = events(&auto, "attach")
-        .next()
-        .context("no attach record in trace --all")?;
+    let attaches: Vec<&Value> = events(&auto, "attach").collect();
+    let attach = *attaches.last().context("no attach record in trace --all")?;
+    ensure!(
+        attaches.len() >= 2 && !attaches[0].to_string().contains("vfio_pci_core_disable"),
+        "the VFIO probes should attach only once vfio-pci loads: {attaches:?}"
+    );
     let flavour = |f: &str| {
         attach["attachments"]
             .as_array()
@@ -238,7 +245,7 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "vfio_pci_core_disable not attached: {attach}"
     );
     notes.push(
-        "auto: fentry/fexit on the reset functions, kprobes on the vfio_pci_core module".into(),
+        "auto: fentry/fexit on the reset functions; kprobes on vfio_pci_core, attached when it loaded after the tracer started".into(),
     );
     let rp = "0000:01:00.0";
     let on = |v: &Value, f: &str, bdf: &str| v["function"] == f && v["bdf"] == bdf;
