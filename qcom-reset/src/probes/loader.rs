@@ -89,6 +89,14 @@ fn full_error(e: &(dyn std::error::Error + 'static)) -> String {
 impl Probes {
     /// Loads the object (no program is loaded into the kernel yet).
     pub fn open(opts: &Options) -> anyhow::Result<Probes> {
+        // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (aya-template does the same).
+        let unlimited = rustix::process::Rlimit {
+            current: None,
+            maximum: None,
+        };
+        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Memlock, unlimited) {
+            tracing::debug!("raising RLIMIT_MEMLOCK failed ({e}); fine on kernels from 5.11");
+        }
         let vmlinux = layout::load_vmlinux(Path::new(layout::VMLINUX_BTF))?;
         let pci = layout::pci_dev(&vmlinux)?;
         let trace_all = opts.trace_all as u32;
