@@ -48,7 +48,6 @@ pub fn mhi_state_name(s: u8) -> &'static str {
 pub const EE_PBL: u32 = 0;
 pub const EE_SBL: u32 = 1;
 pub const EE_AMSS: u32 = 2;
-pub const EE_RDDM: u32 = 3;
 pub const EE_WFW: u32 = 4;
 pub const EE_PTHRU: u32 = 5;
 pub const EE_EDL: u32 = 6;

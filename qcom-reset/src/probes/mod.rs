@@ -84,10 +84,6 @@ impl Tracer {
         })
     }
 
-    pub fn attachments(&self) -> &[Attachment] {
-        &self.probes.attachments
-    }
-
     fn housekeeping(&mut self) {
         if self.probes.vfio_pending() && self.probes.attach_vfio_if_loaded() {
             self.queue
