@@ -30,7 +30,9 @@ pub enum Access {
     /// sysfs unless the kernel is locked down, then VFIO.
     #[default]
     Auto,
+    /// sysfs `config` and `resourceN` mmap (refused under lockdown).
     Sysfs,
+    /// The VFIO device fd (needs vfio-pci and no other holder; works under lockdown).
     Vfio,
 }
 
