@@ -36,6 +36,16 @@ pub enum Access {
     Vfio,
 }
 
+impl Access {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Access::Auto => "auto",
+            Access::Sysfs => "sysfs",
+            Access::Vfio => "vfio",
+        }
+    }
+}
+
 /// The kernel lockdown mode ("none", "integrity", "confidentiality"), if securityfs shows it.
 pub fn lockdown_mode(path: &Path) -> Option<String> {
     let s = std::fs::read_to_string(path).ok()?;

@@ -172,16 +172,12 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         require_root()?;
     }
     let access = a.device.access;
-    let access_name = match access {
-        backend::Access::Auto => "auto",
-        backend::Access::Sysfs => "sysfs",
-        backend::Access::Vfio => "vfio",
-    };
+
     let report = engine::reset(
         host,
         &req,
         &mut |dev| backend::open(dev, access),
-        access_name,
+        access.name(),
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -386,9 +386,9 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
             sh.metrics.latency(l);
         }
         first = false;
-        let (host, open) = (sh.host.clone(), sh.open.clone());
+        let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
         let result = tokio::task::spawn_blocking(move || {
-            engine::reset(&host, &req, &mut |d| open(d), "auto")
+            engine::reset(&host, &req, &mut |d| open(d), access)
         })
         .await;
         let mut a = action(bdf, trigger, "error", "");

@@ -51,6 +51,11 @@ pub fn serve(
     report: &Path,
     stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
+    let needed = MODELLED.iter().max().expect("registers are modelled") + 4;
+    anyhow::ensure!(
+        size >= needed as u64,
+        "the shared memory must be at least {needed:#x} bytes (the register map)"
+    );
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
