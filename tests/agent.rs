@@ -118,13 +118,7 @@ fn start_on(host: qcom_reset::engine::Host, cfg: Config, sims: &[(&str, SimDevic
 fn two_device_host() -> FakeHost {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
-    h.add(FakeDevice {
-        bdf: MODEM,
-        device: 0x0308,
-        group: Some("13"),
-        bar_len: 4096,
-        ..Default::default()
-    });
+    h.add(FakeDevice::modem(MODEM));
     h
 }
 

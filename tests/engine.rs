@@ -24,13 +24,7 @@ fn wlan_host() -> FakeHost {
 
 fn modem_host() -> FakeHost {
     let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: MODEM,
-        device: 0x0308,
-        group: Some("13"),
-        bar_len: 4096,
-        ..Default::default()
-    });
+    h.add(FakeDevice::modem(MODEM));
     h
 }
 
@@ -177,92 +171,21 @@ fn modem_golden_trace_and_healthy_verdict() {
 /// (family, fault, expected outcome, expected verdict, register writes the device received)
 #[test]
 fn every_fault_ends_in_the_right_verdict_with_state_restored() {
+    #[rustfmt::skip]
     let cases: &[(Family, &str, Option<Outcome>, Health, usize)] = &[
-        (
-            Family::Wlan,
-            "stuck-syserr",
-            Some(Outcome::Completed),
-            Health::Syserr,
-            3,
-        ),
-        (
-            Family::Wlan,
-            "link-down-ms=8000",
-            Some(Outcome::LinkTimeout),
-            Health::LinkDown,
-            2,
-        ),
-        (
-            Family::Wlan,
-            "link-down-ms=4000",
-            Some(Outcome::Completed),
-            Health::Healthy,
-            3,
-        ),
-        (
-            Family::Wlan,
-            "never-returns",
-            Some(Outcome::LinkTimeout),
-            Health::LinkDown,
-            2,
-        ),
-        (
-            Family::Wlan,
-            "vanish-after-writes=1",
-            Some(Outcome::LinkTimeout),
-            Health::LinkDown,
-            1,
-        ),
+        (Family::Wlan, "stuck-syserr", Some(Outcome::Completed), Health::Syserr, 3),
+        (Family::Wlan, "link-down-ms=8000", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
+        (Family::Wlan, "link-down-ms=4000", Some(Outcome::Completed), Health::Healthy, 3),
+        (Family::Wlan, "never-returns", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
+        (Family::Wlan, "vanish-after-writes=1", Some(Outcome::LinkTimeout), Health::LinkDown, 1),
         (Family::Wlan, "config-all-ones", None, Health::LinkDown, 0),
-        (
-            Family::Wlan,
-            "writes-ignored",
-            Some(Outcome::Completed),
-            Health::Syserr,
-            3,
-        ),
-        (
-            Family::Wlan,
-            "slow-ready-ms=500",
-            Some(Outcome::Completed),
-            Health::Healthy,
-            3,
-        ),
-        (
-            Family::Modem,
-            "never-returns",
-            Some(Outcome::Completed),
-            Health::LinkDown,
-            1,
-        ),
-        (
-            Family::Modem,
-            "stuck-syserr",
-            Some(Outcome::Completed),
-            Health::Syserr,
-            1,
-        ),
-        (
-            Family::Modem,
-            "slow-ready-ms=3000",
-            Some(Outcome::Completed),
-            Health::Healthy,
-            1,
-        ),
-        (
-            Family::Modem,
-            "slow-ready-ms=12000",
-            Some(Outcome::Completed),
-            Health::NotReady,
-            1,
-        ),
-        (
-            Family::Modem,
-            "link-down-ms=5000",
-            Some(Outcome::Completed),
-            Health::Healthy,
-            1,
-        ),
+        (Family::Wlan, "writes-ignored", Some(Outcome::Completed), Health::Syserr, 3),
+        (Family::Wlan, "slow-ready-ms=500", Some(Outcome::Completed), Health::Healthy, 3),
+        (Family::Modem, "never-returns", Some(Outcome::Completed), Health::LinkDown, 1),
+        (Family::Modem, "stuck-syserr", Some(Outcome::Completed), Health::Syserr, 1),
+        (Family::Modem, "slow-ready-ms=3000", Some(Outcome::Completed), Health::Healthy, 1),
+        (Family::Modem, "slow-ready-ms=12000", Some(Outcome::Completed), Health::NotReady, 1),
+        (Family::Modem, "link-down-ms=5000", Some(Outcome::Completed), Health::Healthy, 1),
         (Family::Modem, "config-all-ones", None, Health::LinkDown, 0),
     ];
     for &(family, spec, outcome, health, n_writes) in cases {

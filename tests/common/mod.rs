@@ -45,6 +45,17 @@ impl Default for FakeDevice<'_> {
 }
 
 impl FakeDevice<'_> {
+    /// An SDX65 modem in IOMMU group 13 with its 4 KiB BAR.
+    pub fn modem(bdf: &str) -> FakeDevice<'_> {
+        FakeDevice {
+            bdf,
+            device: 0x0308,
+            group: Some("13"),
+            bar_len: 4096,
+            ..Default::default()
+        }
+    }
+
     /// An Intel NIC: present, but no target of ours.
     pub fn foreign(bdf: &str) -> FakeDevice<'_> {
         FakeDevice {
