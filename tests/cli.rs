@@ -114,7 +114,7 @@ fn machine_facts() -> (bool, Option<bool>) {
         .iter()
         .any(|(_, r)| {
             r.as_ref()
-                .is_err_and(|e| e.contains("os error 1") || e.contains("Operation not permitted"))
+                .is_err_and(|e| qcom_reset::probes::loader::is_eperm(e))
         });
     (kprobes, Some(refused))
 }

@@ -54,6 +54,28 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
     }
 }
 
+/// Healthy in the expected post-reset state, one SoC reset in the reviewed order, state restored.
+fn assert_healthy_after_one_conformant_reset(
+    h: &FakeHost,
+    bdf: &str,
+    sim: &qcom_reset::sim::SimDevice,
+    r: &engine::Report,
+) {
+    let v = r.verdict.as_ref().unwrap();
+    assert_eq!(
+        (v.health, v.in_expected_state),
+        (Health::Healthy, true),
+        "{}",
+        v.detail
+    );
+    assert_eq!(sim.with_model(|m| m.resets), 1);
+    assert!(
+        sim.with_model(|m| conformance::check(m.family, &m.writes))
+            .ok
+    );
+    assert_restored(h, bdf, sim, r);
+}
+
 #[test]
 fn wlan_golden_trace_and_healthy_verdict() {
     let h = wlan_host();
@@ -115,20 +137,12 @@ fn wlan_golden_trace_and_healthy_verdict() {
             "wlan-soc-global-reset/v12"
         )
     );
-    let v = r.verdict.as_ref().unwrap();
+    assert_healthy_after_one_conformant_reset(&h, WLAN, &sim, &r);
     assert_eq!(
-        (v.health, v.in_expected_state),
-        (Health::Healthy, true),
-        "{}",
-        v.detail
+        r.verdict.unwrap().registers.execenv,
+        Some(0),
+        "rebooted into PBL"
     );
-    assert_eq!(v.registers.execenv, Some(0), "rebooted into PBL");
-    assert_eq!(sim.with_model(|m| m.resets), 1);
-    assert!(
-        sim.with_model(|m| conformance::check(m.family, &m.writes))
-            .ok
-    );
-    assert_restored(&h, WLAN, &sim, &r);
 }
 
 #[test]
@@ -154,18 +168,7 @@ fn modem_golden_trace_and_healthy_verdict() {
             Delay { ms: 2000 },
         ]
     );
-    let v = r.verdict.as_ref().unwrap();
-    assert_eq!(
-        (v.health, v.in_expected_state),
-        (Health::Healthy, true),
-        "{}",
-        v.detail
-    );
-    assert!(
-        sim.with_model(|m| conformance::check(m.family, &m.writes))
-            .ok
-    );
-    assert_restored(&h, MODEM, &sim, &r);
+    assert_healthy_after_one_conformant_reset(&h, MODEM, &sim, &r);
 }
 
 /// (family, fault, expected outcome, expected verdict, register writes the device received)

@@ -165,21 +165,17 @@ pub fn run(host: &Host) -> Vec<Check> {
                         None,
                         false,
                     ),
-                    Some((name, Err(e)))
-                        if e.contains("os error 1") || e.contains("Operation not permitted") =>
-                    {
-                        Check::new(
-                            "fentry",
-                            Level::Fail,
-                            format!(
-                                "the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"
-                            ),
-                            Some(
-                                "use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)",
-                            ),
-                            false,
-                        )
-                    }
+                    Some((name, Err(e))) if probes::loader::is_eperm(e) => Check::new(
+                        "fentry",
+                        Level::Fail,
+                        format!(
+                            "the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"
+                        ),
+                        Some(
+                            "use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)",
+                        ),
+                        false,
+                    ),
                     Some((name, Err(e))) => {
                         Check::new("fentry", Level::Fail, format!("{name}: {e}"), None, false)
                     }

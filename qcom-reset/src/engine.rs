@@ -406,17 +406,7 @@ pub fn reset(
             version,
             "verify: reading config space and MHI registers",
         );
-        let mut ids = || -> (u16, u16) {
-            let v = session
-                .backend
-                .config_read16(PCI_VENDOR_ID)
-                .unwrap_or(0xffff);
-            let d = session
-                .backend
-                .config_read16(PCI_DEVICE_ID)
-                .unwrap_or(0xffff);
-            (v, d)
-        };
+        let mut ids = || session.config_ids();
         verdict::verify(p.family, &mut ids, &mut io, len)
     };
     step(

@@ -59,6 +59,11 @@ fn program_name(prefix: &str, f: Func) -> String {
     format!("{prefix}_{}", f.program_stem())
 }
 
+/// Whether a load or attach error is the kernel's EPERM (aya reports errno only as text).
+pub fn is_eperm(error: &str) -> bool {
+    error.contains("Operation not permitted") || error.contains("(os error 1)")
+}
+
 /// Turns aya's attach errors into the reason an administrator can act on.
 fn explain(e: &dyn std::fmt::Display, flavour: &str) -> String {
     let s = e.to_string();
@@ -67,7 +72,7 @@ fn explain(e: &dyn std::fmt::Display, flavour: &str) -> String {
             "kprobes unavailable: no {KPROBE_PMU} (kernel built without CONFIG_KPROBES) ({s})"
         );
     }
-    if s.contains("Operation not permitted") || s.contains("EPERM") || s.contains("os error 1)") {
+    if is_eperm(&s) {
         return format!(
             "{flavour} refused by the kernel (EPERM; lockdown=confidentiality or a BPF LSM?) ({s})"
         );
