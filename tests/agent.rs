@@ -14,19 +14,38 @@ use qcom_reset::bdf::Bdf;
 use qcom_reset::devices::Family;
 use qcom_reset::lock::DeviceLock;
 use qcom_reset::probes::Item;
-use qcom_reset::probes::events::{Kind, TraceEvent};
-use qcom_reset::sim::{Faults, SimDevice};
+use qcom_reset::probes::events::{KernelReset, Kind, TraceEvent};
+use qcom_reset::sim::{Faults, SimDevice, SimState};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 const WLAN: &str = "0000:03:00.0";
 const MODEM: &str = "0000:04:00.0";
 
-fn event(kind: Kind, bdf: &str, device: u16, ret: i32, left_unreset: Option<bool>) -> Item {
-    Item::Event(TraceEvent {
-        schema: 1,
+fn event(kind: Kind, bdf: &str, device: u16, ret: i32, kernel: Option<KernelReset>) -> Item {
+    Item::Event(trace_event(
+        kind,
+        "vfio_pci_core_disable",
+        bdf,
+        device,
+        ret,
+        kernel,
+    ))
+}
+
+fn trace_event(
+    kind: Kind,
+    function: &'static str,
+    bdf: &str,
+    device: u16,
+    ret: i32,
+    kernel: Option<KernelReset>,
+) -> TraceEvent {
+    let left_unreset = kernel.map(|k| k != KernelReset::DeviceSpecific);
+    TraceEvent {
+        schema: 2,
         kind,
         flavour: "kprobe",
-        function: "vfio_pci_core_disable",
+        function,
         bdf: bdf.into(),
         vendor: "17cb".into(),
         device: format!("{device:04x}"),
@@ -39,14 +58,16 @@ fn event(kind: Kind, bdf: &str, device: u16, ret: i32, left_unreset: Option<bool
         comm: "qemu-system-x86".into(),
         attempts: Some(vec![]),
         attempts_seen: Some(0),
-        needs_reset: left_unreset,
+        // What a <=7.1 kernel reports after its bus reset: trusted by nobody.
+        needs_reset: left_unreset.map(|_| false),
+        kernel_reset: kernel,
         left_unreset,
-        left_unreset_from: Some("needs_reset"),
-    })
+    }
 }
 
+/// A release after which only the kernel's (useless) bus reset ran.
 fn release(bdf: &str, device: u16) -> Item {
-    event(Kind::Release, bdf, device, 0, Some(true))
+    event(Kind::Release, bdf, device, 0, Some(KernelReset::Bus))
 }
 
 struct Running {
@@ -123,7 +144,7 @@ fn two_device_host() -> FakeHost {
 }
 
 #[tokio::test]
-async fn a_failed_release_is_reset_to_a_healthy_verdict() {
+async fn a_release_after_a_kernel_bus_reset_is_reset_to_clean() {
     let h = two_device_host();
     let wlan = sim(Family::Wlan, Faults::default());
     let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
@@ -132,7 +153,7 @@ async fn a_failed_release_is_reset_to_a_healthy_verdict() {
     let a = r.next().await;
     assert_eq!(
         (a.bdf.to_string().as_str(), a.trigger, a.result.as_str()),
-        (WLAN, Trigger::Release, "healthy"),
+        (WLAN, Trigger::Release, "clean"),
         "{}",
         a.detail
     );
@@ -170,7 +191,7 @@ async fn a_held_device_is_never_written_and_the_agent_says_why() {
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
-        (Trigger::FailedReset, "skipped")
+        (Trigger::ResetCall, "skipped")
     );
     assert!(
         a.detail.contains("held by pid 555 (qemu-system-x86)"),
@@ -230,7 +251,7 @@ async fn failures_back_off_then_give_up_and_a_restart_remembers() {
     let mut times = Vec::new();
     for _ in 0..3 {
         let a = r.next().await;
-        assert_eq!(a.result, "syserr", "{}", a.detail);
+        assert_eq!(a.result, "crashed", "{}", a.detail);
         times.push(Instant::now());
     }
     let a = r.next().await;
@@ -266,7 +287,7 @@ async fn failures_back_off_then_give_up_and_a_restart_remembers() {
     // After the cool-down (3 s) a new event gets a fresh round of attempts.
     tokio::time::sleep(Duration::from_millis(3100)).await;
     r.tx.send(release(WLAN, 0x1103)).await.unwrap();
-    assert_eq!(r.next().await.result, "syserr");
+    assert_eq!(r.next().await.result, "crashed");
     r.stop().await;
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(h.root().join("state/state.json")).unwrap()).unwrap();
@@ -288,7 +309,7 @@ async fn duplicate_events_are_debounced_into_one_reset() {
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
-        (Trigger::Release, "healthy"),
+        (Trigger::Release, "clean"),
         "the release wins the debounce"
     );
     r.quiet_for(Duration::from_millis(300)).await;
@@ -315,7 +336,7 @@ async fn devices_are_handled_in_parallel_and_serialized_per_device() {
     let first = r.next().await;
     assert_eq!(
         (first.bdf.to_string().as_str(), first.result.as_str()),
-        (MODEM, "healthy"),
+        (MODEM, "clean"),
         "the modem is not blocked by the WLAN card"
     );
     assert_eq!(
@@ -327,7 +348,7 @@ async fn devices_are_handled_in_parallel_and_serialized_per_device() {
     let second = r.next().await;
     assert_eq!(
         (second.bdf.to_string().as_str(), second.result.as_str()),
-        (WLAN, "healthy")
+        (WLAN, "clean")
     );
     r.stop().await;
 }
@@ -352,7 +373,7 @@ async fn observe_only_writes_nothing() {
 }
 
 #[tokio::test]
-async fn startup_rescan_resets_only_unhealthy_targets() {
+async fn startup_rescan_resets_only_unclean_targets() {
     let h = two_device_host();
     let wlan = sim(Family::Wlan, Faults::default());
     let modem = sim(Family::Modem, Faults::default());
@@ -377,23 +398,263 @@ async fn startup_rescan_resets_only_unhealthy_targets() {
     assert_eq!(
         got,
         vec![
-            (WLAN.into(), "healthy".into(), Trigger::Rescan),
+            (WLAN.into(), "clean".into(), Trigger::Rescan),
             (MODEM.into(), "nothing-to-do".into(), Trigger::Rescan)
         ]
     );
     assert_eq!(
         modem.with_model(|m| m.resets),
         1,
-        "the healthy modem was not reset again"
+        "the clean modem was not reset again"
     );
     // A release where the kernel's reset worked only gets verified.
-    r.tx.send(event(Kind::Release, MODEM, 0x0308, 0, Some(false)))
-        .await
-        .unwrap();
+    r.tx.send(event(
+        Kind::Release,
+        MODEM,
+        0x0308,
+        0,
+        Some(KernelReset::DeviceSpecific),
+    ))
+    .await
+    .unwrap();
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
-        (Trigger::KernelResetOk, "nothing-to-do")
+        (Trigger::KernelReset, "nothing-to-do")
     );
     r.stop().await;
+}
+
+/// The decision table: which probe event makes the agent act, verify or ignore.
+#[test]
+fn only_a_device_specific_reset_is_trusted() {
+    use KernelReset::*;
+    let rel = |k| {
+        trace_event(
+            Kind::Release,
+            "vfio_pci_core_disable",
+            WLAN,
+            0x1103,
+            0,
+            Some(k),
+        )
+    };
+    assert_eq!(Trigger::of_event(&rel(Bus)), Some(Trigger::Release));
+    assert_eq!(Trigger::of_event(&rel(None)), Some(Trigger::Release));
+    assert_eq!(
+        Trigger::of_event(&rel(Unidentified)),
+        Some(Trigger::Release)
+    );
+    assert_eq!(
+        Trigger::of_event(&rel(DeviceSpecific)),
+        Some(Trigger::KernelReset)
+    );
+    let call = |f, ret| trace_event(Kind::Attempt, f, WLAN, 0x1103, ret, Option::None);
+    assert_eq!(
+        Trigger::of_event(&call("pci_dev_specific_reset", 0)),
+        Some(Trigger::KernelReset)
+    );
+    for (f, ret) in [
+        ("pci_dev_specific_reset", -110),
+        ("pci_reset_function", 0),
+        ("pci_reset_function", -25),
+        ("pci_reset_bus_function", 0),
+        ("pci_reset_bus", 0),
+    ] {
+        assert_eq!(
+            Trigger::of_event(&call(f, ret)),
+            Some(Trigger::ResetCall),
+            "{f} = {ret}"
+        );
+    }
+    let open = trace_event(
+        Kind::Open,
+        "vfio_pci_core_enable",
+        WLAN,
+        0x1103,
+        0,
+        Some(Bus),
+    );
+    assert_eq!(
+        Trigger::of_event(&open),
+        Option::None,
+        "the device is now held"
+    );
+}
+
+/// The real-host case: a VM killed on a <=7.1 host, the kernel SBRs the card and reports
+/// success, the firmware keeps the dead VM's session. The agent resets it anyway.
+#[tokio::test]
+async fn a_killed_vm_session_survives_the_kernel_bus_reset_and_is_reset() {
+    let h = two_device_host();
+    for (bdf, family, device) in [(WLAN, Family::Wlan, 0x1103), (MODEM, Family::Modem, 0x0308)] {
+        let card = sim_in(family, SimState::Mission, Faults::default());
+        let mut r = start(&h, test_config(&h), &[(bdf, card.clone())]);
+        r.tx.send(release(bdf, device)).await.unwrap();
+        let a = r.next().await;
+        assert_eq!(
+            (a.trigger, a.result.as_str()),
+            (Trigger::Release, "clean"),
+            "{bdf}: {}",
+            a.detail
+        );
+        assert_eq!(card.with_model(|m| m.resets), 1, "{bdf}");
+        r.stop().await;
+    }
+}
+
+/// A kernel device-specific reset that left the session running (or whose writes were lost)
+/// is verified, found stale, and reset; a reset that changes nothing is never called clean.
+#[tokio::test]
+async fn a_kernel_reset_is_verified_and_a_no_op_reset_is_not_clean() {
+    let h = two_device_host();
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    r.tx.send(event(
+        Kind::Release,
+        WLAN,
+        0x1103,
+        0,
+        Some(KernelReset::DeviceSpecific),
+    ))
+    .await
+    .unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::KernelReset, "clean"),
+        "{}",
+        a.detail
+    );
+    assert_eq!(
+        card.with_model(|m| m.resets),
+        1,
+        "stale after the kernel: reset"
+    );
+    r.stop().await;
+
+    let deaf = sim_in(
+        Family::Wlan,
+        SimState::Mission,
+        Faults {
+            writes_ignored: true,
+            ..Default::default()
+        },
+    );
+    let mut cfg = test_config(&h);
+    cfg.max_attempts = 1;
+    cfg.state_file = h.root().join("state/deaf.json");
+    let mut r = start(&h, cfg, &[(WLAN, deaf.clone())]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!(a.result, "stale", "{}", a.detail);
+    r.stop().await;
+}
+
+/// A graceful QEMU shutdown closes the device but keeps the group a while: the release is
+/// retried when the holder goes, and reset exactly once.
+#[tokio::test]
+async fn a_release_while_held_waits_for_the_holder_then_resets_once() {
+    let h = two_device_host();
+    h.hold(777, "qemu-system-x86", "/dev/vfio/12");
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!(a.result, "skipped");
+    assert!(
+        a.detail.contains("held by pid 777") && a.detail.contains("waiting up to 60 s"),
+        "{}",
+        a.detail
+    );
+    r.quiet_for(Duration::from_millis(600)).await;
+    assert_eq!(card.with_model(|m| m.writes.len()), 0, "nothing while held");
+    h.unhold(777);
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
+    r.quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(card.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_holder_that_never_goes_ends_in_one_clear_skip() {
+    let h = two_device_host();
+    h.hold(778, "qemu-system-x86", "/dev/vfio/12");
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut cfg = test_config(&h);
+    cfg.held_wait_s = 1;
+    let mut r = start(&h, cfg, &[(WLAN, card.clone())]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert!(r.next().await.detail.contains("waiting up to 1 s"));
+    let a = r.next().await;
+    assert_eq!(a.result, "skipped");
+    assert!(a.detail.contains("still held after 1 s"), "{}", a.detail);
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    r.stop().await;
+}
+
+/// A modem bound to vfio-pci is reset at once, before any VM opens it.
+#[tokio::test]
+async fn a_bind_to_vfio_pci_resets_at_once() {
+    let h = two_device_host();
+    let modem = sim_in(Family::Modem, SimState::Stuck, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(MODEM, modem.clone())]);
+    r.tx.send(Item::Bound(bdf(MODEM))).await.unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::Bind, "clean"),
+        "{}",
+        a.detail
+    );
+    assert!(
+        a.latency_ms.unwrap() < 40.0,
+        "not debounced: {:?}",
+        a.latency_ms
+    );
+    // A bind of a device that is no target does nothing.
+    h.add(FakeDevice::foreign("0000:05:00.0"));
+    r.tx.send(Item::Bound(bdf("0000:05:00.0"))).await.unwrap();
+    r.quiet_for(Duration::from_millis(200)).await;
+    r.stop().await;
+}
+
+/// `rescan_resets`: "unclean" resets a stale card, "unhealthy-only" leaves it (and resets a
+/// crashed one), "never" only reports.
+#[tokio::test]
+async fn rescan_resets_follows_the_configuration() {
+    use qcom_reset::agent::config::RescanResets;
+    for (policy, state, want, resets) in [
+        (RescanResets::Unclean, SimState::Mission, "clean", 1),
+        (
+            RescanResets::UnhealthyOnly,
+            SimState::Mission,
+            "nothing-to-do",
+            0,
+        ),
+        (RescanResets::UnhealthyOnly, SimState::Crashed, "clean", 1),
+        (RescanResets::Never, SimState::Crashed, "nothing-to-do", 0),
+    ] {
+        let h = FakeHost::new();
+        h.add(FakeDevice::default());
+        let card = sim_in(Family::Wlan, state, Faults::default());
+        let mut cfg = test_config(&h);
+        cfg.rescan = true;
+        cfg.rescan_resets = policy;
+        let mut r = start(&h, cfg, &[(WLAN, card.clone())]);
+        let a = r.next().await;
+        assert_eq!(
+            (a.trigger, a.result.as_str()),
+            (Trigger::Rescan, want),
+            "{policy:?} {state:?}: {}",
+            a.detail
+        );
+        assert_eq!(
+            card.with_model(|m| m.resets),
+            resets,
+            "{policy:?} {state:?}"
+        );
+        r.stop().await;
+    }
 }

@@ -10,7 +10,7 @@ use qcom_reset::io::Op::{self, Delay, Read, Write};
 use qcom_reset::lock::DeviceLock;
 use qcom_reset::regs::ALL_ONES;
 use qcom_reset::sequence::Outcome;
-use qcom_reset::sim::{Faults, conformance};
+use qcom_reset::sim::{Faults, SimState, conformance};
 use qcom_reset::verdict::Health;
 
 const WLAN: &str = "0000:03:00.0";
@@ -54,7 +54,7 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
     }
 }
 
-/// Healthy in the expected post-reset state, one SoC reset in the reviewed order, state restored.
+/// Clean (the family's post-reset state), one SoC reset in the reviewed order, state restored.
 fn assert_healthy_after_one_conformant_reset(
     h: &FakeHost,
     bdf: &str,
@@ -62,12 +62,7 @@ fn assert_healthy_after_one_conformant_reset(
     r: &engine::Report,
 ) {
     let v = r.verdict.as_ref().unwrap();
-    assert_eq!(
-        (v.health, v.in_expected_state),
-        (Health::Healthy, true),
-        "{}",
-        v.detail
-    );
+    assert_eq!(v.health, Health::Clean, "{}", v.detail);
     assert_eq!(sim.with_model(|m| m.resets), 1);
     assert!(
         sim.with_model(|m| conformance::check(m.family, &m.writes))
@@ -153,9 +148,10 @@ fn modem_golden_trace_and_healthy_verdict() {
     assert_eq!(
         r.ops,
         vec![
+            // MHISTATUS of the crashed modem: SYS_ERR with SYSERR set.
             Read {
                 offset: 0x48,
-                value: 0x4
+                value: 0xff04
             },
             Write {
                 offset: 0xb0,
@@ -176,19 +172,19 @@ fn modem_golden_trace_and_healthy_verdict() {
 fn every_fault_ends_in_the_right_verdict_with_state_restored() {
     #[rustfmt::skip]
     let cases: &[(Family, &str, Option<Outcome>, Health, usize)] = &[
-        (Family::Wlan, "stuck-syserr", Some(Outcome::Completed), Health::Syserr, 3),
+        (Family::Wlan, "stuck-syserr", Some(Outcome::Completed), Health::Crashed, 3),
         (Family::Wlan, "link-down-ms=8000", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
-        (Family::Wlan, "link-down-ms=4000", Some(Outcome::Completed), Health::Healthy, 3),
+        (Family::Wlan, "link-down-ms=4000", Some(Outcome::Completed), Health::Clean, 3),
         (Family::Wlan, "never-returns", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
         (Family::Wlan, "vanish-after-writes=1", Some(Outcome::LinkTimeout), Health::LinkDown, 1),
         (Family::Wlan, "config-all-ones", None, Health::LinkDown, 0),
-        (Family::Wlan, "writes-ignored", Some(Outcome::Completed), Health::Syserr, 3),
-        (Family::Wlan, "slow-ready-ms=500", Some(Outcome::Completed), Health::Healthy, 3),
+        (Family::Wlan, "writes-ignored", Some(Outcome::Completed), Health::Crashed, 3),
+        (Family::Wlan, "slow-ready-ms=500", Some(Outcome::Completed), Health::Clean, 3),
         (Family::Modem, "never-returns", Some(Outcome::Completed), Health::LinkDown, 1),
-        (Family::Modem, "stuck-syserr", Some(Outcome::Completed), Health::Syserr, 1),
-        (Family::Modem, "slow-ready-ms=3000", Some(Outcome::Completed), Health::Healthy, 1),
+        (Family::Modem, "stuck-syserr", Some(Outcome::Completed), Health::Crashed, 1),
+        (Family::Modem, "slow-ready-ms=3000", Some(Outcome::Completed), Health::Clean, 1),
         (Family::Modem, "slow-ready-ms=12000", Some(Outcome::Completed), Health::NotReady, 1),
-        (Family::Modem, "link-down-ms=5000", Some(Outcome::Completed), Health::Healthy, 1),
+        (Family::Modem, "link-down-ms=5000", Some(Outcome::Completed), Health::Clean, 1),
         (Family::Modem, "config-all-ones", None, Health::LinkDown, 0),
     ];
     for &(family, spec, outcome, health, n_writes) in cases {
@@ -215,6 +211,55 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
                 "link-down keeps raw all-ones, never decoded"
             );
         }
+    }
+}
+
+/// From every state a previous owner can leave, one reviewed reset ends clean; a reset whose
+/// writes are lost leaves that state as it was, and is never called clean.
+#[test]
+fn every_left_state_is_reset_to_clean_and_lost_writes_are_not_clean() {
+    #[rustfmt::skip]
+    let cases: &[(Family, SimState, Health)] = &[
+        (Family::Wlan, SimState::Mission, Health::Stale),
+        (Family::Wlan, SimState::Crashed, Health::Crashed),
+        (Family::Wlan, SimState::Stuck, Health::Stale),
+        (Family::Modem, SimState::Mission, Health::Stale),
+        (Family::Modem, SimState::Crashed, Health::Crashed),
+        (Family::Modem, SimState::Stuck, Health::Stale),
+    ];
+    for &(family, state, deaf_health) in cases {
+        let (h, b) = match family {
+            Family::Wlan => (wlan_host(), WLAN),
+            Family::Modem => (modem_host(), MODEM),
+        };
+        let card = sim_in(family, state, Faults::default());
+        let before = engine::status(
+            &h.host,
+            engine::inspect(&h.host, bdf(b), None, None).unwrap(),
+            &mut |_| Ok(Box::new(card.clone())),
+        )
+        .unwrap();
+        assert_eq!(
+            before.verdict.unwrap().health,
+            deaf_health,
+            "{family:?} {state:?} before"
+        );
+        let r = reset_with(&h, &Request::new(bdf(b)), &card).unwrap();
+        assert_healthy_after_one_conformant_reset(&h, b, &card, &r);
+        let deaf = sim_in(
+            family,
+            state,
+            Faults {
+                writes_ignored: true,
+                ..Default::default()
+            },
+        );
+        let r = reset_with(&h, &Request::new(bdf(b)), &deaf).unwrap();
+        assert_eq!(
+            r.verdict.unwrap().health,
+            deaf_health,
+            "{family:?} {state:?} with lost writes"
+        );
     }
 }
 
@@ -274,7 +319,7 @@ fn refuses_non_targets_missing_devices_and_foreign_drivers() {
     let mut forced = Request::new(bdf(WLAN));
     forced.force = true;
     let r = reset_with(&h, &forced, &sim).unwrap();
-    assert_eq!(r.verdict.unwrap().health, Health::Healthy);
+    assert_eq!(r.verdict.unwrap().health, Health::Clean);
     let mut bad = Request::new(bdf(WLAN));
     bad.profile = Some("nosuch".into());
     assert!(matches!(
@@ -293,13 +338,28 @@ fn profile_override_makes_any_device_a_target_with_its_bar() {
         group: Some("3"),
         ..Default::default()
     });
-    let sim = sim(Family::Modem, Faults::default());
+    // The config space of the device itself: the simulated firmware answers with its IDs.
+    let card = |vendor, device| {
+        qcom_reset::sim::SimDevice::new(qcom_reset::sim::Model::new(
+            Family::Modem,
+            vendor,
+            device,
+            SimState::Mission,
+            Faults::default(),
+        ))
+    };
     let mut req = Request::new(bdf("0000:00:03.0"));
     req.profile = Some("sdx65".into());
     req.bar = Some(2);
-    let r = reset_with(&h, &req, &sim).unwrap();
+    let r = reset_with(&h, &req, &card(0x1af4, 0x1110)).unwrap();
     assert_eq!((r.profile, r.family), ("sdx65", Family::Modem));
-    assert_eq!(r.verdict.unwrap().health, Health::Healthy);
+    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    // A device that answers with other IDs than sysfs showed is never judged clean, nor
+    // are its registers read for a verdict.
+    let r = reset_with(&h, &req, &card(0x17cb, 0x0308)).unwrap();
+    let v = r.verdict.unwrap();
+    assert_eq!(v.health, Health::WrongIdentity, "{}", v.detail);
+    assert_eq!(v.registers.mhistatus, None);
 }
 
 #[test]
@@ -402,7 +462,7 @@ fn status_reads_registers_only_when_safe() {
     let v = st.verdict.unwrap();
     assert_eq!(
         v.health,
-        Health::Syserr,
+        Health::Crashed,
         "the stuck simulator reports SYSERR"
     );
     assert_eq!(v.registers.mhistatus, Some(0xff04));

@@ -20,7 +20,7 @@ fn every_kprobe_program_passes_the_verifier() {
     })
     .expect("object loads");
     let results = p.verify(Flavour::Kprobe);
-    assert_eq!(results.len(), 16, "8 functions x entry/return");
+    assert_eq!(results.len(), 18, "9 functions x entry/return");
     for (name, r) in &results {
         assert!(r.is_ok(), "{name} rejected: {r:?}");
     }
@@ -34,7 +34,7 @@ fn fentry_programs_load_or_fail_for_a_named_reason() {
     }
     let mut p = Probes::open(&Options::default()).expect("object loads");
     let results = p.verify(Flavour::Fentry);
-    assert_eq!(results.len(), 12, "6 reset functions x fentry/fexit");
+    assert_eq!(results.len(), 14, "7 reset functions x fentry/fexit");
     for (name, r) in results {
         if let Err(e) = r {
             // This machine's kernel refuses tracing programs with EPERM; anything else is a bug.

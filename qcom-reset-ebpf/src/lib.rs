@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Version of the [`Event`] layout; written into every event so a mismatched agent refuses it.
-pub const EVENT_ABI_VERSION: u8 = 1;
+pub const EVENT_ABI_VERSION: u8 = 2;
 /// Longest device name kept from `pdev->dev.kobj.name` ("0000:03:00.0" is 12 bytes + NUL).
 pub const BDF_LEN: usize = 16;
 pub const COMM_LEN: usize = 16;
@@ -30,10 +30,12 @@ pub enum Func {
     PciDevSpecificReset = 6,
     VfioPciCoreEnable = 7,
     VfioPciCoreDisable = 8,
+    /// The `bus` reset method (an SBR of the parent bridge, or a hotplug slot reset).
+    PciResetBusFunction = 9,
 }
 
 impl Func {
-    pub const ALL: [Func; 8] = [
+    pub const ALL: [Func; 9] = [
         Func::PciResetFunction,
         Func::PciTryResetFunction,
         Func::PciResetFunctionLocked,
@@ -42,6 +44,7 @@ impl Func {
         Func::PciDevSpecificReset,
         Func::VfioPciCoreEnable,
         Func::VfioPciCoreDisable,
+        Func::PciResetBusFunction,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Func> {
@@ -54,6 +57,7 @@ impl Func {
             6 => Some(Func::PciDevSpecificReset),
             7 => Some(Func::VfioPciCoreEnable),
             8 => Some(Func::VfioPciCoreDisable),
+            9 => Some(Func::PciResetBusFunction),
             _ => None,
         }
     }
@@ -69,6 +73,7 @@ impl Func {
             Func::PciDevSpecificReset => "pci_dev_specific_reset",
             Func::VfioPciCoreEnable => "vfio_pci_core_enable",
             Func::VfioPciCoreDisable => "vfio_pci_core_disable",
+            Func::PciResetBusFunction => "pci_reset_bus_function",
         }
     }
 

@@ -386,6 +386,16 @@ reset_probes!(
     2,
     1
 );
+reset_probes!(
+    Func::PciResetBusFunction,
+    "pci_reset_bus_function",
+    kp_pci_reset_bus_function,
+    krp_pci_reset_bus_function,
+    fe_pci_reset_bus_function,
+    fx_pci_reset_bus_function,
+    2,
+    1
+);
 
 // The VFIO brackets are kprobe-only: aya resolves fentry targets in vmlinux BTF alone, and these
 // functions live in the vfio_pci_core module.

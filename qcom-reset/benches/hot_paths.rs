@@ -9,8 +9,8 @@ use qcom_reset::devices::Family;
 use qcom_reset::io::Recorder;
 use qcom_reset::probes::events;
 use qcom_reset::sequence;
-use qcom_reset::sim::{Faults, Model, SimDevice};
-use qcom_reset::verdict::{self, Registers};
+use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
+use qcom_reset::verdict::{self, Expect, Registers};
 use qcom_reset_ebpf::{EVENT_ABI_VERSION, Event, EventKind, Flavour, Func};
 
 fn record() -> Vec<u8> {
@@ -39,8 +39,14 @@ fn benches(c: &mut Criterion) {
         bhioff: Some(0x100),
         execenv: Some(0),
     };
+    let expect = |family| Expect {
+        family,
+        vendor: 0x17cb,
+        device: 0x1103,
+        after_our_reset: true,
+    };
     c.bench_function("judge registers", |b| {
-        b.iter(|| verdict::judge(Family::Wlan, black_box(&regs)))
+        b.iter(|| verdict::judge(&expect(Family::Wlan), black_box(&regs)))
     });
 
     for family in [Family::Wlan, Family::Modem] {
@@ -48,12 +54,17 @@ fn benches(c: &mut Criterion) {
             &format!("{} sequence + verify on the simulator", family.name()),
             |b| {
                 b.iter(|| {
-                    let mut dev =
-                        SimDevice::new(Model::stuck(family, 0x17cb, 0x1103, Faults::default()));
+                    let mut dev = SimDevice::new(Model::new(
+                        family,
+                        0x17cb,
+                        0x1103,
+                        SimState::Crashed,
+                        Faults::default(),
+                    ));
                     qcom_reset::backend::Backend::config_write16(&mut dev, 4, 2).unwrap();
                     let mut io = Recorder::new(dev.clone());
                     sequence::run(family, &mut io, &mut |_| {});
-                    verdict::verify(family, &mut || (0x17cb, 0x1103), &mut io, 1 << 20)
+                    verdict::verify(&expect(family), &mut || (0x17cb, 0x1103), &mut io, 1 << 20)
                 })
             },
         );

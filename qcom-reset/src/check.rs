@@ -296,11 +296,14 @@ pub fn run(host: &Host) -> Vec<Check> {
                     None,
                     false,
                 ));
-                out.push(if t.kernel_has_device_specific() {
-                    Check::new("kernel-reset", Level::Info, format!("{}: the kernel provides device_specific; qcom-reset steps aside and uses it", t.bdf), None, false)
-                } else {
-                    Check::new("kernel-reset", Level::Info, format!("{}: no kernel device_specific reset; qcom-reset's register sequence is needed", t.bdf), None, false)
-                });
+                let r = t.regime();
+                out.push(Check::new(
+                    "regime",
+                    Level::Info,
+                    format!("{}: {r}: {}", t.bdf, r.meaning()),
+                    None,
+                    false,
+                ));
             }
         }
         Err(e) => out.push(Check::new(

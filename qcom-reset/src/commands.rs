@@ -146,6 +146,11 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
             serde_json::json!({"kind": "bad-record", "error": why})
         ),
         (Item::Bad(why), false) => println!("bad     {why}"),
+        (Item::Bound(bdf), true) => println!(
+            "{}",
+            serde_json::json!({"kind": "bind", "bdf": bdf.to_string(), "driver": "vfio-pci"})
+        ),
+        (Item::Bound(bdf), false) => println!("bind    {bdf} vfio-pci"),
     }
     Ok(())
 }
@@ -185,7 +190,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         print_report(&report);
     }
     Ok(match &report.verdict {
-        Some(v) if v.health != Health::Healthy => ExitCode::from(EXIT_UNHEALTHY),
+        Some(v) if v.health != Health::Clean => ExitCode::from(EXIT_UNHEALTHY),
         _ => ExitCode::SUCCESS,
     })
 }
@@ -216,17 +221,8 @@ fn print_report(r: &Report) {
         println!("  sequence: {o:?}, {} register operations", r.ops.len());
     }
     if let Some(v) = &r.verdict {
-        println!(
-            "  verdict: {} ({}){}",
-            v.health,
-            v.detail,
-            if v.in_expected_state {
-                ""
-            } else {
-                " [not the expected post-reset state]"
-            }
-        );
-        println!("  expected: {}", v.expected);
+        println!("  verdict: {} ({})", v.health, v.detail);
+        println!("  clean means: {}", v.expected);
         println!("  registers: {}", registers_line(&v.registers));
     }
     let rs = &r.restored;
@@ -327,6 +323,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         );
+        println!("  regime: {}: {}", s.regime, s.regime.meaning());
         match (&s.verdict, &s.skipped) {
             (Some(v), _) => {
                 println!("  verdict: {} ({})", v.health, v.detail);
@@ -423,6 +420,35 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
+        // A missing uevent socket costs only the bind trigger: releases and rescans still work.
+        let binds = match qcom_reset::probes::uevents::BindWatch::open() {
+            Ok(mut w) => {
+                let tx = tx.clone();
+                let mut stop = stop_rx.clone();
+                Some(async move {
+                    loop {
+                        tokio::select! {
+                            b = w.next() => match b {
+                                Ok(bdf) => if tx.send(Item::Bound(bdf)).await.is_err() { break },
+                                Err(e) => { tracing::warn!("uevent socket failed: {e}; binds to vfio-pci are no longer seen"); break }
+                            },
+                            _ = stop.changed() => break,
+                        }
+                    }
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot listen for kernel uevents ({e}): a device bound to vfio-pci is reset at its first release, not at bind; run in the host's network namespace"
+                );
+                None
+            }
+        };
+        let binds = async {
+            if let Some(b) = binds {
+                b.await
+            }
+        };
         let signals = async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -445,6 +471,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 let _ = stop.changed().await;
             }),
             forward,
+            binds,
             signals
         );
         Ok(ExitCode::SUCCESS)

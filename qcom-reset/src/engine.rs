@@ -67,6 +67,68 @@ impl Request {
     }
 }
 
+/// Which reset the kernel itself will do to a target, from its `reset_method` list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// `device_specific` listed (the 2026 quirk, ~7.4+): the kernel resets the card.
+    KernelDeviceSpecific,
+    /// `bus` listed (<=7.1, card alone below a port): the kernel SBRs it, which does not reset it.
+    KernelBusReset,
+    /// Other methods only (e.g. a platform `acpi` _RST): not known to reset the SoC.
+    KernelOther,
+    /// No method (7.2/7.3 NO_BUS_RESET, or a card on the root bus): no kernel reset at all.
+    NoKernelReset,
+}
+
+impl Regime {
+    pub fn of(methods: Option<&[String]>) -> Regime {
+        let methods = methods.unwrap_or_default();
+        let has = |m: &str| methods.iter().any(|x| x == m);
+        if has("device_specific") {
+            Regime::KernelDeviceSpecific
+        } else if has("bus") {
+            Regime::KernelBusReset
+        } else if methods.is_empty() {
+            Regime::NoKernelReset
+        } else {
+            Regime::KernelOther
+        }
+    }
+
+    /// What the regime means for this host, in one sentence.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Regime::KernelDeviceSpecific => {
+                "the kernel resets the card itself (device_specific); qcom-reset only verifies"
+            }
+            Regime::KernelBusReset => {
+                "the kernel will bus-reset (SBR) the card at every VFIO open and release, which \
+                 does not reset it and cannot be stopped from userspace; qcom-reset resets it \
+                 after each release while the link survives (link down: needs a power cycle)"
+            }
+            Regime::KernelOther => {
+                "the kernel's methods are not known to reset these cards; qcom-reset resets \
+                 after each release"
+            }
+            Regime::NoKernelReset => {
+                "no kernel reset at all (7.2/7.3, or a card on the root bus): qcom-reset is the reset"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Regime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Regime::KernelDeviceSpecific => "kernel-device-specific",
+            Regime::KernelBusReset => "kernel-bus-reset",
+            Regime::KernelOther => "kernel-other",
+            Regime::NoKernelReset => "no-kernel-reset",
+        })
+    }
+}
+
 /// What the host shows about a target device, without touching it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -85,11 +147,23 @@ pub struct Target {
 }
 
 impl Target {
+    /// What a verdict on this device is judged against.
+    pub fn expect(&self, after_our_reset: bool) -> verdict::Expect {
+        verdict::Expect {
+            family: self.profile.family,
+            vendor: self.vendor,
+            device: self.device,
+            after_our_reset,
+        }
+    }
+
     /// The kernel already has the Qualcomm device-specific reset (the 2026 quirk).
     pub fn kernel_has_device_specific(&self) -> bool {
-        self.reset_methods
-            .as_ref()
-            .is_some_and(|m| m.iter().any(|m| m == "device_specific"))
+        self.regime() == Regime::KernelDeviceSpecific
+    }
+
+    pub fn regime(&self) -> Regime {
+        Regime::of(self.reset_methods.as_deref())
     }
 
     /// Why we must not write to the device now, if anything.
@@ -372,7 +446,7 @@ pub fn reset(
                 "pre: config space reads all-ones; link down, no BAR writes",
             );
             break 'seq verdict::judge(
-                p.family,
+                &t.expect(true),
                 &verdict::Registers {
                     config_vendor: vendor,
                     config_device: device,
@@ -406,8 +480,20 @@ pub fn reset(
             version,
             "verify: reading config space and MHI registers",
         );
+        // A SoC reset takes the link down, so the sequence reads all-ones at least once; without
+        // that evidence a modem found in AMSS never rebooted (e.g. our writes were lost).
+        let rebooted = kernel
+            || ops.iter().any(|o| {
+                matches!(
+                    o,
+                    crate::io::Op::Read {
+                        value: ALL_ONES,
+                        ..
+                    }
+                )
+            });
         let mut ids = || session.config_ids();
-        verdict::verify(p.family, &mut ids, &mut io, len)
+        verdict::verify(&t.expect(rebooted), &mut ids, &mut io, len)
     };
     step(
         t.bdf,
@@ -462,6 +548,7 @@ pub struct Status {
     #[serde(flatten)]
     pub target: Target,
     pub kernel_device_specific: bool,
+    pub regime: Regime,
     pub verdict: Option<Verdict>,
     /// Why the registers were not read.
     pub skipped: Option<String>,
@@ -472,6 +559,7 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
     let kernel_device_specific = t.kernel_has_device_specific();
     if let Some(e) = t.refusal(false) {
         return Ok(Status {
+            regime: t.regime(),
             target: t,
             kernel_device_specific,
             verdict: None,
@@ -491,12 +579,13 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
         } else {
             session.enable_memory()?;
             let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
-            verdict::read_registers(vendor, device, bar.as_mut(), len)
+            verdict::read_registers(&t.expect(false), vendor, device, bar.as_mut(), len)
         };
         session.restore();
-        verdict::judge(t.profile.family, &regs)
+        verdict::judge(&t.expect(false), &regs)
     };
     Ok(Status {
+        regime: t.regime(),
         target: t,
         kernel_device_specific,
         verdict: Some(verdict),

@@ -27,6 +27,8 @@ pub const fn mhi_state(status: u32) -> u8 {
 /// MHI states (MHISTATUS/MHICTRL [15:8]).
 pub const MHI_STATE_RESET: u8 = 0;
 pub const MHI_STATE_READY: u8 = 1;
+pub const MHI_STATE_M0: u8 = 2;
+pub const MHI_STATE_M3: u8 = 5;
 pub const MHI_STATE_SYS_ERR: u8 = 0xff;
 
 pub fn mhi_state_name(s: u8) -> &'static str {
@@ -48,9 +50,11 @@ pub fn mhi_state_name(s: u8) -> &'static str {
 pub const EE_PBL: u32 = 0;
 pub const EE_SBL: u32 = 1;
 pub const EE_AMSS: u32 = 2;
+pub const EE_RDDM: u32 = 3;
 pub const EE_WFW: u32 = 4;
 pub const EE_PTHRU: u32 = 5;
 pub const EE_EDL: u32 = 6;
+pub const EE_FP: u32 = 7;
 
 pub fn ee_name(ee: u32) -> &'static str {
     match ee {

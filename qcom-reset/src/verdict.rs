@@ -8,26 +8,34 @@ use crate::devices::Family;
 use crate::io::RegisterIo;
 use crate::regs::*;
 
+/// Whether the next owner can use the card, not merely whether it answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
-    /// Link up, no SYSERR, MHI out of reset in a valid execution environment.
-    Healthy,
-    /// The device reports a system error (MHISTATUS.SYSERR or MHI state SYS_ERR).
-    Syserr,
+    /// The family's post-reset state: the next owner can bring the firmware up from scratch.
+    Clean,
+    /// A previous owner's firmware session still runs (MHI M0-M3 or a mission-mode EE with no
+    /// host driver bound): alive, but the next owner's driver cannot take it over.
+    Stale,
+    /// The firmware crashed: SYSERR, MHI state SYS_ERR or EE RDDM (ramdump).
+    Crashed,
+    /// Alive and without error, but MHI is still in reset, or not READY, or the EE is unreadable.
+    NotReady,
     /// Config space or the BAR reads all-ones: the device is off the bus.
     LinkDown,
-    /// Alive and without error, but MHI is still in reset or (modem) not READY.
-    NotReady,
+    /// Config space answers with other IDs than the target's (0x0000 included).
+    WrongIdentity,
 }
 
 impl std::fmt::Display for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Health::Healthy => "healthy",
-            Health::Syserr => "syserr",
-            Health::LinkDown => "link-down",
+            Health::Clean => "clean",
+            Health::Stale => "stale",
+            Health::Crashed => "crashed",
             Health::NotReady => "not-ready",
+            Health::LinkDown => "link-down",
+            Health::WrongIdentity => "wrong-identity",
         })
     }
 }
@@ -46,12 +54,23 @@ pub struct Registers {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub health: Health,
-    /// What the family's firmware should show right after our reset.
+    /// What `clean` means for this family.
     pub expected: &'static str,
-    /// Whether the registers match `expected` exactly.
-    pub in_expected_state: bool,
     pub detail: String,
     pub registers: Registers,
+}
+
+/// What the registers are judged against. The engine reads registers only of a device with no
+/// host driver bound (vfio-pci or none), so a running session there is always a stale one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    pub family: Family,
+    /// The IDs the target had when it was chosen (sysfs).
+    pub vendor: u16,
+    pub device: u16,
+    /// Right after a reset that was seen to take effect (the link dropped), a modem may already
+    /// have booted on into AMSS by itself.
+    pub after_our_reset: bool,
 }
 
 pub const fn expected_after_reset(family: Family) -> &'static str {
@@ -59,9 +78,11 @@ pub const fn expected_after_reset(family: Family) -> &'static str {
         // The SoC global reset reboots into the primary boot loader; the MHI reset clears the
         // SYSERR latched across it (ath11k_mhi_set_mhictrl_reset).
         Family::Wlan => "MHICTRL.RESET clear, SYSERR clear, MHI state RESET or READY, EE PBL",
-        // After MHI_SOC_RESET_REQ and 2 s the modem is booting or booted (mhi_pci_generic
-        // reset_done accepts PBL/SBL/AMSS/EDL/PTHRU) and must raise READY for the host.
-        Family::Modem => "SYSERR clear, MHI state READY, EE PBL/SBL/AMSS/EDL/PTHRU",
+        // After MHI_SOC_RESET_REQ the modem boots and raises READY for the host
+        // (mhi_pci_generic reset_done accepts PBL/SBL/EDL/PTHRU; AMSS only right after our reset).
+        Family::Modem => {
+            "SYSERR clear, MHI state READY, EE PBL/SBL/EDL/PTHRU (AMSS only right after our reset)"
+        }
     }
 }
 
@@ -69,8 +90,10 @@ fn bhi_readable(bhioff: u32, bar_len: u64) -> bool {
     bhioff != ALL_ONES && (bhioff as u64 + BHI_EXECENV as u64 + 4) <= bar_len
 }
 
-/// Reads everything a verdict needs; the BAR only when config space answers.
+/// Reads everything a verdict needs; the BAR only when config space answers with the target's
+/// vendor (reading unknown offsets of a foreign device is never safe).
 pub fn read_registers(
+    expect: &Expect,
     vendor: u16,
     device: u16,
     io: &mut dyn RegisterIo,
@@ -81,7 +104,7 @@ pub fn read_registers(
         config_device: device,
         ..Default::default()
     };
-    if vendor == 0xffff {
+    if (vendor, device) != (expect.vendor, expect.device) {
         return r;
     }
     r.mhistatus = Some(io.read32(MHISTATUS));
@@ -94,64 +117,91 @@ pub fn read_registers(
     r
 }
 
-pub fn judge(family: Family, r: &Registers) -> Verdict {
-    let v = |health, in_expected_state, detail: String| Verdict {
+/// A mission-mode execution environment: the firmware proper runs (domain.md §2.1).
+fn mission_mode(ee: u32) -> bool {
+    matches!(ee, EE_AMSS | EE_WFW | EE_FP)
+}
+
+/// MHI M0..M3 (M3_FAST included): a host completed power-up and the session is live.
+fn session_state(state: u8) -> bool {
+    (MHI_STATE_M0..=MHI_STATE_M3 + 1).contains(&state)
+}
+
+pub fn judge(expect: &Expect, r: &Registers) -> Verdict {
+    let family = expect.family;
+    let v = |health, detail: String| Verdict {
         health,
         expected: expected_after_reset(family),
-        in_expected_state,
         detail,
         registers: *r,
     };
     if r.config_vendor == 0xffff {
         return v(
             Health::LinkDown,
-            false,
             "config space reads all-ones (rev ff): the link is down".into(),
         );
     }
+    if (r.config_vendor, r.config_device) != (expect.vendor, expect.device) {
+        return v(
+            Health::WrongIdentity,
+            format!(
+                "config space reads {:04x}:{:04x}, expected {:04x}:{:04x}",
+                r.config_vendor, r.config_device, expect.vendor, expect.device
+            ),
+        );
+    }
     let (Some(status), Some(ctrl)) = (r.mhistatus, r.mhictrl) else {
-        return v(Health::LinkDown, false, "registers not readable".into());
+        return v(Health::LinkDown, "registers not readable".into());
     };
     if status == ALL_ONES || ctrl == ALL_ONES {
         return v(
             Health::LinkDown,
-            false,
             "BAR reads all-ones: the device is off the bus".into(),
         );
     }
     let state = mhi_state(status);
     let ee = r.execenv.filter(|e| *e != ALL_ONES);
-    let ee_name = ee.map_or("unreadable", ee_name);
+    let ready = status & MHISTATUS_READY != 0;
     let what = format!(
         "MHI state {}, SYSERR {}, READY {}, MHICTRL.RESET {}, EE {}",
         mhi_state_name(state),
         (status & MHISTATUS_SYSERR != 0) as u8,
-        (status & MHISTATUS_READY != 0) as u8,
+        ready as u8,
         (ctrl & MHICTRL_RESET != 0) as u8,
-        ee_name
+        ee.map_or("unreadable", ee_name)
     );
-    if status & MHISTATUS_SYSERR != 0 || state == MHI_STATE_SYS_ERR {
-        return v(Health::Syserr, false, what);
+    if status & MHISTATUS_SYSERR != 0 || state == MHI_STATE_SYS_ERR || ee == Some(EE_RDDM) {
+        return v(Health::Crashed, what);
     }
-    let ready = status & MHISTATUS_READY != 0;
-    if ctrl & MHICTRL_RESET != 0 || ee.is_none_or(ee_name_is_invalid) {
-        return v(Health::NotReady, false, what);
+    let Some(ee) = ee.filter(|e| !ee_name_is_invalid(*e)) else {
+        return v(Health::NotReady, what);
+    };
+    let amss_after_reset = family == Family::Modem && expect.after_our_reset && ee == EE_AMSS;
+    if session_state(state) || (mission_mode(ee) && !amss_after_reset) {
+        return v(
+            Health::Stale,
+            format!("{what}: a previous owner's firmware session still runs"),
+        );
     }
-    let ee = ee.expect("checked above");
-    match family {
-        Family::Wlan => {
-            let expected = ee == EE_PBL && (state == MHI_STATE_RESET || state == MHI_STATE_READY);
-            v(Health::Healthy, expected, what)
-        }
+    if ctrl & MHICTRL_RESET != 0 {
+        return v(Health::NotReady, what);
+    }
+    let clean = match family {
+        Family::Wlan => ee == EE_PBL && (state == MHI_STATE_RESET || state == MHI_STATE_READY),
         Family::Modem => {
-            if !ready && state < MHI_STATE_READY {
-                return v(Health::NotReady, false, what);
-            }
-            let expected = state == MHI_STATE_READY
-                && [EE_PBL, EE_SBL, EE_AMSS, EE_EDL, EE_PTHRU].contains(&ee);
-            v(Health::Healthy, expected, what)
+            ready
+                && state == MHI_STATE_READY
+                && [EE_PBL, EE_SBL, EE_EDL, EE_PTHRU, EE_AMSS].contains(&ee)
         }
-    }
+    };
+    v(
+        if clean {
+            Health::Clean
+        } else {
+            Health::NotReady
+        },
+        what,
+    )
 }
 
 fn ee_name_is_invalid(ee: u32) -> bool {
@@ -168,20 +218,20 @@ pub const fn settle_window(family: Family) -> Duration {
 }
 pub const SETTLE_POLL: Duration = Duration::from_millis(25);
 
-/// After a reset: polls until healthy or the settle window ends; link-down and syserr verdicts
-/// are also re-polled because the firmware may still be coming up.
+/// After a reset: polls until clean or the settle window ends; every other verdict is re-polled
+/// because the firmware may still be coming up.
 pub fn verify(
-    family: Family,
+    expect: &Expect,
     config_ids: &mut dyn FnMut() -> (u16, u16),
     io: &mut dyn RegisterIo,
     bar_len: u64,
 ) -> Verdict {
-    let polls = settle_window(family).as_millis() / SETTLE_POLL.as_millis();
+    let polls = settle_window(expect.family).as_millis() / SETTLE_POLL.as_millis();
     let mut last = None;
     for i in 0..=polls {
         let (vendor, device) = config_ids();
-        let verdict = judge(family, &read_registers(vendor, device, io, bar_len));
-        if verdict.health == Health::Healthy {
+        let verdict = judge(expect, &read_registers(expect, vendor, device, io, bar_len));
+        if verdict.health == Health::Clean {
             return verdict;
         }
         last = Some(verdict);
@@ -196,10 +246,23 @@ pub fn verify(
 mod tests {
     use super::*;
 
-    fn regs(status: u32, ctrl: u32, ee: u32) -> Registers {
+    const WLAN: Expect = Expect {
+        family: Family::Wlan,
+        vendor: 0x17cb,
+        device: 0x1103,
+        after_our_reset: false,
+    };
+    const MODEM: Expect = Expect {
+        family: Family::Modem,
+        vendor: 0x17cb,
+        device: 0x0308,
+        after_our_reset: false,
+    };
+
+    fn regs(e: &Expect, status: u32, ctrl: u32, ee: u32) -> Registers {
         Registers {
-            config_vendor: 0x17cb,
-            config_device: 0x1103,
+            config_vendor: e.vendor,
+            config_device: e.device,
             mhictrl: Some(ctrl),
             mhistatus: Some(status),
             bhioff: Some(0x100),
@@ -207,45 +270,138 @@ mod tests {
         }
     }
 
-    #[test]
-    fn all_ones_is_link_down_never_bits() {
-        let v = judge(Family::Wlan, &regs(ALL_ONES, ALL_ONES, ALL_ONES));
-        assert_eq!(v.health, Health::LinkDown);
-        let mut r = regs(0, 0, 0);
-        r.config_vendor = 0xffff;
-        assert_eq!(judge(Family::Modem, &r).health, Health::LinkDown);
+    fn health(e: &Expect, status: u32, ctrl: u32, ee: u32) -> Health {
+        judge(e, &regs(e, status, ctrl, ee)).health
+    }
+
+    fn st(state: u8, bits: u32) -> u32 {
+        (state as u32) << 8 | bits
     }
 
     #[test]
-    fn decodes_each_verdict() {
+    fn all_ones_is_link_down_never_bits() {
         assert_eq!(
-            judge(Family::Wlan, &regs(MHISTATUS_SYSERR, 0, EE_PBL)).health,
-            Health::Syserr
+            health(&WLAN, ALL_ONES, ALL_ONES, ALL_ONES),
+            Health::LinkDown
         );
+        assert_eq!(health(&WLAN, ALL_ONES, 0, EE_PBL), Health::LinkDown);
+        assert_eq!(health(&WLAN, 0, ALL_ONES, EE_PBL), Health::LinkDown);
+        let mut r = regs(&MODEM, 0, 0, 0);
+        r.config_vendor = 0xffff;
+        assert_eq!(judge(&MODEM, &r).health, Health::LinkDown);
+        r.config_vendor = MODEM.vendor;
+        r.mhistatus = None;
+        assert_eq!(judge(&MODEM, &r).health, Health::LinkDown);
+    }
+
+    #[test]
+    fn other_ids_are_wrong_identity_and_not_read() {
+        for (v, d) in [(0x0000, 0x0000), (0x17cb, 0x1107), (0x8086, 0x1103)] {
+            let mut r = regs(&WLAN, st(1, 1), 0, EE_PBL);
+            (r.config_vendor, r.config_device) = (v, d);
+            let verdict = judge(&WLAN, &r);
+            assert_eq!(verdict.health, Health::WrongIdentity, "{v:04x}:{d:04x}");
+            assert!(
+                verdict.detail.contains("expected 17cb:1103"),
+                "{}",
+                verdict.detail
+            );
+        }
+        let mut io = crate::io::DryRun {
+            assumed: |_| panic!("a foreign device's BAR must not be read"),
+        };
+        let r = read_registers(&WLAN, 0x0000, 0x0000, &mut io, 0x1000);
+        assert_eq!(r.mhistatus, None);
+    }
+
+    #[test]
+    fn wlan_clean_only_in_pbl_with_reset_or_ready() {
+        assert_eq!(health(&WLAN, st(0, 0), 0, EE_PBL), Health::Clean);
+        assert_eq!(health(&WLAN, st(1, 1), 0, EE_PBL), Health::Clean);
+        assert_eq!(health(&WLAN, st(1, 1), 0, EE_SBL), Health::NotReady);
+        assert_eq!(health(&WLAN, st(7, 0), 0, EE_PBL), Health::NotReady, "BHI");
         assert_eq!(
-            judge(Family::Wlan, &regs(0xff00, 0, EE_WFW)).health,
-            Health::Syserr
-        );
-        assert_eq!(
-            judge(Family::Wlan, &regs(0, MHICTRL_RESET, EE_PBL)).health,
+            health(&WLAN, st(0, 0), MHICTRL_RESET, EE_PBL),
             Health::NotReady
         );
-        let ok = judge(Family::Wlan, &regs(0x0101, 0, EE_PBL));
-        assert_eq!((ok.health, ok.in_expected_state), (Health::Healthy, true));
-        let mission = judge(Family::Wlan, &regs(0x0201, 0, EE_WFW));
         assert_eq!(
-            (mission.health, mission.in_expected_state),
-            (Health::Healthy, false)
+            health(&WLAN, st(0, 0), 0, 0x42),
+            Health::NotReady,
+            "invalid EE"
+        );
+        let mut r = regs(&WLAN, st(0, 0), 0, EE_PBL);
+        r.execenv = None;
+        assert_eq!(judge(&WLAN, &r).health, Health::NotReady, "EE unreadable");
+    }
+
+    #[test]
+    fn a_running_session_is_stale_not_clean() {
+        for state in 2..=6 {
+            assert_eq!(
+                health(&WLAN, st(state, 1), 0, EE_WFW),
+                Health::Stale,
+                "M{}",
+                state - 2
+            );
+            assert_eq!(health(&MODEM, st(state, 1), 0, EE_AMSS), Health::Stale);
+        }
+        // Mission mode in READY: the firmware proper runs, nobody owns it.
+        assert_eq!(health(&WLAN, st(1, 1), 0, EE_WFW), Health::Stale);
+        assert_eq!(health(&WLAN, st(0, 0), 0, EE_FP), Health::Stale);
+        assert_eq!(health(&MODEM, st(1, 1), 0, EE_AMSS), Health::Stale);
+        let v = judge(&WLAN, &regs(&WLAN, st(2, 1), 0, EE_WFW));
+        assert!(
+            v.detail.contains("M0") && v.detail.contains("session"),
+            "{}",
+            v.detail
+        );
+    }
+
+    #[test]
+    fn crashed_on_syserr_sys_err_state_or_ramdump() {
+        assert_eq!(health(&WLAN, MHISTATUS_SYSERR, 0, EE_PBL), Health::Crashed);
+        assert_eq!(health(&WLAN, st(0xff, 0), 0, EE_WFW), Health::Crashed);
+        assert_eq!(health(&WLAN, st(0, 0), 0, EE_RDDM), Health::Crashed);
+        assert_eq!(
+            health(&MODEM, st(2, 1 | MHISTATUS_SYSERR), 0, EE_AMSS),
+            Health::Crashed
+        );
+    }
+
+    #[test]
+    fn modem_clean_needs_ready_and_amss_only_after_our_reset() {
+        for ee in [EE_PBL, EE_SBL, EE_EDL, EE_PTHRU] {
+            assert_eq!(
+                health(&MODEM, st(1, 1), 0, ee),
+                Health::Clean,
+                "{}",
+                ee_name(ee)
+            );
+        }
+        assert_eq!(health(&MODEM, st(0, 0), 0, EE_PBL), Health::NotReady);
+        assert_eq!(
+            health(&MODEM, st(1, 0), 0, EE_PBL),
+            Health::NotReady,
+            "READY bit"
         );
         assert_eq!(
-            judge(Family::Modem, &regs(0, 0, EE_PBL)).health,
+            health(&MODEM, st(1, 1), MHICTRL_RESET, EE_PBL),
             Health::NotReady
         );
-        let m = judge(Family::Modem, &regs(0x0101, 0, EE_SBL));
-        assert_eq!((m.health, m.in_expected_state), (Health::Healthy, true));
+        let after = Expect {
+            after_our_reset: true,
+            ..MODEM
+        };
+        assert_eq!(health(&after, st(1, 1), 0, EE_AMSS), Health::Clean);
         assert_eq!(
-            judge(Family::Modem, &regs(0x0101, 0, 0x42)).health,
-            Health::NotReady
+            health(&after, st(2, 1), 0, EE_AMSS),
+            Health::Stale,
+            "M0 never"
         );
+        let wlan_after = Expect {
+            after_our_reset: true,
+            ..WLAN
+        };
+        assert_eq!(health(&wlan_after, st(1, 1), 0, EE_WFW), Health::Stale);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::devices::Family;
 use qcom_reset::engine::{self, Host, Report, Request};
-use qcom_reset::sim::{Faults, Model, SimDevice};
+use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
 use qcom_reset::sysfs::PciSysfs;
 
 pub struct FakeHost {
@@ -137,6 +137,11 @@ impl FakeHost {
         symlink(path, p.join("fd/7")).unwrap();
     }
 
+    /// The fake process exits.
+    pub fn unhold(&self, pid: u32) {
+        fs::remove_dir_all(self.host.proc_root.join(pid.to_string())).unwrap();
+    }
+
     pub fn read(&self, bdf: &str, attr: &str) -> String {
         fs::read_to_string(self.host.sysfs.root.join(bdf).join(attr))
             .unwrap()
@@ -145,12 +150,17 @@ impl FakeHost {
     }
 }
 
+/// A card whose firmware crashed under the previous owner.
 pub fn sim(family: Family, faults: Faults) -> SimDevice {
+    sim_in(family, SimState::Crashed, faults)
+}
+
+pub fn sim_in(family: Family, state: SimState, faults: Faults) -> SimDevice {
     let device = match family {
         Family::Wlan => 0x1103,
         Family::Modem => 0x0308,
     };
-    SimDevice::new(Model::stuck(family, 0x17cb, device, faults))
+    SimDevice::new(Model::new(family, 0x17cb, device, state, faults))
 }
 
 pub fn bdf(s: &str) -> Bdf {

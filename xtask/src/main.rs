@@ -62,8 +62,10 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo` of the pinned toolchain, in the workspace (never the default toolchain's cargo that
+/// started xtask: it may be older than the product's `rust-version`).
 fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = toolchain::pinned_cargo();
     c.current_dir(workspace_root());
     c
 }
@@ -121,9 +123,8 @@ fn main() -> anyhow::Result<()> {
             toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
             toolchain::run(
-                Command::new("rustup")
+                toolchain::toolchain_cargo(toolchain::EBPF_NIGHTLY)
                     .current_dir(workspace_root())
-                    .args(["run", toolchain::EBPF_NIGHTLY, "cargo"])
                     .args([
                         "clippy",
                         "--package",

@@ -1,13 +1,42 @@
-//! Installs what building the eBPF programs needs, idempotently and silently when present:
-//! the pinned nightly with rust-src, and bpf-linker built against that nightly's own LLVM (no
-//! distro ships LLVM 23; toolchain.md has the verified recipe).
+//! The bootstrap. xtask itself builds with whatever stable toolchain rustup has as default (there
+//! is deliberately no rust-toolchain.toml: with `RUSTUP_AUTO_INSTALL=0` a pin there stops every
+//! `cargo` in the tree before xtask can install it). xtask then installs, idempotently and
+//! silently when present, the pinned userspace toolchain, the pinned eBPF nightly with rust-src,
+//! and bpf-linker built against that nightly's own LLVM (no distro ships LLVM 23; toolchain.md has
+//! the verified recipe), and runs every build with the pinned toolchain named explicitly.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
+/// The userspace toolchain (aya 0.16 needs rustc >= 1.98; `rust-version` in the manifests says so
+/// to a plain `cargo build` on an older default).
+pub const PINNED: &str = "1.99.1";
 /// Keep in step with `EBPF_NIGHTLY` in qcom-reset/build.rs.
 pub const EBPF_NIGHTLY: &str = "nightly-2026-10-29";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Static guest binaries for the VM lab.
+pub const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// `cargo` of the pinned toolchain, with the variables the outer (default-toolchain) cargo set
+/// for xtask removed so they cannot leak its rustc into the build.
+pub fn pinned_cargo() -> Command {
+    toolchain_cargo(PINNED)
+}
+
+pub fn toolchain_cargo(toolchain: &str) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", toolchain, "cargo"]);
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC_WRAPPER",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
 
 fn quiet(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
@@ -25,9 +54,10 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nightly_ready() -> anyhow::Result<bool> {
+/// Whether `toolchain` is installed with every one of `components`.
+fn toolchain_ready(toolchain: &str, components: &[&str]) -> anyhow::Result<bool> {
     let installed = quiet(Command::new("rustup").args(["toolchain", "list"]))?;
-    if !installed.lines().any(|l| l.starts_with(EBPF_NIGHTLY)) {
+    if !installed.lines().any(|l| l.starts_with(toolchain)) {
         return Ok(false);
     }
     let comps = quiet(Command::new("rustup").args([
@@ -35,9 +65,38 @@ fn nightly_ready() -> anyhow::Result<bool> {
         "list",
         "--installed",
         "--toolchain",
-        EBPF_NIGHTLY,
+        toolchain,
     ]))?;
-    Ok(comps.lines().any(|l| l.starts_with("rust-src")))
+    Ok(components
+        .iter()
+        .all(|want| comps.lines().any(|l| l.starts_with(want))))
+}
+
+fn install_toolchain(toolchain: &str, components: &str, why: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: installing {toolchain} with {components} ({why})");
+    run(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        toolchain,
+        "--profile",
+        "minimal",
+        "--component",
+        components,
+    ]))
+    .with_context(|| {
+        format!(
+            "could not install {toolchain}; check network access to the Rust distribution server"
+        )
+    })
+}
+
+/// The pinned userspace toolchain with clippy and rustfmt.
+pub fn ensure_pinned() -> anyhow::Result<()> {
+    require_rustup()?;
+    if !toolchain_ready(PINNED, &["clippy", "rustfmt"])? {
+        install_toolchain(PINNED, "clippy,rustfmt", "userspace toolchain")?;
+    }
+    Ok(())
 }
 
 fn bpf_linker_ready() -> bool {
@@ -50,8 +109,7 @@ fn bpf_linker_ready() -> bool {
         })
 }
 
-/// Makes sure the eBPF toolchain is present; prints only when it installs something.
-pub fn ensure_ebpf() -> anyhow::Result<()> {
+fn require_rustup() -> anyhow::Result<()> {
     if Command::new("rustup")
         .arg("--version")
         .stdout(Stdio::null())
@@ -63,10 +121,14 @@ pub fn ensure_ebpf() -> anyhow::Result<()> {
             "rustup not found: install it from your distribution (package rustup) so the pinned eBPF nightly can be installed"
         );
     }
-    if !nightly_ready()? {
-        eprintln!("xtask: installing {EBPF_NIGHTLY} with rust-src (eBPF toolchain)");
-        run(Command::new("rustup").args(["toolchain", "install", EBPF_NIGHTLY, "--profile", "minimal", "--component", "rust-src,clippy"]))
-            .context("could not install the eBPF nightly; check network access to the Rust distribution server")?;
+    Ok(())
+}
+
+/// Makes sure both toolchains and bpf-linker are present; prints only when it installs something.
+pub fn ensure_ebpf() -> anyhow::Result<()> {
+    ensure_pinned()?;
+    if !toolchain_ready(EBPF_NIGHTLY, &["rust-src", "clippy"])? {
+        install_toolchain(EBPF_NIGHTLY, "rust-src,clippy", "eBPF toolchain")?;
     }
     if !bpf_linker_ready() {
         eprintln!(
@@ -92,8 +154,7 @@ pub fn ensure_ebpf() -> anyhow::Result<()> {
             .next()
             .unwrap_or_default()
             .to_string();
-        run(Command::new("cargo")
-            .arg(format!("+{EBPF_NIGHTLY}"))
+        run(toolchain_cargo(EBPF_NIGHTLY)
             .args([
                 "install",
                 "--locked",
@@ -114,13 +175,17 @@ pub fn ensure_ebpf() -> anyhow::Result<()> {
 
 /// The static-binary target the VM lab's guests need.
 pub fn ensure_musl() -> anyhow::Result<()> {
-    let installed = quiet(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if !installed
-        .lines()
-        .any(|l| l.trim() == "x86_64-unknown-linux-musl")
-    {
-        eprintln!("xtask: adding the x86_64-unknown-linux-musl target (static guest binaries)");
-        run(Command::new("rustup").args(["target", "add", "x86_64-unknown-linux-musl"]))?;
+    ensure_pinned()?;
+    let installed = quiet(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        PINNED,
+    ]))?;
+    if !installed.lines().any(|l| l.trim() == MUSL) {
+        eprintln!("xtask: adding the {MUSL} target to {PINNED} (static guest binaries)");
+        run(Command::new("rustup").args(["target", "add", MUSL, "--toolchain", PINNED]))?;
     }
     Ok(())
 }

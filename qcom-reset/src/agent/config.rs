@@ -27,8 +27,13 @@ pub struct Config {
     pub backoff_ms: u64,
     /// After `max_attempts` failures, no attempt for this long.
     pub cooldown_s: u64,
-    /// Check every target at start and after lost events, and reset the unhealthy ones.
+    /// Check every target at start and after lost events (`rescan_resets` says which to reset).
     pub rescan: bool,
+    /// Which targets a rescan resets (bound to vfio-pci or no driver, and not held).
+    pub rescan_resets: RescanResets,
+    /// A release the holder check calls "held" (e.g. QEMU closed the device but keeps the group
+    /// open while shutting down) is retried when the holder goes, for up to this long.
+    pub held_wait_s: u64,
     /// Use our register sequence even where the kernel has `device_specific`.
     pub act_with_kernel_reset: bool,
     /// Append-only JSON-lines log of events and actions ("" disables it).
@@ -41,6 +46,29 @@ pub struct Config {
     pub access: Access,
     /// Per-device settings by PCI address.
     pub devices: BTreeMap<String, DeviceConfig>,
+}
+
+/// Which verdicts a rescan acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RescanResets {
+    /// Every verdict but `clean`: a stale session left by a previous owner is reset too.
+    Unclean,
+    /// Only `crashed` and `not-ready`; a `stale` card is reported and left alone.
+    UnhealthyOnly,
+    /// Report only.
+    Never,
+}
+
+impl RescanResets {
+    pub fn resets(self, h: crate::verdict::Health) -> bool {
+        use crate::verdict::Health::*;
+        match self {
+            RescanResets::Unclean => h != Clean,
+            RescanResets::UnhealthyOnly => matches!(h, Crashed | NotReady),
+            RescanResets::Never => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +92,8 @@ impl Default for Config {
             backoff_ms: 2000,
             cooldown_s: 600,
             rescan: true,
+            rescan_resets: RescanResets::Unclean,
+            held_wait_s: 60,
             act_with_kernel_reset: false,
             journal: PathBuf::from("/var/log/qcom-reset/events.jsonl"),
             state_file: PathBuf::from("/var/lib/qcom-reset/state.json"),
@@ -163,6 +193,10 @@ impl Config {
             .iter()
             .filter_map(|(a, d)| Some((a.parse().ok()?, d.profile.clone()?, d.bar)))
             .collect()
+    }
+
+    pub fn held_wait(&self) -> Duration {
+        Duration::from_secs(self.held_wait_s)
     }
 
     pub fn debounce(&self) -> Duration {

@@ -1,6 +1,8 @@
 //! The auto-remediation agent: probe items in, per-device tasks decide and act, verdicts out.
-//! Event-driven: a release that left a target unreset starts its reset at once; there is no
-//! polling loop (the start-up and lost-event rescans are the only sweeps).
+//! Event-driven: a release (or a bind to vfio-pci) starts the reset at once unless the kernel's
+//! own `device_specific` reset ran; a bus reset's "success" is not a reset of these cards
+//! (domain.md §7). There is no polling loop: the start-up and lost-event rescans are the only
+//! sweeps, and a held device is re-checked only while a release waits for its holder.
 pub mod config;
 pub mod metrics;
 pub mod policy;
@@ -35,14 +37,43 @@ pub type OpenFn = Arc<dyn Fn(&SysfsDevice) -> crate::Result<Box<dyn Backend>> + 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Trigger {
-    /// Start-up or lost-event sweep: act only if the device is unhealthy.
+    /// Start-up or lost-event sweep: verify, reset as `rescan_resets` says.
     Rescan,
-    /// The kernel reset the device at release: verify, act only if unhealthy.
-    KernelResetOk,
-    /// A reset call failed (sysfs reset, VFIO_DEVICE_RESET, open-time reset).
-    FailedReset,
-    /// vfio_pci_core_disable returned and left the device without a successful reset.
+    /// A reset call other than a successful `pci_dev_specific_reset` (sysfs `reset`,
+    /// VFIO_DEVICE_RESET, a bus reset), whatever it returned: debounced, then reset.
+    ResetCall,
+    /// The kernel's `pci_dev_specific_reset` returned 0: verify, reset only if not clean.
+    KernelReset,
+    /// The device became bound to vfio-pci: reset before the first VM opens it.
+    Bind,
+    /// vfio_pci_core_disable returned without the kernel's device-specific reset.
     Release,
+}
+
+impl Trigger {
+    /// Acts at once; the others wait the debounce window for the event that explains them.
+    fn immediate(self) -> bool {
+        matches!(self, Trigger::Release | Trigger::Bind)
+    }
+
+    /// Checks the device first and resets only if the verdict calls for it.
+    fn verifies_first(self) -> bool {
+        matches!(self, Trigger::Rescan | Trigger::KernelReset)
+    }
+
+    /// The trigger for a probe event on a target, or None when it needs nothing.
+    pub fn of_event(e: &TraceEvent) -> Option<Trigger> {
+        let device_specific_ok =
+            e.function == qcom_reset_ebpf::Func::PciDevSpecificReset.symbol() && e.ret == 0;
+        match e.kind {
+            Kind::Release if e.left_unreset == Some(false) => Some(Trigger::KernelReset),
+            Kind::Release => Some(Trigger::Release),
+            Kind::Attempt if device_specific_ok => Some(Trigger::KernelReset),
+            Kind::Attempt => Some(Trigger::ResetCall),
+            // The device is now held; its release will follow.
+            Kind::Open => None,
+        }
+    }
 }
 
 /// One thing the agent did or declined to do; journaled and broadcast.
@@ -51,7 +82,8 @@ pub struct Action {
     pub ts_ms: u64,
     pub bdf: Bdf,
     pub trigger: Trigger,
-    /// "healthy", "syserr", "link-down", "not-ready", "error", "dry-run", "skipped", "nothing-to-do"
+    /// A verdict ("clean", "stale", "crashed", "not-ready", "link-down", "wrong-identity"), or
+    /// "error", "dry-run", "skipped", "nothing-to-do"
     pub result: String,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,7 +124,7 @@ impl Shared {
 
     fn act(&self, a: Action) {
         match a.result.as_str() {
-            "healthy" | "nothing-to-do" | "dry-run" => {
+            "clean" | "nothing-to-do" | "dry-run" => {
                 info!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail)
             }
             _ => warn!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail),
@@ -106,10 +138,10 @@ impl Shared {
         s.devices.get(&bdf.to_string()).cloned().unwrap_or_default()
     }
 
-    fn record(&self, bdf: Bdf, healthy: bool, verdict: &str) {
+    fn record(&self, bdf: Bdf, clean: bool, verdict: &str) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let h = s.devices.entry(bdf.to_string()).or_default();
-        policy::record(&self.cfg, h, healthy, verdict, now_ms());
+        policy::record(&self.cfg, h, clean, verdict, now_ms());
         if let Err(e) = s.save(&self.cfg.state_file) {
             warn!("{e}");
         }
@@ -184,6 +216,7 @@ impl Agent {
 
     /// Runs until `stop` resolves or the item source ends; then lets in-flight sequences finish.
     pub async fn run(mut self, mut items: mpsc::Receiver<Item>, stop: impl Future<Output = ()>) {
+        self.log_regimes();
         if self.shared.cfg.rescan {
             self.rescan("start");
         }
@@ -236,6 +269,35 @@ impl Agent {
                 }
             }
             Item::Bad(why) => warn!("undecodable probe record: {why}"),
+            Item::Bound(bdf) => self.on_bound(bdf, at),
+        }
+    }
+
+    /// A device was bound to vfio-pci: a target is reset before any VM opens it (the modems
+    /// fail their first VM boot otherwise).
+    fn on_bound(&mut self, bdf: Bdf, at: Instant) {
+        let Ok(dev) = self.shared.host.sysfs.device(bdf) else {
+            return;
+        };
+        let Ok((vendor, device)) = dev.ids() else {
+            return;
+        };
+        if self.shared.is_target(bdf, vendor, device) {
+            info!(bdf = %bdf, "bound to vfio-pci");
+            self.dispatch(bdf, Trigger::Bind, at);
+        }
+    }
+
+    /// Which reset regime each target is in, and what that means for this host.
+    fn log_regimes(&self) {
+        match engine::targets(&self.shared.host, &self.shared.cfg.overrides()) {
+            Ok(ts) => {
+                for t in ts {
+                    let r = t.regime();
+                    info!(bdf = %t.bdf, regime = %r, "{}", r.meaning());
+                }
+            }
+            Err(e) => warn!("cannot list targets: {e}"),
         }
     }
 
@@ -262,11 +324,8 @@ impl Agent {
         if !self.shared.is_target(bdf, vendor, device) {
             return;
         }
-        let trigger = match e.kind {
-            Kind::Release if e.left_unreset == Some(true) => Trigger::Release,
-            Kind::Release => Trigger::KernelResetOk,
-            Kind::Attempt if e.ret < 0 => Trigger::FailedReset,
-            Kind::Attempt | Kind::Open => return,
+        let Some(trigger) = Trigger::of_event(&e) else {
+            return;
         };
         info!(bdf = %bdf, "{}", e.line());
         self.dispatch(bdf, trigger, at);
@@ -294,8 +353,8 @@ impl Agent {
     }
 }
 
-/// Serializes everything for one device. A release acts at once; weaker triggers wait the
-/// debounce window in case the release that explains them follows.
+/// Serializes everything for one device. A release or bind acts at once; weaker triggers wait
+/// the debounce window in case the event that explains them follows.
 async fn device_task(
     sh: Arc<Shared>,
     bdf: Bdf,
@@ -303,7 +362,7 @@ async fn device_task(
 ) {
     while let Some((mut trigger, mut at)) = rx.recv().await {
         let deadline = tokio::time::Instant::from_std(at) + sh.cfg.debounce();
-        while trigger != Trigger::Release {
+        while !trigger.immediate() {
             tokio::select! {
                 m = rx.recv() => match m {
                     Some((t, a)) if t > trigger => (trigger, at) = (t, a),
@@ -338,6 +397,7 @@ fn action(bdf: Bdf, trigger: Trigger, result: &str, detail: impl Into<String>) -
 
 async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
     let dev_cfg = sh.cfg.device(bdf);
+    let held_until = tokio::time::Instant::now() + sh.cfg.held_wait();
     let mut first = true;
     loop {
         if *sh.shutdown.borrow() {
@@ -368,77 +428,133 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
             Decision::Act => {}
         }
         if first
-            && matches!(trigger, Trigger::Rescan | Trigger::KernelResetOk)
+            && trigger.verifies_first()
             && let Some(done) = verify_only(sh, bdf, trigger).await
         {
             return sh.act(done);
         }
-        let req = Request {
-            bdf,
-            profile: dev_cfg.profile.clone(),
-            bar: dev_cfg.bar,
-            force: false,
-            dry_run: sh.cfg.observe_only,
-            ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
-        };
         let latency = first.then(|| at.elapsed());
         if let Some(l) = latency {
             sh.metrics.latency(l);
         }
         first = false;
-        let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
-        let result = tokio::task::spawn_blocking(move || {
-            engine::reset(&host, &req, &mut |d| open(d), access)
+        let mut a = attempt(sh, bdf, trigger, &dev_cfg).await;
+        a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
+        let waits_for_holder = a.result == "held";
+        if waits_for_holder {
+            a.result = "skipped".into();
+            a.detail = format!(
+                "{}; waiting up to {} s for it to let go",
+                a.detail, sh.cfg.held_wait_s
+            );
+        }
+        let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run");
+        sh.act(a);
+        if waits_for_holder {
+            if !holder_gone(sh, bdf, held_until).await {
+                sh.act(action(
+                    bdf,
+                    trigger,
+                    "skipped",
+                    format!("still held after {} s: not reset", sh.cfg.held_wait_s),
+                ));
+                return;
+            }
+            continue;
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// One run of the engine, as an action: a verdict, "error", "dry-run", "skipped" (refused,
+/// nothing written) or "held" (refused because something holds the device or its lock).
+async fn attempt(
+    sh: &Arc<Shared>,
+    bdf: Bdf,
+    trigger: Trigger,
+    dev_cfg: &config::DeviceConfig,
+) -> Action {
+    let req = Request {
+        bdf,
+        profile: dev_cfg.profile.clone(),
+        bar: dev_cfg.bar,
+        force: false,
+        dry_run: sh.cfg.observe_only,
+        ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
+    };
+    let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
+    let result =
+        tokio::task::spawn_blocking(move || engine::reset(&host, &req, &mut |d| open(d), access))
+            .await;
+    let mut a = action(bdf, trigger, "error", "");
+    match result {
+        Err(join) => {
+            a.detail = format!("reset task failed: {join}");
+            sh.metrics.reset("error");
+            sh.record(bdf, false, "error");
+        }
+        Ok(Err(e)) if is_refusal(&e) => {
+            sh.metrics.skipped("refused");
+            let held = matches!(e, crate::Error::Held { .. } | crate::Error::Busy { .. });
+            a.result = if held { "held" } else { "skipped" }.into();
+            a.detail = format!("not written: {e}");
+        }
+        Ok(Err(e)) => {
+            a.detail = e.to_string();
+            sh.metrics.reset("error");
+            sh.record(bdf, false, "error");
+        }
+        Ok(Ok(r)) if r.method == engine::Method::DryRun => {
+            sh.metrics.reset("dry-run");
+            a.result = "dry-run".into();
+            a.detail = format!(
+                "observe-only: would run {} ({} register operations)",
+                r.sequence_version,
+                r.ops.len()
+            );
+            a.report = Some(r);
+        }
+        Ok(Ok(r)) => {
+            let v = r.verdict.clone().expect("a real reset has a verdict");
+            sh.metrics.reset(&v.health.to_string());
+            sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
+            a.result = v.health.to_string();
+            a.detail = format!(
+                "{} in {} ms: {}",
+                r.sequence_version, r.duration_ms, v.detail
+            );
+            a.report = Some(r);
+        }
+    }
+    a
+}
+
+/// How often a release waiting for its holder re-checks (only while one waits).
+const HOLDER_POLL: Duration = Duration::from_millis(250);
+
+/// Waits until nothing holds the device (another qcom-reset's lock is waited for by the engine
+/// itself); false at the deadline or on shutdown.
+async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) -> bool {
+    let mut sd = sh.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HOLDER_POLL) => {}
+            _ = sd.changed() => return false,
+        }
+        let host = sh.host.clone();
+        let free = tokio::task::spawn_blocking(move || {
+            let t = engine::inspect(&host, bdf, None, None).ok()?;
+            Some(t.holders.is_empty())
         })
         .await;
-        let mut a = action(bdf, trigger, "error", "");
-        a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
-        match result {
-            Err(join) => {
-                a.detail = format!("reset task failed: {join}");
-                sh.metrics.reset("error");
-                sh.record(bdf, false, "error");
-                sh.act(a);
-            }
-            Ok(Err(e)) if is_refusal(&e) => {
-                sh.metrics.skipped("refused");
-                a.result = "skipped".into();
-                a.detail = format!("not written: {e}");
-                return sh.act(a);
-            }
-            Ok(Err(e)) => {
-                a.detail = e.to_string();
-                sh.metrics.reset("error");
-                sh.record(bdf, false, "error");
-                sh.act(a);
-            }
-            Ok(Ok(r)) if r.method == engine::Method::DryRun => {
-                sh.metrics.reset("dry-run");
-                a.result = "dry-run".into();
-                a.detail = format!(
-                    "observe-only: would run {} ({} register operations)",
-                    r.sequence_version,
-                    r.ops.len()
-                );
-                a.report = Some(r);
-                return sh.act(a);
-            }
-            Ok(Ok(r)) => {
-                let v = r.verdict.clone().expect("a real reset has a verdict");
-                let healthy = v.health == Health::Healthy;
-                sh.metrics.reset(&v.health.to_string());
-                sh.record(bdf, healthy, &v.health.to_string());
-                a.result = v.health.to_string();
-                a.detail = format!(
-                    "{} in {} ms: {}",
-                    r.sequence_version, r.duration_ms, v.detail
-                );
-                a.report = Some(r);
-                sh.act(a);
-                if healthy {
-                    return;
-                }
-            }
+        if matches!(free, Ok(Some(true))) {
+            info!(bdf = %bdf, "the holder let go; resetting");
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
         }
     }
 }
@@ -457,8 +573,8 @@ fn is_refusal(e: &crate::Error) -> bool {
     )
 }
 
-/// Health check before acting on a weak trigger: the action that ends the episode (healthy,
-/// not checkable), or None when the device is unhealthy and must be reset.
+/// Health check before acting on a weak trigger: the action that ends the episode (clean, a
+/// verdict the rescan policy leaves alone, not checkable), or None when the device must be reset.
 async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Action> {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.cfg.device(bdf));
     let st = tokio::task::spawn_blocking(move || {
@@ -466,16 +582,29 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
         engine::status(&host, t, &mut |d| open(d))
     })
     .await;
+    let resets = |h: Health| match trigger {
+        Trigger::Rescan => sh.cfg.rescan_resets.resets(h),
+        _ => h != Health::Clean,
+    };
     match st {
         Ok(Ok(s)) => match (s.verdict, s.skipped) {
-            (Some(v), _) if v.health == Health::Healthy => Some(action(
+            (Some(v), _) if v.health == Health::Clean => Some(action(
                 bdf,
                 trigger,
                 "nothing-to-do",
-                format!("healthy: {}", v.detail),
+                format!("clean: {}", v.detail),
+            )),
+            (Some(v), _) if !resets(v.health) => Some(action(
+                bdf,
+                trigger,
+                "nothing-to-do",
+                format!(
+                    "{} left alone (rescan_resets = {:?}): {}",
+                    v.health, sh.cfg.rescan_resets, v.detail
+                ),
             )),
             (Some(v), _) => {
-                info!(bdf = %bdf, "unhealthy ({}: {}); resetting", v.health, v.detail);
+                info!(bdf = %bdf, "{} ({}); resetting", v.health, v.detail);
                 None
             }
             (None, why) => Some(action(

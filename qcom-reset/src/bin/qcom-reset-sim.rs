@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use qcom_reset::devices;
-use qcom_reset::sim::{Faults, Model, shm};
+use qcom_reset::sim::{Faults, Model, SimState, shm};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,9 @@ struct Args {
     /// JSON report, rewritten whenever something changes.
     #[arg(long)]
     report: PathBuf,
+    /// The state the previous owner left the card in (a killed VM: `mission`).
+    #[arg(long, value_enum, default_value_t = SimState::Mission)]
+    state: SimState,
     /// Faults to inject, comma-separated.
     #[arg(long, default_value = "", long_help = Faults::NAMES)]
     fault: String,
@@ -59,15 +62,16 @@ fn main() -> anyhow::Result<()> {
         a.fault.as_str()
     };
     eprintln!(
-        "qcom-reset-sim: {} ({}) on {}, faults: {shown}",
+        "qcom-reset-sim: {} ({}) in state {:?} on {}, faults: {shown}",
         p.name,
         p.family.name(),
+        a.state,
         a.shm.display()
     );
     shm::serve(
         &a.shm,
         a.size,
-        Model::stuck(p.family, p.vendor, p.device, faults),
+        Model::new(p.family, p.vendor, p.device, a.state, faults),
         &a.report,
         &|| STOP.load(Ordering::SeqCst),
     )

@@ -7,7 +7,7 @@ use qcom_reset_ebpf::{
 use serde::Serialize;
 
 /// Version of the JSON schema in docs/events.md.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AttemptOut {
@@ -48,16 +48,56 @@ pub struct TraceEvent {
     /// Attempts seen, including any beyond the kept list.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts_seen: Option<u8>,
-    /// Release only: `vdev->needs_reset` when the module's BTF made it readable.
+    /// Release only: `vdev->needs_reset` when the module's BTF made it readable. Informational:
+    /// the kernel clears it after a bus reset too, which does not reset these cards.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub needs_reset: Option<bool>,
-    /// Release: the device was left without a successful reset. Open: no reset worked at open
-    /// (vfio's `reset_works` is false).
+    /// Release/open: which kind of kernel reset returned 0 inside the bracket, strongest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_reset: Option<KernelReset>,
+    /// Release/open: the device was left without a real reset, i.e. no non-probe
+    /// `pci_dev_specific_reset` returned 0 inside the bracket (`kernel_reset` is not
+    /// `device-specific`). A bus reset's 0 means only that config space answers again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_unreset: Option<bool>,
-    /// How `left_unreset` was decided: "needs_reset" or "attempts".
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub left_unreset_from: Option<&'static str>,
+}
+
+/// The strongest kernel reset that returned 0 inside an open/release bracket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelReset {
+    /// `pci_dev_specific_reset` (the 2026 quirk): the only kernel reset that resets these cards.
+    DeviceSpecific,
+    /// A secondary bus reset (`pci_reset_bus_function`, `pci_reset_bus`): the SoC keeps running.
+    Bus,
+    /// A reset call returned 0 but no method probe saw which one ran.
+    Unidentified,
+    /// No reset call returned 0.
+    None,
+}
+
+impl KernelReset {
+    fn from_attempts(ok: impl Iterator<Item = Func> + Clone) -> KernelReset {
+        let any = |want: &[Func]| ok.clone().any(|f| want.contains(&f));
+        if any(&[Func::PciDevSpecificReset]) {
+            KernelReset::DeviceSpecific
+        } else if any(&[Func::PciResetBusFunction, Func::PciResetBus]) {
+            KernelReset::Bus
+        } else if ok.clone().any(resets_device) {
+            KernelReset::Unidentified
+        } else {
+            KernelReset::None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelReset::DeviceSpecific => "device_specific",
+            KernelReset::Bus => "bus reset (SBR does not reset these cards)",
+            KernelReset::Unidentified => "a reset of unidentified method",
+            KernelReset::None => "no reset",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -167,13 +207,18 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
         attempts: None,
         attempts_seen: None,
         needs_reset: None,
+        kernel_reset: None,
         left_unreset: None,
-        left_unreset_from: None,
     };
     if ev.kind != Kind::Attempt {
-        let any_ok = attempts
-            .iter()
-            .any(|(f, r, _)| resets_device(*f) && *r == 0);
+        let kernel = KernelReset::from_attempts(
+            attempts
+                .iter()
+                .filter(|(_, r, _)| *r == 0)
+                .map(|(f, _, _)| *f),
+        );
+        ev.kernel_reset = Some(kernel);
+        ev.left_unreset = Some(kernel != KernelReset::DeviceSpecific);
         ev.attempts_seen = Some(n_seen);
         ev.attempts = Some(
             attempts
@@ -186,15 +231,8 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
                 })
                 .collect(),
         );
-        let known = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN)
+        ev.needs_reset = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN)
             .then_some(needs_reset != 0);
-        ev.needs_reset = known;
-        ev.left_unreset = Some(known.unwrap_or(!any_ok));
-        ev.left_unreset_from = Some(if known.is_some() {
-            "needs_reset"
-        } else {
-            "attempts"
-        });
     }
     Ok(ev)
 }
@@ -224,11 +262,10 @@ impl TraceEvent {
                     .flatten()
                     .map(|a| format!("{}={}", a.function, ret(a.ret, a.errno)))
                     .collect();
-                let verdict = match (self.kind == Kind::Release, self.left_unreset) {
-                    (true, Some(true)) => "LEFT UNRESET",
-                    (true, _) => "reset ok",
-                    (false, Some(true)) => "no working reset (reset_works=0)",
-                    (false, _) => "reset ok",
+                let by = self.kernel_reset.unwrap_or(KernelReset::None).name();
+                let verdict = match self.left_unreset {
+                    Some(true) => format!("LEFT UNRESET (kernel: {by})"),
+                    _ => format!("reset by the kernel's {by}"),
                 };
                 format!(
                     "{:<7} {head} [{}] {verdict}, {who}",
@@ -325,62 +362,84 @@ pub(crate) mod tests {
         assert!(e.line().contains("ret=-25 (ENOTTY) in 2.500 ms"));
     }
 
+    fn release(needs_reset: u8, attempts: &[(Func, i32)]) -> TraceEvent {
+        decode(&encode(
+            EventKind::Release,
+            Func::VfioPciCoreDisable,
+            0,
+            needs_reset,
+            attempts,
+        ))
+        .unwrap()
+    }
+
+    /// (attempts inside the bracket, needs_reset, kernel reset named, left unreset)
+    type Case = (&'static [(Func, i32)], u8, KernelReset, bool);
+
+    /// The decision table: only a successful non-probe pci_dev_specific_reset is a reset.
     #[test]
-    fn release_summary_prefers_needs_reset_and_falls_back_to_attempts() {
-        let failed = [
-            (Func::PciResetFunctionLockedInner, -25),
-            (Func::PciResetBus, -25),
+    fn only_device_specific_counts_as_a_reset() {
+        use Func::*;
+        use KernelReset as K;
+        let cases: &[Case] = &[
+            // <=7.1 behind a root port: bus SBR returns 0, needs_reset false; still unreset.
+            (
+                &[(PciResetBusFunction, 0), (PciResetFunctionLockedInner, 0)],
+                0,
+                K::Bus,
+                true,
+            ),
+            (
+                &[(PciResetFunctionLockedInner, -25), (PciResetBus, 0)],
+                0,
+                K::Bus,
+                true,
+            ),
+            // A reset call returned 0 but no method probe fired (e.g. inlined).
+            (
+                &[(PciResetFunctionLockedInner, 0)],
+                0,
+                K::Unidentified,
+                true,
+            ),
+            // 7.2/7.3: no methods at all.
+            (
+                &[(PciResetFunctionLockedInner, -25), (PciResetBus, -25)],
+                1,
+                K::None,
+                true,
+            ),
+            (&[], 1, K::None, true),
+            (&[], NEEDS_RESET_UNKNOWN, K::None, true),
+            // The quirk failed (link did not come back): bus fallback does not count.
+            (
+                &[(PciDevSpecificReset, -110), (PciResetBusFunction, 0)],
+                0,
+                K::Bus,
+                true,
+            ),
+            // 7.4+: the quirk ran.
+            (
+                &[(PciDevSpecificReset, 0), (PciResetFunctionLockedInner, 0)],
+                0,
+                K::DeviceSpecific,
+                false,
+            ),
         ];
-        let e = decode(&encode(
-            EventKind::Release,
-            Func::VfioPciCoreDisable,
-            0,
-            1,
-            &failed,
-        ))
-        .unwrap();
-        assert_eq!(
-            (e.needs_reset, e.left_unreset, e.left_unreset_from),
-            (Some(true), Some(true), Some("needs_reset"))
-        );
-        assert_eq!(e.attempts.as_ref().unwrap()[1].function, "pci_reset_bus");
-        assert!(e.line().contains("LEFT UNRESET"), "{}", e.line());
-        let e = decode(&encode(
-            EventKind::Release,
-            Func::VfioPciCoreDisable,
-            0,
-            NEEDS_RESET_UNKNOWN,
-            &failed,
-        ))
-        .unwrap();
-        assert_eq!(
-            (e.left_unreset, e.left_unreset_from),
-            (Some(true), Some("attempts"))
-        );
-        let ok = [(Func::PciResetFunctionLockedInner, 0)];
-        let e = decode(&encode(
-            EventKind::Release,
-            Func::VfioPciCoreDisable,
-            0,
-            NEEDS_RESET_UNKNOWN,
-            &ok,
-        ))
-        .unwrap();
-        assert_eq!(e.left_unreset, Some(false));
-        let e = decode(&encode(
-            EventKind::Release,
-            Func::VfioPciCoreDisable,
-            0,
-            NEEDS_RESET_UNKNOWN,
-            &[],
-        ))
-        .unwrap();
-        assert_eq!(
-            e.left_unreset,
-            Some(true),
-            "no attempt at all leaves the device unreset"
-        );
-        assert!(e.line().contains("no reset attempted"));
+        for (attempts, nr, kernel, unreset) in cases {
+            let e = release(*nr, attempts);
+            assert_eq!(
+                (e.kernel_reset, e.left_unreset),
+                (Some(*kernel), Some(*unreset)),
+                "{attempts:?} needs_reset={nr}"
+            );
+            assert_eq!(e.line().contains("LEFT UNRESET"), *unreset, "{}", e.line());
+        }
+        let bus = release(0, &[(PciResetBusFunction, 0)]);
+        assert_eq!(bus.needs_reset, Some(false), "reported, not trusted");
+        assert!(bus.line().contains("SBR does not reset"), "{}", bus.line());
+        assert!(release(1, &[]).line().contains("no reset attempted"));
+        assert_eq!(release(NEEDS_RESET_UNKNOWN, &[]).needs_reset, None);
     }
 
     #[test]
@@ -423,12 +482,13 @@ pub(crate) mod tests {
             "attempts",
             "attempts_seen",
             "left_unreset",
-            "left_unreset_from",
+            "kernel_reset",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
         assert_eq!(v["kind"], "open");
         assert_eq!(v["left_unreset"], true);
+        assert_eq!(v["kernel_reset"], "none");
         assert!(v.get("needs_reset").is_none(), "open has no needs_reset");
     }
 }

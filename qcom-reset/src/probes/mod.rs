@@ -3,6 +3,7 @@
 pub mod events;
 pub mod layout;
 pub mod loader;
+pub mod uevents;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub enum Item {
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
     Bad(String),
+    /// The kernel bound this device to vfio-pci (a `bind` uevent).
+    Bound(crate::bdf::Bdf),
 }
 
 /// How often the module watch and the drop counters are looked at.

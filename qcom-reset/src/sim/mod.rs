@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::Error;
 use crate::backend::Backend;
 use crate::io::RegisterIo;
-pub use model::{Faults, Model};
+pub use model::{Faults, Model, SimState};
 
 /// BAR sizes the simulator presents (WCN6855's BAR0 is 2 MiB; SDX modems show 4 KiB).
 pub const fn bar_len(family: crate::devices::Family) -> u64 {

@@ -59,6 +59,20 @@ impl Faults {
          link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N";
 }
 
+/// The state a previous owner left the card in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SimState {
+    /// A killed VM's live session: MHI M0 in mission mode (WLAN FW / AMSS), no error. What a
+    /// bus reset leaves untouched on the real parts.
+    #[default]
+    Mission,
+    /// The firmware crashed: SYSERR latched, MHI SYS_ERR, EE RDDM.
+    Crashed,
+    /// The firmware hung in an MHI reset it never finishes acknowledging: never READY.
+    Stuck,
+}
+
 /// Typical firmware timings (µs), within what the upstream sequence tolerates.
 const WLAN_LINK_DOWN_US: u64 = 40_000;
 const MODEM_LINK_DOWN_US: u64 = 300_000;
@@ -103,13 +117,23 @@ pub struct Model {
 }
 
 impl Model {
-    /// A device in the state an unclean VM stop leaves it: firmware crashed, SYSERR latched
-    /// (WLAN), or stuck in MHI reset and never READY (modem).
-    pub fn stuck(family: Family, vendor: u16, device: u16, faults: Faults) -> Model {
+    /// A device in the state a previous owner left it in.
+    pub fn new(family: Family, vendor: u16, device: u16, state: SimState, faults: Faults) -> Model {
         let link_down_until = if faults.config_all_ones { u64::MAX } else { 0 };
-        let (mhictrl, mhi_state, ee) = match family {
-            Family::Wlan => (0, MHI_STATE_SYS_ERR, EE_WFW),
-            Family::Modem => (MHICTRL_RESET, MHI_STATE_RESET, EE_AMSS),
+        let mission_ee = match family {
+            Family::Wlan => EE_WFW,
+            Family::Modem => EE_AMSS,
+        };
+        let (mhictrl, mhi_state, ee, syserr, ready) = match state {
+            SimState::Mission => (
+                (MHI_STATE_M0 as u32) << 8,
+                MHI_STATE_M0,
+                mission_ee,
+                false,
+                true,
+            ),
+            SimState::Crashed => (0, MHI_STATE_SYS_ERR, EE_RDDM, true, false),
+            SimState::Stuck => (MHICTRL_RESET, MHI_STATE_RESET, mission_ee, false, false),
         };
         Model {
             family,
@@ -124,8 +148,8 @@ impl Model {
             mhictrl,
             mhi_reset_done_at: None,
             mhi_state,
-            syserr: true,
-            ready: false,
+            syserr,
+            ready,
             ready_at: None,
             ee,
             intvec: 0,
@@ -299,7 +323,13 @@ mod tests {
 
     #[test]
     fn wlan_global_reset_needs_a_held_assertion() {
-        let mut m = Model::stuck(Family::Wlan, 0x17cb, 0x1103, Faults::default());
+        let mut m = Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1103,
+            SimState::Crashed,
+            Faults::default(),
+        );
         mem_on(&mut m);
         m.write32(0, PCIE_SOC_GLOBAL_RESET, 1);
         m.write32(100, PCIE_SOC_GLOBAL_RESET, 0); // 0.1 ms: too short, ignored
@@ -327,7 +357,13 @@ mod tests {
 
     #[test]
     fn memory_decode_off_reads_all_ones() {
-        let mut m = Model::stuck(Family::Modem, 0x17cb, 0x0308, Faults::default());
+        let mut m = Model::new(
+            Family::Modem,
+            0x17cb,
+            0x0308,
+            SimState::Crashed,
+            Faults::default(),
+        );
         assert_eq!(m.read32(0, MHISTATUS), ALL_ONES);
         mem_on(&mut m);
         assert_ne!(m.read32(0, MHISTATUS), ALL_ONES);

@@ -1,0 +1,117 @@
+//! The kernel's `bind` uevents: a device bound to vfio-pci is announced on the
+//! NETLINK_KOBJECT_UEVENT multicast group, so the agent can reset a target before the first VM
+//! opens it (the modems fail their first VM boot otherwise) without polling sysfs.
+use std::os::fd::OwnedFd;
+
+use rustix::net::{
+    AddressFamily, RecvFlags, SocketFlags, SocketType, bind, netlink, recv, socket_with,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::bdf::Bdf;
+
+/// The kernel's uevent multicast group (udev listens on the same one).
+const KERNEL_GROUP: u32 = 1;
+
+/// The device a kernel uevent announces as bound to vfio-pci, if that is what it says.
+pub fn vfio_bind(msg: &[u8]) -> Option<Bdf> {
+    let mut fields = msg
+        .split(|b| *b == 0)
+        .filter_map(|f| std::str::from_utf8(f).ok());
+    // The header ("bind@/devices/...") is followed by KEY=VALUE fields.
+    let header = fields.next()?;
+    if !header.starts_with("bind@") {
+        return None;
+    }
+    let (mut pci, mut vfio, mut slot) = (false, false, None);
+    for f in fields {
+        match f.split_once('=') {
+            Some(("SUBSYSTEM", v)) => pci = v == "pci",
+            Some(("DRIVER", v)) => vfio = v == "vfio-pci",
+            Some(("PCI_SLOT_NAME", v)) => slot = v.parse().ok(),
+            _ => {}
+        }
+    }
+    slot.filter(|_| pci && vfio)
+}
+
+pub struct BindWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl BindWatch {
+    /// Joins the kernel's uevent group (needs CAP_NET_ADMIN in the initial network namespace).
+    pub fn open() -> std::io::Result<BindWatch> {
+        let fd = socket_with(
+            AddressFamily::NETLINK,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            Some(netlink::KOBJECT_UEVENT),
+        )?;
+        bind(&fd, &netlink::SocketAddrNetlink::new(0, KERNEL_GROUP))?;
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged until
+        // the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(BindWatch { fd })
+    }
+
+    /// The next device bound to vfio-pci.
+    pub async fn next(&mut self) -> std::io::Result<Bdf> {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| Ok(recv(fd.get_ref(), &mut buf[..], RecvFlags::empty())?)) {
+                Ok(Ok((_, n))) => {
+                    if let Some(bdf) = vfio_bind(&buf[..n.min(buf.len())]) {
+                        return Ok(bdf);
+                    }
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(fields: &[&str]) -> Vec<u8> {
+        fields.join("\0").into_bytes()
+    }
+
+    #[test]
+    fn only_a_pci_bind_to_vfio_pci_is_reported() {
+        let bind = msg(&[
+            "bind@/devices/pci0000:00/0000:00:1c.0/0000:03:00.0",
+            "ACTION=bind",
+            "DEVPATH=/devices/pci0000:00/0000:00:1c.0/0000:03:00.0",
+            "SUBSYSTEM=pci",
+            "DRIVER=vfio-pci",
+            "PCI_SLOT_NAME=0000:03:00.0",
+            "SEQNUM=4242",
+        ]);
+        assert_eq!(vfio_bind(&bind), Some("0000:03:00.0".parse().unwrap()));
+        let other_driver = msg(&[
+            "bind@/devices/x",
+            "SUBSYSTEM=pci",
+            "DRIVER=ath11k_pci",
+            "PCI_SLOT_NAME=0000:03:00.0",
+        ]);
+        assert_eq!(vfio_bind(&other_driver), None);
+        let unbind = msg(&[
+            "unbind@/devices/x",
+            "SUBSYSTEM=pci",
+            "DRIVER=vfio-pci",
+            "PCI_SLOT_NAME=0000:03:00.0",
+        ]);
+        assert_eq!(vfio_bind(&unbind), None);
+        let not_pci = msg(&["bind@/devices/x", "SUBSYSTEM=usb", "DRIVER=vfio-pci"]);
+        assert_eq!(vfio_bind(&not_pci), None);
+        // udev's re-broadcasts start with "libudev" and are never on the kernel group.
+        assert_eq!(vfio_bind(b"libudev\0\xfe\xed"), None);
+    }
+}
