@@ -194,10 +194,12 @@ async fn a_held_device_is_never_written_and_the_agent_says_why() {
         (Trigger::ResetCall, "skipped")
     );
     assert!(
-        a.detail.contains("held by pid 555 (qemu-system-x86)"),
+        a.detail.contains("held by pid 555 (qemu-system-x86)")
+            && a.detail.contains("its release will trigger the reset"),
         "{}",
         a.detail
     );
+    r.quiet_for(Duration::from_millis(400)).await;
     assert_eq!(wlan.with_model(|m| m.writes.len()), 0);
     r.stop().await;
 }
@@ -369,6 +371,31 @@ async fn observe_only_writes_nothing() {
         a.detail
     );
     assert_eq!(wlan.with_model(|m| m.writes.len()), 0);
+    r.stop().await;
+}
+
+/// Observe-only writes nothing at all, not even to read: the rescan says why it did not read.
+#[tokio::test]
+async fn observe_only_rescan_writes_nothing_and_says_why() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut cfg = test_config(&h);
+    cfg.observe_only = true;
+    cfg.rescan = true;
+    let mut r = start(&h, cfg, &[(WLAN, card.clone())]);
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Rescan, "skipped"));
+    assert!(
+        a.detail.contains("observe-only writes nothing"),
+        "{}",
+        a.detail
+    );
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+    assert_eq!(
+        card.with_model(|m| (m.command, m.writes.len())),
+        (0x0400, 0)
+    );
     r.stop().await;
 }
 
@@ -567,6 +594,10 @@ async fn a_release_while_held_waits_for_the_holder_then_resets_once() {
         "{}",
         a.detail
     );
+    // QEMU's own reset call while shutting down is answered by the reset that follows.
+    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
     r.quiet_for(Duration::from_millis(600)).await;
     assert_eq!(card.with_model(|m| m.writes.len()), 0, "nothing while held");
     h.unhold(777);
@@ -574,6 +605,58 @@ async fn a_release_while_held_waits_for_the_holder_then_resets_once() {
     assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
     r.quiet_for(Duration::from_millis(300)).await;
     assert_eq!(card.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
+/// The same for a device outside the table, made a target by its configured profile (as in the
+/// VM lab): the wait must not depend on the table.
+#[tokio::test]
+async fn a_held_profile_device_is_reset_when_its_holder_goes() {
+    const IVSHMEM: &str = "0000:00:03.0";
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: IVSHMEM,
+        vendor: 0x1af4,
+        device: 0x1110,
+        group: Some("3"),
+        ..Default::default()
+    });
+    h.hold(779, "qemu-system-x86", "/dev/vfio/3");
+    let card = SimDevice::new(qcom_reset::sim::Model::new(
+        Family::Wlan,
+        0x1af4,
+        0x1110,
+        SimState::Mission,
+        Faults::default(),
+    ));
+    let mut cfg = test_config(&h);
+    cfg.devices.insert(
+        IVSHMEM.into(),
+        qcom_reset::agent::config::DeviceConfig {
+            profile: Some("wcn6855".into()),
+            ..Default::default()
+        },
+    );
+    let mut r = start(&h, cfg, &[(IVSHMEM, card.clone())]);
+    let mut ev = trace_event(
+        Kind::Release,
+        "vfio_pci_core_disable",
+        IVSHMEM,
+        0x1110,
+        0,
+        Some(KernelReset::Bus),
+    );
+    ev.vendor = "1af4".into();
+    r.tx.send(Item::Event(ev)).await.unwrap();
+    assert_eq!(r.next().await.result, "skipped");
+    h.unhold(779);
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::Release, "clean"),
+        "{}",
+        a.detail
+    );
     r.stop().await;
 }
 

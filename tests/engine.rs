@@ -237,6 +237,7 @@ fn every_left_state_is_reset_to_clean_and_lost_writes_are_not_clean() {
             &h.host,
             engine::inspect(&h.host, bdf(b), None, None).unwrap(),
             &mut |_| Ok(Box::new(card.clone())),
+            engine::ReadMode::EnableAndRestore,
         )
         .unwrap();
         assert_eq!(
@@ -458,7 +459,13 @@ fn status_reads_registers_only_when_safe() {
     let sim = sim(Family::Wlan, Faults::default());
     let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
     let s2 = sim.clone();
-    let st = engine::status(&h.host, t, &mut move |_| Ok(Box::new(s2.clone()))).unwrap();
+    let st = engine::status(
+        &h.host,
+        t,
+        &mut move |_| Ok(Box::new(s2.clone())),
+        engine::ReadMode::EnableAndRestore,
+    )
+    .unwrap();
     let v = st.verdict.unwrap();
     assert_eq!(
         v.health,
@@ -473,8 +480,67 @@ fn status_reads_registers_only_when_safe() {
     );
     h.hold(77, "qemu", "/dev/vfio/12");
     let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
-    let st = engine::status(&h.host, t, &mut |_| panic!("must not open a held device")).unwrap();
+    let st = engine::status(
+        &h.host,
+        t,
+        &mut |_| panic!("must not open a held device"),
+        engine::ReadMode::EnableAndRestore,
+    )
+    .unwrap();
     assert!(st.verdict.is_none());
     assert!(st.skipped.unwrap().contains("pid 77"));
     assert_eq!(writes(&sim), 0);
+}
+
+/// Observe-only reads nothing it would have to write for: power/control stays, PCI_COMMAND
+/// stays, and the reason is said instead.
+#[test]
+fn a_no_writes_status_says_why_instead_of_writing() {
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::default());
+    let status = |h: &FakeHost| {
+        let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+        let c = card.clone();
+        engine::status(
+            &h.host,
+            t,
+            &mut move |_| Ok(Box::new(c.clone())),
+            engine::ReadMode::NoWrites,
+        )
+        .unwrap()
+    };
+    let st = status(&h);
+    assert!(st.verdict.is_none());
+    assert!(
+        st.skipped
+            .unwrap()
+            .contains("power/control=on (it is auto)"),
+        "runtime PM may keep it in D3hot"
+    );
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+    std::fs::write(
+        h.root()
+            .join("sys/bus/pci/devices")
+            .join(WLAN)
+            .join("power/control"),
+        "on",
+    )
+    .unwrap();
+    let st = status(&h);
+    assert!(
+        st.skipped
+            .unwrap()
+            .contains("memory decoding (PCI_COMMAND=0x0400)"),
+        "vfio-pci leaves decoding off after a release"
+    );
+    assert_eq!(card.with_model(|m| m.command), 0x0400);
+    // The next owner (or an admin) enabled decoding: now it can be read without a write.
+    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0402).unwrap();
+    let st = status(&h);
+    assert_eq!(st.verdict.unwrap().health, Health::Crashed);
+    assert_eq!(
+        card.with_model(|m| (m.command, m.writes.len())),
+        (0x0402, 0)
+    );
+    assert_eq!(h.read(WLAN, "power/control"), "on");
 }

@@ -265,6 +265,24 @@ impl VfioBackend {
     }
 }
 
+/// The container and group of a VFIO user whose device fd is closed.
+pub struct VfioGroupHold {
+    _container: OwnedFd,
+    _group: OwnedFd,
+}
+
+impl VfioBackend {
+    /// Closes the device (the kernel's release path runs) but keeps the group open, as QEMU
+    /// does for a while during a graceful shutdown.
+    pub fn close_device(self) -> VfioGroupHold {
+        drop(self.device);
+        VfioGroupHold {
+            _container: self._container,
+            _group: self._group,
+        }
+    }
+}
+
 fn region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
     let mut info = RegionInfo {
         argsz: size_of::<RegionInfo>() as u32,

@@ -279,8 +279,13 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
     for t in targets {
         let bdf = t.bdf;
         out.push(
-            engine::status(host, t, &mut |dev| backend::open(dev, access))
-                .with_context(|| format!("status of {bdf}"))?,
+            engine::status(
+                host,
+                t,
+                &mut |dev| backend::open(dev, access),
+                engine::ReadMode::EnableAndRestore,
+            )
+            .with_context(|| format!("status of {bdf}"))?,
         );
     }
     if a.json {

@@ -554,36 +554,65 @@ pub struct Status {
     pub skipped: Option<String>,
 }
 
+/// Whether reading a device's registers may change its state on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Wake it (power/control on) and enable memory decoding, restoring both afterwards.
+    EnableAndRestore,
+    /// Write nothing at all (observe-only): read only if it is already awake and decoding.
+    NoWrites,
+}
+
 /// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
-pub fn status(host: &Host, t: Target, open: &mut Opener<'_>) -> Result<Status> {
+pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
     let kernel_device_specific = t.kernel_has_device_specific();
+    let skipped = |t: Target, why: String| Status {
+        regime: t.regime(),
+        target: t,
+        kernel_device_specific,
+        verdict: None,
+        skipped: Some(why),
+    };
     if let Some(e) = t.refusal(false) {
-        return Ok(Status {
-            regime: t.regime(),
-            target: t,
-            kernel_device_specific,
-            verdict: None,
-            skipped: Some(e.to_string()),
-        });
+        return Ok(skipped(t, e.to_string()));
+    }
+    if mode == ReadMode::NoWrites
+        && let Some(p) = t.power_control.clone().filter(|p| p != "on")
+    {
+        return Ok(skipped(
+            t,
+            format!("reading needs power/control=on (it is {p}) and observe-only writes nothing"),
+        ));
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
-    let verdict = {
-        let mut session = Session::begin(&t, open(&t.dev)?)?;
-        let (vendor, device) = session.config_ids();
-        let regs = if vendor == 0xffff {
-            verdict::Registers {
-                config_vendor: vendor,
-                config_device: device,
-                ..Default::default()
+    let mut session = Session::begin(&t, open(&t.dev)?)?;
+    let (vendor, device) = session.config_ids();
+    let mut regs = verdict::Registers {
+        config_vendor: vendor,
+        config_device: device,
+        ..Default::default()
+    };
+    if (vendor, device) == (t.vendor, t.device) {
+        if mode == ReadMode::NoWrites {
+            let cmd = session.backend.config_read16(PCI_COMMAND).unwrap_or(0);
+            if cmd & PCI_COMMAND_MEMORY == 0 {
+                drop(session);
+                return Ok(skipped(
+                    t,
+                    format!(
+                        "reading needs memory decoding (PCI_COMMAND={cmd:#06x}) and observe-only writes nothing"
+                    ),
+                ));
             }
         } else {
             session.enable_memory()?;
-            let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
-            verdict::read_registers(&t.expect(false), vendor, device, bar.as_mut(), len)
-        };
-        session.restore();
-        verdict::judge(&t.expect(false), &regs)
-    };
+        }
+        let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
+        regs = verdict::read_registers(&t.expect(false), vendor, device, bar.as_mut(), len);
+    }
+    session.restore();
+    drop(session);
+    let verdict = verdict::judge(&t.expect(false), &regs);
     Ok(Status {
         regime: t.regime(),
         target: t,

@@ -22,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// Install the eBPF toolchain (pinned nightly + rust-src, bpf-linker) if missing.
     Setup,
+    /// Build qcom-reset (release) with the pinned toolchains: target/release/qcom-reset.
+    Build,
     /// Build (release) and run qcom-reset as root; arguments after `--` go to it (default: `run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -44,6 +46,10 @@ enum Cmd {
         /// Scenario to run (repeatable; default all).
         #[arg(long = "scenario", value_enum)]
         scenarios: Vec<vm::scenarios::Scenario>,
+        /// Where the simulated card sits: on the root bus (no kernel reset, the 7.2/7.3 case),
+        /// behind a PCIe root port (the kernel's bus reset, the <=7.1 case), or both.
+        #[arg(long, value_enum, default_value_t = TopologyChoice::Both)]
+        topology: TopologyChoice,
         /// Echo the guest console.
         #[arg(long)]
         verbose: bool,
@@ -53,6 +59,24 @@ enum Cmd {
         #[arg(long, default_value = "6.1")]
         kernel: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TopologyChoice {
+    RootBus,
+    RootPort,
+    Both,
+}
+
+impl TopologyChoice {
+    fn topologies(self) -> &'static [vm::scenarios::Topology] {
+        use vm::scenarios::Topology;
+        match self {
+            TopologyChoice::RootBus => &[Topology::RootBus],
+            TopologyChoice::RootPort => &[Topology::RootPort],
+            TopologyChoice::Both => &Topology::ALL,
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -70,6 +94,13 @@ fn cargo() -> Command {
     c
 }
 
+/// The release binary, built with the pinned toolchains (installed first when missing).
+fn build_release() -> anyhow::Result<PathBuf> {
+    toolchain::ensure_ebpf()?;
+    toolchain::run(cargo().args(["build", "--release", "--package", "qcom-reset", "--bins"]))?;
+    Ok(workspace_root().join("target/release/qcom-reset"))
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -78,17 +109,13 @@ fn is_root() -> bool {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => toolchain::ensure_ebpf(),
+        Cmd::Build => {
+            let bin = build_release()?;
+            println!("{}", bin.display());
+            Ok(())
+        }
         Cmd::Run { args } => {
-            toolchain::ensure_ebpf()?;
-            toolchain::run(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "qcom-reset",
-                "--bin",
-                "qcom-reset",
-            ]))?;
-            let bin = workspace_root().join("target/release/qcom-reset");
+            let bin = build_release()?;
             let args = if args.is_empty() {
                 vec!["run".to_string()]
             } else {
@@ -115,8 +142,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::VmTest {
             kernels,
             scenarios,
+            topology,
             verbose,
-        } => vm::vm_test(&kernels, &scenarios, verbose),
+        } => vm::vm_test(&kernels, &scenarios, topology.topologies(), verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;

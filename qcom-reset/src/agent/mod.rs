@@ -360,7 +360,15 @@ async fn device_task(
     bdf: Bdf,
     mut rx: mpsc::UnboundedReceiver<(Trigger, Instant)>,
 ) {
-    while let Some((mut trigger, mut at)) = rx.recv().await {
+    let mut next = None;
+    loop {
+        let (mut trigger, mut at) = match next.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => return,
+            },
+        };
         let deadline = tokio::time::Instant::from_std(at) + sh.cfg.debounce();
         while !trigger.immediate() {
             tokio::select! {
@@ -377,9 +385,16 @@ async fn device_task(
                 (trigger, at) = (t, a);
             }
         }
-        // Our own accesses never come back as events (the probes drop the agent's TGID), so
-        // whatever queued meanwhile is news: a VM that started or let go again.
-        handle(&sh, bdf, trigger, at).await;
+        let covered = handle(&sh, bdf, trigger, at).await;
+        // Our own accesses never come back as events (the probes drop the agent's TGID).
+        // Events from before the last check or reset began are answered by it (e.g. the release
+        // a held device's wait was for); later ones are news: a VM that started or let go again.
+        while let Ok((t, a)) = rx.try_recv() {
+            if a > covered {
+                next = Some((t, a));
+                break;
+            }
+        }
     }
 }
 
@@ -395,13 +410,15 @@ fn action(bdf: Bdf, trigger: Trigger, result: &str, detail: impl Into<String>) -
     }
 }
 
-async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
+/// Acts on one trigger until the episode ends; returns when its last check or reset began.
+async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> Instant {
     let dev_cfg = sh.cfg.device(bdf);
     let held_until = tokio::time::Instant::now() + sh.cfg.held_wait();
     let mut first = true;
+    let mut began = Instant::now();
     loop {
         if *sh.shutdown.borrow() {
-            return;
+            return began;
         }
         let gate = Gate {
             kill_switch_on: sh.cfg.kill_switch.exists(),
@@ -415,23 +432,25 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
                     "policy"
                 });
                 sh.act(action(bdf, trigger, "skipped", why));
-                return;
+                return began;
             }
             Decision::Wait(d) => {
                 info!(bdf = %bdf, "backing off {} ms before the next attempt", d.as_millis());
                 let mut sd = sh.shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(d) => continue,
-                    _ = sd.changed() => return,
+                    _ = sd.changed() => return began,
                 }
             }
             Decision::Act => {}
         }
+        began = Instant::now();
         if first
             && trigger.verifies_first()
             && let Some(done) = verify_only(sh, bdf, trigger).await
         {
-            return sh.act(done);
+            sh.act(done);
+            return began;
         }
         let latency = first.then(|| at.elapsed());
         if let Some(l) = latency {
@@ -440,13 +459,20 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
         first = false;
         let mut a = attempt(sh, bdf, trigger, &dev_cfg).await;
         a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
-        let waits_for_holder = a.result == "held";
-        if waits_for_holder {
+        // A release or bind refused as held waits for the holder (QEMU keeping the group open
+        // while it shuts down). Anything else seen while a VM holds the device, such as the
+        // reset at its open, is answered by the release that ends its use.
+        let waits_for_holder = a.result == "held" && trigger.immediate();
+        if a.result == "held" {
             a.result = "skipped".into();
-            a.detail = format!(
-                "{}; waiting up to {} s for it to let go",
-                a.detail, sh.cfg.held_wait_s
-            );
+            a.detail = if waits_for_holder {
+                format!(
+                    "{}; waiting up to {} s for it to let go",
+                    a.detail, sh.cfg.held_wait_s
+                )
+            } else {
+                format!("{}; its release will trigger the reset", a.detail)
+            };
         }
         let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run");
         sh.act(a);
@@ -458,12 +484,12 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) {
                     "skipped",
                     format!("still held after {} s: not reset", sh.cfg.held_wait_s),
                 ));
-                return;
+                return began;
             }
             continue;
         }
         if done {
-            return;
+            return began;
         }
     }
 }
@@ -544,9 +570,11 @@ async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) ->
             _ = sd.changed() => return false,
         }
         let host = sh.host.clone();
+        // Only the holder scan: the device's profile is not needed to know who holds it.
         let free = tokio::task::spawn_blocking(move || {
-            let t = engine::inspect(&host, bdf, None, None).ok()?;
-            Some(t.holders.is_empty())
+            let dev = host.sysfs.device(bdf).ok()?;
+            let paths = crate::holders::device_paths(&dev).ok()?;
+            Some(crate::holders::find(&host.proc_root, &paths, Some(std::process::id())).is_empty())
         })
         .await;
         if matches!(free, Ok(Some(true))) {
@@ -577,9 +605,14 @@ fn is_refusal(e: &crate::Error) -> bool {
 /// verdict the rescan policy leaves alone, not checkable), or None when the device must be reset.
 async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Action> {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.cfg.device(bdf));
+    let mode = if sh.cfg.observe_only {
+        engine::ReadMode::NoWrites
+    } else {
+        engine::ReadMode::EnableAndRestore
+    };
     let st = tokio::task::spawn_blocking(move || {
         let t = engine::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
-        engine::status(&host, t, &mut |d| open(d))
+        engine::status(&host, t, &mut |d| open(d), mode)
     })
     .await;
     let resets = |h: Health| match trigger {

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use scenarios::Scenario;
+use scenarios::{Run, Scenario, Topology};
 
 use crate::{cargo, toolchain, workspace_root};
 
@@ -68,8 +68,8 @@ struct Sim {
 impl Sim {
     fn start(
         bin: &Path,
-        profile: &str,
-        faults: &str,
+        (profile, faults): (&str, &str),
+        state: &str,
         dir: &Path,
         tag: &str,
     ) -> anyhow::Result<Sim> {
@@ -81,7 +81,15 @@ impl Sim {
         let _ = std::fs::remove_file(&shm);
         let _ = std::fs::remove_file(&report);
         let child = Command::new(bin)
-            .args(["--profile", profile, "--fault", faults, "--shm"])
+            .args([
+                "--profile",
+                profile,
+                "--state",
+                state,
+                "--fault",
+                faults,
+                "--shm",
+            ])
             .arg(&shm)
             .arg("--report")
             .arg(&report)
@@ -97,16 +105,16 @@ impl Sim {
         Ok(Sim { child, shm, report })
     }
 
-    fn qemu_args(&self) -> Vec<String> {
-        vec![
+    fn qemu_args(&self, topology: Topology) -> Vec<String> {
+        let mut args = vec![
             "-object".into(),
             format!(
                 "memory-backend-file,id=simbar,share=on,mem-path={},size=1M",
                 self.shm.display()
             ),
-            "-device".into(),
-            "ivshmem-plain,memdev=simbar".into(),
-        ]
+        ];
+        args.extend(topology.ivshmem("simbar"));
+        args
     }
 
     fn finish(mut self) -> anyhow::Result<serde_json::Value> {
@@ -130,24 +138,26 @@ pub struct Outcome {
 fn run_scenario(
     k: &host::Kernel,
     ird: &initramfs::Initramfs,
-    sc: Scenario,
+    run: &Run,
     bins: &Binaries,
     echo: bool,
 ) -> anyhow::Result<Outcome> {
+    let sc = run.scenario;
     let dir = host::cache_dir().join("runs").join(&k.version);
     std::fs::create_dir_all(&dir)?;
     ird.add_text("/scenario.sh", &sc.script(), 0o755)?;
-    let cpio = dir.join(format!("{}.cpio", sc.name()));
+    let tag = run.tag();
+    let cpio = dir.join(format!("{tag}.cpio"));
     ird.write(&cpio)?;
     let sim = sc
         .simulator()
-        .map(|(p, f)| Sim::start(&bins.sim, p, f, &dir, sc.name()))
+        .map(|spec| Sim::start(&bins.sim, spec, run.state, &dir, &tag))
         .transpose()?;
     let mut extra = sc.devices();
     if let Some(s) = &sim {
-        extra.extend(s.qemu_args());
+        extra.extend(s.qemu_args(run.topology));
     }
-    let log = dir.join(format!("{}.log", sc.name()));
+    let log = dir.join(format!("{tag}.log"));
     let boot = qemu::boot(&k.vmlinux, &cpio, &extra, BOOT_TIMEOUT, &log, echo);
     let sim_report = match sim {
         Some(s) => s.finish().ok(),
@@ -164,7 +174,7 @@ fn run_scenario(
         );
     }
     let notes = sc
-        .check(&boot.console, sim_report.as_ref())
+        .check(run, &boot.console, sim_report.as_ref())
         .with_context(|| format!("assertions failed (log {})", log.display()))?;
     Ok(Outcome {
         notes,
@@ -182,7 +192,12 @@ fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::I
     Ok(ird)
 }
 
-pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> anyhow::Result<()> {
+pub fn vm_test(
+    kernels: &[String],
+    scenarios: &[Scenario],
+    topologies: &[Topology],
+    verbose: bool,
+) -> anyhow::Result<()> {
     let bins = build()?;
     let kernels: Vec<String> = if kernels.is_empty() {
         DEFAULT_KERNELS.map(String::from).to_vec()
@@ -199,14 +214,14 @@ pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> any
     for kv in &kernels {
         let k = host::fetch_kernel(kv)?;
         let ird = guest_image(&k, &bins)?;
-        for sc in &scenarios {
-            match run_scenario(&k, &ird, *sc, &bins, verbose) {
+        for run in scenarios.iter().flat_map(|sc| sc.runs(topologies)) {
+            match run_scenario(&k, &ird, &run, &bins, verbose) {
                 Ok(o) => {
                     passed += 1;
                     println!(
                         "PASS {} {} ({:.1} s)",
                         k.version,
-                        sc.name(),
+                        run.label(),
                         o.wall.as_secs_f64()
                     );
                     for n in o.notes {
@@ -215,7 +230,7 @@ pub fn vm_test(kernels: &[String], scenarios: &[Scenario], verbose: bool) -> any
                 }
                 Err(e) => {
                     failed += 1;
-                    println!("FAIL {} {}: {e:#}", k.version, sc.name());
+                    println!("FAIL {} {}: {e:#}", k.version, run.label());
                 }
             }
         }
@@ -243,16 +258,22 @@ pub fn demo(kernel: &str) -> anyhow::Result<()> {
         k.version
     );
     println!("shared memory served, on this host, by qcom-reset-sim: a register-level model of a");
-    println!("WCN6855 WLAN card whose firmware crashed when its VM was killed (SYSERR latched).");
+    println!("WCN6855 WLAN card whose VM was killed with its firmware session still running (M0).");
     println!(
-        "Inside the guest the card is bound to vfio-pci with no reset method, exactly like a real"
+        "The card sits behind a PCIe root port, as in an M.2 slot: the kernel lists the `bus`"
     );
     println!(
-        "WCN6855 on Linux up to 7.3, and qcom-reset runs as the agent, configured to treat the"
+        "reset and secondary-bus-resets it at release, returning success. Like the real card,"
     );
-    println!("ivshmem device as a wcn6855 with its registers in BAR2.\n");
+    println!("the simulated firmware does not notice. qcom-reset runs as the agent, configured to");
+    println!("treat the ivshmem device as a wcn6855 with its registers in BAR2.\n");
     println!("== Booting and running (about 10-20 s under TCG)");
-    let o = run_scenario(&k, &ird, Scenario::LoopWlan, &bins, false)?;
+    let run = Run {
+        scenario: Scenario::LoopWlan,
+        topology: Topology::RootPort,
+        state: "mission",
+    };
+    let o = run_scenario(&k, &ird, &run, &bins, false)?;
     println!("\n== What the kernel did (seen by the probes)");
     for l in qemu::section(&o.console, "agent-log")
         .iter()
@@ -263,7 +284,7 @@ pub fn demo(kernel: &str) -> anyhow::Result<()> {
     println!("\n== What the agent did");
     for l in qemu::section(&o.console, "agent-log")
         .iter()
-        .filter(|l| l.contains("seq=") || l.contains("healthy"))
+        .filter(|l| l.contains("seq=") || l.contains("clean"))
     {
         println!("  {}", l.trim());
     }

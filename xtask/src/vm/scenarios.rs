@@ -7,9 +7,10 @@ use super::qemu::section;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
-    /// Probes of both flavours see sysfs resets, VFIO opens and releases, -ENOTTY and an unreset release.
+    /// Probes of both flavours see sysfs resets, VFIO opens and releases, bus resets named as such.
     Probes,
-    /// ivshmem as a WLAN card: failed release -> agent -> WLAN sequence on the real BAR -> healthy.
+    /// ivshmem as a WLAN card: release (after the kernel's bus reset, if any) -> agent -> WLAN
+    /// sequence on the real BAR -> clean.
     LoopWlan,
     /// The same with the modem profile.
     LoopModem,
@@ -17,15 +18,96 @@ pub enum Scenario {
     Held,
     /// The simulated link never comes back: link-down verdict, PCI_COMMAND restored, no retry storm.
     Fault,
+    /// A graceful QEMU shutdown: the group stays open 3 s after the device closes; the agent
+    /// waits for it, then resets once.
+    Graceful,
+    /// A modem bound to vfio-pci while the agent runs is reset before any VM opens it.
+    Bind,
+    /// Observe-only: the simulator receives no write, PCI_COMMAND and power/control unchanged.
+    Observe,
+}
+
+/// Where the simulated card sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    /// On the root bus: no kernel reset method (what 7.2/7.3's NO_BUS_RESET gives real cards).
+    RootBus,
+    /// Alone behind a `pcie-root-port`: reset_method `bus`, the kernel SBRs it at open and
+    /// release (<=7.1 hosts). QEMU's SBR resets ivshmem's config space, never the simulated
+    /// firmware: exactly what the real parts do.
+    RootPort,
+}
+
+impl Topology {
+    pub const ALL: [Topology; 2] = [Topology::RootBus, Topology::RootPort];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Topology::RootBus => "root-bus",
+            Topology::RootPort => "root-port",
+        }
+    }
+
+    /// QEMU arguments placing the ivshmem device backed by `memdev`.
+    pub fn ivshmem(self, memdev: &str) -> Vec<String> {
+        let dev = format!("ivshmem-plain,memdev={memdev}");
+        match self {
+            Topology::RootBus => vec!["-device".into(), dev],
+            Topology::RootPort => vec![
+                "-device".into(),
+                "pcie-root-port,id=rpsim,slot=2".into(),
+                "-device".into(),
+                format!("{dev},bus=rpsim"),
+            ],
+        }
+    }
+
+    /// The kernel reset the release summary must name in this topology.
+    fn kernel_reset(self) -> &'static str {
+        match self {
+            Topology::RootBus => "none",
+            Topology::RootPort => "bus",
+        }
+    }
+}
+
+/// One boot: a scenario in a topology, with the simulated card in a state.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub scenario: Scenario,
+    pub topology: Topology,
+    /// `qcom-reset-sim --state`.
+    pub state: &'static str,
+}
+
+impl Run {
+    pub fn label(&self) -> String {
+        match self.scenario.simulator() {
+            Some(_) => format!(
+                "{} {} {}",
+                self.scenario.name(),
+                self.topology.name(),
+                self.state
+            ),
+            None => self.scenario.name().to_string(),
+        }
+    }
+
+    pub fn tag(&self) -> String {
+        self.label().replace(' ', "-")
+    }
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Probes,
         Scenario::LoopWlan,
         Scenario::LoopModem,
         Scenario::Held,
         Scenario::Fault,
+        Scenario::Graceful,
+        Scenario::Bind,
+        Scenario::Observe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,15 +117,45 @@ impl Scenario {
             Scenario::LoopModem => "loop-modem",
             Scenario::Held => "held",
             Scenario::Fault => "fault",
+            Scenario::Graceful => "graceful",
+            Scenario::Bind => "bind",
+            Scenario::Observe => "observe",
         }
+    }
+
+    /// The boots this scenario needs in the chosen topologies: the loops from a killed VM's
+    /// live session and from a crash, the rest from the live session.
+    pub fn runs(self, topologies: &[Topology]) -> Vec<Run> {
+        let states: &[&str] = match self {
+            Scenario::LoopWlan | Scenario::LoopModem => &["mission", "crashed"],
+            _ => &["mission"],
+        };
+        // The probes scenario brings its own devices in both topologies.
+        let topologies = if self.simulator().is_none() {
+            &[Topology::RootBus][..]
+        } else {
+            topologies
+        };
+        topologies
+            .iter()
+            .flat_map(|&topology| {
+                states.iter().map(move |&state| Run {
+                    scenario: self,
+                    topology,
+                    state,
+                })
+            })
+            .collect()
     }
 
     /// The simulator behind the ivshmem BAR: (profile, faults), if the scenario has one.
     pub fn simulator(self) -> Option<(&'static str, &'static str)> {
         match self {
             Scenario::Probes => None,
-            Scenario::LoopWlan | Scenario::Held => Some(("wcn6855", "")),
-            Scenario::LoopModem => Some(("sdx65", "")),
+            Scenario::LoopWlan | Scenario::Held | Scenario::Graceful | Scenario::Observe => {
+                Some(("wcn6855", ""))
+            }
+            Scenario::LoopModem | Scenario::Bind => Some(("sdx65", "")),
             Scenario::Fault => Some(("wcn6855", "never-returns")),
         }
     }
@@ -76,17 +188,28 @@ impl Scenario {
                 "wcn6855",
                 "max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n",
             ),
+            Scenario::Graceful => graceful(),
+            Scenario::Bind => bind(),
+            Scenario::Observe => observe(),
         };
         format!("{LIB}\n{body}")
     }
 
-    pub fn check(self, console: &str, sim_report: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    pub fn check(
+        self,
+        run: &Run,
+        console: &str,
+        sim: Option<&Value>,
+    ) -> anyhow::Result<Vec<String>> {
         match self {
             Scenario::Probes => check_probes(console),
-            Scenario::LoopWlan => check_loop(console, sim_report, "wlan", 3),
-            Scenario::LoopModem => check_loop(console, sim_report, "modem", 1),
-            Scenario::Held => check_held(console, sim_report),
-            Scenario::Fault => check_fault(console, sim_report),
+            Scenario::LoopWlan => check_loop(run, console, sim, "wlan", 3),
+            Scenario::LoopModem => check_loop(run, console, sim, "modem", 1),
+            Scenario::Held => check_held(console, sim),
+            Scenario::Fault => check_fault(console, sim),
+            Scenario::Graceful => check_graceful(console, sim),
+            Scenario::Bind => check_bind(console, sim),
+            Scenario::Observe => check_observe(console, sim),
         }
     }
 }
@@ -138,16 +261,22 @@ sleep 0.5; kill -INT $P; wait $P
 dump trace-kprobe /tmp/kp.json
 "#;
 
-/// Agent configuration for the ivshmem device; `extra` goes at the top level.
-fn config(profile: &str, extra: &str) -> String {
+/// Finds the ivshmem device, binds it to vfio-pci unless `bind` is false, and writes the agent
+/// configuration treating it as `profile`; `extra` goes at the top level.
+fn setup(profile: &str, extra: &str, bind: bool) -> String {
+    // The device was stuck before the test: unless the scenario asks, only its events trigger.
+    let rescan = if extra.contains("rescan =") {
+        ""
+    } else {
+        "rescan = false\n"
+    };
     format!(
         r#"D=$(dev_by_id 0x1af4 0x1110) || {{ echo "no ivshmem device"; exit 1; }}
-bind_vfio $D
+echo "VMLAB card at $D, reset_method: $(cat /sys/bus/pci/devices/$D/reset_method 2>/dev/null || echo none)"
+{}
 mkdir -p /etc/qcom-reset
 cat > /etc/qcom-reset/config.toml <<CONFIG
-# The device was stuck before the test: only the release may trigger the reset.
-rescan = false
-debounce_ms = 200
+{rescan}debounce_ms = 200
 journal = "/tmp/journal.jsonl"
 state_file = "/tmp/state.json"
 {extra}
@@ -155,11 +284,21 @@ state_file = "/tmp/state.json"
 profile = "{profile}"
 bar = 2
 CONFIG
-qcom-reset run > /tmp/agent.log 2>&1 & P=$!
-wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
-"#
+"#,
+        if bind { "bind_vfio $D" } else { "" }
     )
 }
+
+const START_AGENT: &str = r#"
+qcom-reset run > /tmp/agent.log 2>&1 & P=$!
+wait_for /tmp/agent.log "agent running" 60 || { cat /tmp/agent.log; exit 1; }
+"#;
+
+const STOP_AND_DUMP: &str = r#"
+kill -TERM $P; wait $P
+echo "VMLAB pci_command=$(pci_command $D)"
+dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
+"#;
 
 fn agent_loop(profile: &str, extra: &str) -> String {
     let until = if extra.contains("max_attempts") {
@@ -168,29 +307,62 @@ fn agent_loop(profile: &str, extra: &str) -> String {
         "\"type\":\"action\""
     };
     format!(
-        r#"{}
+        r#"{}{START_AGENT}
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '{until}' 90
-kill -TERM $P; wait $P
-echo "VMLAB pci_command=$(pci_command $D)"
-dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
-"#,
-        config(profile, extra)
+{STOP_AND_DUMP}"#,
+        setup(profile, extra, true)
     )
 }
 
 fn held() -> String {
     format!(
-        r#"{}
+        r#"{}{START_AGENT}
 vmlab-guest vfio-cycle $D 4000 & H=$!
 sleep 2
 qcom-reset reset $D --profile wcn6855 --bar 2 > /tmp/cli.out 2>&1; echo "cli-rc=$?" >> /tmp/cli.out
 wait $H
-wait_for /tmp/journal.jsonl '"result":"healthy"' 60
-kill -TERM $P; wait $P
-dump cli /tmp/cli.out; dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
-"#,
-        config("wcn6855", "")
+wait_for /tmp/journal.jsonl '"result":"clean"' 60
+sleep 1
+dump cli /tmp/cli.out{STOP_AND_DUMP}"#,
+        setup("wcn6855", "", true)
+    )
+}
+
+fn graceful() -> String {
+    format!(
+        r#"{}{START_AGENT}
+vmlab-guest vfio-graceful $D 500 3000
+wait_for /tmp/journal.jsonl '"result":"clean"' 60
+sleep 1
+{STOP_AND_DUMP}"#,
+        setup("wcn6855", "", true)
+    )
+}
+
+fn bind() -> String {
+    format!(
+        r#"{}{START_AGENT}
+bind_vfio $D
+wait_for /tmp/journal.jsonl '"type":"action"' 60
+sleep 1
+{STOP_AND_DUMP}"#,
+        setup("sdx65", "", false)
+    )
+}
+
+fn observe() -> String {
+    format!(
+        r#"{}
+state() {{ echo "pci_command=$(pci_command $D) power=$(cat /sys/bus/pci/devices/$D/power/control)"; }}
+echo "VMLAB before $(state)"
+{START_AGENT}
+wait_for /tmp/journal.jsonl '"trigger":"rescan"' 60
+echo "VMLAB after-rescan $(state)"
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '"result":"dry-run"' 60
+{STOP_AND_DUMP}"#,
+        setup("wcn6855", "observe_only = true\nrescan = true", true)
     )
 }
 
@@ -293,10 +465,19 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         rels[0]
     );
     ensure!(
-        rels[0]["left_unreset"] == false,
-        "release 1 should be reset: {}",
+        attempts(rels[0]).contains(&("pci_reset_bus_function".into(), 0))
+            && rels[0]["kernel_reset"] == "bus"
+            && rels[0]["left_unreset"] == true,
+        "release 1: the bus reset must be named and not trusted: {}",
         rels[0]
     );
+    notes.push(format!(
+        "release behind a root port: kernel_reset={} left_unreset={} (needs_reset={}), attempts {:?}",
+        rels[0]["kernel_reset"],
+        rels[0]["left_unreset"],
+        rels[0]["needs_reset"],
+        attempts(rels[0])
+    ));
     let r2 = attempts(rels[1]);
     ensure!(
         !r2.iter().any(|(f, _)| f == "__pci_reset_function_locked"),
@@ -312,12 +493,11 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         .find(|v| v["bdf"] != rp)
         .context("no release of the root-bus edu")?;
     ensure!(
-        root_rel["left_unreset"] == true,
+        root_rel["left_unreset"] == true && root_rel["kernel_reset"] == "none",
         "root-bus release must be left unreset: {root_rel}"
     );
     notes.push(format!(
-        "release without any reset method: left_unreset=true (from {}), attempts {:?}",
-        root_rel["left_unreset_from"],
+        "release without any reset method: kernel_reset=none, attempts {:?}",
         attempts(root_rel)
     ));
     let kp = json_lines(console, "trace-kprobe");
@@ -347,7 +527,29 @@ fn actions(console: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The single sim-report expectation every loop shares: family, conformance, write count.
+fn check_sim(sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<()> {
+    let sim = sim.context("no simulator report")?;
+    ensure!(
+        sim["family"] == family,
+        "simulated family {}",
+        sim["family"]
+    );
+    ensure!(
+        writes == 0 || sim["conformance"]["ok"] == true,
+        "the simulator saw a wrong sequence: {}",
+        sim["conformance"]
+    );
+    ensure!(
+        sim["writes"].as_array().map(Vec::len) == Some(writes),
+        "expected {writes} write(s): {}",
+        sim["writes"]
+    );
+    Ok(())
+}
+
 fn check_loop(
+    run: &Run,
     console: &str,
     sim: Option<&Value>,
     family: &str,
@@ -357,7 +559,7 @@ fn check_loop(
     let acts = actions(console);
     let a = acts.first().context("the agent took no action")?;
     ensure!(
-        a["trigger"] == "release" && a["result"] == "healthy",
+        a["trigger"] == "release" && a["result"] == "clean",
         "first action: {a}"
     );
     ensure!(
@@ -365,26 +567,18 @@ fn check_loop(
         "expected one action, got {}: {acts:?}",
         acts.len()
     );
-    let sim = sim.context("no simulator report")?;
-    ensure!(
-        sim["family"] == family,
-        "simulated family {}",
-        sim["family"]
-    );
-    ensure!(
-        sim["conformance"]["ok"] == true,
-        "the simulator saw a wrong sequence: {}",
-        sim["conformance"]
-    );
-    ensure!(
-        sim["writes"].as_array().map(Vec::len) == Some(writes),
-        "writes: {}",
-        sim["writes"]
-    );
+    check_sim(sim, family, writes)?;
     let ev = journal
         .iter()
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
         .context("no release event in the journal")?;
+    let want = run.topology.kernel_reset();
+    ensure!(
+        ev["event"]["kernel_reset"] == want && ev["event"]["left_unreset"] == true,
+        "in {} the release must name kernel_reset={want}: {}",
+        run.topology.name(),
+        ev["event"]
+    );
     let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0)
         + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
     let received = ev["received_mono_ns"]
@@ -398,6 +592,10 @@ fn check_loop(
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
     Ok(vec![
+        format!(
+            "release: kernel_reset={} needs_reset={} -> reset anyway",
+            ev["event"]["kernel_reset"], ev["event"]["needs_reset"]
+        ),
         format!("verdict {}: {}", a["result"], a["detail"]),
         format!(
             "detection {detect_ms:.1} ms (release returned -> agent), event -> reset start {act_ms:.1} ms, reset+verify {reset_ms} ms, total {:.0} ms",
@@ -423,20 +621,18 @@ fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>>
                     .is_some_and(|d| d.contains("held by pid"))
         })
         .context("the agent did not report the held device")?;
-    let healthy = acts
+    let clean: Vec<usize> = acts
         .iter()
-        .position(|a| a["result"] == "healthy")
-        .context("no reset after the release")?;
-    ensure!(held < healthy, "order: {acts:?}");
-    let sim = sim.context("no simulator report")?;
-    ensure!(
-        sim["writes"].as_array().map(Vec::len) == Some(3),
-        "writes while held? {}",
-        sim["writes"]
-    );
+        .enumerate()
+        .filter(|(_, a)| a["result"] == "clean")
+        .map(|(i, _)| i)
+        .collect();
+    ensure!(clean.len() == 1, "expected one reset: {acts:?}");
+    ensure!(held < clean[0], "order: {acts:?}");
+    check_sim(sim, "wlan", 3)?;
     Ok(vec![
         format!("while held: {}", acts[held]["detail"]),
-        "after the release: one reset, healthy".into(),
+        "after the release: one reset, clean".into(),
     ])
 }
 
@@ -481,4 +677,81 @@ fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>
         "2 attempts, both link-down, then: {}; PCI_COMMAND back at {restored:#06x}",
         acts[2]["detail"]
     )])
+}
+
+fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let acts = actions(console);
+    let clean: Vec<&Value> = acts.iter().filter(|a| a["result"] == "clean").collect();
+    ensure!(clean.len() == 1, "expected one reset: {acts:?}");
+    ensure!(clean[0]["trigger"] == "release", "{}", clean[0]);
+    let waiting = acts
+        .iter()
+        .find(|a| {
+            a["trigger"] == "release"
+                && a["result"] == "skipped"
+                && a["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("held by pid") && d.contains("waiting up to"))
+        })
+        .with_context(|| format!("the release did not wait for the group: {acts:?}"))?;
+    let waited = clean[0]["ts_ms"].as_u64().unwrap_or(0) - waiting["ts_ms"].as_u64().unwrap_or(0);
+    ensure!(
+        waited >= 2000,
+        "reset {waited} ms after the refusal: before the group was closed?"
+    );
+    check_sim(sim, "wlan", 3)?;
+    Ok(vec![
+        format!("device closed, group kept: {}", waiting["detail"]),
+        format!("group closed: one reset {waited} ms later, clean"),
+    ])
+}
+
+fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let acts = actions(console);
+    ensure!(acts.len() == 1, "expected one action: {acts:?}");
+    let a = &acts[0];
+    ensure!(
+        a["trigger"] == "bind" && a["result"] == "clean",
+        "action: {a}"
+    );
+    let opened = json_lines(console, "journal")
+        .iter()
+        .any(|v| v["type"] == "event" && v["event"]["kind"] == "open");
+    ensure!(!opened, "the device was opened before its reset");
+    check_sim(sim, "modem", 1)?;
+    Ok(vec![format!(
+        "bound to vfio-pci -> reset in {:.1} ms, before any open: {}",
+        a["latency_ms"].as_f64().unwrap_or(f64::NAN),
+        a["detail"]
+    )])
+}
+
+fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let line = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.split(&format!("VMLAB {tag} ")).nth(1))
+            .map(str::trim)
+            .map(String::from)
+            .with_context(|| format!("guest did not print its {tag} state"))
+    };
+    let (before, after) = (line("before")?, line("after-rescan")?);
+    ensure!(
+        before == after,
+        "the observe-only rescan changed the device: {before} -> {after}"
+    );
+    let acts = actions(console);
+    let results: Vec<(&str, &str)> = acts
+        .iter()
+        .filter_map(|a| Some((a["trigger"].as_str()?, a["result"].as_str()?)))
+        .collect();
+    ensure!(
+        results.contains(&("rescan", "skipped")) && results.contains(&("release", "dry-run")),
+        "actions: {acts:?}"
+    );
+    check_sim(sim, "wlan", 0)?;
+    Ok(vec![
+        format!("rescan and release wrote nothing: {before} before and after"),
+        "the simulator received 0 writes".into(),
+    ])
 }
