@@ -14,7 +14,7 @@ use qcom_reset::{Error, regs};
 
 use crate::cli::{Cli, Command, HostArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs};
 
-/// Exit code when a reset ran but the device is not healthy afterwards.
+/// Exit code when a reset ran but the device is not clean afterwards.
 const EXIT_UNHEALTHY: u8 = 2;
 
 pub fn host(a: &HostArgs) -> Host {

@@ -155,12 +155,12 @@ mod tests {
     fn renders_counters_and_histogram() {
         let m = Metrics::default();
         m.event("release");
-        m.reset("healthy");
+        m.reset("clean");
         m.latency(Duration::from_millis(3));
         m.drops(2);
         let t = m.render();
         assert!(t.contains("qcom_reset_events_total{kind=\"release\"} 1"));
-        assert!(t.contains("qcom_reset_resets_total{result=\"healthy\"} 1"));
+        assert!(t.contains("qcom_reset_resets_total{result=\"clean\"} 1"));
         assert!(t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.001\"} 0"));
         assert!(t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.005\"} 1"));
         assert!(t.contains("qcom_reset_ringbuf_drops_total 2"));

@@ -10,7 +10,7 @@ use super::config::Config;
 /// What happened to a device so far; persisted in the state file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
-    /// Failed attempts since the last healthy verdict (or the last cool-down end).
+    /// Failed attempts since the last clean verdict (or the last cool-down end).
     pub failures: u32,
     /// Unix time of the last attempt, in ms.
     pub last_attempt_ms: Option<u64>,
@@ -69,14 +69,14 @@ pub fn decide(cfg: &Config, gate: &Gate, h: &History, now_ms: u64) -> Decision {
 }
 
 /// Records an attempt's result. A cool-down that has ended starts a fresh count.
-pub fn record(cfg: &Config, h: &mut History, healthy: bool, verdict: &str, now_ms: u64) {
+pub fn record(cfg: &Config, h: &mut History, clean: bool, verdict: &str, now_ms: u64) {
     if h.failures >= cfg.max_attempts {
         h.failures = 0;
     }
     h.total_attempts += 1;
     h.last_attempt_ms = Some(now_ms);
     h.last_verdict = Some(verdict.to_string());
-    h.failures = if healthy { 0 } else { h.failures + 1 };
+    h.failures = if clean { 0 } else { h.failures + 1 };
 }
 
 #[cfg(test)]
@@ -101,18 +101,18 @@ mod tests {
         let c = cfg();
         let mut h = History::default();
         assert_eq!(decide(&c, &OPEN, &h, 0), Decision::Act);
-        record(&c, &mut h, false, "syserr", 0);
+        record(&c, &mut h, false, "crashed", 0);
         assert_eq!(
             decide(&c, &OPEN, &h, 400),
             Decision::Wait(Duration::from_millis(600))
         );
         assert_eq!(decide(&c, &OPEN, &h, 1000), Decision::Act);
-        record(&c, &mut h, false, "syserr", 1000);
+        record(&c, &mut h, false, "crashed", 1000);
         assert_eq!(
             decide(&c, &OPEN, &h, 1000),
             Decision::Wait(Duration::from_millis(2000))
         );
-        record(&c, &mut h, false, "syserr", 3000);
+        record(&c, &mut h, false, "crashed", 3000);
         let Decision::Skip(why) = decide(&c, &OPEN, &h, 4000) else {
             panic!()
         };
@@ -125,7 +125,7 @@ mod tests {
             Decision::Act,
             "cool-down over"
         );
-        record(&c, &mut h, true, "healthy", 63_000);
+        record(&c, &mut h, true, "clean", 63_000);
         assert_eq!((h.failures, h.total_attempts), (0, 4));
     }
 
