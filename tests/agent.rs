@@ -120,7 +120,7 @@ fn start(h: &FakeHost, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
 
 fn start_on(host: qcom_reset::engine::Host, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
     let map: HashMap<Bdf, SimDevice> = sims.iter().map(|(b, s)| (bdf(b), s.clone())).collect();
-    let open: qcom_reset::agent::OpenFn = Arc::new(move |d| Ok(Box::new(map[&d.bdf].clone())));
+    let open: qcom_reset::agent::OpenFn = Arc::new(move |d, _| Ok(Box::new(map[&d.bdf].clone())));
     let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
     let actions = agent.subscribe();
     let (tx, rx) = mpsc::channel(64);
@@ -409,7 +409,7 @@ async fn startup_rescan_resets_only_unclean_targets() {
     qcom_reset::engine::reset(
         &h.host,
         &qcom_reset::engine::Request::new(bdf(MODEM)),
-        &mut move |_| Ok(Box::new(m2.clone())),
+        &mut move |_, _| Ok(Box::new(m2.clone())),
         "sim",
     )
     .unwrap();
@@ -740,4 +740,42 @@ async fn rescan_resets_follows_the_configuration() {
         );
         r.stop().await;
     }
+}
+
+/// A qcom-reset killed mid-sequence left power/control on and decoding set: the next agent
+/// puts them back at start, before any rescan.
+#[tokio::test]
+async fn the_agent_recovers_a_killed_session_at_start() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let record = qcom_reset::session::record::Record {
+        bdf: bdf(WLAN),
+        pid: 4711,
+        command: Some(0x0400),
+        power_control: Some("auto".into()),
+        config: vec![],
+    };
+    qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
+    std::fs::write(
+        h.root()
+            .join("sys/bus/pci/devices")
+            .join(WLAN)
+            .join("power/control"),
+        "on",
+    )
+    .unwrap();
+    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0406).unwrap();
+    let r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.host.run_dir.join(format!("{WLAN}.json")).exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+    assert_eq!(
+        card.with_model(|m| (m.command, m.writes.len())),
+        (0x0400, 0)
+    );
+    assert!(!h.host.run_dir.join(format!("{WLAN}.json")).exists());
+    r.stop().await;
 }

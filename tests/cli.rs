@@ -12,6 +12,7 @@ fn qcom(h: Option<&FakeHost>, args: &[&str]) -> Output {
     if let Some(h) = h {
         c.arg("--sysfs-root").arg(&h.host.sysfs.root);
         c.arg("--proc-root").arg(&h.host.proc_root);
+        c.arg("--dev-vfio").arg(&h.host.dev_vfio);
         c.arg("--run-dir").arg(&h.host.run_dir);
     }
     c.args(args).env("RUST_LOG", "warn").output().unwrap()

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::io::{MmioBar, RegisterIo};
+use crate::session::own::Ownership;
 use crate::sysfs::SysfsDevice;
 use crate::{Error, bdf::Bdf};
 
@@ -56,11 +57,26 @@ pub fn lockdown_mode(path: &Path) -> Option<String> {
 
 pub const LOCKDOWN_PATH: &str = "/sys/kernel/security/lockdown";
 
-pub fn open(dev: &SysfsDevice, access: Access) -> Result<Box<dyn Backend>, Error> {
+/// Opens the device a session owns; the VFIO path goes through the group the session holds.
+pub fn open(dev: &SysfsDevice, access: Access, own: &Ownership) -> Result<Box<dyn Backend>, Error> {
     let locked = lockdown_mode(Path::new(LOCKDOWN_PATH)).is_some_and(|m| m != "none");
     match (access, locked) {
         (Access::Sysfs, _) | (Access::Auto, false) => Ok(Box::new(SysfsBackend::open(dev)?)),
-        (Access::Vfio, _) | (Access::Auto, true) => Ok(Box::new(VfioBackend::open(dev)?)),
+        (Access::Vfio, _) | (Access::Auto, true) => {
+            let group = own.group_fd().ok_or_else(|| Error::Map {
+                bdf: dev.bdf,
+                bar: 0,
+                via: "vfio",
+                why: "the device must be bound to vfio-pci for VFIO access".into(),
+            })?;
+            let group = group.map_err(|e| Error::Map {
+                bdf: dev.bdf,
+                bar: 0,
+                via: "vfio",
+                why: format!("duplicating the held group: {e}"),
+            })?;
+            Ok(Box::new(VfioBackend::with_group(dev, group)?))
+        }
     }
 }
 
@@ -185,22 +201,35 @@ fn ioctl(fd: &impl AsRawFd, req: u64, arg: u64) -> io::Result<i32> {
 }
 
 impl VfioBackend {
+    /// Opens the device through its group, as QEMU does (the VM lab's stand-in for a VM).
     pub fn open(dev: &SysfsDevice) -> Result<Self, Error> {
-        let bdf = dev.bdf;
-        let fail = |why: String| Error::Map {
-            bdf,
-            bar: 0,
-            via: "vfio",
-            why,
-        };
+        let fail = vfio_fail(dev.bdf);
         let group = dev
             .iommu_group()?
             .ok_or_else(|| fail("the device has no IOMMU group; VFIO needs an IOMMU".into()))?;
+        let gpath = format!("/dev/vfio/{group}");
+        let groupf = File::options()
+            .read(true)
+            .write(true)
+            .open(&gpath)
+            .map_err(|e| {
+                fail(format!(
+                    "open {gpath}: {e} (EBUSY: someone else holds the group)"
+                ))
+            })?;
+        Self::with_group(dev, groupf.into())
+    }
+
+    /// Opens the device fd through an already open group (a session's owned group).
+    pub fn with_group(dev: &SysfsDevice, group: OwnedFd) -> Result<Self, Error> {
+        let bdf = dev.bdf;
+        let fail = vfio_fail(bdf);
         if dev.driver()?.as_deref() != Some("vfio-pci") {
             return Err(fail(
                 "the device must be bound to vfio-pci for VFIO access".into(),
             ));
         }
+        let groupf = File::from(group);
         let container = File::options()
             .read(true)
             .write(true)
@@ -223,16 +252,6 @@ impl VfioBackend {
                 "no type1 IOMMU backend; modprobe vfio_iommu_type1".into(),
             ));
         }
-        let gpath = format!("/dev/vfio/{group}");
-        let groupf = File::options()
-            .read(true)
-            .write(true)
-            .open(&gpath)
-            .map_err(|e| {
-                fail(format!(
-                    "open {gpath}: {e} (EBUSY: someone else holds the group)"
-                ))
-            })?;
         let mut st = GroupStatus {
             argsz: size_of::<GroupStatus>() as u32,
             flags: 0,
@@ -240,9 +259,9 @@ impl VfioBackend {
         ioctl(&groupf, VFIO_GROUP_GET_STATUS, &raw mut st as u64)
             .map_err(|e| fail(e.to_string()))?;
         if st.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-            return Err(fail(format!(
-                "IOMMU group {group} is not viable: bind every device in it to vfio-pci"
-            )));
+            return Err(fail(
+                "its IOMMU group is not viable: bind every device in it to vfio-pci".into(),
+            ));
         }
         let cfd = container.as_raw_fd();
         ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, &raw const cfd as u64)
@@ -280,6 +299,15 @@ impl VfioBackend {
             _container: self._container,
             _group: self._group,
         }
+    }
+}
+
+fn vfio_fail(bdf: Bdf) -> impl Fn(String) -> Error {
+    move |why| Error::Map {
+        bdf,
+        bar: 0,
+        via: "vfio",
+        why,
     }
 }
 

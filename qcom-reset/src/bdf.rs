@@ -2,10 +2,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(into = "String")]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
 pub struct Bdf {
-    pub domain: u16,
+    /// Up to 32 bits: Intel VMD puts its devices in domains from 0x10000 (`10000:e1:00.0`).
+    pub domain: u32,
     pub bus: u8,
     pub device: u8,
     pub function: u8,
@@ -37,19 +40,19 @@ impl FromStr for Bdf {
             [b, dev] => ("0000", *b, *dev),
             _ => return Err(err("wrong number of ':' separated fields")),
         };
-        let hex = |field: &str, width: usize, what| {
-            if field.len() != width || !field.bytes().all(|c| c.is_ascii_hexdigit()) {
+        let hex = |field: &str, widths: std::ops::RangeInclusive<usize>, what| {
+            if !widths.contains(&field.len()) || !field.bytes().all(|c| c.is_ascii_hexdigit()) {
                 return Err(err(what));
             }
             Ok(u32::from_str_radix(field, 16).expect("checked hex digits"))
         };
-        let domain = hex(domain, 4, "the domain must be 4 hex digits")? as u16;
-        let bus = hex(bus, 2, "the bus must be 2 hex digits")? as u8;
-        let device = hex(device, 2, "the device must be 2 hex digits")?;
+        let domain = hex(domain, 4..=8, "the domain must be 4 to 8 hex digits")?;
+        let bus = hex(bus, 2..=2, "the bus must be 2 hex digits")? as u8;
+        let device = hex(device, 2..=2, "the device must be 2 hex digits")?;
         if device > 0x1f {
             return Err(err("the device number must be at most 1f"));
         }
-        let function = hex(function, 1, "the function must be one digit 0-7")?;
+        let function = hex(function, 1..=1, "the function must be one digit 0-7")?;
         if function > 7 {
             return Err(err("the function must be one digit 0-7"));
         }
@@ -69,6 +72,14 @@ impl fmt::Display for Bdf {
             "{:04x}:{:02x}:{:02x}.{:x}",
             self.domain, self.bus, self.device, self.function
         )
+    }
+}
+
+impl TryFrom<String> for Bdf {
+    type Error = BdfError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 
@@ -98,10 +109,20 @@ mod tests {
             "3a:1f.7".parse::<Bdf>().unwrap().to_string(),
             "0000:3a:1f.7"
         );
+        // Intel VMD domains have more than 4 hex digits.
+        let vmd: Bdf = "10000:e1:00.0".parse().unwrap();
+        assert_eq!((vmd.domain, vmd.bus), (0x10000, 0xe1));
+        assert_eq!(vmd.to_string(), "10000:e1:00.0");
         assert_eq!(
-            "10000:00:00.0".parse::<Bdf>().unwrap_err().why,
-            "the domain must be 4 hex digits"
+            "000:00:00.0".parse::<Bdf>().unwrap_err().why,
+            "the domain must be 4 to 8 hex digits"
         );
+        assert_eq!(
+            "123456789:00:00.0".parse::<Bdf>().unwrap_err().why,
+            "the domain must be 4 to 8 hex digits"
+        );
+        let json = serde_json::to_string(&vmd).unwrap();
+        assert_eq!(serde_json::from_str::<Bdf>(&json).unwrap(), vmd);
     }
 
     #[test]

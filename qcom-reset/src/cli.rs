@@ -30,6 +30,8 @@ pub struct HostArgs {
     pub sysfs_root: PathBuf,
     #[arg(long, global = true, default_value = "/proc", hide = true)]
     pub proc_root: PathBuf,
+    #[arg(long, global = true, default_value = "/dev/vfio", hide = true)]
+    pub dev_vfio: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]

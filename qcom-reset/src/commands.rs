@@ -22,6 +22,7 @@ pub fn host(a: &HostArgs) -> Host {
         sysfs: PciSysfs {
             root: a.sysfs_root.clone(),
         },
+        dev_vfio: a.dev_vfio.clone(),
         proc_root: a.proc_root.clone(),
         run_dir: a.run_dir.clone(),
         lock_wait: Duration::from_secs(30),
@@ -181,7 +182,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
     let report = engine::reset(
         host,
         &req,
-        &mut |dev| backend::open(dev, access),
+        &mut |dev, own| backend::open(dev, access, own),
         access.name(),
     )?;
     if a.json {
@@ -282,7 +283,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
             engine::status(
                 host,
                 t,
-                &mut |dev| backend::open(dev, access),
+                &mut |dev, own| backend::open(dev, access, own),
                 engine::ReadMode::EnableAndRestore,
             )
             .with_context(|| format!("status of {bdf}"))?,
@@ -408,7 +409,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         let agent = Agent::new(
             cfg,
             host,
-            std::sync::Arc::new(move |d| backend::open(d, access)),
+            std::sync::Arc::new(move |d, own| backend::open(d, access, own)),
             m,
         )?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);

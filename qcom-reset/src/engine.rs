@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
@@ -15,6 +15,9 @@ use crate::io::{DryRun, Op, Recorder};
 use crate::lock::DeviceLock;
 use crate::regs::*;
 use crate::sequence::{self, Outcome};
+pub use crate::session::Restored;
+use crate::session::own::Ownership;
+use crate::session::{Session, Writes};
 use crate::sysfs::{PciSysfs, SysfsDevice};
 use crate::verdict::{self, Verdict};
 use crate::{Error, Result};
@@ -23,6 +26,8 @@ use crate::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct Host {
     pub sysfs: PciSysfs,
+    /// Where the VFIO group nodes are (`/dev/vfio`).
+    pub dev_vfio: PathBuf,
     pub proc_root: PathBuf,
     pub run_dir: PathBuf,
     pub lock_wait: Duration,
@@ -32,6 +37,7 @@ impl Default for Host {
     fn default() -> Self {
         Host {
             sysfs: PciSysfs::default(),
+            dev_vfio: PathBuf::from("/dev/vfio"),
             proc_root: PathBuf::from("/proc"),
             run_dir: PathBuf::from(crate::lock::DEFAULT_RUN_DIR),
             lock_wait: Duration::from_secs(30),
@@ -39,8 +45,9 @@ impl Default for Host {
     }
 }
 
-/// Opens config space and the BAR of a device (sysfs/VFIO in production, the simulator in tests).
-pub type Opener<'a> = dyn FnMut(&SysfsDevice) -> Result<Box<dyn Backend>> + 'a;
+/// Opens config space and the BAR of a device the session owns (sysfs or VFIO through the held
+/// group in production, the simulator in tests).
+pub type Opener<'a> = dyn FnMut(&SysfsDevice, &Ownership) -> Result<Box<dyn Backend>> + 'a;
 
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -216,13 +223,6 @@ pub enum Method {
     DryRun,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Restored {
-    pub command: Option<u16>,
-    pub power_control: Option<String>,
-    pub errors: Vec<String>,
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub bdf: Bdf,
@@ -238,95 +238,10 @@ pub struct Report {
     /// Dry run: every step, register operations included.
     pub plan: Vec<String>,
     pub restored: Restored,
+    /// What a killed qcom-reset had left on this device and this run put back first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Restored>,
     pub duration_ms: u64,
-}
-
-/// Config space, power and the BAR for the duration of a sequence; restores on drop.
-struct Session {
-    bdf: Bdf,
-    dev: SysfsDevice,
-    backend: Box<dyn Backend>,
-    saved_command: Option<u16>,
-    saved_power: Option<String>,
-    restored: Option<Restored>,
-}
-
-impl Session {
-    fn begin(t: &Target, backend: Box<dyn Backend>) -> Result<Session> {
-        let mut s = Session {
-            bdf: t.bdf,
-            dev: t.dev.clone(),
-            backend,
-            saved_command: None,
-            saved_power: None,
-            restored: None,
-        };
-        // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
-        if let Some(p) = t.power_control.as_deref().filter(|p| *p != "on") {
-            s.dev.write("power/control", "on")?;
-            s.saved_power = Some(p.to_string());
-        }
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while let Some(state) = s.dev.power_state()?.filter(|st| st != "D0") {
-            if Instant::now() >= deadline {
-                return Err(Error::NotD0 { bdf: t.bdf, state });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(s)
-    }
-
-    fn config_ids(&mut self) -> (u16, u16) {
-        let v = self.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
-        let d = self.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
-        (v, d)
-    }
-
-    /// Saves PCI_COMMAND and enables memory decoding (vfio leaves it cleared after release).
-    fn enable_memory(&mut self) -> Result<()> {
-        let path = self.dev.path("config");
-        let cmd = self
-            .backend
-            .config_read16(PCI_COMMAND)
-            .map_err(|source| Error::SysfsRead {
-                path: path.clone(),
-                source,
-            })?;
-        self.saved_command = Some(cmd);
-        self.backend
-            .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
-            .map_err(|source| Error::SysfsWrite { path, source })
-    }
-
-    fn restore(&mut self) -> Restored {
-        if let Some(r) = &self.restored {
-            return r.clone();
-        }
-        let mut r = Restored::default();
-        if let Some(cmd) = self.saved_command {
-            match self.backend.config_write16(PCI_COMMAND, cmd) {
-                Ok(()) => r.command = Some(cmd),
-                Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
-            }
-        }
-        if let Some(p) = &self.saved_power {
-            match self.dev.write("power/control", p) {
-                Ok(()) => r.power_control = Some(p.clone()),
-                Err(e) => r.errors.push(e.to_string()),
-            }
-        }
-        for e in &r.errors {
-            warn!(bdf = %self.bdf, "post: restore failed: {e}");
-        }
-        self.restored = Some(r.clone());
-        r
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.restore();
-    }
 }
 
 fn step(bdf: Bdf, version: &str, what: &str) {
@@ -391,6 +306,7 @@ fn dry_run(t: &Target, access: &str) -> Report {
         ops,
         plan,
         restored: Restored::default(),
+        recovered: None,
         duration_ms: 0,
     }
 }
@@ -424,6 +340,10 @@ pub fn reset(
         &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
     );
 
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev)?;
+    let backend = open(&t.dev, &own)?;
+    let (mut session, recovered) =
+        Session::begin(&t.dev, host.run_dir.clone(), own, backend, Writes::Allowed)?;
     let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
@@ -433,7 +353,6 @@ pub fn reset(
         );
         kernel_reset(&t)?;
     }
-    let mut session = Session::begin(&t, open(&t.dev)?)?;
     let access = session.backend.name();
     let mut ops = Vec::new();
     let mut outcome = None;
@@ -522,6 +441,7 @@ pub fn reset(
         ops,
         plan: Vec::new(),
         restored,
+        recovered,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }
@@ -585,7 +505,18 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
         ));
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
-    let mut session = Session::begin(&t, open(&t.dev)?)?;
+    // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
+    let own = match Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev) {
+        Ok(o) => o,
+        Err(e @ Error::Held { .. }) => return Ok(skipped(t, e.to_string())),
+        Err(e) => return Err(e),
+    };
+    let writes = match mode {
+        ReadMode::EnableAndRestore => Writes::Allowed,
+        ReadMode::NoWrites => Writes::None,
+    };
+    let backend = open(&t.dev, &own)?;
+    let (mut session, _) = Session::begin(&t.dev, host.run_dir.clone(), own, backend, writes)?;
     let (vendor, device) = session.config_ids();
     let mut regs = verdict::Registers {
         config_vendor: vendor,
@@ -620,6 +551,26 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
         verdict: Some(verdict),
         skipped: None,
     })
+}
+
+/// Puts back what killed qcom-reset sessions left on devices (their records in the run
+/// directory): each under its lock and ownership, like any session. Returns what was restored.
+pub fn recover_pending(host: &Host, open: &mut Opener<'_>) -> Vec<(Bdf, Result<Restored>)> {
+    crate::session::record::pending(&host.run_dir)
+        .into_iter()
+        .map(|bdf| (bdf, recover_one(host, bdf, open)))
+        .collect()
+}
+
+fn recover_one(host: &Host, bdf: Bdf, open: &mut Opener<'_>) -> Result<Restored> {
+    let _lock = DeviceLock::acquire(&host.run_dir, bdf, host.lock_wait)?;
+    let dev = host.sysfs.device(bdf)?;
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev)?;
+    let backend = open(&dev, &own)?;
+    let (mut session, recovered) =
+        Session::begin(&dev, host.run_dir.clone(), own, backend, Writes::Allowed)?;
+    session.restore();
+    Ok(recovered.unwrap_or_default())
 }
 
 /// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)` overrides.

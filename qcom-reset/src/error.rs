@@ -36,6 +36,12 @@ pub enum Error {
         "{bdf} is bound to driver {driver}; bind it to vfio-pci (or unbind it) first, or pass --force to reset under that driver"
     )]
     WrongDriver { bdf: Bdf, driver: String },
+    #[error("{bdf} cannot be owned for a reset: {why}; not written")]
+    NotOwned { bdf: Bdf, why: String },
+    #[error(
+        "the crash record {path} is unreadable ({why}); check the device by hand, then remove the file"
+    )]
+    BadRecord { path: PathBuf, why: String },
     #[error("another qcom-reset holds the lock on {bdf} ({path}); wait for it to finish")]
     Busy { bdf: Bdf, path: PathBuf },
     #[error(

@@ -10,6 +10,7 @@ pub mod io;
 pub mod lock;
 pub mod regs;
 pub mod sequence;
+pub mod session;
 pub mod sim;
 pub mod sysfs;
 pub mod verdict;

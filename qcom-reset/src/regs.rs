@@ -74,4 +74,5 @@ pub fn ee_name(ee: u32) -> &'static str {
 pub const PCI_VENDOR_ID: u64 = 0x00;
 pub const PCI_DEVICE_ID: u64 = 0x02;
 pub const PCI_COMMAND: u64 = 0x04;
+pub const PCI_STATUS: u64 = 0x06;
 pub const PCI_COMMAND_MEMORY: u16 = 0x0002;

@@ -77,6 +77,7 @@ impl FakeHost {
             "sys/kernel/iommu_groups",
             "proc",
             "run",
+            "dev/vfio",
         ] {
             fs::create_dir_all(root.join(d)).unwrap();
         }
@@ -84,6 +85,7 @@ impl FakeHost {
             sysfs: PciSysfs {
                 root: root.join("sys/bus/pci/devices"),
             },
+            dev_vfio: root.join("dev/vfio"),
             proc_root: root.join("proc"),
             run_dir: root.join("run"),
             lock_wait: Duration::from_millis(200),
@@ -125,6 +127,11 @@ impl FakeHost {
             let p = self.root().join("sys/kernel/iommu_groups").join(g);
             fs::create_dir_all(&p).unwrap();
             symlink(&p, dev.join("iommu_group")).unwrap();
+            // The group node vfio-pci creates (a plain file here: opening it cannot be refused
+            // with EBUSY, which the VM lab proves on real kernels).
+            if d.driver == Some("vfio-pci") {
+                fs::write(self.host.dev_vfio.join(g), "").unwrap();
+            }
         }
         dev
     }
@@ -173,7 +180,7 @@ pub fn reset_with(h: &FakeHost, req: &Request, sim: &SimDevice) -> qcom_reset::R
     engine::reset(
         &h.host,
         req,
-        &mut move |_| Ok(Box::new(s.clone())),
+        &mut move |_, _| Ok(Box::new(s.clone())),
         "simulator",
     )
 }

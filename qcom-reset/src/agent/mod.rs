@@ -31,7 +31,11 @@ use metrics::Metrics;
 use policy::{Decision, Gate};
 use state::State;
 
-pub type OpenFn = Arc<dyn Fn(&SysfsDevice) -> crate::Result<Box<dyn Backend>> + Send + Sync>;
+pub type OpenFn = Arc<
+    dyn Fn(&SysfsDevice, &crate::session::own::Ownership) -> crate::Result<Box<dyn Backend>>
+        + Send
+        + Sync,
+>;
 
 /// Why a device task runs, weakest first: a stronger trigger replaces a weaker one while debouncing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -217,6 +221,7 @@ impl Agent {
     /// Runs until `stop` resolves or the item source ends; then lets in-flight sequences finish.
     pub async fn run(mut self, mut items: mpsc::Receiver<Item>, stop: impl Future<Output = ()>) {
         self.log_regimes();
+        self.recover().await;
         if self.shared.cfg.rescan {
             self.rescan("start");
         }
@@ -285,6 +290,30 @@ impl Agent {
         if self.shared.is_target(bdf, vendor, device) {
             info!(bdf = %bdf, "bound to vfio-pci");
             self.dispatch(bdf, Trigger::Bind, at);
+        }
+    }
+
+    /// Restores what a killed qcom-reset left on devices before anything else touches them.
+    async fn recover(&self) {
+        if self.shared.cfg.observe_only {
+            for bdf in crate::session::record::pending(&self.shared.host.run_dir) {
+                warn!(bdf = %bdf, "a killed session left its state to restore; observe-only writes nothing, so it stays");
+            }
+            return;
+        }
+        let (host, open) = (self.shared.host.clone(), self.shared.open.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            engine::recover_pending(&host, &mut |d, o| open(d, o))
+        })
+        .await
+        .unwrap_or_default();
+        for (bdf, r) in done {
+            match r {
+                Ok(r) => {
+                    info!(bdf = %bdf, "recovered after a killed session: PCI_COMMAND {:?}, power/control {:?}", r.command, r.power_control)
+                }
+                Err(e) => warn!(bdf = %bdf, "a killed session's record could not be restored: {e}"),
+            }
         }
     }
 
@@ -511,9 +540,10 @@ async fn attempt(
         ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
     };
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
-    let result =
-        tokio::task::spawn_blocking(move || engine::reset(&host, &req, &mut |d| open(d), access))
-            .await;
+    let result = tokio::task::spawn_blocking(move || {
+        engine::reset(&host, &req, &mut |d, o| open(d, o), access)
+    })
+    .await;
     let mut a = action(bdf, trigger, "error", "");
     match result {
         Err(join) => {
@@ -612,7 +642,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
     };
     let st = tokio::task::spawn_blocking(move || {
         let t = engine::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
-        engine::status(&host, t, &mut |d| open(d), mode)
+        engine::status(&host, t, &mut |d, o| open(d, o), mode)
     })
     .await;
     let resets = |h: Health| match trigger {

@@ -8,7 +8,7 @@ use crate::devices::Family;
 use crate::regs::*;
 
 /// Allowed shortfall on a minimum delay, for the shared-memory server's polling latency.
-const SLACK_US: u64 = 500;
+pub const SLACK_US: u64 = 500;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conformance {
@@ -16,7 +16,9 @@ pub struct Conformance {
     pub problems: Vec<String>,
 }
 
-pub fn check(family: Family, writes: &[WriteRecord]) -> Conformance {
+/// `initial_global_reset`: what 0x3008 read before the sequence (the assert must be exactly
+/// that value with bit 0 set).
+pub fn check(family: Family, writes: &[WriteRecord], initial_global_reset: u32) -> Conformance {
     let mut problems = Vec::new();
     let mut expect = |i: usize,
                       offset: u32,
@@ -45,8 +47,8 @@ pub fn check(family: Family, writes: &[WriteRecord]) -> Conformance {
             let a = expect(
                 0,
                 PCIE_SOC_GLOBAL_RESET,
-                &|v| v & GLOBAL_RESET_V != 0,
-                "assert 0x3008 bit0",
+                &|v| v == initial_global_reset | GLOBAL_RESET_V,
+                "assert 0x3008 (the value read | 1)",
             )
             .cloned();
             let want = a.as_ref().map(|a| a.value & !GLOBAL_RESET_V);

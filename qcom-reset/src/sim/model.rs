@@ -78,8 +78,14 @@ const WLAN_LINK_DOWN_US: u64 = 40_000;
 const MODEM_LINK_DOWN_US: u64 = 300_000;
 const MHI_RESET_US: u64 = 3_000;
 const MODEM_READY_US: u64 = 600_000;
-/// Shortest assertion of the global reset bit that the SoC honours.
-const MIN_ASSERT_US: u64 = 1_000;
+/// Shortest assertion of the global reset bit that the SoC honours: the reviewed 10 ms, less the
+/// shared-memory server's polling slack.
+const MIN_ASSERT_US: u64 = 10_000 - super::conformance::SLACK_US;
+/// 0x3008 reads with other bits set, so a sequence that writes 1/0 instead of v|1 / v&~1
+/// clobbers them; the SoC then ignores the write.
+pub const GLOBAL_RESET_OTHER_BITS: u32 = 0x0000_0010;
+/// Config words (offset/2) a link drop resets: cache line/latency, the BARs, interrupt line.
+const CONFIG_LOST_ON_RESET: [usize; 14] = [6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30];
 pub const BHI_BASE: u32 = 0x100;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -96,6 +102,10 @@ pub struct Model {
     pub device: u16,
     pub faults: Faults,
     pub command: u16,
+    /// Config space words below 0x40 (offset/2) other than the IDs and PCI_COMMAND.
+    pub config: [u16; 32],
+    /// The SoC itself crashed: only a SoC reset heals it, an MHI reset does not.
+    soc_crashed: bool,
     /// Link down until this time (u64::MAX: for good).
     link_down_until: u64,
     vanished: bool,
@@ -141,9 +151,11 @@ impl Model {
             device,
             faults,
             command: 0x0400,
+            config: initial_config(),
+            soc_crashed: state == SimState::Crashed,
             link_down_until,
             vanished: false,
-            global_reset: 0,
+            global_reset: GLOBAL_RESET_OTHER_BITS,
             asserted_at: None,
             mhictrl,
             mhi_reset_done_at: None,
@@ -172,7 +184,7 @@ impl Model {
         if self.mhi_reset_done_at.is_some_and(|t| now >= t) {
             self.mhi_reset_done_at = None;
             self.mhictrl &= !MHICTRL_RESET;
-            if !self.faults.stuck_syserr {
+            if !self.faults.stuck_syserr && !self.soc_crashed {
                 self.syserr = false;
                 self.mhi_state = MHI_STATE_READY;
                 self.ready = true;
@@ -199,8 +211,12 @@ impl Model {
                 .map_or(usual_link_down, |ms| ms * 1000)
         };
         let up = self.link_down_until;
+        self.soc_crashed = false;
+        for w in CONFIG_LOST_ON_RESET {
+            self.config[w] = 0;
+        }
         self.asserted_at = None;
-        self.global_reset = 0;
+        self.global_reset = GLOBAL_RESET_OTHER_BITS;
         self.mhictrl = 0;
         self.mhi_reset_done_at = None;
         self.mhi_state = MHI_STATE_RESET;
@@ -227,15 +243,26 @@ impl Model {
             PCI_VENDOR_ID => self.vendor,
             PCI_DEVICE_ID => self.device,
             PCI_COMMAND => self.command,
+            o if o >= 0x0c && o < 0x40 => self.config[o as usize / 2],
             _ => 0,
         }
     }
 
     pub fn config_write16(&mut self, now: u64, offset: u64, value: u16) {
         self.advance(now);
-        if self.link_up(now) && offset == PCI_COMMAND {
-            self.command = value;
+        if !self.link_up(now) {
+            return;
         }
+        match offset {
+            PCI_COMMAND => self.command = value,
+            o if o >= 0x0c && o < 0x40 => self.config[o as usize / 2] = value,
+            _ => {}
+        }
+    }
+
+    /// The writes received, checked against the reviewed sequence for this card.
+    pub fn conformance(&self) -> super::conformance::Conformance {
+        super::conformance::check(self.family, &self.writes, GLOBAL_RESET_OTHER_BITS)
     }
 
     pub fn read32(&mut self, now: u64, offset: u32) -> u32 {
@@ -283,6 +310,10 @@ impl Model {
         }
         match (self.family, offset) {
             (Family::Wlan, PCIE_SOC_GLOBAL_RESET) => {
+                if value & !GLOBAL_RESET_V != self.global_reset & !GLOBAL_RESET_V {
+                    // Other bits clobbered (1/0 written instead of v|1 / v&~1): ignored.
+                    return;
+                }
                 let was = self.asserted_at;
                 self.global_reset = value;
                 match (value & GLOBAL_RESET_V != 0, was) {
@@ -313,6 +344,17 @@ impl Model {
     }
 }
 
+/// Config space as the kernel left it: a 64-bit memory BAR0 at 0xfe000000, cache line size 64,
+/// interrupt line 11 pin A.
+fn initial_config() -> [u16; 32] {
+    let mut c = [0u16; 32];
+    c[0x0c / 2] = 0x0010;
+    c[0x10 / 2] = 0x0004;
+    c[0x12 / 2] = 0xfe00;
+    c[0x3c / 2] = 0x010b;
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,11 +373,15 @@ mod tests {
             Faults::default(),
         );
         mem_on(&mut m);
-        m.write32(0, PCIE_SOC_GLOBAL_RESET, 1);
-        m.write32(100, PCIE_SOC_GLOBAL_RESET, 0); // 0.1 ms: too short, ignored
+        let v = GLOBAL_RESET_OTHER_BITS;
+        m.write32(0, PCIE_SOC_GLOBAL_RESET, v | 1);
+        m.write32(5_000, PCIE_SOC_GLOBAL_RESET, v); // 5 ms: shorter than reviewed, ignored
         assert_eq!(m.resets, 0);
-        m.write32(200, PCIE_SOC_GLOBAL_RESET, 1);
-        m.write32(10_200, PCIE_SOC_GLOBAL_RESET, 0);
+        m.write32(5_100, PCIE_SOC_GLOBAL_RESET, 1); // clobbers the other bits: ignored
+        m.write32(16_000, PCIE_SOC_GLOBAL_RESET, 0);
+        assert_eq!(m.resets, 0, "1/0 instead of v|1 / v&~1");
+        m.write32(200, PCIE_SOC_GLOBAL_RESET, v | 1);
+        m.write32(10_200, PCIE_SOC_GLOBAL_RESET, v);
         assert_eq!(m.resets, 1);
         assert_eq!(
             m.read32(10_300, MHISTATUS),
@@ -353,6 +399,44 @@ mod tests {
         let st = m.read32(up + MHI_RESET_US, MHISTATUS);
         assert_eq!(st & MHISTATUS_SYSERR, 0, "MHI reset clears SYSERR");
         assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0);
+    }
+
+    #[test]
+    fn an_mhi_reset_alone_does_not_heal_a_crashed_soc_and_decode_off_loses_writes() {
+        let mut m = Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1103,
+            SimState::Crashed,
+            Faults::default(),
+        );
+        m.write32(0, MHICTRL, MHICTRL_RESET);
+        assert!(
+            m.writes.is_empty(),
+            "memory decoding off: the write is lost"
+        );
+        mem_on(&mut m);
+        m.write32(0, MHICTRL, MHICTRL_RESET);
+        let st = m.read32(MHI_RESET_US + 1, MHISTATUS);
+        assert_ne!(st & MHISTATUS_SYSERR, 0, "still crashed");
+        assert_eq!(m.read32(MHI_RESET_US + 1, BHI_BASE + BHI_EXECENV), EE_RDDM);
+    }
+
+    #[test]
+    fn a_soc_reset_loses_the_bars() {
+        let mut m = Model::new(
+            Family::Modem,
+            0x17cb,
+            0x0308,
+            SimState::Mission,
+            Faults::default(),
+        );
+        mem_on(&mut m);
+        assert_eq!(m.config_read16(0, 0x12), 0xfe00);
+        m.write32(0, MHI_SOC_RESET_REQ, 1);
+        let up = MODEM_LINK_DOWN_US;
+        assert_eq!(m.config_read16(up, 0x12), 0, "BAR0 lost with the link");
+        assert_eq!(m.config_read16(up, PCI_VENDOR_ID), 0x17cb);
     }
 
     #[test]

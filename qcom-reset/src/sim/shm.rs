@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::conformance::{self, Conformance};
+use super::conformance::Conformance;
 use super::model::{BHI_BASE, Model, WriteRecord};
 use crate::regs::*;
 
@@ -103,7 +103,7 @@ pub fn serve(
                 family: model.family.name(),
                 resets: model.resets,
                 writes: &model.writes,
-                conformance: conformance::check(model.family, &model.writes),
+                conformance: model.conformance(),
                 mhistatus,
                 link_up,
             };

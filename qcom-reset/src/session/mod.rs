@@ -1,0 +1,224 @@
+//! One device session, in the order the engine runs it: **own** the device (its VFIO group held
+//! open, [`own`]), **recover** what a killed session left ([`record`]), **save** the baseline to
+//! disk before the first write, wake it, then (the caller) reset and verify, and **restore**
+//! PCI_COMMAND, `power/control` and every config word the reset lost, on every path: errors,
+//! panics (drop) and, through the record, SIGKILL.
+pub mod own;
+pub mod record;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::backend::Backend;
+use crate::bdf::Bdf;
+use crate::regs::*;
+use crate::sysfs::SysfsDevice;
+use crate::{Error, Result};
+use own::Ownership;
+use record::Record;
+
+/// What a session put back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Restored {
+    pub command: Option<u16>,
+    pub power_control: Option<String>,
+    /// Config words the device lost (e.g. its BARs after the WLAN global reset), as
+    /// "offset: now -> restored".
+    pub config: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Whether the session may write to the device at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writes {
+    /// Wake it, enable decoding, reset: the baseline is saved to disk first.
+    Allowed,
+    /// Observe-only: read what can be read without a single write.
+    None,
+}
+
+/// Config space, power and the BAR for the duration of a sequence; restores on drop.
+pub struct Session {
+    pub bdf: Bdf,
+    dev: SysfsDevice,
+    pub backend: Box<dyn Backend>,
+    run_dir: PathBuf,
+    baseline: Option<Record>,
+    restored: Option<Restored>,
+    /// Held until the session ends: nothing else can open the device meanwhile.
+    _own: Ownership,
+}
+
+impl Session {
+    /// Recovers a dead session's record, saves the baseline, wakes the device. Returns what was
+    /// recovered, if anything. The caller holds the device's lock.
+    pub fn begin(
+        dev: &SysfsDevice,
+        run_dir: PathBuf,
+        own: Ownership,
+        mut backend: Box<dyn Backend>,
+        writes: Writes,
+    ) -> Result<(Session, Option<Restored>)> {
+        let recovered = if writes == Writes::Allowed {
+            recover(dev, &run_dir, backend.as_mut())?
+        } else {
+            None
+        };
+        let mut s = Session {
+            bdf: dev.bdf,
+            dev: dev.clone(),
+            backend,
+            run_dir,
+            baseline: None,
+            restored: None,
+            _own: own,
+        };
+        if writes == Writes::None {
+            return Ok((s, recovered));
+        }
+        let command = s
+            .backend
+            .config_read16(PCI_COMMAND)
+            .map_err(|source| Error::SysfsRead {
+                path: s.dev.path("config"),
+                source,
+            })?;
+        let power = dev.power_control()?;
+        let baseline = Record {
+            bdf: dev.bdf,
+            pid: std::process::id(),
+            // All-ones: the link is down and there is no command register to bring back.
+            command: (command != 0xffff).then_some(command),
+            power_control: power.clone().filter(|p| p != "on"),
+            config: record::snapshot(s.backend.as_mut()),
+        };
+        record::save(&s.run_dir, &baseline)?;
+        s.baseline = Some(baseline);
+        // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
+        if power.as_deref().is_some_and(|p| p != "on") {
+            s.dev.write("power/control", "on")?;
+        }
+        s.wait_d0()?;
+        Ok((s, recovered))
+    }
+
+    fn wait_d0(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while let Some(state) = self.dev.power_state()?.filter(|st| st != "D0") {
+            if Instant::now() >= deadline {
+                return Err(Error::NotD0 {
+                    bdf: self.bdf,
+                    state,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    pub fn config_ids(&mut self) -> (u16, u16) {
+        let v = self.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
+        let d = self.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
+        (v, d)
+    }
+
+    /// Enables memory decoding (vfio leaves it cleared after release); the saved baseline
+    /// brings the old value back.
+    pub fn enable_memory(&mut self) -> Result<()> {
+        let cmd = self.baseline.as_ref().and_then(|b| b.command).unwrap_or(0);
+        self.backend
+            .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
+            .map_err(|source| Error::SysfsWrite {
+                path: self.dev.path("config"),
+                source,
+            })
+    }
+
+    /// Puts back everything the session changed or the reset lost; idempotent.
+    pub fn restore(&mut self) -> Restored {
+        if let Some(r) = &self.restored {
+            return r.clone();
+        }
+        let r = match &self.baseline {
+            Some(b) => put_back(&self.dev, self.backend.as_mut(), b),
+            None => Restored::default(),
+        };
+        for e in &r.errors {
+            warn!(bdf = %self.bdf, "post: restore failed: {e}");
+        }
+        if !r.config.is_empty() {
+            warn!(bdf = %self.bdf, "post: the device lost config words; restored {}", r.config.join(", "));
+        }
+        // A record whose restore failed stays for the next session to retry.
+        if r.errors.is_empty() {
+            record::remove(&self.run_dir, self.bdf);
+        }
+        self.restored = Some(r.clone());
+        r
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+/// Restores a record: config words that differ (BARs first, like the kernel), then
+/// PCI_COMMAND, then `power/control`.
+fn put_back(dev: &SysfsDevice, backend: &mut dyn Backend, b: &Record) -> Restored {
+    let mut r = Restored::default();
+    for &(off, want) in &b.config {
+        match backend.config_read16(off as u64) {
+            Ok(now) if now == want => {}
+            Ok(now) => match backend.config_write16(off as u64, want) {
+                Ok(()) => r
+                    .config
+                    .push(format!("{off:#04x}: {now:#06x} -> {want:#06x}")),
+                Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
+            },
+            Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
+        }
+    }
+    if let Some(cmd) = b.command {
+        match backend.config_write16(PCI_COMMAND, cmd) {
+            Ok(()) => r.command = Some(cmd),
+            Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
+        }
+    }
+    if let Some(p) = &b.power_control {
+        match dev.write("power/control", p) {
+            Ok(()) => r.power_control = Some(p.clone()),
+            Err(e) => r.errors.push(e.to_string()),
+        }
+    }
+    r
+}
+
+/// Restores and removes the record a killed session left for this device, if any.
+fn recover(
+    dev: &SysfsDevice,
+    run_dir: &std::path::Path,
+    backend: &mut dyn Backend,
+) -> Result<Option<Restored>> {
+    let Some(rec) = record::load(run_dir, dev.bdf)? else {
+        return Ok(None);
+    };
+    let r = put_back(dev, backend, &rec);
+    warn!(
+        bdf = %dev.bdf,
+        "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}]{}",
+        rec.pid,
+        r.command,
+        r.power_control,
+        r.config.join(", "),
+        if r.errors.is_empty() { String::new() } else { format!("; errors: {}", r.errors.join("; ")) }
+    );
+    if r.errors.is_empty() {
+        record::remove(run_dir, dev.bdf);
+    }
+    Ok(Some(r))
+}

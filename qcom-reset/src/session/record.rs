@@ -1,0 +1,128 @@
+//! What a session will restore, on disk before its first write: `/run/qcom-reset/<BDF>.json`.
+//! A session killed with SIGKILL cannot restore anything itself; the next qcom-reset that takes
+//! the device's lock finds the record, restores from it and removes it. The lock proves the
+//! writer is gone: it is released only when its process dies or finishes.
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::bdf::Bdf;
+use crate::regs::*;
+use crate::{Error, Result};
+
+/// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
+/// cache line size and latency timer, the six BARs, interrupt line/pin.
+const HEADER_WORDS: [u16; 14] = [
+    0x0c, 0x0e, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x1e, 0x20, 0x22, 0x24, 0x3c,
+];
+/// PCIe capability registers restored like the kernel does: Device Control, Link Control,
+/// Device Control 2, Link Control 2 (offsets inside the capability).
+const PCIE_WORDS: [u16; 4] = [0x08, 0x10, 0x28, 0x30];
+const PCI_STATUS_CAP_LIST: u16 = 0x10;
+const PCI_CAPABILITY_LIST: u64 = 0x34;
+const PCI_CAP_ID_EXP: u8 = 0x10;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub bdf: Bdf,
+    /// The process that wrote it, for the log of whoever restores it.
+    pub pid: u32,
+    /// PCI_COMMAND before the session; None when config space read all-ones.
+    pub command: Option<u16>,
+    /// `power/control` before the session, when it had to change it.
+    pub power_control: Option<String>,
+    /// (offset, value) of every saved config word other than PCI_COMMAND.
+    pub config: Vec<(u16, u16)>,
+}
+
+pub fn path(run_dir: &Path, bdf: Bdf) -> PathBuf {
+    run_dir.join(format!("{bdf}.json"))
+}
+
+/// Reads the words to save; all-ones words (link down) are not saved.
+pub fn snapshot(backend: &mut dyn Backend) -> Vec<(u16, u16)> {
+    let mut words: Vec<u16> = HEADER_WORDS.to_vec();
+    if let Some(cap) = pcie_capability(backend) {
+        words.extend(PCIE_WORDS.iter().map(|w| cap + w));
+    }
+    words
+        .into_iter()
+        .filter_map(|off| {
+            let v = backend.config_read16(off as u64).ok()?;
+            (v != 0xffff).then_some((off, v))
+        })
+        .collect()
+}
+
+/// Offset of the PCI Express capability, walking the capability list (at most 48 entries).
+fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
+    let status = backend.config_read16(PCI_STATUS).ok()?;
+    if status == 0xffff || status & PCI_STATUS_CAP_LIST == 0 {
+        return None;
+    }
+    let mut pos = backend.config_read16(PCI_CAPABILITY_LIST).ok()? & 0xfc;
+    for _ in 0..48 {
+        if pos < 0x40 {
+            return None;
+        }
+        let hdr = backend.config_read16(pos as u64).ok()?;
+        if hdr as u8 == PCI_CAP_ID_EXP {
+            return Some(pos);
+        }
+        pos = (hdr >> 8) & 0xfc;
+    }
+    None
+}
+
+/// Writes the record atomically (temporary file, fsync, rename) before the first device write.
+pub fn save(run_dir: &Path, r: &Record) -> Result<()> {
+    let lock_err = |path: &Path, source| Error::Lock {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dst = path(run_dir, r.bdf);
+    let tmp = dst.with_extension("json.tmp");
+    let text = serde_json::to_vec(r).expect("records serialize");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| lock_err(&tmp, e))?;
+    f.write_all(&text)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| lock_err(&tmp, e))?;
+    std::fs::rename(&tmp, &dst).map_err(|e| lock_err(&dst, e))
+}
+
+/// The record a dead session left for `bdf`, if any. An unreadable record is an error: it may
+/// hold the only copy of what the device needs back.
+pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
+    let p = path(run_dir, bdf);
+    match std::fs::read(&p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::BadRecord {
+                path: p,
+                why: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::SysfsRead { path: p, source }),
+    }
+}
+
+pub fn remove(run_dir: &Path, bdf: Bdf) {
+    let _ = std::fs::remove_file(path(run_dir, bdf));
+}
+
+/// Devices with a record in `run_dir` (left by sessions that died).
+pub fn pending(run_dir: &Path) -> Vec<Bdf> {
+    let Ok(rd) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Bdf> = rd
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".json")?.parse().ok()
+        })
+        .collect();
+    out.sort();
+    out
+}
