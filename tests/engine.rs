@@ -189,6 +189,11 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
         (Family::Wlan, "stuck-syserr", Some(Outcome::Completed), Health::Crashed, 3),
         (Family::Wlan, "link-down-ms=8000", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
         (Family::Wlan, "link-down-ms=4000", Some(Outcome::Completed), Health::Clean, 3),
+        // The link poll covers the whole 5 s window: back at 4995 ms after the deassert (the
+        // poll starts 10 ms after it) still completes; at 5015 ms it is too late, the MHI reset
+        // is never sent and the SYSERR latched across the global reset stays: crashed.
+        (Family::Wlan, "link-down-ms=4995", Some(Outcome::Completed), Health::Clean, 3),
+        (Family::Wlan, "link-down-ms=5015", Some(Outcome::LinkTimeout), Health::Crashed, 2),
         (Family::Wlan, "never-returns", Some(Outcome::LinkTimeout), Health::LinkDown, 2),
         (Family::Wlan, "vanish-after-writes=1", Some(Outcome::LinkTimeout), Health::LinkDown, 1),
         (Family::Wlan, "config-all-ones", None, Health::LinkDown, 0),

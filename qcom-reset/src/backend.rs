@@ -92,7 +92,7 @@ impl SysfsBackend {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| Error::SysfsWrite { path, source })?;
+            .map_err(|source| Error::SysfsWrite { path, err: source })?;
         Ok(SysfsBackend {
             dev: dev.clone(),
             config,
@@ -139,7 +139,9 @@ impl Backend for SysfsBackend {
         let map = memmap2::MmapOptions::new().len(len as usize).map_raw(&file).map_err(|e| {
             map_err(match e.raw_os_error() {
                 Some(libc::EPERM) => "refused by kernel lockdown (LOCKDOWN_PCI_ACCESS); use --access vfio".into(),
-                Some(libc::EINVAL) => "the BAR is claimed by a driver (iomem busy); unbind it or wait for the VM to release it".into(),
+                Some(libc::EINVAL) => format!(
+                    "mmap of {len} bytes refused (EINVAL): a driver claimed the region exclusively (iomem=strict) or the size does not fit the BAR; bind the device to vfio-pci with no VM holding it, or use --access vfio"
+                ),
                 _ => format!("mmap {}: {e}", path.display()),
             })
         })?;

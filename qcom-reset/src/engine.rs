@@ -458,7 +458,7 @@ fn kernel_reset(t: &Target) -> Result<()> {
         t.dev.write("reset_method", &methods.join(" "))?;
     }
     r.map_err(|e| match e {
-        Error::SysfsWrite { source, .. } => Error::KernelReset { bdf: t.bdf, source },
+        Error::SysfsWrite { err, .. } => Error::KernelReset { bdf: t.bdf, err },
         e => e,
     })
 }

@@ -16,18 +16,12 @@ pub enum Error {
     NotTarget { vendor: u16, device: u16 },
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::devices::profile_names())]
     UnknownProfile(String),
-    #[error("cannot read {path}: {source}; run as root on a host with sysfs mounted at /sys")]
-    SysfsRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot write {path}: {source}; run as root (and check `qcom-reset check` for lockdown)"
-    )]
-    SysfsWrite {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The io::Error fields are not `source`: their text is already in the message, and a
+    // source would print it a second time in the error chain.
+    #[error("cannot read {path}: {err}{}", read_fix(err))]
+    SysfsRead { path: PathBuf, err: std::io::Error },
+    #[error("cannot write {path}: {err}{}", write_fix(err))]
+    SysfsWrite { path: PathBuf, err: std::io::Error },
     #[error(
         "{bdf} is held by {holder}; stop or detach the VM first, the device must be released before a reset"
     )]
@@ -45,12 +39,9 @@ pub enum Error {
     #[error("another qcom-reset holds the lock on {bdf} ({path}); wait for it to finish")]
     Busy { bdf: Bdf, path: PathBuf },
     #[error(
-        "cannot create the lock {path}: {source}; run as root or point --run-dir at a writable directory"
+        "cannot create the lock {path}: {err}; run as root or point --run-dir at a writable directory"
     )]
-    Lock {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Lock { path: PathBuf, err: std::io::Error },
     #[error(
         "{bdf} stays in power state {state} with power/control=on; it must be in D0 for register access"
     )]
@@ -76,6 +67,59 @@ pub enum Error {
         "this command needs root (CAP_SYS_ADMIN for config space and BAR access); run it with sudo"
     )]
     NotRoot,
-    #[error("the kernel's own reset of {bdf} failed: {source}")]
-    KernelReset { bdf: Bdf, source: std::io::Error },
+    #[error("the kernel's own reset of {bdf} failed: {err}")]
+    KernelReset { bdf: Bdf, err: std::io::Error },
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The one fix that fits a failed sysfs read.
+fn read_fix(err: &std::io::Error) -> &'static str {
+    match err.kind() {
+        std::io::ErrorKind::PermissionDenied if !is_root() => "; run as root",
+        std::io::ErrorKind::NotFound => "; is sysfs mounted at /sys and the device still present?",
+        _ => "",
+    }
+}
+
+/// The one fix that fits a failed sysfs write: root is needed, and as root an EPERM on PCI
+/// config or resources is kernel lockdown (LOCKDOWN_PCI_ACCESS).
+fn write_fix(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) if !is_root() => "; run as root",
+        Some(libc::EPERM) => {
+            "; refused by kernel lockdown (LOCKDOWN_PCI_ACCESS): use --access vfio (`qcom-reset check` shows the lockdown mode)"
+        }
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_cause_one_fix_and_no_repeated_os_error() {
+        let e = Error::SysfsWrite {
+            path: "/sys/bus/pci/devices/0000:03:00.0/config".into(),
+            err: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let text = e.to_string();
+        if is_root() {
+            assert!(text.contains("lockdown") && !text.contains("run as root"), "{text}");
+        } else {
+            assert!(text.contains("run as root") && !text.contains("lockdown"), "{text}");
+        }
+        // anyhow's `{:#}` prints the source chain: the OS error must not come twice.
+        assert!(std::error::Error::source(&e).is_none());
+        let chained = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chained.matches("Operation not permitted").count(), 1, "{chained}");
+        let other = Error::SysfsWrite {
+            path: "/x".into(),
+            err: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(!other.to_string().contains("lockdown"), "{other}");
+    }
 }

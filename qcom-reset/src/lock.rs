@@ -23,7 +23,7 @@ impl DeviceLock {
         let path = run_dir.join(format!("{bdf}.lock"));
         let lock_err = |source| Error::Lock {
             path: path.clone(),
-            source,
+            err: source,
         };
         fs::create_dir_all(run_dir).map_err(lock_err)?;
         let file = OpenOptions::new()

@@ -60,7 +60,9 @@ fn wlan(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     io.read32(PCIE_SOC_GLOBAL_RESET);
     io.delay(MS(10));
     step("wait for the link to come back");
-    let polls = WLAN_LINK_TIMEOUT.as_millis() / WLAN_LINK_POLL.as_millis();
+    // Reads at 0, 20, ..., 5000 ms: the window is covered to its end, like v12's poll, whose
+    // last read comes after the timeout has expired.
+    let polls = WLAN_LINK_TIMEOUT.as_millis() / WLAN_LINK_POLL.as_millis() + 1;
     let mut up = false;
     for i in 0..polls {
         if io.read32(PCIE_SOC_GLOBAL_RESET) != ALL_ONES {

@@ -28,7 +28,10 @@ impl PciSysfs {
         match fs::metadata(&dir) {
             Ok(_) => Ok(SysfsDevice { bdf, dir }),
             Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::NoSuchDevice(bdf, dir)),
-            Err(source) => Err(Error::SysfsRead { path: dir, source }),
+            Err(source) => Err(Error::SysfsRead {
+                path: dir,
+                err: source,
+            }),
         }
     }
 
@@ -36,7 +39,7 @@ impl PciSysfs {
     pub fn list(&self) -> Result<Vec<SysfsDevice>, Error> {
         let rd = fs::read_dir(&self.root).map_err(|source| Error::SysfsRead {
             path: self.root.clone(),
-            source,
+            err: source,
         })?;
         let mut out: Vec<SysfsDevice> = rd
             .filter_map(|e| e.ok())
@@ -61,7 +64,7 @@ fn read_trim(path: &Path) -> Result<String, Error> {
         .map(|s| s.trim().to_string())
         .map_err(|source| Error::SysfsRead {
             path: path.to_path_buf(),
-            source,
+            err: source,
         })
 }
 
@@ -71,7 +74,7 @@ fn read_opt(path: &Path) -> Result<Option<String>, Error> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::SysfsRead {
             path: path.to_path_buf(),
-            source,
+            err: source,
         }),
     }
 }
@@ -82,7 +85,7 @@ fn link_name(path: &Path) -> Result<Option<String>, Error> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::SysfsRead {
             path: path.to_path_buf(),
-            source,
+            err: source,
         }),
     }
 }
@@ -90,7 +93,7 @@ fn link_name(path: &Path) -> Result<Option<String>, Error> {
 fn parse_hex16(path: &Path, s: &str) -> Result<u16, Error> {
     u16::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| Error::SysfsRead {
         path: path.to_path_buf(),
-        source: std::io::Error::new(ErrorKind::InvalidData, format!("not a hex ID: {s:?}")),
+        err: std::io::Error::new(ErrorKind::InvalidData, format!("not a hex ID: {s:?}")),
     })
 }
 
@@ -158,6 +161,9 @@ impl SysfsDevice {
 
     pub fn write(&self, attr: &str, value: &str) -> Result<(), Error> {
         let p = self.path(attr);
-        fs::write(&p, value).map_err(|source| Error::SysfsWrite { path: p, source })
+        fs::write(&p, value).map_err(|source| Error::SysfsWrite {
+            path: p,
+            err: source,
+        })
     }
 }

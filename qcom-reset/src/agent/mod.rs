@@ -163,8 +163,9 @@ pub struct Agent {
     shutdown_tx: watch::Sender<bool>,
 }
 
-/// How long shutdown waits for in-flight sequences (the modem's takes over 2 s, WLAN up to 6 s).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How long shutdown waits for in-flight sessions: a lock wait (30 s) and the longest sequence
+/// with verification (modem 10 s); the unit's TimeoutStopSec (60 s) covers it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
 
 impl Agent {
     pub fn new(

@@ -84,7 +84,7 @@ impl Session {
             .config_read16(PCI_COMMAND)
             .map_err(|source| Error::SysfsRead {
                 path: s.dev.path("config"),
-                source,
+                err: source,
             })?;
         let power = dev.power_control()?;
         let baseline = Record {
@@ -133,7 +133,7 @@ impl Session {
             .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
             .map_err(|source| Error::SysfsWrite {
                 path: self.dev.path("config"),
-                source,
+                err: source,
             })
     }
 

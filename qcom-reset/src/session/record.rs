@@ -80,7 +80,7 @@ fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
 pub fn save(run_dir: &Path, r: &Record) -> Result<()> {
     let lock_err = |path: &Path, source| Error::Lock {
         path: path.to_path_buf(),
-        source,
+        err: source,
     };
     let dst = path(run_dir, r.bdf);
     let tmp = dst.with_extension("json.tmp");
@@ -104,7 +104,10 @@ pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
                 why: e.to_string(),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::SysfsRead { path: p, source }),
+        Err(source) => Err(Error::SysfsRead {
+            path: p,
+            err: source,
+        }),
     }
 }
 

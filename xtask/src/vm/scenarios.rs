@@ -25,6 +25,11 @@ pub enum Scenario {
     Bind,
     /// Observe-only: the simulator receives no write, PCI_COMMAND and power/control unchanged.
     Observe,
+    /// While the agent resets the modem, a VM that tries to open it fails with EBUSY.
+    Own,
+    /// SIGKILL during the modem's 2 s wait; the restarted agent restores power/control and
+    /// PCI_COMMAND from the crash record.
+    Kill,
 }
 
 /// Where the simulated card sits.
@@ -99,7 +104,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Probes,
         Scenario::LoopWlan,
         Scenario::LoopModem,
@@ -108,6 +113,8 @@ impl Scenario {
         Scenario::Graceful,
         Scenario::Bind,
         Scenario::Observe,
+        Scenario::Own,
+        Scenario::Kill,
     ];
 
     pub fn name(self) -> &'static str {
@@ -120,6 +127,8 @@ impl Scenario {
             Scenario::Graceful => "graceful",
             Scenario::Bind => "bind",
             Scenario::Observe => "observe",
+            Scenario::Own => "own",
+            Scenario::Kill => "kill",
         }
     }
 
@@ -155,7 +164,9 @@ impl Scenario {
             Scenario::LoopWlan | Scenario::Held | Scenario::Graceful | Scenario::Observe => {
                 Some(("wcn6855", ""))
             }
-            Scenario::LoopModem | Scenario::Bind => Some(("sdx65", "")),
+            Scenario::LoopModem | Scenario::Bind | Scenario::Own | Scenario::Kill => {
+                Some(("sdx65", ""))
+            }
             Scenario::Fault => Some(("wcn6855", "never-returns")),
         }
     }
@@ -191,6 +202,8 @@ impl Scenario {
             Scenario::Graceful => graceful(),
             Scenario::Bind => bind(),
             Scenario::Observe => observe(),
+            Scenario::Own => own(),
+            Scenario::Kill => kill(),
         };
         format!("{LIB}\n{body}")
     }
@@ -210,6 +223,8 @@ impl Scenario {
             Scenario::Graceful => check_graceful(console, sim),
             Scenario::Bind => check_bind(console, sim),
             Scenario::Observe => check_observe(console, sim),
+            Scenario::Own => check_own(console, sim),
+            Scenario::Kill => check_kill(console),
         }
     }
 }
@@ -363,6 +378,40 @@ vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"result":"dry-run"' 60
 {STOP_AND_DUMP}"#,
         setup("wcn6855", "observe_only = true\nrescan = true", true)
+    )
+}
+
+fn own() -> String {
+    format!(
+        r#"{}{START_AGENT}
+vmlab-guest vfio-cycle $D
+wait_for /tmp/agent.log 'wait for the modem to reboot' 60
+vmlab-guest vfio-cycle $D > /tmp/vm.out 2>&1; echo "vm-rc=$?" >> /tmp/vm.out
+wait_for /tmp/journal.jsonl '"result":"clean"' 60
+dump vm /tmp/vm.out{STOP_AND_DUMP}"#,
+        setup("sdx65", "", true)
+    )
+}
+
+fn kill() -> String {
+    format!(
+        r#"{}
+state() {{ echo "pci_command=$(pci_command $D) power=$(cat /sys/bus/pci/devices/$D/power/control)"; }}
+{START_AGENT}
+vmlab-guest vfio-cycle $D
+wait_for /tmp/agent.log 'wait for the modem to reboot' 60
+kill -KILL $P; wait $P
+echo "VMLAB killed $(state)"
+dump record /run/qcom-reset/$D.json
+qcom-reset run > /tmp/agent2.log 2>&1 & P=$!
+wait_for /tmp/agent2.log "recovered" 60
+wait_for /tmp/agent2.log "agent running" 60
+echo "VMLAB recovered $(state)"
+[ -e /run/qcom-reset/$D.json ] && echo "VMLAB record still there"
+kill -TERM $P; wait $P
+dump agent-log /tmp/agent2.log
+"#,
+        setup("sdx65", "", true)
     )
 }
 
@@ -753,5 +802,60 @@ fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Strin
     Ok(vec![
         format!("rescan and release wrote nothing: {before} before and after"),
         "the simulator received 0 writes".into(),
+    ])
+}
+
+fn check_own(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let vm = section(console, "vm").join("\n");
+    ensure!(
+        vm.contains("EBUSY") && !vm.contains("vm-rc=0"),
+        "a VM opened the device during the reset: {vm}"
+    );
+    let acts = actions(console);
+    ensure!(
+        acts.iter().filter(|a| a["result"] == "clean").count() == 1,
+        "actions: {acts:?}"
+    );
+    check_sim(sim, "modem", 1)?;
+    Ok(vec![format!(
+        "a VM starting mid-reset was refused: {}",
+        vm.lines()
+            .find(|l| l.contains("EBUSY"))
+            .unwrap_or("")
+            .trim()
+    )])
+}
+
+fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
+    let state = |tag: &str| {
+        console
+            .lines()
+            .find_map(|l| l.split(&format!("VMLAB {tag} ")).nth(1))
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("guest did not print its {tag} state"))
+    };
+    let (killed, recovered) = (state("killed")?, state("recovered")?);
+    let record: Value = serde_json::from_str(section(console, "record").join("").trim())
+        .context("no crash record was left by the killed agent")?;
+    let cmd = record["command"]
+        .as_u64()
+        .context("record without PCI_COMMAND")?;
+    let power = record["power_control"].as_str().unwrap_or("on");
+    ensure!(
+        killed.contains("power=on") && !killed.contains(&format!("pci_command={cmd:04x} ")),
+        "the kill left nothing to restore? {killed} (record {record})"
+    );
+    let want = format!("pci_command={cmd:04x} power={power}");
+    ensure!(
+        recovered == want,
+        "after the restart: {recovered}, the record says {want}"
+    );
+    ensure!(
+        !console.contains("VMLAB record still there"),
+        "the record was not removed"
+    );
+    Ok(vec![
+        format!("killed mid-sequence: {killed}"),
+        format!("restarted agent restored {recovered} from the record"),
     ])
 }
