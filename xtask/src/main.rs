@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own commands. Every one installs what it needs first.
+mod mutants;
 mod toolchain;
 mod vm;
 
@@ -37,6 +38,13 @@ enum Cmd {
     },
     /// Clippy for the userspace crates and, separately, for the eBPF crate.
     Clippy,
+    /// Mutation testing (cargo-mutants) of the reset core and the decision code: fails on any
+    /// surviving mutant that docs/testing.md does not explain as equivalent.
+    Mutants {
+        /// Only mutants in these files (repeatable; default: the reset core and decision code).
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<String>,
+    },
     /// Prove probes, VFIO and the detect->reset->verify loop on Debian kernels under QEMU.
     VmTest {
         /// Kernel: "6.1", "6.12", "7.2" (newest matching Debian package) or a package name.
@@ -146,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             verbose,
         } => vm::vm_test(&kernels, &scenarios, topology.topologies(), verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
+        Cmd::Mutants { files } => mutants::run(&files),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;
             toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

@@ -1,0 +1,101 @@
+//! `cargo xtask mutants`: cargo-mutants over the code that decides whether and how a device is
+//! written. A mutant that no test kills is a wrong sequence or decision the tests would let
+//! through; it fails the run unless docs/testing.md lists it, word for word, as equivalent.
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, toolchain, workspace_root};
+
+pub const MUTANTS_VERSION: &str = "27.1.0";
+
+/// The reset core and the decision code.
+const CORE: [&str; 9] = [
+    "qcom-reset/src/sequence.rs",
+    "qcom-reset/src/verdict.rs",
+    "qcom-reset/src/engine.rs",
+    "qcom-reset/src/session/mod.rs",
+    "qcom-reset/src/session/own.rs",
+    "qcom-reset/src/holders.rs",
+    "qcom-reset/src/lock.rs",
+    "qcom-reset/src/agent/policy.rs",
+    "qcom-reset/src/probes/events.rs",
+];
+
+fn ensure_cargo_mutants() -> anyhow::Result<()> {
+    let have = Command::new("cargo-mutants")
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(MUTANTS_VERSION));
+    if !have {
+        eprintln!("xtask: installing cargo-mutants {MUTANTS_VERSION} (a few minutes)");
+        toolchain::run(toolchain::pinned_cargo().args([
+            "install",
+            "--locked",
+            "cargo-mutants",
+            "--version",
+            MUTANTS_VERSION,
+        ]))?;
+    }
+    Ok(())
+}
+
+pub fn run(files: &[String]) -> anyhow::Result<()> {
+    toolchain::ensure_ebpf()?;
+    ensure_cargo_mutants()?;
+    let files: Vec<String> = if files.is_empty() {
+        CORE.map(String::from).to_vec()
+    } else {
+        files.to_vec()
+    };
+    let out = workspace_root().join("target/mutants");
+    std::fs::create_dir_all(&out)?;
+    let mut cmd = cargo();
+    cmd.args(["mutants", "--package", "qcom-reset", "--timeout", "120"])
+        .arg("--output")
+        .arg(&out);
+    for f in &files {
+        cmd.args(["--file", f]);
+    }
+    // The suites that exercise these files; the VM lab and the root-only verifier do not run here.
+    cmd.args(["--", "--lib", "--test", "engine", "--test", "agent"]);
+    // cargo-mutants exits non-zero when mutants survive; the verdict is ours, from its lists.
+    let status = cmd.status().context("running cargo mutants")?;
+    let missed = read_list(&out.join("mutants.out/missed.txt"));
+    let timeouts = read_list(&out.join("mutants.out/timeout.txt"));
+    let caught = read_list(&out.join("mutants.out/caught.txt")).len();
+    let explained = std::fs::read_to_string(workspace_root().join("docs/testing.md"))?;
+    let unexplained: Vec<&String> = missed
+        .iter()
+        .filter(|m| !explained.contains(m.as_str()))
+        .collect();
+    println!(
+        "mutants: {caught} caught, {} missed ({} explained as equivalent in docs/testing.md), {} timed out (counted as caught)",
+        missed.len(),
+        missed.len() - unexplained.len(),
+        timeouts.len()
+    );
+    for m in &unexplained {
+        println!("MISSED {m}");
+    }
+    if !unexplained.is_empty() {
+        bail!(
+            "{} mutant(s) survive: add a test that kills each, or explain it in docs/testing.md",
+            unexplained.len()
+        );
+    }
+    if caught == 0 && !status.success() {
+        bail!("cargo mutants failed before testing any mutant ({status})");
+    }
+    Ok(())
+}
+
+fn read_list(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
