@@ -199,6 +199,9 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
         (Family::Wlan, "config-all-ones", None, Health::LinkDown, 0),
         (Family::Wlan, "writes-ignored", Some(Outcome::Completed), Health::Crashed, 3),
         (Family::Wlan, "slow-ready-ms=500", Some(Outcome::Completed), Health::Clean, 3),
+        // A qcom-reset killed between assert and deassert: the next run reads bit 0 set and
+        // must keep it (v | 1), then deassert.
+        (Family::Wlan, "reset-asserted", Some(Outcome::Completed), Health::Clean, 3),
         (Family::Modem, "never-returns", Some(Outcome::Completed), Health::LinkDown, 1),
         (Family::Modem, "stuck-syserr", Some(Outcome::Completed), Health::Crashed, 1),
         (Family::Modem, "slow-ready-ms=3000", Some(Outcome::Completed), Health::Clean, 1),
@@ -222,6 +225,10 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
             v.detail
         );
         assert_eq!(writes(&sim), n_writes, "{family:?} {spec}");
+        if health == Health::Clean {
+            let c = sim.with_model(|m| m.conformance());
+            assert!(c.ok, "{family:?} {spec}: {:?}", c.problems);
+        }
         assert_restored(&h, b, &sim, &r);
         if health == Health::LinkDown {
             let regs = v.registers;
@@ -708,4 +715,22 @@ fn a_vfio_device_whose_group_cannot_be_held_is_not_written() {
     assert_eq!(writes(&card), 0);
     assert_eq!(card.with_model(|m| m.command), 0x0400);
     assert_eq!(h.read(WLAN, "power/control"), "auto");
+}
+
+/// The BAR must hold every register the sequence touches; one byte short is refused unwritten.
+#[test]
+fn a_bar_too_small_for_the_sequence_is_refused() {
+    let need = qcom_reset::sequence::bar_needed(Family::Wlan);
+    assert_eq!(
+        need, 0x300c,
+        "0x3008 is the last register the WLAN sequence touches"
+    );
+    let h = wlan_host();
+    let short = sim(Family::Wlan, Faults::default()).with_bar_len(need - 4);
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &short).unwrap_err();
+    assert!(matches!(e, Error::BarTooSmall { need: 0x300c, .. }), "{e}");
+    assert_eq!(writes(&short), 0);
+    let exact = sim(Family::Wlan, Faults::default()).with_bar_len(need);
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &exact).unwrap();
+    assert_eq!(r.verdict.unwrap().health, Health::Clean);
 }

@@ -108,14 +108,24 @@ mod tests {
         };
         let text = e.to_string();
         if is_root() {
-            assert!(text.contains("lockdown") && !text.contains("run as root"), "{text}");
+            assert!(
+                text.contains("lockdown") && !text.contains("run as root"),
+                "{text}"
+            );
         } else {
-            assert!(text.contains("run as root") && !text.contains("lockdown"), "{text}");
+            assert!(
+                text.contains("run as root") && !text.contains("lockdown"),
+                "{text}"
+            );
         }
         // anyhow's `{:#}` prints the source chain: the OS error must not come twice.
         assert!(std::error::Error::source(&e).is_none());
         let chained = format!("{:#}", anyhow::Error::from(e));
-        assert_eq!(chained.matches("Operation not permitted").count(), 1, "{chained}");
+        assert_eq!(
+            chained.matches("Operation not permitted").count(),
+            1,
+            "{chained}"
+        );
         let other = Error::SysfsWrite {
             path: "/x".into(),
             err: std::io::Error::from_raw_os_error(libc::EIO),

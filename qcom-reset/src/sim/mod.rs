@@ -24,6 +24,7 @@ pub const fn bar_len(family: crate::devices::Family) -> u64 {
 struct State {
     model: Model,
     now_us: u64,
+    bar_len: u64,
 }
 
 /// An in-process simulated PCI function with a virtual clock: delays advance time instantly.
@@ -35,8 +36,18 @@ pub struct SimDevice {
 impl SimDevice {
     pub fn new(model: Model) -> Self {
         SimDevice {
-            state: Arc::new(Mutex::new(State { model, now_us: 0 })),
+            state: Arc::new(Mutex::new(State {
+                bar_len: bar_len(model.family),
+                model,
+                now_us: 0,
+            })),
         }
+    }
+
+    /// The same device with a register BAR of `len` bytes (e.g. a wrong `--bar`).
+    pub fn with_bar_len(self, len: u64) -> Self {
+        self.lock().bar_len = len;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -75,7 +86,7 @@ impl Backend for SimDevice {
         Ok(())
     }
     fn map_bar(&mut self, _bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
-        let len = bar_len(self.lock().model.family);
+        let len = self.lock().bar_len;
         Ok((Box::new(self.clone()), len))
     }
 }

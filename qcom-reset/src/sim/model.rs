@@ -27,6 +27,9 @@ pub struct Faults {
     pub config_all_ones: bool,
     /// Register writes have no effect.
     pub writes_ignored: bool,
+    /// 0x3008 bit 0 was left set: a global reset asserted and never deasserted (a qcom-reset
+    /// killed between the two writes).
+    pub reset_asserted: bool,
 }
 
 impl Faults {
@@ -46,6 +49,7 @@ impl Faults {
                 "never-returns" => f.never_returns = true,
                 "config-all-ones" => f.config_all_ones = true,
                 "writes-ignored" => f.writes_ignored = true,
+                "reset-asserted" => f.reset_asserted = true,
                 "link-down-ms" => f.link_down_ms = Some(num(val)?),
                 "slow-ready-ms" => f.slow_ready_ms = Some(num(val)?),
                 "vanish-after-writes" => f.vanish_after_writes = Some(num(val)? as u32),
@@ -55,7 +59,7 @@ impl Faults {
         Ok(f)
     }
 
-    pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, \
+    pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, reset-asserted, \
          link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N";
 }
 
@@ -109,6 +113,8 @@ pub struct Model {
     /// Link down until this time (u64::MAX: for good).
     link_down_until: u64,
     vanished: bool,
+    /// 0x3008 as the sequence will first read it.
+    initial_global_reset: u32,
     global_reset: u32,
     asserted_at: Option<u64>,
     mhictrl: u32,
@@ -130,6 +136,8 @@ impl Model {
     /// A device in the state a previous owner left it in.
     pub fn new(family: Family, vendor: u16, device: u16, state: SimState, faults: Faults) -> Model {
         let link_down_until = if faults.config_all_ones { u64::MAX } else { 0 };
+        let global_reset = GLOBAL_RESET_OTHER_BITS | faults.reset_asserted as u32;
+        let asserted_at = faults.reset_asserted.then_some(0);
         let mission_ee = match family {
             Family::Wlan => EE_WFW,
             Family::Modem => EE_AMSS,
@@ -155,8 +163,9 @@ impl Model {
             soc_crashed: state == SimState::Crashed,
             link_down_until,
             vanished: false,
-            global_reset: GLOBAL_RESET_OTHER_BITS,
-            asserted_at: None,
+            initial_global_reset: global_reset,
+            global_reset,
+            asserted_at,
             mhictrl,
             mhi_reset_done_at: None,
             mhi_state,
@@ -262,7 +271,7 @@ impl Model {
 
     /// The writes received, checked against the reviewed sequence for this card.
     pub fn conformance(&self) -> super::conformance::Conformance {
-        super::conformance::check(self.family, &self.writes, GLOBAL_RESET_OTHER_BITS)
+        super::conformance::check(self.family, &self.writes, self.initial_global_reset)
     }
 
     pub fn read32(&mut self, now: u64, offset: u32) -> u32 {
