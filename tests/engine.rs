@@ -734,3 +734,114 @@ fn a_bar_too_small_for_the_sequence_is_refused() {
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &exact).unwrap();
     assert_eq!(r.verdict.unwrap().health, Health::Clean);
 }
+
+/// Holding the group does not stop an unbind from vfio-pci (libvirt reattaching the host
+/// driver): the session notices before its sequence, writes no register, and leaves config
+/// space to the new driver.
+#[test]
+fn a_device_rebound_during_the_session_is_not_written() {
+    struct Rebinding {
+        inner: qcom_reset::sim::SimDevice,
+        driver_link: std::path::PathBuf,
+        new_driver: std::path::PathBuf,
+    }
+    impl qcom_reset::backend::Backend for Rebinding {
+        fn name(&self) -> &'static str {
+            "rebinding"
+        }
+        fn config_read16(&mut self, offset: u64) -> std::io::Result<u16> {
+            self.inner.config_read16(offset)
+        }
+        fn config_write16(&mut self, offset: u64, value: u16) -> std::io::Result<()> {
+            self.inner.config_write16(offset, value)
+        }
+        fn map_bar(
+            &mut self,
+            bar: u8,
+        ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
+            std::fs::remove_file(&self.driver_link).unwrap();
+            std::os::unix::fs::symlink(&self.new_driver, &self.driver_link).unwrap();
+            self.inner.map_bar(bar)
+        }
+    }
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::default());
+    let new_driver = h.root().join("sys/bus/pci/drivers/ath11k_pci");
+    std::fs::create_dir_all(&new_driver).unwrap();
+    let (c, link) = (
+        card.clone(),
+        h.root()
+            .join("sys/bus/pci/devices")
+            .join(WLAN)
+            .join("driver"),
+    );
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            Ok(Box::new(Rebinding {
+                inner: c.clone(),
+                driver_link: link.clone(),
+                new_driver: new_driver.clone(),
+            }))
+        },
+        "rebinding",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::NotOwned { .. }) && e.to_string().contains("rebound to ath11k_pci"),
+        "{e}"
+    );
+    assert_eq!(writes(&card), 0, "no register written");
+    assert_eq!(
+        h.read(WLAN, "power/control"),
+        "auto",
+        "power control restored"
+    );
+    assert!(
+        !h.host.run_dir.join(format!("{WLAN}.json")).exists(),
+        "nothing is left to restore for a device its new driver owns"
+    );
+}
+
+/// A link that never comes back: the poll reads at 0, 20, ..., 5000 ms after the deassert's
+/// 10 ms wait (251 reads, 5 s of waits) and stops at its last read, with no wait after it.
+#[test]
+fn the_link_poll_covers_exactly_the_reviewed_window() {
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::parse("never-returns").unwrap());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(r.outcome, Some(Outcome::LinkTimeout));
+    // The poll starts after the deassert's read-back and its 10 ms wait.
+    let start = r
+        .ops
+        .iter()
+        .position(|o| *o == Delay { ms: 10 })
+        .map(|i| {
+            r.ops[i + 1..]
+                .iter()
+                .position(|o| *o == Delay { ms: 10 })
+                .unwrap()
+                + i
+                + 2
+        })
+        .unwrap();
+    let poll = &r.ops[start..];
+    let reads = poll.iter().filter(|o| matches!(o, Read { .. })).count();
+    let waited: u64 = poll
+        .iter()
+        .map(|o| match o {
+            Delay { ms } => *ms,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!((reads, waited), (251, 5000));
+    assert_eq!(
+        poll.last(),
+        Some(&Read {
+            offset: 0x3008,
+            value: ALL_ONES
+        }),
+        "no wait after the last read"
+    );
+}

@@ -57,27 +57,28 @@ pub fn lockdown_mode(path: &Path) -> Option<String> {
 
 pub const LOCKDOWN_PATH: &str = "/sys/kernel/security/lockdown";
 
+/// Whether `access` reaches the device through its VFIO device fd. That open is not passive:
+/// the kernel runs vfio_pci_core_enable, which resets the device (an SBR up to 7.1, the quirk
+/// from 7.4), and the close runs the release path again.
+pub fn opens_device(access: Access) -> bool {
+    let locked = lockdown_mode(Path::new(LOCKDOWN_PATH)).is_some_and(|m| m != "none");
+    matches!((access, locked), (Access::Vfio, _) | (Access::Auto, true))
+}
+
+/// Why registers are not read through VFIO where reading must not change the device.
+pub const VFIO_OPEN_RESETS: &str = "reading the registers through VFIO (--access vfio, or auto under lockdown) opens the device, and the kernel resets it at every open and close";
+
 /// Opens the device a session owns; the VFIO path goes through the group the session holds.
 pub fn open(dev: &SysfsDevice, access: Access, own: &Ownership) -> Result<Box<dyn Backend>, Error> {
-    let locked = lockdown_mode(Path::new(LOCKDOWN_PATH)).is_some_and(|m| m != "none");
-    match (access, locked) {
-        (Access::Sysfs, _) | (Access::Auto, false) => Ok(Box::new(SysfsBackend::open(dev)?)),
-        (Access::Vfio, _) | (Access::Auto, true) => {
-            let group = own.group_fd().ok_or_else(|| Error::Map {
-                bdf: dev.bdf,
-                bar: 0,
-                via: "vfio",
-                why: "the device must be bound to vfio-pci for VFIO access".into(),
-            })?;
-            let group = group.map_err(|e| Error::Map {
-                bdf: dev.bdf,
-                bar: 0,
-                via: "vfio",
-                why: format!("duplicating the held group: {e}"),
-            })?;
-            Ok(Box::new(VfioBackend::with_group(dev, group)?))
-        }
+    if !opens_device(access) {
+        return Ok(Box::new(SysfsBackend::open(dev)?));
     }
+    let fail = vfio_fail(dev.bdf);
+    let group = own
+        .group_fd()
+        .ok_or_else(|| fail("the device must be bound to vfio-pci for VFIO access".into()))?
+        .map_err(|e| fail(format!("duplicating the held group: {e}")))?;
+    Ok(Box::new(VfioBackend::with_group(dev, group)?))
 }
 
 pub struct SysfsBackend {

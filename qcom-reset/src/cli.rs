@@ -133,4 +133,8 @@ pub struct StatusArgs {
     pub device: DeviceArgs,
     #[arg(long)]
     pub json: bool,
+    /// Read the registers even when that means opening the device through VFIO (`--access vfio`,
+    /// or `auto` under lockdown): the kernel resets the device at every VFIO open and close.
+    #[arg(long)]
+    pub registers: bool,
 }

@@ -277,8 +277,18 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
     require_root()?;
     let access = a.device.access;
     let mut out: Vec<Status> = Vec::new();
+    let unread = (backend::opens_device(access) && !a.registers).then(|| {
+        format!(
+            "{}; pass --registers to read them anyway",
+            backend::VFIO_OPEN_RESETS
+        )
+    });
     for t in targets {
         let bdf = t.bdf;
+        if let Some(why) = &unread {
+            out.push(engine::unread_status(t, why.clone()));
+            continue;
+        }
         out.push(
             engine::status(
                 host,

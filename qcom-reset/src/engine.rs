@@ -386,6 +386,7 @@ pub fn reset(
             });
         }
         let mut io = Recorder::new(bar);
+        session.still_owned()?;
         if !kernel {
             let o = sequence::run(p.family, &mut io, &mut |s| {
                 step(t.bdf, version, &format!("reset: {s}"))
@@ -483,16 +484,20 @@ pub enum ReadMode {
     NoWrites,
 }
 
-/// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
-pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
-    let kernel_device_specific = t.kernel_has_device_specific();
-    let skipped = |t: Target, why: String| Status {
+/// A device's state without its registers, and why they were not read.
+pub fn unread_status(t: Target, why: String) -> Status {
+    Status {
         regime: t.regime(),
+        kernel_device_specific: t.kernel_has_device_specific(),
         target: t,
-        kernel_device_specific,
         verdict: None,
         skipped: Some(why),
-    };
+    }
+}
+
+/// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
+pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
+    let skipped = unread_status;
     if let Some(e) = t.refusal(false) {
         return Ok(skipped(t, e.to_string()));
     }
@@ -546,8 +551,8 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     let verdict = verdict::judge(&t.expect(false), &regs);
     Ok(Status {
         regime: t.regime(),
+        kernel_device_specific: t.kernel_has_device_specific(),
         target: t,
-        kernel_device_specific,
         verdict: Some(verdict),
         skipped: None,
     })

@@ -34,6 +34,10 @@ pub struct Config {
     /// A release the holder check calls "held" (e.g. QEMU closed the device but keeps the group
     /// open while shutting down) is retried when the holder goes, for up to this long.
     pub held_wait_s: u64,
+    /// After a device is bound to vfio-pci, wait this long, then reset it unless something
+    /// holds it by then (a VM started right after the bind, as libvirt's managed hostdevs do,
+    /// is never raced); 0 = never reset on bind.
+    pub bind_settle_ms: u64,
     /// Use our register sequence even where the kernel has `device_specific`.
     pub act_with_kernel_reset: bool,
     /// Append-only JSON-lines log of events and actions ("" disables it).
@@ -94,6 +98,7 @@ impl Default for Config {
             rescan: true,
             rescan_resets: RescanResets::Unclean,
             held_wait_s: 60,
+            bind_settle_ms: 1500,
             act_with_kernel_reset: false,
             journal: PathBuf::from("/var/log/qcom-reset/events.jsonl"),
             state_file: PathBuf::from("/var/lib/qcom-reset/state.json"),
@@ -190,6 +195,10 @@ impl Config {
             .iter()
             .filter_map(|(a, d)| Some((a.parse().ok()?, d.profile.clone()?, d.bar)))
             .collect()
+    }
+
+    pub fn bind_settle(&self) -> Duration {
+        Duration::from_millis(self.bind_settle_ms)
     }
 
     pub fn held_wait(&self) -> Duration {

@@ -24,6 +24,7 @@ use crate::bdf::Bdf;
 use crate::engine::{self, Host, Request};
 use crate::probes::Item;
 use crate::probes::events::{Kind, TraceEvent};
+use crate::session::own::Ownership;
 use crate::sysfs::SysfsDevice;
 use crate::verdict::Health;
 use config::Config;
@@ -48,16 +49,18 @@ pub enum Trigger {
     ResetCall,
     /// The kernel's `pci_dev_specific_reset` returned 0: verify, reset only if not clean.
     KernelReset,
-    /// The device became bound to vfio-pci: reset before the first VM opens it.
+    /// The device became bound to vfio-pci: after `bind_settle_ms`, reset it unless a VM
+    /// holds it by then (libvirt's managed hostdevs bind and start QEMU at once).
     Bind,
     /// vfio_pci_core_disable returned without the kernel's device-specific reset.
     Release,
 }
 
 impl Trigger {
-    /// Acts at once; the others wait the debounce window for the event that explains them.
+    /// Acts at once; the others wait their window (debounce, or the bind settle time) for the
+    /// event that explains or supersedes them.
     fn immediate(self) -> bool {
-        matches!(self, Trigger::Release | Trigger::Bind)
+        self == Trigger::Release
     }
 
     /// Checks the device first and resets only if the verdict calls for it.
@@ -288,8 +291,8 @@ impl Agent {
         let Ok((vendor, device)) = dev.ids() else {
             return;
         };
-        if self.shared.is_target(bdf, vendor, device) {
-            info!(bdf = %bdf, "bound to vfio-pci");
+        if self.shared.is_target(bdf, vendor, device) && self.shared.cfg.bind_settle_ms > 0 {
+            info!(bdf = %bdf, "bound to vfio-pci; resetting in {} ms unless a VM holds it by then", self.shared.cfg.bind_settle_ms);
             self.dispatch(bdf, Trigger::Bind, at);
         }
     }
@@ -399,7 +402,12 @@ async fn device_task(
                 None => return,
             },
         };
-        let deadline = tokio::time::Instant::from_std(at) + sh.cfg.debounce();
+        let window = if trigger == Trigger::Bind {
+            sh.cfg.bind_settle()
+        } else {
+            sh.cfg.debounce()
+        };
+        let deadline = tokio::time::Instant::from_std(at) + window;
         while !trigger.immediate() {
             tokio::select! {
                 m = rx.recv() => match m {
@@ -444,6 +452,7 @@ fn action(bdf: Bdf, trigger: Trigger, result: &str, detail: impl Into<String>) -
 async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> Instant {
     let dev_cfg = sh.cfg.device(bdf);
     let held_until = tokio::time::Instant::now() + sh.cfg.held_wait();
+    let mut waiting = false;
     let mut first = true;
     let mut began = Instant::now();
     loop {
@@ -489,11 +498,25 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         first = false;
         let mut a = attempt(sh, bdf, trigger, &dev_cfg).await;
         a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
-        // A release or bind refused as held waits for the holder (QEMU keeping the group open
-        // while it shuts down). Anything else seen while a VM holds the device, such as the
-        // reset at its open, is answered by the release that ends its use.
-        let waits_for_holder = a.result == "held" && trigger.immediate();
-        if a.result == "held" {
+        // A release refused as held waits for the holder (QEMU keeping the group open while it
+        // shuts down). Anything else seen while a VM holds the device, such as the reset at its
+        // open or a bind right before a VM starts, is answered by the release that ends its use.
+        let held = a.result == "held";
+        let waits_for_holder = held && trigger == Trigger::Release;
+        if held && waiting {
+            // Still held after the holder seemed to go: keep waiting, journal it once.
+            if tokio::time::Instant::now() < held_until && holder_gone(sh, bdf, held_until).await {
+                continue;
+            }
+            sh.act(action(
+                bdf,
+                trigger,
+                "skipped",
+                format!("still held after {} s: not reset", sh.cfg.held_wait_s),
+            ));
+            return began;
+        }
+        if held {
             a.result = "skipped".into();
             a.detail = if waits_for_holder {
                 format!(
@@ -507,6 +530,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run");
         sh.act(a);
         if waits_for_holder {
+            waiting = true;
             if !holder_gone(sh, bdf, held_until).await {
                 sh.act(action(
                     bdf,
@@ -601,11 +625,12 @@ async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) ->
             _ = sd.changed() => return false,
         }
         let host = sh.host.clone();
-        // Only the holder scan: the device's profile is not needed to know who holds it.
+        // The kernel's word, not the /proc scan: a holder in another PID namespace is invisible
+        // there but still makes the group open fail.
         let free = tokio::task::spawn_blocking(move || {
             let dev = host.sysfs.device(bdf).ok()?;
-            let paths = crate::holders::device_paths(&dev).ok()?;
-            Some(crate::holders::find(&host.proc_root, &paths, Some(std::process::id())).is_empty())
+            let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev);
+            Some(!matches!(own, Err(crate::Error::Held { .. })))
         })
         .await;
         if matches!(free, Ok(Some(true))) {
@@ -641,6 +666,17 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
     } else {
         engine::ReadMode::EnableAndRestore
     };
+    if sh.cfg.observe_only && crate::backend::opens_device(sh.cfg.access) {
+        return Some(action(
+            bdf,
+            trigger,
+            "skipped",
+            format!(
+                "not checked: {}; observe-only does not",
+                crate::backend::VFIO_OPEN_RESETS
+            ),
+        ));
+    }
     let st = tokio::task::spawn_blocking(move || {
         let t = engine::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
         engine::status(&host, t, &mut |d, o| open(d, o), mode)

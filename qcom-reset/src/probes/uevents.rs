@@ -41,7 +41,8 @@ pub struct BindWatch {
 }
 
 impl BindWatch {
-    /// Joins the kernel's uevent group (needs CAP_NET_ADMIN in the initial network namespace).
+    /// Joins the kernel's uevent group. The kernel delivers uevents only to network namespaces
+    /// owned by the initial user namespace (not to a rootless container).
     pub fn open() -> std::io::Result<BindWatch> {
         let fd = socket_with(
             AddressFamily::NETLINK,
@@ -67,6 +68,11 @@ impl BindWatch {
                     if let Some(bdf) = vfio_bind(&buf[..n.min(buf.len())]) {
                         return Ok(bdf);
                     }
+                }
+                // A uevent storm overflowed the socket: some binds are lost (those devices are
+                // reset at their first release instead); the watch goes on.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    tracing::warn!("kernel uevents lost (ENOBUFS); a bind may be missed");
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,

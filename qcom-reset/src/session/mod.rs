@@ -62,8 +62,9 @@ impl Session {
         mut backend: Box<dyn Backend>,
         writes: Writes,
     ) -> Result<(Session, Option<Restored>)> {
+        let on_vfio = own.group_path().is_some();
         let recovered = if writes == Writes::Allowed {
-            recover(dev, &run_dir, backend.as_mut())?
+            recover(dev, &run_dir, backend.as_mut(), on_vfio)?
         } else {
             None
         };
@@ -125,6 +126,24 @@ impl Session {
         (v, d)
     }
 
+    /// Whether the device is still ours: vfio-pci can be unbound while only its group is held
+    /// (the kernel blocks that only for an open device fd), and a new driver may own it now.
+    pub fn still_owned(&self) -> Result<()> {
+        if self._own.group_path().is_none() {
+            return Ok(());
+        }
+        match self.dev.driver()?.as_deref() {
+            Some("vfio-pci") => Ok(()),
+            other => Err(Error::NotOwned {
+                bdf: self.bdf,
+                why: format!(
+                    "it was rebound to {} during the session",
+                    other.unwrap_or("no driver")
+                ),
+            }),
+        }
+    }
+
     /// Enables memory decoding (vfio leaves it cleared after release); the saved baseline
     /// brings the old value back.
     pub fn enable_memory(&mut self) -> Result<()> {
@@ -142,8 +161,9 @@ impl Session {
         if let Some(r) = &self.restored {
             return r.clone();
         }
+        let on_vfio = self._own.group_path().is_some();
         let r = match &self.baseline {
-            Some(b) => put_back(&self.dev, self.backend.as_mut(), b),
+            Some(b) => put_back(&self.dev, self.backend.as_mut(), b, on_vfio),
             None => Restored::default(),
         };
         for e in &r.errors {
@@ -152,8 +172,9 @@ impl Session {
         if !r.config.is_empty() {
             warn!(bdf = %self.bdf, "post: the device lost config words; restored {}", r.config.join(", "));
         }
-        // A record whose restore failed stays for the next session to retry.
-        if r.errors.is_empty() {
+        // A record whose restore failed stays for the next session to retry; one for a device
+        // a new driver took over has nothing left to restore.
+        if r.errors.is_empty() || self.still_owned().is_err() {
             record::remove(&self.run_dir, self.bdf);
         }
         self.restored = Some(r.clone());
@@ -167,27 +188,20 @@ impl Drop for Session {
     }
 }
 
-/// Restores a record: config words that differ (BARs first, like the kernel), then
-/// PCI_COMMAND, then `power/control`.
-fn put_back(dev: &SysfsDevice, backend: &mut dyn Backend, b: &Record) -> Restored {
+/// Restores a record: config words the device lost (they read 0: a link drop resets them; a
+/// word someone else changed is left alone), written with decoding off like the kernel's
+/// restore, then PCI_COMMAND, then `power/control`. A device no longer on vfio-pci (unbound
+/// while only its group was held) belongs to its new driver: its config space is left alone.
+fn put_back(dev: &SysfsDevice, backend: &mut dyn Backend, b: &Record, on_vfio: bool) -> Restored {
     let mut r = Restored::default();
-    for &(off, want) in &b.config {
-        match backend.config_read16(off as u64) {
-            Ok(now) if now == want => {}
-            Ok(now) => match backend.config_write16(off as u64, want) {
-                Ok(()) => r
-                    .config
-                    .push(format!("{off:#04x}: {now:#06x} -> {want:#06x}")),
-                Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
-            },
-            Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
-        }
-    }
-    if let Some(cmd) = b.command {
-        match backend.config_write16(PCI_COMMAND, cmd) {
-            Ok(()) => r.command = Some(cmd),
-            Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
-        }
+    let driver = dev.driver().ok().flatten();
+    if on_vfio && driver.as_deref() != Some("vfio-pci") {
+        r.errors.push(format!(
+            "the device was rebound to {} during the session: its config space is left to it",
+            driver.as_deref().unwrap_or("no driver")
+        ));
+    } else {
+        restore_config(backend, b, &mut r);
     }
     if let Some(p) = &b.power_control {
         match dev.write("power/control", p) {
@@ -198,16 +212,53 @@ fn put_back(dev: &SysfsDevice, backend: &mut dyn Backend, b: &Record) -> Restore
     r
 }
 
+fn restore_config(backend: &mut dyn Backend, b: &Record, r: &mut Restored) {
+    let lost: Vec<(u16, u16, u16)> = b
+        .config
+        .iter()
+        .filter_map(|&(off, want)| {
+            let now = backend.config_read16(off as u64).ok()?;
+            if now != want && now != 0 && now != 0xffff {
+                warn!(bdf = %b.bdf, "config {off:#04x} is {now:#06x}, was {want:#06x}: changed, not lost; left alone");
+            }
+            (now == 0 && want != 0).then_some((off, now, want))
+        })
+        .collect();
+    if !lost.is_empty() {
+        // Decoding off while BARs are half written, as pci_restore_state has it.
+        let cmd = backend.config_read16(PCI_COMMAND).unwrap_or(0);
+        let _ = backend.config_write16(PCI_COMMAND, cmd & !DECODE_AND_MASTER);
+    }
+    for (off, now, want) in lost {
+        match backend.config_write16(off as u64, want) {
+            Ok(()) => r
+                .config
+                .push(format!("{off:#04x}: {now:#06x} -> {want:#06x}")),
+            Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
+        }
+    }
+    if let Some(cmd) = b.command {
+        match backend.config_write16(PCI_COMMAND, cmd) {
+            Ok(()) => r.command = Some(cmd),
+            Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
+        }
+    }
+}
+
+/// PCI_COMMAND I/O, memory and bus-master enables.
+const DECODE_AND_MASTER: u16 = 0x0007;
+
 /// Restores and removes the record a killed session left for this device, if any.
 fn recover(
     dev: &SysfsDevice,
     run_dir: &std::path::Path,
     backend: &mut dyn Backend,
+    on_vfio: bool,
 ) -> Result<Option<Restored>> {
     let Some(rec) = record::load(run_dir, dev.bdf)? else {
         return Ok(None);
     };
-    let r = put_back(dev, backend, &rec);
+    let r = put_back(dev, backend, &rec, on_vfio);
     warn!(
         bdf = %dev.bdf,
         "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}]{}",

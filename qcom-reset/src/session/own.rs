@@ -1,8 +1,10 @@
 //! Exclusive ownership of a device for a whole session. A device bound to vfio-pci is owned by
 //! holding its VFIO group open: the kernel makes that open exclusive (EBUSY while QEMU or any
-//! process holds the group or the device's cdev), opening the group alone runs no kernel reset,
-//! and a VM that tries to start meanwhile fails cleanly instead of sharing a card mid-reset.
-//! The `/proc` scan only names who holds it.
+//! process holds the group, or has bound the device's iommufd cdev), opening the group alone
+//! runs no kernel reset, and a VM that tries to start meanwhile fails cleanly instead of sharing
+//! a card mid-reset. The `/proc` scan only names who holds it (and sees a cdev opened but not
+//! yet bound). What the group does not block is an unbind from vfio-pci: the session checks the
+//! driver before its sequence and leaves config space alone if a new driver took the device.
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::OwnedFd;

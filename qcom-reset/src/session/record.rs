@@ -19,7 +19,11 @@ const HEADER_WORDS: [u16; 14] = [
 ];
 /// PCIe capability registers restored like the kernel does: Device Control, Link Control,
 /// Device Control 2, Link Control 2 (offsets inside the capability).
-const PCIE_WORDS: [u16; 4] = [0x08, 0x10, 0x28, 0x30];
+const PCIE_WORDS: [u16; 4] = [0x08, PCI_EXP_LNKCTL, 0x28, 0x30];
+const PCI_EXP_LNKCTL: u16 = 0x10;
+/// Link Control's ASPM enables: saved cleared, so a restore never turns ASPM on before L1
+/// substates are configured (the kernel restores them last); the next driver sets them.
+const PCI_EXP_LNKCTL_ASPMC: u16 = 0x0003;
 const PCI_STATUS_CAP_LIST: u16 = 0x10;
 const PCI_CAPABILITY_LIST: u64 = 0x34;
 const PCI_CAP_ID_EXP: u8 = 0x10;
@@ -44,13 +48,19 @@ pub fn path(run_dir: &Path, bdf: Bdf) -> PathBuf {
 /// Reads the words to save; all-ones words (link down) are not saved.
 pub fn snapshot(backend: &mut dyn Backend) -> Vec<(u16, u16)> {
     let mut words: Vec<u16> = HEADER_WORDS.to_vec();
-    if let Some(cap) = pcie_capability(backend) {
+    let lnkctl = pcie_capability(backend).map(|cap| {
         words.extend(PCIE_WORDS.iter().map(|w| cap + w));
-    }
+        cap + PCI_EXP_LNKCTL
+    });
     words
         .into_iter()
         .filter_map(|off| {
             let v = backend.config_read16(off as u64).ok()?;
+            let v = if Some(off) == lnkctl {
+                v & !PCI_EXP_LNKCTL_ASPMC
+            } else {
+                v
+            };
             (v != 0xffff).then_some((off, v))
         })
         .collect()
