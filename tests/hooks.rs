@@ -19,10 +19,27 @@ fn stub(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn run(script: &Path, args: &[&str], stdin: &str, dir: &Path) -> String {
+    let (calls, status, _) = run_with(script, args, stdin, dir, "");
+    assert!(
+        status.success(),
+        "a hook must not fail the VM operation here"
+    );
+    calls
+}
+
+/// Runs a hook with a qcom-reset stand-in that records its arguments and then runs `then`;
+/// returns the calls, the hook's exit status and its stderr.
+fn run_with(
+    script: &Path,
+    args: &[&str],
+    stdin: &str,
+    dir: &Path,
+    then: &str,
+) -> (String, std::process::ExitStatus, String) {
     let rec = stub(
         dir,
         "qcom-reset",
-        &format!("echo \"$@\" >> {}/calls", dir.display()),
+        &format!("echo \"$@\" >> {}/calls\n{then}", dir.display()),
     );
     let mut child = Command::new("sh")
         .arg(script)
@@ -33,17 +50,19 @@ fn run(script: &Path, args: &[&str], stdin: &str, dir: &Path) -> String {
             format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
         )
         .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // A hook that has nothing to do exits without reading the domain XML: EPIPE is fine.
     if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
     }
-    assert!(
-        child.wait().unwrap().success(),
-        "a hook must never fail the VM operation"
-    );
-    std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+    let out = child.wait_with_output().unwrap();
+    (
+        std::fs::read_to_string(dir.join("calls")).unwrap_or_default(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const DOMAIN: &str = r#"<domain type='kvm'><name>vm1</name><devices>
@@ -115,4 +134,35 @@ fn proxmox_hookscript_resets_hostpci_devices() {
         ),
         ""
     );
+}
+
+/// pre-start refuses the VM with one line when a device is not clean after its reset; post-stop
+/// never fails (the VM is gone either way).
+#[test]
+fn proxmox_pre_start_refuses_a_device_that_is_not_clean() {
+    let t = tempfile::tempdir().unwrap();
+    stub(t.path(), "qm", "printf 'hostpci0: 0000:03:00.0,pcie=1\\n'");
+    let not_clean = "echo '0000:03:00.0 wcn6855: reset with the register sequence in 5040 ms'\n\
+                     echo '  verdict: link-down (config space reads all-ones (rev ff): the link is down)'\n\
+                     exit 2";
+    let (_, status, stderr) = run_with(
+        &dist("proxmox-hookscript.sh"),
+        &["101", "pre-start"],
+        "",
+        t.path(),
+        not_clean,
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "qcom-reset: not starting VM 101: 0000:03:00.0 is not clean: link-down (config space reads all-ones (rev ff): the link is down)"
+    );
+    let (_, status, _) = run_with(
+        &dist("proxmox-hookscript.sh"),
+        &["101", "post-stop"],
+        "",
+        t.path(),
+        not_clean,
+    );
+    assert!(status.success(), "post-stop never fails");
 }

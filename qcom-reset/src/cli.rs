@@ -49,6 +49,9 @@ pub enum Command {
     Status(StatusArgs),
     /// The auto-remediation agent: trace releases and failed resets, reset targets left stuck.
     Run(RunArgs),
+    /// Write the man pages (one per subcommand) and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]

@@ -45,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reset(a) => reset_cmd(&host, a),
         Command::Status(a) => status_cmd(&host, a),
         Command::Run(a) => run_cmd(host, a),
+        Command::GenerateAssets { dir } => generate_assets(&dir),
     }
 }
 
@@ -492,6 +493,41 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Man pages (clap_mangen: qcom-reset.8 and qcom-reset-SUBCOMMAND.8) and bash/zsh/fish
+/// completions (clap_complete), as the .deb installs them.
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command().version(env!("CARGO_PKG_VERSION"));
+    write_man(&man, &cmd, "qcom-reset")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("qcom-reset-{}", sub.get_name());
+        write_man(&man, &sub.clone().name(name.clone()), &name)?;
+    }
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "qcom-reset", &completions)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    println!("{}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_man(dir: &std::path::Path, cmd: &clap::Command, name: &str) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut out)?;
+    std::fs::write(dir.join(format!("{name}.8")), out)
+        .with_context(|| format!("writing the man page of {name}"))
 }
 
 fn config_default_path() -> std::path::PathBuf {

@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own commands. Every one installs what it needs first.
+mod licenses;
 mod mutants;
+mod package;
 mod toolchain;
 mod vm;
 
@@ -38,6 +40,14 @@ enum Cmd {
     },
     /// Clippy for the userspace crates and, separately, for the eBPF crate.
     Clippy,
+    /// Check every dependency's licence (SPDX, from cargo metadata) against the allowed list.
+    Licenses,
+    /// Build the Debian package (target/debian/*.deb); `--test` installs, purges and reinstalls
+    /// it in a throwaway root and runs lintian.
+    Package {
+        #[arg(long)]
+        test: bool,
+    },
     /// Mutation testing (cargo-mutants) of the reset core and the decision code: fails on any
     /// surviving mutant that docs/testing.md does not explain as equivalent.
     Mutants {
@@ -103,7 +113,7 @@ fn cargo() -> Command {
 }
 
 /// The release binary, built with the pinned toolchains (installed first when missing).
-fn build_release() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     toolchain::ensure_ebpf()?;
     toolchain::run(cargo().args(["build", "--release", "--package", "qcom-reset", "--bins"]))?;
     Ok(workspace_root().join("target/release/qcom-reset"))
@@ -155,6 +165,8 @@ fn main() -> anyhow::Result<()> {
         } => vm::vm_test(&kernels, &scenarios, topology.topologies(), verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
         Cmd::Mutants { files } => mutants::run(&files),
+        Cmd::Package { test } => package::run(test),
+        Cmd::Licenses => licenses::check(),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;
             toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

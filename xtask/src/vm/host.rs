@@ -82,6 +82,19 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Installs Debian packages through the private apt configuration (bookworm).
+pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    if !rustix_is_root() {
+        bail!("installing {pkgs:?} needs root");
+    }
+    let apt = Apt::new("bookworm", BASE_SUITES)?;
+    apt.update()?;
+    run(apt
+        .cmd("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(pkgs))
+}
+
 /// Installs QEMU, busybox-static, kmod, xz and zstd when missing.
 pub fn ensure_packages() -> anyhow::Result<()> {
     let qemu_ok = have("qemu-system-x86_64") && Path::new("/usr/share/qemu/qboot.rom").exists();

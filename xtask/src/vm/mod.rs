@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use scenarios::{Run, Scenario, Topology};
 
+pub use host::apt_install;
+
 use crate::{cargo, toolchain, workspace_root};
 
 pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];

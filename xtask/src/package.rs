@@ -1,0 +1,220 @@
+//! `cargo xtask package`: the Debian package admins install, built by cargo-deb from
+//! `[package.metadata.deb]` in qcom-reset/Cargo.toml, with man pages and completions generated
+//! by the binary itself (clap_mangen, clap_complete). `--test` installs, purges and reinstalls
+//! it with the real dpkg in a throwaway root (an overlay of this machine's own root), then runs
+//! lintian.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{build_release, cargo, toolchain, workspace_root};
+
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+fn ensure_cargo_deb() -> anyhow::Result<()> {
+    let have = Command::new("cargo-deb")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION));
+    if !have {
+        eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
+        toolchain::run(toolchain::pinned_cargo().args([
+            "install",
+            "--locked",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Builds the .deb and returns its path.
+pub fn build() -> anyhow::Result<PathBuf> {
+    let bin = build_release()?;
+    let assets = workspace_root().join("target/assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    toolchain::run(Command::new(&bin).arg("generate-assets").arg(&assets))?;
+    for page in std::fs::read_dir(assets.join("man"))? {
+        toolchain::run(Command::new("gzip").arg("-9nf").arg(page?.path()))?;
+    }
+    ensure_cargo_deb()?;
+    let out = workspace_root().join("target/debian");
+    let _ = std::fs::remove_dir_all(&out);
+    toolchain::run(
+        cargo()
+            .args(["deb", "--package", "qcom-reset", "--no-build", "--output"])
+            .arg(&out),
+    )?;
+    let deb = std::fs::read_dir(&out)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("cargo deb wrote no .deb")?;
+    println!("{}", deb.display());
+    Ok(deb)
+}
+
+pub fn run(test: bool) -> anyhow::Result<()> {
+    let deb = build()?;
+    if test {
+        install_test(&deb)?;
+        lintian(&deb)?;
+    }
+    Ok(())
+}
+
+/// A copy-on-write root: this machine's root filesystem under an overlay, discarded after.
+struct ThrowawayRoot {
+    dir: tempfile::TempDir,
+    merged: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl ThrowawayRoot {
+    fn new() -> anyhow::Result<ThrowawayRoot> {
+        let dir = tempfile::tempdir_in("/var/tmp")?;
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir(dir.path().join(d))?;
+        }
+        let merged = dir.path().join("merged");
+        let opts = format!(
+            "lowerdir=/,upperdir={},workdir={}",
+            dir.path().join("upper").display(),
+            dir.path().join("work").display()
+        );
+        toolchain::run(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(&merged),
+        )
+        .context("mounting the throwaway root (needs root and overlayfs)")?;
+        let mut root = ThrowawayRoot {
+            dir,
+            merged: merged.clone(),
+            mounts: vec![merged.clone()],
+        };
+        for (src, dst) in [("/dev", "dev"), ("/proc", "proc")] {
+            let target = merged.join(dst);
+            toolchain::run(Command::new("mount").args(["--bind", src]).arg(&target))?;
+            root.mounts.push(target);
+        }
+        std::fs::create_dir_all(merged.join("tmp"))?;
+        Ok(root)
+    }
+
+    fn sh(&self, script: &str) -> anyhow::Result<String> {
+        let out = Command::new("chroot")
+            .arg(&self.merged)
+            .args(["sh", "-c", script])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success(),
+            "in the throwaway root, `{script}` failed:\n{text}"
+        );
+        Ok(text)
+    }
+
+    fn exists(&self, p: &str) -> bool {
+        self.merged
+            .join(p.trim_start_matches('/'))
+            .symlink_metadata()
+            .is_ok()
+    }
+}
+
+impl Drop for ThrowawayRoot {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let _ = self.dir.path();
+    }
+}
+
+const UNIT_LINK: &str = "/etc/systemd/system/multi-user.target.wants/qcom-reset.service";
+
+fn install_test(deb: &Path) -> anyhow::Result<()> {
+    let root = ThrowawayRoot::new()?;
+    std::fs::copy(deb, root.merged.join("tmp/qcom-reset.deb"))?;
+    for round in ["install", "reinstall"] {
+        root.sh("dpkg -i /tmp/qcom-reset.deb")?;
+        let version = root.sh("qcom-reset --version")?;
+        ensure!(
+            version.contains(env!("CARGO_PKG_VERSION")),
+            "{round}: {version}"
+        );
+        let conffiles = root.sh("dpkg-query -W -f='${Conffiles}' qcom-reset")?;
+        ensure!(
+            conffiles.contains("/etc/qcom-reset/config.toml"),
+            "{round}: the config is not a conffile: {conffiles}"
+        );
+        for p in [
+            UNIT_LINK,
+            "/usr/share/man/man8/qcom-reset.8.gz",
+            "/usr/share/man/man8/qcom-reset-reset.8.gz",
+            "/usr/share/bash-completion/completions/qcom-reset",
+            "/etc/libvirt/hooks/qemu.d/qcom-reset",
+            "/usr/share/qcom-reset/proxmox-hookscript.sh",
+        ] {
+            ensure!(root.exists(p), "{round}: {p} missing after install");
+        }
+        println!(
+            "package: {round} ok (binary runs, unit enabled, conffile, man pages, completions, hooks)"
+        );
+        root.sh("dpkg --purge qcom-reset")?;
+        for p in [
+            UNIT_LINK,
+            "/usr/bin/qcom-reset",
+            "/etc/qcom-reset/config.toml",
+        ] {
+            ensure!(!root.exists(p), "{round}: {p} left after purge");
+        }
+        println!("package: purge after {round} ok (nothing left)");
+    }
+    Ok(())
+}
+
+/// lintian over the .deb; every tag it reports must be explained in docs/operations.md.
+fn lintian(deb: &Path) -> anyhow::Result<()> {
+    if Command::new("lintian").arg("--version").output().is_err() {
+        crate::vm::apt_install(&["lintian"])?;
+    }
+    let out = Command::new("lintian")
+        .args([
+            "--no-tag-display-limit",
+            "--suppress-tags-from-file",
+            "/dev/null",
+        ])
+        .arg(deb)
+        .output()
+        .context("running lintian")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let explained = std::fs::read_to_string(workspace_root().join("docs/operations.md"))?;
+    let unexplained: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
+        .filter(|l| {
+            let tag = l.split_whitespace().nth(2).unwrap_or("");
+            !explained.contains(&format!("`{tag}`"))
+        })
+        .collect();
+    println!(
+        "lintian: {} tag(s), {} unexplained",
+        text.lines().count(),
+        unexplained.len()
+    );
+    for l in &unexplained {
+        println!("  {l}");
+    }
+    if !unexplained.is_empty() {
+        bail!("lintian reports tags docs/operations.md does not explain");
+    }
+    Ok(())
+}
