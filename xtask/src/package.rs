@@ -33,7 +33,7 @@ fn ensure_cargo_deb() -> anyhow::Result<()> {
 /// Builds the .deb and returns its path.
 pub fn build() -> anyhow::Result<PathBuf> {
     let bin = build_release()?;
-    let assets = workspace_root().join("target/assets");
+    let assets = workspace_root().join("target/release/assets");
     let _ = std::fs::remove_dir_all(&assets);
     toolchain::run(Command::new(&bin).arg("generate-assets").arg(&assets))?;
     for page in std::fs::read_dir(assets.join("man"))? {
