@@ -407,7 +407,9 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         };
-        let m = std::sync::Arc::new(metrics::Metrics::default());
+        let textfile = (!cfg.metrics_textfile.as_os_str().is_empty())
+            .then(|| cfg.metrics_textfile.clone());
+        let m = std::sync::Arc::new(metrics::Metrics::new(textfile));
         if cfg.metrics_port != 0 {
             let listener = metrics::serve(m.clone(), cfg.metrics_port);
             tokio::spawn(async move {
@@ -474,7 +476,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 _ = term.recv() => {},
             }
             tracing::info!("signal received");
-            sd_notify("STOPPING=1");
+            sd_notify(sd_notify::NotifyState::Stopping);
             let _ = stop_tx.send(true);
         };
         let mut stop = stop_rx.clone();
@@ -482,7 +484,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
             "agent running{}",
             if observe { " (observe-only)" } else { "" }
         );
-        sd_notify("READY=1");
+        sd_notify(sd_notify::NotifyState::Ready);
         tokio::join!(
             agent.run(rx, async move {
                 let _ = stop.changed().await;
@@ -534,23 +536,9 @@ fn config_default_path() -> std::path::PathBuf {
     std::path::PathBuf::from(qcom_reset::agent::config::DEFAULT_PATH)
 }
 
-/// systemd readiness protocol (Type=notify), without a library: one datagram to NOTIFY_SOCKET.
-fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let r = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
-    } else {
-        sock.send_to(msg.as_bytes(), std::path::Path::new(&path))
-    };
-    if let Err(e) = r {
-        tracing::warn!("sd_notify {msg}: {e}");
+/// systemd's readiness protocol (Type=notify); a no-op outside systemd.
+fn sd_notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!("sd_notify: {e}");
     }
 }

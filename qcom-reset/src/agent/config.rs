@@ -46,6 +46,9 @@ pub struct Config {
     pub state_file: PathBuf,
     /// Prometheus metrics on 127.0.0.1:PORT (0 = off).
     pub metrics_port: u16,
+    /// The same metrics for node_exporter's textfile collector ("" = off), e.g.
+    /// /var/lib/prometheus/node-exporter/qcom_reset.prom; rewritten atomically on every change.
+    pub metrics_textfile: PathBuf,
     pub flavour: FlavourChoice,
     pub access: Access,
     /// Per-device settings by PCI address.
@@ -103,6 +106,7 @@ impl Default for Config {
             journal: PathBuf::from("/var/log/qcom-reset/events.jsonl"),
             state_file: PathBuf::from("/var/lib/qcom-reset/state.json"),
             metrics_port: 0,
+            metrics_textfile: PathBuf::new(),
             flavour: FlavourChoice::Auto,
             access: Access::Auto,
             devices: BTreeMap::new(),

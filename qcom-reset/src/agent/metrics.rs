@@ -1,114 +1,243 @@
-//! Prometheus text metrics, served on 127.0.0.1 only when a port is configured.
-use std::collections::BTreeMap;
+//! Prometheus metrics (prometheus-client): served on 127.0.0.1 by a small hyper HTTP/1 server
+//! with timeouts and a connection limit when a port is configured, and written to a
+//! node_exporter textfile-collector file (atomic rename) when a path is, so fleets that already
+//! scrape node_exporter see every host's resets with no new port.
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing::warn;
 
 /// Upper bounds (seconds) of the event-to-action latency histogram.
 const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// At most this many scrapes served at once; more wait for a slot.
+const MAX_CONNECTIONS: usize = 8;
+/// A client gets this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Default)]
-struct Inner {
-    events: BTreeMap<String, u64>,
-    resets: BTreeMap<String, u64>,
-    skipped: BTreeMap<String, u64>,
-    ringbuf_drops: u64,
-    latency_counts: [u64; BUCKETS.len()],
-    latency_sum: f64,
-    latency_n: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Result {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Device {
+    bdf: String,
+}
+
 pub struct Metrics {
-    inner: Mutex<Inner>,
+    registry: Registry,
+    events: Family<Kind, Counter>,
+    resets: Family<Result, Counter>,
+    skipped: Family<Reason, Counter>,
+    drops: Gauge,
+    latency: Histogram,
+    clean: Family<Device, Gauge>,
+    gave_up: Family<Device, Gauge>,
+    /// node_exporter textfile collector output, rewritten on every change.
+    textfile: Option<PathBuf>,
+    write_lock: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(None)
+    }
 }
 
 impl Metrics {
-    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+    pub fn new(textfile: Option<PathBuf>) -> Metrics {
+        let mut registry = Registry::with_prefix("qcom_reset");
+        let events = Family::<Kind, Counter>::default();
+        let resets = Family::<Result, Counter>::default();
+        let skipped = Family::<Reason, Counter>::default();
+        let drops = Gauge::default();
+        let latency = Histogram::new(BUCKETS);
+        registry.register("events", "Probe events received, by kind", events.clone());
+        registry.register(
+            "resets",
+            "Reset attempts, by resulting verdict (clean, stale, crashed, not-ready, link-down, wrong-identity, error, dry-run)",
+            resets.clone(),
+        );
+        registry.register(
+            "skipped",
+            "Triggers not acted on, by reason",
+            skipped.clone(),
+        );
+        registry.register(
+            "ringbuf_drops",
+            "Events lost in the kernel ring buffer since the agent started",
+            drops.clone(),
+        );
+        registry.register(
+            "event_to_action_seconds",
+            "Time from receiving an event to starting the reset",
+            latency.clone(),
+        );
+        let clean = Family::<Device, Gauge>::default();
+        let gave_up = Family::<Device, Gauge>::default();
+        registry.register(
+            "device_clean",
+            "1 when the device's last verdict was clean (the next owner can use it), else 0",
+            clean.clone(),
+        );
+        registry.register(
+            "device_gave_up",
+            "1 while the agent has given up on the device (max_attempts failed; cool-down)",
+            gave_up.clone(),
+        );
+        Metrics {
+            registry,
+            clean,
+            gave_up,
+            events,
+            resets,
+            skipped,
+            drops,
+            latency,
+            textfile,
+            write_lock: Mutex::new(()),
+        }
     }
 
     pub fn event(&self, kind: &str) {
-        self.with(|i| *i.events.entry(kind.into()).or_default() += 1);
+        self.events.get_or_create(&Kind { kind: kind.into() }).inc();
+        self.changed();
     }
 
     /// A reset attempt ended with this result (a verdict, "error" or "dry-run").
     pub fn reset(&self, result: &str) {
-        self.with(|i| *i.resets.entry(result.into()).or_default() += 1);
+        self.resets
+            .get_or_create(&Result {
+                result: result.into(),
+            })
+            .inc();
+        self.changed();
     }
 
     pub fn skipped(&self, reason: &str) {
-        self.with(|i| *i.skipped.entry(reason.into()).or_default() += 1);
+        self.skipped
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+        self.changed();
     }
 
     pub fn drops(&self, total: u64) {
-        self.with(|i| i.ringbuf_drops = total);
+        self.drops.set(total as i64);
+        self.changed();
+    }
+
+    /// The device's latest verdict; a clean one also ends any give-up.
+    pub fn verdict(&self, bdf: &str, clean: bool) {
+        let d = Device { bdf: bdf.into() };
+        self.clean.get_or_create(&d).set(clean as i64);
+        if clean {
+            self.gave_up.get_or_create(&d).set(0);
+        }
+        self.changed();
+    }
+
+    pub fn gave_up(&self, bdf: &str) {
+        self.gave_up
+            .get_or_create(&Device { bdf: bdf.into() })
+            .set(1);
+        self.changed();
     }
 
     pub fn latency(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        self.with(|i| {
-            for (n, b) in BUCKETS.iter().enumerate() {
-                if s <= *b {
-                    i.latency_counts[n] += 1;
-                }
-            }
-            i.latency_sum += s;
-            i.latency_n += 1;
-        });
+        self.latency.observe(d.as_secs_f64());
+        self.changed();
     }
 
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        self.with(|i| {
-            let mut s = String::new();
-            let mut counter = |name: &str, help: &str, label: &str, m: &BTreeMap<String, u64>| {
-                s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-                for (k, v) in m {
-                    s.push_str(&format!("{name}{{{label}=\"{k}\"}} {v}\n"));
-                }
-            };
-            counter("qcom_reset_events_total", "Probe events received, by kind.", "kind", &i.events);
-            counter("qcom_reset_resets_total", "Reset attempts, by resulting verdict.", "result", &i.resets);
-            counter("qcom_reset_skipped_total", "Triggers not acted on, by reason.", "reason", &i.skipped);
-            s.push_str("# HELP qcom_reset_ringbuf_drops_total Events lost in the kernel ring buffer.\n");
-            s.push_str(&format!("# TYPE qcom_reset_ringbuf_drops_total counter\nqcom_reset_ringbuf_drops_total {}\n", i.ringbuf_drops));
-            let h = "qcom_reset_event_to_action_seconds";
-            s.push_str(&format!("# HELP {h} Time from receiving an event to starting the reset.\n# TYPE {h} histogram\n"));
-            for (n, b) in BUCKETS.iter().enumerate() {
-                s.push_str(&format!("{h}_bucket{{le=\"{b}\"}} {}\n", i.latency_counts[n]));
-            }
-            s.push_str(&format!("{h}_bucket{{le=\"+Inf\"}} {}\n{h}_sum {}\n{h}_count {}\n", i.latency_n, i.latency_sum, i.latency_n));
-            s
-        })
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String cannot fail");
+        s
+    }
+
+    /// Rewrites the textfile, if configured: a temporary file renamed over the old one, so
+    /// node_exporter never reads half a file.
+    fn changed(&self) {
+        let Some(path) = &self.textfile else {
+            return;
+        };
+        let _one_writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = write_atomically(path, &self.render()) {
+            warn!("metrics textfile {}: {e}", path.display());
+        }
     }
 }
 
-/// Serves `GET /metrics` on 127.0.0.1:`port` until the task is dropped.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("prom.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Serves `GET /metrics` on 127.0.0.1:`port` (HTTP/1, header timeout, at most
+/// `MAX_CONNECTIONS` at once) until the task is dropped.
 pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Request, Response, StatusCode};
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut sock, _) = listener.accept().await?;
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (sock, _) = listener.accept().await?;
         let m = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let resp = if req.starts_with("GET /metrics ") {
-                let body = m.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            sock.write_all(resp.as_bytes()).await.ok()
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let m = m.clone();
+                async move {
+                    let resp =
+                        if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header(
+                                    "Content-Type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(m.render())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::new()))
+                        };
+                    resp
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            // A whole connection gets a bound too, so a slow reader cannot hold a slot forever.
+            let _ = tokio::time::timeout(HEADER_TIMEOUT * 2, conn).await;
+            drop(permit);
         });
     }
 }
@@ -116,6 +245,25 @@ pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(port: u16, path: &str) -> String {
+        for _ in 0..50 {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                s.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+                let mut body = String::new();
+                s.read_to_string(&mut body).await.unwrap();
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no server on {port}");
+    }
 
     #[tokio::test]
     async fn serves_metrics_on_loopback_only() {
@@ -127,42 +275,72 @@ mod tests {
         let m = std::sync::Arc::new(Metrics::default());
         m.event("release");
         let server = tokio::spawn(serve(m, port));
-        let mut body = String::new();
-        for _ in 0..50 {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-                s.read_to_string(&mut body).await.unwrap();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let body = get(port, "/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(
             body.contains("qcom_reset_events_total{kind=\"release\"} 1"),
             "{body}"
         );
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut other = String::new();
-        s.read_to_string(&mut other).await.unwrap();
-        assert!(other.starts_with("HTTP/1.1 404"));
+        assert!(get(port, "/").await.starts_with("HTTP/1.1 404"));
+        // A client that never sends its request does not keep the server from others.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let late = tokio::time::timeout(Duration::from_secs(15), get(port, "/metrics")).await;
+        assert!(
+            late.is_ok_and(|b| b.contains("200 OK")),
+            "slots freed by the header timeout"
+        );
         server.abort();
     }
 
     #[test]
-    fn renders_counters_and_histogram() {
-        let m = Metrics::default();
+    fn renders_counters_and_histogram_and_writes_the_textfile() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("qcom_reset.prom");
+        let m = Metrics::new(Some(file.clone()));
         m.event("release");
         m.reset("clean");
         m.latency(Duration::from_millis(3));
         m.drops(2);
+        m.verdict("0000:03:00.0", false);
+        m.gave_up("0000:03:00.0");
         let t = m.render();
-        assert!(t.contains("qcom_reset_events_total{kind=\"release\"} 1"));
-        assert!(t.contains("qcom_reset_resets_total{result=\"clean\"} 1"));
-        assert!(t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.001\"} 0"));
-        assert!(t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.005\"} 1"));
-        assert!(t.contains("qcom_reset_ringbuf_drops_total 2"));
+        assert!(
+            t.contains("qcom_reset_device_clean{bdf=\"0000:03:00.0\"} 0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("qcom_reset_device_gave_up{bdf=\"0000:03:00.0\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("qcom_reset_events_total{kind=\"release\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("qcom_reset_resets_total{result=\"clean\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.001\"} 0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("qcom_reset_event_to_action_seconds_bucket{le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("qcom_reset_ringbuf_drops 2"), "{t}");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            t,
+            "the textfile follows every change"
+        );
+        assert!(!dir.path().join("qcom_reset.prom.tmp").exists());
     }
 }

@@ -230,6 +230,8 @@ impl Agent {
             self.rescan("start");
         }
         tokio::pin!(stop);
+        // systemd's watchdog is fed from this loop itself, so a wedged loop is restarted.
+        let mut heartbeat = watchdog_interval();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -237,6 +239,9 @@ impl Agent {
                     Some(item) => self.on_item(item, Instant::now()),
                     None => break,
                 },
+                _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
             }
         }
         info!("shutting down: waiting for in-flight resets to finish");
@@ -386,6 +391,15 @@ impl Agent {
     }
 }
 
+/// Half of systemd's `WatchdogSec`, when the unit sets one (no timer at all otherwise: an idle
+/// agent does not wake up).
+fn watchdog_interval() -> Option<tokio::time::Interval> {
+    let timeout = sd_notify::watchdog_enabled().filter(|t| !t.is_zero())?;
+    let mut i = tokio::time::interval(timeout / 2);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Some(i)
+}
+
 /// Serializes everything for one device. A release or bind acts at once; weaker triggers wait
 /// the debounce window in case the event that explains them follows.
 async fn device_task(
@@ -470,6 +484,9 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
                 } else {
                     "policy"
                 });
+                if sh.history(bdf).failures >= sh.cfg.max_attempts {
+                    sh.metrics.gave_up(&bdf.to_string());
+                }
                 sh.act(action(bdf, trigger, "skipped", why));
                 return began;
             }
@@ -600,6 +617,8 @@ async fn attempt(
         Ok(Ok(r)) => {
             let v = r.verdict.clone().expect("a real reset has a verdict");
             sh.metrics.reset(&v.health.to_string());
+            sh.metrics
+                .verdict(&bdf.to_string(), v.health == Health::Clean);
             sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
             a.result = v.health.to_string();
             a.detail = format!(
@@ -688,21 +707,27 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
     };
     match st {
         Ok(Ok(s)) => match (s.verdict, s.skipped) {
-            (Some(v), _) if v.health == Health::Clean => Some(action(
-                bdf,
-                trigger,
-                "nothing-to-do",
-                format!("clean: {}", v.detail),
-            )),
-            (Some(v), _) if !resets(v.health) => Some(action(
-                bdf,
-                trigger,
-                "nothing-to-do",
-                format!(
-                    "{} left alone (rescan_resets = {:?}): {}",
-                    v.health, sh.cfg.rescan_resets, v.detail
-                ),
-            )),
+            (Some(v), _) if v.health == Health::Clean => Some({
+                sh.metrics.verdict(&bdf.to_string(), true);
+                action(
+                    bdf,
+                    trigger,
+                    "nothing-to-do",
+                    format!("clean: {}", v.detail),
+                )
+            }),
+            (Some(v), _) if !resets(v.health) => Some({
+                sh.metrics.verdict(&bdf.to_string(), false);
+                action(
+                    bdf,
+                    trigger,
+                    "nothing-to-do",
+                    format!(
+                        "{} left alone (rescan_resets = {:?}): {}",
+                        v.health, sh.cfg.rescan_resets, v.detail
+                    ),
+                )
+            }),
             (Some(v), _) => {
                 info!(bdf = %bdf, "{} ({}); resetting", v.health, v.detail);
                 None
