@@ -79,6 +79,53 @@ fn has_symbol(kallsyms: &str, sym: &str) -> bool {
         .any(|l| l.split_whitespace().nth(2) == Some(sym))
 }
 
+/// (major, minor) of a kernel release string such as "6.1.0-57-amd64".
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// vfio_pci_core: a module (loaded or not), built in (Ubuntu/Proxmox style), or absent because
+/// the kernel predates it (5.15).
+fn vfio_check(release: &str, module_loaded: bool, module_btf: bool) -> Check {
+    if kernel_version(release).is_some_and(|v| v < (5, 15)) {
+        return Check::new(
+            "vfio",
+            Level::Fail,
+            format!(
+                "kernel {release} has no vfio_pci_core (it arrived in 5.15): releases cannot be seen"
+            ),
+            Some("run a 5.15 or newer kernel (e.g. Debian 12's 6.1)"),
+            true,
+        );
+    }
+    match (module_loaded, module_btf) {
+        (true, true) => Check::new(
+            "vfio",
+            Level::Pass,
+            "vfio_pci_core loaded (module)",
+            None,
+            false,
+        ),
+        (true, false) => Check::new(
+            "vfio",
+            Level::Pass,
+            "vfio_pci_core built into the kernel: its layout comes from vmlinux BTF",
+            None,
+            false,
+        ),
+        _ => Check::new(
+            "vfio",
+            Level::Warn,
+            "vfio_pci_core not loaded: the release probes attach when it loads",
+            Some("modprobe vfio-pci"),
+            false,
+        ),
+    }
+}
+
 pub fn run(host: &Host) -> Vec<Check> {
     let mut out = Vec::new();
     let root = rustix::process::geteuid().is_root();
@@ -209,17 +256,11 @@ pub fn run(host: &Host) -> Vec<Check> {
     });
 
     let vfio = Path::new("/sys/module/vfio_pci_core").exists();
-    out.push(if vfio {
-        Check::new("vfio", Level::Pass, "vfio_pci_core loaded", None, false)
-    } else {
-        Check::new(
-            "vfio",
-            Level::Warn,
-            "vfio_pci_core not loaded: the release probes attach when it loads",
-            Some("modprobe vfio-pci"),
-            false,
-        )
-    });
+    out.push(vfio_check(
+        &rustix::system::uname().release().to_string_lossy(),
+        vfio,
+        Path::new("/sys/kernel/btf/vfio_pci_core").exists(),
+    ));
 
     match kallsyms().filter(|k| {
         k.lines()
@@ -320,6 +361,29 @@ pub fn run(host: &Host) -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vfio_check_names_old_kernels_and_built_in_vfio() {
+        let old = vfio_check("5.10.0-33-amd64", false, false);
+        assert_eq!(old.level, Level::Fail);
+        assert!(
+            old.detail.contains("5.15") && old.blocks_tracing,
+            "{}",
+            old.detail
+        );
+        assert_eq!(kernel_version("6.8.12-4-pve"), Some((6, 8)));
+        let builtin = vfio_check("6.8.12-4-pve", true, false);
+        assert!(
+            builtin.detail.contains("built into the kernel"),
+            "{}",
+            builtin.detail
+        );
+        assert_eq!(vfio_check("6.1.0-57-amd64", true, true).level, Level::Pass);
+        assert_eq!(
+            vfio_check("7.2.13+deb14-amd64", false, false).level,
+            Level::Warn
+        );
+    }
 
     #[test]
     fn kallsyms_lookup_matches_whole_names() {

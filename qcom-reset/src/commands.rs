@@ -153,6 +153,8 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
             serde_json::json!({"kind": "bind", "bdf": bdf.to_string(), "driver": "vfio-pci"})
         ),
         (Item::Bound(bdf), false) => println!("bind    {bdf} vfio-pci"),
+        (Item::UeventsLost, true) => println!("{}", serde_json::json!({"kind": "uevents-lost"})),
+        (Item::UeventsLost, false) => println!("lost    kernel uevents (socket overflow)"),
     }
     Ok(())
 }
@@ -407,8 +409,8 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         };
-        let textfile = (!cfg.metrics_textfile.as_os_str().is_empty())
-            .then(|| cfg.metrics_textfile.clone());
+        let textfile =
+            (!cfg.metrics_textfile.as_os_str().is_empty()).then(|| cfg.metrics_textfile.clone());
         let m = std::sync::Arc::new(metrics::Metrics::new(textfile));
         if cfg.metrics_port != 0 {
             let listener = metrics::serve(m.clone(), cfg.metrics_port);
@@ -439,35 +441,6 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         };
-        // A missing uevent socket costs only the bind trigger: releases and rescans still work.
-        let binds = match qcom_reset::probes::uevents::BindWatch::open() {
-            Ok(mut w) => {
-                let tx = tx.clone();
-                let mut stop = stop_rx.clone();
-                Some(async move {
-                    loop {
-                        tokio::select! {
-                            b = w.next() => match b {
-                                Ok(bdf) => if tx.send(Item::Bound(bdf)).await.is_err() { break },
-                                Err(e) => { tracing::warn!("uevent socket failed: {e}; binds to vfio-pci are no longer seen"); break }
-                            },
-                            _ = stop.changed() => break,
-                        }
-                    }
-                })
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "cannot listen for kernel uevents ({e}): a device bound to vfio-pci is reset at its first release, not at bind; run in the host's network namespace"
-                );
-                None
-            }
-        };
-        let binds = async {
-            if let Some(b) = binds {
-                b.await
-            }
-        };
         let signals = async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -490,7 +463,6 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 let _ = stop.changed().await;
             }),
             forward,
-            binds,
             signals
         );
         Ok(ExitCode::SUCCESS)

@@ -284,6 +284,14 @@ impl Agent {
             }
             Item::Bad(why) => warn!("undecodable probe record: {why}"),
             Item::Bound(bdf) => self.on_bound(bdf, at),
+            Item::UeventsLost => {
+                warn!(
+                    "kernel uevents lost: a bind to vfio-pci may have been missed; rescanning targets"
+                );
+                if self.shared.cfg.rescan {
+                    self.rescan("lost uevents");
+                }
+            }
         }
     }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::kprobe::KProbeLinkId;
 use aya::programs::{FEntry, FExit, KProbe};
 use aya::{Ebpf, EbpfLoader};
 use qcom_reset_ebpf::{DROPS_BRACKETS, DROPS_RINGBUF, Flavour, Func, VfioLayout, target_key};
@@ -51,7 +52,11 @@ pub struct Options {
 pub struct Probes {
     ebpf: Ebpf,
     vmlinux: btf_rs::Btf,
-    vfio_attached: bool,
+    /// The VFIO bracket links, while attached: (program name, link).
+    vfio_links: Option<Vec<(String, KProbeLinkId)>>,
+    /// vfio_pci_core is built into the kernel (CONFIG_VFIO_PCI_CORE=y, Ubuntu/Proxmox style):
+    /// its struct is in vmlinux BTF and it never loads or unloads.
+    vfio_builtin: bool,
     pub attachments: Vec<Attachment>,
 }
 
@@ -118,29 +123,41 @@ impl Probes {
         for (v, d) in &opts.targets {
             targets.insert(&target_key(*v, *d), &1, 0)?;
         }
+        let vfio_builtin = !Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE).exists()
+            && layout::vfio(&vmlinux).is_ok();
         Ok(Probes {
             ebpf,
             vmlinux,
-            vfio_attached: false,
+            vfio_links: None,
+            vfio_builtin,
             attachments: Vec::new(),
         })
     }
 
-    fn kprobe(&mut self, f: Func) -> Result<(), String> {
-        for (prefix, _) in [("kp", "entry"), ("krp", "return")] {
+    /// Attaches f's kprobe and kretprobe (loading them the first time); returns the links.
+    fn kprobe(&mut self, f: Func) -> Result<Vec<(String, KProbeLinkId)>, String> {
+        let mut links = Vec::new();
+        for prefix in ["kp", "krp"] {
             let name = program_name(prefix, f);
-            let p: &mut KProbe = self
-                .ebpf
-                .program_mut(&name)
-                .ok_or_else(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-            p.load()
-                .map_err(|e| format!("verifier rejected {name}: {}", full_error(&e)))?;
-            p.attach(f.symbol(), 0)
+            let p = self.kprobe_program(&name)?;
+            if p.fd().is_err() {
+                p.load()
+                    .map_err(|e| format!("verifier rejected {name}: {}", full_error(&e)))?;
+            }
+            let link = p
+                .attach(f.symbol(), 0)
                 .map_err(|e| explain(&full_error(&e), "kprobe"))?;
+            links.push((name, link));
         }
-        Ok(())
+        Ok(links)
+    }
+
+    fn kprobe_program(&mut self, name: &str) -> Result<&mut KProbe, String> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())
     }
 
     fn fentry(&mut self, f: Func, btf: &aya::Btf) -> Result<(), String> {
@@ -182,7 +199,7 @@ impl Probes {
             }
             if flavour.is_none() && choice != FlavourChoice::Fentry {
                 match self.kprobe(f) {
-                    Ok(()) => flavour = Some("kprobe"),
+                    Ok(_) => flavour = Some("kprobe"),
                     Err(e) => notes.push(format!("kprobe: {e}")),
                 }
             }
@@ -194,13 +211,22 @@ impl Probes {
         }
     }
 
-    /// Attaches the VFIO brackets once vfio_pci_core is loaded; returns whether anything changed.
-    pub fn attach_vfio_if_loaded(&mut self) -> bool {
-        if self.vfio_attached || !Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists() {
-            return false;
+    /// Brings the VFIO brackets in line with the kernel: attached while vfio_pci_core is loaded
+    /// (or built in), detached when it is unloaded, attached again when it comes back (the
+    /// kernel disarms kprobes on a module's functions when the module goes). Returns whether
+    /// anything changed.
+    pub fn sync_vfio(&mut self) -> bool {
+        let present = self.vfio_builtin || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
+        match (present, self.vfio_links.is_some()) {
+            (true, false) => self.attach_vfio(),
+            (false, true) => self.detach_vfio(),
+            _ => return false,
         }
-        self.vfio_attached = true;
-        let result = self.vfio_layout().and_then(|l| {
+        true
+    }
+
+    fn attach_vfio(&mut self) {
+        let layout = self.vfio_layout().and_then(|l| {
             let mut arr: Array<_, VfioLayout> = Array::try_from(
                 self.ebpf
                     .map_mut("VFIO_LAYOUT")
@@ -209,26 +235,54 @@ impl Probes {
             .map_err(|e| e.to_string())?;
             arr.set(0, &l, 0).map_err(|e| e.to_string())
         });
+        let mut links = Vec::new();
         for f in [Func::VfioPciCoreEnable, Func::VfioPciCoreDisable] {
-            let r = result.clone().and_then(|()| self.kprobe(f));
-            self.attachments.retain(|a| a.function != f.symbol());
-            self.attachments.push(Attachment {
-                function: f.symbol(),
-                flavour: r.is_ok().then_some("kprobe"),
-                note: r.err(),
-            });
+            let r = layout.clone().and_then(|()| self.kprobe(f));
+            let ok = r.is_ok();
+            let note = match r {
+                Ok(l) => {
+                    links.extend(l);
+                    self.vfio_builtin
+                        .then(|| "vfio_pci_core is built into this kernel".to_string())
+                }
+                Err(e) => Some(e),
+            };
+            self.set_attachment(f, ok.then_some("kprobe"), note);
         }
-        true
+        self.vfio_links = Some(links);
+    }
+
+    fn detach_vfio(&mut self) {
+        for (name, link) in self.vfio_links.take().unwrap_or_default() {
+            if let Ok(p) = self.kprobe_program(&name) {
+                let _ = p.detach(link);
+            }
+        }
+        for f in [Func::VfioPciCoreEnable, Func::VfioPciCoreDisable] {
+            self.set_attachment(
+                f,
+                None,
+                Some("vfio_pci_core was unloaded; attached again when it loads".into()),
+            );
+        }
+    }
+
+    fn set_attachment(&mut self, f: Func, flavour: Option<&'static str>, note: Option<String>) {
+        self.attachments.retain(|a| a.function != f.symbol());
+        self.attachments.push(Attachment {
+            function: f.symbol(),
+            flavour,
+            note,
+        });
     }
 
     fn vfio_layout(&self) -> Result<VfioLayout, String> {
+        if self.vfio_builtin {
+            return layout::vfio(&self.vmlinux).map_err(|e| e.to_string());
+        }
         let path = Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE);
         let btf = layout::load_module(&path, &self.vmlinux).map_err(|e| e.to_string())?;
         layout::vfio(&btf).map_err(|e| e.to_string())
-    }
-
-    pub fn vfio_pending(&self) -> bool {
-        !self.vfio_attached
     }
 
     /// (ring buffer drops, bracket-table drops) summed over CPUs.

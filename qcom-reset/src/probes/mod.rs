@@ -27,11 +27,14 @@ pub enum Item {
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
     Bad(String),
+    /// Kernel uevents were lost (socket overflow): a bind may have been missed.
+    UeventsLost,
     /// The kernel bound this device to vfio-pci (a `bind` uevent).
     Bound(crate::bdf::Bdf),
 }
 
-/// How often the module watch and the drop counters are looked at.
+/// Without kernel uevents (an agent in its own network namespace), how often the module watch
+/// and the drop counters are looked at instead.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 pub struct Tracer {
@@ -40,7 +43,10 @@ pub struct Tracer {
     logger: Option<LogFd>,
     queue: VecDeque<Item>,
     drops: (u64, u64),
-    tick: tokio::time::Interval,
+    /// Binds and module loads/unloads: with these nothing is polled while idle.
+    uevents: Option<uevents::Uevents>,
+    /// Only without uevents: the module watch and drop counters on a timer.
+    tick: Option<tokio::time::Interval>,
 }
 
 impl Tracer {
@@ -53,7 +59,7 @@ impl Tracer {
             .take_logger()
             .and_then(|l| unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.ok());
         probes.attach_reset_probes(opts.flavour);
-        probes.attach_vfio_if_loaded();
+        probes.sync_vfio();
         if probes.attachments.iter().all(|a| a.flavour.is_none()) {
             let why: Vec<String> = probes
                 .attachments
@@ -74,8 +80,20 @@ impl Tracer {
                     e.into_parts().1
                 )
             })?;
-        let mut tick = tokio::time::interval(HOUSEKEEPING);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let uevents = match uevents::Uevents::open() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(
+                    "no kernel uevents ({e}): binds to vfio-pci are not seen (targets are reset at their first release), and vfio_pci_core is watched by polling once a second; run in the host's network namespace"
+                );
+                None
+            }
+        };
+        let tick = uevents.is_none().then(|| {
+            let mut t = tokio::time::interval(HOUSEKEEPING);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         let queue = VecDeque::from([Item::Attached(probes.attachments.clone())]);
         Ok(Tracer {
             probes,
@@ -83,15 +101,39 @@ impl Tracer {
             logger,
             queue,
             drops: (0, 0),
+            uevents,
             tick,
         })
     }
 
-    fn housekeeping(&mut self) {
-        if self.probes.vfio_pending() && self.probes.attach_vfio_if_loaded() {
+    fn sync_vfio(&mut self) {
+        if self.probes.sync_vfio() {
             self.queue
                 .push_back(Item::Attached(self.probes.attachments.clone()));
         }
+    }
+
+    fn on_uevent(&mut self, u: uevents::Uevent) {
+        use uevents::Uevent::*;
+        match u {
+            VfioBind(bdf) => self.queue.push_back(Item::Bound(bdf)),
+            ModuleAdded(m) | ModuleRemoved(m) if m == layout::VFIO_MODULE => self.sync_vfio(),
+            ModuleAdded(_) | ModuleRemoved(_) => {}
+            Lost => {
+                self.sync_vfio();
+                self.queue.push_back(Item::UeventsLost);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        self.sync_vfio();
+        self.check_drops();
+    }
+
+    /// Drop counters only move when records were being produced, so they are read after each
+    /// ring-buffer batch, not on a timer.
+    fn check_drops(&mut self) {
         let d = self.probes.drops();
         if d != self.drops {
             self.drops = d;
@@ -118,15 +160,34 @@ impl Tracer {
                         });
                     }
                     guard.clear_ready();
+                    drop(guard);
+                    self.check_drops();
                 }
+                u = next_uevent(&mut self.uevents) => match u {
+                    Ok(u) => self.on_uevent(u),
+                    Err(e) => {
+                        tracing::warn!("kernel uevent socket failed ({e}); polling vfio_pci_core instead");
+                        self.uevents = None;
+                        let mut t = tokio::time::interval(HOUSEKEEPING);
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        self.tick = Some(t);
+                    }
+                },
                 guard = logger_readable(&mut self.logger) => {
                     let mut guard = guard?;
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 }
-                _ = self.tick.tick() => self.housekeeping(),
+                _ = async { self.tick.as_mut().expect("guarded").tick().await }, if self.tick.is_some() => self.housekeeping(),
             }
         }
+    }
+}
+
+async fn next_uevent(u: &mut Option<uevents::Uevents>) -> std::io::Result<uevents::Uevent> {
+    match u {
+        Some(u) => u.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,6 +1,7 @@
-//! The kernel's `bind` uevents: a device bound to vfio-pci is announced on the
-//! NETLINK_KOBJECT_UEVENT multicast group, so the agent can reset a target before the first VM
-//! opens it (the modems fail their first VM boot otherwise) without polling sysfs.
+//! The kernel's uevents, the agent's only source of news besides the ring buffer, so an idle
+//! agent never polls: a device bound to vfio-pci (reset before the first VM opens it; the modems
+//! fail their first VM boot otherwise) and the vfio_pci_core module appearing or going away (the
+//! VFIO probes are attached, and re-attached after an unload and reload).
 use std::os::fd::OwnedFd;
 
 use rustix::net::{
@@ -14,8 +15,32 @@ use crate::bdf::Bdf;
 /// The kernel's uevent multicast group (udev listens on the same one).
 const KERNEL_GROUP: u32 = 1;
 
+/// What a kernel uevent means to us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uevent {
+    /// A PCI device was bound to vfio-pci.
+    VfioBind(Bdf),
+    /// A module was loaded (its sysfs and BTF exist by now).
+    ModuleAdded(String),
+    ModuleRemoved(String),
+    /// The socket overflowed (ENOBUFS): some uevents were lost; state must be re-checked.
+    Lost,
+}
+
+pub fn parse(msg: &[u8]) -> Option<Uevent> {
+    let header = std::str::from_utf8(msg.split(|b| *b == 0).next()?).ok()?;
+    let module = |prefix: &str| header.strip_prefix(prefix).map(str::to_string);
+    if let Some(m) = module("add@/module/") {
+        return Some(Uevent::ModuleAdded(m));
+    }
+    if let Some(m) = module("remove@/module/") {
+        return Some(Uevent::ModuleRemoved(m));
+    }
+    vfio_bind(msg).map(Uevent::VfioBind)
+}
+
 /// The device a kernel uevent announces as bound to vfio-pci, if that is what it says.
-pub fn vfio_bind(msg: &[u8]) -> Option<Bdf> {
+fn vfio_bind(msg: &[u8]) -> Option<Bdf> {
     let mut fields = msg
         .split(|b| *b == 0)
         .filter_map(|f| std::str::from_utf8(f).ok());
@@ -36,14 +61,14 @@ pub fn vfio_bind(msg: &[u8]) -> Option<Bdf> {
     slot.filter(|_| pci && vfio)
 }
 
-pub struct BindWatch {
+pub struct Uevents {
     fd: AsyncFd<OwnedFd>,
 }
 
-impl BindWatch {
+impl Uevents {
     /// Joins the kernel's uevent group. The kernel delivers uevents only to network namespaces
     /// owned by the initial user namespace (not to a rootless container).
-    pub fn open() -> std::io::Result<BindWatch> {
+    pub fn open() -> std::io::Result<Uevents> {
         let fd = socket_with(
             AddressFamily::NETLINK,
             SocketType::DGRAM,
@@ -55,24 +80,25 @@ impl BindWatch {
         // the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        Ok(BindWatch { fd })
+        Ok(Uevents { fd })
     }
 
-    /// The next device bound to vfio-pci.
-    pub async fn next(&mut self) -> std::io::Result<Bdf> {
+    /// The next uevent that means something to us.
+    pub async fn next(&mut self) -> std::io::Result<Uevent> {
         let mut buf = vec![0u8; 8192];
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| Ok(recv(fd.get_ref(), &mut buf[..], RecvFlags::empty())?)) {
                 Ok(Ok((_, n))) => {
-                    if let Some(bdf) = vfio_bind(&buf[..n.min(buf.len())]) {
-                        return Ok(bdf);
+                    if let Some(u) = parse(&buf[..n.min(buf.len())]) {
+                        return Ok(u);
                     }
                 }
-                // A uevent storm overflowed the socket: some binds are lost (those devices are
-                // reset at their first release instead); the watch goes on.
+                // A uevent storm overflowed the socket: some are lost (a bound device is then
+                // reset at its first release; a module change is caught by the re-check that
+                // follows); the watch goes on.
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    tracing::warn!("kernel uevents lost (ENOBUFS); a bind may be missed");
+                    return Ok(Uevent::Lost);
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
@@ -100,7 +126,10 @@ mod tests {
             "PCI_SLOT_NAME=0000:03:00.0",
             "SEQNUM=4242",
         ]);
-        assert_eq!(vfio_bind(&bind), Some("0000:03:00.0".parse().unwrap()));
+        assert_eq!(
+            parse(&bind),
+            Some(Uevent::VfioBind("0000:03:00.0".parse().unwrap()))
+        );
         let other_driver = msg(&[
             "bind@/devices/x",
             "SUBSYSTEM=pci",
@@ -119,5 +148,25 @@ mod tests {
         assert_eq!(vfio_bind(&not_pci), None);
         // udev's re-broadcasts start with "libudev" and are never on the kernel group.
         assert_eq!(vfio_bind(b"libudev\0\xfe\xed"), None);
+    }
+
+    #[test]
+    fn module_loads_and_unloads_are_reported() {
+        let add = msg(&[
+            "add@/module/vfio_pci_core",
+            "ACTION=add",
+            "SUBSYSTEM=module",
+        ]);
+        assert_eq!(
+            parse(&add),
+            Some(Uevent::ModuleAdded("vfio_pci_core".into()))
+        );
+        let rm = msg(&["remove@/module/vfio_pci_core", "ACTION=remove"]);
+        assert_eq!(
+            parse(&rm),
+            Some(Uevent::ModuleRemoved("vfio_pci_core".into()))
+        );
+        let other = msg(&["add@/devices/virtual/net/tap0", "SUBSYSTEM=net"]);
+        assert_eq!(parse(&other), None);
     }
 }

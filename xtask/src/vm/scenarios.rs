@@ -30,6 +30,9 @@ pub enum Scenario {
     /// SIGKILL during the modem's 2 s wait; the restarted agent restores power/control and
     /// PCI_COMMAND from the crash record.
     Kill,
+    /// vfio-pci unloaded and reloaded under a running agent: the VFIO probes are re-attached
+    /// (module uevents) and the next release is still seen and reset.
+    Reload,
 }
 
 /// Where the simulated card sits.
@@ -104,7 +107,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Probes,
         Scenario::LoopWlan,
         Scenario::LoopModem,
@@ -115,6 +118,7 @@ impl Scenario {
         Scenario::Observe,
         Scenario::Own,
         Scenario::Kill,
+        Scenario::Reload,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +133,7 @@ impl Scenario {
             Scenario::Observe => "observe",
             Scenario::Own => "own",
             Scenario::Kill => "kill",
+            Scenario::Reload => "reload",
         }
     }
 
@@ -161,9 +166,11 @@ impl Scenario {
     pub fn simulator(self) -> Option<(&'static str, &'static str)> {
         match self {
             Scenario::Probes => None,
-            Scenario::LoopWlan | Scenario::Held | Scenario::Graceful | Scenario::Observe => {
-                Some(("wcn6855", ""))
-            }
+            Scenario::LoopWlan
+            | Scenario::Held
+            | Scenario::Graceful
+            | Scenario::Observe
+            | Scenario::Reload => Some(("wcn6855", "")),
             Scenario::LoopModem | Scenario::Bind | Scenario::Own | Scenario::Kill => {
                 Some(("sdx65", ""))
             }
@@ -204,6 +211,7 @@ impl Scenario {
             Scenario::Observe => observe(),
             Scenario::Own => own(),
             Scenario::Kill => kill(),
+            Scenario::Reload => reload(),
         };
         format!("{LIB}\n{body}")
     }
@@ -225,6 +233,7 @@ impl Scenario {
             Scenario::Observe => check_observe(console, sim),
             Scenario::Own => check_own(console, sim),
             Scenario::Kill => check_kill(console),
+            Scenario::Reload => check_reload(console, sim),
         }
     }
 }
@@ -412,6 +421,22 @@ kill -TERM $P; wait $P
 dump agent-log /tmp/agent2.log
 "#,
         setup("sdx65", "", true)
+    )
+}
+
+fn reload() -> String {
+    format!(
+        r#"{}{START_AGENT}
+rmmod vfio_pci vfio_pci_core || {{ echo "VMLAB cannot unload vfio-pci"; exit 1; }}
+wait_for /tmp/agent.log 'vfio_pci_core was unloaded' 30
+modprobe vfio-pci
+wait_for /tmp/agent.log 'probe vfio_pci_core_disable attached' 30
+bind_vfio $D
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '"result":"clean"' 60
+sleep 1
+{STOP_AND_DUMP}"#,
+        setup("wcn6855", "bind_settle_ms = 0", true)
     )
 }
 
@@ -857,5 +882,25 @@ fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
     Ok(vec![
         format!("killed mid-sequence: {killed}"),
         format!("restarted agent restored {recovered} from the record"),
+    ])
+}
+
+fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let log = section(console, "agent-log").join("\n");
+    let attached = log.matches("probe vfio_pci_core_disable attached").count();
+    ensure!(
+        log.contains("vfio_pci_core was unloaded") && attached >= 2,
+        "the VFIO probes were not re-attached after the reload:\n{log}"
+    );
+    let acts = actions(console);
+    let clean: Vec<&Value> = acts.iter().filter(|a| a["result"] == "clean").collect();
+    ensure!(
+        clean.len() == 1 && clean[0]["trigger"] == "release",
+        "actions after the reload: {acts:?}"
+    );
+    check_sim(sim, "wlan", 3)?;
+    Ok(vec![
+        "vfio-pci unloaded and reloaded: probes detached, re-attached on the module uevent".into(),
+        "the next release was seen and reset once, clean".into(),
     ])
 }
