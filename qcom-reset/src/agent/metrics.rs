@@ -215,20 +215,18 @@ pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Resu
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let m = m.clone();
                 async move {
-                    let resp =
-                        if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header(
-                                    "Content-Type",
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(Full::new(Bytes::from(m.render())))
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(Bytes::new()))
-                        };
-                    resp
+                    if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header(
+                                "Content-Type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(m.render())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::new()))
+                    }
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -252,7 +252,7 @@ impl Model {
             PCI_VENDOR_ID => self.vendor,
             PCI_DEVICE_ID => self.device,
             PCI_COMMAND => self.command,
-            o if o >= 0x0c && o < 0x40 => self.config[o as usize / 2],
+            o if (0x0c..0x40).contains(&o) => self.config[o as usize / 2],
             _ => 0,
         }
     }
@@ -264,7 +264,7 @@ impl Model {
         }
         match offset {
             PCI_COMMAND => self.command = value,
-            o if o >= 0x0c && o < 0x40 => self.config[o as usize / 2] = value,
+            o if (0x0c..0x40).contains(&o) => self.config[o as usize / 2] = value,
             _ => {}
         }
     }
