@@ -358,6 +358,61 @@ mod tests {
     }
 
     #[test]
+    fn a_live_session_in_a_boot_ee_is_stale_too() {
+        // M0..M3_FAST are sessions whatever the EE; BHI (7) is a boot loader state.
+        for state in [2, 5, 6] {
+            assert_eq!(
+                health(&WLAN, st(state, 1), 0, EE_PBL),
+                Health::Stale,
+                "{state}"
+            );
+            assert_eq!(
+                health(&MODEM, st(state, 1), 0, EE_SBL),
+                Health::Stale,
+                "{state}"
+            );
+        }
+        assert_eq!(health(&WLAN, st(7, 0), 0, EE_PBL), Health::NotReady);
+    }
+
+    #[test]
+    fn the_ee_is_read_only_inside_the_bar() {
+        // BHIOFF 0x100: EXECENV at 0x128..0x12c must fit in the BAR.
+        let read = |bar_len: u64| {
+            let mut io = crate::io::Recorder::new(crate::io::DryRun {
+                assumed: |off| match off {
+                    BHIOFF => 0x100,
+                    _ => 0,
+                },
+            });
+            read_registers(&WLAN, WLAN.vendor, WLAN.device, &mut io, bar_len).execenv
+        };
+        assert_eq!(read(0x12c), Some(0), "the last 4 bytes of the BAR");
+        assert_eq!(read(0x12b), None, "one byte short");
+        let mut io = crate::io::DryRun {
+            assumed: |off| if off == BHIOFF { ALL_ONES } else { 0 },
+        };
+        let r = read_registers(&WLAN, WLAN.vendor, WLAN.device, &mut io, 1 << 20);
+        assert_eq!(
+            (r.bhioff, r.execenv),
+            (Some(ALL_ONES), None),
+            "all-ones BHIOFF"
+        );
+    }
+
+    #[test]
+    fn clean_is_spelled_out_per_family() {
+        let w = expected_after_reset(Family::Wlan);
+        assert!(w.contains("EE PBL") && w.contains("SYSERR clear"), "{w}");
+        let m = expected_after_reset(Family::Modem);
+        assert!(
+            m.contains("MHI state READY") && m.contains("AMSS only"),
+            "{m}"
+        );
+        assert_eq!(judge(&WLAN, &regs(&WLAN, 0, 0, EE_PBL)).expected, w);
+    }
+
+    #[test]
     fn crashed_on_syserr_sys_err_state_or_ramdump() {
         assert_eq!(health(&WLAN, MHISTATUS_SYSERR, 0, EE_PBL), Health::Crashed);
         assert_eq!(health(&WLAN, st(0xff, 0), 0, EE_WFW), Health::Crashed);

@@ -197,6 +197,14 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 /// Serves `GET /metrics` on 127.0.0.1:`port` (HTTP/1, header timeout, at most
 /// `MAX_CONNECTIONS` at once) until the task is dropped.
 pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Result<()> {
+    serve_with(metrics, port, HEADER_TIMEOUT).await
+}
+
+async fn serve_with(
+    metrics: std::sync::Arc<Metrics>,
+    port: u16,
+    header_timeout: Duration,
+) -> std::io::Result<()> {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Request, Response, StatusCode};
@@ -231,10 +239,10 @@ pub async fn serve(metrics: std::sync::Arc<Metrics>, port: u16) -> std::io::Resu
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
             // A whole connection gets a bound too, so a slow reader cannot hold a slot forever.
-            let _ = tokio::time::timeout(HEADER_TIMEOUT * 2, conn).await;
+            let _ = tokio::time::timeout(header_timeout * 2, conn).await;
             drop(permit);
         });
     }
@@ -272,7 +280,7 @@ mod tests {
             .port();
         let m = std::sync::Arc::new(Metrics::default());
         m.event("release");
-        let server = tokio::spawn(serve(m, port));
+        let server = tokio::spawn(serve_with(m, port, Duration::from_millis(300)));
         let body = get(port, "/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(
@@ -289,7 +297,7 @@ mod tests {
                     .unwrap(),
             );
         }
-        let late = tokio::time::timeout(Duration::from_secs(15), get(port, "/metrics")).await;
+        let late = tokio::time::timeout(Duration::from_secs(5), get(port, "/metrics")).await;
         assert!(
             late.is_ok_and(|b| b.contains("200 OK")),
             "slots freed by the header timeout"
