@@ -400,6 +400,42 @@ mod tests {
         );
     }
 
+    /// A device that never becomes clean is polled every 25 ms for exactly the settle window:
+    /// 41 reads of WLAN MHISTATUS over 1000 ms, and no wait after the last one.
+    #[test]
+    fn verification_polls_the_whole_window_and_stops() {
+        struct Crashed {
+            waited: Duration,
+            status_reads: u32,
+        }
+        impl RegisterIo for Crashed {
+            fn read32(&mut self, offset: u32) -> u32 {
+                match offset {
+                    MHISTATUS => {
+                        self.status_reads += 1;
+                        MHISTATUS_SYSERR
+                    }
+                    BHIOFF => 0x100,
+                    _ => 0,
+                }
+            }
+            fn write32(&mut self, _: u32, _: u32) {}
+            fn delay(&mut self, d: Duration) {
+                self.waited += d;
+            }
+        }
+        let mut io = Crashed {
+            waited: Duration::ZERO,
+            status_reads: 0,
+        };
+        let v = verify(&WLAN, &mut || (WLAN.vendor, WLAN.device), &mut io, 1 << 20);
+        assert_eq!(v.health, Health::Crashed);
+        assert_eq!(
+            (io.status_reads, io.waited),
+            (41, settle_window(Family::Wlan))
+        );
+    }
+
     #[test]
     fn clean_is_spelled_out_per_family() {
         let w = expected_after_reset(Family::Wlan);
