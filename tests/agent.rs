@@ -767,23 +767,7 @@ async fn the_agent_recovers_a_killed_session_at_start() {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     let card = sim(Family::Wlan, Faults::default());
-    let record = qcom_reset::session::record::Record {
-        bdf: bdf(WLAN),
-        pid: 4711,
-        command: Some(0x0400),
-        power_control: Some("auto".into()),
-        config: vec![],
-    };
-    qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
-    std::fs::write(
-        h.root()
-            .join("sys/bus/pci/devices")
-            .join(WLAN)
-            .join("power/control"),
-        "on",
-    )
-    .unwrap();
-    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0406).unwrap();
+    leave_killed_session(&h, WLAN, &card, vec![]);
     let r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.host.run_dir.join(format!("{WLAN}.json")).exists() && Instant::now() < deadline {

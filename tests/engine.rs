@@ -596,35 +596,6 @@ fn config_words_the_reset_lost_are_restored_and_reported() {
     }
 }
 
-/// A backend that counts device writes made while no crash record exists.
-struct RecordFirst {
-    inner: qcom_reset::sim::SimDevice,
-    record: std::path::PathBuf,
-    unrecorded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl qcom_reset::backend::Backend for RecordFirst {
-    fn name(&self) -> &'static str {
-        "record-first"
-    }
-    fn config_read16(&mut self, offset: u64) -> std::io::Result<u16> {
-        self.inner.config_read16(offset)
-    }
-    fn config_write16(&mut self, offset: u64, value: u16) -> std::io::Result<()> {
-        if !self.record.exists() {
-            self.unrecorded
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.inner.config_write16(offset, value)
-    }
-    fn map_bar(
-        &mut self,
-        bar: u8,
-    ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
-        self.inner.map_bar(bar)
-    }
-}
-
 #[test]
 fn nothing_is_written_before_the_crash_record_exists() {
     let h = wlan_host();
@@ -639,10 +610,15 @@ fn nothing_is_written_before_the_crash_record_exists() {
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
-            Ok(Box::new(RecordFirst {
+            let (u, record) = (u.clone(), record.clone());
+            Ok(Box::new(Hooked {
                 inner: c.clone(),
-                record: record.clone(),
-                unrecorded: u.clone(),
+                on_config_write: Box::new(move || {
+                    if !record.exists() {
+                        u.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }),
+                on_map: Box::new(|| {}),
             }))
         },
         "record-first",
@@ -663,24 +639,8 @@ fn nothing_is_written_before_the_crash_record_exists() {
 fn a_killed_session_is_recovered_before_the_next_baseline() {
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
-    let record = qcom_reset::session::record::Record {
-        bdf: bdf(WLAN),
-        pid: 4711,
-        command: Some(0x0400),
-        power_control: Some("auto".into()),
-        config: vec![(0x12, 0xfe00)],
-    };
-    qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
     // What the killed session left: awake, decoding on, and BAR0 lost by its reset.
-    std::fs::write(
-        h.root()
-            .join("sys/bus/pci/devices")
-            .join(WLAN)
-            .join("power/control"),
-        "on",
-    )
-    .unwrap();
-    card.clone().config_write16(4, 0x0406).unwrap();
+    leave_killed_session(&h, WLAN, &card, vec![(0x12, 0xfe00)]);
     card.clone().config_write16(0x12, 0).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     let rec = r
@@ -740,30 +700,6 @@ fn a_bar_too_small_for_the_sequence_is_refused() {
 /// space to the new driver.
 #[test]
 fn a_device_rebound_during_the_session_is_not_written() {
-    struct Rebinding {
-        inner: qcom_reset::sim::SimDevice,
-        driver_link: std::path::PathBuf,
-        new_driver: std::path::PathBuf,
-    }
-    impl qcom_reset::backend::Backend for Rebinding {
-        fn name(&self) -> &'static str {
-            "rebinding"
-        }
-        fn config_read16(&mut self, offset: u64) -> std::io::Result<u16> {
-            self.inner.config_read16(offset)
-        }
-        fn config_write16(&mut self, offset: u64, value: u16) -> std::io::Result<()> {
-            self.inner.config_write16(offset, value)
-        }
-        fn map_bar(
-            &mut self,
-            bar: u8,
-        ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
-            std::fs::remove_file(&self.driver_link).unwrap();
-            std::os::unix::fs::symlink(&self.new_driver, &self.driver_link).unwrap();
-            self.inner.map_bar(bar)
-        }
-    }
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
     let new_driver = h.root().join("sys/bus/pci/drivers/ath11k_pci");
@@ -779,10 +715,14 @@ fn a_device_rebound_during_the_session_is_not_written() {
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
-            Ok(Box::new(Rebinding {
+            let (link, new_driver) = (link.clone(), new_driver.clone());
+            Ok(Box::new(Hooked {
                 inner: c.clone(),
-                driver_link: link.clone(),
-                new_driver: new_driver.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    std::fs::remove_file(&link).unwrap();
+                    std::os::unix::fs::symlink(&new_driver, &link).unwrap();
+                }),
             }))
         },
         "rebinding",

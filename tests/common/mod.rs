@@ -184,3 +184,47 @@ pub fn reset_with(h: &FakeHost, req: &Request, sim: &SimDevice) -> qcom_reset::R
         "simulator",
     )
 }
+
+/// What a qcom-reset killed mid-sequence leaves on the WLAN card at `bdf`: its crash record
+/// (PCI_COMMAND 0x0400, power/control "auto", plus `config` words), and the device awake with
+/// memory decoding on.
+pub fn leave_killed_session(h: &FakeHost, bdf_s: &str, card: &SimDevice, config: Vec<(u16, u16)>) {
+    let record = qcom_reset::session::record::Record {
+        bdf: bdf(bdf_s),
+        pid: 4711,
+        command: Some(0x0400),
+        power_control: Some("auto".into()),
+        config,
+    };
+    qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
+    fs::write(h.host.sysfs.root.join(bdf_s).join("power/control"), "on").unwrap();
+    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0406).unwrap();
+}
+
+/// A simulated device whose config writes and BAR mapping first run a hook (to observe or to
+/// change the host at exactly that moment).
+pub struct Hooked {
+    pub inner: SimDevice,
+    pub on_config_write: Box<dyn FnMut() + Send>,
+    pub on_map: Box<dyn FnMut() + Send>,
+}
+
+impl qcom_reset::backend::Backend for Hooked {
+    fn name(&self) -> &'static str {
+        "hooked"
+    }
+    fn config_read16(&mut self, offset: u64) -> std::io::Result<u16> {
+        self.inner.config_read16(offset)
+    }
+    fn config_write16(&mut self, offset: u64, value: u16) -> std::io::Result<()> {
+        (self.on_config_write)();
+        self.inner.config_write16(offset, value)
+    }
+    fn map_bar(
+        &mut self,
+        bar: u8,
+    ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
+        (self.on_map)();
+        self.inner.map_bar(bar)
+    }
+}

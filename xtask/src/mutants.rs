@@ -2,7 +2,6 @@
 //! written. A mutant that no test kills is a wrong sequence or decision the tests would let
 //! through; it fails the run unless docs/testing.md lists it, word for word, as equivalent.
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
@@ -23,27 +22,14 @@ const CORE: [&str; 9] = [
     "qcom-reset/src/probes/events.rs",
 ];
 
-fn ensure_cargo_mutants() -> anyhow::Result<()> {
-    let have = Command::new("cargo-mutants")
-        .args(["mutants", "--version"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(MUTANTS_VERSION));
-    if !have {
-        eprintln!("xtask: installing cargo-mutants {MUTANTS_VERSION} (a few minutes)");
-        toolchain::run(toolchain::pinned_cargo().args([
-            "install",
-            "--locked",
-            "cargo-mutants",
-            "--version",
-            MUTANTS_VERSION,
-        ]))?;
-    }
-    Ok(())
-}
-
 pub fn run(files: &[String]) -> anyhow::Result<()> {
     toolchain::ensure_ebpf()?;
-    ensure_cargo_mutants()?;
+    toolchain::ensure_cargo_tool(
+        "cargo-mutants",
+        &["mutants", "--version"],
+        "cargo-mutants",
+        MUTANTS_VERSION,
+    )?;
     let files: Vec<String> = if files.is_empty() {
         CORE.map(String::from).to_vec()
     } else {

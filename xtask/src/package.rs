@@ -12,24 +12,6 @@ use crate::{build_release, cargo, toolchain, workspace_root};
 
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
-fn ensure_cargo_deb() -> anyhow::Result<()> {
-    let have = Command::new("cargo-deb")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION));
-    if !have {
-        eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
-        toolchain::run(toolchain::pinned_cargo().args([
-            "install",
-            "--locked",
-            "cargo-deb",
-            "--version",
-            CARGO_DEB_VERSION,
-        ]))?;
-    }
-    Ok(())
-}
-
 /// Builds the .deb and returns its path.
 pub fn build() -> anyhow::Result<PathBuf> {
     let bin = build_release()?;
@@ -39,7 +21,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     for page in std::fs::read_dir(assets.join("man"))? {
         toolchain::run(Command::new("gzip").arg("-9nf").arg(page?.path()))?;
     }
-    ensure_cargo_deb()?;
+    toolchain::ensure_cargo_tool("cargo-deb", &["--version"], "cargo-deb", CARGO_DEB_VERSION)?;
     let out = workspace_root().join("target/debian");
     let _ = std::fs::remove_dir_all(&out);
     toolchain::run(

@@ -189,3 +189,22 @@ pub fn ensure_musl() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Installs a cargo subcommand at a pinned version with the pinned toolchain, unless
+/// `<bin> --version` (run as `<bin> <version_arg...>`) already reports that version.
+pub fn ensure_cargo_tool(
+    bin: &str,
+    version_args: &[&str],
+    krate: &str,
+    version: &str,
+) -> anyhow::Result<()> {
+    let have = Command::new(bin)
+        .args(version_args)
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
+    if !have {
+        eprintln!("xtask: installing {krate} {version} (a few minutes)");
+        run(pinned_cargo().args(["install", "--locked", krate, "--version", version]))?;
+    }
+    Ok(())
+}

@@ -533,12 +533,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             if tokio::time::Instant::now() < held_until && holder_gone(sh, bdf, held_until).await {
                 continue;
             }
-            sh.act(action(
-                bdf,
-                trigger,
-                "skipped",
-                format!("still held after {} s: not reset", sh.cfg.held_wait_s),
-            ));
+            sh.act(still_held(sh, bdf, trigger));
             return began;
         }
         if held {
@@ -557,12 +552,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         if waits_for_holder {
             waiting = true;
             if !holder_gone(sh, bdf, held_until).await {
-                sh.act(action(
-                    bdf,
-                    trigger,
-                    "skipped",
-                    format!("still held after {} s: not reset", sh.cfg.held_wait_s),
-                ));
+                sh.act(still_held(sh, bdf, trigger));
                 return began;
             }
             continue;
@@ -637,6 +627,15 @@ async fn attempt(
         }
     }
     a
+}
+
+fn still_held(sh: &Shared, bdf: Bdf, trigger: Trigger) -> Action {
+    action(
+        bdf,
+        trigger,
+        "skipped",
+        format!("still held after {} s: not reset", sh.cfg.held_wait_s),
+    )
 }
 
 /// How often a release waiting for its holder re-checks (only while one waits).
