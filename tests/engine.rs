@@ -409,6 +409,14 @@ fn dry_run_prints_every_operation_and_touches_nothing() {
         !h.host.run_dir.join(format!("{WLAN}.lock")).exists(),
         "no lock file created"
     );
+    // The plan follows a healthy device: 0x3008 reads 0, the link is back at once.
+    assert_eq!(
+        r.ops.first(),
+        Some(&Read {
+            offset: 0x3008,
+            value: 0
+        })
+    );
     let plan = r.plan.join("\n");
     for want in [
         "sysfs power/control <- on",
@@ -784,4 +792,117 @@ fn the_link_poll_covers_exactly_the_reviewed_window() {
         }),
         "no wait after the last read"
     );
+}
+
+/// The modem's dry run assumes a READY modem (MHISTATUS 0x101), so it shows the full sequence.
+#[test]
+fn the_modem_dry_run_follows_a_ready_modem() {
+    let h = modem_host();
+    let card = sim(Family::Modem, Faults::default());
+    let mut req = Request::new(bdf(MODEM));
+    req.dry_run = true;
+    let r = reset_with(&h, &req, &card).unwrap();
+    assert_eq!(
+        r.ops,
+        vec![
+            Read {
+                offset: 0x48,
+                value: 0x101
+            },
+            Write {
+                offset: 0xb0,
+                value: 1
+            },
+            Read {
+                offset: 0xb0,
+                value: 0
+            },
+            Delay { ms: 2000 },
+        ]
+    );
+    assert_eq!(writes(&card), 0);
+}
+
+/// Each step is logged with the BDF and the sequence version (vendor-reset style), pre to post.
+#[test]
+fn every_step_is_logged_with_bdf_and_sequence_version() {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .finish();
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::default());
+    tracing::subscriber::with_default(subscriber, || {
+        reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    });
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    for step in [
+        "pre:",
+        "reset: assert SoC global reset",
+        "verify:",
+        "verdict: clean",
+        "post:",
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(step))
+            .unwrap_or_else(|| panic!("no {step:?} line in\n{log}"));
+        assert!(
+            line.contains("bdf=0000:03:00.0") && line.contains("seq=\"wlan-soc-global-reset/v12\""),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn each_regime_is_named_and_explained() {
+    use engine::Regime;
+    let of = |m: &[&str]| Regime::of(Some(&m.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
+    assert_eq!(Regime::of(None), Regime::NoKernelReset);
+    assert_eq!(of(&[]), Regime::NoKernelReset);
+    assert_eq!(of(&["bus"]), Regime::KernelBusReset);
+    assert_eq!(of(&["acpi", "bus"]), Regime::KernelBusReset);
+    assert_eq!(
+        of(&["device_specific", "bus"]),
+        Regime::KernelDeviceSpecific
+    );
+    assert_eq!(of(&["acpi"]), Regime::KernelOther);
+    for (r, name, says) in [
+        (
+            Regime::KernelBusReset,
+            "kernel-bus-reset",
+            "does not reset it",
+        ),
+        (
+            Regime::NoKernelReset,
+            "no-kernel-reset",
+            "qcom-reset is the reset",
+        ),
+        (
+            Regime::KernelDeviceSpecific,
+            "kernel-device-specific",
+            "only verifies",
+        ),
+        (
+            Regime::KernelOther,
+            "kernel-other",
+            "resets after each release",
+        ),
+    ] {
+        assert_eq!(r.to_string(), name);
+        assert!(r.meaning().contains(says), "{name}: {}", r.meaning());
+    }
 }

@@ -251,7 +251,6 @@ fn step(bdf: Bdf, version: &str, what: &str) {
 /// Values a healthy device would return, so a dry run follows the success path.
 fn healthy_read(offset: u32) -> u32 {
     match offset {
-        BHIOFF => crate::sim::model::BHI_BASE,
         MHISTATUS => (MHI_STATE_READY as u32) << 8 | MHISTATUS_READY,
         _ => 0,
     }
