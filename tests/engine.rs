@@ -854,7 +854,7 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
         "reset: assert SoC global reset",
         "verify:",
         "verdict: clean",
-        "post:",
+        "post: BAR unmapped",
     ] {
         let line = log
             .lines()
