@@ -236,6 +236,13 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
                 regs.mhistatus.is_none_or(|s| s == ALL_ONES),
                 "link-down keeps raw all-ones, never decoded"
             );
+            if outcome.is_none() {
+                assert_eq!(
+                    (regs.config_vendor, regs.config_device),
+                    (0xffff, 0xffff),
+                    "the raw config IDs of a dead link are reported"
+                );
+            }
         }
     }
 }
