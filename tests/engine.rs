@@ -208,6 +208,8 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
         (Family::Modem, "slow-ready-ms=12000", Some(Outcome::Completed), Health::NotReady, 1),
         (Family::Modem, "link-down-ms=5000", Some(Outcome::Completed), Health::Clean, 1),
         (Family::Modem, "config-all-ones", None, Health::LinkDown, 0),
+        // READY in AMSS right after a reset that dropped the link: it rebooted, so clean.
+        (Family::Modem, "boots-to-amss", Some(Outcome::Completed), Health::Clean, 1),
     ];
     for &(family, spec, outcome, health, n_writes) in cases {
         let faults = Faults::parse(spec).unwrap();
@@ -514,6 +516,22 @@ fn status_reads_registers_only_when_safe() {
         "the stuck simulator reports SYSERR"
     );
     assert_eq!(v.registers.mhistatus, Some(0xff04));
+    // A dead link: the raw config IDs are what status reports.
+    let dead = sim_in(
+        Family::Wlan,
+        SimState::Mission,
+        Faults::parse("config-all-ones").unwrap(),
+    );
+    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let st = engine::status(
+        &h.host,
+        t,
+        &mut move |_, _| Ok(Box::new(dead.clone())),
+        engine::ReadMode::EnableAndRestore,
+    )
+    .unwrap();
+    let r = st.verdict.unwrap().registers;
+    assert_eq!((r.config_vendor, r.config_device), (0xffff, 0xffff));
     assert_eq!(
         sim.with_model(|m| m.command),
         0x0400,

@@ -448,19 +448,24 @@ pub fn reset(
 
 /// Runs the kernel's `device_specific` reset, making it the method used for this one reset.
 fn kernel_reset(t: &Target) -> Result<()> {
-    let methods = t.reset_methods.clone().unwrap_or_default();
-    let first = methods.first().map(String::as_str) == Some("device_specific");
-    if !first {
+    let restore = method_swap(t.reset_methods.as_deref().unwrap_or_default());
+    if restore.is_some() {
         t.dev.write("reset_method", "device_specific")?;
     }
     let r = t.dev.write("reset", "1");
-    if !first {
-        t.dev.write("reset_method", &methods.join(" "))?;
+    if let Some(methods) = restore {
+        t.dev.write("reset_method", &methods)?;
     }
     r.map_err(|e| match e {
         Error::SysfsWrite { err, .. } => Error::KernelReset { bdf: t.bdf, err },
         e => e,
     })
+}
+
+/// When `device_specific` is not the first method, the kernel would try the others first: the
+/// list to put back after making it the only one for this reset.
+fn method_swap(methods: &[String]) -> Option<String> {
+    (methods.first().map(String::as_str) != Some("device_specific")).then(|| methods.join(" "))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -596,4 +601,19 @@ pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<V
         )?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specific_is_made_first_only_when_it_is_not() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            method_swap(&m(&["bus", "device_specific"])),
+            Some("bus device_specific".into())
+        );
+        assert_eq!(method_swap(&m(&["device_specific", "bus"])), None);
+    }
 }

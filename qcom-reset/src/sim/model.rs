@@ -27,6 +27,9 @@ pub struct Faults {
     pub config_all_ones: bool,
     /// Register writes have no effect.
     pub writes_ignored: bool,
+    /// The modem boots on into AMSS by itself once READY (what a real SDX may do within its
+    /// 2 s post-reset wait).
+    pub boots_to_amss: bool,
     /// 0x3008 bit 0 was left set: a global reset asserted and never deasserted (a qcom-reset
     /// killed between the two writes).
     pub reset_asserted: bool,
@@ -50,6 +53,7 @@ impl Faults {
                 "config-all-ones" => f.config_all_ones = true,
                 "writes-ignored" => f.writes_ignored = true,
                 "reset-asserted" => f.reset_asserted = true,
+                "boots-to-amss" => f.boots_to_amss = true,
                 "link-down-ms" => f.link_down_ms = Some(num(val)?),
                 "slow-ready-ms" => f.slow_ready_ms = Some(num(val)?),
                 "vanish-after-writes" => f.vanish_after_writes = Some(num(val)? as u32),
@@ -59,7 +63,7 @@ impl Faults {
         Ok(f)
     }
 
-    pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, reset-asserted, \
+    pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, reset-asserted, boots-to-amss, \
          link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N";
 }
 
@@ -204,6 +208,9 @@ impl Model {
             if !self.syserr {
                 self.ready = true;
                 self.mhi_state = MHI_STATE_READY;
+                if self.faults.boots_to_amss {
+                    self.ee = EE_AMSS;
+                }
             }
         }
     }
