@@ -251,10 +251,13 @@ fn step(bdf: Bdf, version: &str, what: &str) {
 /// Values a healthy device would return, so a dry run follows the success path.
 fn healthy_read(offset: u32) -> u32 {
     match offset {
-        MHISTATUS => (MHI_STATE_READY as u32) << 8 | MHISTATUS_READY,
+        MHISTATUS => READY_STATUS,
         _ => 0,
     }
 }
+
+/// MHISTATUS of a device in MHI READY with the READY bit set.
+const READY_STATUS: u32 = (MHI_STATE_READY as u32) << 8 | MHISTATUS_READY;
 
 fn dry_run(t: &Target, access: &str) -> Report {
     let p = &t.profile;
