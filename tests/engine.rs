@@ -931,3 +931,31 @@ fn each_regime_is_named_and_explained() {
         assert!(r.meaning().contains(says), "{name}: {}", r.meaning());
     }
 }
+
+/// Targets: the table's devices plus each configured override with its own profile and BAR;
+/// a foreign device without an override is not one.
+#[test]
+fn targets_are_the_table_plus_the_overrides_each_with_its_profile() {
+    let h = wlan_host();
+    h.add(FakeDevice {
+        bdf: "0000:00:03.0",
+        vendor: 0x1af4,
+        device: 0x1110,
+        group: Some("3"),
+        ..Default::default()
+    });
+    h.add(FakeDevice::foreign("0000:05:00.0"));
+    let ts = engine::targets(&h.host, &[(bdf("0000:00:03.0"), "sdx65".into(), Some(2))]).unwrap();
+    let mut got: Vec<(String, &str, u8)> = ts
+        .iter()
+        .map(|t| (t.bdf.to_string(), t.profile.name, t.profile.bar))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("0000:00:03.0".to_string(), "sdx65", 2),
+            (WLAN.to_string(), "wcn6855", 0)
+        ]
+    );
+}
