@@ -443,6 +443,70 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn errno_names_of_the_codes_the_reset_paths_return() {
+        for (ret, name) in [
+            (-1, Some("EPERM")),
+            (-5, Some("EIO")),
+            (-11, Some("EAGAIN")),
+            (-16, Some("EBUSY")),
+            (-19, Some("ENODEV")),
+            (-22, Some("EINVAL")),
+            (-25, Some("ENOTTY")),
+            (-110, Some("ETIMEDOUT")),
+            (-7, Some("E?")),
+            (0, None),
+            (3, None),
+        ] {
+            assert_eq!(errno_name(ret), name, "{ret}");
+        }
+    }
+
+    /// An open's line names it and what its reset did; the VFIO functions themselves never
+    /// count as a reset.
+    #[test]
+    fn open_lines_and_bracket_functions() {
+        let open = decode(&encode(
+            EventKind::Open,
+            Func::VfioPciCoreEnable,
+            0,
+            NEEDS_RESET_UNKNOWN,
+            &[
+                (Func::PciTryResetFunction, 0),
+                (Func::PciResetBusFunction, 0),
+            ],
+        ))
+        .unwrap();
+        let line = open.line();
+        assert!(line.starts_with("open "), "{line}");
+        assert!(
+            line.contains("pci_try_reset_function=0")
+                && line.contains("pci_reset_bus_function=0")
+                && line.contains("LEFT UNRESET (kernel: bus reset"),
+            "{line}"
+        );
+        assert!(!resets_device(Func::VfioPciCoreEnable));
+        assert!(!resets_device(Func::VfioPciCoreDisable));
+        assert!(resets_device(Func::PciResetFunction));
+        let ok = release(0, &[(Func::PciDevSpecificReset, 0)]);
+        assert!(
+            ok.line().starts_with("release ")
+                && ok.line().contains("reset by the kernel's device_specific"),
+            "{}",
+            ok.line()
+        );
+        assert_eq!(
+            release(0, &[(Func::VfioPciCoreEnable, 0)]).kernel_reset,
+            Some(KernelReset::None),
+            "a nested VFIO call is no reset"
+        );
+        assert!(
+            release(1, &[(Func::PciResetFunctionLockedInner, 0)])
+                .line()
+                .contains("unidentified")
+        );
+    }
+
+    #[test]
     fn rejects_foreign_records() {
         let mut b = encode(EventKind::Attempt, Func::PciResetBus, 0, 0, &[]);
         assert!(matches!(decode(&b[1..]), Err(DecodeError::Size(..))));
