@@ -890,6 +890,12 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
             "{line}"
         );
     }
+    // The link drop lost the BARs: the post step says what it wrote back.
+    assert!(
+        log.contains("post: the device lost config words; restored 0x0c: 0x0000 -> 0x0010"),
+        "{log}"
+    );
+    assert!(!log.contains("restore failed"), "{log}");
 }
 
 #[test]
@@ -958,4 +964,45 @@ fn targets_are_the_table_plus_the_overrides_each_with_its_profile() {
             (WLAN.to_string(), "wcn6855", 0)
         ]
     );
+}
+
+/// A runtime-suspended device is woken (power/control on) before its BAR is touched, and a
+/// device that reaches D0 within the 200 ms wait is reset; one already decoding memory keeps it.
+#[test]
+fn the_device_is_woken_and_awaited_before_its_bar_is_touched() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        power_state: "D3hot",
+        ..Default::default()
+    });
+    let dev = h.root().join("sys/bus/pci/devices").join(WLAN);
+    let to_d0 = dev.join("power_state");
+    let waker = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        std::fs::write(to_d0, "D0\n").unwrap();
+    });
+    let card = sim(Family::Wlan, Faults::default());
+    // Memory decoding already on before the session: it must stay on, not be toggled off.
+    card.clone().config_write16(4, 0x0406).unwrap();
+    let (c, control) = (card.clone(), dev.join("power/control"));
+    let r = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let control = control.clone();
+            Ok(Box::new(Hooked {
+                inner: c.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    assert_eq!(std::fs::read_to_string(&control).unwrap(), "on");
+                }),
+            }))
+        },
+        "hooked",
+    )
+    .unwrap();
+    waker.join().unwrap();
+    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    assert_eq!(r.restored.command, Some(0x0406));
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
 }

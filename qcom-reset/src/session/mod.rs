@@ -273,3 +273,96 @@ fn recover(
     }
     Ok(Some(r))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::Family;
+    use crate::sim::{Faults, Model, SimDevice, SimState};
+
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Only words that read 0 (lost with the link) are written back; a word someone else
+    /// changed is left alone and said so; decoding is off while they are written.
+    #[test]
+    fn only_lost_words_are_restored_with_decoding_off() {
+        let mut dev = SimDevice::new(Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1103,
+            SimState::Mission,
+            Faults::default(),
+        ));
+        dev.config_write16(PCI_COMMAND, 0x0406).unwrap();
+        dev.config_write16(0x10, 0x0008).unwrap(); // changed by someone else
+        dev.config_write16(0x12, 0).unwrap(); // lost
+        let rec = Record {
+            bdf: "0000:03:00.0".parse().unwrap(),
+            pid: 1,
+            command: Some(0x0400),
+            power_control: None,
+            config: vec![(0x10, 0x0004), (0x12, 0xfe00), (0x3c, 0x010b)],
+        };
+        struct Logged {
+            inner: SimDevice,
+            writes: Vec<(u64, u16)>,
+        }
+        impl Backend for Logged {
+            fn name(&self) -> &'static str {
+                "logged"
+            }
+            fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+                self.inner.config_read16(o)
+            }
+            fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+                self.writes.push((o, v));
+                self.inner.config_write16(o, v)
+            }
+            fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
+                self.inner.map_bar(bar)
+            }
+        }
+        let mut logged_dev = Logged {
+            inner: dev.clone(),
+            writes: Vec::new(),
+        };
+        let mut r = Restored::default();
+        let log = logged(|| restore_config(&mut logged_dev, &rec, &mut r));
+        // I/O, memory and bus master off (0x0406 & !7) before the lost word, then PCI_COMMAND.
+        assert_eq!(
+            logged_dev.writes,
+            [(4, 0x0400), (0x12, 0xfe00), (4, 0x0400)]
+        );
+        assert_eq!(r.config, ["0x12: 0x0000 -> 0xfe00"]);
+        assert_eq!(r.command, Some(0x0400));
+        assert_eq!(dev.config_read16(0x10).unwrap(), 0x0008, "left alone");
+        assert_eq!(dev.config_read16(0x12).unwrap(), 0xfe00);
+        assert!(
+            log.contains("config 0x10 is 0x0008, was 0x0004: changed, not lost; left alone")
+                && !log.contains("config 0x12 is")
+                && !log.contains("config 0x3c is"),
+            "{log}"
+        );
+    }
+}
