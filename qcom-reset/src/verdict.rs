@@ -329,6 +329,13 @@ mod tests {
             Health::NotReady,
             "invalid EE"
         );
+        // An EE outside the known ones means the registers are not to be trusted yet, even
+        // with an MHI state that would otherwise say a session runs.
+        assert_eq!(
+            health(&WLAN, st(2, 1), 0, 0x42),
+            Health::NotReady,
+            "M0, invalid EE"
+        );
         let mut r = regs(&WLAN, st(0, 0), 0, EE_PBL);
         r.execenv = None;
         assert_eq!(judge(&WLAN, &r).health, Health::NotReady, "EE unreadable");
