@@ -704,7 +704,10 @@ fn a_vfio_device_whose_group_cannot_be_held_is_not_written() {
     );
     std::fs::create_dir(&node).unwrap();
     let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
-    assert!(matches!(e, Error::NotOwned { .. }), "{e}");
+    assert!(
+        matches!(e, Error::NotOwned { .. }) && e.to_string().contains("cannot open"),
+        "{e}"
+    );
     assert_eq!(writes(&card), 0);
     assert_eq!(card.with_model(|m| m.command), 0x0400);
     assert_eq!(h.read(WLAN, "power/control"), "auto");
@@ -1005,4 +1008,27 @@ fn the_device_is_woken_and_awaited_before_its_bar_is_touched() {
     assert_eq!(r.verdict.unwrap().health, Health::Clean);
     assert_eq!(r.restored.command, Some(0x0406));
     assert_eq!(h.read(WLAN, "power/control"), "auto");
+}
+
+/// A device on vfio-pci is owned through its group, which the VFIO access path reuses; one on
+/// no driver has no group to hold.
+#[test]
+fn ownership_holds_the_group_of_a_vfio_device_only() {
+    use qcom_reset::session::own::Ownership;
+    let h = wlan_host();
+    h.add(FakeDevice {
+        bdf: "0000:05:00.0",
+        driver: None,
+        group: Some("14"),
+        ..Default::default()
+    });
+    let dev = |b: &str| h.host.sysfs.device(bdf(b)).unwrap();
+    let own = Ownership::take(&h.host.dev_vfio, &h.host.proc_root, &dev(WLAN)).unwrap();
+    assert_eq!(own.group_path(), Some(h.host.dev_vfio.join("12").as_path()));
+    assert!(
+        own.group_fd().is_some_and(|fd| fd.is_ok()),
+        "a second descriptor of the group"
+    );
+    let free = Ownership::take(&h.host.dev_vfio, &h.host.proc_root, &dev("0000:05:00.0")).unwrap();
+    assert!(free.group_path().is_none() && free.group_fd().is_none());
 }

@@ -36,24 +36,24 @@ impl Ownership {
             });
         };
         let path = dev_vfio.join(&group);
+        let not_owned = |why| Error::NotOwned { bdf: dev.bdf, why };
         match File::options().read(true).write(true).open(&path) {
             Ok(f) => Ok(Ownership {
                 group: Some((path, f)),
             }),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::Held {
-                bdf: dev.bdf,
-                holder: holder_name(proc_root, dev, &path),
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::NotOwned {
-                bdf: dev.bdf,
-                why: format!(
+            Err(e) => Err(match refusal(&e) {
+                Refusal::Held => {
+                    let paths = holders::device_paths(dev).unwrap_or_else(|_| vec![path.clone()]);
+                    Error::Held {
+                        bdf: dev.bdf,
+                        holder: holder_name(proc_root, &paths, &path),
+                    }
+                }
+                Refusal::Missing => not_owned(format!(
                     "{} does not exist (is /dev mounted and vfio loaded?)",
                     path.display()
-                ),
-            }),
-            Err(e) => Err(Error::NotOwned {
-                bdf: dev.bdf,
-                why: format!("cannot open {}: {e}", path.display()),
+                )),
+                Refusal::Other => not_owned(format!("cannot open {}: {e}", path.display())),
             }),
         }
     }
@@ -72,15 +72,70 @@ impl Ownership {
     }
 }
 
+/// Why a group open failed, as far as ownership is concerned.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// EBUSY: the kernel says another process holds the group (or a bound cdev).
+    Held,
+    Missing,
+    Other,
+}
+
+fn refusal(e: &std::io::Error) -> Refusal {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        Refusal::Held
+    } else if e.kind() == ErrorKind::NotFound {
+        Refusal::Missing
+    } else {
+        Refusal::Other
+    }
+}
+
 /// Who holds the device, from `/proc`; the kernel's EBUSY is the proof, this only names it.
-fn holder_name(proc_root: &Path, dev: &SysfsDevice, group: &Path) -> String {
-    let paths = holders::device_paths(dev).unwrap_or_else(|_| vec![group.to_path_buf()]);
-    match holders::find(proc_root, &paths, Some(std::process::id())).first() {
+fn holder_name(proc_root: &Path, paths: &[std::path::PathBuf], group: &Path) -> String {
+    match holders::find(proc_root, paths, Some(std::process::id())).first() {
         Some(h) => h.to_string(),
         None => format!(
             "a process not visible in {} (another PID namespace?) through {}",
             proc_root.display(),
             group.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_means_held_and_every_other_failure_fails_closed() {
+        use std::io::Error as E;
+        assert_eq!(refusal(&E::from_raw_os_error(libc::EBUSY)), Refusal::Held);
+        assert_eq!(
+            refusal(&E::from_raw_os_error(libc::ENOENT)),
+            Refusal::Missing
+        );
+        assert_eq!(refusal(&E::from_raw_os_error(libc::EACCES)), Refusal::Other);
+        assert_eq!(refusal(&E::from_raw_os_error(libc::EISDIR)), Refusal::Other);
+    }
+
+    #[test]
+    fn the_holder_is_named_or_said_to_be_invisible() {
+        let proc = tempfile::tempdir().unwrap();
+        let group = Path::new("/dev/vfio/12");
+        let paths = vec![group.to_path_buf()];
+        let unseen = holder_name(proc.path(), &paths, group);
+        assert!(
+            unseen.contains("not visible") && unseen.contains("/dev/vfio/12"),
+            "{unseen}"
+        );
+        let fd = proc.path().join("4242/fd");
+        std::fs::create_dir_all(&fd).unwrap();
+        std::fs::write(proc.path().join("4242/comm"), "qemu-system-x86\n").unwrap();
+        std::os::unix::fs::symlink(group, fd.join("9")).unwrap();
+        assert_eq!(
+            holder_name(proc.path(), &paths, group),
+            "pid 4242 (qemu-system-x86) through /dev/vfio/12"
+        );
     }
 }
