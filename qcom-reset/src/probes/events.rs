@@ -506,6 +506,24 @@ pub(crate) mod tests {
         );
     }
 
+    /// The header bytes: kind and flavour are decoded exactly, unknown values refused.
+    #[test]
+    fn kinds_and_flavours_decode_exactly() {
+        let mut b = encode(EventKind::Open, Func::VfioPciCoreEnable, 0, 0, &[]);
+        assert_eq!(decode(&b).unwrap().kind, Kind::Open);
+        b[2] = Flavour::Fentry as u8;
+        assert_eq!(decode(&b).unwrap().flavour, "fentry");
+        b[2] = Flavour::Kprobe as u8;
+        assert_eq!(decode(&b).unwrap().flavour, "kprobe");
+        b[2] = 7;
+        assert_eq!(decode(&b), Err(DecodeError::Unknown("flavour", 7)));
+        b[2] = Flavour::Kprobe as u8;
+        b[1] = 9;
+        assert_eq!(decode(&b), Err(DecodeError::Unknown("kind", 9)));
+        b[1] = EventKind::Release as u8;
+        assert_eq!(decode(&b).unwrap().kind, Kind::Release);
+    }
+
     #[test]
     fn rejects_foreign_records() {
         let mut b = encode(EventKind::Attempt, Func::PciResetBus, 0, 0, &[]);
