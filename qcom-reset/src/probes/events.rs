@@ -116,7 +116,6 @@ pub enum DecodeError {
 
 pub fn errno_name(ret: i32) -> Option<&'static str> {
     Some(match -ret {
-        0 => return None,
         1 => "EPERM",
         5 => "EIO",
         11 => "EAGAIN",
