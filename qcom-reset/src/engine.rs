@@ -342,10 +342,7 @@ pub fn reset(
         &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
     );
 
-    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev)?;
-    let backend = open(&t.dev, &own)?;
-    let (mut session, recovered) =
-        Session::begin(&t.dev, host.run_dir.clone(), own, backend, Writes::Allowed)?;
+    let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
     let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
@@ -518,17 +515,15 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
     // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
-    let own = match Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev) {
-        Ok(o) => o,
-        Err(e @ Error::Held { .. }) => return Ok(skipped(t, e.to_string())),
-        Err(e) => return Err(e),
-    };
     let writes = match mode {
         ReadMode::EnableAndRestore => Writes::Allowed,
         ReadMode::NoWrites => Writes::None,
     };
-    let backend = open(&t.dev, &own)?;
-    let (mut session, _) = Session::begin(&t.dev, host.run_dir.clone(), own, backend, writes)?;
+    let mut session = match begin_session(host, &t.dev, open, writes) {
+        Ok((s, _)) => s,
+        Err(e @ Error::Held { .. }) => return Ok(skipped(t, e.to_string())),
+        Err(e) => return Err(e),
+    };
     let (vendor, device) = session.config_ids();
     let mut regs = verdict::Registers {
         config_vendor: vendor,
@@ -577,12 +572,22 @@ pub fn recover_pending(host: &Host, open: &mut Opener<'_>) -> Vec<(Bdf, Result<R
 fn recover_one(host: &Host, bdf: Bdf, open: &mut Opener<'_>) -> Result<Restored> {
     let _lock = DeviceLock::acquire(&host.run_dir, bdf, host.lock_wait)?;
     let dev = host.sysfs.device(bdf)?;
-    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev)?;
-    let backend = open(&dev, &own)?;
-    let (mut session, recovered) =
-        Session::begin(&dev, host.run_dir.clone(), own, backend, Writes::Allowed)?;
+    let (mut session, recovered) = begin_session(host, &dev, open, Writes::Allowed)?;
     session.restore();
     Ok(recovered.unwrap_or_default())
+}
+
+/// Own the device, open it through what the session holds, and begin the session (recovering
+/// a killed one's record first). The caller holds the device's lock.
+fn begin_session(
+    host: &Host,
+    dev: &SysfsDevice,
+    open: &mut Opener<'_>,
+    writes: Writes,
+) -> Result<(Session, Option<Restored>)> {
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, dev)?;
+    let backend = open(dev, &own)?;
+    Session::begin(dev, host.run_dir.clone(), own, backend, writes)
 }
 
 /// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)` overrides.

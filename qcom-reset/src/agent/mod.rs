@@ -1,6 +1,6 @@
 //! The auto-remediation agent: probe items in, per-device tasks decide and act, verdicts out.
-//! Event-driven: a release (or a bind to vfio-pci) starts the reset at once unless the kernel's
-//! own `device_specific` reset ran; a bus reset's "success" is not a reset of these cards
+//! Event-driven: a release starts the reset at once unless the kernel's own `device_specific`
+//! reset ran (a bind to vfio-pci, after a settle time); a bus reset's "success" is not a reset of these cards
 //! (domain.md §7). There is no polling loop: the start-up and lost-event rescans are the only
 //! sweeps, and a held device is re-checked only while a release waits for its holder.
 pub mod config;
@@ -32,11 +32,8 @@ use metrics::Metrics;
 use policy::{Decision, Gate};
 use state::State;
 
-pub type OpenFn = Arc<
-    dyn Fn(&SysfsDevice, &crate::session::own::Ownership) -> crate::Result<Box<dyn Backend>>
-        + Send
-        + Sync,
->;
+pub type OpenFn =
+    Arc<dyn Fn(&SysfsDevice, &Ownership) -> crate::Result<Box<dyn Backend>> + Send + Sync>;
 
 /// Why a device task runs, weakest first: a stronger trigger replaces a weaker one while debouncing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -408,8 +405,8 @@ fn watchdog_interval() -> Option<tokio::time::Interval> {
     Some(i)
 }
 
-/// Serializes everything for one device. A release or bind acts at once; weaker triggers wait
-/// the debounce window in case the event that explains them follows.
+/// Serializes everything for one device. A release acts at once; a bind waits its settle time
+/// and weaker triggers the debounce window, in case the event that explains them follows.
 async fn device_task(
     sh: Arc<Shared>,
     bdf: Bdf,
