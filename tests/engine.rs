@@ -854,29 +854,27 @@ fn the_modem_dry_run_follows_a_ready_modem() {
 /// Each step is logged with the BDF and the sequence version (vendor-reset style), pre to post.
 #[test]
 fn every_step_is_logged_with_bdf_and_sequence_version() {
-    #[derive(Clone, Default)]
-    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
+    // One global subscriber writing into a per-thread buffer: a thread-local subscriber would
+    // race the callsite interest cache of the tests running beside this one.
+    thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    struct ThreadLog;
+    impl std::io::Write for ThreadLog {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
+            LOG.with(|l| l.borrow_mut().extend_from_slice(b));
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let buf = Buf::default();
-    let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || w.clone())
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| ThreadLog)
         .with_ansi(false)
-        .finish();
+        .try_init();
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
-    tracing::subscriber::with_default(subscriber, || {
-        reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    });
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    let log = LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap());
     for step in [
         "pre:",
         "reset: assert SoC global reset",

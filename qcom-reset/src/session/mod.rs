@@ -280,27 +280,30 @@ mod tests {
     use crate::devices::Family;
     use crate::sim::{Faults, Model, SimDevice, SimState};
 
+    /// What `f` logged on this thread. One global subscriber writes into a per-thread buffer:
+    /// a thread-local subscriber would race the callsite interest cache of the other tests.
     fn logged(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
+        thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+        struct ThreadLog;
+        impl std::io::Write for ThreadLog {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
+                LOG.with(|l| l.borrow_mut().extend_from_slice(b));
                 Ok(b.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
-        let buf = Buf::default();
-        let w = buf.clone();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(move || w.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(sub, f);
-        let out = buf.0.lock().unwrap().clone();
-        String::from_utf8(out).unwrap()
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_writer(|| ThreadLog)
+                .with_ansi(false)
+                .try_init();
+        });
+        LOG.with(|l| l.borrow_mut().clear());
+        f();
+        LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap())
     }
 
     /// Only words that read 0 (lost with the link) are written back; a word someone else
