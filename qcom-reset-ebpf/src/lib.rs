@@ -167,8 +167,11 @@ pub struct VfioLayout {
     /// 1 once userspace has filled the offsets in.
     pub valid: u32,
     pub pdev: u32,
+    /// Byte offset of the byte holding `needs_reset`.
     pub needs_reset: u32,
-    pub _pad: u32,
+    /// Bits of that byte that are `needs_reset`: 0xff for a plain `bool`, `1 << bit` for the
+    /// 1-bit bitfield of kernels ≈6.5–7.1 without the 2026 stable fix.
+    pub needs_reset_mask: u32,
 }
 
 /// Index of the drop counter in the per-CPU `DROPS` array.

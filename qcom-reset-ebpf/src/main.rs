@@ -12,8 +12,9 @@ use aya_ebpf::{
     EbpfContext, Global,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_get_ns_current_pid_tgid,
     },
+    bindings::bpf_pidns_info,
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
@@ -34,9 +35,16 @@ static PCI_DEV_NAME_OFF: Global<u32> = Global::new(0);
 /// 1: report every PCI device, not only those in `TARGETS`.
 #[unsafe(no_mangle)]
 static TRACE_ALL: Global<u32> = Global::new(0);
-/// The agent's own TGID: its VFIO opens and resets must not trigger it again.
+/// The agent's own TGID as seen in its PID namespace (0: report everyone): its VFIO opens and
+/// resets must not trigger it again. A containerised agent's getpid() is not the kernel's
+/// TGID, so the comparison happens in that namespace, named by the nsfs inode of
+/// /proc/self/ns/pid and its device.
 #[unsafe(no_mangle)]
 static AGENT_TGID: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static AGENT_PIDNS_DEV: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static AGENT_PIDNS_INO: Global<u64> = Global::new(0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -101,6 +109,27 @@ unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
+/// Whether the current task belongs to the agent, compared in the agent's PID namespace. The
+/// helper fails (-EINVAL) for tasks outside that namespace: those are never the agent.
+#[inline(always)]
+fn is_agent() -> bool {
+    let tgid = AGENT_TGID.load();
+    if tgid == 0 {
+        return false;
+    }
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `ns` is a live, writable bpf_pidns_info on this stack and its exact size is passed.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            AGENT_PIDNS_DEV.load(),
+            AGENT_PIDNS_INO.load(),
+            &mut ns,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    r == 0 && ns.tgid == tgid
+}
+
 /// Whether `pdev` is a device we report on, for a caller other than the agent itself.
 // Inlined: a BPF-to-BPF call returning an aggregate leaves registers the verifier rejects.
 #[inline(always)]
@@ -108,8 +137,7 @@ fn wanted(pdev: u64) -> bool {
     if pdev == 0 {
         return false;
     }
-    let (_, tgid) = tid_tgid();
-    if tgid == AGENT_TGID.load() {
+    if is_agent() {
         return false;
     }
     let (Some(vendor), Some(device)) = (
@@ -271,7 +299,8 @@ fn bracket_exit(func: Func, ret: i32) {
         EventKind::Open
     };
     let needs_reset = match (func, VFIO_LAYOUT.get(0)) {
-        (Func::VfioPciCoreDisable, Some(l)) => unsafe { read_at::<u8>(b.vdev, l.needs_reset) },
+        (Func::VfioPciCoreDisable, Some(l)) => unsafe { read_at::<u8>(b.vdev, l.needs_reset) }
+            .map(|byte| byte & l.needs_reset_mask as u8),
         _ => None,
     };
     emit(

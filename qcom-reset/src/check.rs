@@ -3,12 +3,14 @@
 //! confidentiality; everything else is reported but does not block it.
 use std::path::Path;
 
-use qcom_reset_ebpf::Flavour;
+use btf_rs::Btf;
+use qcom_reset_ebpf::{Flavour, VfioLayout};
 use serde::Serialize;
 
 use crate::backend::{LOCKDOWN_PATH, lockdown_mode};
 use crate::devices;
 use crate::engine::{self, Host};
+use crate::probes::layout::NeedsReset;
 use crate::probes::{self, layout, loader::KPROBE_PMU};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -87,9 +89,39 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// vfio_pci_core: a module (loaded or not), built in (Ubuntu/Proxmox style), or absent because
-/// the kernel predates it (5.15).
-fn vfio_check(release: &str, module_loaded: bool, module_btf: bool) -> Check {
+/// Where this kernel's vfio_pci_core is, with its layout when BTF gives one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vfio {
+    /// `CONFIG_VFIO_PCI_CORE=y` (Ubuntu/Proxmox style): the struct is in vmlinux BTF.
+    BuiltIn(VfioLayout),
+    /// The module is loaded; its layout if its BTF parsed.
+    Module(Option<VfioLayout>),
+    NotLoaded,
+}
+
+impl Vfio {
+    fn probe(vmlinux: Option<&Btf>) -> Vfio {
+        if let Some(l) = vmlinux.and_then(|b| layout::vfio(b).ok()) {
+            return Vfio::BuiltIn(l);
+        }
+        if !Path::new("/sys/module").join(layout::VFIO_MODULE).exists() {
+            return Vfio::NotLoaded;
+        }
+        let module = Path::new("/sys/kernel/btf").join(layout::VFIO_MODULE);
+        Vfio::Module(
+            vmlinux
+                .and_then(|b| layout::load_module(&module, b).ok())
+                .and_then(|m| layout::vfio(&m).ok()),
+        )
+    }
+
+    fn present(self) -> bool {
+        self != Vfio::NotLoaded
+    }
+}
+
+/// vfio_pci_core: a module (loaded or not), built in, or absent because the kernel predates it.
+fn vfio_check(release: &str, vfio: Vfio) -> Check {
     if kernel_version(release).is_some_and(|v| v < (5, 15)) {
         return Check::new(
             "vfio",
@@ -101,22 +133,22 @@ fn vfio_check(release: &str, module_loaded: bool, module_btf: bool) -> Check {
             true,
         );
     }
-    match (module_loaded, module_btf) {
-        (true, true) => Check::new(
+    match vfio {
+        Vfio::Module(_) => Check::new(
             "vfio",
             Level::Pass,
             "vfio_pci_core loaded (module)",
             None,
             false,
         ),
-        (true, false) => Check::new(
+        Vfio::BuiltIn(_) => Check::new(
             "vfio",
             Level::Pass,
             "vfio_pci_core built into the kernel: its layout comes from vmlinux BTF",
             None,
             false,
         ),
-        _ => Check::new(
+        Vfio::NotLoaded => Check::new(
             "vfio",
             Level::Warn,
             "vfio_pci_core not loaded: the release probes attach when it loads",
@@ -124,6 +156,28 @@ fn vfio_check(release: &str, module_loaded: bool, module_btf: bool) -> Check {
             false,
         ),
     }
+}
+
+/// Which `needs_reset` the release summary reports (informational: the decision never uses it).
+fn needs_reset_check(vfio: Vfio) -> Option<Check> {
+    let l = match vfio {
+        Vfio::BuiltIn(l) | Vfio::Module(Some(l)) => l,
+        Vfio::Module(None) | Vfio::NotLoaded => return None,
+    };
+    let source = NeedsReset::of(&l);
+    let era = match source {
+        NeedsReset::Bit { .. } => " (kernels ≈6.5–7.1 without the June 2026 stable fix)",
+        _ => "",
+    };
+    Some(Check::new(
+        "needs_reset",
+        Level::Info,
+        format!(
+            "release summaries read vfio_pci_core_device.needs_reset as {source}{era}; reported only, the decision rests on pci_dev_specific_reset"
+        ),
+        None,
+        false,
+    ))
 }
 
 pub fn run(host: &Host) -> Vec<Check> {
@@ -142,7 +196,8 @@ pub fn run(host: &Host) -> Vec<Check> {
     });
 
     let btf = Path::new(layout::VMLINUX_BTF);
-    let btf_ok = match layout::load_vmlinux(btf).and_then(|b| layout::pci_dev(&b)) {
+    let vmlinux = layout::load_vmlinux(btf);
+    let btf_ok = match vmlinux.as_ref().map_err(Clone::clone).and_then(layout::pci_dev) {
         Ok(l) => {
             out.push(Check::new(
                 "btf",
@@ -255,12 +310,12 @@ pub fn run(host: &Host) -> Vec<Check> {
         Check::new("attach", Level::Fail, "no probe flavour can attach here: no kprobes and fentry refused", Some("run on a kernel with CONFIG_KPROBES=y; `cargo xtask vm-test` proves the probes on Debian kernels"), true)
     });
 
-    let vfio = Path::new("/sys/module/vfio_pci_core").exists();
+    let vfio = Vfio::probe(vmlinux.as_ref().ok());
     out.push(vfio_check(
         &rustix::system::uname().release().to_string_lossy(),
         vfio,
-        Path::new("/sys/kernel/btf/vfio_pci_core").exists(),
     ));
+    out.extend(needs_reset_check(vfio));
 
     match kallsyms().filter(|k| {
         k.lines()
@@ -270,7 +325,7 @@ pub fn run(host: &Host) -> Vec<Check> {
         Some(k) => {
             let missing: Vec<&str> = qcom_reset_ebpf::Func::ALL
                 .iter()
-                .filter(|f| !f.in_vfio_module() || vfio)
+                .filter(|f| !f.in_vfio_module() || vfio.present())
                 .map(|f| f.symbol())
                 .filter(|s| !has_symbol(&k, s))
                 .collect();
@@ -364,7 +419,13 @@ mod tests {
 
     #[test]
     fn vfio_check_names_old_kernels_and_built_in_vfio() {
-        let old = vfio_check("5.10.0-33-amd64", false, false);
+        let l = VfioLayout {
+            valid: 1,
+            pdev: 8,
+            needs_reset: 100,
+            needs_reset_mask: 0x10,
+        };
+        let old = vfio_check("5.10.0-33-amd64", Vfio::Module(None));
         assert_eq!(old.level, Level::Fail);
         assert!(
             old.detail.contains("5.15") && old.blocks_tracing,
@@ -372,17 +433,43 @@ mod tests {
             old.detail
         );
         assert_eq!(kernel_version("6.8.12-4-pve"), Some((6, 8)));
-        let builtin = vfio_check("6.8.12-4-pve", true, false);
+        let builtin = vfio_check("6.8.12-4-pve", Vfio::BuiltIn(l));
         assert!(
-            builtin.detail.contains("built into the kernel"),
+            builtin.detail.contains("built into the kernel") && builtin.level == Level::Pass,
             "{}",
             builtin.detail
         );
-        assert_eq!(vfio_check("6.1.0-57-amd64", true, true).level, Level::Pass);
         assert_eq!(
-            vfio_check("7.2.13+deb14-amd64", false, false).level,
+            vfio_check("6.1.0-57-amd64", Vfio::Module(Some(l))).level,
+            Level::Pass
+        );
+        assert_eq!(
+            vfio_check("7.2.13+deb14-amd64", Vfio::NotLoaded).level,
             Level::Warn
         );
+        assert!(!Vfio::NotLoaded.present() && Vfio::Module(None).present());
+    }
+
+    #[test]
+    fn check_says_which_needs_reset_the_summary_reads() {
+        let l = |needs_reset, needs_reset_mask| VfioLayout {
+            valid: 1,
+            pdev: 8,
+            needs_reset,
+            needs_reset_mask,
+        };
+        let bit = needs_reset_check(Vfio::BuiltIn(l(1100, 0x10))).unwrap();
+        assert!(
+            bit.detail.contains("bit 4 of byte 1100") && bit.detail.contains("6.5"),
+            "{}",
+            bit.detail
+        );
+        let plain = needs_reset_check(Vfio::Module(Some(l(1100, 0xff)))).unwrap();
+        assert!(plain.detail.contains("a bool at byte 1100"), "{}", plain.detail);
+        let gone = needs_reset_check(Vfio::Module(Some(l(qcom_reset_ebpf::OFFSET_MISSING, 0))));
+        assert!(gone.unwrap().detail.contains("unknown"));
+        assert!(needs_reset_check(Vfio::NotLoaded).is_none());
+        assert!(needs_reset_check(Vfio::Module(None)).is_none());
     }
 
     #[test]

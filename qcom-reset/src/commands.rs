@@ -80,7 +80,7 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
     let opts = probes::Options {
         trace_all: a.all,
         targets: DEVICES.iter().map(|d| (d.vendor, d.device)).collect(),
-        ignore_tgid: std::process::id(),
+        ignore: Some(probes::loader::NsTgid::current()?),
         flavour: a.flavour,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -390,7 +390,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = probes::Options {
         trace_all: false,
         targets,
-        ignore_tgid: std::process::id(),
+        ignore: Some(probes::loader::NsTgid::current()?),
         flavour: cfg.flavour,
     };
     let access = cfg.access;

@@ -8,7 +8,7 @@ use qcom_reset_ebpf::{OFFSET_MISSING, VfioLayout};
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const VFIO_MODULE: &str = "vfio_pci_core";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error(
         "the kernel exposes no BTF ({0} missing); qcom-reset needs CONFIG_DEBUG_INFO_BTF=y (every current distro kernel has it)"
@@ -77,9 +77,25 @@ fn as_struct(btf: &Btf, mut t: Type) -> Option<btf_rs::Struct> {
     None
 }
 
-/// Byte offset of `path` (e.g. ["dev", "kobj", "name"]) inside `struct root`, and whether the
-/// final member is a bitfield (unreadable as a byte).
-pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<(u32, bool), LayoutError> {
+/// Where a member sits: its bit offset inside `struct root` and, for a bitfield, its width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberBits {
+    pub bit_offset: u32,
+    pub bitfield: Option<u32>,
+}
+
+impl MemberBits {
+    pub fn byte(self) -> u32 {
+        self.bit_offset / 8
+    }
+
+    fn byte_aligned(self) -> bool {
+        self.bitfield.is_none() && self.bit_offset.is_multiple_of(8)
+    }
+}
+
+/// The bit position of `path` (e.g. ["dev", "kobj", "name"]) inside `struct root`.
+pub fn member_bits(btf: &Btf, root: &str, path: &[&str]) -> Result<MemberBits, LayoutError> {
     let missing = || LayoutError::Missing(format!("struct {root}.{}", path.join(".")));
     let mut s = find_struct(btf, root)?;
     let mut bits = 0u32;
@@ -91,8 +107,10 @@ pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<(u32, bool)
             .ok_or_else(missing)?;
         bits += m.bit_offset();
         if i + 1 == path.len() {
-            let bitfield = m.bitfield_size().is_some_and(|b| b != 0) || !bits.is_multiple_of(8);
-            return Ok((bits / 8, bitfield));
+            return Ok(MemberBits {
+                bit_offset: bits,
+                bitfield: m.bitfield_size().filter(|b| *b != 0),
+            });
         }
         let t = btf.resolve_chained_type(m).map_err(|_| missing())?;
         s = as_struct(btf, t).ok_or_else(missing)?;
@@ -100,27 +118,94 @@ pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<(u32, bool)
     Err(missing())
 }
 
+/// Byte offset of a byte-aligned, non-bitfield member (pointers, integers, strings).
+pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32, LayoutError> {
+    let m = member_bits(btf, root, path)?;
+    if !m.byte_aligned() {
+        return Err(LayoutError::Missing(format!(
+            "struct {root}.{} as a whole byte (it is a bitfield)",
+            path.join(".")
+        )));
+    }
+    Ok(m.byte())
+}
+
 pub fn pci_dev(btf: &Btf) -> Result<PciDevLayout, LayoutError> {
     Ok(PciDevLayout {
-        vendor: member_offset(btf, "pci_dev", &["vendor"])?.0,
-        device: member_offset(btf, "pci_dev", &["device"])?.0,
-        name: member_offset(btf, "pci_dev", &["dev", "kobj", "name"])?.0,
+        vendor: member_offset(btf, "pci_dev", &["vendor"])?,
+        device: member_offset(btf, "pci_dev", &["device"])?,
+        name: member_offset(btf, "pci_dev", &["dev", "kobj", "name"])?,
     })
 }
 
-/// `pdev` is required; `needs_reset` is optional (a bitfield or absent means the release
-/// summary derives "left unreset" from the attempts instead).
+/// How this kernel stores `vfio_pci_core_device.needs_reset`, which the release summary reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeedsReset {
+    /// A plain `bool` (≤6.4, and kernels with the June 2026 stable fix).
+    Bool { byte: u32 },
+    /// A 1-bit bitfield (≈6.5 to 7.0/7.1 without the fix: Ubuntu 24.04, Proxmox 8/9).
+    Bit { byte: u32, bit: u8 },
+    /// Not in the BTF, or a shape no kernel has had: reported as unknown.
+    Unreadable,
+}
+
+impl NeedsReset {
+    fn from_bits(m: MemberBits) -> NeedsReset {
+        match m.bitfield {
+            None if m.byte_aligned() => NeedsReset::Bool { byte: m.byte() },
+            Some(1) => NeedsReset::Bit {
+                byte: m.byte(),
+                bit: (m.bit_offset % 8) as u8,
+            },
+            _ => NeedsReset::Unreadable,
+        }
+    }
+
+    /// (byte offset, mask) as the eBPF programs apply them.
+    fn offset_mask(self) -> (u32, u32) {
+        match self {
+            NeedsReset::Bool { byte } => (byte, 0xff),
+            NeedsReset::Bit { byte, bit } => (byte, 1 << bit),
+            NeedsReset::Unreadable => (OFFSET_MISSING, 0),
+        }
+    }
+
+    pub fn of(l: &VfioLayout) -> NeedsReset {
+        match (l.needs_reset, l.needs_reset_mask) {
+            (OFFSET_MISSING, _) | (_, 0) => NeedsReset::Unreadable,
+            (byte, 0xff) => NeedsReset::Bool { byte },
+            (byte, mask) => NeedsReset::Bit {
+                byte,
+                bit: mask.trailing_zeros() as u8,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for NeedsReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NeedsReset::Bool { byte } => write!(f, "a bool at byte {byte}"),
+            NeedsReset::Bit { byte, bit } => {
+                write!(f, "a 1-bit bitfield, bit {bit} of byte {byte}")
+            }
+            NeedsReset::Unreadable => f.write_str("not readable from BTF (reported as unknown)"),
+        }
+    }
+}
+
+/// `pdev` is required; `needs_reset` is optional: the release decision never uses it, the
+/// summary reports it.
 pub fn vfio(btf: &Btf) -> Result<VfioLayout, LayoutError> {
-    let pdev = member_offset(btf, "vfio_pci_core_device", &["pdev"])?.0;
-    let needs_reset = match member_offset(btf, "vfio_pci_core_device", &["needs_reset"]) {
-        Ok((off, false)) => off,
-        _ => OFFSET_MISSING,
-    };
+    let pdev = member_offset(btf, "vfio_pci_core_device", &["pdev"])?;
+    let needs_reset = member_bits(btf, "vfio_pci_core_device", &["needs_reset"])
+        .map_or(NeedsReset::Unreadable, NeedsReset::from_bits);
+    let (needs_reset, needs_reset_mask) = needs_reset.offset_mask();
     Ok(VfioLayout {
         valid: 1,
         pdev,
         needs_reset,
-        _pad: 0,
+        needs_reset_mask,
     })
 }
 
@@ -131,6 +216,48 @@ mod tests {
     fn fixture() -> Btf {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/pci_dev.btf");
         Btf::from_file(p).expect("fixture parses")
+    }
+
+    #[test]
+    fn reads_a_bitfield_needs_reset_through_its_bit_offset() {
+        // Generated by make_btf.py --bitfield: reset_works:1 .. needs_reset:1 from byte 1100.
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/vfio_bitfield.btf");
+        let btf = Btf::from_file(p).expect("fixture parses");
+        let v = vfio(&btf).unwrap();
+        assert_eq!(v.pdev, 1024);
+        assert_eq!((v.needs_reset, v.needs_reset_mask), (1100, 0x10));
+        assert_eq!(NeedsReset::of(&v), NeedsReset::Bit { byte: 1100, bit: 4 });
+        assert_eq!(
+            NeedsReset::of(&v).to_string(),
+            "a 1-bit bitfield, bit 4 of byte 1100"
+        );
+        // A bitfield is no whole byte: reading it as one would mix in reset_works and friends.
+        assert!(member_offset(&btf, "vfio_pci_core_device", &["needs_reset"]).is_err());
+    }
+
+    #[test]
+    fn needs_reset_shapes_map_to_offset_and_mask() {
+        let at = |bit_offset, bitfield| NeedsReset::from_bits(MemberBits { bit_offset, bitfield });
+        assert_eq!(at(800, None), NeedsReset::Bool { byte: 100 });
+        assert_eq!(at(807, Some(1)), NeedsReset::Bit { byte: 100, bit: 7 });
+        assert_eq!(at(800, Some(3)), NeedsReset::Unreadable);
+        assert_eq!(at(803, None), NeedsReset::Unreadable);
+        for n in [
+            NeedsReset::Bool { byte: 100 },
+            NeedsReset::Bit { byte: 100, bit: 0 },
+            NeedsReset::Bit { byte: 100, bit: 7 },
+            NeedsReset::Unreadable,
+        ] {
+            let (needs_reset, needs_reset_mask) = n.offset_mask();
+            let l = VfioLayout {
+                valid: 1,
+                pdev: 0,
+                needs_reset,
+                needs_reset_mask,
+            };
+            assert_eq!(NeedsReset::of(&l), n, "round trip through the map value");
+        }
+        assert_eq!(NeedsReset::Unreadable.offset_mask().0, OFFSET_MISSING);
     }
 
     #[test]
@@ -145,7 +272,9 @@ mod tests {
             }
         );
         let v = vfio(&btf).unwrap();
-        assert_eq!((v.valid, v.pdev, v.needs_reset), (1, 1024, 1100));
+        assert_eq!((v.valid, v.pdev), (1, 1024));
+        assert_eq!(NeedsReset::of(&v), NeedsReset::Bool { byte: 1100 });
+        assert_eq!((v.needs_reset, v.needs_reset_mask), (1100, 0xff));
         assert!(matches!(
             member_offset(&btf, "pci_dev", &["nope"]),
             Err(LayoutError::Missing(_))
@@ -167,7 +296,7 @@ mod tests {
         let l = pci_dev(&btf).unwrap();
         // vendor and device are adjacent u16s in every kernel since 2.6; dev embeds kobj.
         assert_eq!(l.device, l.vendor + 2);
-        let (dev, _) = member_offset(&btf, "pci_dev", &["dev"]).unwrap();
+        let dev = member_offset(&btf, "pci_dev", &["dev"]).unwrap();
         assert!(l.name >= dev && l.name < dev + 256, "{l:?}");
     }
 

@@ -44,9 +44,31 @@ pub struct Options {
     pub trace_all: bool,
     /// (vendor, device) pairs to report; ignored with `trace_all`.
     pub targets: Vec<(u16, u16)>,
-    /// Events caused by this TGID are not reported (the agent's own VFIO accesses).
-    pub ignore_tgid: u32,
+    /// Events caused by this process are not reported (the agent's own VFIO accesses).
+    pub ignore: Option<NsTgid>,
     pub flavour: FlavourChoice,
+}
+
+/// A process as `bpf_get_ns_current_pid_tgid` names it: its TGID inside a PID namespace. In a
+/// container getpid() differs from the kernel's TGID; the pair (namespace, TGID) does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NsTgid {
+    pub tgid: u32,
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
+}
+
+impl NsTgid {
+    /// This process, in its own PID namespace (a container's, when it runs in one).
+    pub fn current() -> anyhow::Result<NsTgid> {
+        let ns = rustix::fs::stat("/proc/self/ns/pid")
+            .context("cannot name our PID namespace (/proc/self/ns/pid); mount /proc")?;
+        Ok(NsTgid {
+            tgid: rustix::process::getpid().as_raw_nonzero().get() as u32,
+            pidns_dev: ns.st_dev,
+            pidns_ino: ns.st_ino,
+        })
+    }
 }
 
 pub struct Probes {
@@ -110,12 +132,15 @@ impl Probes {
         let vmlinux = layout::load_vmlinux(Path::new(layout::VMLINUX_BTF))?;
         let pci = layout::pci_dev(&vmlinux)?;
         let trace_all = opts.trace_all as u32;
+        let me = opts.ignore.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global("PCI_DEV_VENDOR_OFF", &pci.vendor, true)
             .override_global("PCI_DEV_DEVICE_OFF", &pci.device, true)
             .override_global("PCI_DEV_NAME_OFF", &pci.name, true)
             .override_global("TRACE_ALL", &trace_all, true)
-            .override_global("AGENT_TGID", &opts.ignore_tgid, true)
+            .override_global("AGENT_TGID", &me.tgid, true)
+            .override_global("AGENT_PIDNS_DEV", &me.pidns_dev, true)
+            .override_global("AGENT_PIDNS_INO", &me.pidns_ino, true)
             .load(OBJECT)
             .map_err(|e| anyhow::anyhow!("loading the eBPF object failed: {}", full_error(&e)))?;
         let mut targets: HashMap<_, u32, u8> =
