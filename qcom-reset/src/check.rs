@@ -120,18 +120,31 @@ impl Vfio {
     }
 }
 
+/// The oldest kernel with `vfio_pci_core`, whose open/release the probes bracket.
+const OLDEST_SUPPORTED: (u32, u32) = (5, 15);
+
+/// On a kernel before 5.15, the `vfio` failure; `run` and `trace` refuse with it rather than
+/// attach nothing.
+pub fn kernel_too_old(release: &str) -> Option<Check> {
+    kernel_version(release)
+        .is_some_and(|v| v < OLDEST_SUPPORTED)
+        .then(|| {
+            Check::new(
+                "vfio",
+                Level::Fail,
+                format!(
+                    "kernel {release} has no vfio_pci_core (it arrived in 5.15): releases cannot be seen"
+                ),
+                Some("run a 5.15 or newer kernel (e.g. Debian 12's 6.1)"),
+                true,
+            )
+        })
+}
+
 /// vfio_pci_core: a module (loaded or not), built in, or absent because the kernel predates it.
 fn vfio_check(release: &str, vfio: Vfio) -> Check {
-    if kernel_version(release).is_some_and(|v| v < (5, 15)) {
-        return Check::new(
-            "vfio",
-            Level::Fail,
-            format!(
-                "kernel {release} has no vfio_pci_core (it arrived in 5.15): releases cannot be seen"
-            ),
-            Some("run a 5.15 or newer kernel (e.g. Debian 12's 6.1)"),
-            true,
-        );
+    if let Some(old) = kernel_too_old(release) {
+        return old;
     }
     match vfio {
         Vfio::Module(_) => Check::new(
@@ -433,6 +446,8 @@ mod tests {
             old.detail
         );
         assert_eq!(kernel_version("6.8.12-4-pve"), Some((6, 8)));
+        assert!(kernel_too_old("5.14.21").is_some());
+        assert!(kernel_too_old("5.15.0-91-generic").is_none());
         let builtin = vfio_check("6.8.12-4-pve", Vfio::BuiltIn(l));
         assert!(
             builtin.detail.contains("built into the kernel") && builtin.level == Level::Pass,

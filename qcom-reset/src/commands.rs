@@ -86,6 +86,10 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if let Some(old) = check::kernel_too_old(&kernel_release()) {
+        eprintln!("qcom-reset: cannot trace: {}", old.line());
+        return Ok(ExitCode::from(1));
+    }
     rt.block_on(async {
         let mut tracer = match Tracer::start(&opts) {
             Ok(t) => t,
@@ -398,6 +402,10 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(old) = check::kernel_too_old(&kernel_release()) {
+        eprintln!("qcom-reset: cannot start the agent: {}", old.line());
+        return Ok(ExitCode::from(1));
+    }
     rt.block_on(async move {
         let mut tracer = match Tracer::start(&opts) {
             Ok(t) => t,
@@ -513,4 +521,11 @@ fn sd_notify(state: sd_notify::NotifyState<'_>) {
     if let Err(e) = sd_notify::notify(&[state]) {
         tracing::warn!("sd_notify: {e}");
     }
+}
+
+fn kernel_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
 }

@@ -9,8 +9,9 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::run;
 
 /// Release lists searched for kernels, in order; the later ones only when asked for.
-const BASE_SUITES: &[&str] = &["bookworm", "bookworm-updates", "bookworm-backports"];
-const EXTRA_SUITES: &[&str] = &["trixie", "trixie-backports", "sid"];
+pub const BASE_SUITES: &[&str] = &["bookworm", "bookworm-updates", "bookworm-backports"];
+/// bullseye for its 5.10, which the lab boots to prove `check` refuses kernels before 5.15.
+const EXTRA_SUITES: &[&str] = &["trixie", "trixie-backports", "sid", "bullseye"];
 
 pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -33,8 +34,10 @@ impl Apt {
         for s in suites {
             list.push_str(&format!("deb http://deb.debian.org/debian {s} main\n"));
         }
-        if suites.contains(&"bookworm") {
-            list.push_str("deb http://deb.debian.org/debian-security bookworm-security main\n");
+        for s in suites.iter().filter(|s| ["bookworm", "bullseye"].contains(s)) {
+            list.push_str(&format!(
+                "deb http://deb.debian.org/debian-security {s}-security main\n"
+            ));
         }
         std::fs::write(dir.join("sources.list"), list)?;
         Ok(Apt { dir })
@@ -151,6 +154,17 @@ pub struct Kernel {
     pub version: String,
     pub root: PathBuf,
     pub vmlinux: PathBuf,
+    /// `CONFIG_VFIO_PCI_CORE=y`: nothing to load or unload.
+    pub vfio_builtin: bool,
+}
+
+impl Kernel {
+    /// (major, minor) of the release, e.g. (6, 1) for "6.1.0-57-amd64".
+    pub fn major_minor(&self) -> (u32, u32) {
+        let mut it = self.version.split(|c: char| !c.is_ascii_digit());
+        let mut num = || it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (num(), num())
+    }
 }
 
 /// Resolves "6.1", "6.12", "7.2" (newest matching amd64 image) or a full package name.
@@ -209,7 +223,9 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
             let wide = Apt::new("wide", &all)?;
             wide.update()?;
             let p = resolve(&wide, wanted)?.with_context(|| {
-                format!("no Debian kernel package matches {wanted:?} in bookworm, trixie or sid")
+                format!(
+                    "no Debian kernel package matches {wanted:?} in bullseye, bookworm, trixie or sid (or use --kernel builtin-vfio)"
+                )
             })?;
             (wide, p)
         }
@@ -287,6 +303,7 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
         root: kdir.join("root"),
         vmlinux,
         version,
+        vfio_builtin: false,
     })
 }
 

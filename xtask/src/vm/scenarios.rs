@@ -33,6 +33,12 @@ pub enum Scenario {
     /// vfio-pci unloaded and reloaded under a running agent: the VFIO probes are re-attached
     /// (module uevents) and the next release is still seen and reset.
     Reload,
+    /// The agent in its own PID namespace (as in a container) resetting through VFIO: its own
+    /// opens and releases are recognised by (namespace, TGID), never come back as events.
+    Container,
+    /// `qcom-reset check` (and, on kernels before 5.15, `run`) against the kernel: VFIO module or
+    /// built in, which `needs_reset` the summary reads, or the one-line refusal of old kernels.
+    Preflight,
 }
 
 /// Where the simulated card sits.
@@ -107,7 +113,8 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 13] = [
+        Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
         Scenario::LoopModem,
@@ -119,6 +126,7 @@ impl Scenario {
         Scenario::Own,
         Scenario::Kill,
         Scenario::Reload,
+        Scenario::Container,
     ];
 
     pub fn name(self) -> &'static str {
@@ -134,6 +142,20 @@ impl Scenario {
             Scenario::Own => "own",
             Scenario::Kill => "kill",
             Scenario::Reload => "reload",
+            Scenario::Container => "container",
+            Scenario::Preflight => "preflight",
+        }
+    }
+
+    /// Why this scenario cannot run on a kernel, if it cannot: before 5.15 there is no
+    /// vfio_pci_core and only the preflight refusal is testable; a built-in vfio-pci cannot be
+    /// unloaded.
+    pub fn unsupported(self, kernel: (u32, u32), vfio_builtin: bool) -> Option<&'static str> {
+        match self {
+            Scenario::Preflight => None,
+            _ if kernel < (5, 15) => Some("no vfio_pci_core before 5.15 (preflight covers it)"),
+            Scenario::Reload if vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
+            _ => None,
         }
     }
 
@@ -165,12 +187,13 @@ impl Scenario {
     /// The simulator behind the ivshmem BAR: (profile, faults), if the scenario has one.
     pub fn simulator(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Scenario::Probes => None,
+            Scenario::Probes | Scenario::Preflight => None,
             Scenario::LoopWlan
             | Scenario::Held
             | Scenario::Graceful
             | Scenario::Observe
-            | Scenario::Reload => Some(("wcn6855", "")),
+            | Scenario::Reload
+            | Scenario::Container => Some(("wcn6855", "")),
             Scenario::LoopModem | Scenario::Bind | Scenario::Own | Scenario::Kill => {
                 Some(("sdx65", ""))
             }
@@ -212,6 +235,8 @@ impl Scenario {
             Scenario::Own => own(),
             Scenario::Kill => kill(),
             Scenario::Reload => reload(),
+            Scenario::Container => container(),
+            Scenario::Preflight => PREFLIGHT.to_string(),
         };
         format!("{LIB}\n{body}")
     }
@@ -234,6 +259,8 @@ impl Scenario {
             Scenario::Own => check_own(console, sim),
             Scenario::Kill => check_kill(console),
             Scenario::Reload => check_reload(console, sim),
+            Scenario::Container => check_container(run, console, sim),
+            Scenario::Preflight => check_preflight(console),
         }
     }
 }
@@ -258,14 +285,24 @@ dump() { echo "VMLAB-BEGIN $1"; cat "$2"; echo; echo "VMLAB-END $1"; }
 pci_command() { dd if=/sys/bus/pci/devices/$1/config bs=1 skip=4 count=2 2>/dev/null | od -An -tx2 | tr -d ' '; }
 "#;
 
+const PREFLIGHT: &str = r#"
+echo "VMLAB vfio-module=$(grep -c '^vfio_pci_core ' /proc/modules)"
+qcom-reset check > /tmp/check.txt 2>&1; echo "check-rc=$?" >> /tmp/check.txt
+dump check /tmp/check.txt
+timeout 20 qcom-reset run > /tmp/run.txt 2>&1; echo "run-rc=$?" >> /tmp/run.txt
+dump run /tmp/run.txt
+"#;
+
 const PROBES: &str = r#"
 RP=0000:01:00.0; ROOT=$(dev_by_id 0x1234 0x11e8 0000:00:) || { echo "no root-bus edu"; exit 1; }
 echo "edu behind a root port: $RP, edu on the root bus: $ROOT"
-# vfio-pci loads only after the tracer started: its probes must attach when the module appears.
-rmmod vfio_pci vfio_pci_core || { echo "cannot unload vfio-pci"; exit 1; }
+# A vfio-pci module loads only after the tracer started: its probes must attach when it appears.
+# Built in (Ubuntu/Proxmox style), they attach at start from vmlinux BTF.
+MOD=$(grep -c '^vfio_pci_core ' /proc/modules)
+[ "$MOD" = 1 ] && { rmmod vfio_pci vfio_pci_core || { echo "cannot unload vfio-pci"; exit 1; }; }
 qcom-reset trace --all --json > /tmp/auto.json 2>/tmp/auto.err & P=$!
 wait_for /tmp/auto.json '"kind":"attach"' 60 || { cat /tmp/auto.err; exit 1; }
-modprobe vfio-pci
+[ "$MOD" = 1 ] && modprobe vfio-pci
 wait_for /tmp/auto.json '"function":"vfio_pci_core_disable"' 20 || { cat /tmp/auto.err; exit 1; }
 echo 1 > /sys/bus/pci/devices/$RP/reset
 bind_vfio $RP; vmlab-guest vfio-cycle $RP
@@ -424,6 +461,21 @@ dump agent-log /tmp/agent2.log
     )
 }
 
+fn container() -> String {
+    format!(
+        r#"{}
+unshare -p -f --mount-proc qcom-reset run > /tmp/agent.log 2>&1 &
+wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
+P=$(pidof qcom-reset)
+echo "VMLAB agent host-pid=$P ns-pid=$(grep NSpid /proc/$P/status | tr -s '\t ' ' ' | cut -d' ' -f2-)"
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '"type":"action"' 90
+sleep 3
+{STOP_AND_DUMP}"#,
+        setup("wcn6855", "access = \"vfio\"", true)
+    )
+}
+
 fn reload() -> String {
     format!(
         r#"{}{START_AGENT}
@@ -545,6 +597,11 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "release 1: the bus reset must be named and not trusted: {}",
         rels[0]
     );
+    ensure!(
+        rels[0]["needs_reset"] == false,
+        "release 1: the bus reset cleared needs_reset, the summary must read it: {}",
+        rels[0]
+    );
     notes.push(format!(
         "release behind a root port: kernel_reset={} left_unreset={} (needs_reset={}), attempts {:?}",
         rels[0]["kernel_reset"],
@@ -567,8 +624,10 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         .find(|v| v["bdf"] != rp)
         .context("no release of the root-bus edu")?;
     ensure!(
-        root_rel["left_unreset"] == true && root_rel["kernel_reset"] == "none",
-        "root-bus release must be left unreset: {root_rel}"
+        root_rel["left_unreset"] == true
+            && root_rel["kernel_reset"] == "none"
+            && root_rel["needs_reset"] == true,
+        "root-bus release must be left unreset, needs_reset read as true: {root_rel}"
     );
     notes.push(format!(
         "release without any reset method: kernel_reset=none, attempts {:?}",
@@ -653,6 +712,14 @@ fn check_loop(
         run.topology.name(),
         ev["event"]
     );
+    // Read, not trusted: true where no kernel reset ran, false after the bus reset.
+    let needs_reset = run.topology == Topology::RootBus;
+    ensure!(
+        ev["event"]["needs_reset"] == needs_reset,
+        "in {} the summary must read needs_reset={needs_reset}: {}",
+        run.topology.name(),
+        ev["event"]
+    );
     let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0)
         + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
     let received = ev["received_mono_ns"]
@@ -677,6 +744,88 @@ fn check_loop(
         ),
         format!("simulator: {writes} write(s), in the reviewed order, values and delays"),
     ])
+}
+
+fn check_container(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let ids = console
+        .lines()
+        .find_map(|l| l.split("VMLAB agent ").nth(1))
+        .context("the guest did not report the agent's pids")?;
+    ensure!(
+        ids.trim_end().ends_with(" 1"),
+        "the agent is not pid 1 of its own namespace: {ids}"
+    );
+    let host_pid: u64 = ids
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("host-pid="))
+        .and_then(|p| p.parse().ok())
+        .context("no host-pid")?;
+    let own: Vec<Value> = json_lines(console, "journal")
+        .into_iter()
+        .filter(|v| v["type"] == "event" && v["event"]["tgid"].as_u64() == Some(host_pid))
+        .collect();
+    ensure!(
+        own.is_empty(),
+        "the agent saw its own VFIO accesses as events: {own:?}"
+    );
+    let mut notes = check_loop(run, console, sim, "wlan", 3)?;
+    notes.insert(
+        0,
+        format!("agent {ids}: its own VFIO open and release were not reported back"),
+    );
+    Ok(notes)
+}
+
+/// The guest kernel's (major, minor), from the line /init prints.
+fn guest_kernel(console: &str) -> anyhow::Result<(u32, u32)> {
+    let release = console
+        .lines()
+        .find_map(|l| l.split(", kernel ").nth(1))
+        .context("/init did not print the kernel release")?;
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let mut num = || it.next().and_then(|p| p.parse().ok());
+    Ok((num().context("no major")?, num().context("no minor")?))
+}
+
+fn check_preflight(console: &str) -> anyhow::Result<Vec<String>> {
+    let check = section(console, "check").join("\n");
+    let run = section(console, "run").join("\n");
+    let line = |name: &str| {
+        check
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .map(str::to_string)
+    };
+    let vfio = line("vfio").context(format!("check printed no vfio line:\n{check}"))?;
+    if guest_kernel(console)? < (5, 15) {
+        ensure!(
+            vfio.starts_with("FAIL") && vfio.contains("arrived in 5.15") && vfio.contains("fix:"),
+            "check must name the missing vfio_pci_core: {vfio}"
+        );
+        ensure!(
+            run.contains("cannot start the agent") && run.contains("arrived in 5.15")
+                && run.contains("run-rc=1"),
+            "run must refuse with the same reason:\n{run}"
+        );
+        return Ok(vec![format!("check: {vfio}"), "run refuses with the same line, exit 1".into()]);
+    }
+    let module = console.contains("VMLAB vfio-module=1");
+    let want = if module { "loaded (module)" } else { "built into the kernel" };
+    ensure!(
+        vfio.starts_with("PASS") && vfio.contains(want),
+        "vfio_pci_core is {}: {vfio}",
+        if module { "a module" } else { "built in" }
+    );
+    let nr = line("needs_reset").context(format!("check printed no needs_reset line:\n{check}"))?;
+    ensure!(
+        nr.contains("a bool at byte") || nr.contains("a 1-bit bitfield, bit"),
+        "needs_reset must be readable on every supported kernel: {nr}"
+    );
+    ensure!(
+        run.contains("agent running"),
+        "the agent did not start:\n{run}"
+    );
+    Ok(vec![format!("check: {vfio}"), format!("check: {nr}")])
 }
 
 fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
