@@ -104,6 +104,10 @@ pub struct DeviceArgs {
     /// How to reach config space and the BAR.
     #[arg(long, value_enum, default_value_t = Access::Auto)]
     pub access: Access,
+    /// Configuration whose `[[device]]` rules, per-address profiles and `experimental` list
+    /// apply (default /etc/qcom-reset/config.toml when present).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +128,10 @@ pub struct ResetArgs {
     /// Use the register sequence even where the kernel has its own device_specific reset.
     #[arg(long)]
     pub ignore_kernel_reset: bool,
+    /// Allow an experimental profile (a sibling of the reviewed parts, see `--help` of status)
+    /// for this reset; the config's `experimental` list allows it too.
+    #[arg(long)]
+    pub experimental: bool,
     #[arg(long)]
     pub json: bool,
 }

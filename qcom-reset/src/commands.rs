@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use qcom_reset::backend;
 use qcom_reset::check::{self, Level};
-use qcom_reset::devices::DEVICES;
+use qcom_reset::agent::config::Config;
+use qcom_reset::devices::{DEVICES, OptIn};
 use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
 use qcom_reset::probes::{self, Item, Tracer};
 use qcom_reset::sysfs::PciSysfs;
@@ -164,13 +165,21 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
 }
 
 fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
+    let cfg = device_config(a.device.config.clone())?;
+    let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
+    let by_config = cfg.device_with_ids(a.bdf, ids);
     let req = Request {
         bdf: a.bdf,
-        profile: a.device.profile.clone(),
-        bar: a.device.bar,
+        profile: a.device.profile.clone().or(by_config.profile),
+        bar: a.device.bar.or(by_config.bar),
         force: a.force,
         dry_run: a.dry_run,
         ignore_kernel_reset: a.ignore_kernel_reset,
+        experimental: if a.experimental {
+            OptIn::all()
+        } else {
+            cfg.experimental
+        },
     };
     // Refuse a missing or non-target device before asking for root: that answer is more useful.
     match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
@@ -179,6 +188,15 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(e.into()),
+        Ok(t) if req.profile.is_none() && !req.experimental.allows(&t.profile) => {
+            if a.only_targets {
+                println!(
+                    "{}: experimental profile {} not opted in; nothing to do",
+                    req.bdf, t.profile.name
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
         Ok(_) => {}
     }
     if !a.dry_run {
@@ -268,18 +286,19 @@ fn registers_line(r: &qcom_reset::verdict::Registers) -> String {
 }
 
 fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let overrides: Vec<_> = match (a.bdf, &a.device.profile) {
-        (Some(b), Some(p)) => vec![(b, p.clone(), a.device.bar)],
-        _ => Vec::new(),
-    };
+    let cfg = device_config(a.device.config.clone())?;
     let targets = match a.bdf {
-        Some(b) => vec![engine::inspect(
-            host,
-            b,
-            a.device.profile.as_deref(),
-            a.device.bar,
-        )?],
-        None => engine::targets(host, &overrides)?,
+        Some(b) => {
+            let ids = host.sysfs.device(b).and_then(|d| d.ids()).ok();
+            let by_config = cfg.device_with_ids(b, ids);
+            vec![engine::inspect(
+                host,
+                b,
+                a.device.profile.as_deref().or(by_config.profile.as_deref()),
+                a.device.bar.or(by_config.bar),
+            )?]
+        }
+        None => engine::targets(host, &cfg.overrides(&present(host)))?,
     };
     require_root()?;
     let access = a.device.access;
@@ -323,6 +342,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
             "{} {} ({:04x}:{:04x}, {})",
             t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
         );
+        println!("  profile: {}", profile_status(&t.profile, &cfg.experimental));
         println!(
             "  driver: {}  iommu_group: {}  holder: {}",
             t.driver.as_deref().unwrap_or("none"),
@@ -360,7 +380,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
-    use qcom_reset::agent::{Agent, config::Config, metrics};
+    use qcom_reset::agent::{Agent, metrics};
     let explicit = a.config.is_some();
     let path = a.config.unwrap_or_else(config_default_path);
     let mut cfg = Config::load(&path, explicit)?;
@@ -386,11 +406,12 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
     require_root()?;
     // The filter: the table's IDs plus those of devices given a profile in the configuration.
     let mut targets: Vec<(u16, u16)> = DEVICES.iter().map(|d| (d.vendor, d.device)).collect();
-    for (bdf, _, _) in cfg.overrides() {
+    for (bdf, _, _) in cfg.overrides(&[]) {
         if let Ok(ids) = host.sysfs.device(bdf).and_then(|d| d.ids()) {
             targets.push(ids);
         }
     }
+    targets.extend(cfg.rule_ids());
     let opts = probes::Options {
         trace_all: false,
         targets,
@@ -528,4 +549,40 @@ fn kernel_release() -> String {
         .release()
         .to_string_lossy()
         .into_owned()
+}
+
+/// The configuration the one-shot commands honour: the given file, or the default when present.
+fn device_config(path: Option<std::path::PathBuf>) -> anyhow::Result<Config> {
+    let explicit = path.is_some();
+    Ok(Config::load(
+        &path.unwrap_or_else(config_default_path),
+        explicit,
+    )?)
+}
+
+/// Every PCI device present with its IDs, for `[[device]]` rules.
+fn present(host: &Host) -> Vec<(qcom_reset::bdf::Bdf, (u16, u16))> {
+    host.sysfs
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| Some((d.bdf, d.ids().ok()?)))
+        .collect()
+}
+
+/// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`.
+fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn) -> String {
+    use qcom_reset::devices::Status as ProfileStatus;
+    let upstream = if p.upstream { "yes" } else { "no" };
+    let quirk = p.quirk.map(|q| format!("; {q}")).unwrap_or_default();
+    match p.status {
+        ProfileStatus::Reviewed => format!("reviewed (upstream quirk: {upstream}){quirk}"),
+        ProfileStatus::Experimental if opt_in.allows(p) => {
+            format!("experimental, opted in (upstream quirk: {upstream}){quirk}")
+        }
+        ProfileStatus::Experimental => format!(
+            "experimental, not opted in: nothing is written until experimental = [\"{}\"] (config) or --experimental{quirk}",
+            p.name
+        ),
+    }
 }

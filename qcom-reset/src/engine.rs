@@ -9,7 +9,7 @@ use tracing::info;
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
-use crate::devices::{self, DeviceProfile, Family};
+use crate::devices::{self, DeviceProfile, Family, OptIn};
 use crate::holders::{self, Holder};
 use crate::io::{DryRun, Op, Recorder};
 use crate::lock::DeviceLock;
@@ -59,6 +59,8 @@ pub struct Request {
     pub dry_run: bool,
     /// Use our register sequence even where the kernel has `device_specific`.
     pub ignore_kernel_reset: bool,
+    /// Experimental profiles the caller opted into (an explicit `profile` is an opt-in too).
+    pub experimental: OptIn,
 }
 
 impl Request {
@@ -70,6 +72,7 @@ impl Request {
             force: false,
             dry_run: false,
             ignore_kernel_reset: false,
+            experimental: OptIn::default(),
         }
     }
 }
@@ -321,6 +324,14 @@ pub fn reset(
     access_name: &str,
 ) -> Result<Report> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+    if req.profile.is_none() && !req.experimental.allows(&t.profile) {
+        return Err(Error::Experimental {
+            bdf: t.bdf,
+            vendor: t.vendor,
+            device: t.device,
+            profile: t.profile.name,
+        });
+    }
     if let Some(e) = t.refusal(req.force) {
         return Err(e);
     }

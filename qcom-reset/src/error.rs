@@ -14,6 +14,15 @@ pub enum Error {
         crate::devices::profile_names()
     )]
     NotTarget { vendor: u16, device: u16 },
+    #[error(
+        "{bdf} ({vendor:04x}:{device:04x}) matches the experimental profile {profile}; opt in with experimental = [\"{profile}\"] in the config or --experimental"
+    )]
+    Experimental {
+        bdf: Bdf,
+        vendor: u16,
+        device: u16,
+        profile: &'static str,
+    },
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::devices::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a

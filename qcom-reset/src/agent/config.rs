@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::devices::OptIn;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Access;
@@ -51,8 +52,49 @@ pub struct Config {
     pub metrics_textfile: PathBuf,
     pub flavour: FlavourChoice,
     pub access: Access,
+    /// Experimental profiles (siblings of the reviewed parts) to use: names or `["all"]`.
+    pub experimental: OptIn,
     /// Per-device settings by PCI address.
     pub devices: BTreeMap<String, DeviceConfig>,
+    /// Devices added by ID, wherever they sit: `[[device]] ids = "1eac:1004" profile = "sdx65"`.
+    pub device: Vec<IdRule>,
+}
+
+/// `[[device]]`: every device with one of these IDs is treated as `profile`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdRule {
+    /// "vvvv:dddd", several separated by spaces or commas.
+    pub ids: String,
+    pub profile: String,
+    pub bar: Option<u8>,
+}
+
+impl IdRule {
+    /// The (vendor, device) pairs, or the first that does not parse.
+    pub fn parse_ids(&self) -> Result<Vec<(u16, u16)>, String> {
+        self.ids
+            .split([' ', ','])
+            .filter(|s| !s.is_empty())
+            .map(|id| {
+                let (v, d) = id.split_once(':').ok_or(id)?;
+                let hex = |x: &str| {
+                    (x.len() == 4)
+                        .then(|| u16::from_str_radix(x, 16).ok())
+                        .flatten()
+                };
+                Ok((hex(v).ok_or(id)?, hex(d).ok_or(id)?))
+            })
+            .collect::<Result<Vec<_>, &str>>()
+            .map_err(|bad| format!("{bad:?} is not vvvv:dddd (hex)"))
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err("no ids".into())
+                } else {
+                    Ok(v)
+                }
+            })
+    }
 }
 
 /// Which verdicts a rescan acts on.
@@ -109,7 +151,9 @@ impl Default for Config {
             metrics_textfile: PathBuf::new(),
             flavour: FlavourChoice::Auto,
             access: Access::Auto,
+            experimental: OptIn::default(),
             devices: BTreeMap::new(),
+            device: Vec::new(),
         }
     }
 }
@@ -183,7 +227,57 @@ impl Config {
                 return Err(format!("[devices.\"{addr}\"]: bar must be 0-5"));
             }
         }
+        for (i, r) in self.device.iter().enumerate() {
+            let at = format!("[[device]] #{} (ids = {:?})", i + 1, r.ids);
+            r.parse_ids().map_err(|e| format!("{at}: {e}"))?;
+            if crate::devices::by_name(&r.profile).is_none() {
+                return Err(format!(
+                    "{at}: unknown profile {:?}; known: {}",
+                    r.profile,
+                    crate::devices::profile_names()
+                ));
+            }
+            if r.bar.is_some_and(|b| b > 5) {
+                return Err(format!("{at}: bar must be 0-5"));
+            }
+        }
+        let unknown = self.experimental.unknown();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "experimental: {unknown:?} are not experimental profiles; use \"all\" or some of: {}",
+                crate::devices::experimental_names()
+            ));
+        }
         Ok(())
+    }
+
+    /// The (vendor, device) pairs added by `[[device]]`, for the eBPF target filter.
+    pub fn rule_ids(&self) -> Vec<(u16, u16)> {
+        self.device
+            .iter()
+            .flat_map(|r| r.parse_ids().unwrap_or_default())
+            .collect()
+    }
+
+    /// The settings for a device: its `[devices."BDF"]` entry, else the first `[[device]]` whose
+    /// ids match its (vendor, device).
+    pub fn device_with_ids(&self, bdf: Bdf, ids: Option<(u16, u16)>) -> DeviceConfig {
+        if let Some(d) = self.devices.get(&bdf.to_string()) {
+            return d.clone();
+        }
+        let rule = ids.and_then(|id| {
+            self.device
+                .iter()
+                .find(|r| r.parse_ids().is_ok_and(|v| v.contains(&id)))
+        });
+        match rule {
+            Some(r) => DeviceConfig {
+                enabled: None,
+                profile: Some(r.profile.clone()),
+                bar: r.bar,
+            },
+            None => DeviceConfig::default(),
+        }
     }
 
     pub fn device(&self, bdf: Bdf) -> DeviceConfig {
@@ -193,12 +287,28 @@ impl Config {
             .unwrap_or_default()
     }
 
-    /// Devices configured with an explicit profile: (address, profile, BAR).
-    pub fn overrides(&self) -> Vec<(Bdf, String, Option<u8>)> {
-        self.devices
+    /// Devices configured with an explicit profile, by address or by ID among `present`
+    /// (address, (vendor, device)): (address, profile, BAR).
+    pub fn overrides(&self, present: &[(Bdf, (u16, u16))]) -> Vec<(Bdf, String, Option<u8>)> {
+        let mut out: Vec<(Bdf, String, Option<u8>)> = self
+            .devices
             .iter()
             .filter_map(|(a, d)| Some((a.parse().ok()?, d.profile.clone()?, d.bar)))
-            .collect()
+            .collect();
+        for &(bdf, ids) in present {
+            if out.iter().any(|o| o.0 == bdf) {
+                continue;
+            }
+            if let DeviceConfig {
+                profile: Some(p),
+                bar,
+                ..
+            } = self.device_with_ids(bdf, Some(ids))
+            {
+                out.push((bdf, p, bar));
+            }
+        }
+        out
     }
 
     pub fn bind_settle(&self) -> Duration {
@@ -242,13 +352,56 @@ mod tests {
         assert!(c.observe_only);
         assert_eq!(c.max_attempts, 5);
         assert_eq!(
-            c.overrides(),
+            c.overrides(&[]),
             vec![(
                 "0000:00:03.0".parse().unwrap(),
                 "wcn6855".to_string(),
                 Some(2)
             )]
         );
+    }
+
+    #[test]
+    fn devices_are_added_by_id_and_experimental_profiles_opted_into() {
+        let c = parse(
+            "experimental = [\"sdx55\"]\n[[device]]\nids = \"1eac:1004, 1eac:1007\"\nprofile = \"sdx65\"\n[[device]]\nids = \"1af4:1110\"\nprofile = \"wcn6855\"\nbar = 2\n[devices.\"0000:05:00.0\"]\nprofile = \"sdx24\"\n",
+        )
+        .unwrap();
+        let (a, b, x): (Bdf, Bdf, Bdf) = (
+            "0000:03:00.0".parse().unwrap(),
+            "0000:04:00.0".parse().unwrap(),
+            "0000:05:00.0".parse().unwrap(),
+        );
+        assert_eq!(
+            c.device_with_ids(a, Some((0x1eac, 0x1007))).profile.as_deref(),
+            Some("sdx65")
+        );
+        assert_eq!(c.device_with_ids(a, Some((0x1eac, 0x1001))).profile, None);
+        // The address entry wins over a rule matching its IDs.
+        assert_eq!(
+            c.device_with_ids(x, Some((0x1eac, 0x1004))).profile.as_deref(),
+            Some("sdx24")
+        );
+        assert_eq!(
+            c.overrides(&[(a, (0x1eac, 0x1004)), (b, (0x1af4, 0x1110)), (x, (0x1eac, 0x1004))]),
+            vec![
+                (x, "sdx24".to_string(), None),
+                (a, "sdx65".to_string(), None),
+                (b, "wcn6855".to_string(), Some(2)),
+            ]
+        );
+        assert_eq!(c.rule_ids(), [(0x1eac, 0x1004), (0x1eac, 0x1007), (0x1af4, 0x1110)]);
+        assert_eq!(c.experimental, OptIn(vec!["sdx55".into()]));
+        for (bad, says) in [
+            ("[[device]]\nids = \"1eac-1004\"\nprofile = \"sdx65\"\n", "not vvvv:dddd"),
+            ("[[device]]\nids = \"\"\nprofile = \"sdx65\"\n", "no ids"),
+            ("[[device]]\nids = \"1eac:1004\"\nprofile = \"x\"\n", "unknown profile"),
+            ("[[device]]\nids = \"1eac:1004\"\nprofile = \"sdx65\"\nbar = 7\n", "bar must be"),
+            ("experimental = [\"sdx99\"]\n", "not experimental profiles"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

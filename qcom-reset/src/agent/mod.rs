@@ -152,7 +152,31 @@ impl Shared {
     }
 
     fn is_target(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
-        crate::devices::by_id(vendor, device).is_some() || self.cfg.device(bdf).profile.is_some()
+        crate::devices::by_id(vendor, device).is_some()
+            || self
+                .cfg
+                .device_with_ids(bdf, Some((vendor, device)))
+                .profile
+                .is_some()
+    }
+
+    /// The device's settings, `[[device]]` rules matched against its current IDs.
+    fn device_cfg(&self, bdf: Bdf) -> config::DeviceConfig {
+        let ids = self.host.sysfs.device(bdf).and_then(|d| d.ids()).ok();
+        self.cfg.device_with_ids(bdf, ids)
+    }
+
+    /// Explicit profiles by address and by `[[device]]` rule, for the devices present now.
+    fn overrides(&self) -> Vec<(Bdf, String, Option<u8>)> {
+        let present: Vec<(Bdf, (u16, u16))> = self
+            .host
+            .sysfs
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| Some((d.bdf, d.ids().ok()?)))
+            .collect();
+        self.cfg.overrides(&present)
     }
 }
 
@@ -333,7 +357,7 @@ impl Agent {
 
     /// Which reset regime each target is in, and what that means for this host.
     fn log_regimes(&self) {
-        match engine::targets(&self.shared.host, &self.shared.cfg.overrides()) {
+        match engine::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
                 for t in ts {
                     let r = t.regime();
@@ -384,7 +408,7 @@ impl Agent {
     }
 
     fn rescan(&mut self, why: &str) {
-        match engine::targets(&self.shared.host, &self.shared.cfg.overrides()) {
+        match engine::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
                 info!("rescan ({why}): {} target device(s)", ts.len());
                 for t in ts {
@@ -469,7 +493,7 @@ fn action(bdf: Bdf, trigger: Trigger, result: &str, detail: impl Into<String>) -
 
 /// Acts on one trigger until the episode ends; returns when its last check or reset began.
 async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> Instant {
-    let dev_cfg = sh.cfg.device(bdf);
+    let dev_cfg = sh.device_cfg(bdf);
     let held_until = tokio::time::Instant::now() + sh.cfg.held_wait();
     let mut waiting = false;
     let mut first = true;
@@ -575,6 +599,7 @@ async fn attempt(
         force: false,
         dry_run: sh.cfg.observe_only,
         ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
+        experimental: sh.cfg.experimental.clone(),
     };
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
     let result = tokio::task::spawn_blocking(move || {
@@ -683,7 +708,7 @@ fn is_refusal(e: &crate::Error) -> bool {
 /// Health check before acting on a weak trigger: the action that ends the episode (clean, a
 /// verdict the rescan policy leaves alone, not checkable), or None when the device must be reset.
 async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Action> {
-    let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.cfg.device(bdf));
+    let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
     let mode = if sh.cfg.observe_only {
         engine::ReadMode::NoWrites
     } else {
