@@ -1030,3 +1030,59 @@ fn ownership_holds_the_group_of_a_vfio_device_only() {
     let free = Ownership::take(&h.host.dev_vfio, &h.host.proc_root, &dev("0000:05:00.0")).unwrap();
     assert!(free.group_path().is_none() && free.group_fd().is_none());
 }
+
+#[test]
+fn every_experimental_profile_is_refused_without_opt_in_and_resets_like_its_family_with_it() {
+    use qcom_reset::devices::{DEVICES, OptIn, Status};
+    let golden = |family| {
+        let h = match family {
+            Family::Wlan => wlan_host(),
+            Family::Modem => modem_host(),
+        };
+        let at = if family == Family::Wlan { WLAN } else { MODEM };
+        reset_with(&h, &Request::new(bdf(at)), &sim(family, Faults::default()))
+            .unwrap()
+            .ops
+    };
+    let (wlan_ops, modem_ops) = (golden(Family::Wlan), golden(Family::Modem));
+    let experimental: Vec<_> = DEVICES
+        .iter()
+        .filter(|d| d.status == Status::Experimental)
+        .collect();
+    assert!(experimental.len() >= 20, "{}", experimental.len());
+    for p in experimental {
+        let h = FakeHost::new();
+        h.add(FakeDevice {
+            bdf: "0000:06:00.0",
+            vendor: p.vendor,
+            device: p.device,
+            group: Some("6"),
+            ..Default::default()
+        });
+        let card = qcom_reset::sim::SimDevice::new(qcom_reset::sim::Model::new(
+            p.family,
+            p.vendor,
+            p.device,
+            SimState::Crashed,
+            Faults::default(),
+        ));
+        let mut req = Request::new(bdf("0000:06:00.0"));
+        let e = reset_with(&h, &req, &card).unwrap_err();
+        assert!(
+            matches!(e, Error::Experimental { profile, .. } if profile == p.name),
+            "{}: {e}",
+            p.model
+        );
+        assert!(e.to_string().contains("--experimental"), "{e}");
+        assert_eq!(writes(&card), 0, "{}: written without an opt-in", p.model);
+        req.experimental = OptIn(vec![p.name.to_uppercase()]);
+        let r = reset_with(&h, &req, &card).unwrap();
+        assert_eq!(r.profile, p.name);
+        let want = match p.family {
+            Family::Wlan => &wlan_ops,
+            Family::Modem => &modem_ops,
+        };
+        assert_eq!(&r.ops, want, "{}: not the family's reviewed sequence", p.model);
+        assert_healthy_after_one_conformant_reset(&h, "0000:06:00.0", &card, &r);
+    }
+}

@@ -151,8 +151,10 @@ impl Shared {
         }
     }
 
+    /// A device the agent acts on: a table entry (experimental ones only when opted in), or one
+    /// the configuration names a profile for.
     fn is_target(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
-        crate::devices::by_id(vendor, device).is_some()
+        crate::devices::by_id(vendor, device).is_some_and(|p| self.cfg.experimental.allows(p))
             || self
                 .cfg
                 .device_with_ids(bdf, Some((vendor, device)))
@@ -410,8 +412,14 @@ impl Agent {
     fn rescan(&mut self, why: &str) {
         match engine::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
-                info!("rescan ({why}): {} target device(s)", ts.len());
-                for t in ts {
+                let (act, skip): (Vec<_>, Vec<_>) = ts
+                    .into_iter()
+                    .partition(|t| self.shared.is_target(t.bdf, t.vendor, t.device));
+                info!("rescan ({why}): {} target device(s)", act.len());
+                for t in skip {
+                    info!(bdf = %t.bdf, "experimental profile {} not opted in (experimental = [\"{}\"]): left alone", t.profile.name, t.profile.name);
+                }
+                for t in act {
                     self.dispatch(t.bdf, Trigger::Rescan, Instant::now());
                 }
             }
@@ -702,6 +710,7 @@ fn is_refusal(e: &crate::Error) -> bool {
             | NoSuchDevice(..)
             | Busy { .. }
             | UnknownProfile(_)
+            | Experimental { .. }
     )
 }
 
