@@ -11,6 +11,7 @@ use crate::backend::{LOCKDOWN_PATH, lockdown_mode};
 use crate::devices;
 use crate::engine::{self, Host};
 use crate::probes::layout::NeedsReset;
+use crate::session::port::PortState;
 use crate::probes::{self, layout, loader::KPROBE_PMU};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -413,6 +414,7 @@ pub fn run(host: &Host) -> Vec<Check> {
                     None,
                     false,
                 ));
+                out.push(port_check(&t, lockdown.as_deref()));
             }
         }
         Err(e) => out.push(Check::new(
@@ -424,6 +426,34 @@ pub fn run(host: &Host) -> Vec<Check> {
         )),
     }
     out
+}
+
+/// The target's upstream port: what its link drop would trigger, and whether a reset can make
+/// that benign here (lockdown refuses the config writes that mask it).
+fn port_check(t: &engine::Target, lockdown: Option<&str>) -> Check {
+    let state = match engine::upstream_port(t) {
+        Ok(s) => s,
+        Err(e) => return Check::new("port", Level::Warn, format!("{}: {e}", t.bdf), None, false),
+    };
+    port_verdict(t.bdf, &state, lockdown)
+}
+
+fn port_verdict(bdf: crate::bdf::Bdf, state: &PortState, lockdown: Option<&str>) -> Check {
+    let line = format!("{bdf}: {}", state.summary());
+    let locked = matches!(lockdown, Some("integrity" | "confidentiality"));
+    if state.dpc_enabled {
+        Check::new("port", Level::Warn, line, Some("set allow_dpc = true to reset anyway (DPC then contains the link drop)"), false)
+    } else if state.needs_guard() && locked {
+        Check::new(
+            "port",
+            Level::Warn,
+            format!("{line}; lockdown refuses the config writes that mask them, so resets are refused"),
+            Some("boot without lockdown, or set allow_unguarded_link_drop = true"),
+            false,
+        )
+    } else {
+        Check::new("port", Level::Info, line, None, false)
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +515,25 @@ mod tests {
         assert!(gone.unwrap().detail.contains("unknown"));
         assert!(needs_reset_check(Vfio::NotLoaded).is_none());
         assert!(needs_reset_check(Vfio::Module(None)).is_none());
+    }
+
+    #[test]
+    fn port_check_warns_where_a_reset_would_be_refused() {
+        let bdf: crate::bdf::Bdf = "0000:03:00.0".parse().unwrap();
+        let port = Some("0000:00:1c.0".parse().unwrap());
+        let guarded = PortState {
+            port,
+            slot_control: Some(0x1038),
+            hotplug_events: true,
+            ..Default::default()
+        };
+        assert_eq!(port_verdict(bdf, &guarded, Some("none")).level, Level::Info);
+        let c = port_verdict(bdf, &guarded, Some("integrity"));
+        assert!(c.level == Level::Warn && c.fix.as_deref().unwrap().contains("allow_unguarded"), "{}", c.line());
+        let dpc = PortState { port, dpc_enabled: true, ..Default::default() };
+        assert!(port_verdict(bdf, &dpc, None).line().contains("allow_dpc"));
+        let root = port_verdict(bdf, &PortState::default(), Some("integrity"));
+        assert!(root.level == Level::Info && root.detail.contains("root bus"));
     }
 
     #[test]

@@ -132,6 +132,13 @@ pub struct ResetArgs {
     /// for this reset; the config's `experimental` list allows it too.
     #[arg(long)]
     pub experimental: bool,
+    /// Reset even when DPC on the upstream port would contain the link drop.
+    #[arg(long)]
+    pub allow_dpc: bool,
+    /// Reset even when the upstream port's hotplug/Surprise Down reports cannot be masked
+    /// (e.g. lockdown refuses config writes).
+    #[arg(long)]
+    pub allow_unguarded_link_drop: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -180,6 +180,8 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         } else {
             cfg.experimental
         },
+        allow_dpc: a.allow_dpc || cfg.allow_dpc,
+        allow_unguarded_link_drop: a.allow_unguarded_link_drop || cfg.allow_unguarded_link_drop,
     };
     // Refuse a missing or non-target device before asking for root: that answer is more useful.
     match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
@@ -343,6 +345,10 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
             t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
         );
         println!("  profile: {}", profile_status(&t.profile, &cfg.experimental));
+        match engine::upstream_port(t) {
+            Ok(p) => println!("  port: {}", p.summary()),
+            Err(e) => println!("  port: unreadable ({e})"),
+        }
         println!(
             "  driver: {}  iommu_group: {}  holder: {}",
             t.driver.as_deref().unwrap_or("none"),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
@@ -17,6 +17,7 @@ use crate::regs::*;
 use crate::sequence::{self, Outcome};
 pub use crate::session::Restored;
 use crate::session::own::Ownership;
+use crate::session::port::{self, PortRecord, PortState};
 use crate::session::{Session, Writes};
 use crate::sysfs::{PciSysfs, SysfsDevice};
 use crate::verdict::{self, Verdict};
@@ -61,6 +62,10 @@ pub struct Request {
     pub ignore_kernel_reset: bool,
     /// Experimental profiles the caller opted into (an explicit `profile` is an opt-in too).
     pub experimental: OptIn,
+    /// Reset even when DPC on the upstream port would contain the link drop.
+    pub allow_dpc: bool,
+    /// Reset even when the upstream port's link-drop reports cannot be masked (lockdown).
+    pub allow_unguarded_link_drop: bool,
 }
 
 impl Request {
@@ -73,6 +78,8 @@ impl Request {
             dry_run: false,
             ignore_kernel_reset: false,
             experimental: OptIn::default(),
+            allow_dpc: false,
+            allow_unguarded_link_drop: false,
         }
     }
 }
@@ -244,6 +251,9 @@ pub struct Report {
     /// What a killed qcom-reset had left on this device and this run put back first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovered: Option<Restored>,
+    /// The upstream port as the reset found it (what was masked is in `restored.port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortState>,
     pub duration_ms: u64,
 }
 
@@ -298,6 +308,18 @@ fn dry_run(t: &Target, access: &str) -> Report {
             plan.push(format!("sysfs power/control <- {c}"));
         }
     }
+    let port = upstream_port(t).ok();
+    if let Some(rec) = port.as_ref().and_then(PortRecord::plan) {
+        plan.insert(
+            0,
+            format!(
+                "upstream port {}: mask hotplug events {} / AER Surprise Down {} (restored at post)",
+                rec.port,
+                rec.slot_control.is_some(),
+                rec.aer_mask.is_some()
+            ),
+        );
+    }
     plan.push(format!("unlock {}", t.bdf));
     Report {
         bdf: t.bdf,
@@ -312,6 +334,7 @@ fn dry_run(t: &Target, access: &str) -> Report {
         plan,
         restored: Restored::default(),
         recovered: None,
+        port,
         duration_ms: 0,
     }
 }
@@ -354,6 +377,7 @@ pub fn reset(
     );
 
     let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
+    let port = guard_link_drop(&mut session, &t, req)?;
     let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
@@ -453,8 +477,45 @@ pub fn reset(
         plan: Vec::new(),
         restored,
         recovered,
+        port: Some(port),
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// What the card's upstream port would do with the reset's link drop.
+pub fn upstream_port(t: &Target) -> Result<PortState> {
+    let Some(p) = port::upstream(&t.dev) else {
+        return Ok(PortState::default());
+    };
+    let path = p.path("config");
+    port::SysfsConfig::open(&path, false)
+        .and_then(|mut cfg| PortState::read(p.bdf, &mut cfg))
+        .map_err(|err| Error::SysfsRead { path, err })
+}
+
+/// pre: refuses a DPC port unless allowed, masks the port's hotplug and Surprise Down reports
+/// for the link drop (restored at post), or refuses where they cannot be masked unless allowed.
+fn guard_link_drop(session: &mut Session, t: &Target, req: &Request) -> Result<PortState> {
+    let state = upstream_port(t)?;
+    let version = t.profile.family.sequence_version();
+    step(t.bdf, version, &format!("pre: {}", state.summary()));
+    if let (Some(port), true, false) = (state.port, state.dpc_enabled, req.allow_dpc) {
+        return Err(Error::Dpc { bdf: t.bdf, port });
+    }
+    let Some(rec) = PortRecord::plan(&state) else {
+        return Ok(state);
+    };
+    match session.guard_port(rec) {
+        Ok(()) => {
+            step(t.bdf, version, "pre: upstream port's link-drop reports masked");
+            Ok(state)
+        }
+        Err(e) if req.allow_unguarded_link_drop => {
+            warn!(bdf = %t.bdf, "{e}; going on unguarded (allow_unguarded_link_drop)");
+            Ok(state)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Runs the kernel's `device_specific` reset, making it the method used for this one reset.

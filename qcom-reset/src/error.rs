@@ -23,6 +23,14 @@ pub enum Error {
         device: u16,
         profile: &'static str,
     },
+    #[error(
+        "cannot mask the link-drop reports (hotplug events, AER Surprise Down) of the port {port} above {bdf}: {why}; the reset's link drop would look like a hot-unplug or a fatal error there. Fix: boot without lockdown, or accept it with allow_unguarded_link_drop = true (--allow-unguarded-link-drop)"
+    )]
+    PortGuard { bdf: Bdf, port: Bdf, why: String },
+    #[error(
+        "DPC is enabled on the port {port} above {bdf}: the reset's link drop would be contained by disabling the link; accept that with allow_dpc = true (--allow-dpc)"
+    )]
+    Dpc { bdf: Bdf, port: Bdf },
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::devices::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a

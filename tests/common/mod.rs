@@ -195,6 +195,7 @@ pub fn leave_killed_session(h: &FakeHost, bdf_s: &str, card: &SimDevice, config:
         command: Some(0x0400),
         power_control: Some("auto".into()),
         config,
+        port: None,
     };
     qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
     fs::write(h.host.sysfs.root.join(bdf_s).join("power/control"), "on").unwrap();

@@ -54,6 +54,12 @@ pub struct Config {
     pub access: Access,
     /// Experimental profiles (siblings of the reviewed parts) to use: names or `["all"]`.
     pub experimental: OptIn,
+    /// Reset a card whose upstream port has DPC enabled (the link drop disables the link until
+    /// DPC recovers it).
+    pub allow_dpc: bool,
+    /// Reset even where the upstream port's hotplug/Surprise Down reports cannot be masked
+    /// (config writes refused, e.g. lockdown): the link drop may then look like a hot-unplug.
+    pub allow_unguarded_link_drop: bool,
     /// Per-device settings by PCI address.
     pub devices: BTreeMap<String, DeviceConfig>,
     /// Devices added by ID, wherever they sit: `[[device]] ids = "1eac:1004" profile = "sdx65"`.
@@ -152,6 +158,8 @@ impl Default for Config {
             flavour: FlavourChoice::Auto,
             access: Access::Auto,
             experimental: OptIn::default(),
+            allow_dpc: false,
+            allow_unguarded_link_drop: false,
             devices: BTreeMap::new(),
             device: Vec::new(),
         }

@@ -608,6 +608,8 @@ async fn attempt(
         dry_run: sh.cfg.observe_only,
         ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
         experimental: sh.cfg.experimental.clone(),
+        allow_dpc: sh.cfg.allow_dpc,
+        allow_unguarded_link_drop: sh.cfg.allow_unguarded_link_drop,
     };
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
     let result = tokio::task::spawn_blocking(move || {
@@ -711,6 +713,8 @@ fn is_refusal(e: &crate::Error) -> bool {
             | Busy { .. }
             | UnknownProfile(_)
             | Experimental { .. }
+            | Dpc { .. }
+            | PortGuard { .. }
     )
 }
 

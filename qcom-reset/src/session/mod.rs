@@ -4,6 +4,7 @@
 //! PCI_COMMAND, `power/control` and every config word the reset lost, on every path: errors,
 //! panics (drop) and, through the record, SIGKILL.
 pub mod own;
+pub mod port;
 pub mod record;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ pub struct Restored {
     /// Config words the device lost (e.g. its BARs after the WLAN global reset), as
     /// "offset: now -> restored".
     pub config: Vec<String>,
+    /// Upstream port registers put back after the link drop (hotplug events, AER mask).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub port: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -95,6 +99,7 @@ impl Session {
             command: (command != 0xffff).then_some(command),
             power_control: power.clone().filter(|p| p != "on"),
             config: record::snapshot(s.backend.as_mut()),
+            port: None,
         };
         record::save(&s.run_dir, &baseline)?;
         s.baseline = Some(baseline);
@@ -156,16 +161,42 @@ impl Session {
             })
     }
 
+    /// Masks the upstream port's reports of the coming link drop for the rest of the session:
+    /// recorded on disk first, so a SIGKILL leaves the port's values for the next session. On a
+    /// failure nothing stays masked (what was written is put back at restore).
+    pub fn guard_port(&mut self, rec: port::PortRecord) -> Result<()> {
+        let Some(b) = self.baseline.as_mut() else {
+            return Ok(()); // observe-only sessions write nothing
+        };
+        b.port = Some(rec.clone());
+        record::save(&self.run_dir, b)?;
+        let why = match port_config(&self.dev, rec.port) {
+            Ok(mut cfg) => match rec.apply(&mut cfg) {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e,
+        };
+        Err(Error::PortGuard {
+            bdf: self.bdf,
+            port: rec.port,
+            why,
+        })
+    }
+
     /// Puts back everything the session changed or the reset lost; idempotent.
     pub fn restore(&mut self) -> Restored {
         if let Some(r) = &self.restored {
             return r.clone();
         }
         let on_vfio = self._own.group_path().is_some();
-        let r = match &self.baseline {
+        let mut r = match &self.baseline {
             Some(b) => put_back(&self.dev, self.backend.as_mut(), b, on_vfio),
             None => Restored::default(),
         };
+        if let Some(p) = self.baseline.as_ref().and_then(|b| b.port.as_ref()) {
+            restore_port(&self.dev, p, &mut r);
+        }
         for e in &r.errors {
             warn!(bdf = %self.bdf, "post: restore failed: {e}");
         }
@@ -245,6 +276,22 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, r: &mut Restored) {
     }
 }
 
+/// The port's sysfs config, checked to be the bridge the record names.
+fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsConfig, String> {
+    let p = port::upstream(dev)
+        .filter(|p| p.bdf == want)
+        .ok_or_else(|| format!("{want} is no longer the bridge above {}", dev.bdf))?;
+    port::SysfsConfig::open(&p.path("config"), true)
+        .map_err(|e| format!("{}: {e}", p.path("config").display()))
+}
+
+fn restore_port(dev: &SysfsDevice, p: &port::PortRecord, r: &mut Restored) {
+    match port_config(dev, p.port).and_then(|mut cfg| p.restore(&mut cfg)) {
+        Ok(done) => r.port = done,
+        Err(e) => r.errors.push(format!("upstream port: {e}")),
+    }
+}
+
 /// PCI_COMMAND I/O, memory and bus-master enables.
 const DECODE_AND_MASTER: u16 = 0x0007;
 
@@ -258,14 +305,18 @@ fn recover(
     let Some(rec) = record::load(run_dir, dev.bdf)? else {
         return Ok(None);
     };
-    let r = put_back(dev, backend, &rec, on_vfio);
+    let mut r = put_back(dev, backend, &rec, on_vfio);
+    if let Some(p) = &rec.port {
+        restore_port(dev, p, &mut r);
+    }
     warn!(
         bdf = %dev.bdf,
-        "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}]{}",
+        "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}], port [{}]{}",
         rec.pid,
         r.command,
         r.power_control,
         r.config.join(", "),
+        r.port.join(", "),
         if r.errors.is_empty() { String::new() } else { format!("; errors: {}", r.errors.join("; ")) }
     );
     if r.errors.is_empty() {
@@ -326,6 +377,7 @@ mod tests {
             command: Some(0x0400),
             power_control: None,
             config: vec![(0x10, 0x0004), (0x12, 0xfe00), (0x3c, 0x010b)],
+            port: None,
         };
         struct Logged {
             inner: SimDevice,

@@ -39,6 +39,9 @@ pub struct Record {
     pub power_control: Option<String>,
     /// (offset, value) of every saved config word other than PCI_COMMAND.
     pub config: Vec<(u16, u16)>,
+    /// The upstream port's registers the session masked, before it masked them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<super::port::PortRecord>,
 }
 
 pub fn path(run_dir: &Path, bdf: Bdf) -> PathBuf {

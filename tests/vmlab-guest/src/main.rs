@@ -3,15 +3,16 @@
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
 //! - `vfio-graceful BDF HOLD_MS GROUP_MS` does the same but, like a QEMU shutting down
-//!   gracefully, keeps the group open GROUP_MS after closing the device.
+//!   gracefully, keeps the group open GROUP_MS after closing the device;
+//! - `port-regs BDF` prints the registers of its upstream port that a reset guards (Slot
+//!   Control, AER Uncorrectable Error Mask, DPC) as one `VMLAB port {json}` line.
 use std::time::{Duration, Instant};
 
 use qcom_reset::backend::VfioBackend;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str =
-    "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -50,6 +51,14 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(ms(args.get(4))?);
             drop(group);
             println!("vmlab-guest: closed the group of {bdf}");
+        }
+        Some("port-regs") => {
+            use qcom_reset::session::port::{PortState, SysfsConfig, upstream};
+            let dev = PciSysfs::default().device(bdf)?;
+            let port = upstream(&dev).ok_or_else(|| anyhow::anyhow!("{bdf} has no upstream port"))?;
+            let mut cfg = SysfsConfig::open(&port.path("config"), false)?;
+            let state = PortState::read(port.bdf, &mut cfg)?;
+            println!("VMLAB port {}", serde_json::to_string(&state)?);
         }
         _ => anyhow::bail!(USAGE),
     }

@@ -39,6 +39,9 @@ pub enum Scenario {
     /// `qcom-reset check` (and, on kernels before 5.15, `run`) against the kernel: VFIO module or
     /// built in, which `needs_reset` the summary reads, or the one-line refusal of old kernels.
     Preflight,
+    /// Behind the root port: the port's hotplug events and AER Surprise Down are masked while
+    /// the agent resets the modem, and restored after (QEMU never drops the link itself).
+    Port,
 }
 
 /// Where the simulated card sits.
@@ -113,7 +116,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 13] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -127,6 +130,7 @@ impl Scenario {
         Scenario::Kill,
         Scenario::Reload,
         Scenario::Container,
+        Scenario::Port,
     ];
 
     pub fn name(self) -> &'static str {
@@ -144,6 +148,7 @@ impl Scenario {
             Scenario::Reload => "reload",
             Scenario::Container => "container",
             Scenario::Preflight => "preflight",
+            Scenario::Port => "port",
         }
     }
 
@@ -166,9 +171,11 @@ impl Scenario {
             Scenario::LoopWlan | Scenario::LoopModem => &["mission", "crashed"],
             _ => &["mission"],
         };
-        // The probes scenario brings its own devices in both topologies.
+        // The probes scenario brings its own devices in both topologies; a port needs one.
         let topologies = if self.simulator().is_none() {
             &[Topology::RootBus][..]
+        } else if self == Scenario::Port {
+            &[Topology::RootPort][..]
         } else {
             topologies
         };
@@ -194,7 +201,11 @@ impl Scenario {
             | Scenario::Observe
             | Scenario::Reload
             | Scenario::Container => Some(("wcn6855", "")),
-            Scenario::LoopModem | Scenario::Bind | Scenario::Own | Scenario::Kill => {
+            Scenario::LoopModem
+            | Scenario::Bind
+            | Scenario::Own
+            | Scenario::Kill
+            | Scenario::Port => {
                 Some(("sdx65", ""))
             }
             Scenario::Fault => Some(("wcn6855", "never-returns")),
@@ -237,6 +248,7 @@ impl Scenario {
             Scenario::Reload => reload(),
             Scenario::Container => container(),
             Scenario::Preflight => PREFLIGHT.to_string(),
+            Scenario::Port => port(),
         };
         format!("{LIB}\n{body}")
     }
@@ -261,6 +273,7 @@ impl Scenario {
             Scenario::Reload => check_reload(console, sim),
             Scenario::Container => check_container(run, console, sim),
             Scenario::Preflight => check_preflight(console),
+            Scenario::Port => check_port(console, sim),
         }
     }
 }
@@ -298,7 +311,7 @@ RP=0000:01:00.0; ROOT=$(dev_by_id 0x1234 0x11e8 0000:00:) || { echo "no root-bus
 echo "edu behind a root port: $RP, edu on the root bus: $ROOT"
 # A vfio-pci module loads only after the tracer started: its probes must attach when it appears.
 # Built in (Ubuntu/Proxmox style), they attach at start from vmlinux BTF.
-MOD=$(grep -c '^vfio_pci_core ' /proc/modules)
+MOD=$(grep -c '^vfio_pci_core ' /proc/modules); echo "VMLAB vfio-module=$MOD"
 [ "$MOD" = 1 ] && { rmmod vfio_pci vfio_pci_core || { echo "cannot unload vfio-pci"; exit 1; }; }
 qcom-reset trace --all --json > /tmp/auto.json 2>/tmp/auto.err & P=$!
 wait_for /tmp/auto.json '"kind":"attach"' 60 || { cat /tmp/auto.err; exit 1; }
@@ -443,16 +456,20 @@ fn kill() -> String {
     format!(
         r#"{}
 state() {{ echo "pci_command=$(pci_command $D) power=$(cat /sys/bus/pci/devices/$D/power/control)"; }}
+vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
 {START_AGENT}
 vmlab-guest vfio-cycle $D
 wait_for /tmp/agent.log 'wait for the modem to reboot' 60
 kill -KILL $P; wait $P
 echo "VMLAB killed $(state)"
+vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
 dump record /run/qcom-reset/$D.json
 qcom-reset run > /tmp/agent2.log 2>&1 & P=$!
 wait_for /tmp/agent2.log "recovered" 60
 wait_for /tmp/agent2.log "agent running" 60
 echo "VMLAB recovered $(state)"
+vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
+dump port /tmp/port.txt
 [ -e /run/qcom-reset/$D.json ] && echo "VMLAB record still there"
 kill -TERM $P; wait $P
 dump agent-log /tmp/agent2.log
@@ -473,6 +490,21 @@ wait_for /tmp/journal.jsonl '"type":"action"' 90
 sleep 3
 {STOP_AND_DUMP}"#,
         setup("wcn6855", "access = \"vfio\"", true)
+    )
+}
+
+fn port() -> String {
+    format!(
+        r#"{}{START_AGENT}
+vmlab-guest port-regs $D > /tmp/port.txt
+vmlab-guest vfio-cycle $D
+wait_for /tmp/agent.log 'wait for the modem to reboot' 60
+vmlab-guest port-regs $D >> /tmp/port.txt
+wait_for /tmp/journal.jsonl '"result":"clean"' 60
+sleep 1
+vmlab-guest port-regs $D >> /tmp/port.txt
+dump port /tmp/port.txt{STOP_AND_DUMP}"#,
+        setup("sdx65", "", true)
     )
 }
 
@@ -524,10 +556,20 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     let auto = json_lines(console, "trace-auto");
     let attaches: Vec<&Value> = events(&auto, "attach").collect();
     let attach = *attaches.last().context("no attach record in trace --all")?;
-    ensure!(
-        attaches.len() >= 2 && !attaches[0].to_string().contains("vfio_pci_core_disable"),
-        "the VFIO probes should attach only once vfio-pci loads: {attaches:?}"
-    );
+    // Built in, the brackets attach at start (and say why); a module attaches them when it loads.
+    let builtin = console.contains("VMLAB vfio-module=0");
+    if builtin {
+        ensure!(
+            attaches[0].to_string().contains("vfio_pci_core is built into this kernel"),
+            "built-in VFIO: the brackets must attach at start, saying why: {attaches:?}"
+        );
+        notes.push("vfio_pci_core built in: brackets attached at start from vmlinux BTF".into());
+    } else {
+        ensure!(
+            attaches.len() >= 2 && !attaches[0].to_string().contains("vfio_pci_core_disable"),
+            "the VFIO probes should attach only once vfio-pci loads: {attaches:?}"
+        );
+    }
     let flavour = |f: &str| {
         attach["attachments"]
             .as_array()
@@ -774,6 +816,61 @@ fn check_container(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Res
         format!("agent {ids}: its own VFIO open and release were not reported back"),
     );
     Ok(notes)
+}
+
+/// The `VMLAB port {json}` lines of a `port` section: before, during, after.
+fn port_states(console: &str, name: &str) -> Vec<Value> {
+    section(console, name)
+        .iter()
+        .filter_map(|l| l.split("VMLAB port ").nth(1))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect()
+}
+
+const SLTCTL_PDCE_DLLSCE: u64 = 0x1008;
+const AER_SURPDN: u64 = 0x20;
+
+fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let states = port_states(console, "port");
+    let [before, during, after] = &states[..] else {
+        bail!("expected 3 port readings, got {states:?}");
+    };
+    let sltctl = |v: &Value| v["slot_control"].as_u64();
+    let mask = |v: &Value| v["aer_uncor_mask"].as_u64();
+    let ctl0 = sltctl(before).context(format!("QEMU's root port has no hotplug slot: {before}"))?;
+    ensure!(
+        before["hotplug_events"] == true && ctl0 & SLTCTL_PDCE_DLLSCE != 0,
+        "pciehp left no presence/link event enabled: {before}"
+    );
+    let mask0 = mask(before).context(format!("QEMU's root port has no AER: {before}"))?;
+    ensure!(
+        sltctl(during) == Some(ctl0 & !SLTCTL_PDCE_DLLSCE),
+        "during the reset only PDCE/DLLSCE are masked: before {ctl0:#x}, during {during}"
+    );
+    ensure!(
+        mask(during) == Some(mask0 | AER_SURPDN),
+        "during the reset Surprise Down is masked: before {mask0:#x}, during {during}"
+    );
+    ensure!(
+        sltctl(after) == Some(ctl0) && mask(after) == Some(mask0),
+        "after the reset the port is as before: {before} vs {after}"
+    );
+    let acts = actions(console);
+    let a = acts
+        .iter()
+        .find(|a| a["result"] == "clean")
+        .context(format!("no clean reset: {acts:?}"))?;
+    let restored = &a["report"]["restored"]["port"];
+    ensure!(
+        restored.as_array().is_some_and(|r| r.len() == 2),
+        "the report lists the two port registers put back: {restored}"
+    );
+    check_sim(sim, "modem", 1)?;
+    Ok(vec![
+        format!("port {}: SltCtl {ctl0:#06x} -> {:#06x} during -> {ctl0:#06x}", before["port"], ctl0 & !SLTCTL_PDCE_DLLSCE),
+        format!("AER UncorMask {mask0:#010x} -> {:#010x} during -> {mask0:#010x}", mask0 | AER_SURPDN),
+        format!("restored: {restored}"),
+    ])
 }
 
 /// The guest kernel's (major, minor), from the line /init prints.
@@ -1028,10 +1125,32 @@ fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
         !console.contains("VMLAB record still there"),
         "the record was not removed"
     );
-    Ok(vec![
+    let mut notes = vec![
         format!("killed mid-sequence: {killed}"),
         format!("restarted agent restored {recovered} from the record"),
-    ])
+    ];
+    // Behind the root port the kill also leaves the port masked; the record brings it back.
+    let ports = port_states(console, "port");
+    if let [before, killed, recovered] = &ports[..] {
+        let regs = |v: &Value| (v["slot_control"].clone(), v["aer_uncor_mask"].clone());
+        ensure!(
+            record["port"].is_object() && regs(killed) != regs(before),
+            "the killed session left the port unmasked or unrecorded: {killed} (record {record})"
+        );
+        ensure!(
+            regs(recovered) == regs(before),
+            "the port after recovery {recovered} differs from before {before}"
+        );
+        notes.push(format!(
+            "port {}: masked when killed {:?}, restored from the record {:?}",
+            before["port"],
+            regs(killed),
+            regs(recovered)
+        ));
+    } else {
+        ensure!(ports.is_empty(), "port readings: {ports:?}");
+    }
+    Ok(notes)
 }
 
 fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {

@@ -1,0 +1,436 @@
+//! The card's upstream port around a reset that drops the link. A WLAN global reset (and a
+//! modem SoC reset) takes the link down by design; a port that reports that as a hotplug event
+//! removes the device (and its vfio-pci binding), and one that reports it as an AER Surprise
+//! Down error can take the host through error recovery. Like `pciehp_reset_slot`, the session
+//! masks those reports for the duration, clears what latched, and restores the port's registers
+//! on every path (the crash record carries them). A port with DPC enabled would contain the link
+//! drop by disabling the link: refused unless allowed.
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bdf::Bdf;
+use crate::sysfs::SysfsDevice;
+
+const PCI_STATUS: u16 = 0x06;
+const PCI_STATUS_CAP_LIST: u16 = 0x10;
+const PCI_CAPABILITY_LIST: u16 = 0x34;
+const PCI_CAP_ID_EXP: u8 = 0x10;
+const PCI_EXP_FLAGS: u16 = 0x02;
+const PCI_EXP_FLAGS_SLOT: u16 = 0x0100;
+const PCI_EXP_SLTCAP: u16 = 0x14;
+const PCI_EXP_SLTCAP_HPC: u32 = 0x40;
+const PCI_EXP_SLTCTL: u16 = 0x18;
+/// Presence Detect Changed and Data Link Layer State Changed event enables.
+const PCI_EXP_SLTCTL_PDCE: u16 = 0x0008;
+const PCI_EXP_SLTCTL_DLLSCE: u16 = 0x1000;
+const PCI_EXP_SLTSTA: u16 = 0x1a;
+const PCI_EXP_SLTSTA_PDC: u16 = 0x0008;
+const PCI_EXP_SLTSTA_DLLSC: u16 = 0x0100;
+const EXT_CAP_START: u16 = 0x100;
+const PCI_EXT_CAP_ID_ERR: u16 = 0x0001;
+const PCI_EXT_CAP_ID_DPC: u16 = 0x001d;
+const PCI_ERR_UNCOR_STATUS: u16 = 0x04;
+const PCI_ERR_UNCOR_MASK: u16 = 0x08;
+const PCI_ERR_UNC_SURPDN: u32 = 0x20;
+const PCI_EXP_DPC_CTL: u16 = 0x06;
+const PCI_EXP_DPC_CTL_EN_MASK: u16 = 0x0003;
+
+/// Config space of the port, 16- and 32-bit little-endian accesses.
+pub trait ConfigSpace {
+    fn read16(&mut self, off: u16) -> std::io::Result<u16>;
+    fn read32(&mut self, off: u16) -> std::io::Result<u32>;
+    fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()>;
+    fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()>;
+}
+
+/// sysfs `config` of the port (the kernel serialises these accesses with its own).
+pub struct SysfsConfig(File);
+
+impl SysfsConfig {
+    pub fn open(path: &Path, write: bool) -> std::io::Result<SysfsConfig> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map(SysfsConfig)
+    }
+}
+
+impl ConfigSpace for SysfsConfig {
+    fn read16(&mut self, off: u16) -> std::io::Result<u16> {
+        let mut b = [0u8; 2];
+        self.0.read_exact_at(&mut b, off as u64)?;
+        Ok(u16::from_le_bytes(b))
+    }
+    fn read32(&mut self, off: u16) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.0.read_exact_at(&mut b, off as u64)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
+        self.0.write_all_at(&v.to_le_bytes(), off as u64)
+    }
+    fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()> {
+        self.0.write_all_at(&v.to_le_bytes(), off as u64)
+    }
+}
+
+/// The bridge directly above `dev` in the sysfs device tree, if it is a PCI device (a card on
+/// the root bus has none).
+pub fn upstream(dev: &SysfsDevice) -> Option<SysfsDevice> {
+    let real = std::fs::canonicalize(&dev.dir).ok()?;
+    let parent = real.parent()?;
+    let bdf: Bdf = parent.file_name()?.to_str()?.parse().ok()?;
+    Some(SysfsDevice {
+        bdf,
+        dir: parent.to_path_buf(),
+    })
+}
+
+/// What the port would do with a link drop, read without writing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PortState {
+    pub port: Option<Bdf>,
+    /// Offset of Slot Control when the slot is hotplug capable.
+    #[serde(skip)]
+    pub slot_control_at: Option<u16>,
+    pub slot_control: Option<u16>,
+    /// Presence/link change events enabled: a link drop would be a hot-unplug.
+    pub hotplug_events: bool,
+    #[serde(skip)]
+    pub aer_at: Option<u16>,
+    pub aer_uncor_mask: Option<u32>,
+    /// Surprise Down reported: a link drop would be an uncorrectable AER error.
+    pub surprise_down_unmasked: bool,
+    /// DPC triggers enabled: a link drop would be contained by disabling the link.
+    pub dpc_enabled: bool,
+}
+
+impl PortState {
+    pub fn read(port: Bdf, cfg: &mut dyn ConfigSpace) -> std::io::Result<PortState> {
+        let mut s = PortState {
+            port: Some(port),
+            ..Default::default()
+        };
+        if let Some(exp) = capability(cfg)? {
+            let slot = cfg.read16(exp + PCI_EXP_FLAGS)? & PCI_EXP_FLAGS_SLOT != 0;
+            if slot && cfg.read32(exp + PCI_EXP_SLTCAP)? & PCI_EXP_SLTCAP_HPC != 0 {
+                let ctl = cfg.read16(exp + PCI_EXP_SLTCTL)?;
+                s.slot_control_at = Some(exp + PCI_EXP_SLTCTL);
+                s.slot_control = Some(ctl);
+                s.hotplug_events = ctl & (PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE) != 0;
+            }
+        }
+        if let Some(aer) = ext_capability(cfg, PCI_EXT_CAP_ID_ERR) {
+            let mask = cfg.read32(aer + PCI_ERR_UNCOR_MASK)?;
+            s.aer_at = Some(aer);
+            s.aer_uncor_mask = Some(mask);
+            s.surprise_down_unmasked = mask & PCI_ERR_UNC_SURPDN == 0;
+        }
+        if let Some(dpc) = ext_capability(cfg, PCI_EXT_CAP_ID_DPC) {
+            s.dpc_enabled = cfg.read16(dpc + PCI_EXP_DPC_CTL)? & PCI_EXP_DPC_CTL_EN_MASK != 0;
+        }
+        Ok(s)
+    }
+
+    /// Whether anything must be masked for the link drop.
+    pub fn needs_guard(&self) -> bool {
+        self.hotplug_events || self.surprise_down_unmasked
+    }
+
+    /// One line for `check` and `status`.
+    pub fn summary(&self) -> String {
+        let Some(port) = self.port else {
+            return "on the root bus: no upstream port".into();
+        };
+        let hp = match (self.slot_control, self.hotplug_events) {
+            (None, _) => "no hotplug slot".to_string(),
+            (Some(c), true) => format!("hotplug events on (SltCtl {c:#06x}): masked during a reset"),
+            (Some(c), false) => format!("hotplug slot, events off (SltCtl {c:#06x})"),
+        };
+        let aer = match (self.aer_uncor_mask, self.surprise_down_unmasked) {
+            (None, _) => "no AER".to_string(),
+            (Some(_), true) => "AER Surprise Down reported: masked during a reset".to_string(),
+            (Some(_), false) => "AER Surprise Down masked".to_string(),
+        };
+        let dpc = if self.dpc_enabled {
+            "DPC enabled: a reset is refused unless allowed (allow_dpc)"
+        } else {
+            "no DPC"
+        };
+        format!("upstream port {port}: {hp}; {aer}; {dpc}")
+    }
+}
+
+/// The port registers a guard changed, with their values before: restored at post and, after a
+/// SIGKILL, from the crash record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub port: Bdf,
+    /// (offset of Slot Control, value before).
+    pub slot_control: Option<(u16, u16)>,
+    /// (offset of the AER capability, Uncorrectable Error Mask before).
+    pub aer_mask: Option<(u16, u32)>,
+}
+
+impl PortRecord {
+    /// What a guard of `s` will change.
+    pub fn plan(s: &PortState) -> Option<PortRecord> {
+        let port = s.port?;
+        let slot_control = s
+            .hotplug_events
+            .then(|| Some((s.slot_control_at?, s.slot_control?)))
+            .flatten();
+        let aer_mask = s
+            .surprise_down_unmasked
+            .then(|| Some((s.aer_at?, s.aer_uncor_mask?)))
+            .flatten();
+        (slot_control.is_some() || aer_mask.is_some()).then_some(PortRecord {
+            port,
+            slot_control,
+            aer_mask,
+        })
+    }
+
+    /// Masks the link-drop reports. On a failure the caller restores what this record names.
+    pub fn apply(&self, cfg: &mut dyn ConfigSpace) -> std::io::Result<()> {
+        if let Some((at, ctl)) = self.slot_control {
+            cfg.write16(at, ctl & !(PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE))?;
+        }
+        if let Some((aer, mask)) = self.aer_mask {
+            cfg.write32(aer + PCI_ERR_UNCOR_MASK, mask | PCI_ERR_UNC_SURPDN)?;
+        }
+        Ok(())
+    }
+
+    /// Clears what the link drop latched (write-1-to-clear), then puts the enables back, as
+    /// `pciehp_reset_slot` does. Returns one line per register restored.
+    pub fn restore(&self, cfg: &mut dyn ConfigSpace) -> Result<Vec<String>, String> {
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        if let Some((at, ctl)) = self.slot_control {
+            let sta = at - PCI_EXP_SLTCTL + PCI_EXP_SLTSTA;
+            match cfg
+                .write16(sta, PCI_EXP_SLTSTA_PDC | PCI_EXP_SLTSTA_DLLSC)
+                .and_then(|()| cfg.write16(at, ctl))
+            {
+                Ok(()) => done.push(format!("{} SltCtl {ctl:#06x}", self.port)),
+                Err(e) => errors.push(format!("{} SltCtl: {e}", self.port)),
+            }
+        }
+        if let Some((aer, mask)) = self.aer_mask {
+            match cfg
+                .write32(aer + PCI_ERR_UNCOR_STATUS, PCI_ERR_UNC_SURPDN)
+                .and_then(|()| cfg.write32(aer + PCI_ERR_UNCOR_MASK, mask))
+            {
+                Ok(()) => done.push(format!("{} AER UncorMask {mask:#010x}", self.port)),
+                Err(e) => errors.push(format!("{} AER UncorMask: {e}", self.port)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(done)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+/// Offset of the PCI Express capability (at most 48 list entries).
+fn capability(cfg: &mut dyn ConfigSpace) -> std::io::Result<Option<u16>> {
+    let status = cfg.read16(PCI_STATUS)?;
+    if status == 0xffff || status & PCI_STATUS_CAP_LIST == 0 {
+        return Ok(None);
+    }
+    let mut pos = cfg.read16(PCI_CAPABILITY_LIST)? & 0xfc;
+    for _ in 0..48 {
+        if pos < 0x40 {
+            return Ok(None);
+        }
+        let hdr = cfg.read16(pos)?;
+        if hdr as u8 == PCI_CAP_ID_EXP {
+            return Ok(Some(pos));
+        }
+        pos = (hdr >> 8) & 0xfc;
+    }
+    Ok(None)
+}
+
+/// Offset of extended capability `id` (at most 96 entries); None where extended config space
+/// cannot be read (conventional PCI, or a short read without root).
+fn ext_capability(cfg: &mut dyn ConfigSpace, id: u16) -> Option<u16> {
+    let mut pos = EXT_CAP_START;
+    for _ in 0..96 {
+        let hdr = cfg.read32(pos).ok()?;
+        if hdr == 0 || hdr == u32::MAX {
+            return None;
+        }
+        if hdr as u16 == id {
+            return Some(pos);
+        }
+        pos = (hdr >> 20) as u16 & 0xffc;
+        if pos < EXT_CAP_START {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub mod fake {
+    use super::ConfigSpace;
+
+    /// 4 KiB of config space in memory; write-1-to-clear is not modelled, writes are logged.
+    pub struct FakeConfig {
+        pub bytes: Vec<u8>,
+        pub writes: Vec<(u16, u32)>,
+        pub read_only: bool,
+    }
+
+    impl FakeConfig {
+        /// A root port with a PCIe capability at 0x40 (slot implemented, hotplug capable,
+        /// SltCtl `sltctl`), AER at 0x100 with `mask`, and DPC at 0x140 with control `dpc`.
+        pub fn root_port(sltctl: u16, mask: u32, dpc: u16) -> FakeConfig {
+            let mut c = FakeConfig {
+                bytes: vec![0; 4096],
+                writes: Vec::new(),
+                read_only: false,
+            };
+            c.put16(0x06, 0x0010);
+            c.put16(0x34, 0x40);
+            c.put16(0x40, 0x0010); // PCIe cap, last in the list
+            c.put16(0x42, 0x0142); // v2, root port, slot implemented
+            c.put32(0x54, 0x0000_0040); // SltCap.HPC
+            c.put16(0x58, sltctl);
+            c.put32(0x100, 0x1401_0001); // AER v1, next 0x140
+            c.put32(0x108, mask);
+            c.put32(0x140, 0x0001_001d); // DPC, last
+            c.put16(0x146, dpc);
+            c
+        }
+
+        pub fn put16(&mut self, off: u16, v: u16) {
+            self.bytes[off as usize..off as usize + 2].copy_from_slice(&v.to_le_bytes());
+        }
+
+        pub fn put32(&mut self, off: u16, v: u32) {
+            self.bytes[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
+        }
+
+        pub fn get16(&self, off: u16) -> u16 {
+            u16::from_le_bytes([self.bytes[off as usize], self.bytes[off as usize + 1]])
+        }
+
+        pub fn get32(&self, off: u16) -> u32 {
+            let o = off as usize;
+            u32::from_le_bytes(self.bytes[o..o + 4].try_into().unwrap())
+        }
+
+        fn refuse(&self) -> std::io::Result<()> {
+            if self.read_only {
+                return Err(std::io::Error::from_raw_os_error(1));
+            }
+            Ok(())
+        }
+    }
+
+    impl ConfigSpace for FakeConfig {
+        fn read16(&mut self, off: u16) -> std::io::Result<u16> {
+            Ok(self.get16(off))
+        }
+        fn read32(&mut self, off: u16) -> std::io::Result<u32> {
+            Ok(self.get32(off))
+        }
+        fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
+            self.refuse()?;
+            self.writes.push((off, v as u32));
+            self.put16(off, v);
+            Ok(())
+        }
+        fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()> {
+            self.refuse()?;
+            self.writes.push((off, v));
+            self.put32(off, v);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeConfig;
+    use super::*;
+
+    fn port() -> Bdf {
+        "0000:00:1c.0".parse().unwrap()
+    }
+
+    #[test]
+    fn reads_hotplug_aer_and_dpc_state() {
+        // pciehp's usual enables: PDCE | HPIE | DLLSCE | CCIE.
+        let mut c = FakeConfig::root_port(0x1038, 0, 0);
+        let s = PortState::read(port(), &mut c).unwrap();
+        assert_eq!(s.slot_control, Some(0x1038));
+        assert!(s.hotplug_events && s.surprise_down_unmasked && !s.dpc_enabled);
+        assert!(s.needs_guard());
+        assert!(s.summary().contains("masked during a reset"), "{}", s.summary());
+
+        let mut quiet = FakeConfig::root_port(0x0020, PCI_ERR_UNC_SURPDN, 0x0001);
+        let s = PortState::read(port(), &mut quiet).unwrap();
+        assert!(!s.hotplug_events && !s.surprise_down_unmasked && s.dpc_enabled);
+        assert!(!s.needs_guard());
+        assert!(s.summary().contains("DPC enabled"), "{}", s.summary());
+        assert_eq!(PortRecord::plan(&s), None, "nothing to mask");
+
+        // No slot: Slot Control is not the port's to touch.
+        let mut noslot = FakeConfig::root_port(0x1038, 0, 0);
+        noslot.put16(0x42, 0x0042);
+        let s = PortState::read(port(), &mut noslot).unwrap();
+        assert_eq!((s.slot_control, s.hotplug_events), (None, false));
+    }
+
+    #[test]
+    fn the_guard_masks_only_link_drop_reports_and_restores_them() {
+        let mut c = FakeConfig::root_port(0x1038, 0x0040_0000, 0);
+        let s = PortState::read(port(), &mut c).unwrap();
+        let rec = PortRecord::plan(&s).unwrap();
+        assert_eq!(rec.slot_control, Some((0x58, 0x1038)));
+        assert_eq!(rec.aer_mask, Some((0x100, 0x0040_0000)));
+        rec.apply(&mut c).unwrap();
+        // HPIE and CCIE stay; PDCE and DLLSCE go. Other mask bits stay.
+        assert_eq!(c.get16(0x58), 0x0030);
+        assert_eq!(c.get32(0x108), 0x0040_0020);
+        c.writes.clear();
+        let done = rec.restore(&mut c).unwrap();
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert_eq!(
+            c.writes,
+            vec![
+                (0x5a, 0x0108), // SltSta: PDC | DLLSC cleared (RW1C)
+                (0x58, 0x1038),
+                (0x104, 0x20), // Surprise Down status cleared (RW1C)
+                (0x108, 0x0040_0000),
+            ],
+            "latched status cleared before the enables return"
+        );
+    }
+
+    #[test]
+    fn a_port_that_refuses_writes_reports_it() {
+        let mut c = FakeConfig::root_port(0x1038, 0, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        c.read_only = true;
+        assert!(rec.apply(&mut c).is_err());
+        let e = rec.restore(&mut c).unwrap_err();
+        assert!(e.contains("SltCtl") && e.contains("AER"), "{e}");
+    }
+
+    #[test]
+    fn a_card_on_the_root_bus_has_no_port() {
+        let s = PortState::default();
+        assert_eq!(PortRecord::plan(&s), None);
+        assert!(s.summary().contains("root bus"));
+    }
+}
