@@ -415,6 +415,10 @@ pub fn run(host: &Host) -> Vec<Check> {
                     false,
                 ));
                 out.push(port_check(&t, lockdown.as_deref()));
+                out.push(match crate::power::plan(&host.sysfs, &t.dev, crate::power::Choice::Auto) {
+                    Ok(p) => Check::new("power-cycle", Level::Info, format!("{}: a card off the link can be power-cycled ({:?}, `qcom-reset power-cycle`)", t.bdf, p.method), None, false),
+                    Err(why) => Check::new("power-cycle", Level::Info, format!("{}: {why}", t.bdf), None, false),
+                });
             }
         }
         Err(e) => out.push(Check::new(

@@ -49,9 +49,33 @@ pub enum Command {
     Status(StatusArgs),
     /// The auto-remediation agent: trace releases and failed resets, reset targets left stuck.
     Run(RunArgs),
+    /// For a card off the link ("rev ff"): cut and restore its slot's power from user space
+    /// (hotplug slot power, or D3cold of its port), then reset and verify it as `reset` does.
+    /// Only for a target alone below its port.
+    PowerCycle(PowerCycleArgs),
     /// Write the man pages (one per subcommand) and shell completions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub struct PowerCycleArgs {
+    /// PCI address, e.g. 0000:03:00.0
+    pub bdf: Bdf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// How to cut the power; `d3cold` also without firmware power resources (then only a
+    /// remove/rescan).
+    #[arg(long, value_enum, default_value_t = qcom_reset::power::Choice::Auto)]
+    pub method: qcom_reset::power::Choice,
+    /// Print the plan and touch nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after the power cycle (no reset and verify).
+    #[arg(long)]
+    pub no_reset: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

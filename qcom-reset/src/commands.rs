@@ -13,7 +13,9 @@ use qcom_reset::sysfs::PciSysfs;
 use qcom_reset::verdict::Health;
 use qcom_reset::{Error, regs};
 
-use crate::cli::{Cli, Command, HostArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs};
+use crate::cli::{
+    Cli, Command, HostArgs, PowerCycleArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs,
+};
 
 /// Exit code when a reset ran but the device is not clean afterwards.
 const EXIT_UNHEALTHY: u8 = 2;
@@ -46,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reset(a) => reset_cmd(&host, a),
         Command::Status(a) => status_cmd(&host, a),
         Command::Run(a) => run_cmd(host, a),
+        Command::PowerCycle(a) => power_cycle_cmd(&host, a),
         Command::GenerateAssets { dir } => generate_assets(&dir),
     }
 }
@@ -591,4 +594,63 @@ fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn) -> Str
             p.name
         ),
     }
+}
+
+fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
+    use qcom_reset::power;
+    let cfg = device_config(a.device.config.clone())?;
+    let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
+    let by_config = cfg.device_with_ids(a.bdf, ids);
+    let profile = a.device.profile.clone().or(by_config.profile);
+    let bar = a.device.bar.or(by_config.bar);
+    let t = engine::inspect(host, a.bdf, profile.as_deref(), bar)?;
+    if let Some(e) = t.refusal(false) {
+        return Err(e.into());
+    }
+    let plan = power::plan(&host.sysfs, &t.dev, a.method).map_err(|why| Error::NoPowerCycle {
+        bdf: a.bdf,
+        why,
+    })?;
+    if a.dry_run {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            println!("{}: would power-cycle through {:?} (port {}), then reset and verify", plan.target, plan.method, plan.port);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    require_root()?;
+    {
+        let _lock = qcom_reset::lock::DeviceLock::acquire(&host.run_dir, a.bdf, host.lock_wait)?;
+        let mut log = |s: &str| eprintln!("{}: power: {s}", a.bdf);
+        power::run(&host.sysfs, &host.run_dir, &plan, &mut log)?;
+    }
+    if a.no_reset {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let req = Request {
+        bdf: a.bdf,
+        profile,
+        bar,
+        experimental: OptIn::all(),
+        allow_dpc: cfg.allow_dpc,
+        allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
+        ..Request::new(a.bdf)
+    };
+    let access = a.device.access;
+    let report = engine::reset(
+        host,
+        &req,
+        &mut |dev, own| backend::open(dev, access, own),
+        access.name(),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(match report.verdict.as_ref().map(|v| v.health) {
+        Some(Health::Clean) => ExitCode::SUCCESS,
+        _ => ExitCode::from(2),
+    })
 }

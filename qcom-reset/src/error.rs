@@ -31,6 +31,10 @@ pub enum Error {
         "DPC is enabled on the port {port} above {bdf}: the reset's link drop would be contained by disabling the link; accept that with allow_dpc = true (--allow-dpc)"
     )]
     Dpc { bdf: Bdf, port: Bdf },
+    #[error("power cycle of {bdf} failed: {why}")]
+    PowerCycle { bdf: Bdf, why: String },
+    #[error("{bdf} cannot be power-cycled: {why}")]
+    NoPowerCycle { bdf: Bdf, why: String },
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::devices::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a

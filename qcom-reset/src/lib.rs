@@ -8,6 +8,7 @@ mod error;
 pub mod holders;
 pub mod io;
 pub mod lock;
+pub mod power;
 pub mod regs;
 pub mod sequence;
 pub mod session;

@@ -341,6 +341,12 @@ impl Agent {
             }
             return;
         }
+        let host = &self.shared.host;
+        for bdf in crate::power::pending(&host.run_dir) {
+            if let Some(said) = crate::power::recover(&host.sysfs, &host.run_dir, bdf) {
+                warn!(bdf = %bdf, "{said}");
+            }
+        }
         let (host, open) = (self.shared.host.clone(), self.shared.open.clone());
         let done = tokio::task::spawn_blocking(move || {
             engine::recover_pending(&host, &mut |d, o| open(d, o))

@@ -42,6 +42,10 @@ pub enum Scenario {
     /// Behind the root port: the port's hotplug events and AER Surprise Down are masked while
     /// the agent resets the modem, and restored after (QEMU never drops the link itself).
     Port,
+    /// `qcom-reset power-cycle` behind the root port: the function is removed, the port put
+    /// through runtime PM (QEMU has no _PR3: D3hot, no real power cut), rescanned, rebound to
+    /// vfio-pci with autoprobe held off, then reset and verified clean.
+    Power,
 }
 
 /// Where the simulated card sits.
@@ -116,7 +120,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -131,6 +135,7 @@ impl Scenario {
         Scenario::Reload,
         Scenario::Container,
         Scenario::Port,
+        Scenario::Power,
     ];
 
     pub fn name(self) -> &'static str {
@@ -149,6 +154,7 @@ impl Scenario {
             Scenario::Container => "container",
             Scenario::Preflight => "preflight",
             Scenario::Port => "port",
+            Scenario::Power => "power",
         }
     }
 
@@ -174,7 +180,7 @@ impl Scenario {
         // The probes scenario brings its own devices in both topologies; a port needs one.
         let topologies = if self.simulator().is_none() {
             &[Topology::RootBus][..]
-        } else if self == Scenario::Port {
+        } else if matches!(self, Scenario::Port | Scenario::Power) {
             &[Topology::RootPort][..]
         } else {
             topologies
@@ -200,7 +206,8 @@ impl Scenario {
             | Scenario::Graceful
             | Scenario::Observe
             | Scenario::Reload
-            | Scenario::Container => Some(("wcn6855", "")),
+            | Scenario::Container
+            | Scenario::Power => Some(("wcn6855", "")),
             Scenario::LoopModem
             | Scenario::Bind
             | Scenario::Own
@@ -249,6 +256,7 @@ impl Scenario {
             Scenario::Container => container(),
             Scenario::Preflight => PREFLIGHT.to_string(),
             Scenario::Port => port(),
+            Scenario::Power => power(),
         };
         format!("{LIB}\n{body}")
     }
@@ -274,6 +282,7 @@ impl Scenario {
             Scenario::Container => check_container(run, console, sim),
             Scenario::Preflight => check_preflight(console),
             Scenario::Port => check_port(console, sim),
+            Scenario::Power => check_power(console, sim),
         }
     }
 }
@@ -505,6 +514,21 @@ sleep 1
 vmlab-guest port-regs $D >> /tmp/port.txt
 dump port /tmp/port.txt{STOP_AND_DUMP}"#,
         setup("sdx65", "", true)
+    )
+}
+
+fn power() -> String {
+    format!(
+        r#"{}
+echo "VMLAB slots: $(for s in /sys/bus/pci/slots/*; do echo "$s=$(cat $s/address 2>/dev/null) power=$([ -e $s/power ] && cat $s/power)"; done)"
+qcom-reset power-cycle $D --dry-run > /tmp/plan.txt 2>&1; echo "plan-rc=$?" >> /tmp/plan.txt
+dump plan /tmp/plan.txt
+qcom-reset power-cycle $D --method d3cold --json > /tmp/pc.json 2>/tmp/pc.err; echo "VMLAB pc-rc=$?"
+dump pc-out /tmp/pc.err
+dump pc-report /tmp/pc.json
+echo "VMLAB after driver=$(basename $(readlink /sys/bus/pci/devices/$D/driver)) autoprobe=$(cat /sys/bus/pci/drivers_autoprobe) override=$(cat /sys/bus/pci/devices/$D/driver_override) record=$(ls /run/qcom-reset/*.power.json 2>/dev/null | wc -l)"
+"#,
+        setup("wcn6855", "", true)
     )
 }
 
@@ -870,6 +894,43 @@ fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>>
         format!("port {}: SltCtl {ctl0:#06x} -> {:#06x} during -> {ctl0:#06x}", before["port"], ctl0 & !SLTCTL_PDCE_DLLSCE),
         format!("AER UncorMask {mask0:#010x} -> {:#010x} during -> {mask0:#010x}", mask0 | AER_SURPDN),
         format!("restored: {restored}"),
+    ])
+}
+
+fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let plan = section(console, "plan").join("\n");
+    let out = section(console, "pc-out").join("\n");
+    ensure!(
+        console.contains("VMLAB pc-rc=0"),
+        "power-cycle failed:\n{out}\n{}",
+        section(console, "pc-report").join("\n")
+    );
+    for step in ["removed", "rescanned", "is back"] {
+        ensure!(out.contains(step), "no {step:?} step:\n{out}");
+    }
+    let after = console
+        .lines()
+        .find_map(|l| l.split("VMLAB after ").nth(1))
+        .context("no after line")?;
+    ensure!(
+        after.contains("driver=vfio-pci")
+            && after.contains("autoprobe=1")
+            && after.contains("override=vfio-pci")
+            && after.contains("record=0"),
+        "the function came back wrong: {after}"
+    );
+    let report: Value = serde_json::from_str(section(console, "pc-report").join("").trim())
+        .context("no JSON report after the power cycle")?;
+    ensure!(
+        report["verdict"]["health"] == "clean",
+        "reset after the power cycle: {report}"
+    );
+    check_sim(sim, "wlan", 3)?;
+    let port_line = out.lines().find(|l| l.contains("port ") && l.contains("reached")).unwrap_or("");
+    Ok(vec![
+        format!("plan: {}", plan.lines().next().unwrap_or("")),
+        format!("{}", port_line.trim()),
+        format!("after: {after}; reset verdict clean"),
     ])
 }
 
