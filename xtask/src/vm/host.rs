@@ -39,6 +39,10 @@ impl Apt {
                 "deb http://deb.debian.org/debian-security {s}-security main\n"
             ));
         }
+        // New suites need a fresh `apt-get update`, whatever the stamp says.
+        if std::fs::read_to_string(dir.join("sources.list")).ok().as_deref() != Some(list.as_str()) {
+            let _ = std::fs::remove_file(dir.join("updated"));
+        }
         std::fs::write(dir.join("sources.list"), list)?;
         Ok(Apt { dir })
     }
