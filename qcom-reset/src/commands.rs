@@ -347,7 +347,15 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
             "{} {} ({:04x}:{:04x}, {})",
             t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
         );
-        println!("  profile: {}", profile_status(&t.profile, &cfg.experimental));
+        let named = a.device.profile.is_some()
+            || cfg
+                .device_with_ids(t.bdf, Some((t.vendor, t.device)))
+                .profile
+                .is_some();
+        println!(
+            "  profile: {}",
+            profile_status(&t.profile, &cfg.experimental, named)
+        );
         match engine::upstream_port(t) {
             Ok(p) => println!("  port: {}", p.summary()),
             Err(e) => println!("  port: unreadable ({e})"),
@@ -579,14 +587,15 @@ fn present(host: &Host) -> Vec<(qcom_reset::bdf::Bdf, (u16, u16))> {
         .collect()
 }
 
-/// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`.
-fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn) -> String {
+/// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`. A
+/// profile the configuration or `--profile` names for the device is opted in.
+fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn, named: bool) -> String {
     use qcom_reset::devices::Status as ProfileStatus;
     let upstream = if p.upstream { "yes" } else { "no" };
     let quirk = p.quirk.map(|q| format!("; {q}")).unwrap_or_default();
     match p.status {
         ProfileStatus::Reviewed => format!("reviewed (upstream quirk: {upstream}){quirk}"),
-        ProfileStatus::Experimental if opt_in.allows(p) => {
+        ProfileStatus::Experimental if named || opt_in.allows(p) => {
             format!("experimental, opted in (upstream quirk: {upstream}){quirk}")
         }
         ProfileStatus::Experimental => format!(

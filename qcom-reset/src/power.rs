@@ -185,6 +185,11 @@ fn cycle(plan: &Plan, port: &SysfsDevice, target: &Path, step: &mut dyn FnMut(St
             std::thread::sleep(Duration::from_secs(1));
             write(&slot.join("power"), "1")?;
             step(format!("slot {} powered on", slot.display()));
+            // pciehp enumerates once the link is up; if it has not, ask the port to rescan.
+            if wait_for("pciehp", Duration::from_secs(10), || target.exists()).is_err() {
+                port.write("rescan", "1")?;
+                step(format!("not enumerated by pciehp within 10 s; port {} rescanned", plan.port));
+            }
         }
         Method::D3cold { power_resources } => {
             write(&target.join("remove"), "1")?;

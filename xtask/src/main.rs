@@ -72,6 +72,18 @@ enum Cmd {
         #[arg(long)]
         verbose: bool,
     },
+    /// Benchmarks in the VM lab against bpftrace in the same guest: attach time, detection
+    /// latency percentiles, reset overhead, memory and idle cost, four cards at once.
+    BenchLab {
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        /// Releases of the WLAN card (each reset and verified) for the latency percentiles.
+        #[arg(long, default_value_t = 100)]
+        releases: usize,
+        /// Seconds the agent sits idle while its CPU time and wakeups are counted.
+        #[arg(long = "idle", default_value_t = 60)]
+        idle_s: u64,
+    },
     /// The WLAN loop scenario, narrated: how the product works without the hardware.
     Demo {
         #[arg(long, default_value = "6.1")]
@@ -164,6 +176,15 @@ fn main() -> anyhow::Result<()> {
             verbose,
         } => vm::vm_test(&kernels, &scenarios, topology.topologies(), verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
+        Cmd::BenchLab {
+            kernel,
+            releases,
+            idle_s,
+        } => vm::bench::bench_lab(&vm::bench::Options {
+            kernel,
+            releases,
+            idle_s,
+        }),
         Cmd::Mutants { files } => mutants::run(&files),
         Cmd::Package { test } => package::run(test),
         Cmd::Licenses => licenses::check(),

@@ -73,12 +73,12 @@ impl NsTgid {
 
 pub struct Probes {
     ebpf: Ebpf,
-    vmlinux: btf_rs::Btf,
     /// The VFIO bracket links, while attached: (program name, link).
     vfio_links: Option<Vec<(String, KProbeLinkId)>>,
     /// vfio_pci_core is built into the kernel (CONFIG_VFIO_PCI_CORE=y, Ubuntu/Proxmox style):
-    /// its struct is in vmlinux BTF and it never loads or unloads.
-    vfio_builtin: bool,
+    /// its struct is in vmlinux BTF and it never loads or unloads. The parsed BTF itself is
+    /// not kept (tens of MB): a module load parses it again.
+    vfio_builtin: Option<VfioLayout>,
     pub attachments: Vec<Attachment>,
 }
 
@@ -148,11 +148,13 @@ impl Probes {
         for (v, d) in &opts.targets {
             targets.insert(&target_key(*v, *d), &1, 0)?;
         }
-        let vfio_builtin = !Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE).exists()
-            && layout::vfio(&vmlinux).is_ok();
+        let vfio_builtin = if Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE).exists() {
+            None
+        } else {
+            layout::vfio(&vmlinux).ok()
+        };
         Ok(Probes {
             ebpf,
-            vmlinux,
             vfio_links: None,
             vfio_builtin,
             attachments: Vec::new(),
@@ -241,7 +243,7 @@ impl Probes {
     /// kernel disarms kprobes on a module's functions when the module goes). Returns whether
     /// anything changed.
     pub fn sync_vfio(&mut self) -> bool {
-        let present = self.vfio_builtin || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
+        let present = self.vfio_builtin.is_some() || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
         match (present, self.vfio_links.is_some()) {
             (true, false) => self.attach_vfio(),
             (false, true) => self.detach_vfio(),
@@ -268,7 +270,7 @@ impl Probes {
                 Ok(l) => {
                     links.extend(l);
                     self.vfio_builtin
-                        .then(|| "vfio_pci_core is built into this kernel".to_string())
+                        .map(|_| "vfio_pci_core is built into this kernel".to_string())
                 }
                 Err(e) => Some(e),
             };
@@ -302,11 +304,13 @@ impl Probes {
     }
 
     fn vfio_layout(&self) -> Result<VfioLayout, String> {
-        if self.vfio_builtin {
-            return layout::vfio(&self.vmlinux).map_err(|e| e.to_string());
+        if let Some(l) = self.vfio_builtin {
+            return Ok(l);
         }
+        let vmlinux =
+            layout::load_vmlinux(Path::new(layout::VMLINUX_BTF)).map_err(|e| e.to_string())?;
         let path = Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE);
-        let btf = layout::load_module(&path, &self.vmlinux).map_err(|e| e.to_string())?;
+        let btf = layout::load_module(&path, &vmlinux).map_err(|e| e.to_string())?;
         layout::vfio(&btf).map_err(|e| e.to_string())
     }
 

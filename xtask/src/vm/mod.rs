@@ -1,5 +1,6 @@
 //! `cargo xtask vm-test` and `cargo xtask demo`: Debian's own kernels under QEMU, our static
 //! binaries inside, the firmware simulator behind a real PCI BAR (ivshmem) on the host.
+pub mod bench;
 mod builtin;
 mod host;
 mod initramfs;
@@ -109,15 +110,20 @@ impl Sim {
     }
 
     fn qemu_args(&self, topology: Topology) -> Vec<String> {
-        let mut args = vec![
-            "-object".into(),
-            format!(
-                "memory-backend-file,id=simbar,share=on,mem-path={},size=1M",
-                self.shm.display()
-            ),
-        ];
+        let mut args = self.memory("simbar");
         args.extend(topology.ivshmem("simbar"));
         args
+    }
+
+    /// The shared memory as QEMU memory backend `id`.
+    fn memory(&self, id: &str) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!(
+                "memory-backend-file,id={id},share=on,mem-path={},size=1M",
+                self.shm.display()
+            ),
+        ]
     }
 
     fn finish(mut self) -> anyhow::Result<serde_json::Value> {
@@ -197,7 +203,17 @@ fn kernel(wanted: &str) -> anyhow::Result<host::Kernel> {
 }
 
 fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::Initramfs> {
-    let ird = initramfs::Initramfs::new(k, &["vfio-pci", "vfio_iommu_type1"])?;
+    guest_image_with(k, bins, &[])
+}
+
+fn guest_image_with(
+    k: &host::Kernel,
+    bins: &Binaries,
+    extra_modules: &[&str],
+) -> anyhow::Result<initramfs::Initramfs> {
+    let mut modules = vec!["vfio-pci", "vfio_iommu_type1"];
+    modules.extend_from_slice(extra_modules);
+    let ird = initramfs::Initramfs::new(k, &modules)?;
     ird.add_text("/init", scenarios::INIT, 0o755)?;
     ird.add(&bins.qcom_reset, "/bin/qcom-reset")?;
     ird.add(&bins.guest, "/bin/vmlab-guest")?;

@@ -46,6 +46,10 @@ pub enum Scenario {
     /// through runtime PM (QEMU has no _PR3: D3hot, no real power cut), rescanned, rebound to
     /// vfio-pci with autoprobe held off, then reset and verified clean.
     Power,
+    /// A modem added by ID (`[[device]] ids = "1af4:1110" profile = "sdx55"`, an experimental
+    /// profile named for it) is reset like any target; `status` and `reset --only-targets` follow
+    /// the rule too.
+    ById,
 }
 
 /// Where the simulated card sits.
@@ -120,7 +124,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -136,6 +140,7 @@ impl Scenario {
         Scenario::Container,
         Scenario::Port,
         Scenario::Power,
+        Scenario::ById,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +160,7 @@ impl Scenario {
             Scenario::Preflight => "preflight",
             Scenario::Port => "port",
             Scenario::Power => "power",
+            Scenario::ById => "by-id",
         }
     }
 
@@ -212,7 +218,8 @@ impl Scenario {
             | Scenario::Bind
             | Scenario::Own
             | Scenario::Kill
-            | Scenario::Port => {
+            | Scenario::Port
+            | Scenario::ById => {
                 Some(("sdx65", ""))
             }
             Scenario::Fault => Some(("wcn6855", "never-returns")),
@@ -257,6 +264,7 @@ impl Scenario {
             Scenario::Preflight => PREFLIGHT.to_string(),
             Scenario::Port => port(),
             Scenario::Power => power(),
+            Scenario::ById => by_id(),
         };
         format!("{LIB}\n{body}")
     }
@@ -283,6 +291,7 @@ impl Scenario {
             Scenario::Preflight => check_preflight(console),
             Scenario::Port => check_port(console, sim),
             Scenario::Power => check_power(console, sim),
+            Scenario::ById => check_by_id(run, console, sim),
         }
     }
 }
@@ -299,7 +308,7 @@ echo "VMLAB-RC=$rc at $(cut -d' ' -f1 /proc/uptime)s"
 sync; poweroff -f
 "#;
 
-const LIB: &str = r#"
+pub const LIB: &str = r#"
 dev_by_id() { for d in /sys/bus/pci/devices/$3*; do [ "$(cat $d/vendor)" = "$1" ] && [ "$(cat $d/device)" = "$2" ] && { basename $d; return 0; }; done; return 1; }
 bind_vfio() { echo vfio-pci > /sys/bus/pci/devices/$1/driver_override; [ -e /sys/bus/pci/devices/$1/driver ] && echo $1 > /sys/bus/pci/devices/$1/driver/unbind; echo $1 > /sys/bus/pci/drivers_probe; }
 wait_for() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i+1)); [ $i -gt $(($3*10)) ] && { echo "VMLAB timeout waiting for $2 in $1"; return 1; }; sleep 0.1; done; }
@@ -347,6 +356,15 @@ dump trace-kprobe /tmp/kp.json
 /// Finds the ivshmem device, binds it to vfio-pci unless `bind` is false, and writes the agent
 /// configuration treating it as `profile`; `extra` goes at the top level.
 fn setup(profile: &str, extra: &str, bind: bool) -> String {
+    setup_with(
+        &format!("[devices.\"$D\"]\nprofile = \"{profile}\"\nbar = 2"),
+        extra,
+        bind,
+    )
+}
+
+/// Like [`setup`], with the card's configuration section given (e.g. a `[[device]]` rule).
+fn setup_with(device: &str, extra: &str, bind: bool) -> String {
     // The device was stuck before the test: unless the scenario asks, only its events trigger.
     let rescan = if extra.contains("rescan =") {
         ""
@@ -363,9 +381,7 @@ cat > /etc/qcom-reset/config.toml <<CONFIG
 journal = "/tmp/journal.jsonl"
 state_file = "/tmp/state.json"
 {extra}
-[devices."$D"]
-profile = "{profile}"
-bar = 2
+{device}
 CONFIG
 "#,
         if bind { "bind_vfio $D" } else { "" }
@@ -499,6 +515,23 @@ wait_for /tmp/journal.jsonl '"type":"action"' 90
 sleep 3
 {STOP_AND_DUMP}"#,
         setup("wcn6855", "access = \"vfio\"", true)
+    )
+}
+
+fn by_id() -> String {
+    format!(
+        r#"{}
+qcom-reset status $D > /tmp/status.txt 2>&1; echo "status-rc=$?" >> /tmp/status.txt
+dump status /tmp/status.txt
+{START_AGENT}
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '"type":"action"' 90
+{STOP_AND_DUMP}"#,
+        setup_with(
+            "[[device]]\nids = \"1af4:1110\"\nprofile = \"sdx55\"\nbar = 2",
+            "",
+            true
+        )
     )
 }
 
@@ -817,6 +850,22 @@ fn check_loop(
         ),
         format!("simulator: {writes} write(s), in the reviewed order, values and delays"),
     ])
+}
+
+fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let status = section(console, "status").join("\n");
+    ensure!(
+        status.contains("sdx55") && status.contains("experimental, opted in") && status.contains("status-rc=0"),
+        "status must show the card as the experimental sdx55 it was configured as:\n{status}"
+    );
+    let mut notes = check_loop(run, console, sim, "modem", 1)?;
+    let profile = actions(console)
+        .first()
+        .map(|a| a["report"]["profile"].clone())
+        .unwrap_or_default();
+    ensure!(profile == "sdx55", "reset as profile {profile}");
+    notes.insert(0, "[[device]] ids = \"1af4:1110\" -> experimental sdx55: reset, clean".into());
+    Ok(notes)
 }
 
 fn check_container(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
