@@ -560,12 +560,6 @@ qcom-reset power-cycle $D --method d3cold --json > /tmp/pc.json 2>/tmp/pc.err; e
 dump pc-out /tmp/pc.err
 dump pc-report /tmp/pc.json
 echo "VMLAB after driver=$(basename $(readlink /sys/bus/pci/devices/$D/driver)) autoprobe=$(cat /sys/bus/pci/drivers_autoprobe) override=$(cat /sys/bus/pci/devices/$D/driver_override) record=$(ls /run/qcom-reset/*.power.json 2>/dev/null | wc -l)"
-if grep -q 'Slot(' /tmp/plan.txt; then
-  qcom-reset power-cycle $D --method slot --json > /tmp/pc2.json 2>/tmp/pc2.err; echo "VMLAB slot-rc=$?"
-  dump slot-out /tmp/pc2.err
-  dump slot-report /tmp/pc2.json
-  echo "VMLAB slot-after driver=$(basename $(readlink /sys/bus/pci/devices/$D/driver)) autoprobe=$(cat /sys/bus/pci/drivers_autoprobe)"
-fi
 "#,
         setup("wcn6855", "", true)
     )
@@ -990,32 +984,12 @@ fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>
         port_line.trim().to_string(),
         format!("d3cold (remove/rescan): {after}; reset verdict clean"),
     ];
-    // Where pciehp offers the slot's power (Debian's kernels here), the slot method too.
+    // QEMU deletes a device whose slot the guest powers off, so the slot method is planned
+    // (where pciehp offers `power`), not run.
     if plan.contains("Slot(") {
-        let out = section(console, "slot-out").join("\n");
-        let report: Value = serde_json::from_str(section(console, "slot-report").join("").trim())
-            .with_context(|| format!("no report after the slot power cycle:\n{out}"))?;
-        ensure!(
-            console.contains("VMLAB slot-rc=0")
-                && out.contains("powered off")
-                && out.contains("powered on")
-                && out.contains("is back")
-                && report["verdict"]["health"] == "clean",
-            "slot power cycle:\n{out}\n{report}"
-        );
-        let after = console
-            .lines()
-            .find_map(|l| l.split("VMLAB slot-after ").nth(1))
-            .unwrap_or("");
-        ensure!(
-            after.contains("driver=vfio-pci") && after.contains("autoprobe=1"),
-            "after the slot power cycle: {after}"
-        );
-        notes.push(format!("slot power off/on: {after}; reset verdict clean"));
-        check_sim(sim, "wlan", 6)?;
-    } else {
-        check_sim(sim, "wlan", 3)?;
+        notes.push("auto would use the slot's power file (pciehp); not run: QEMU deletes the device".into());
     }
+    check_sim(sim, "wlan", 3)?;
     Ok(notes)
 }
 
