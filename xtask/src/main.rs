@@ -83,6 +83,9 @@ enum Cmd {
         /// Seconds the agent sits idle while its CPU time and wakeups are counted.
         #[arg(long = "idle", default_value_t = 60)]
         idle_s: u64,
+        /// Print the table from a saved guest console (…/runs/<kernel>/bench.log) instead.
+        #[arg(long, value_name = "LOG")]
+        from_log: Option<PathBuf>,
     },
     /// The WLAN loop scenario, narrated: how the product works without the hardware.
     Demo {
@@ -180,10 +183,12 @@ fn main() -> anyhow::Result<()> {
             kernel,
             releases,
             idle_s,
+            from_log,
         } => vm::bench::bench_lab(&vm::bench::Options {
             kernel,
             releases,
             idle_s,
+            from_log,
         }),
         Cmd::Mutants { files } => mutants::run(&files),
         Cmd::Package { test } => package::run(test),
