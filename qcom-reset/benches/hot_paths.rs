@@ -1,6 +1,7 @@
 //! The paths between an event and a written register: decoding a ring-buffer record, judging
 //! registers, running a whole sequence against the simulator (delays are virtual, so this is the
-//! engine's own cost), and the holder scan of /proc that precedes every write.
+//! engine's own cost), and the holder scan of /proc that precedes every write; and the start-up
+//! path (`startup`): parsing this host's vmlinux BTF and resolving the struct layouts.
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
@@ -76,5 +77,33 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(hot_paths, benches);
+/// Start-up: what load + attach spends before the first program reaches the verifier.
+fn startup(c: &mut Criterion) {
+    let vmlinux = Path::new(qcom_reset::probes::layout::VMLINUX_BTF);
+    if !vmlinux.exists() {
+        eprintln!("startup benches skipped: no {}", vmlinux.display());
+        return;
+    }
+    let mut g = c.benchmark_group("startup");
+    g.sample_size(10);
+    g.bench_function("parse vmlinux BTF (btf-rs)", |b| {
+        b.iter(|| qcom_reset::probes::layout::load_vmlinux(black_box(vmlinux)).unwrap())
+    });
+    g.bench_function("parse vmlinux BTF (btf-rs, mmap backend)", |b| {
+        b.iter(|| {
+            let btf = btf_rs::Btf::from_file_with_backend(black_box(vmlinux), btf_rs::Backend::Mmap).unwrap();
+            qcom_reset::probes::layout::pci_dev(&btf).unwrap()
+        })
+    });
+    g.bench_function("parse vmlinux BTF (aya)", |b| {
+        b.iter(|| aya::Btf::from_sys_fs().unwrap())
+    });
+    let btf = qcom_reset::probes::layout::load_vmlinux(vmlinux).unwrap();
+    g.bench_function("resolve struct pci_dev offsets", |b| {
+        b.iter(|| qcom_reset::probes::layout::pci_dev(black_box(&btf)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(hot_paths, benches, startup);
 criterion_main!(hot_paths);
