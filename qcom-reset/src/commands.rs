@@ -436,8 +436,9 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         flavour: cfg.flavour,
     };
     let access = cfg.access;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the event loop and every device's task; resets and checks block in the
+    // blocking pool (threads that exit after 10 s idle), so an idle agent is one sleeping thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     if let Some(old) = check::kernel_too_old(&kernel_release()) {
