@@ -781,3 +781,38 @@ async fn the_agent_recovers_a_killed_session_at_start() {
     assert!(!h.host.run_dir.join(format!("{WLAN}.json")).exists());
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_experimental_device_is_reset_only_when_opted_in() {
+    const QCN: &str = "0000:05:00.0";
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: QCN,
+        device: 0x1109,
+        group: Some("5"),
+        ..Default::default()
+    });
+    let card = SimDevice::new(qcom_reset::sim::Model::new(
+        Family::Wlan,
+        0x17cb,
+        0x1109,
+        SimState::Mission,
+        Faults::default(),
+    ));
+    let mut r = start(&h, test_config(&h), &[(QCN, card.clone())]);
+    r.tx.send(release(QCN, 0x1109)).await.unwrap();
+    r.quiet_for(Duration::from_millis(800)).await;
+    assert_eq!(card.with_model(|m| m.writes.len()), 0, "not opted in: nothing written");
+    r.stop().await;
+
+    let cfg = Config {
+        experimental: qcom_reset::devices::OptIn(vec!["qcn9274".into()]),
+        ..test_config(&h)
+    };
+    let mut r = start(&h, cfg, &[(QCN, card.clone())]);
+    r.tx.send(release(QCN, 0x1109)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.result.as_str(), a.trigger), ("clean", Trigger::Release), "{}", a.detail);
+    assert_eq!(a.report.unwrap().profile, "qcn9274");
+    r.stop().await;
+}

@@ -397,6 +397,11 @@ impl Agent {
             return;
         };
         if !self.shared.is_target(bdf, vendor, device) {
+            if let Some(p) = crate::devices::by_id(vendor, device)
+                && e.kind == Kind::Release
+            {
+                info!(bdf = %bdf, "released; experimental profile {} not opted in (experimental = [\"{}\"]): left alone", p.name, p.name);
+            }
             return;
         }
         let Some(trigger) = Trigger::of_event(&e) else {
