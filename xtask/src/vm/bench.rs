@@ -121,6 +121,7 @@ for i in 1 2 3 4 5; do
   set -- $(vmlab-guest until 'ready-now' /tmp/b$i.log $BT -e 'BEGIN {{ printf("r%s\n", "eady-now"); }} {probes} {{ @s[tid] = nsecs; }} {rets} {{ @d = hist(nsecs - @s[tid]); }}'); echo "VMLAB attach-bpftrace $1"; kill -INT $2; sleep 1
 done
 grep -q Attaching /tmp/b5.log && ! grep -q WARNING /tmp/b5.log || {{ cat /tmp/b5.log; exit 1; }}
+echo "VMLAB agent-spawn $(vmlab-guest now)"
 set -- $(vmlab-guest until "agent running" /tmp/agent.log qcom-reset run); P=$2; echo "VMLAB agent-start $1"
 rss() {{ echo "$(grep -E '^(VmRSS|VmHWM)' /proc/$P/status | tr -s ' \t' ' ' | tr '\n' ' ')threads=$(ls /proc/$P/task | wc -l)"; }}
 cpu() {{ echo "$(cut -d' ' -f14,15 /proc/$P/stat) $(cat /proc/$P/task/*/status | awk '/ctxt_switches/ {{s+=$2}} END {{print s}}') $(vmlab-guest now)"; }}
@@ -144,7 +145,7 @@ wait $pids; until_actions $((n+4)); t1=$(vmlab-guest now)
 echo "VMLAB four-cards $(( (t1-t0)/1000000 ))"
 kill -TERM $P; while kill -0 $P 2>/dev/null; do sleep 0.1; done
 kill -INT $(pidof bpftrace) 2>/dev/null; sleep 1
-dump journal /tmp/journal.jsonl; dump bpftrace /tmp/bt.txt
+dump journal /tmp/journal.jsonl; dump bpftrace /tmp/bt.txt; head -30 /tmp/agent.log
 "#,
         modems = MODEMS.join(" "),
         m1 = MODEMS[0],
