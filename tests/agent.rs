@@ -802,7 +802,11 @@ async fn an_experimental_device_is_reset_only_when_opted_in() {
     let mut r = start(&h, test_config(&h), &[(QCN, card.clone())]);
     r.tx.send(release(QCN, 0x1109)).await.unwrap();
     r.quiet_for(Duration::from_millis(800)).await;
-    assert_eq!(card.with_model(|m| m.writes.len()), 0, "not opted in: nothing written");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        0,
+        "not opted in: nothing written"
+    );
     r.stop().await;
 
     let cfg = Config {
@@ -812,7 +816,12 @@ async fn an_experimental_device_is_reset_only_when_opted_in() {
     let mut r = start(&h, cfg, &[(QCN, card.clone())]);
     r.tx.send(release(QCN, 0x1109)).await.unwrap();
     let a = r.next().await;
-    assert_eq!((a.result.as_str(), a.trigger), ("clean", Trigger::Release), "{}", a.detail);
+    assert_eq!(
+        (a.result.as_str(), a.trigger),
+        ("clean", Trigger::Release),
+        "{}",
+        a.detail
+    );
     assert_eq!(a.report.unwrap().profile, "qcn9274");
     r.stop().await;
 }

@@ -1082,7 +1082,11 @@ fn every_experimental_profile_is_refused_without_opt_in_and_resets_like_its_fami
             Family::Wlan => &wlan_ops,
             Family::Modem => &modem_ops,
         };
-        assert_eq!(&r.ops, want, "{}: not the family's reviewed sequence", p.model);
+        assert_eq!(
+            &r.ops, want,
+            "{}: not the family's reviewed sequence",
+            p.model
+        );
         assert_healthy_after_one_conformant_reset(&h, "0000:06:00.0", &card, &r);
     }
 }

@@ -91,7 +91,9 @@ fn startup(c: &mut Criterion) {
     });
     g.bench_function("parse vmlinux BTF (btf-rs, mmap backend)", |b| {
         b.iter(|| {
-            let btf = btf_rs::Btf::from_file_with_backend(black_box(vmlinux), btf_rs::Backend::Mmap).unwrap();
+            let btf =
+                btf_rs::Btf::from_file_with_backend(black_box(vmlinux), btf_rs::Backend::Mmap)
+                    .unwrap();
             qcom_reset::probes::layout::pci_dev(&btf).unwrap()
         })
     });

@@ -11,8 +11,8 @@ use crate::backend::{LOCKDOWN_PATH, lockdown_mode};
 use crate::devices;
 use crate::engine::{self, Host};
 use crate::probes::layout::NeedsReset;
-use crate::session::port::PortState;
 use crate::probes::{self, layout, loader::KPROBE_PMU};
+use crate::session::port::PortState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -211,7 +211,11 @@ pub fn run(host: &Host) -> Vec<Check> {
 
     let btf = Path::new(layout::VMLINUX_BTF);
     let vmlinux = layout::load_vmlinux(btf);
-    let btf_ok = match vmlinux.as_ref().map_err(Clone::clone).and_then(layout::pci_dev) {
+    let btf_ok = match vmlinux
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(layout::pci_dev)
+    {
         Ok(l) => {
             out.push(Check::new(
                 "btf",
@@ -446,12 +450,20 @@ fn port_verdict(bdf: crate::bdf::Bdf, state: &PortState, lockdown: Option<&str>)
     let line = format!("{bdf}: {}", state.summary());
     let locked = matches!(lockdown, Some("integrity" | "confidentiality"));
     if state.dpc_enabled {
-        Check::new("port", Level::Warn, line, Some("set allow_dpc = true to reset anyway (DPC then contains the link drop)"), false)
+        Check::new(
+            "port",
+            Level::Warn,
+            line,
+            Some("set allow_dpc = true to reset anyway (DPC then contains the link drop)"),
+            false,
+        )
     } else if state.needs_guard() && locked {
         Check::new(
             "port",
             Level::Warn,
-            format!("{line}; lockdown refuses the config writes that mask them, so resets are refused"),
+            format!(
+                "{line}; lockdown refuses the config writes that mask them, so resets are refused"
+            ),
             Some("boot without lockdown, or set allow_unguarded_link_drop = true"),
             false,
         )
@@ -514,7 +526,11 @@ mod tests {
             bit.detail
         );
         let plain = needs_reset_check(Vfio::Module(Some(l(1100, 0xff)))).unwrap();
-        assert!(plain.detail.contains("a bool at byte 1100"), "{}", plain.detail);
+        assert!(
+            plain.detail.contains("a bool at byte 1100"),
+            "{}",
+            plain.detail
+        );
         let gone = needs_reset_check(Vfio::Module(Some(l(qcom_reset_ebpf::OFFSET_MISSING, 0))));
         assert!(gone.unwrap().detail.contains("unknown"));
         assert!(needs_reset_check(Vfio::NotLoaded).is_none());
@@ -533,8 +549,16 @@ mod tests {
         };
         assert_eq!(port_verdict(bdf, &guarded, Some("none")).level, Level::Info);
         let c = port_verdict(bdf, &guarded, Some("integrity"));
-        assert!(c.level == Level::Warn && c.fix.as_deref().unwrap().contains("allow_unguarded"), "{}", c.line());
-        let dpc = PortState { port, dpc_enabled: true, ..Default::default() };
+        assert!(
+            c.level == Level::Warn && c.fix.as_deref().unwrap().contains("allow_unguarded"),
+            "{}",
+            c.line()
+        );
+        let dpc = PortState {
+            port,
+            dpc_enabled: true,
+            ..Default::default()
+        };
         assert!(port_verdict(bdf, &dpc, None).line().contains("allow_dpc"));
         let root = port_verdict(bdf, &PortState::default(), Some("integrity"));
         assert!(root.level == Level::Info && root.detail.contains("root bus"));

@@ -3,9 +3,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use qcom_reset::agent::config::Config;
 use qcom_reset::backend;
 use qcom_reset::check::{self, Level};
-use qcom_reset::agent::config::Config;
 use qcom_reset::devices::{DEVICES, OptIn};
 use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
 use qcom_reset::probes::{self, Item, Tracer};
@@ -617,15 +617,16 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = t.refusal(false) {
         return Err(e.into());
     }
-    let plan = power::plan(&host.sysfs, &t.dev, a.method).map_err(|why| Error::NoPowerCycle {
-        bdf: a.bdf,
-        why,
-    })?;
+    let plan = power::plan(&host.sysfs, &t.dev, a.method)
+        .map_err(|why| Error::NoPowerCycle { bdf: a.bdf, why })?;
     if a.dry_run {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
-            println!("{}: would power-cycle through {:?} (port {}), then reset and verify", plan.target, plan.method, plan.port);
+            println!(
+                "{}: would power-cycle through {:?} (port {}), then reset and verify",
+                plan.target, plan.method, plan.port
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -73,8 +73,10 @@ const FOXCONN: u16 = 0x105b;
 const NETPRISMA: u16 = 0x203e;
 const HP: u16 = 0x03f0;
 
-const ATH11K: &str = "ath11k_pci_soc_global_reset (drivers/net/wireless/ath/ath11k/pci.c) + mhictrl reset";
-const ATH12K: &str = "ath12k_pci_soc_global_reset (drivers/net/wireless/ath/ath12k/pci.c) + mhictrl reset";
+const ATH11K: &str =
+    "ath11k_pci_soc_global_reset (drivers/net/wireless/ath/ath11k/pci.c) + mhictrl reset";
+const ATH12K: &str =
+    "ath12k_pci_soc_global_reset (drivers/net/wireless/ath/ath12k/pci.c) + mhictrl reset";
 const MHI: &str = "mhi_soc_reset (drivers/bus/mhi/host/main.c; ID from mhi_pci_id_table, pci_generic.c) + MHI_POST_RESET_DELAY_MS";
 const FIX_L1SS: Option<&str> = Some(
     "ath11k fix_l1ss: the driver rewrites the L1SS timing registers at power-up; not applied (the host's L1SS settings are left as they are)",
@@ -96,7 +98,13 @@ const fn modem(name: &'static str, vendor: u16, device: u16, model: &'static str
     }
 }
 
-const fn wlan(name: &'static str, device: u16, model: &'static str, source: &'static str, quirk: Option<&'static str>) -> DeviceProfile {
+const fn wlan(
+    name: &'static str,
+    device: u16,
+    model: &'static str,
+    source: &'static str,
+    quirk: Option<&'static str>,
+) -> DeviceProfile {
     DeviceProfile {
         name,
         vendor: QCOM_VENDOR,
@@ -150,33 +158,91 @@ pub const DEVICES: &[DeviceProfile] = &[
         upstream: true,
         quirk: None,
     },
-    wlan("qca6390", 0x1101, "Qualcomm QCA6390 WLAN (ath11k)", ATH11K, FIX_L1SS),
-    wlan("qcn9074", 0x1104, "Qualcomm QCN9074 WLAN (ath11k)", ATH11K, FIX_L1SS),
-    wlan("qcn9274", 0x1109, "Qualcomm QCN9274 WLAN (ath12k)", ATH12K, None),
+    wlan(
+        "qca6390",
+        0x1101,
+        "Qualcomm QCA6390 WLAN (ath11k)",
+        ATH11K,
+        FIX_L1SS,
+    ),
+    wlan(
+        "qcn9074",
+        0x1104,
+        "Qualcomm QCN9074 WLAN (ath11k)",
+        ATH11K,
+        FIX_L1SS,
+    ),
+    wlan(
+        "qcn9274",
+        0x1109,
+        "Qualcomm QCN9274 WLAN (ath12k)",
+        ATH12K,
+        None,
+    ),
     modem("sdx24", QCOM_VENDOR, 0x0304, "Qualcomm SDX24 modem"),
     modem("sdx24", QUECTEL, 0x1001, "Quectel EM120R-GL (SDX24)"),
     modem("sdx24", QUECTEL, 0x1002, "Quectel EM160R-GL (SDX24)"),
     modem("sdx24", QUECTEL, 0x100d, "Quectel EM160R-GL (SDX24)"),
-    modem("sdx24", QUECTEL, 0x2001, "Quectel EM120R-GL for FCCL (SDX24)"),
-    modem("sdx24", FOXCONN, 0xe0f0, "Foxconn T99W510 variant 1 (SDX24)"),
-    modem("sdx24", FOXCONN, 0xe0f1, "Foxconn T99W510 variant 2 (SDX24)"),
-    modem("sdx24", FOXCONN, 0xe0f2, "Foxconn T99W510 variant 3 (SDX24)"),
+    modem(
+        "sdx24",
+        QUECTEL,
+        0x2001,
+        "Quectel EM120R-GL for FCCL (SDX24)",
+    ),
+    modem(
+        "sdx24",
+        FOXCONN,
+        0xe0f0,
+        "Foxconn T99W510 variant 1 (SDX24)",
+    ),
+    modem(
+        "sdx24",
+        FOXCONN,
+        0xe0f1,
+        "Foxconn T99W510 variant 2 (SDX24)",
+    ),
+    modem(
+        "sdx24",
+        FOXCONN,
+        0xe0f2,
+        "Foxconn T99W510 variant 3 (SDX24)",
+    ),
     modem("sdx24", NETPRISMA, 0x1000, "Netprisma LCUR57 (SDX24)"),
-    modem("sdx55", QCOM_VENDOR, 0x0306, "Qualcomm SDX55 modem (also Sierra EM919x, Telit FN980)"),
+    modem(
+        "sdx55",
+        QCOM_VENDOR,
+        0x0306,
+        "Qualcomm SDX55 modem (also Sierra EM919x, Telit FN980)",
+    ),
     modem("sdx55", FOXCONN, 0xe0ab, "Foxconn T99W175 (SDX55)"),
     modem("sdx55", FOXCONN, 0xe0b0, "Dell DW5930e with eSIM (SDX55)"),
     modem("sdx55", FOXCONN, 0xe0b1, "Dell DW5930e (SDX55)"),
-    modem("sdx55", FOXCONN, 0xe0bf, "Foxconn T99W175, new baseline (SDX55)"),
+    modem(
+        "sdx55",
+        FOXCONN,
+        0xe0bf,
+        "Foxconn T99W175, new baseline (SDX55)",
+    ),
     modem("sdx55", FOXCONN, 0xe0c3, "Foxconn T99W175 (SDX55)"),
     modem("sdx55", HP, 0x0a6c, "HP T99W175 (SDX55)"),
     modem("sdx65", QUECTEL, 0x1004, "Quectel RM520N-GL eSIM (SDX6x)"),
-    modem("sdx65", QUECTEL, 0x1007, "Quectel RM520N-GL, Lenovo (SDX6x)"),
+    modem(
+        "sdx65",
+        QUECTEL,
+        0x1007,
+        "Quectel RM520N-GL, Lenovo (SDX6x)",
+    ),
     modem("sdx65", FOXCONN, 0xe0d8, "Foxconn T99W368 (SDX65)"),
     modem("sdx65", FOXCONN, 0xe0d9, "Foxconn T99W373 (SDX62)"),
     modem("sdx65", FOXCONN, 0xe0f5, "Dell DW5932e with eSIM (SDX62)"),
     modem("sdx65", FOXCONN, 0xe0f9, "Dell DW5932e (SDX62)"),
     modem("sdx65", NETPRISMA, 0x1001, "Netprisma FCUN69 (SDX6x)"),
-    modem("sdx72", QCOM_VENDOR, 0x0309, "Qualcomm SDX72/SDX75 modem (also Telit FN990B40)"),
+    modem(
+        "sdx72",
+        QCOM_VENDOR,
+        0x0309,
+        "Qualcomm SDX72/SDX75 modem (also Telit FN990B40)",
+    ),
     modem("sdx72", FOXCONN, 0xe118, "Foxconn T99W640 (SDX72)"),
     modem("sdx72", FOXCONN, 0xe11d, "Dell DW5934e with eSIM (SDX72)"),
     modem("sdx72", FOXCONN, 0xe11e, "Dell DW5934e (SDX72)"),
@@ -328,10 +394,20 @@ mod tests {
             3,
             "the quirk covers 17cb:1103, 17cb:1107, 17cb:0308"
         );
-        assert_eq!(by_name("sdx65").unwrap().device, 0x0308, "reference entry first");
+        assert_eq!(
+            by_name("sdx65").unwrap().device,
+            0x0308,
+            "reference entry first"
+        );
         assert_eq!(by_id(0x1eac, 0x1004).unwrap().name, "sdx65");
         assert_eq!(by_id(0x17cb, 0x1109).unwrap().family, Family::Wlan);
-        assert!(by_id(0x17cb, 0x1101).unwrap().quirk.unwrap().contains("fix_l1ss"));
+        assert!(
+            by_id(0x17cb, 0x1101)
+                .unwrap()
+                .quirk
+                .unwrap()
+                .contains("fix_l1ss")
+        );
         assert_eq!(by_id(0x17cb, 0x1107).unwrap().family, Family::Wlan);
         assert_eq!(by_id(0x17cb, 0x0308).unwrap().family, Family::Modem);
         assert!(by_id(0x8086, 0x1107).is_none());
@@ -366,7 +442,13 @@ mod tests {
         assert!(!OptIn(vec!["sdx24".into()]).allows(sdx55));
         assert!(OptIn::all().allows(sdx55));
         assert_eq!(
-            OptIn(vec!["sdx55".into(), "all".into(), "wcn6855".into(), "nope".into()]).unknown(),
+            OptIn(vec![
+                "sdx55".into(),
+                "all".into(),
+                "wcn6855".into(),
+                "nope".into()
+            ])
+            .unknown(),
             ["wcn6855", "nope"],
             "reviewed names need no opt-in, unknown ones are typos"
         );

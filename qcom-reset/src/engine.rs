@@ -507,7 +507,11 @@ fn guard_link_drop(session: &mut Session, t: &Target, req: &Request) -> Result<P
     };
     match session.guard_port(rec) {
         Ok(()) => {
-            step(t.bdf, version, "pre: upstream port's link-drop reports masked");
+            step(
+                t.bdf,
+                version,
+                "pre: upstream port's link-drop reports masked",
+            );
             Ok(state)
         }
         Err(e) if req.allow_unguarded_link_drop => {

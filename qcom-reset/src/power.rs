@@ -62,8 +62,13 @@ fn bus_file(sysfs: &PciSysfs, name: &str) -> PathBuf {
 }
 
 /// Whether and how this host can power-cycle `dev`'s slot; the error says why not.
-pub fn plan(sysfs: &PciSysfs, dev: &SysfsDevice, choice: Choice) -> std::result::Result<Plan, String> {
-    let port = port::upstream(dev).ok_or("on the root bus: there is no port whose power could be cut")?;
+pub fn plan(
+    sysfs: &PciSysfs,
+    dev: &SysfsDevice,
+    choice: Choice,
+) -> std::result::Result<Plan, String> {
+    let port =
+        port::upstream(dev).ok_or("on the root bus: there is no port whose power could be cut")?;
     let others: Vec<String> = std::fs::read_dir(&port.dir)
         .map_err(|e| format!("{}: {e}", port.dir.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -81,7 +86,12 @@ pub fn plan(sysfs: &PciSysfs, dev: &SysfsDevice, choice: Choice) -> std::result:
     let power_resources = port.path("firmware_node/power_resources_D3hot").exists();
     let method = match (choice, slot) {
         (Choice::Auto | Choice::Slot, Some(s)) => Method::Slot(s),
-        (Choice::Slot, None) => return Err(format!("no hotplug slot with power control for {}", dev.bdf)),
+        (Choice::Slot, None) => {
+            return Err(format!(
+                "no hotplug slot with power control for {}",
+                dev.bdf
+            ));
+        }
         (Choice::Auto, None) if !power_resources => {
             return Err(format!(
                 "no slot power control and no ACPI power resources (_PR3) for port {}: this host cannot cut the slot's power from user space; power-cycle the host",
@@ -100,7 +110,10 @@ pub fn plan(sysfs: &PciSysfs, dev: &SysfsDevice, choice: Choice) -> std::result:
 /// The slot whose `address` (domain:bus:device) is the target's and that has a `power` file.
 fn find_slot(sysfs: &PciSysfs, bdf: Bdf) -> Option<PathBuf> {
     let want = bdf.to_string();
-    let want = want.rsplit_once('.').map_or(want.as_str(), |(a, _)| a).to_string();
+    let want = want
+        .rsplit_once('.')
+        .map_or(want.as_str(), |(a, _)| a)
+        .to_string();
     std::fs::read_dir(bus_file(sysfs, "slots"))
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -118,10 +131,16 @@ fn write(path: &Path, value: &str) -> Result<()> {
 }
 
 fn read(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> std::result::Result<(), String> {
+fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> std::result::Result<(), String> {
     let start = Instant::now();
     while !done() {
         if start.elapsed() >= limit {
@@ -133,7 +152,12 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> std:
 }
 
 /// Runs the plan; returns one line per step. The caller holds the target's lock.
-pub fn run(sysfs: &PciSysfs, run_dir: &Path, plan: &Plan, log: &mut dyn FnMut(&str)) -> Result<Vec<String>> {
+pub fn run(
+    sysfs: &PciSysfs,
+    run_dir: &Path,
+    plan: &Plan,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<String>> {
     recover(sysfs, run_dir, plan.target);
     let target = sysfs.root.join(plan.target.to_string());
     let port = SysfsDevice {
@@ -168,11 +192,19 @@ pub fn run(sysfs: &PciSysfs, run_dir: &Path, plan: &Plan, log: &mut dyn FnMut(&s
         why,
     })?;
     remove(run_dir, plan.target);
-    step(format!("{} is back; autoprobe, override and port power restored", plan.target));
+    step(format!(
+        "{} is back; autoprobe, override and port power restored",
+        plan.target
+    ));
     Ok(steps)
 }
 
-fn cycle(plan: &Plan, port: &SysfsDevice, target: &Path, step: &mut dyn FnMut(String)) -> Result<()> {
+fn cycle(
+    plan: &Plan,
+    port: &SysfsDevice,
+    target: &Path,
+    step: &mut dyn FnMut(String),
+) -> Result<()> {
     let fail = |why: String| Error::PowerCycle {
         bdf: plan.target,
         why,
@@ -180,20 +212,33 @@ fn cycle(plan: &Plan, port: &SysfsDevice, target: &Path, step: &mut dyn FnMut(St
     match &plan.method {
         Method::Slot(slot) => {
             write(&slot.join("power"), "0")?;
-            wait_for("the function to go", Duration::from_secs(10), || !target.exists()).map_err(fail)?;
-            step(format!("slot {} powered off; {} removed", slot.display(), plan.target));
+            wait_for("the function to go", Duration::from_secs(10), || {
+                !target.exists()
+            })
+            .map_err(fail)?;
+            step(format!(
+                "slot {} powered off; {} removed",
+                slot.display(),
+                plan.target
+            ));
             std::thread::sleep(Duration::from_secs(1));
             write(&slot.join("power"), "1")?;
             step(format!("slot {} powered on", slot.display()));
             // pciehp enumerates once the link is up; if it has not, ask the port to rescan.
             if wait_for("pciehp", Duration::from_secs(10), || target.exists()).is_err() {
                 port.write("rescan", "1")?;
-                step(format!("not enumerated by pciehp within 10 s; port {} rescanned", plan.port));
+                step(format!(
+                    "not enumerated by pciehp within 10 s; port {} rescanned",
+                    plan.port
+                ));
             }
         }
         Method::D3cold { power_resources } => {
             write(&target.join("remove"), "1")?;
-            wait_for("the function to go", Duration::from_secs(10), || !target.exists()).map_err(fail)?;
+            wait_for("the function to go", Duration::from_secs(10), || {
+                !target.exists()
+            })
+            .map_err(fail)?;
             step(format!("{} removed", plan.target));
             write(&port.path("d3cold_allowed"), "1")?;
             port.write("power/control", "auto")?;
@@ -203,8 +248,14 @@ fn cycle(plan: &Plan, port: &SysfsDevice, target: &Path, step: &mut dyn FnMut(St
             let state = port.power_state().ok().flatten().unwrap_or_default();
             step(match (reached, power_resources) {
                 (Ok(()), _) => format!("port {} in D3cold: slot power removed", plan.port),
-                (Err(_), true) => format!("port {} reached {state}, not D3cold (runtime PM kept it up)", plan.port),
-                (Err(_), false) => format!("port {} reached {state}: no _PR3, so the slot kept power (a remove/rescan only)", plan.port),
+                (Err(_), true) => format!(
+                    "port {} reached {state}, not D3cold (runtime PM kept it up)",
+                    plan.port
+                ),
+                (Err(_), false) => format!(
+                    "port {} reached {state}: no _PR3, so the slot kept power (a remove/rescan only)",
+                    plan.port
+                ),
             });
             port.write("power/control", "on")?;
             wait_for("the port to wake", Duration::from_secs(5), || {
@@ -215,8 +266,10 @@ fn cycle(plan: &Plan, port: &SysfsDevice, target: &Path, step: &mut dyn FnMut(St
             step(format!("port {} in D0, rescanned", plan.port));
         }
     }
-    wait_for("the function to come back", Duration::from_secs(10), || target.exists()).map_err(fail)
-
+    wait_for("the function to come back", Duration::from_secs(10), || {
+        target.exists()
+    })
+    .map_err(fail)
 }
 
 /// Puts back the override (and binds it), autoprobe and the port's power settings.
@@ -309,11 +362,15 @@ mod tests {
         std::fs::create_dir_all(&devices).unwrap();
         std::os::unix::fs::symlink(&port, devices.join("0000:00:1c.0")).unwrap();
         std::os::unix::fs::symlink(&card, devices.join("0000:03:00.0")).unwrap();
-        let sysfs = PciSysfs { root: devices.clone() };
-        let dev = sysfs.device("0000:03:00.0".parse().unwrap()).unwrap_or(SysfsDevice {
-            bdf: "0000:03:00.0".parse().unwrap(),
-            dir: devices.join("0000:03:00.0"),
-        });
+        let sysfs = PciSysfs {
+            root: devices.clone(),
+        };
+        let dev = sysfs
+            .device("0000:03:00.0".parse().unwrap())
+            .unwrap_or(SysfsDevice {
+                bdf: "0000:03:00.0".parse().unwrap(),
+                dir: devices.join("0000:03:00.0"),
+            });
         (t, sysfs, dev)
     }
 
@@ -321,18 +378,38 @@ mod tests {
     fn plans_only_where_the_host_can_cut_power_and_the_card_is_alone() {
         let (t, sysfs, dev) = tree();
         let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err();
-        assert!(e.contains("no ACPI power resources") && e.contains("power-cycle the host"), "{e}");
+        assert!(
+            e.contains("no ACPI power resources") && e.contains("power-cycle the host"),
+            "{e}"
+        );
         // The lab's case: forced D3cold without _PR3 is a remove/rescan.
         let p = plan(&sysfs, &dev, Choice::D3cold).unwrap();
-        assert_eq!(p.method, Method::D3cold { power_resources: false });
+        assert_eq!(
+            p.method,
+            Method::D3cold {
+                power_resources: false
+            }
+        );
         assert_eq!(p.port.to_string(), "0000:00:1c.0");
-        std::fs::create_dir_all(t.path().join("real/0000:00:1c.0/firmware_node/power_resources_D3hot")).unwrap();
-        assert_eq!(plan(&sysfs, &dev, Choice::Auto).unwrap().method, Method::D3cold { power_resources: true });
+        std::fs::create_dir_all(
+            t.path()
+                .join("real/0000:00:1c.0/firmware_node/power_resources_D3hot"),
+        )
+        .unwrap();
+        assert_eq!(
+            plan(&sysfs, &dev, Choice::Auto).unwrap().method,
+            Method::D3cold {
+                power_resources: true
+            }
+        );
         let slot = t.path().join("slots/2");
         std::fs::create_dir_all(&slot).unwrap();
         std::fs::write(slot.join("address"), "0000:03:00\n").unwrap();
         std::fs::write(slot.join("power"), "1\n").unwrap();
-        assert_eq!(plan(&sysfs, &dev, Choice::Auto).unwrap().method, Method::Slot(slot));
+        assert_eq!(
+            plan(&sysfs, &dev, Choice::Auto).unwrap().method,
+            Method::Slot(slot)
+        );
         // A second function below the port: never.
         std::fs::create_dir_all(t.path().join("real/0000:00:1c.0/0000:03:00.1")).unwrap();
         let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err();
@@ -363,7 +440,10 @@ mod tests {
         assert_eq!(pending(&run), vec![dev.bdf]);
         let said = recover(&sysfs, &run, dev.bdf).unwrap();
         assert!(said.contains("restored"), "{said}");
-        assert_eq!(read(&t.path().join("drivers_autoprobe")).as_deref(), Some("1"));
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("1")
+        );
         assert_eq!(read(&port.join("power/control")).as_deref(), Some("auto"));
         assert_eq!(read(&port.join("d3cold_allowed")).as_deref(), Some("0"));
         assert!(pending(&run).is_empty(), "record removed");

@@ -381,30 +381,50 @@ mod tests {
             "0000:05:00.0".parse().unwrap(),
         );
         assert_eq!(
-            c.device_with_ids(a, Some((0x1eac, 0x1007))).profile.as_deref(),
+            c.device_with_ids(a, Some((0x1eac, 0x1007)))
+                .profile
+                .as_deref(),
             Some("sdx65")
         );
         assert_eq!(c.device_with_ids(a, Some((0x1eac, 0x1001))).profile, None);
         // The address entry wins over a rule matching its IDs.
         assert_eq!(
-            c.device_with_ids(x, Some((0x1eac, 0x1004))).profile.as_deref(),
+            c.device_with_ids(x, Some((0x1eac, 0x1004)))
+                .profile
+                .as_deref(),
             Some("sdx24")
         );
         assert_eq!(
-            c.overrides(&[(a, (0x1eac, 0x1004)), (b, (0x1af4, 0x1110)), (x, (0x1eac, 0x1004))]),
+            c.overrides(&[
+                (a, (0x1eac, 0x1004)),
+                (b, (0x1af4, 0x1110)),
+                (x, (0x1eac, 0x1004))
+            ]),
             vec![
                 (x, "sdx24".to_string(), None),
                 (a, "sdx65".to_string(), None),
                 (b, "wcn6855".to_string(), Some(2)),
             ]
         );
-        assert_eq!(c.rule_ids(), [(0x1eac, 0x1004), (0x1eac, 0x1007), (0x1af4, 0x1110)]);
+        assert_eq!(
+            c.rule_ids(),
+            [(0x1eac, 0x1004), (0x1eac, 0x1007), (0x1af4, 0x1110)]
+        );
         assert_eq!(c.experimental, OptIn(vec!["sdx55".into()]));
         for (bad, says) in [
-            ("[[device]]\nids = \"1eac-1004\"\nprofile = \"sdx65\"\n", "not vvvv:dddd"),
+            (
+                "[[device]]\nids = \"1eac-1004\"\nprofile = \"sdx65\"\n",
+                "not vvvv:dddd",
+            ),
             ("[[device]]\nids = \"\"\nprofile = \"sdx65\"\n", "no ids"),
-            ("[[device]]\nids = \"1eac:1004\"\nprofile = \"x\"\n", "unknown profile"),
-            ("[[device]]\nids = \"1eac:1004\"\nprofile = \"sdx65\"\nbar = 7\n", "bar must be"),
+            (
+                "[[device]]\nids = \"1eac:1004\"\nprofile = \"x\"\n",
+                "unknown profile",
+            ),
+            (
+                "[[device]]\nids = \"1eac:1004\"\nprofile = \"sdx65\"\nbar = 7\n",
+                "bar must be",
+            ),
             ("experimental = [\"sdx99\"]\n", "not experimental profiles"),
         ] {
             let e = parse(bad).unwrap_err().to_string();

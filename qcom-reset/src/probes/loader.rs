@@ -243,7 +243,8 @@ impl Probes {
     /// kernel disarms kprobes on a module's functions when the module goes). Returns whether
     /// anything changed.
     pub fn sync_vfio(&mut self) -> bool {
-        let present = self.vfio_builtin.is_some() || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
+        let present =
+            self.vfio_builtin.is_some() || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
         match (present, self.vfio_links.is_some()) {
             (true, false) => self.attach_vfio(),
             (false, true) => self.detach_vfio(),

@@ -148,7 +148,9 @@ impl PortState {
         };
         let hp = match (self.slot_control, self.hotplug_events) {
             (None, _) => "no hotplug slot".to_string(),
-            (Some(c), true) => format!("hotplug events on (SltCtl {c:#06x}): masked during a reset"),
+            (Some(c), true) => {
+                format!("hotplug events on (SltCtl {c:#06x}): masked during a reset")
+            }
             (Some(c), false) => format!("hotplug slot, events off (SltCtl {c:#06x})"),
         };
         let aer = match (self.aer_uncor_mask, self.surprise_down_unmasked) {
@@ -375,7 +377,11 @@ mod tests {
         assert_eq!(s.slot_control, Some(0x1038));
         assert!(s.hotplug_events && s.surprise_down_unmasked && !s.dpc_enabled);
         assert!(s.needs_guard());
-        assert!(s.summary().contains("masked during a reset"), "{}", s.summary());
+        assert!(
+            s.summary().contains("masked during a reset"),
+            "{}",
+            s.summary()
+        );
 
         let mut quiet = FakeConfig::root_port(0x0020, PCI_ERR_UNC_SURPDN, 0x0001);
         let s = PortState::read(port(), &mut quiet).unwrap();

@@ -53,7 +53,10 @@ fn until(pattern: &str, log: &str, cmd: &[String]) -> anyhow::Result<()> {
         .stderr(out)
         .spawn()?;
     while !std::fs::read_to_string(log)?.contains(pattern) {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "{pattern:?} not in {log} within 60 s");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "{pattern:?} not in {log} within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     println!("{:.1} {}", t.elapsed().as_secs_f64() * 1000.0, child.id());
@@ -100,7 +103,8 @@ fn main() -> anyhow::Result<()> {
         Some("port-regs") => {
             use qcom_reset::session::port::{PortState, SysfsConfig, upstream};
             let dev = PciSysfs::default().device(bdf)?;
-            let port = upstream(&dev).ok_or_else(|| anyhow::anyhow!("{bdf} has no upstream port"))?;
+            let port =
+                upstream(&dev).ok_or_else(|| anyhow::anyhow!("{bdf} has no upstream port"))?;
             let mut cfg = SysfsConfig::open(&port.path("config"), false)?;
             let state = PortState::read(port.bdf, &mut cfg)?;
             println!("VMLAB port {}", serde_json::to_string(&state)?);

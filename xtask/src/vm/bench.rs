@@ -24,7 +24,12 @@ const FUNCS: [&str; 9] = [
     "vfio_pci_core_disable",
 ];
 const WLAN: &str = "0000:00:10.0";
-const MODEMS: [&str; 4] = ["0000:00:11.0", "0000:00:12.0", "0000:00:13.0", "0000:00:14.0"];
+const MODEMS: [&str; 4] = [
+    "0000:00:11.0",
+    "0000:00:12.0",
+    "0000:00:13.0",
+    "0000:00:14.0",
+];
 
 pub struct Options {
     pub kernel: String,
@@ -61,23 +66,46 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
         "-virtfs".to_string(),
         "local,path=/,mount_tag=host,security_model=none,readonly=on".into(),
     ];
-    for (i, profile) in ["wcn6855", "sdx65", "sdx65", "sdx65", "sdx65"].iter().enumerate() {
-        let sim = Sim::start(&bins.sim, (profile, ""), "mission", &dir, &format!("bench{i}"))?;
+    for (i, profile) in ["wcn6855", "sdx65", "sdx65", "sdx65", "sdx65"]
+        .iter()
+        .enumerate()
+    {
+        let sim = Sim::start(
+            &bins.sim,
+            (profile, ""),
+            "mission",
+            &dir,
+            &format!("bench{i}"),
+        )?;
         let id = format!("simbar{i}");
         args.extend(sim.memory(&id));
-        args.extend(["-device".into(), format!("ivshmem-plain,memdev={id},addr=0x{:x}", 0x10 + i)]);
+        args.extend([
+            "-device".into(),
+            format!("ivshmem-plain,memdev={id},addr=0x{:x}", 0x10 + i),
+        ]);
         sims.push(sim);
     }
     let log = dir.join("bench.log");
     let timeout = Duration::from_secs(600 + o.idle_s + 3 * o.releases as u64);
-    println!("bench-lab: {} on {}, {} releases, {} s idle (log {})", k.package, k.version, o.releases, o.idle_s, log.display());
+    println!(
+        "bench-lab: {} on {}, {} releases, {} s idle (log {})",
+        k.package,
+        k.version,
+        o.releases,
+        o.idle_s,
+        log.display()
+    );
     let boot = qemu::boot(&k.vmlinux, &cpio, &args, timeout, &log, false)?;
     for s in sims {
         let _ = s.finish();
     }
     if boot.rc != Some(0) {
         let tail: Vec<&str> = boot.console.lines().rev().take(30).collect();
-        bail!("the guest ended with {:?}:\n{}", boot.rc, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        bail!(
+            "the guest ended with {:?}:\n{}",
+            boot.rc,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     let r = Results::parse(&boot.console)?;
     print!("{}", r.table(&k.version, o));
@@ -96,9 +124,13 @@ fn script(o: &Options) -> String {
         .collect::<Vec<_>>()
         .join(",");
     let mut devices = String::new();
-    devices.push_str(&format!("[devices.\"{WLAN}\"]\nprofile = \"wcn6855\"\nbar = 2\n"));
+    devices.push_str(&format!(
+        "[devices.\"{WLAN}\"]\nprofile = \"wcn6855\"\nbar = 2\n"
+    ));
     for m in MODEMS {
-        devices.push_str(&format!("[devices.\"{m}\"]\nprofile = \"sdx65\"\nbar = 2\n"));
+        devices.push_str(&format!(
+            "[devices.\"{m}\"]\nprofile = \"sdx65\"\nbar = 2\n"
+        ));
     }
     format!(
         r#"{LIB}
@@ -190,7 +222,10 @@ fn one<'a>(console: &'a str, tag: &str) -> anyhow::Result<&'a str> {
 fn rss(s: &str) -> anyhow::Result<(u64, u64, u64)> {
     let w: Vec<&str> = s.split_whitespace().collect();
     let after = |k: &str| -> anyhow::Result<u64> {
-        let i = w.iter().position(|x| *x == k).with_context(|| format!("{k} in {s:?}"))?;
+        let i = w
+            .iter()
+            .position(|x| *x == k)
+            .with_context(|| format!("{k} in {s:?}"))?;
         Ok(w[i + 1].parse()?)
     };
     let threads = w
@@ -203,7 +238,10 @@ fn rss(s: &str) -> anyhow::Result<(u64, u64, u64)> {
 
 /// (utime+stime ticks, context switches, monotonic ns) from an idle sample.
 fn cpu(s: &str) -> anyhow::Result<(u64, u64, u64)> {
-    let n: Vec<u64> = s.split_whitespace().map(|x| x.parse()).collect::<Result<_, _>>()?;
+    let n: Vec<u64> = s
+        .split_whitespace()
+        .map(|x| x.parse())
+        .collect::<Result<_, _>>()?;
     ensure!(n.len() == 4, "cpu sample {s:?}");
     Ok((n[0] + n[1], n[2], n[3]))
 }
@@ -211,7 +249,10 @@ fn cpu(s: &str) -> anyhow::Result<(u64, u64, u64)> {
 impl Results {
     fn parse(console: &str) -> anyhow::Result<Results> {
         let nums = |tag| -> anyhow::Result<Vec<f64>> {
-            tagged(console, tag).iter().map(|s| Ok(s.trim().parse()?)).collect()
+            tagged(console, tag)
+                .iter()
+                .map(|s| Ok(s.trim().parse()?))
+                .collect()
         };
         let (c0, s0, t0) = cpu(one(console, "idle-before")?)?;
         let (c1, s1, t1) = cpu(one(console, "idle-after")?)?;
@@ -220,25 +261,43 @@ impl Results {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
         let mut detect_ours = Vec::new();
-        for v in journal.iter().filter(|v| v["type"] == "event" && v["event"]["kind"] == "release" && v["event"]["bdf"] == WLAN) {
-            let done = v["event"]["ktime_ns"].as_u64().unwrap_or(0) + v["event"]["duration_ns"].as_u64().unwrap_or(0);
+        for v in journal.iter().filter(|v| {
+            v["type"] == "event" && v["event"]["kind"] == "release" && v["event"]["bdf"] == WLAN
+        }) {
+            let done = v["event"]["ktime_ns"].as_u64().unwrap_or(0)
+                + v["event"]["duration_ns"].as_u64().unwrap_or(0);
             let got = v["received_mono_ns"].as_u64().context("received_mono_ns")?;
             detect_ours.push(got.saturating_sub(done) as f64 / 1e6);
         }
         let wlan: Vec<&Value> = journal
             .iter()
-            .filter(|v| v["type"] == "action" && v["action"]["bdf"] == WLAN && v["action"]["result"] == "clean")
+            .filter(|v| {
+                v["type"] == "action"
+                    && v["action"]["bdf"] == WLAN
+                    && v["action"]["result"] == "clean"
+            })
             .map(|v| &v["action"])
             .collect();
-        let to_reset = wlan.iter().filter_map(|a| a["latency_ms"].as_f64()).collect();
+        let to_reset = wlan
+            .iter()
+            .filter_map(|a| a["latency_ms"].as_f64())
+            .collect();
         let overhead = wlan
             .iter()
             .map(|a| {
                 let delays: u64 = a["report"]["ops"]
                     .as_array()
-                    .map(|ops| ops.iter().filter(|o| o["op"] == "delay").filter_map(|o| o["ms"].as_u64()).sum())
+                    .map(|ops| {
+                        ops.iter()
+                            .filter(|o| o["op"] == "delay")
+                            .filter_map(|o| o["ms"].as_u64())
+                            .sum()
+                    })
                     .unwrap_or(0);
-                a["report"]["duration_ms"].as_u64().unwrap_or(0).saturating_sub(delays) as f64
+                a["report"]["duration_ms"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(delays) as f64
             })
             .collect();
         let detect_bt = super::qemu::section(console, "bpftrace")
@@ -253,7 +312,11 @@ impl Results {
         Ok(Results {
             attach_ours: nums("attach-ours")?,
             attach_bt: nums("attach-bpftrace")?,
-            agent_start_ms: one(console, "agent-start")?.split_whitespace().next().unwrap_or("").parse()?,
+            agent_start_ms: one(console, "agent-start")?
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .parse()?,
             rss_start: rss(one(console, "rss-start")?)?,
             rss_idle: rss(one(console, "rss-idle")?)?,
             rss_after: rss(one(console, "rss-after")?)?,
@@ -271,13 +334,23 @@ impl Results {
     }
 
     fn table(&self, kernel: &str, o: &Options) -> String {
-        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() };
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".into()
+            }
+        };
         let (a, b) = (median(&self.attach_ours), median(&self.attach_bt));
         let mut t = format!(
             "\n`cargo xtask bench-lab --kernel {} --releases {} --idle {}` (guest kernel {kernel}, QEMU/TCG, 2 vCPUs)\n\n| measure | qcom-reset | peer (bpftrace) | ratio |\n|---|---|---|---|\n",
             o.kernel, o.releases, o.idle_s
         );
-        t.push_str(&format!("| load + attach, median of {} (ms) | {a:.0} | {b:.0} | {} |\n", self.attach_ours.len(), ratio(a, b)));
+        t.push_str(&format!(
+            "| load + attach, median of {} (ms) | {a:.0} | {b:.0} | {} |\n",
+            self.attach_ours.len(),
+            ratio(a, b)
+        ));
         for (p, name) in [(50.0, "p50"), (95.0, "p95"), (99.0, "p99")] {
             let (x, y) = (pct(&self.detect_ours, p), pct(&self.detect_bt, p));
             t.push_str(&format!(
@@ -298,11 +371,32 @@ impl Results {
             pct(&self.overhead, 50.0),
             pct(&self.overhead, 99.0)
         ));
-        t.push_str(&format!("| agent start -> \"agent running\" (ms) | {:.0} | - | - |\n", self.agent_start_ms));
-        let r = |x: (u64, u64, u64)| format!("{:.1} / {:.1} MB, {} threads", x.0 as f64 / 1024.0, x.1 as f64 / 1024.0, x.2);
-        t.push_str(&format!("| RSS / peak after start | {} | - | - |\n", r(self.rss_start)));
-        t.push_str(&format!("| RSS / peak after {:.0} s idle | {} | - | - |\n", self.idle_s, r(self.rss_idle)));
-        t.push_str(&format!("| RSS / peak after {} resets | {} | - | - |\n", self.resets, r(self.rss_after)));
+        t.push_str(&format!(
+            "| agent start -> \"agent running\" (ms) | {:.0} | - | - |\n",
+            self.agent_start_ms
+        ));
+        let r = |x: (u64, u64, u64)| {
+            format!(
+                "{:.1} / {:.1} MB, {} threads",
+                x.0 as f64 / 1024.0,
+                x.1 as f64 / 1024.0,
+                x.2
+            )
+        };
+        t.push_str(&format!(
+            "| RSS / peak after start | {} | - | - |\n",
+            r(self.rss_start)
+        ));
+        t.push_str(&format!(
+            "| RSS / peak after {:.0} s idle | {} | - | - |\n",
+            self.idle_s,
+            r(self.rss_idle)
+        ));
+        t.push_str(&format!(
+            "| RSS / peak after {} resets | {} | - | - |\n",
+            self.resets,
+            r(self.rss_after)
+        ));
         t.push_str(&format!(
             "| idle {:.0} s: CPU time, context switches (all threads) | {:.0} ms, {} | - | - |\n",
             self.idle_s, self.idle_cpu_ms, self.idle_switches
@@ -339,14 +433,20 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!((pct(&v, 50.0), pct(&v, 95.0), pct(&v, 99.0)), (50.0, 95.0, 99.0));
+        assert_eq!(
+            (pct(&v, 50.0), pct(&v, 95.0), pct(&v, 99.0)),
+            (50.0, 95.0, 99.0)
+        );
         assert_eq!(pct(&[3.0, 1.0, 2.0], 50.0), 2.0);
         assert!(pct(&[], 50.0).is_nan());
     }
 
     #[test]
     fn parses_the_guest_samples() {
-        assert_eq!(rss("VmRSS: 12345 kB VmHWM: 20000 kB threads=4").unwrap(), (12345, 20000, 4));
+        assert_eq!(
+            rss("VmRSS: 12345 kB VmHWM: 20000 kB threads=4").unwrap(),
+            (12345, 20000, 4)
+        );
         assert_eq!(cpu("3 4 120 5000000000").unwrap(), (7, 120, 5_000_000_000));
         assert!(cpu("3 4").is_err());
     }

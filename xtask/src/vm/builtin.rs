@@ -18,7 +18,14 @@ const SOURCE_PACKAGE: &str = "linux-source-6.12";
 const SOURCE_VERSION: &str = "6.12.95-1~bpo12+1";
 const FRAGMENT: &str = include_str!("builtin-vfio.config");
 const BUILD_DEPS: &[&str] = &[
-    "flex", "bison", "bc", "libelf-dev", "libssl-dev", "dwarves", "make", "gcc",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "dwarves",
+    "make",
+    "gcc",
 ];
 
 /// The cached kernel, built first if the cache lacks it or its configuration changed.
@@ -27,12 +34,15 @@ pub fn kernel() -> anyhow::Result<Kernel> {
     let stamp = dir.join("fragment.config");
     let vmlinux = dir.join("vmlinux");
     let fresh = vmlinux.exists()
-        && std::fs::read_to_string(&stamp).is_ok_and(|s| s == format!("{SOURCE_VERSION}\n{FRAGMENT}"));
+        && std::fs::read_to_string(&stamp)
+            .is_ok_and(|s| s == format!("{SOURCE_VERSION}\n{FRAGMENT}"));
     if !fresh {
         build(&dir)?;
         std::fs::write(&stamp, format!("{SOURCE_VERSION}\n{FRAGMENT}"))?;
     }
-    let version = std::fs::read_to_string(dir.join("release"))?.trim().to_string();
+    let version = std::fs::read_to_string(dir.join("release"))?
+        .trim()
+        .to_string();
     Ok(Kernel {
         package: format!("{SOURCE_PACKAGE} {SOURCE_VERSION}, VFIO built in"),
         version,
@@ -50,7 +60,10 @@ fn build(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let make = |args: &[&str]| {
         let mut c = Command::new("make");
-        c.arg("-C").arg(&src).arg(format!("O={}", out.display())).args(args);
+        c.arg("-C")
+            .arg(&src)
+            .arg(format!("O={}", out.display()))
+            .args(args);
         c
     };
     run(&mut make(&["-s", "tinyconfig"]))?;
@@ -66,8 +79,13 @@ fn build(dir: &Path) -> anyhow::Result<()> {
         lost.is_empty(),
         "kconfig dropped {lost:?} (a dependency is missing from builtin-vfio.config)"
     );
-    let jobs = format!("-j{}", std::thread::available_parallelism().map_or(2, |n| n.get()));
-    eprintln!("xtask: building {SOURCE_PACKAGE} {SOURCE_VERSION} with VFIO built in (cached after)");
+    let jobs = format!(
+        "-j{}",
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    );
+    eprintln!(
+        "xtask: building {SOURCE_PACKAGE} {SOURCE_VERSION} with VFIO built in (cached after)"
+    );
     run(&mut make(&["-s", &jobs, "vmlinux", "modules"]))?;
     let root = dir.join("root");
     let _ = std::fs::remove_dir_all(&root);
@@ -111,14 +129,18 @@ fn unpack_source() -> anyhow::Result<std::path::PathBuf> {
     apt.update()?;
     run(apt
         .cmd("apt-get")
-        .args(["download", "-qq", &format!("{SOURCE_PACKAGE}={SOURCE_VERSION}")])
+        .args([
+            "download",
+            "-qq",
+            &format!("{SOURCE_PACKAGE}={SOURCE_VERSION}"),
+        ])
         .current_dir(&base))?;
     let deb = std::fs::read_dir(&base)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{SOURCE_PACKAGE}_")) && n.ends_with(".deb"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{SOURCE_PACKAGE}_")) && n.ends_with(".deb")
+            })
         })
         .with_context(|| format!("downloaded {SOURCE_PACKAGE} .deb not found"))?;
     let unpacked = base.join("deb");
@@ -127,7 +149,11 @@ fn unpack_source() -> anyhow::Result<std::path::PathBuf> {
     let tmp = base.join("unpacking");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    run(Command::new("tar").arg("-xJf").arg(&tarball).arg("-C").arg(&tmp))?;
+    run(Command::new("tar")
+        .arg("-xJf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tmp))?;
     std::fs::rename(tmp.join(SOURCE_PACKAGE), &tree)?;
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&unpacked);
@@ -156,6 +182,9 @@ mod tests {
         ] {
             assert!(wanted.contains(&o), "{o} missing");
         }
-        assert!(!FRAGMENT.lines().any(|l| l.ends_with("=m")), "nothing as a module");
+        assert!(
+            !FRAGMENT.lines().any(|l| l.ends_with("=m")),
+            "nothing as a module"
+        );
     }
 }

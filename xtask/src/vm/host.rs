@@ -34,13 +34,20 @@ impl Apt {
         for s in suites {
             list.push_str(&format!("deb http://deb.debian.org/debian {s} main\n"));
         }
-        for s in suites.iter().filter(|s| ["bookworm", "bullseye"].contains(s)) {
+        for s in suites
+            .iter()
+            .filter(|s| ["bookworm", "bullseye"].contains(s))
+        {
             list.push_str(&format!(
                 "deb http://deb.debian.org/debian-security {s}-security main\n"
             ));
         }
         // New suites need a fresh `apt-get update`, whatever the stamp says.
-        if std::fs::read_to_string(dir.join("sources.list")).ok().as_deref() != Some(list.as_str()) {
+        if std::fs::read_to_string(dir.join("sources.list"))
+            .ok()
+            .as_deref()
+            != Some(list.as_str())
+        {
             let _ = std::fs::remove_file(dir.join("updated"));
         }
         std::fs::write(dir.join("sources.list"), list)?;

@@ -219,9 +219,7 @@ impl Scenario {
             | Scenario::Own
             | Scenario::Kill
             | Scenario::Port
-            | Scenario::ById => {
-                Some(("sdx65", ""))
-            }
+            | Scenario::ById => Some(("sdx65", "")),
             Scenario::Fault => Some(("wcn6855", "never-returns")),
         }
     }
@@ -617,12 +615,17 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     let builtin = console.contains("VMLAB vfio-module=0");
     if builtin {
         ensure!(
-            attaches[0].to_string().contains("vfio_pci_core is built into this kernel"),
+            attaches[0]
+                .to_string()
+                .contains("vfio_pci_core is built into this kernel"),
             "built-in VFIO: the brackets must attach at start, saying why: {attaches:?}"
         );
         notes.push("vfio_pci_core built in: brackets attached at start from vmlinux BTF".into());
     } else {
-        notes.push("vfio_pci_core a module: brackets attached when it loaded after the tracer started".into());
+        notes.push(
+            "vfio_pci_core a module: brackets attached when it loaded after the tracer started"
+                .into(),
+        );
         ensure!(
             attaches.len() >= 2 && !attaches[0].to_string().contains("vfio_pci_core_disable"),
             "the VFIO probes should attach only once vfio-pci loads: {attaches:?}"
@@ -642,9 +645,7 @@ fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         flavour("vfio_pci_core_disable") == Some("kprobe".into()),
         "vfio_pci_core_disable not attached: {attach}"
     );
-    notes.push(
-        "auto: fentry/fexit on the reset functions; kprobes on vfio_pci_core".into(),
-    );
+    notes.push("auto: fentry/fexit on the reset functions; kprobes on vfio_pci_core".into());
     let rp = "0000:01:00.0";
     let on = |v: &Value, f: &str, bdf: &str| v["function"] == f && v["bdf"] == bdf;
     let sysfs_ok = events(&auto, "attempt")
@@ -849,7 +850,9 @@ fn check_loop(
 fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let status = section(console, "status").join("\n");
     ensure!(
-        status.contains("sdx55") && status.contains("experimental, opted in") && status.contains("status-rc=0"),
+        status.contains("sdx55")
+            && status.contains("experimental, opted in")
+            && status.contains("status-rc=0"),
         "status must show the card as the experimental sdx55 it was configured as:\n{status}"
     );
     let mut notes = check_loop(run, console, sim, "modem", 1)?;
@@ -858,7 +861,10 @@ fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<
         .map(|a| a["report"]["profile"].clone())
         .unwrap_or_default();
     ensure!(profile == "sdx55", "reset as profile {profile}");
-    notes.insert(0, "[[device]] ids = \"1af4:1110\" -> experimental sdx55: reset, clean".into());
+    notes.insert(
+        0,
+        "[[device]] ids = \"1af4:1110\" -> experimental sdx55: reset, clean".into(),
+    );
     Ok(notes)
 }
 
@@ -914,7 +920,10 @@ fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>>
     // Whatever the port reports a link drop through is masked during the reset, nothing else.
     let hp = before["hotplug_events"] == true;
     let sd = before["surprise_down_unmasked"] == true;
-    ensure!(hp || sd, "QEMU's root port reports nothing to guard: {before}");
+    ensure!(
+        hp || sd,
+        "QEMU's root port reports nothing to guard: {before}"
+    );
     let want_ctl = sltctl(before).map(|c| if hp { c & !SLTCTL_PDCE_DLLSCE } else { c });
     let want_mask = mask(before).map(|m| if sd { m | AER_SURPDN } else { m });
     ensure!(
@@ -978,7 +987,10 @@ fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>
         report["verdict"]["health"] == "clean",
         "reset after the power cycle: {report}"
     );
-    let port_line = out.lines().find(|l| l.contains("port ") && l.contains("reached")).unwrap_or("");
+    let port_line = out
+        .lines()
+        .find(|l| l.contains("port ") && l.contains("reached"))
+        .unwrap_or("");
     let mut notes = vec![
         format!("plan: {}", plan.lines().next().unwrap_or("")),
         port_line.trim().to_string(),
@@ -987,7 +999,10 @@ fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>
     // QEMU deletes a device whose slot the guest powers off, so the slot method is planned
     // (where pciehp offers `power`), not run.
     if plan.contains("Slot(") {
-        notes.push("auto would use the slot's power file (pciehp); not run: QEMU deletes the device".into());
+        notes.push(
+            "auto would use the slot's power file (pciehp); not run: QEMU deletes the device"
+                .into(),
+        );
     }
     check_sim(sim, "wlan", 3)?;
     Ok(notes)
@@ -1020,14 +1035,22 @@ fn check_preflight(console: &str) -> anyhow::Result<Vec<String>> {
             "check must name the missing vfio_pci_core: {vfio}"
         );
         ensure!(
-            run.contains("cannot start the agent") && run.contains("arrived in 5.15")
+            run.contains("cannot start the agent")
+                && run.contains("arrived in 5.15")
                 && run.contains("run-rc=1"),
             "run must refuse with the same reason:\n{run}"
         );
-        return Ok(vec![format!("check: {vfio}"), "run refuses with the same line, exit 1".into()]);
+        return Ok(vec![
+            format!("check: {vfio}"),
+            "run refuses with the same line, exit 1".into(),
+        ]);
     }
     let module = console.contains("VMLAB vfio-module=1");
-    let want = if module { "loaded (module)" } else { "built into the kernel" };
+    let want = if module {
+        "loaded (module)"
+    } else {
+        "built into the kernel"
+    };
     ensure!(
         vfio.starts_with("PASS") && vfio.contains(want),
         "vfio_pci_core is {}: {vfio}",
