@@ -207,15 +207,23 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
     if !a.dry_run {
         require_root()?;
     }
-    let access = a.device.access;
+    reset_and_report(host, &req, a.device.access, a.json)
+}
 
+/// Runs the reset, prints its report; exit 0 when clean (or a dry run), 2 when not.
+fn reset_and_report(
+    host: &Host,
+    req: &Request,
+    access: backend::Access,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let report = engine::reset(
         host,
-        &req,
+        req,
         &mut |dev, own| backend::open(dev, access, own),
         access.name(),
     )?;
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
@@ -648,20 +656,5 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
         allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
         ..Request::new(a.bdf)
     };
-    let access = a.device.access;
-    let report = engine::reset(
-        host,
-        &req,
-        &mut |dev, own| backend::open(dev, access, own),
-        access.name(),
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
-    }
-    Ok(match report.verdict.as_ref().map(|v| v.health) {
-        Some(Health::Clean) => ExitCode::SUCCESS,
-        _ => ExitCode::from(2),
-    })
+    reset_and_report(host, &req, a.device.access, a.json)
 }
