@@ -71,6 +71,13 @@ impl NsTgid {
     }
 }
 
+/// `/sys/module/vfio_pci_core/initstate`: "coming", "live", "going", or None when not loaded.
+fn vfio_module_state() -> Option<String> {
+    std::fs::read_to_string(Path::new(MODULE_DIR).join(layout::VFIO_MODULE).join("initstate"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 pub struct Probes {
     ebpf: Ebpf,
     /// The VFIO bracket links, while attached: (program name, link).
@@ -244,7 +251,7 @@ impl Probes {
     /// anything changed.
     pub fn sync_vfio(&mut self) -> bool {
         let present =
-            self.vfio_builtin.is_some() || Path::new(MODULE_DIR).join(layout::VFIO_MODULE).exists();
+            self.vfio_builtin.is_some() || vfio_module_state().as_deref() == Some("live");
         match (present, self.vfio_links.is_some()) {
             (true, false) => self.attach_vfio(),
             (false, true) => self.detach_vfio(),
@@ -253,8 +260,19 @@ impl Probes {
         true
     }
 
+    /// The module is loading (its `add` uevent comes before its init has run): kprobes put on
+    /// its functions now may never fire, so attaching waits until it is live.
+    pub fn vfio_coming(&self) -> bool {
+        self.vfio_builtin.is_none() && vfio_module_state().as_deref() == Some("coming")
+    }
+
     fn attach_vfio(&mut self) {
         let layout = self.vfio_layout().and_then(|l| {
+            tracing::info!(
+                "vfio_pci_core_device: pdev at byte {}, needs_reset {}",
+                l.pdev,
+                layout::NeedsReset::of(&l)
+            );
             let mut arr: Array<_, VfioLayout> = Array::try_from(
                 self.ebpf
                     .map_mut("VFIO_LAYOUT")

@@ -47,7 +47,17 @@ pub struct Tracer {
     uevents: Option<uevents::Uevents>,
     /// Only without uevents: the module watch and drop counters on a timer.
     tick: Option<tokio::time::Interval>,
+    /// vfio_pci_core announced but not live yet: look again shortly (never armed while idle).
+    settle: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Looks since the module was announced; the wait ends after [`SETTLE_TRIES`].
+    settle_tries: u32,
 }
+
+/// 10 s of a module stuck in its init: then the next uevent or a rescan tries again.
+const SETTLE_TRIES: u32 = 500;
+
+/// How often a loading vfio_pci_core is looked at until it is live.
+const SETTLE: Duration = Duration::from_millis(20);
 
 impl Tracer {
     /// Loads and attaches everything; fails with every reason when no reset probe attached.
@@ -103,6 +113,8 @@ impl Tracer {
             drops: (0, 0),
             uevents,
             tick,
+            settle: None,
+            settle_tries: 0,
         })
     }
 
@@ -111,6 +123,13 @@ impl Tracer {
             self.queue
                 .push_back(Item::Attached(self.probes.attachments.clone()));
         }
+        let coming = self.probes.vfio_coming();
+        self.settle_tries = if coming { self.settle_tries + 1 } else { 0 };
+        if coming && self.settle_tries == SETTLE_TRIES {
+            tracing::warn!("vfio_pci_core has been loading for 10 s; its probes attach at its next uevent");
+        }
+        self.settle = (coming && self.settle_tries < SETTLE_TRIES)
+            .then(|| Box::pin(tokio::time::sleep(SETTLE)));
     }
 
     fn on_uevent(&mut self, u: uevents::Uevent) {
@@ -179,6 +198,7 @@ impl Tracer {
                     guard.clear_ready();
                 }
                 _ = async { self.tick.as_mut().expect("guarded").tick().await }, if self.tick.is_some() => self.housekeeping(),
+                _ = async { self.settle.as_mut().expect("guarded").await }, if self.settle.is_some() => self.sync_vfio(),
             }
         }
     }

@@ -570,6 +570,8 @@ rmmod vfio_pci vfio_pci_core || {{ echo "VMLAB cannot unload vfio-pci"; exit 1; 
 wait_for /tmp/agent.log 'vfio_pci_core was unloaded' 30
 modprobe vfio-pci
 wait_for /tmp/agent.log 'probe vfio_pci_core_disable attached' 30
+# A release within tens of ms of the re-attach was missed in 6 of 8 runs under TCG (docs/testing.md).
+sleep 1
 bind_vfio $D
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"result":"clean"' 60
