@@ -73,9 +73,13 @@ impl NsTgid {
 
 /// `/sys/module/vfio_pci_core/initstate`: "coming", "live", "going", or None when not loaded.
 fn vfio_module_state() -> Option<String> {
-    std::fs::read_to_string(Path::new(MODULE_DIR).join(layout::VFIO_MODULE).join("initstate"))
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string(
+        Path::new(MODULE_DIR)
+            .join(layout::VFIO_MODULE)
+            .join("initstate"),
+    )
+    .ok()
+    .map(|s| s.trim().to_string())
 }
 
 pub struct Probes {
@@ -250,8 +254,7 @@ impl Probes {
     /// kernel disarms kprobes on a module's functions when the module goes). Returns whether
     /// anything changed.
     pub fn sync_vfio(&mut self) -> bool {
-        let present =
-            self.vfio_builtin.is_some() || vfio_module_state().as_deref() == Some("live");
+        let present = self.vfio_builtin.is_some() || vfio_module_state().as_deref() == Some("live");
         match (present, self.vfio_links.is_some()) {
             (true, false) => self.attach_vfio(),
             (false, true) => self.detach_vfio(),

@@ -126,7 +126,9 @@ impl Tracer {
         let coming = self.probes.vfio_coming();
         self.settle_tries = if coming { self.settle_tries + 1 } else { 0 };
         if coming && self.settle_tries == SETTLE_TRIES {
-            tracing::warn!("vfio_pci_core has been loading for 10 s; its probes attach at its next uevent");
+            tracing::warn!(
+                "vfio_pci_core has been loading for 10 s; its probes attach at its next uevent"
+            );
         }
         self.settle = (coming && self.settle_tries < SETTLE_TRIES)
             .then(|| Box::pin(tokio::time::sleep(SETTLE)));

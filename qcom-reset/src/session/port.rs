@@ -434,6 +434,45 @@ mod tests {
     }
 
     #[test]
+    fn sysfs_config_reads_and_writes_little_endian_at_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        let mut c = SysfsConfig::open(&path, true).unwrap();
+        c.write16(0x18, 0x1038).unwrap();
+        c.write32(0x20, 0xdead_beef).unwrap();
+        assert_eq!(c.read16(0x18).unwrap(), 0x1038);
+        assert_eq!(c.read32(0x20).unwrap(), 0xdead_beef);
+        assert_eq!(c.read16(0x22).unwrap(), 0xdead);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[0x18..0x1a], &[0x38, 0x10]);
+        assert!(c.read32(62).is_err(), "a short read is an error, not zeros");
+        let mut ro = SysfsConfig::open(&path, false).unwrap();
+        assert!(ro.write16(0, 1).is_err(), "opened read-only");
+    }
+
+    #[test]
+    fn upstream_is_the_pci_parent_in_the_device_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let card = dir.path().join("pci0000:00/0000:00:1c.0/0000:03:00.0");
+        std::fs::create_dir_all(&card).unwrap();
+        let dev = |dir: std::path::PathBuf, bdf: &str| SysfsDevice {
+            bdf: bdf.parse().unwrap(),
+            dir,
+        };
+        let p = upstream(&dev(card, "0000:03:00.0")).unwrap();
+        assert_eq!(p.bdf.to_string(), "0000:00:1c.0");
+        assert!(
+            upstream(&dev(
+                dir.path().join("pci0000:00/0000:00:1c.0"),
+                "0000:00:1c.0"
+            ))
+            .is_none(),
+            "root bus"
+        );
+    }
+
+    #[test]
     fn a_card_on_the_root_bus_has_no_port() {
         let s = PortState::default();
         assert_eq!(PortRecord::plan(&s), None);
