@@ -29,6 +29,9 @@ const PCI_EXP_SLTCTL_DLLSCE: u16 = 0x1000;
 const PCI_EXP_SLTSTA: u16 = 0x1a;
 const PCI_EXP_SLTSTA_PDC: u16 = 0x0008;
 const PCI_EXP_SLTSTA_DLLSC: u16 = 0x0100;
+/// The two event enables a link drop would fire, and their latched status bits.
+const SLTCTL_LINK_EVENTS: u16 = PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE;
+const SLTSTA_LINK_EVENTS: u16 = PCI_EXP_SLTSTA_PDC | PCI_EXP_SLTSTA_DLLSC;
 const EXT_CAP_START: u16 = 0x100;
 const PCI_EXT_CAP_ID_ERR: u16 = 0x0001;
 const PCI_EXT_CAP_ID_DPC: u16 = 0x001d;
@@ -121,7 +124,7 @@ impl PortState {
                 let ctl = cfg.read16(exp + PCI_EXP_SLTCTL)?;
                 s.slot_control_at = Some(exp + PCI_EXP_SLTCTL);
                 s.slot_control = Some(ctl);
-                s.hotplug_events = ctl & (PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE) != 0;
+                s.hotplug_events = ctl & SLTCTL_LINK_EVENTS != 0;
             }
         }
         if let Some(aer) = ext_capability(cfg, PCI_EXT_CAP_ID_ERR) {
@@ -200,7 +203,7 @@ impl PortRecord {
     /// Masks the link-drop reports. On a failure the caller restores what this record names.
     pub fn apply(&self, cfg: &mut dyn ConfigSpace) -> std::io::Result<()> {
         if let Some((at, ctl)) = self.slot_control {
-            cfg.write16(at, ctl & !(PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE))?;
+            cfg.write16(at, ctl & !SLTCTL_LINK_EVENTS)?;
         }
         if let Some((aer, mask)) = self.aer_mask {
             cfg.write32(aer + PCI_ERR_UNCOR_MASK, mask | PCI_ERR_UNC_SURPDN)?;
@@ -216,7 +219,7 @@ impl PortRecord {
         if let Some((at, ctl)) = self.slot_control {
             let sta = at - PCI_EXP_SLTCTL + PCI_EXP_SLTSTA;
             match cfg
-                .write16(sta, PCI_EXP_SLTSTA_PDC | PCI_EXP_SLTSTA_DLLSC)
+                .write16(sta, SLTSTA_LINK_EVENTS)
                 .and_then(|()| cfg.write16(at, ctl))
             {
                 Ok(()) => done.push(format!("{} SltCtl {ctl:#06x}", self.port)),
@@ -301,8 +304,9 @@ pub mod fake {
                 read_only: false,
             };
             c.put16(0x06, 0x0010);
-            c.put16(0x34, 0x40);
-            c.put16(0x40, 0x0010); // PCIe cap, last in the list
+            c.put16(0x34, 0x48); // the list starts with power management at 0x48 ...
+            c.put16(0x48, 0x4001); // PM, next 0x40
+            c.put16(0x40, 0x0010); // ... then PCIe, last in the list
             c.put16(0x42, 0x0142); // v2, root port, slot implemented
             c.put32(0x54, 0x0000_0040); // SltCap.HPC
             c.put16(0x58, sltctl);
@@ -421,6 +425,64 @@ mod tests {
             ],
             "latched status cleared before the enables return"
         );
+    }
+
+    #[test]
+    fn the_capability_walk_follows_the_list_and_stops_where_it_must() {
+        let find = |c: &mut FakeConfig| capability(c).unwrap();
+        assert_eq!(
+            find(&mut FakeConfig::root_port(0, 0, 0)),
+            Some(0x40),
+            "second in the list"
+        );
+        let mut no_list = FakeConfig::root_port(0, 0, 0);
+        no_list.put16(0x06, 0x0000);
+        assert_eq!(find(&mut no_list), None, "Status.CAP_LIST clear");
+        let mut gone = FakeConfig::root_port(0, 0, 0);
+        gone.put16(0x06, 0xffff);
+        assert_eq!(find(&mut gone), None, "all-ones: off the bus");
+        let mut bad = FakeConfig::root_port(0, 0, 0);
+        bad.put16(0x34, 0x3c);
+        assert_eq!(
+            find(&mut bad),
+            None,
+            "a pointer into the header ends the walk"
+        );
+        let mut looped = FakeConfig::root_port(0, 0, 0);
+        looped.put16(0x48, 0x4801); // PM pointing at itself, PCIe never reached
+        assert_eq!(find(&mut looped), None, "a loop ends after 48 entries");
+        // Extended capabilities: DPC is found behind AER; a zero header ends the walk.
+        let mut c = FakeConfig::root_port(0, 0, 1);
+        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), Some(0x140));
+        c.put32(0x100, 0);
+        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), None);
+    }
+
+    #[test]
+    fn a_slot_without_hotplug_and_a_port_with_only_one_report_are_guarded_exactly() {
+        // A slot that is not hotplug capable: its Slot Control is not ours to touch.
+        let mut c = FakeConfig::root_port(0x1038, 0, 0);
+        c.put32(0x54, 0);
+        let s = PortState::read(port(), &mut c).unwrap();
+        assert_eq!((s.slot_control, s.hotplug_events), (None, false));
+        let rec = PortRecord::plan(&s).unwrap();
+        assert_eq!((rec.slot_control, rec.aer_mask), (None, Some((0x100, 0))));
+        // Hotplug events on, Surprise Down already masked: only Slot Control.
+        let mut c = FakeConfig::root_port(0x1008, PCI_ERR_UNC_SURPDN, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        assert_eq!(
+            (rec.slot_control, rec.aer_mask),
+            (Some((0x58, 0x1008)), None)
+        );
+        // Masking keeps a bit that is already set (a record older than the port's state).
+        let mut c = FakeConfig::root_port(0, PCI_ERR_UNC_SURPDN, 0);
+        let rec = PortRecord {
+            port: port(),
+            slot_control: None,
+            aer_mask: Some((0x100, PCI_ERR_UNC_SURPDN | 1)),
+        };
+        rec.apply(&mut c).unwrap();
+        assert_eq!(c.get32(0x108), PCI_ERR_UNC_SURPDN | 1);
     }
 
     #[test]
