@@ -457,8 +457,16 @@ mod tests {
         c.put32(0x100, 0);
         assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), None);
         c.put32(0x100, u32::MAX);
-        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), None, "all-ones: off the bus");
-        assert_eq!(ext_capability(&mut c, 0xffff), None, "never matched as an ID");
+        assert_eq!(
+            ext_capability(&mut c, PCI_EXT_CAP_ID_DPC),
+            None,
+            "all-ones: off the bus"
+        );
+        assert_eq!(
+            ext_capability(&mut c, 0xffff),
+            None,
+            "never matched as an ID"
+        );
     }
 
     #[test]

@@ -405,8 +405,11 @@ fn agent_loop(profile: &str, extra: &str) -> String {
     };
     format!(
         r#"{}{START_AGENT}
+vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '{until}' 90
+vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
+dump port /tmp/port.txt
 {STOP_AND_DUMP}"#,
         setup(profile, extra, true)
     )
@@ -832,6 +835,22 @@ fn check_loop(
         received >= done_ns,
         "event received ({received}) before the release returned ({done_ns})?"
     );
+    // Behind the root port the reset masked the port's link-drop reports and put them back
+    // (the loops read the port before and after; other scenarios reuse this check without).
+    if run.topology == Topology::RootPort && console.contains("VMLAB-BEGIN port") {
+        let ports = port_states(console, "port");
+        ensure!(
+            ports.len() == 2 && ports[0] == ports[1],
+            "the port before and after the reset differ: {ports:?}"
+        );
+        let restored = &a["report"]["restored"]["port"];
+        ensure!(
+            a["report"]["port"]["port"] == ports[0]["port"]
+                && restored.as_array().is_some_and(|r| !r.is_empty()),
+            "the reset did not guard the port {}: restored {restored}",
+            ports[0]["port"]
+        );
+    }
     let detect_ms = (received - done_ns) as f64 / 1e6;
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
