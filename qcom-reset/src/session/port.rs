@@ -243,24 +243,31 @@ impl PortRecord {
     }
 }
 
-/// Offset of the PCI Express capability (at most 48 list entries).
-fn capability(cfg: &mut dyn ConfigSpace) -> std::io::Result<Option<u16>> {
-    let status = cfg.read16(PCI_STATUS)?;
+/// Offset of the PCI Express capability (at most 48 list entries), through any config-space
+/// reader: the port's sysfs config here, the target's backend for the crash record.
+pub fn pcie_capability(
+    read16: &mut dyn FnMut(u16) -> std::io::Result<u16>,
+) -> std::io::Result<Option<u16>> {
+    let status = read16(PCI_STATUS)?;
     if status == 0xffff || status & PCI_STATUS_CAP_LIST == 0 {
         return Ok(None);
     }
-    let mut pos = cfg.read16(PCI_CAPABILITY_LIST)? & 0xfc;
+    let mut pos = read16(PCI_CAPABILITY_LIST)? & 0xfc;
     for _ in 0..48 {
         if pos < 0x40 {
             return Ok(None);
         }
-        let hdr = cfg.read16(pos)?;
+        let hdr = read16(pos)?;
         if hdr as u8 == PCI_CAP_ID_EXP {
             return Ok(Some(pos));
         }
         pos = (hdr >> 8) & 0xfc;
     }
     Ok(None)
+}
+
+fn capability(cfg: &mut dyn ConfigSpace) -> std::io::Result<Option<u16>> {
+    pcie_capability(&mut |off| cfg.read16(off))
 }
 
 /// Offset of extended capability `id` (at most 96 entries); None where extended config space

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
-use crate::regs::*;
 use crate::{Error, Result};
 
 /// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
@@ -24,9 +23,6 @@ const PCI_EXP_LNKCTL: u16 = 0x10;
 /// Link Control's ASPM enables: saved cleared, so a restore never turns ASPM on before L1
 /// substates are configured (the kernel restores them last); the next driver sets them.
 const PCI_EXP_LNKCTL_ASPMC: u16 = 0x0003;
-const PCI_STATUS_CAP_LIST: u16 = 0x10;
-const PCI_CAPABILITY_LIST: u64 = 0x34;
-const PCI_CAP_ID_EXP: u8 = 0x10;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -69,24 +65,11 @@ pub fn snapshot(backend: &mut dyn Backend) -> Vec<(u16, u16)> {
         .collect()
 }
 
-/// Offset of the PCI Express capability, walking the capability list (at most 48 entries).
+/// Offset of the PCI Express capability of the device behind `backend`.
 fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
-    let status = backend.config_read16(PCI_STATUS).ok()?;
-    if status == 0xffff || status & PCI_STATUS_CAP_LIST == 0 {
-        return None;
-    }
-    let mut pos = backend.config_read16(PCI_CAPABILITY_LIST).ok()? & 0xfc;
-    for _ in 0..48 {
-        if pos < 0x40 {
-            return None;
-        }
-        let hdr = backend.config_read16(pos as u64).ok()?;
-        if hdr as u8 == PCI_CAP_ID_EXP {
-            return Some(pos);
-        }
-        pos = (hdr >> 8) & 0xfc;
-    }
-    None
+    super::port::pcie_capability(&mut |off| backend.config_read16(off as u64))
+        .ok()
+        .flatten()
 }
 
 /// Writes the record atomically (temporary file, fsync, rename) before the first device write.
