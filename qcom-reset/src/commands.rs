@@ -311,7 +311,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
                 a.device.bar.or(by_config.bar),
             )?]
         }
-        None => engine::targets(host, &cfg.overrides(&present(host)))?,
+        None => engine::targets(host, &cfg.overrides(&host.sysfs.present_ids()))?,
     };
     require_root()?;
     let access = a.device.access;
@@ -584,16 +584,6 @@ fn device_config(path: Option<std::path::PathBuf>) -> anyhow::Result<Config> {
         &path.unwrap_or_else(config_default_path),
         explicit,
     )?)
-}
-
-/// Every PCI device present with its IDs, for `[[device]]` rules.
-fn present(host: &Host) -> Vec<(qcom_reset::bdf::Bdf, (u16, u16))> {
-    host.sysfs
-        .list()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|d| Some((d.bdf, d.ids().ok()?)))
-        .collect()
 }
 
 /// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`. A

@@ -35,6 +35,16 @@ impl PciSysfs {
         }
     }
 
+    /// Every PCI function present with its (vendor, device), for `[[device]]` rules; unreadable
+    /// ones are skipped.
+    pub fn present_ids(&self) -> Vec<(Bdf, (u16, u16))> {
+        self.list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| Some((d.bdf, d.ids().ok()?)))
+            .collect()
+    }
+
     /// Every PCI function present, in address order; entries that are not addresses are skipped.
     pub fn list(&self) -> Result<Vec<SysfsDevice>, Error> {
         let rd = fs::read_dir(&self.root).map_err(|source| Error::SysfsRead {

@@ -170,15 +170,7 @@ impl Shared {
 
     /// Explicit profiles by address and by `[[device]]` rule, for the devices present now.
     fn overrides(&self) -> Vec<(Bdf, String, Option<u8>)> {
-        let present: Vec<(Bdf, (u16, u16))> = self
-            .host
-            .sysfs
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|d| Some((d.bdf, d.ids().ok()?)))
-            .collect();
-        self.cfg.overrides(&present)
+        self.cfg.overrides(&self.host.sysfs.present_ids())
     }
 }
 
