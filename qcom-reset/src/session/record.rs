@@ -125,3 +125,67 @@ pub fn pending(run_dir: &Path) -> Vec<Bdf> {
     out.sort();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Config space only: a header with a capability list (PM at 0x80, then PCIe at 0x40).
+    struct Config([u8; 256]);
+
+    impl Config {
+        fn put(&mut self, off: usize, v: u16) {
+            self.0[off..off + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    impl Backend for Config {
+        fn name(&self) -> &'static str {
+            "config"
+        }
+        fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+            let o = o as usize;
+            Ok(u16::from_le_bytes([self.0[o], self.0[o + 1]]))
+        }
+        fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+            self.put(o as usize, v);
+            Ok(())
+        }
+        fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
+            Err(Error::NotOwned {
+                bdf: "0000:00:00.0".parse().unwrap(),
+                why: format!("no BAR{bar} in a config-only fake"),
+            })
+        }
+    }
+
+    #[test]
+    fn the_snapshot_saves_the_pcie_control_words_with_aspm_cleared() {
+        let mut c = Config([0; 256]);
+        c.put(0x06, 0x0010); // Status.CAP_LIST
+        c.put(0x34, 0x80);
+        c.put(0x80, 0x4001); // PM, next 0x40
+        c.put(0x40, 0x0010); // PCIe, last
+        c.put(0x10, 0xfe00); // BAR0
+        c.put(0x40 + 0x08, 0x2810); // Device Control
+        c.put(0x40 + 0x10, 0x0143); // Link Control: ASPM L0s|L1 on, CCC, RCB
+        c.put(0x40 + 0x28, 0x0400); // Device Control 2
+        c.put(0x40 + 0x30, 0x0003); // Link Control 2
+        c.put(0x3c, 0xffff); // an all-ones word is not saved
+        let s = snapshot(&mut c);
+        assert!(s.contains(&(0x10, 0xfe00)), "{s:?}");
+        assert!(
+            s.contains(&(0x50, 0x0140)),
+            "LnkCtl saved without ASPM: {s:?}"
+        );
+        assert!(s.contains(&(0x48, 0x2810)), "{s:?}");
+        assert!(
+            s.contains(&(0x68, 0x0400)) && s.contains(&(0x70, 0x0003)),
+            "{s:?}"
+        );
+        assert!(!s.iter().any(|&(o, _)| o == 0x3c), "{s:?}");
+        // No capability list: only the header words.
+        c.put(0x06, 0);
+        assert!(!snapshot(&mut c).iter().any(|&(o, _)| o >= 0x40));
+    }
+}
