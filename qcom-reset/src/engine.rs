@@ -18,7 +18,7 @@ use crate::sequence::{self, Outcome};
 pub use crate::session::Restored;
 use crate::session::own::Ownership;
 use crate::session::port::{self, PortRecord, PortState};
-use crate::session::{Session, Writes};
+use crate::session::{Guarded, Session, Writes};
 use crate::sysfs::{PciSysfs, SysfsDevice};
 use crate::verdict::{self, Verdict};
 use crate::{Error, Result};
@@ -377,7 +377,7 @@ pub fn reset(
     );
 
     let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
-    let port = guard_link_drop(&mut session, &t, req)?;
+    let port = guard_link_drop(host, &mut session, &t, req)?;
     let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
@@ -385,7 +385,9 @@ pub fn reset(
             version,
             "reset: the kernel provides device_specific; using its reset instead of ours",
         );
-        kernel_reset(&t)?;
+        session.still_owned()?;
+        session.saw_link_drop();
+        kernel_reset(&mut session, &t)?;
     }
     let access = session.backend.name();
     let mut ops = Vec::new();
@@ -419,7 +421,7 @@ pub fn reset(
                 family: p.family.name(),
             });
         }
-        let mut io = Recorder::new(bar);
+        let mut io = Recorder::new(Guarded::new(bar, session.watch()));
         session.still_owned()?;
         if !kernel {
             let o = sequence::run(p.family, &mut io, &mut |s| {
@@ -446,8 +448,15 @@ pub fn reset(
                     }
                 )
             });
+        if rebooted {
+            session.saw_link_drop();
+        }
         let mut ids = || session.config_ids();
-        verdict::verify(&t.expect(rebooted), &mut ids, &mut io, len)
+        let v = verdict::verify(&t.expect(rebooted), &mut ids, &mut io, len);
+        if let Some(l) = io.inner.lost.take() {
+            return Err(session.lost(l));
+        }
+        v
     };
     step(
         t.bdf,
@@ -494,13 +503,29 @@ pub fn upstream_port(t: &Target) -> Result<PortState> {
 }
 
 /// pre: refuses a DPC port unless allowed, masks the port's hotplug and Surprise Down reports
-/// for the link drop (restored at post), or refuses where they cannot be masked unless allowed.
-fn guard_link_drop(session: &mut Session, t: &Target, req: &Request) -> Result<PortState> {
+/// for the link drop (restored at post), or refuses where they cannot be masked (lockdown, or
+/// pciehp polling the slot) unless allowed. The port's lock comes first: a second target below
+/// the same port waits instead of reading, and recording, the first one's masked state.
+fn guard_link_drop(
+    host: &Host,
+    session: &mut Session,
+    t: &Target,
+    req: &Request,
+) -> Result<PortState> {
+    if let Some(p) = port::upstream(&t.dev) {
+        session.lock_port(p.bdf, host.lock_wait)?;
+    }
     let state = upstream_port(t)?;
     let version = t.profile.family.sequence_version();
     step(t.bdf, version, &format!("pre: {}", state.summary()));
     if let (Some(port), true, false) = (state.port, state.dpc_enabled, req.allow_dpc) {
         return Err(Error::Dpc { bdf: t.bdf, port });
+    }
+    if state.slot_control.is_some()
+        && port::pciehp_polls(&host.sysfs.sys_root())
+        && !req.allow_unguarded_link_drop
+    {
+        return Err(Error::PciehpPolls { bdf: t.bdf });
     }
     let Some(rec) = PortRecord::plan(&state) else {
         return Ok(state);
@@ -522,20 +547,24 @@ fn guard_link_drop(session: &mut Session, t: &Target, req: &Request) -> Result<P
     }
 }
 
-/// Runs the kernel's `device_specific` reset, making it the method used for this one reset.
-fn kernel_reset(t: &Target) -> Result<()> {
-    let restore = method_swap(t.reset_methods.as_deref().unwrap_or_default());
-    if restore.is_some() {
-        t.dev.write("reset_method", "device_specific")?;
+/// Runs the kernel's `device_specific` reset, making it the method used for this one reset
+/// (the list it replaces is in the crash record meanwhile). The reset's own error comes first;
+/// one putting the list back is logged and left to the restore.
+fn kernel_reset(session: &mut Session, t: &Target) -> Result<()> {
+    if let Some(methods) = method_swap(t.reset_methods.as_deref().unwrap_or_default()) {
+        session.swap_reset_method(methods)?;
     }
-    let r = t.dev.write("reset", "1");
-    if let Some(methods) = restore {
-        t.dev.write("reset_method", &methods)?;
-    }
-    r.map_err(|e| match e {
+    let r = t.dev.write("reset", "1").map_err(|e| match e {
         Error::SysfsWrite { err, .. } => Error::KernelReset { bdf: t.bdf, err },
         e => e,
-    })
+    });
+    match (r, session.unswap_reset_method()) {
+        (Err(e), Err(back)) => {
+            warn!(bdf = %t.bdf, "reset_method not put back yet: {back}");
+            Err(e)
+        }
+        (r, back) => r.and(back),
+    }
 }
 
 /// When `device_specific` is not the first method, the kernel would try the others first: the
@@ -590,6 +619,11 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
         ));
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    // The wait may have been long: a VM may have opened the card or a host driver taken it.
+    let t = inspect(host, t.bdf, Some(t.profile.name), Some(t.profile.bar))?;
+    if let Some(e) = t.refusal(false) {
+        return Ok(skipped(t, e.to_string()));
+    }
     // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
     let writes = match mode {
         ReadMode::EnableAndRestore => Writes::Allowed,
@@ -666,7 +700,9 @@ fn begin_session(
     Session::begin(dev, host.run_dir.clone(), own, backend, writes)
 }
 
-/// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)` overrides.
+/// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)`
+/// overrides. One that cannot be inspected (removed while listed, unreadable sysfs) is logged
+/// and skipped: the others are still served.
 pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<Vec<Target>> {
     let mut out = Vec::new();
     for dev in host.sysfs.list()? {
@@ -677,12 +713,10 @@ pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<V
         if ov.is_none() && devices::by_id(vendor, device).is_none() {
             continue;
         }
-        out.push(inspect(
-            host,
-            dev.bdf,
-            ov.map(|o| o.1.as_str()),
-            ov.and_then(|o| o.2),
-        )?);
+        match inspect(host, dev.bdf, ov.map(|o| o.1.as_str()), ov.and_then(|o| o.2)) {
+            Ok(t) => out.push(t),
+            Err(e) => warn!(bdf = %dev.bdf, "skipped: {e}"),
+        }
     }
     Ok(out)
 }

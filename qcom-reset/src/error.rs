@@ -57,6 +57,22 @@ pub enum Error {
         "the crash record {path} is unreadable ({why}); check the device by hand, then remove the file"
     )]
     BadRecord { path: PathBuf, why: String },
+    #[error(
+        "cannot write the record {path}: {err}; free space or remount the run directory read-write (--run-dir points elsewhere); nothing was written to the device"
+    )]
+    RecordWrite { path: PathBuf, err: std::io::Error },
+    #[error(
+        "a killed qcom-reset left state to restore on {bdf} ({path}), but {why}; it is left for a later run. Fix: bind the card to vfio-pci (or unbind it), then run `qcom-reset reset {bdf}` or restart the agent"
+    )]
+    RecordWaits { bdf: Bdf, path: PathBuf, why: String },
+    #[error(
+        "a killed qcom-reset's state on {bdf} could not all be put back ({left}); nothing more is written. Fix: restore it by hand from {path}, then remove that file"
+    )]
+    RecoveryIncomplete { bdf: Bdf, path: PathBuf, left: String },
+    #[error(
+        "pciehp polls the slot above {bdf} (pciehp_poll_mode=1): it acts on the reset's link drop whatever the masks say and would remove the card. Fix: boot without pciehp.pciehp_poll_mode, or accept it with allow_unguarded_link_drop = true"
+    )]
+    PciehpPolls { bdf: Bdf },
     #[error("another qcom-reset holds the lock on {bdf} ({path}); wait for it to finish")]
     Busy { bdf: Bdf, path: PathBuf },
     #[error(
@@ -152,5 +168,40 @@ mod tests {
             err: std::io::Error::from_raw_os_error(libc::EIO),
         };
         assert!(!other.to_string().contains("lockdown"), "{other}");
+    }
+
+    #[test]
+    fn only_config_and_resource_writes_blame_lockdown() {
+        let eperm = |path: &str| {
+            Error::SysfsWrite {
+                path: path.into(),
+                err: std::io::Error::from_raw_os_error(libc::EPERM),
+            }
+            .to_string()
+        };
+        for path in [
+            "/sys/bus/pci/devices/0000:03:00.0/resource0",
+            "/sys/bus/pci/devices/0000:03:00.0/resource2_wc",
+        ] {
+            let text = eperm(path);
+            assert_eq!(text.contains("lockdown"), is_root(), "{text}");
+        }
+        for path in [
+            "/sys/bus/pci/devices/0000:03:00.0/remove",
+            "/sys/bus/pci/slots/2/power",
+            "/sys/bus/pci/drivers_autoprobe",
+            "/sys/bus/pci/devices/0000:00:1c.0/power/control",
+        ] {
+            let text = eperm(path);
+            assert!(!text.contains("lockdown"), "{text}");
+            if is_root() {
+                assert!(
+                    text.contains("needs CAP_SYS_ADMIN in the initial user namespace"),
+                    "{text}"
+                );
+            } else {
+                assert!(text.contains("run as root"), "{text}");
+            }
+        }
     }
 }

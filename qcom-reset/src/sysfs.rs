@@ -35,6 +35,15 @@ impl PciSysfs {
         }
     }
 
+    /// The sysfs mount this tree belongs to (`/sys` for `/sys/bus/pci/devices`).
+    pub fn sys_root(&self) -> PathBuf {
+        self.root
+            .ancestors()
+            .nth(3)
+            .unwrap_or(&self.root)
+            .to_path_buf()
+    }
+
     /// Every PCI function present with its (vendor, device), for `[[device]]` rules; unreadable
     /// ones are skipped.
     pub fn present_ids(&self) -> Vec<(Bdf, (u16, u16))> {
@@ -60,6 +69,32 @@ impl PciSysfs {
             .collect();
         out.sort_by_key(|d| d.bdf);
         Ok(out)
+    }
+}
+
+/// A device's `driver_override`: which driver alone may bind it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Override {
+    /// "(null)": any matching driver may bind.
+    Unset,
+    Driver(String),
+}
+
+impl Override {
+    fn parse(s: &str) -> Override {
+        match s {
+            "(null)" | "" => Override::Unset,
+            d => Override::Driver(d.to_string()),
+        }
+    }
+
+    /// What to write to `driver_override` to set this value ("\n" clears it).
+    pub fn sysfs_value(&self) -> &str {
+        match self {
+            Override::Unset => "\n",
+            Override::Driver(d) => d,
+        }
     }
 }
 
@@ -167,6 +202,51 @@ impl SysfsDevice {
             [start, end, ..] if *end > *start => end - start + 1,
             _ => 0,
         })
+    }
+
+    /// `driver_override`: Ok(None) where the kernel has no such file (before 3.16).
+    pub fn driver_override(&self) -> Result<Option<Override>, Error> {
+        Ok(read_opt(&self.path("driver_override"))?.map(|s| Override::parse(&s)))
+    }
+
+    /// `class` (base class, subclass, programming interface).
+    pub fn class(&self) -> Result<u32, Error> {
+        let p = self.path("class");
+        let s = read_trim(&p)?;
+        u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| Error::SysfsRead {
+            path: p,
+            err: std::io::Error::new(ErrorKind::InvalidData, format!("not a hex class: {s:?}")),
+        })
+    }
+
+    /// Start addresses of the six BARs in the kernel's `resource` table (0: unassigned): what
+    /// the kernel believes the BARs hold, to check a record's BAR words against.
+    pub fn bar_starts(&self) -> Result<Vec<u64>, Error> {
+        let table = read_trim(&self.path("resource"))?;
+        Ok(table
+            .lines()
+            .take(6)
+            .map(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
+    /// Another function in the same sysfs directory, by address (the port of a record, which
+    /// must be reachable when the target itself is gone).
+    pub fn sibling(&self, bdf: Bdf) -> SysfsDevice {
+        SysfsDevice {
+            bdf,
+            dir: self.dir.with_file_name(bdf.to_string()),
+        }
+    }
+
+    /// Whether the function is still on the bus.
+    pub fn present(&self) -> bool {
+        self.dir.exists()
     }
 
     pub fn write(&self, attr: &str, value: &str) -> Result<(), Error> {

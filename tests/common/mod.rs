@@ -105,6 +105,7 @@ impl FakeHost {
         fs::write(dev.join("power/control"), "auto\n").unwrap();
         fs::write(dev.join("power_state"), format!("{}\n", d.power_state)).unwrap();
         fs::write(dev.join("config"), [0u8; 256]).unwrap();
+        fs::write(dev.join("driver_override"), "(null)\n").unwrap();
         let start = 0xfe00_0000u64;
         fs::write(
             dev.join("resource"),
@@ -196,6 +197,10 @@ pub fn leave_killed_session(h: &FakeHost, bdf_s: &str, card: &SimDevice, config:
         power_control: Some("auto".into()),
         config,
         port: None,
+        driver_override: None,
+        // What FakeHost::add's resource table assigns: the record's BARs are still valid.
+        bar_starts: vec![0xfe00_0000, 0, 0, 0, 0, 0],
+        reset_method: None,
     };
     qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
     fs::write(h.host.sysfs.root.join(bdf_s).join("power/control"), "on").unwrap();
@@ -227,5 +232,21 @@ impl qcom_reset::backend::Backend for Hooked {
     ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
         (self.on_map)();
         self.inner.map_bar(bar)
+    }
+}
+
+impl FakeHost {
+    /// `d` below the bridge `port`, nested as real sysfs nests them (the power-cycle plan
+    /// reads the port from that nesting), with the bus-wide `drivers_autoprobe` on.
+    pub fn add_below_port(&self, port: &str, d: FakeDevice) -> PathBuf {
+        let real = self.root().join("sys/devices/pci0000:00").join(port);
+        fs::create_dir_all(real.join(d.bdf).join("power")).unwrap();
+        fs::create_dir_all(real.join("power")).unwrap();
+        fs::write(real.join("power/control"), "on\n").unwrap();
+        fs::write(real.join("power_state"), "D0\n").unwrap();
+        symlink(&real, self.host.sysfs.root.join(port)).unwrap();
+        symlink(real.join(d.bdf), self.host.sysfs.root.join(d.bdf)).unwrap();
+        fs::write(self.root().join("sys/bus/pci/drivers_autoprobe"), "1\n").unwrap();
+        self.add(d)
     }
 }

@@ -15,23 +15,33 @@ use tracing::warn;
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
+use crate::io::RegisterIo;
+use crate::lock::DeviceLock;
 use crate::regs::*;
-use crate::sysfs::SysfsDevice;
+use crate::sysfs::{Override, SysfsDevice};
 use crate::{Error, Result};
 use own::Ownership;
 use record::Record;
+
+/// The `driver_override` a session puts on its card: no driver has this name, so none binds
+/// the card (vfio-pci through `ids=`/`new_id`, driverctl, an autostart VM's managed hostdev)
+/// until the session puts the recorded value back.
+pub const HOLD_OVERRIDE: &str = "qcom-reset-session";
 
 /// What a session put back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Restored {
     pub command: Option<u16>,
     pub power_control: Option<String>,
-    /// Config words the device lost (e.g. its BARs after the WLAN global reset), as
-    /// "offset: now -> restored".
+    /// Config words put back after the link dropped (e.g. its BARs after the WLAN global
+    /// reset), as "offset: now -> restored".
     pub config: Vec<String>,
     /// Upstream port registers put back after the link drop (hotplug events, AER mask).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub port: Vec<String>,
+    /// Who took the card during the session: nothing more was written to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
     pub errors: Vec<String>,
 }
 
@@ -44,71 +54,200 @@ pub enum Writes {
     None,
 }
 
+/// How a card stopped being the session's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// It left the bus (removed, hot-unplugged, DPC).
+    Gone,
+    /// Another driver (or none, after an unbind) has it now.
+    Driver(Option<String>),
+    Unreadable(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Gone => f.write_str("nobody: it left the bus"),
+            Lost::Driver(Some(d)) => write!(f, "driver {d}"),
+            Lost::Driver(None) => f.write_str("an unbind (no driver now)"),
+            Lost::Unreadable(e) => write!(f, "an unknown owner ({e})"),
+        }
+    }
+}
+
+/// Whether the card still has the driver it had when the session began: vfio-pci with the
+/// group held, no driver (held off by [`HOLD_OVERRIDE`]), or the `--force` driver. Checked
+/// before every write, since a held group does not stop an unbind (libvirt's managed reattach
+/// runs right after QEMU exits).
+#[derive(Clone, Debug)]
+pub struct OwnerWatch {
+    dev: SysfsDevice,
+    driver: Option<String>,
+}
+
+impl OwnerWatch {
+    pub fn new(dev: &SysfsDevice) -> Result<OwnerWatch> {
+        Ok(OwnerWatch {
+            dev: dev.clone(),
+            driver: dev.driver()?,
+        })
+    }
+
+    pub fn lost(&self) -> Option<Lost> {
+        if !self.dev.present() {
+            return Some(Lost::Gone);
+        }
+        match self.dev.driver() {
+            Ok(d) if d == self.driver => None,
+            Ok(d) => Some(Lost::Driver(d)),
+            Err(e) => Some(Lost::Unreadable(e.to_string())),
+        }
+    }
+
+    /// A killed session's record goes back only onto a card nothing else drives.
+    fn recoverable(&self) -> std::result::Result<(), String> {
+        match self.driver.as_deref() {
+            None | Some("vfio-pci") => Ok(()),
+            Some(d) => Err(format!(
+                "it is bound to {d} now and its state belongs to that driver"
+            )),
+        }
+    }
+}
+
+/// The BAR as the session writes it: every write first checks the card is still ours; once it
+/// is not, nothing more reaches it (reads give all-ones, delays are skipped) and `lost` says
+/// why, for the caller to end the session.
+pub struct Guarded<I> {
+    inner: I,
+    watch: OwnerWatch,
+    pub lost: Option<Lost>,
+}
+
+impl<I: RegisterIo> Guarded<I> {
+    pub fn new(inner: I, watch: OwnerWatch) -> Self {
+        Guarded {
+            inner,
+            watch,
+            lost: None,
+        }
+    }
+}
+
+impl<I: RegisterIo> RegisterIo for Guarded<I> {
+    fn read32(&mut self, offset: u32) -> u32 {
+        if self.lost.is_some() {
+            return ALL_ONES;
+        }
+        self.inner.read32(offset)
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        if self.lost.is_none() {
+            self.lost = self.watch.lost();
+        }
+        if self.lost.is_none() {
+            self.inner.write32(offset, value);
+        }
+    }
+    fn delay(&mut self, d: Duration) {
+        if self.lost.is_none() {
+            self.inner.delay(d);
+        }
+    }
+}
+
 /// Config space, power and the BAR for the duration of a sequence; restores on drop.
 pub struct Session {
     pub bdf: Bdf,
     dev: SysfsDevice,
     pub backend: Box<dyn Backend>,
     run_dir: PathBuf,
+    watch: OwnerWatch,
     baseline: Option<Record>,
+    /// The link dropped (or the kernel reset the function): every saved word goes back.
+    link_dropped: bool,
     restored: Option<Restored>,
+    /// The upstream port's lock while its reports are masked: two targets below one port never
+    /// record each other's masked state.
+    _port_lock: Option<DeviceLock>,
     /// Held until the session ends: nothing else can open the device meanwhile.
     _own: Ownership,
 }
 
 impl Session {
-    /// Recovers a dead session's record, saves the baseline, wakes the device. Returns what was
-    /// recovered, if anything. The caller holds the device's lock.
+    /// Recovers a dead session's record, saves the baseline, holds drivers off, wakes the
+    /// device. Returns what was recovered, if anything. The caller holds the device's lock.
     pub fn begin(
         dev: &SysfsDevice,
         run_dir: PathBuf,
         own: Ownership,
-        mut backend: Box<dyn Backend>,
+        backend: Box<dyn Backend>,
         writes: Writes,
     ) -> Result<(Session, Option<Restored>)> {
-        let on_vfio = own.group_path().is_some();
-        let recovered = if writes == Writes::Allowed {
-            recover(dev, &run_dir, backend.as_mut(), on_vfio)?
-        } else {
-            None
-        };
         let mut s = Session {
             bdf: dev.bdf,
             dev: dev.clone(),
             backend,
             run_dir,
+            watch: OwnerWatch::new(dev)?,
             baseline: None,
+            link_dropped: false,
             restored: None,
+            _port_lock: None,
             _own: own,
         };
         if writes == Writes::None {
-            return Ok((s, recovered));
+            return Ok((s, None));
         }
-        let command = s
-            .backend
-            .config_read16(PCI_COMMAND)
-            .map_err(|source| Error::SysfsRead {
-                path: s.dev.path("config"),
-                err: source,
-            })?;
-        let power = dev.power_control()?;
-        let baseline = Record {
-            bdf: dev.bdf,
-            pid: std::process::id(),
-            // All-ones: the link is down and there is no command register to bring back.
-            command: (command != 0xffff).then_some(command),
-            power_control: power.clone().filter(|p| p != "on"),
-            config: record::snapshot(s.backend.as_mut()),
-            port: None,
-        };
-        record::save(&s.run_dir, &baseline)?;
-        s.baseline = Some(baseline);
+        let (recovered, original) = s.recover()?;
+        s.save_baseline(original)?;
+        s.hold_off_drivers()?;
         // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
-        if power.as_deref().is_some_and(|p| p != "on") {
+        if s.baseline.as_ref().is_some_and(|b| b.power_control.is_some()) {
             s.dev.write("power/control", "on")?;
         }
         s.wait_d0()?;
         Ok((s, recovered))
+    }
+
+    /// The record on disk before the first write of this session.
+    fn save_baseline(&mut self, original: Option<Option<Override>>) -> Result<()> {
+        let command = self
+            .backend
+            .config_read16(PCI_COMMAND)
+            .map_err(|source| Error::SysfsRead {
+                path: self.dev.path("config"),
+                err: source,
+            })?;
+        let driver_override = match original {
+            Some(o) => o,
+            None => original_override(&self.dev)?,
+        };
+        let baseline = Record {
+            bdf: self.bdf,
+            pid: std::process::id(),
+            // All-ones: the link is down and there is no command register to bring back.
+            command: (command != 0xffff).then_some(command),
+            power_control: self.dev.power_control()?.filter(|p| p != "on"),
+            config: record::snapshot(self.backend.as_mut()),
+            port: None,
+            driver_override,
+            bar_starts: self.dev.bar_starts().unwrap_or_default(),
+            reset_method: None,
+        };
+        record::save(&self.run_dir, &baseline)?;
+        self.baseline = Some(baseline);
+        Ok(())
+    }
+
+    /// Sets [`HOLD_OVERRIDE`] once the original is on disk (in the baseline or the record
+    /// being recovered).
+    fn hold_off_drivers(&self) -> Result<()> {
+        match self.dev.driver_override()? {
+            None => Ok(()), // a kernel without driver_override (before 3.16)
+            Some(Override::Driver(d)) if d == HOLD_OVERRIDE => Ok(()),
+            Some(_) => self.dev.write("driver_override", HOLD_OVERRIDE),
+        }
     }
 
     fn wait_d0(&self) -> Result<()> {
@@ -131,27 +270,36 @@ impl Session {
         (v, d)
     }
 
+    /// What every write of the session checks first.
+    pub fn watch(&self) -> OwnerWatch {
+        self.watch.clone()
+    }
+
     /// Whether the device is still ours: vfio-pci can be unbound while only its group is held
     /// (the kernel blocks that only for an open device fd), and a new driver may own it now.
     pub fn still_owned(&self) -> Result<()> {
-        if self._own.group_path().is_none() {
-            return Ok(());
+        self.watch.lost().map_or(Ok(()), |l| Err(self.lost(l)))
+    }
+
+    /// The error that ends a session whose card was taken, with its journal line.
+    pub fn lost(&self, l: Lost) -> Error {
+        warn!(bdf = %self.bdf, "the card was taken by {l} during the session: no further config or power writes");
+        Error::NotOwned {
+            bdf: self.bdf,
+            why: format!("it was taken by {l} during the session"),
         }
-        match self.dev.driver()?.as_deref() {
-            Some("vfio-pci") => Ok(()),
-            other => Err(Error::NotOwned {
-                bdf: self.bdf,
-                why: format!(
-                    "it was rebound to {} during the session",
-                    other.unwrap_or("no driver")
-                ),
-            }),
-        }
+    }
+
+    /// The sequence dropped the link (or the kernel reset the function): the config header and
+    /// PCIe control words are put back at restore, like `pci_restore_state`.
+    pub fn saw_link_drop(&mut self) {
+        self.link_dropped = true;
     }
 
     /// Enables memory decoding (vfio leaves it cleared after release); the saved baseline
     /// brings the old value back.
     pub fn enable_memory(&mut self) -> Result<()> {
+        self.still_owned()?;
         let cmd = self.baseline.as_ref().and_then(|b| b.command).unwrap_or(0);
         self.backend
             .config_write16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY)
@@ -159,6 +307,12 @@ impl Session {
                 path: self.dev.path("config"),
                 err: source,
             })
+    }
+
+    /// Takes the upstream port's lock for the rest of the session, before its state is read.
+    pub fn lock_port(&mut self, port: Bdf, wait: Duration) -> Result<()> {
+        self._port_lock = Some(DeviceLock::acquire(&self.run_dir, port, wait)?);
+        Ok(())
     }
 
     /// Masks the upstream port's reports of the coming link drop for the rest of the session:
@@ -184,32 +338,104 @@ impl Session {
         })
     }
 
-    /// Puts back everything the session changed or the reset lost; idempotent.
+    /// Makes `device_specific` the only reset method for one kernel reset, the list it had
+    /// in the record first (a SIGKILL in between leaves it for the next session).
+    pub fn swap_reset_method(&mut self, methods: String) -> Result<()> {
+        let Some(b) = self.baseline.as_mut() else {
+            return Ok(());
+        };
+        b.reset_method = Some(methods);
+        record::save(&self.run_dir, b)?;
+        self.dev.write("reset_method", "device_specific")
+    }
+
+    /// Puts the swapped list back and takes it out of the record.
+    pub fn unswap_reset_method(&mut self) -> Result<()> {
+        let Some(b) = self.baseline.as_mut() else {
+            return Ok(());
+        };
+        let Some(m) = b.reset_method.take() else {
+            return Ok(());
+        };
+        self.dev.write("reset_method", &m)?;
+        record::save(&self.run_dir, b)
+    }
+
+    /// Puts back everything the session changed or the reset lost; idempotent. The record is
+    /// removed only by the session that wrote it and only once everything is back.
     pub fn restore(&mut self) -> Restored {
         if let Some(r) = &self.restored {
             return r.clone();
         }
-        let on_vfio = self._own.group_path().is_some();
-        let mut r = match &self.baseline {
-            Some(b) => put_back(&self.dev, self.backend.as_mut(), b, on_vfio),
-            None => Restored::default(),
-        };
-        if let Some(p) = self.baseline.as_ref().and_then(|b| b.port.as_ref()) {
-            restore_port(&self.dev, p, &mut r);
-        }
-        for e in &r.errors {
-            warn!(bdf = %self.bdf, "post: restore failed: {e}");
-        }
-        if !r.config.is_empty() {
-            warn!(bdf = %self.bdf, "post: the device lost config words; restored {}", r.config.join(", "));
-        }
-        // A record whose restore failed stays for the next session to retry; one for a device
-        // a new driver took over has nothing left to restore.
-        if r.errors.is_empty() || self.still_owned().is_err() {
-            record::remove(&self.run_dir, self.bdf);
+        let mut r = Restored::default();
+        if let Some(b) = self.baseline.clone() {
+            let mode = if self.link_dropped {
+                Words::All
+            } else {
+                Words::None
+            };
+            put_back(&self.dev, self.backend.as_mut(), &self.watch, &b, mode, &mut r);
+            report(self.bdf, &r);
+            if r.errors.is_empty() {
+                record::remove(&self.run_dir, self.bdf);
+            }
         }
         self.restored = Some(r.clone());
         r
+    }
+
+    /// Restores the record a killed session left for this device, if any, and returns it with
+    /// the original `driver_override` it carried (the baseline keeps that, not our hold).
+    /// Refused when the card belongs to a host driver (the record waits) and when anything
+    /// could not be put back (the record stays for a person to finish).
+    fn recover(&mut self) -> Result<(Option<Restored>, Option<Option<Override>>)> {
+        let path = record::path(&self.run_dir, self.bdf);
+        let Some(mut rec) = record::load(&self.run_dir, self.bdf)? else {
+            return Ok((None, None));
+        };
+        if let Err(why) = self.watch.recoverable() {
+            return Err(Error::RecordWaits {
+                bdf: self.bdf,
+                path,
+                why,
+            });
+        }
+        if rec.driver_override.is_none() {
+            rec.driver_override = original_override(&self.dev)?;
+            record::save(&self.run_dir, &rec)?;
+        }
+        self.hold_off_drivers()?;
+        let bars = self.dev.bar_starts().unwrap_or_default();
+        let mode = if rec.bars_match(&bars) {
+            Words::All
+        } else {
+            Words::AllButBars
+        };
+        let mut r = Restored::default();
+        put_back(&self.dev, self.backend.as_mut(), &self.watch, &rec, mode, &mut r);
+        if let Some(m) = &rec.reset_method
+            && let Err(e) = self.dev.write("reset_method", m)
+        {
+            r.errors.push(e.to_string());
+        }
+        warn!(
+            bdf = %self.bdf,
+            "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}], port [{}]{}",
+            rec.pid,
+            r.command,
+            r.power_control,
+            r.config.join(", "),
+            r.port.join(", "),
+            if r.errors.is_empty() { String::new() } else { format!("; errors: {}", r.errors.join("; ")) }
+        );
+        if !r.errors.is_empty() {
+            return Err(Error::RecoveryIncomplete {
+                bdf: self.bdf,
+                path,
+                left: r.errors.join("; "),
+            });
+        }
+        Ok((Some(r), Some(rec.driver_override)))
     }
 }
 
@@ -219,48 +445,121 @@ impl Drop for Session {
     }
 }
 
-/// Restores a record: config words the device lost (they read 0: a link drop resets them; a
-/// word someone else changed is left alone), written with decoding off like the kernel's
-/// restore, then PCI_COMMAND, then `power/control`. A device no longer on vfio-pci (unbound
-/// while only its group was held) belongs to its new driver: its config space is left alone.
-fn put_back(dev: &SysfsDevice, backend: &mut dyn Backend, b: &Record, on_vfio: bool) -> Restored {
-    let mut r = Restored::default();
-    let driver = dev.driver().ok().flatten();
-    if on_vfio && driver.as_deref() != Some("vfio-pci") {
-        r.errors.push(format!(
-            "the device was rebound to {} during the session: its config space is left to it",
-            driver.as_deref().unwrap_or("no driver")
-        ));
-    } else {
-        restore_config(backend, b, &mut r);
+/// The override to record: the current one, unless it is a killed session's hold whose record
+/// is gone (then nothing was set before it).
+fn original_override(dev: &SysfsDevice) -> Result<Option<Override>> {
+    Ok(dev.driver_override()?.map(|o| match o {
+        Override::Driver(d) if d == HOLD_OVERRIDE => Override::Unset,
+        o => o,
+    }))
+}
+
+fn report(bdf: Bdf, r: &Restored) {
+    for e in &r.errors {
+        warn!(bdf = %bdf, "post: restore failed: {e}");
     }
-    if let Some(p) = &b.power_control {
+    if !r.config.is_empty() {
+        warn!(bdf = %bdf, "post: the link dropped; config restored: {}", r.config.join(", "));
+    }
+}
+
+/// Which saved config words go back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Words {
+    /// The link did not drop: config space is as the session found it but for PCI_COMMAND.
+    None,
+    /// After a link drop, every saved word (the kernel's `pci_restore_state`).
+    All,
+    /// A killed session's record whose BAR addresses the kernel no longer assigns.
+    AllButBars,
+}
+
+/// Restores a record in the kernel's order: config words and PCI_COMMAND (unless a new driver
+/// has the card: its config space is its own), the upstream port by its recorded address (the
+/// card may be gone), then `power/control`, then the `driver_override` the session replaced.
+fn put_back(
+    dev: &SysfsDevice,
+    backend: &mut dyn Backend,
+    watch: &OwnerWatch,
+    b: &Record,
+    mode: Words,
+    r: &mut Restored,
+) {
+    let lost = watch.lost();
+    match &lost {
+        None => restore_config(backend, b, mode, r),
+        Some(l) => {
+            warn!(bdf = %b.bdf, "the card was taken by {l}: its config space and power are left to it");
+            r.taken_by = Some(l.to_string());
+        }
+    }
+    if let Some(p) = &b.port {
+        match restore_port(dev, p) {
+            Ok(done) => r.port = done,
+            Err(e) => r.errors.push(format!("upstream port: {e}")),
+        }
+    }
+    if lost.is_none()
+        && let Some(p) = &b.power_control
+    {
         match dev.write("power/control", p) {
             Ok(()) => r.power_control = Some(p.clone()),
             Err(e) => r.errors.push(e.to_string()),
         }
     }
-    r
+    release_drivers(dev, b, r);
 }
 
-fn restore_config(backend: &mut dyn Backend, b: &Record, r: &mut Restored) {
-    let lost: Vec<(u16, u16, u16)> = b
-        .config
-        .iter()
-        .filter_map(|&(off, want)| {
-            let now = backend.config_read16(off as u64).ok()?;
-            if now != want && now != 0 && now != 0xffff {
-                warn!(bdf = %b.bdf, "config {off:#04x} is {now:#06x}, was {want:#06x}: changed, not lost; left alone");
+/// Puts the recorded `driver_override` back, unless someone set another one since (libvirt's
+/// reattach does): that one is theirs.
+fn release_drivers(dev: &SysfsDevice, b: &Record, r: &mut Restored) {
+    let Some(original) = &b.driver_override else {
+        return;
+    };
+    if !dev.present() {
+        return;
+    }
+    match dev.driver_override() {
+        Ok(Some(Override::Driver(d))) if d == HOLD_OVERRIDE => {
+            if let Err(e) = dev.write("driver_override", original.sysfs_value()) {
+                r.errors.push(e.to_string());
             }
-            (now == 0 && want != 0).then_some((off, now, want))
+        }
+        Ok(_) => {}
+        Err(e) => r.errors.push(e.to_string()),
+    }
+}
+
+/// Writes back the saved words that differ, decoding off while they are written and
+/// PCI_COMMAND last: the PCIe control words first, then the header from the top down, as
+/// `pci_restore_state` does. A register with a non-zero reset value (Device Control's MPS, a
+/// small BAR's type bits, Link Control 2) is restored like any other.
+fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Restored) {
+    let mut words: Vec<(u16, u16)> = match mode {
+        Words::None => Vec::new(),
+        Words::All => b.config.clone(),
+        Words::AllButBars => b
+            .config
+            .iter()
+            .copied()
+            .filter(|(off, _)| !record::BAR_WORDS.contains(off))
+            .collect(),
+    };
+    words.sort_by_key(|&(off, _)| (off < 0x40, std::cmp::Reverse(off)));
+    let differ: Vec<(u16, u16, u16)> = words
+        .into_iter()
+        .filter_map(|(off, want)| {
+            let now = backend.config_read16(off as u64).ok()?;
+            (now != want).then_some((off, now, want))
         })
         .collect();
-    if !lost.is_empty() {
-        // Decoding off while BARs are half written, as pci_restore_state has it.
+    if !differ.is_empty() {
         let cmd = backend.config_read16(PCI_COMMAND).unwrap_or(0);
-        let _ = backend.config_write16(PCI_COMMAND, cmd & !DECODE_AND_MASTER);
+        if let Err(e) = backend.config_write16(PCI_COMMAND, cmd & !DECODE_AND_MASTER) {
+            r.errors.push(format!("PCI_COMMAND (decoding off): {e}"));
+        }
     }
-    for (off, now, want) in lost {
+    for (off, now, want) in differ {
         match backend.config_write16(off as u64, want) {
             Ok(()) => r
                 .config
@@ -276,7 +575,7 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, r: &mut Restored) {
     }
 }
 
-/// The port's sysfs config, checked to be the bridge the record names.
+/// The port's sysfs config for masking, checked to be the bridge above the card now.
 fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsConfig, String> {
     let p = port::upstream(dev)
         .filter(|p| p.bdf == want)
@@ -285,45 +584,17 @@ fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsC
         .map_err(|e| format!("{}: {e}", p.path("config").display()))
 }
 
-fn restore_port(dev: &SysfsDevice, p: &port::PortRecord, r: &mut Restored) {
-    match port_config(dev, p.port).and_then(|mut cfg| p.restore(&mut cfg)) {
-        Ok(done) => r.port = done,
-        Err(e) => r.errors.push(format!("upstream port: {e}")),
-    }
+/// Restores the port by its recorded address, checked by its IDs: the card below it may have
+/// left the bus (that is when the port's hotplug events matter most).
+fn restore_port(dev: &SysfsDevice, p: &port::PortRecord) -> std::result::Result<Vec<String>, String> {
+    let path = dev.sibling(p.port).path("config");
+    let mut cfg = port::SysfsConfig::open(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
+    p.same_port(&mut cfg)?;
+    p.restore(&mut cfg)
 }
 
 /// PCI_COMMAND I/O, memory and bus-master enables.
 const DECODE_AND_MASTER: u16 = 0x0007;
-
-/// Restores and removes the record a killed session left for this device, if any.
-fn recover(
-    dev: &SysfsDevice,
-    run_dir: &std::path::Path,
-    backend: &mut dyn Backend,
-    on_vfio: bool,
-) -> Result<Option<Restored>> {
-    let Some(rec) = record::load(run_dir, dev.bdf)? else {
-        return Ok(None);
-    };
-    let mut r = put_back(dev, backend, &rec, on_vfio);
-    if let Some(p) = &rec.port {
-        restore_port(dev, p, &mut r);
-    }
-    warn!(
-        bdf = %dev.bdf,
-        "recovered the state a killed qcom-reset (pid {}) left: PCI_COMMAND {:?}, power/control {:?}, config [{}], port [{}]{}",
-        rec.pid,
-        r.command,
-        r.power_control,
-        r.config.join(", "),
-        r.port.join(", "),
-        if r.errors.is_empty() { String::new() } else { format!("; errors: {}", r.errors.join("; ")) }
-    );
-    if r.errors.is_empty() {
-        record::remove(run_dir, dev.bdf);
-    }
-    Ok(Some(r))
-}
 
 #[cfg(test)]
 mod tests {
@@ -357,10 +628,29 @@ mod tests {
         LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap())
     }
 
-    /// Only words that read 0 (lost with the link) are written back; a word someone else
-    /// changed is left alone and said so; decoding is off while they are written.
-    #[test]
-    fn only_lost_words_are_restored_with_decoding_off() {
+    /// A backend that logs its config writes.
+    struct Logged {
+        inner: SimDevice,
+        writes: Vec<(u64, u16)>,
+    }
+
+    impl Backend for Logged {
+        fn name(&self) -> &'static str {
+            "logged"
+        }
+        fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+            self.inner.config_read16(o)
+        }
+        fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+            self.writes.push((o, v));
+            self.inner.config_write16(o, v)
+        }
+        fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
+            self.inner.map_bar(bar)
+        }
+    }
+
+    fn card() -> Logged {
         let mut dev = SimDevice::new(Model::new(
             Family::Wlan,
             0x17cb,
@@ -369,55 +659,74 @@ mod tests {
             Faults::default(),
         ));
         dev.config_write16(PCI_COMMAND, 0x0406).unwrap();
-        dev.config_write16(0x10, 0x0008).unwrap(); // changed by someone else
-        dev.config_write16(0x12, 0).unwrap(); // lost
-        let rec = Record {
+        dev.config_write16(0x10, 0x0008).unwrap();
+        dev.config_write16(0x12, 0).unwrap();
+        Logged {
+            inner: dev,
+            writes: Vec::new(),
+        }
+    }
+
+    fn rec() -> Record {
+        Record {
             bdf: "0000:03:00.0".parse().unwrap(),
             pid: 1,
             command: Some(0x0400),
             power_control: None,
-            config: vec![(0x10, 0x0004), (0x12, 0xfe00), (0x3c, 0x010b)],
+            config: vec![(0x10, 0x0004), (0x12, 0xfe00), (0x3c, 0x010b), (0x48, 0x2810)],
             port: None,
-        };
-        struct Logged {
-            inner: SimDevice,
-            writes: Vec<(u64, u16)>,
+            driver_override: None,
+            bar_starts: Vec::new(),
+            reset_method: None,
         }
-        impl Backend for Logged {
-            fn name(&self) -> &'static str {
-                "logged"
-            }
-            fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
-                self.inner.config_read16(o)
-            }
-            fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
-                self.writes.push((o, v));
-                self.inner.config_write16(o, v)
-            }
-            fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
-                self.inner.map_bar(bar)
-            }
-        }
-        let mut logged_dev = Logged {
-            inner: dev.clone(),
-            writes: Vec::new(),
-        };
+    }
+
+    /// After a link drop every saved word that differs goes back, whatever it reads now (a
+    /// register with a non-zero reset value such as Device Control at 0x48 or a BAR's type
+    /// bits is no exception), decoding off first, the PCIe words, then the header from the top
+    /// down, PCI_COMMAND last: `pci_restore_state`'s order.
+    #[test]
+    fn after_a_link_drop_every_saved_word_goes_back_in_the_kernels_order() {
+        let mut c = card();
         let mut r = Restored::default();
-        let log = logged(|| restore_config(&mut logged_dev, &rec, &mut r));
-        // I/O, memory and bus master off (0x0406 & !7) before the lost word, then PCI_COMMAND.
+        restore_config(&mut c, &rec(), Words::All, &mut r);
+        // 0x3c reads as saved: not written. 0x10 reads 0x0008 (not 0): written all the same.
         assert_eq!(
-            logged_dev.writes,
-            [(4, 0x0400), (0x12, 0xfe00), (4, 0x0400)]
+            c.writes,
+            [(4, 0x0400), (0x48, 0x2810), (0x12, 0xfe00), (0x10, 0x0004), (4, 0x0400)]
         );
-        assert_eq!(r.config, ["0x12: 0x0000 -> 0xfe00"]);
         assert_eq!(r.command, Some(0x0400));
-        assert_eq!(dev.config_read16(0x10).unwrap(), 0x0008, "left alone");
-        assert_eq!(dev.config_read16(0x12).unwrap(), 0xfe00);
-        assert!(
-            log.contains("config 0x10 is 0x0008, was 0x0004: changed, not lost; left alone")
-                && !log.contains("config 0x12 is")
-                && !log.contains("config 0x3c is"),
-            "{log}"
+        assert_eq!(c.inner.config_read16(0x10).unwrap(), 0x0004);
+        assert_eq!(
+            r.config,
+            ["0x48: 0x0000 -> 0x2810", "0x12: 0x0000 -> 0xfe00", "0x10: 0x0008 -> 0x0004"]
         );
+    }
+
+    /// Without a link drop config space is the session's baseline but for PCI_COMMAND: only
+    /// that goes back. A killed session's record whose BARs the kernel moved keeps its BAR
+    /// words to itself.
+    #[test]
+    fn without_a_link_drop_only_the_command_goes_back_and_moved_bars_never() {
+        let mut c = card();
+        let mut r = Restored::default();
+        restore_config(&mut c, &rec(), Words::None, &mut r);
+        assert_eq!(c.writes, [(4, 0x0400)]);
+        assert!(r.config.is_empty());
+        let mut c = card();
+        let mut r = Restored::default();
+        restore_config(&mut c, &rec(), Words::AllButBars, &mut r);
+        assert!(
+            !c.writes.iter().any(|&(o, _)| (0x10..0x28).contains(&o)),
+            "{:?}",
+            c.writes
+        );
+        assert_eq!(c.writes, [(4, 0x0400), (0x48, 0x2810), (4, 0x0400)]);
+        assert!(!rec().bars_match(&[]), "a record without addresses never matches");
+        let with = Record {
+            bar_starts: vec![0xfe00_0000, 0],
+            ..rec()
+        };
+        assert!(with.bars_match(&[0xfe00_0000, 0]) && !with.bars_match(&[0xfd00_0000, 0]));
     }
 }

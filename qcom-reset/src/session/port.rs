@@ -22,6 +22,10 @@ const PCI_EXP_FLAGS: u16 = 0x02;
 const PCI_EXP_FLAGS_SLOT: u16 = 0x0100;
 const PCI_EXP_SLTCAP: u16 = 0x14;
 const PCI_EXP_SLTCAP_HPC: u32 = 0x40;
+/// No Command Completed Support: the slot does not report completion of Slot Control writes.
+const PCI_EXP_SLTCAP_NCCS: u32 = 0x0004_0000;
+const PCI_EXP_SLTSTA_CC: u16 = 0x0010;
+const PCI_EXP_SLTCTL_CCIE: u16 = 0x0010;
 const PCI_EXP_SLTCTL: u16 = 0x18;
 /// Presence Detect Changed and Data Link Layer State Changed event enables.
 const PCI_EXP_SLTCTL_PDCE: u16 = 0x0008;
@@ -97,6 +101,12 @@ pub fn upstream(dev: &SysfsDevice) -> Option<SysfsDevice> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PortState {
     pub port: Option<Bdf>,
+    /// Vendor, device and class (base and sub) of the port, to find it again by address.
+    #[serde(skip)]
+    pub ids: Option<PortIds>,
+    /// The slot reports Command Completed for Slot Control writes.
+    #[serde(skip)]
+    pub command_completed: bool,
     /// Offset of Slot Control when the slot is hotplug capable.
     #[serde(skip)]
     pub slot_control_at: Option<u16>,
@@ -116,24 +126,43 @@ impl PortState {
     pub fn read(port: Bdf, cfg: &mut dyn ConfigSpace) -> std::io::Result<PortState> {
         let mut s = PortState {
             port: Some(port),
+            ids: Some(PortIds::read(cfg)?),
             ..Default::default()
         };
         if let Some(exp) = capability(cfg)? {
             let slot = cfg.read16(exp + PCI_EXP_FLAGS)? & PCI_EXP_FLAGS_SLOT != 0;
-            if slot && cfg.read32(exp + PCI_EXP_SLTCAP)? & PCI_EXP_SLTCAP_HPC != 0 {
+            let cap = if slot {
+                cfg.read32(exp + PCI_EXP_SLTCAP)?
+            } else {
+                0
+            };
+            if cap & PCI_EXP_SLTCAP_HPC != 0 {
                 let ctl = cfg.read16(exp + PCI_EXP_SLTCTL)?;
+                // With CCIE set the completion interrupt is pciehp's to consume; without it
+                // nobody else waits, so the guard polls for it like `pcie_poll_cmd`.
+                s.command_completed =
+                    cap & PCI_EXP_SLTCAP_NCCS == 0 && ctl & PCI_EXP_SLTCTL_CCIE == 0;
                 s.slot_control_at = Some(exp + PCI_EXP_SLTCTL);
                 s.slot_control = Some(ctl);
                 s.hotplug_events = ctl & SLTCTL_LINK_EVENTS != 0;
             }
         }
-        if let Some(aer) = ext_capability(cfg, PCI_EXT_CAP_ID_ERR) {
+        if s.ids.is_some_and(|i| i.vendor == 0xffff) {
+            return Ok(s); // the port itself is gone: nothing to read
+        }
+        let express = capability(cfg)?.is_some();
+        let ext = |cfg: &mut dyn ConfigSpace, id| match ext_capability(cfg, id) {
+            // Conventional PCI: no extended config space at all.
+            Err(_) if !express => Ok(None),
+            r => r,
+        };
+        if let Some(aer) = ext(cfg, PCI_EXT_CAP_ID_ERR)? {
             let mask = cfg.read32(aer + PCI_ERR_UNCOR_MASK)?;
             s.aer_at = Some(aer);
             s.aer_uncor_mask = Some(mask);
             s.surprise_down_unmasked = mask & PCI_ERR_UNC_SURPDN == 0;
         }
-        if let Some(dpc) = ext_capability(cfg, PCI_EXT_CAP_ID_DPC) {
+        if let Some(dpc) = ext(cfg, PCI_EXT_CAP_ID_DPC)? {
             s.dpc_enabled = cfg.read16(dpc + PCI_EXP_DPC_CTL)? & PCI_EXP_DPC_CTL_EN_MASK != 0;
         }
         Ok(s)
@@ -175,6 +204,13 @@ impl PortState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRecord {
     pub port: Bdf,
+    /// The port's identity when it was masked: a restore by address checks it is still the
+    /// same bridge (a re-enumerated bus may put another one there).
+    #[serde(default)]
+    pub ids: Option<PortIds>,
+    /// Wait for Command Completed after writing Slot Control, as pciehp does.
+    #[serde(default)]
+    pub command_completed: bool,
     /// (offset of Slot Control, value before).
     pub slot_control: Option<(u16, u16)>,
     /// (offset of the AER capability, Uncorrectable Error Mask before).
@@ -195,6 +231,8 @@ impl PortRecord {
             .flatten();
         (slot_control.is_some() || aer_mask.is_some()).then_some(PortRecord {
             port,
+            ids: s.ids,
+            command_completed: s.command_completed,
             slot_control,
             aer_mask,
         })
@@ -202,36 +240,46 @@ impl PortRecord {
 
     /// Masks the link-drop reports. On a failure the caller restores what this record names.
     pub fn apply(&self, cfg: &mut dyn ConfigSpace) -> std::io::Result<()> {
-        if let Some((at, ctl)) = self.slot_control {
-            cfg.write16(at, ctl & !SLTCTL_LINK_EVENTS)?;
+        if let Some((at, _)) = self.slot_control {
+            let now = cfg.read16(at)?;
+            self.write_slot_control(cfg, at, now & !SLTCTL_LINK_EVENTS)?;
         }
-        if let Some((aer, mask)) = self.aer_mask {
-            cfg.write32(aer + PCI_ERR_UNCOR_MASK, mask | PCI_ERR_UNC_SURPDN)?;
+        if let Some((aer, _)) = self.aer_mask {
+            let now = cfg.read32(aer + PCI_ERR_UNCOR_MASK)?;
+            cfg.write32(aer + PCI_ERR_UNCOR_MASK, now | PCI_ERR_UNC_SURPDN)?;
         }
         Ok(())
     }
 
-    /// Clears what the link drop latched (write-1-to-clear), then puts the enables back, as
-    /// `pciehp_reset_slot` does. Returns one line per register restored.
+    /// Clears what the link drop latched (write-1-to-clear), then puts back the enables the
+    /// guard changed, as `pciehp_reset_slot` does. Only those bits: the rest of Slot Control
+    /// (power, indicators) and the AER mask may have been changed since by pciehp or the admin,
+    /// and a record can be old. Returns one line per register restored.
     pub fn restore(&self, cfg: &mut dyn ConfigSpace) -> Result<Vec<String>, String> {
         let mut done = Vec::new();
         let mut errors = Vec::new();
         if let Some((at, ctl)) = self.slot_control {
             let sta = at - PCI_EXP_SLTCTL + PCI_EXP_SLTSTA;
-            match cfg
-                .write16(sta, SLTSTA_LINK_EVENTS)
-                .and_then(|()| cfg.write16(at, ctl))
-            {
-                Ok(()) => done.push(format!("{} SltCtl {ctl:#06x}", self.port)),
+            let r = cfg.write16(sta, SLTSTA_LINK_EVENTS).and_then(|()| {
+                let now = cfg.read16(at)?;
+                let v = (now & !SLTCTL_LINK_EVENTS) | (ctl & SLTCTL_LINK_EVENTS);
+                self.write_slot_control(cfg, at, v).map(|()| v)
+            });
+            match r {
+                Ok(v) => done.push(format!("{} SltCtl {v:#06x}", self.port)),
                 Err(e) => errors.push(format!("{} SltCtl: {e}", self.port)),
             }
         }
         if let Some((aer, mask)) = self.aer_mask {
-            match cfg
+            let r = cfg
                 .write32(aer + PCI_ERR_UNCOR_STATUS, PCI_ERR_UNC_SURPDN)
-                .and_then(|()| cfg.write32(aer + PCI_ERR_UNCOR_MASK, mask))
-            {
-                Ok(()) => done.push(format!("{} AER UncorMask {mask:#010x}", self.port)),
+                .and_then(|()| {
+                    let now = cfg.read32(aer + PCI_ERR_UNCOR_MASK)?;
+                    let v = (now & !PCI_ERR_UNC_SURPDN) | (mask & PCI_ERR_UNC_SURPDN);
+                    cfg.write32(aer + PCI_ERR_UNCOR_MASK, v).map(|()| v)
+                });
+            match r {
+                Ok(v) => done.push(format!("{} AER UncorMask {v:#010x}", self.port)),
                 Err(e) => errors.push(format!("{} AER UncorMask: {e}", self.port)),
             }
         }
@@ -241,6 +289,90 @@ impl PortRecord {
             Err(errors.join("; "))
         }
     }
+
+    /// Writes Slot Control and, where the slot reports completions that no interrupt handler
+    /// consumes, waits for Command Completed and clears it, as `pcie_poll_cmd` does, so the
+    /// controller has taken one command before the next (and before the link drops). A slot
+    /// that never completes is not an error: pciehp only logs that too.
+    fn write_slot_control(&self, cfg: &mut dyn ConfigSpace, at: u16, v: u16) -> std::io::Result<()> {
+        cfg.write16(at, v)?;
+        if !self.command_completed {
+            return Ok(());
+        }
+        let sta = at - PCI_EXP_SLTCTL + PCI_EXP_SLTSTA;
+        let deadline = std::time::Instant::now() + COMMAND_COMPLETED_WAIT;
+        while std::time::Instant::now() < deadline {
+            if cfg.read16(sta)? & PCI_EXP_SLTSTA_CC != 0 {
+                return cfg.write16(sta, PCI_EXP_SLTSTA_CC);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Whether `cfg` is still the bridge this record was taken from.
+    pub fn same_port(&self, cfg: &mut dyn ConfigSpace) -> Result<(), String> {
+        let now = PortIds::read(cfg).map_err(|e| e.to_string())?;
+        match self.ids {
+            Some(want) if want != now => Err(format!(
+                "{} is now {now}, not the {want} the record was taken from",
+                self.port
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Record offsets a corrupt or hand-edited record could get wrong (an underflow or a write
+    /// into another register); checked when a record is loaded.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some((at, _)) = self.slot_control
+            && !(0x40 + PCI_EXP_SLTCTL..0x100).contains(&at)
+        {
+            return Err(format!("Slot Control offset {at:#x} is outside a capability"));
+        }
+        if let Some((aer, _)) = self.aer_mask
+            && (!(EXT_CAP_START..0x1000 - 0x10).contains(&aer) || aer % 4 != 0)
+        {
+            return Err(format!("AER capability offset {aer:#x} is not an extended capability"));
+        }
+        Ok(())
+    }
+}
+
+/// pciehp completes a command within 1 s (`pcie_wait_cmd`).
+const COMMAND_COMPLETED_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// A bridge's identity in config space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortIds {
+    pub vendor: u16,
+    pub device: u16,
+    /// Base class and subclass (0x0604: PCI-to-PCI bridge).
+    pub class: u16,
+}
+
+impl PortIds {
+    pub fn read(cfg: &mut dyn ConfigSpace) -> std::io::Result<PortIds> {
+        Ok(PortIds {
+            vendor: cfg.read16(0x00)?,
+            device: cfg.read16(0x02)?,
+            class: cfg.read16(0x0a)?,
+        })
+    }
+}
+
+impl std::fmt::Display for PortIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}:{:04x} class {:04x}", self.vendor, self.device, self.class)
+    }
+}
+
+/// Whether pciehp polls its slots (`pciehp_poll_mode`): it then acts on latched presence and
+/// link changes whatever the enable bits say, so masking them does not keep it from removing
+/// the card. `sys` is the sysfs mount.
+pub fn pciehp_polls(sys: &Path) -> bool {
+    std::fs::read_to_string(sys.join("module/pciehp/parameters/pciehp_poll_mode"))
+        .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
 }
 
 /// Offset of the PCI Express capability (at most 48 list entries), through any config-space
@@ -270,24 +402,25 @@ fn capability(cfg: &mut dyn ConfigSpace) -> std::io::Result<Option<u16>> {
     pcie_capability(&mut |off| cfg.read16(off))
 }
 
-/// Offset of extended capability `id` (at most 96 entries); None where extended config space
-/// cannot be read (conventional PCI, or a short read without root).
-fn ext_capability(cfg: &mut dyn ConfigSpace, id: u16) -> Option<u16> {
+/// Offset of extended capability `id` (at most 96 entries); None where there is none. A PCI
+/// Express function has 4 KiB of config space, so a short read there is an error (sysfs gives
+/// unprivileged readers only the header), not "no such capability".
+fn ext_capability(cfg: &mut dyn ConfigSpace, id: u16) -> std::io::Result<Option<u16>> {
     let mut pos = EXT_CAP_START;
     for _ in 0..96 {
-        let hdr = cfg.read32(pos).ok()?;
+        let hdr = cfg.read32(pos)?;
         if hdr == 0 || hdr == u32::MAX {
-            return None;
+            return Ok(None);
         }
         if hdr as u16 == id {
-            return Some(pos);
+            return Ok(Some(pos));
         }
         pos = (hdr >> 20) as u16 & 0xffc;
         if pos < EXT_CAP_START {
-            return None;
+            return Ok(None);
         }
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -434,6 +567,99 @@ mod tests {
         );
     }
 
+    /// Issue 17 item 4 (F10): the restore puts back only the bits the guard changed; what
+    /// pciehp or the admin changed since (power controller, indicators, other AER masks)
+    /// stays, even from an old record.
+    #[test]
+    fn the_restore_puts_back_only_the_guards_bits() {
+        let mut c = FakeConfig::root_port(0x1038, 0x0040_0000, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        rec.apply(&mut c).unwrap();
+        c.put16(0x58, c.get16(0x58) | 0x0400); // pciehp turned the slot's power off meanwhile
+        c.put32(0x108, c.get32(0x108) | 0x1000); // the admin masked Poisoned TLP
+        rec.restore(&mut c).unwrap();
+        assert_eq!(c.get16(0x58), 0x1438, "power off kept, PDCE|DLLSCE back");
+        assert_eq!(c.get32(0x108), 0x0040_1000, "new mask kept, Surprise Down back");
+    }
+
+    /// Issue 17 item 11: a slot reporting Command Completed without CCIE gets it polled and
+    /// cleared after each Slot Control write; with CCIE it is pciehp's.
+    #[test]
+    fn command_completed_is_awaited_where_no_interrupt_takes_it() {
+        let mut c = FakeConfig::root_port(0x1028, 0, 0); // PDCE|DLLSCE|HPIE, no CCIE
+        c.put16(0x5a, PCI_EXP_SLTSTA_CC);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        assert!(rec.command_completed);
+        rec.apply(&mut c).unwrap();
+        assert_eq!(
+            c.writes[..2],
+            [(0x58, 0x0020), (0x5a, PCI_EXP_SLTSTA_CC as u32)],
+            "{:?}",
+            c.writes
+        );
+        let mut irq = FakeConfig::root_port(0x1038, 0, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut irq).unwrap()).unwrap();
+        assert!(!rec.command_completed);
+        let mut nccs = FakeConfig::root_port(0x1028, 0, 0);
+        nccs.put32(0x54, 0x0004_0040);
+        assert!(!PortState::read(port(), &mut nccs).unwrap().command_completed);
+    }
+
+    /// Issue 17 item 4: a restore by address checks it is the same bridge; corrupt offsets are
+    /// refused before anything is written.
+    #[test]
+    fn a_record_names_its_port_and_sane_offsets() {
+        let mut c = FakeConfig::root_port(0x1038, 0, 0);
+        c.put16(0x00, 0x8086);
+        c.put16(0x02, 0x7c0a);
+        c.put16(0x0a, 0x0604);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        assert_eq!(rec.same_port(&mut c), Ok(()));
+        c.put16(0x02, 0x1234);
+        let e = rec.same_port(&mut c).unwrap_err();
+        assert!(e.contains("8086:1234") && e.contains("8086:7c0a"), "{e}");
+        assert_eq!(rec.validate(), Ok(()));
+        let bad = PortRecord {
+            slot_control: Some((0x10, 0)),
+            ..rec.clone()
+        };
+        assert!(bad.validate().is_err());
+        let bad = PortRecord {
+            aer_mask: Some((0x102, 0)),
+            ..rec
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    /// A PCIe port whose extended config space cannot be read (sysfs gives non-root only the
+    /// header) is an error, not "no AER; no DPC".
+    #[test]
+    fn a_short_read_of_extended_config_is_not_absence() {
+        struct Short(FakeConfig);
+        impl ConfigSpace for Short {
+            fn read16(&mut self, off: u16) -> std::io::Result<u16> {
+                self.0.read16(off)
+            }
+            fn read32(&mut self, off: u16) -> std::io::Result<u32> {
+                if off >= 0x40 + 0x40 && off >= EXT_CAP_START {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                self.0.read32(off)
+            }
+            fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
+                self.0.write16(off, v)
+            }
+            fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()> {
+                self.0.write32(off, v)
+            }
+        }
+        let mut c = Short(FakeConfig::root_port(0x1038, 0, 0));
+        assert!(PortState::read(port(), &mut c).is_err());
+        c.0.put16(0x06, 0); // no capability list: conventional PCI, no extended space
+        let s = PortState::read(port(), &mut c).unwrap();
+        assert_eq!((s.aer_uncor_mask, s.dpc_enabled), (None, false));
+    }
+
     #[test]
     fn the_capability_walk_follows_the_list_and_stops_where_it_must() {
         let find = |c: &mut FakeConfig| capability(c).unwrap();
@@ -460,17 +686,17 @@ mod tests {
         assert_eq!(find(&mut looped), None, "a loop ends after 48 entries");
         // Extended capabilities: DPC is found behind AER; a zero header ends the walk.
         let mut c = FakeConfig::root_port(0, 0, 1);
-        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), Some(0x140));
+        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(), Some(0x140));
         c.put32(0x100, 0);
-        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC), None);
+        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(), None);
         c.put32(0x100, u32::MAX);
         assert_eq!(
-            ext_capability(&mut c, PCI_EXT_CAP_ID_DPC),
+            ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(),
             None,
             "all-ones: off the bus"
         );
         assert_eq!(
-            ext_capability(&mut c, 0xffff),
+            ext_capability(&mut c, 0xffff).unwrap(),
             None,
             "never matched as an ID"
         );
@@ -492,15 +718,18 @@ mod tests {
             (rec.slot_control, rec.aer_mask),
             (Some((0x58, 0x1008)), None)
         );
-        // Masking keeps a bit that is already set (a record older than the port's state).
+        // Masking sets only Surprise Down on the port's mask as it is now: a stale record's
+        // other bits are never written.
         let mut c = FakeConfig::root_port(0, PCI_ERR_UNC_SURPDN, 0);
         let rec = PortRecord {
             port: port(),
+            ids: None,
+            command_completed: false,
             slot_control: None,
             aer_mask: Some((0x100, PCI_ERR_UNC_SURPDN | 1)),
         };
         rec.apply(&mut c).unwrap();
-        assert_eq!(c.get32(0x108), PCI_ERR_UNC_SURPDN | 1);
+        assert_eq!(c.get32(0x108), PCI_ERR_UNC_SURPDN);
     }
 
     #[test]

@@ -5,14 +5,17 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
+use crate::sysfs::Override;
 use crate::{Error, Result};
 
 /// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
 /// cache line size and latency timer, the six BARs, interrupt line/pin.
+pub const BAR_WORDS: std::ops::Range<u16> = 0x10..0x28;
 const HEADER_WORDS: [u16; 14] = [
     0x0c, 0x0e, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x1e, 0x20, 0x22, 0x24, 0x3c,
 ];
@@ -38,6 +41,39 @@ pub struct Record {
     /// The upstream port's registers the session masked, before it masked them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<super::port::PortRecord>,
+    /// `driver_override` before the session held the card off every driver with
+    /// [`super::HOLD_OVERRIDE`]; None where the kernel has no such file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_override: Option<Override>,
+    /// The kernel's BAR start addresses when the record was taken (`resource`): a record's BAR
+    /// words are applied only while the kernel still assigns the same addresses.
+    #[serde(default)]
+    pub bar_starts: Vec<u64>,
+    /// `reset_method` as it was before the kernel's `device_specific` reset was made the only
+    /// method for one reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_method: Option<String>,
+}
+
+impl Record {
+    /// Offsets a record may name: even, inside config space, and never the IDs, PCI_COMMAND or
+    /// the status and class registers (nothing a restore writes lives there).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(&(off, _)) = self
+            .config
+            .iter()
+            .find(|(off, _)| off % 2 != 0 || *off < 0x0c || *off >= 0x1000)
+        {
+            return Err(format!("config offset {off:#x} is not a restorable register"));
+        }
+        self.port.as_ref().map_or(Ok(()), |p| p.validate())
+    }
+
+    /// Whether the record's BAR words may go back: the kernel's resource table still shows the
+    /// addresses it was taken with (a remove/rescan or power cycle may have moved them).
+    pub fn bars_match(&self, now: &[u64]) -> bool {
+        !self.bar_starts.is_empty() && self.bar_starts == now
+    }
 }
 
 pub fn path(run_dir: &Path, bdf: Bdf) -> PathBuf {
@@ -72,39 +108,59 @@ fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
         .flatten()
 }
 
-/// Writes the record atomically (temporary file, fsync, rename) before the first device write.
+/// Writes the record atomically before the first device write.
 pub fn save(run_dir: &Path, r: &Record) -> Result<()> {
-    let lock_err = |path: &Path, source| Error::Lock {
+    store(&path(run_dir, r.bdf), r)
+}
+
+/// The one record store (session and power-cycle records alike): a temporary file, fsynced,
+/// renamed over the record and the directory fsynced, so a crash or power loss leaves either
+/// the old record or the new one, never a torn file.
+pub fn store<T: Serialize>(dst: &Path, value: &T) -> Result<()> {
+    let err = |path: &Path, source| Error::RecordWrite {
         path: path.to_path_buf(),
         err: source,
     };
-    let dst = path(run_dir, r.bdf);
+    let dir = dst.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
     let tmp = dst.with_extension("json.tmp");
-    let text = serde_json::to_vec(r).expect("records serialize");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| lock_err(&tmp, e))?;
+    let text = serde_json::to_vec(value).expect("records serialize");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
     f.write_all(&text)
         .and_then(|()| f.sync_all())
-        .map_err(|e| lock_err(&tmp, e))?;
-    std::fs::rename(&tmp, &dst).map_err(|e| lock_err(&dst, e))
+        .map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, dst).map_err(|e| err(dst, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(dir, e))
 }
 
-/// The record a dead session left for `bdf`, if any. An unreadable record is an error: it may
-/// hold the only copy of what the device needs back.
-pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
-    let p = path(run_dir, bdf);
-    match std::fs::read(&p) {
+/// A record from the one store, if there is one. An unreadable or unparsable record is an
+/// error naming the file: it may hold the only copy of what a device or the host needs back.
+pub fn fetch<T: DeserializeOwned>(p: &Path) -> Result<Option<T>> {
+    match std::fs::read(p) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
             .map_err(|e| Error::BadRecord {
-                path: p,
+                path: p.to_path_buf(),
                 why: e.to_string(),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::SysfsRead {
-            path: p,
+            path: p.to_path_buf(),
             err: source,
         }),
     }
+}
+
+/// The record a dead session left for `bdf`, if any; one with impossible offsets is refused.
+pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
+    let p = path(run_dir, bdf);
+    let rec: Option<Record> = fetch(&p)?;
+    if let Some(why) = rec.as_ref().and_then(|r| r.validate().err()) {
+        return Err(Error::BadRecord { path: p, why });
+    }
+    Ok(rec)
 }
 
 pub fn remove(run_dir: &Path, bdf: Bdf) {
