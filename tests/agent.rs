@@ -825,3 +825,70 @@ async fn an_experimental_device_is_reset_only_when_opted_in() {
     assert_eq!(a.report.unwrap().profile, "qcn9274");
     r.stop().await;
 }
+
+/// Issue 17 item 12: a failed event stream ends the forwarder, which drops its sender (the
+/// agent's loop then ends, and its watchdog feed with it) and reports the failure for a
+/// non-zero exit.
+#[tokio::test]
+async fn a_broken_event_stream_ends_the_agent_and_is_reported() {
+    struct Broken;
+    impl qcom_reset::agent::ItemSource for Broken {
+        async fn next(&mut self) -> anyhow::Result<Item> {
+            anyhow::bail!("ring buffer fd closed")
+        }
+    }
+    let (tx, mut rx) = mpsc::channel(4);
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let failed = tokio::time::timeout(
+        Duration::from_secs(1),
+        qcom_reset::agent::forward(&mut Broken, tx, stop_rx),
+    )
+    .await
+    .expect("within a second");
+    assert!(failed);
+    assert!(rx.recv().await.is_none(), "the agent's channel is closed");
+    // The agent itself returns once its items end.
+    let h = two_device_host();
+    let agent = Agent::new(test_config(&h), h.host.clone(), Arc::new(|_, _| unreachable!()), Arc::new(Metrics::default())).unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(1), agent.run(rx, std::future::pending()))
+        .await
+        .expect("the agent stops when its event stream is gone");
+}
+
+/// Issue 17 item 13: a qcom-reset process's own VFIO release (a hook's `reset` with VFIO
+/// access) is not a VM letting go: no second reset holds the group as the VM starts.
+#[tokio::test]
+async fn our_own_vfio_release_is_not_answered() {
+    let h = two_device_host();
+    let card = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    let mut e = trace_event(Kind::Release, "vfio_pci_core_disable", WLAN, 0x1103, 0, Some(KernelReset::Bus));
+    e.comm = qcom_reset::agent::OWN_COMM.into();
+    r.tx.send(Item::Event(e)).await.unwrap();
+    r.quiet_for(Duration::from_millis(600)).await;
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    r.stop().await;
+}
+
+/// Issue 17 item 14: stopping while a release waits for its holder ends the wait at once and
+/// says so; no reset starts after the stop.
+#[tokio::test]
+async fn shutdown_ends_a_held_wait_and_says_so() {
+    let h = two_device_host();
+    h.hold(777, "qemu-system-x86", "/dev/vfio/12");
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert!(r.next().await.detail.contains("waiting up to 60 s"));
+    r.stop.take().unwrap().send(()).unwrap();
+    let a = r.next().await;
+    assert_eq!(a.result, "skipped");
+    assert!(a.detail.contains("shutting down"), "{}", a.detail);
+    tokio::time::timeout(Duration::from_secs(2), r.done)
+        .await
+        .expect("stops at once")
+        .unwrap();
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+}

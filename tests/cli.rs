@@ -204,3 +204,38 @@ fn hooks_only_targets_is_a_no_op_for_other_devices() {
     assert!(o.status.success());
     assert!(text(&o).0.contains("not a target"));
 }
+
+/// The reset after a power cycle honours the experimental opt-in like `reset` does, and a
+/// power cycle whose reset would be refused is refused before the power is cut.
+#[test]
+fn power_cycle_needs_the_experimental_opt_in_its_reset_needs() {
+    let h = FakeHost::new();
+    h.add_below_port(
+        "0000:00:1c.0",
+        FakeDevice {
+            device: 0x0304, // sdx24: experimental
+            ..FakeDevice::modem("0000:03:00.0")
+        },
+    );
+    let cycle = |more: &[&str]| {
+        let dry_run = [
+            "power-cycle",
+            "0000:03:00.0",
+            "--method",
+            "d3cold",
+            "--dry-run",
+        ];
+        qcom(
+            Some(&h),
+            &[&dry_run[..], &["--config", "/dev/null"], more].concat(),
+        )
+    };
+    let o = cycle(&[]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("experimental profile sdx24; opt in"), "{err}");
+    let o = cycle(&["--experimental"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("would power-cycle"), "{out}");
+}

@@ -74,6 +74,10 @@ pub struct PowerCycleArgs {
     /// Stop after the power cycle (no reset and verify).
     #[arg(long)]
     pub no_reset: bool,
+    /// Allow an experimental profile for the reset after the cycle; the config's
+    /// `experimental` list allows it too.
+    #[arg(long)]
+    pub experimental: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -178,11 +178,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
         force: a.force,
         dry_run: a.dry_run,
         ignore_kernel_reset: a.ignore_kernel_reset,
-        experimental: if a.experimental {
-            OptIn::all()
-        } else {
-            cfg.experimental
-        },
+        experimental: opt_in(&cfg, a.experimental),
         allow_dpc: a.allow_dpc || cfg.allow_dpc,
         allow_unguarded_link_drop: a.allow_unguarded_link_drop || cfg.allow_unguarded_link_drop,
     };
@@ -485,23 +481,20 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let forward = async {
-            let mut stop = stop_rx.clone();
-            loop {
-                tokio::select! {
-                    item = tracer.next() => match item {
-                        Ok(i) => if tx.send(i).await.is_err() { break },
-                        Err(e) => { tracing::error!("event stream failed: {e:#}"); break }
-                    },
-                    _ = stop.changed() => break,
-                }
+            let failed = qcom_reset::agent::forward(&mut tracer, tx, stop_rx.clone()).await;
+            if failed {
+                let _ = stop_tx.send(true);
             }
+            failed
         };
         let signals = async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut stopped = stop_rx.clone();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
+                _ = stopped.changed() => return,
             }
             tracing::info!("signal received");
             sd_notify(sd_notify::NotifyState::Stopping);
@@ -513,14 +506,18 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
             if observe { " (observe-only)" } else { "" }
         );
         sd_notify(sd_notify::NotifyState::Ready);
-        tokio::join!(
+        let ((), failed, ()) = tokio::join!(
             agent.run(rx, async move {
                 let _ = stop.changed().await;
             }),
             forward,
             signals
         );
-        Ok(ExitCode::SUCCESS)
+        Ok(if failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
     })
 }
 
@@ -586,6 +583,16 @@ fn device_config(path: Option<std::path::PathBuf>) -> anyhow::Result<Config> {
     )?)
 }
 
+/// The experimental profiles a one-shot command may use: all with `--experimental`, else the
+/// configuration's list.
+fn opt_in(cfg: &Config, flag: bool) -> OptIn {
+    if flag {
+        OptIn::all()
+    } else {
+        cfg.experimental.clone()
+    }
+}
+
 /// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`. A
 /// profile the configuration or `--profile` names for the device is opted in.
 fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn, named: bool) -> String {
@@ -609,9 +616,26 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
     let cfg = device_config(a.device.config.clone())?;
     let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
     let by_config = cfg.device_with_ids(a.bdf, ids);
-    let profile = a.device.profile.clone().or(by_config.profile);
-    let bar = a.device.bar.or(by_config.bar);
-    let t = engine::inspect(host, a.bdf, profile.as_deref(), bar)?;
+    let req = Request {
+        profile: a.device.profile.clone().or(by_config.profile),
+        bar: a.device.bar.or(by_config.bar),
+        experimental: opt_in(&cfg, a.experimental),
+        allow_dpc: cfg.allow_dpc,
+        allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
+        ..Request::new(a.bdf)
+    };
+    let t = engine::inspect(host, a.bdf, req.profile.as_deref(), req.bar)?;
+    // The reset after the cycle would refuse a profile not opted in: refuse before the power
+    // is cut, not after.
+    if !a.no_reset && req.profile.is_none() && !req.experimental.allows(&t.profile) {
+        return Err(Error::Experimental {
+            bdf: t.bdf,
+            vendor: t.vendor,
+            device: t.device,
+            profile: t.profile.name,
+        }
+        .into());
+    }
     if let Some(e) = t.refusal(false) {
         return Err(e.into());
     }
@@ -629,22 +653,10 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     require_root()?;
-    {
-        let _lock = qcom_reset::lock::DeviceLock::acquire(&host.run_dir, a.bdf, host.lock_wait)?;
-        let mut log = |s: &str| eprintln!("{}: power: {s}", a.bdf);
-        power::run(&host.sysfs, &host.run_dir, &plan, &mut log)?;
-    }
+    let mut log = |s: &str| eprintln!("{}: power: {s}", a.bdf);
+    power::run(host, &plan, req.profile.as_deref(), req.bar, &mut log)?;
     if a.no_reset {
         return Ok(ExitCode::SUCCESS);
     }
-    let req = Request {
-        bdf: a.bdf,
-        profile,
-        bar,
-        experimental: OptIn::all(),
-        allow_dpc: cfg.allow_dpc,
-        allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
-        ..Request::new(a.bdf)
-    };
     reset_and_report(host, &req, a.device.access, a.json)
 }

@@ -308,7 +308,13 @@ fn dry_run(t: &Target, access: &str) -> Report {
             plan.push(format!("sysfs power/control <- {c}"));
         }
     }
-    let port = upstream_port(t).ok();
+    let port = match upstream_port(t) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            plan.insert(0, format!("upstream port unreadable ({e}): what it would mask is unknown"));
+            None
+        }
+    };
     if let Some(rec) = port.as_ref().and_then(PortRecord::plan) {
         plan.insert(
             0,
@@ -631,7 +637,7 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     };
     let mut session = match begin_session(host, &t.dev, open, writes) {
         Ok((s, _)) => s,
-        Err(e @ Error::Held { .. }) => return Ok(skipped(t, e.to_string())),
+        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => return Ok(skipped(t, e.to_string())),
         Err(e) => return Err(e),
     };
     let (vendor, device) = session.config_ids();

@@ -1,7 +1,41 @@
 //! Every refusal the tool can give, each one line that names the cause and the fix.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::bdf::{Bdf, BdfError};
+
+/// Why the upstream port's reports could not be masked; each has its own fix.
+#[derive(Debug)]
+pub enum GuardFailure {
+    /// The port is not (or no longer) the bridge above the card.
+    NotAbove,
+    Io(std::io::Error),
+}
+
+impl GuardFailure {
+    fn fix(&self) -> &'static str {
+        match self {
+            GuardFailure::Io(e) if e.raw_os_error() == Some(libc::EPERM) && is_root() => {
+                "boot without lockdown (LOCKDOWN_PCI_ACCESS refuses writes to the port's config space)"
+            }
+            GuardFailure::Io(e) if e.raw_os_error() == Some(libc::EPERM | libc::EACCES) => {
+                "run as root"
+            }
+            GuardFailure::NotAbove => {
+                "check the topology (`lspci -t`); the card moved or its port was re-enumerated"
+            }
+            GuardFailure::Io(_) => "check the port with `lspci -vv` and the kernel log",
+        }
+    }
+}
+
+impl std::fmt::Display for GuardFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuardFailure::NotAbove => f.write_str("it is no longer the bridge above the card"),
+            GuardFailure::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,9 +58,14 @@ pub enum Error {
         profile: &'static str,
     },
     #[error(
-        "cannot mask the link-drop reports (hotplug events, AER Surprise Down) of the port {port} above {bdf}: {why}; the reset's link drop would look like a hot-unplug or a fatal error there. Fix: boot without lockdown, or accept it with allow_unguarded_link_drop = true (--allow-unguarded-link-drop)"
+        "cannot mask the link-drop reports (hotplug events, AER Surprise Down) of the port {port} above {bdf}: {why}; the reset's link drop would look like a hot-unplug or a fatal error there. Fix: {}, or accept it with allow_unguarded_link_drop = true (--allow-unguarded-link-drop)",
+        why.fix()
     )]
-    PortGuard { bdf: Bdf, port: Bdf, why: String },
+    PortGuard {
+        bdf: Bdf,
+        port: Bdf,
+        why: GuardFailure,
+    },
     #[error(
         "DPC is enabled on the port {port} above {bdf}: the reset's link drop would be contained by disabling the link; accept that with allow_dpc = true (--allow-dpc)"
     )]
@@ -41,12 +80,14 @@ pub enum Error {
     // source would print it a second time in the error chain.
     #[error("cannot read {path}: {err}{}", read_fix(err))]
     SysfsRead { path: PathBuf, err: std::io::Error },
-    #[error("cannot write {path}: {err}{}", write_fix(err))]
+    #[error("cannot write {path}: {err}{}", write_fix(path, err))]
     SysfsWrite { path: PathBuf, err: std::io::Error },
     #[error(
         "{bdf} is held by {holder}; stop or detach the VM first, the device must be released before a reset"
     )]
     Held { bdf: Bdf, holder: String },
+    #[error("{bdf} is in use by another qcom-reset ({holder}); wait for it to finish")]
+    HeldBySession { bdf: Bdf, holder: String },
     #[error(
         "{bdf} is bound to driver {driver}; bind it to vfio-pci (or unbind it) first, or pass --force to reset under that driver"
     )]
@@ -80,7 +121,7 @@ pub enum Error {
     )]
     Lock { path: PathBuf, err: std::io::Error },
     #[error(
-        "{bdf} stays in power state {state} with power/control=on; it must be in D0 for register access"
+        "{bdf} stays in power state {state} with power/control=on; it must be in D0 for register access. Fix: check the upstream port's power state (`lspci -vv`); a card stuck in D3cold needs `qcom-reset power-cycle {bdf}`"
     )]
     NotD0 { bdf: Bdf, state: String },
     #[error(
@@ -104,7 +145,9 @@ pub enum Error {
         "this command needs root (CAP_SYS_ADMIN for config space and BAR access); run it with sudo"
     )]
     NotRoot,
-    #[error("the kernel's own reset of {bdf} failed: {err}")]
+    #[error(
+        "the kernel's own reset of {bdf} failed: {err}; see the kernel log (`dmesg`), or use qcom-reset's register sequence instead with --ignore-kernel-reset"
+    )]
     KernelReset { bdf: Bdf, err: std::io::Error },
 }
 
@@ -121,16 +164,26 @@ fn read_fix(err: &std::io::Error) -> &'static str {
     }
 }
 
-/// The one fix that fits a failed sysfs write: root is needed, and as root an EPERM on PCI
-/// config or resources is kernel lockdown (LOCKDOWN_PCI_ACCESS).
-fn write_fix(err: &std::io::Error) -> &'static str {
+/// The one fix that fits a failed sysfs write: root is needed; as root, an EPERM on a device's
+/// config space or BARs is kernel lockdown (LOCKDOWN_PCI_ACCESS guards only those), and on any
+/// other file (`remove`, slot `power`, `drivers_autoprobe`, `power/control`) a missing
+/// capability.
+fn write_fix(path: &Path, err: &std::io::Error) -> &'static str {
     match err.raw_os_error() {
         Some(libc::EPERM | libc::EACCES) if !is_root() => "; run as root",
-        Some(libc::EPERM) => {
+        Some(libc::EPERM) if lockdown_guards(path) => {
             "; refused by kernel lockdown (LOCKDOWN_PCI_ACCESS): use --access vfio (`qcom-reset check` shows the lockdown mode)"
         }
+        Some(libc::EPERM) => "; needs CAP_SYS_ADMIN in the initial user namespace (a container?)",
         _ => "",
     }
+}
+
+/// A device's `config` or `resource*` file: what kernel lockdown refuses to write.
+fn lockdown_guards(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == "config" || n.starts_with("resource"))
 }
 
 #[cfg(test)]

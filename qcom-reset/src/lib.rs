@@ -12,11 +12,12 @@ pub mod power;
 pub mod regs;
 pub mod sequence;
 pub mod session;
+pub mod signals;
 pub mod sim;
 pub mod sysfs;
 pub mod verdict;
 
-pub use error::Error;
+pub use error::{Error, GuardFailure};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod agent;
 pub mod check;

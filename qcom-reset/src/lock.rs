@@ -1,5 +1,6 @@
 //! The per-device lock every command that writes to a device takes (`reset`, `status`, the
-//! agent, the hook scripts through the CLI), so two writers never interleave register sequences.
+//! agent, the hook scripts through the CLI), so two writers never interleave register sequences;
+//! and the flock it is built on, for host-wide locks (the power cycle's `autoprobe.lock`).
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,29 +22,37 @@ impl DeviceLock {
     /// Takes the lock, waiting up to `wait` for another holder to finish.
     pub fn acquire(run_dir: &Path, bdf: Bdf, wait: Duration) -> Result<DeviceLock, Error> {
         let path = run_dir.join(format!("{bdf}.lock"));
-        let lock_err = |source| Error::Lock {
-            path: path.clone(),
-            err: source,
-        };
-        fs::create_dir_all(run_dir).map_err(lock_err)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(lock_err)?;
-        let deadline = Instant::now() + wait;
-        loop {
-            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(DeviceLock { _file: file, path }),
-                Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-                    return Err(Error::Busy { bdf, path });
-                }
-                Err(e) => return Err(lock_err(e.into())),
+        match exclusive(&path, wait)? {
+            Some(file) => Ok(DeviceLock { _file: file, path }),
+            None => Err(Error::Busy { bdf, path }),
+        }
+    }
+}
+
+/// An exclusive flock on `path` (created, with its directory, if missing), waiting up to `wait`
+/// for another holder; None when another still holds it then. The kernel releases it when the
+/// holder's file closes, also when the holder is killed.
+pub fn exclusive(path: &Path, wait: Duration) -> Result<Option<File>, Error> {
+    let lock_err = |source| Error::Lock {
+        path: path.to_path_buf(),
+        err: source,
+    };
+    fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(lock_err)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(lock_err)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(file)),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
             }
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(None),
+            Err(e) => return Err(lock_err(e.into())),
         }
     }
 }

@@ -8,12 +8,30 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging();
-    match commands::run(cli) {
+    // Commands that write to a device finish their session (and its restore) before a
+    // SIGINT/SIGTERM/SIGHUP takes effect; `run` and `trace` handle signals themselves.
+    let writes = matches!(
+        cli.command,
+        cli::Command::Reset(_) | cli::Command::Status(_) | cli::Command::PowerCycle(_)
+    );
+    let (result, signal) = if writes {
+        qcom_reset::signals::deferring(|| commands::run(cli))
+    } else {
+        (commands::run(cli), None)
+    };
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("qcom-reset: {e:#}");
             ExitCode::from(1)
         }
+    };
+    match signal {
+        Some(sig) => {
+            eprintln!("qcom-reset: interrupted (signal {sig}); the device was restored first");
+            ExitCode::from(128 + sig as u8)
+        }
+        None => code,
     }
 }
 

@@ -2,17 +2,23 @@
 //! reset can reach. Opt-in and only for a target alone below its port: through the hotplug
 //! slot's `power` file where pciehp offers one, else by removing the function and letting the
 //! port enter D3cold through runtime PM (real power removal needs firmware power resources,
-//! ACPI `_PR3`). Then the function is found again (its vfio-pci binding restored) and the caller
-//! runs the normal reset and verify. Global state this changes (`drivers_autoprobe`, the port's
-//! `power/control` and `d3cold_allowed`) is recorded in `/run/qcom-reset/<BDF>.power.json`
-//! before it changes and restored on every path, by the next run after a SIGKILL.
+//! ACPI `_PR3`). Then the function is found again, bound to vfio-pci again if it was, and the
+//! caller runs the normal reset and verify. Global state this changes (`drivers_autoprobe`, the
+//! port's `power/control` and `d3cold_allowed`, the card's binding) is recorded in
+//! `/run/qcom-reset/<BDF>.power.json` before it changes and restored on every path; after a
+//! SIGKILL, by the agent's next start or the next power cycle. `drivers_autoprobe` is bus-wide:
+//! every change of it is serialized by the host-wide `autoprobe.lock`.
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::session::port;
+use crate::engine::{self, Host};
+use crate::lock::DeviceLock;
+use crate::session::own::Ownership;
+use crate::session::{port, record};
 use crate::sysfs::{PciSysfs, SysfsDevice};
 use crate::{Error, Result};
 
@@ -27,6 +33,16 @@ pub enum Method {
     D3cold { power_resources: bool },
 }
 
+impl Method {
+    /// The choice that plans this method again.
+    fn choice(&self) -> Choice {
+        match self {
+            Method::Slot(_) => Choice::Slot,
+            Method::D3cold { .. } => Choice::D3cold,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
     /// The slot's power file if there is one, else D3cold where firmware has power resources.
@@ -36,21 +52,92 @@ pub enum Choice {
     D3cold,
 }
 
+/// How long each step may take: the kernel's usual times with a margin (tests shorten them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// For the function to go after its removal or slot power 0, and to come back.
+    pub enumerate: Duration,
+    /// How long the slot stays off.
+    pub off: Duration,
+    /// For the port to reach D3cold or D0.
+    pub port: Duration,
+    /// For vfio-pci to bind the function after `drivers_probe` (at once, unless the kernel
+    /// probes asynchronously).
+    pub bind: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            enumerate: Duration::from_secs(10),
+            off: Duration::from_secs(1),
+            port: Duration::from_secs(5),
+            bind: Duration::from_secs(2),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub target: Bdf,
     pub port: Bdf,
     pub method: Method,
+    #[serde(skip)]
+    pub timing: Timing,
 }
 
 /// What the run changed, before it changed it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PowerRecord {
     pub port: Option<Bdf>,
+    /// The slot whose power is cut (None: the function is removed instead).
+    pub slot: Option<PathBuf>,
     pub autoprobe: Option<String>,
     pub port_power_control: Option<String>,
     pub port_d3cold_allowed: Option<String>,
+    /// The driver the card was bound to: vfio-pci or none, the only ones a cycle accepts.
+    pub driver: Option<String>,
+    /// None: "(null)", no override.
     pub driver_override: Option<String>,
+}
+
+impl PowerRecord {
+    /// Reads what the cycle of `plan` will change. The caller holds the autoprobe lock, so no
+    /// other cycle has `drivers_autoprobe` at 0 now.
+    fn take(sysfs: &PciSysfs, plan: &Plan) -> Result<PowerRecord> {
+        let target = device(sysfs, plan.target);
+        let port = device(sysfs, plan.port);
+        Ok(PowerRecord {
+            port: Some(plan.port),
+            slot: match &plan.method {
+                Method::Slot(s) => Some(s.clone()),
+                Method::D3cold { .. } => None,
+            },
+            autoprobe: read(&bus_file(sysfs, "drivers_autoprobe")),
+            port_power_control: port.power_control()?,
+            port_d3cold_allowed: read(&port.path("d3cold_allowed")),
+            driver: target.driver()?,
+            driver_override: read(&target.path("driver_override")).filter(|d| d != "(null)"),
+        })
+    }
+}
+
+const AUTOPROBE_LOCK: &str = "autoprobe.lock";
+
+/// Proof that this process holds `<run_dir>/autoprobe.lock`, the host-wide lock around every
+/// change of the bus-global `drivers_autoprobe`: two cycles that overlapped would each record
+/// the other's 0 as the original, and autoprobe would stay off until reboot.
+struct AutoprobeLock {
+    _file: File,
+}
+
+impl AutoprobeLock {
+    /// Waits up to `wait`; None while another qcom-reset still holds it then.
+    fn acquire(run_dir: &Path, wait: Duration) -> Result<Option<AutoprobeLock>> {
+        Ok(crate::lock::exclusive(&run_dir.join(AUTOPROBE_LOCK), wait)?
+            .map(|f| AutoprobeLock { _file: f }))
+    }
 }
 
 fn record_path(run_dir: &Path, bdf: Bdf) -> PathBuf {
@@ -59,6 +146,14 @@ fn record_path(run_dir: &Path, bdf: Bdf) -> PathBuf {
 
 fn bus_file(sysfs: &PciSysfs, name: &str) -> PathBuf {
     sysfs.root.parent().unwrap_or(&sysfs.root).join(name)
+}
+
+/// A function's sysfs directory, whether or not it is present now.
+fn device(sysfs: &PciSysfs, bdf: Bdf) -> SysfsDevice {
+    SysfsDevice {
+        bdf,
+        dir: sysfs.root.join(bdf.to_string()),
+    }
 }
 
 /// Whether and how this host can power-cycle `dev`'s slot; the error says why not.
@@ -104,6 +199,7 @@ pub fn plan(
         target: dev.bdf,
         port: port.bdf,
         method,
+        timing: Timing::default(),
     })
 }
 
@@ -151,148 +247,265 @@ fn wait_for(
     Ok(())
 }
 
-/// Runs the plan; returns one line per step. The caller holds the target's lock.
+fn in_state(dev: &SysfsDevice, state: &str) -> bool {
+    dev.power_state().ok().flatten().as_deref() == Some(state)
+}
+
+/// Runs the plan; returns one line per step. Takes the target's lock, then the host-wide
+/// autoprobe lock; restores what killed cycles left (one may have left autoprobe at 0); checks
+/// the target again, since a VM may have opened it while we waited; holds its VFIO group until
+/// the function is gone.
 pub fn run(
-    sysfs: &PciSysfs,
-    run_dir: &Path,
+    host: &Host,
     plan: &Plan,
+    profile: Option<&str>,
+    bar: Option<u8>,
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<String>> {
-    recover(sysfs, run_dir, plan.target);
-    let target = sysfs.root.join(plan.target.to_string());
-    let port = SysfsDevice {
-        bdf: plan.port,
-        dir: sysfs.root.join(plan.port.to_string()),
+    let _device = DeviceLock::acquire(&host.run_dir, plan.target, host.lock_wait)?;
+    let Some(autoprobe) = AutoprobeLock::acquire(&host.run_dir, host.lock_wait)? else {
+        return Err(Error::NoPowerCycle {
+            bdf: plan.target,
+            why: format!(
+                "another power cycle holds {} (drivers_autoprobe is bus-wide: one cycle at a time); wait for it to finish",
+                host.run_dir.join(AUTOPROBE_LOCK).display()
+            ),
+        });
     };
-    let autoprobe = bus_file(sysfs, "drivers_autoprobe");
-    let rec = PowerRecord {
-        port: Some(plan.port),
-        autoprobe: read(&autoprobe),
-        port_power_control: port.power_control()?,
-        port_d3cold_allowed: read(&port.path("d3cold_allowed")),
-        driver_override: read(&target.join("driver_override")).filter(|d| d != "(null)"),
-    };
-    save(run_dir, plan.target, &rec)?;
     let mut steps = Vec::new();
     let mut step = |s: String| {
         log(&s);
         steps.push(s);
     };
-    // No driver may grab the function when it comes back: autoprobe off, then our override.
-    write(&autoprobe, "0")?;
-    step("drivers_autoprobe 0 (the function comes back unbound)".into());
-    let cycled = cycle(plan, &port, &target, &mut step);
-    let back = restore(sysfs, plan.target, &rec);
-    if let Err(e) = &back {
-        step(format!("restore: {e}"));
+    for said in recover_all(&host.sysfs, &host.run_dir, &autoprobe, plan.target)? {
+        step(said);
+    }
+    let own = recheck(host, plan, profile, bar)?;
+    cycle(&host.sysfs, &host.run_dir, plan, own, &mut step)?;
+    Ok(steps)
+}
+
+/// The target checked again under the locks (no holder, vfio-pci or no driver, still alone
+/// below its port), and its VFIO group held.
+fn recheck(host: &Host, p: &Plan, profile: Option<&str>, bar: Option<u8>) -> Result<Ownership> {
+    let t = engine::inspect(host, p.target, profile, bar)?;
+    if let Some(e) = t.refusal(false) {
+        return Err(e);
+    }
+    plan(&host.sysfs, &t.dev, p.method.choice())
+        .map_err(|why| Error::NoPowerCycle { bdf: p.target, why })?;
+    Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev)
+}
+
+/// Records, turns autoprobe off, sends the function away and back, restores; the record goes
+/// once everything in it is back.
+fn cycle(
+    sysfs: &PciSysfs,
+    run_dir: &Path,
+    plan: &Plan,
+    own: Ownership,
+    step: &mut dyn FnMut(String),
+) -> Result<()> {
+    let rec = PowerRecord::take(sysfs, plan)?;
+    record::store(&record_path(run_dir, plan.target), &rec)?;
+    // No driver may grab the function when it comes back: autoprobe off, then we bind it.
+    let cycled = write(&bus_file(sysfs, "drivers_autoprobe"), "0").and_then(|()| {
+        step("drivers_autoprobe 0 (the function comes back unbound)".into());
+        away_and_back(sysfs, plan, &rec, own, step)
+    });
+    let back = restore(sysfs, plan.target, &rec, &plan.timing);
+    match &back {
+        Ok(()) => remove(run_dir, plan.target),
+        Err(e) => step(format!("restore: {e}")),
     }
     cycled?;
     back.map_err(|why| Error::PowerCycle {
         bdf: plan.target,
         why,
     })?;
-    remove(run_dir, plan.target);
     step(format!(
-        "{} is back; autoprobe, override and port power restored",
+        "{} is back; binding, autoprobe and port power restored",
         plan.target
     ));
-    Ok(steps)
+    Ok(())
 }
 
-fn cycle(
+/// Cuts the slot's power (or removes the function), then brings the function back. Once it was
+/// told to go, an error first brings it back (best effort); the error says both.
+fn away_and_back(
+    sysfs: &PciSysfs,
     plan: &Plan,
-    port: &SysfsDevice,
-    target: &Path,
+    rec: &PowerRecord,
+    own: Ownership,
     step: &mut dyn FnMut(String),
 ) -> Result<()> {
-    let fail = |why: String| Error::PowerCycle {
-        bdf: plan.target,
-        why,
-    };
+    let target = device(sysfs, plan.target);
     match &plan.method {
         Method::Slot(slot) => {
             write(&slot.join("power"), "0")?;
-            wait_for("the function to go", Duration::from_secs(10), || {
-                !target.exists()
-            })
-            .map_err(fail)?;
-            step(format!(
-                "slot {} powered off; {} removed",
-                slot.display(),
-                plan.target
-            ));
-            std::thread::sleep(Duration::from_secs(1));
-            write(&slot.join("power"), "1")?;
-            step(format!("slot {} powered on", slot.display()));
-            // pciehp enumerates once the link is up; if it has not, ask the port to rescan.
-            if wait_for("pciehp", Duration::from_secs(10), || target.exists()).is_err() {
-                port.write("rescan", "1")?;
-                step(format!(
-                    "not enumerated by pciehp within 10 s; port {} rescanned",
-                    plan.port
-                ));
-            }
+            step(format!("slot {} powered off", slot.display()));
         }
-        Method::D3cold { power_resources } => {
-            write(&target.join("remove"), "1")?;
-            wait_for("the function to go", Duration::from_secs(10), || {
-                !target.exists()
-            })
-            .map_err(fail)?;
-            step(format!("{} removed", plan.target));
-            write(&port.path("d3cold_allowed"), "1")?;
-            port.write("power/control", "auto")?;
-            let reached = wait_for("D3cold", Duration::from_secs(5), || {
-                port.power_state().ok().flatten().as_deref() == Some("D3cold")
-            });
-            let state = port.power_state().ok().flatten().unwrap_or_default();
-            step(match (reached, power_resources) {
-                (Ok(()), _) => format!("port {} in D3cold: slot power removed", plan.port),
-                (Err(_), true) => format!(
-                    "port {} reached {state}, not D3cold (runtime PM kept it up)",
-                    plan.port
-                ),
-                (Err(_), false) => format!(
-                    "port {} reached {state}: no _PR3, so the slot kept power (a remove/rescan only)",
-                    plan.port
-                ),
-            });
-            port.write("power/control", "on")?;
-            wait_for("the port to wake", Duration::from_secs(5), || {
-                port.power_state().ok().flatten().as_deref() == Some("D0")
-            })
-            .map_err(fail)?;
-            port.write("rescan", "1")?;
-            step(format!("port {} in D0, rescanned", plan.port));
-        }
+        Method::D3cold { .. } => target.write("remove", "1")?,
     }
-    wait_for("the function to come back", Duration::from_secs(10), || {
-        target.exists()
+    let port = device(sysfs, plan.port);
+    let cycled = gone(plan, &target, own, step).and_then(|()| match &plan.method {
+        Method::Slot(slot) => slot_back(plan, slot, &port, &target, step),
+        Method::D3cold { power_resources } => d3cold_back(plan, *power_resources, &port, step),
+    });
+    let cycled = cycled.and_then(|()| {
+        wait_for("the function to come back", plan.timing.enumerate, || {
+            target.dir.exists()
+        })
+        .map_err(|why| failed(plan, why))
+    });
+    cycled.map_err(|e| {
+        let said = bring_back(sysfs, rec, plan.target, &plan.timing).join("; ");
+        step(format!("brought back after the error: {said}"));
+        failed(plan, format!("{e}; brought back: {said}"))
     })
-    .map_err(fail)
 }
 
-/// Puts back the override (and binds it), autoprobe and the port's power settings.
-fn restore(sysfs: &PciSysfs, bdf: Bdf, rec: &PowerRecord) -> std::result::Result<(), String> {
-    let mut errors = Vec::new();
-    let target = sysfs.root.join(bdf.to_string());
-    if let Some(d) = &rec.driver_override
-        && target.exists()
-    {
-        let r = write(&target.join("driver_override"), d)
-            .and_then(|()| write(&bus_file(sysfs, "drivers_probe"), &bdf.to_string()));
-        if let Err(e) = r {
-            errors.push(e.to_string());
-        }
+fn failed(plan: &Plan, why: String) -> Error {
+    Error::PowerCycle {
+        bdf: plan.target,
+        why,
     }
-    if let Some(port) = rec.port {
-        let dir = sysfs.root.join(port.to_string());
+}
+
+/// Waits for the function to go, then lets its VFIO group go. Held until now: removal
+/// unregisters the vfio device, and vfio_unregister_group_dev waits only for open device fds
+/// (asking their user, a VM, to release them, for as long as it takes); our group fd is none,
+/// so it does not block the removal, while it keeps any VM from opening the device before it
+/// is gone. Then the kernel has revoked the group, and vfio-pci makes a new one on return.
+fn gone(
+    plan: &Plan,
+    target: &SysfsDevice,
+    own: Ownership,
+    step: &mut dyn FnMut(String),
+) -> Result<()> {
+    wait_for("the function to go", plan.timing.enumerate, || {
+        !target.dir.exists()
+    })
+    .map_err(|why| failed(plan, why))?;
+    drop(own);
+    step(format!("{} removed", plan.target));
+    Ok(())
+}
+
+fn slot_back(
+    plan: &Plan,
+    slot: &Path,
+    port: &SysfsDevice,
+    target: &SysfsDevice,
+    step: &mut dyn FnMut(String),
+) -> Result<()> {
+    std::thread::sleep(plan.timing.off);
+    write(&slot.join("power"), "1")?;
+    step(format!("slot {} powered on", slot.display()));
+    // pciehp enumerates once the link is up; if it has not, ask the port to rescan.
+    if wait_for("pciehp", plan.timing.enumerate, || target.dir.exists()).is_err() {
+        port.write("rescan", "1")?;
+        step(format!(
+            "not enumerated by pciehp within {:?}; port {} rescanned",
+            plan.timing.enumerate, plan.port
+        ));
+    }
+    Ok(())
+}
+
+fn d3cold_back(
+    plan: &Plan,
+    power_resources: bool,
+    port: &SysfsDevice,
+    step: &mut dyn FnMut(String),
+) -> Result<()> {
+    port.write("d3cold_allowed", "1")?;
+    port.write("power/control", "auto")?;
+    let reached = wait_for("D3cold", plan.timing.port, || in_state(port, "D3cold"));
+    let state = port.power_state().ok().flatten().unwrap_or_default();
+    step(match (reached, power_resources) {
+        (Ok(()), _) => format!("port {} in D3cold: slot power removed", plan.port),
+        (Err(_), true) => format!(
+            "port {} reached {state}, not D3cold (runtime PM kept it up)",
+            plan.port
+        ),
+        (Err(_), false) => format!(
+            "port {} reached {state}: no _PR3, so the slot kept power (a remove/rescan only)",
+            plan.port
+        ),
+    });
+    port.write("power/control", "on")?;
+    wait_for("the port to wake", plan.timing.port, || {
+        in_state(port, "D0")
+    })
+    .map_err(|why| failed(plan, why))?;
+    port.write("rescan", "1")?;
+    step(format!("port {} in D0, rescanned", plan.port));
+    Ok(())
+}
+
+/// Best effort to get back a function that left: slot power on, the port forced on and
+/// (briefly) waited for in D0, a port rescan, a wait for the function. One line per step;
+/// `restore` puts the port's power settings back afterwards.
+fn bring_back(sysfs: &PciSysfs, rec: &PowerRecord, bdf: Bdf, timing: &Timing) -> Vec<String> {
+    let outcome = |what: &str, r: Result<()>| match r {
+        Ok(()) => what.to_string(),
+        Err(e) => format!("{what}: {e}"),
+    };
+    let mut said = Vec::new();
+    if let Some(slot) = &rec.slot
+        && read(&slot.join("power")).as_deref() != Some("1")
+    {
+        said.push(outcome("slot power 1", write(&slot.join("power"), "1")));
+    }
+    if let Some(port) = rec.port.map(|p| device(sysfs, p)) {
+        said.push(outcome(
+            "port power/control on",
+            port.write("power/control", "on"),
+        ));
+        said.push(
+            match wait_for("port in D0", timing.port, || in_state(&port, "D0")) {
+                Ok(()) => "port in D0".into(),
+                Err(e) => e,
+            },
+        );
+        said.push(outcome("port rescan", port.write("rescan", "1")));
+    }
+    let target = device(sysfs, bdf);
+    said.push(
+        match wait_for("the function back", timing.enumerate, || {
+            target.dir.exists()
+        }) {
+            Ok(()) => "the function is back".into(),
+            Err(e) => e,
+        },
+    );
+    said
+}
+
+/// Puts back what the record holds: the function's binding and override (when it is present),
+/// the port's power settings, then autoprobe (last: with it on, a native driver could take a
+/// function not yet bound). Only recorded values are written.
+fn restore(
+    sysfs: &PciSysfs,
+    bdf: Bdf,
+    rec: &PowerRecord,
+    timing: &Timing,
+) -> std::result::Result<(), String> {
+    let mut errors = Vec::new();
+    let target = device(sysfs, bdf);
+    if target.dir.exists()
+        && let Err(e) = rebind(sysfs, &target, rec, timing)
+    {
+        errors.push(e);
+    }
+    if let Some(port) = rec.port.map(|p| device(sysfs, p)) {
         for (attr, value) in [
             ("power/control", &rec.port_power_control),
             ("d3cold_allowed", &rec.port_d3cold_allowed),
         ] {
             if let Some(v) = value
-                && let Err(e) = write(&dir.join(attr), v)
+                && let Err(e) = port.write(attr, v)
             {
                 errors.push(e.to_string());
             }
@@ -310,42 +523,151 @@ fn restore(sysfs: &PciSysfs, bdf: Bdf, rec: &PowerRecord) -> std::result::Result
     }
 }
 
-fn save(run_dir: &Path, bdf: Bdf, rec: &PowerRecord) -> Result<()> {
-    let path = record_path(run_dir, bdf);
-    std::fs::create_dir_all(run_dir)
-        .and_then(|()| std::fs::write(&path, serde_json::to_vec(rec).expect("records serialize")))
-        .map_err(|err| Error::Lock { path, err })
+/// Binds the function to vfio-pci again if it was bound there and is unbound now (autoprobe
+/// was 0 when it came back, and restoring autoprobe probes nothing): through a one-time
+/// override, so no other driver can take it, and `drivers_probe`. Then the recorded override
+/// goes back ("\n" clears it).
+fn rebind(
+    sysfs: &PciSysfs,
+    dev: &SysfsDevice,
+    rec: &PowerRecord,
+    timing: &Timing,
+) -> std::result::Result<(), String> {
+    let unbound = dev.driver().map_err(|e| e.to_string())?.is_none();
+    let bind = unbound && rec.driver.as_deref() == Some("vfio-pci");
+    let bound = if bind {
+        dev.write("driver_override", "vfio-pci")
+            .and_then(|()| write(&bus_file(sysfs, "drivers_probe"), &dev.bdf.to_string()))
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                wait_for("vfio-pci to bind it", timing.bind, || {
+                    dev.driver().ok().flatten().as_deref() == Some("vfio-pci")
+                })
+            })
+    } else {
+        Ok(())
+    };
+    let put = match (&rec.driver_override, bind) {
+        (Some(d), _) => dev.write("driver_override", d),
+        (None, true) => dev.write("driver_override", "\n"),
+        (None, false) => Ok(()),
+    };
+    bound.and(put.map_err(|e| e.to_string()))
 }
 
 fn remove(run_dir: &Path, bdf: Bdf) {
     let _ = std::fs::remove_file(record_path(run_dir, bdf));
 }
 
-/// Restores what a killed power cycle of `bdf` left (autoprobe off, the port forced on or
-/// auto); returns what it did.
-pub fn recover(sysfs: &PciSysfs, run_dir: &Path, bdf: Bdf) -> Option<String> {
-    let text = std::fs::read(record_path(run_dir, bdf)).ok()?;
-    let rec: PowerRecord = serde_json::from_slice(&text).ok()?;
-    let r = restore(sysfs, bdf, &rec);
-    if r.is_ok() {
-        remove(run_dir, bdf);
+/// Restores what killed power cycles left, at the agent's start: under the autoprobe lock and
+/// each device's lock, neither waited for (a holder is a running qcom-reset: what it holds is
+/// left for it, or for the next start). One line per record, to log.
+pub fn recover_pending(sysfs: &PciSysfs, run_dir: &Path) -> Vec<String> {
+    let pending = pending(run_dir);
+    if pending.is_empty() {
+        return Vec::new();
     }
-    Some(match r {
-        Ok(()) => format!("{bdf}: restored what a killed power cycle left: {rec:?}"),
-        Err(e) => format!("{bdf}: a killed power cycle's record could not be restored: {e}"),
-    })
+    let autoprobe = match AutoprobeLock::acquire(run_dir, Duration::ZERO) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return vec![format!(
+                "a power cycle holds {}: the power-cycle records of {pending:?} are left to it",
+                run_dir.join(AUTOPROBE_LOCK).display()
+            )];
+        }
+        Err(e) => return vec![e.to_string()],
+    };
+    pending
+        .into_iter()
+        .map(
+            |bdf| match recover(sysfs, run_dir, &autoprobe, bdf, false) {
+                Ok(said) => said,
+                Err(e @ Error::Busy { .. }) => {
+                    format!("{bdf}: its power-cycle record is left for the next start: {e}")
+                }
+                Err(e) => format!("{bdf}: {e}"),
+            },
+        )
+        .collect()
+}
+
+/// Restores every record killed cycles left before a cycle records autoprobe (one may have left
+/// it 0, which must never be taken for the original). One that cannot be restored refuses the
+/// cycle, naming its file. `target`'s own lock the caller holds already.
+fn recover_all(
+    sysfs: &PciSysfs,
+    run_dir: &Path,
+    autoprobe: &AutoprobeLock,
+    target: Bdf,
+) -> Result<Vec<String>> {
+    pending(run_dir)
+        .into_iter()
+        .map(|bdf| {
+            recover(sysfs, run_dir, autoprobe, bdf, bdf == target).map_err(|e| {
+                Error::NoPowerCycle {
+                    bdf: target,
+                    why: format!(
+                        "{} (left by a killed power cycle) must be restored first, drivers_autoprobe may be 0 from it: {e}",
+                        record_path(run_dir, bdf).display()
+                    ),
+                }
+            })
+        })
+        .collect()
+}
+
+/// Restores the record a killed cycle of `bdf` left: brings the function back if it is gone,
+/// then puts back what the record holds, and removes it. Under `bdf`'s lock, not waited for
+/// (`held`: the caller holds it).
+fn recover(
+    sysfs: &PciSysfs,
+    run_dir: &Path,
+    _autoprobe: &AutoprobeLock,
+    bdf: Bdf,
+    held: bool,
+) -> Result<String> {
+    let _lock = if held {
+        None
+    } else {
+        Some(DeviceLock::acquire(run_dir, bdf, Duration::ZERO)?)
+    };
+    let path = record_path(run_dir, bdf);
+    let Some(rec) = record::fetch::<PowerRecord>(&path)? else {
+        return Ok(format!("{bdf}: {} was restored meanwhile", path.display()));
+    };
+    let timing = Timing::default();
+    let brought = if device(sysfs, bdf).dir.exists() {
+        String::new()
+    } else {
+        format!(
+            "; brought back: {}",
+            bring_back(sysfs, &rec, bdf, &timing).join("; ")
+        )
+    };
+    restore(sysfs, bdf, &rec, &timing).map_err(|why| Error::PowerCycle {
+        bdf,
+        why: format!("restoring {}: {why}{brought}", path.display()),
+    })?;
+    remove(run_dir, bdf);
+    Ok(format!(
+        "{bdf}: restored what a killed power cycle left in {}: {rec:?}{brought}",
+        path.display()
+    ))
 }
 
 /// Devices with a power-cycle record in `run_dir`.
-pub fn pending(run_dir: &Path) -> Vec<Bdf> {
+fn pending(run_dir: &Path) -> Vec<Bdf> {
     let Ok(rd) = std::fs::read_dir(run_dir) else {
         return Vec::new();
     };
-    rd.filter_map(|e| {
-        let name = e.ok()?.file_name().into_string().ok()?;
-        name.strip_suffix(".power.json")?.parse().ok()
-    })
-    .collect()
+    let mut out: Vec<Bdf> = rd
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".power.json")?.parse().ok()
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]
@@ -434,12 +756,12 @@ mod tests {
             autoprobe: Some("1".into()),
             port_power_control: Some("auto".into()),
             port_d3cold_allowed: Some("0".into()),
-            driver_override: None,
+            ..PowerRecord::default()
         };
-        save(&run, dev.bdf, &rec).unwrap();
+        leave(&run, dev.bdf, &rec);
         assert_eq!(pending(&run), vec![dev.bdf]);
-        let said = recover(&sysfs, &run, dev.bdf).unwrap();
-        assert!(said.contains("restored"), "{said}");
+        let said = recover_pending(&sysfs, &run);
+        assert!(said.len() == 1 && said[0].contains("restored"), "{said:?}");
         assert_eq!(
             read(&t.path().join("drivers_autoprobe")).as_deref(),
             Some("1")
@@ -447,6 +769,361 @@ mod tests {
         assert_eq!(read(&port.join("power/control")).as_deref(), Some("auto"));
         assert_eq!(read(&port.join("d3cold_allowed")).as_deref(), Some("0"));
         assert!(pending(&run).is_empty(), "record removed");
-        assert_eq!(recover(&sysfs, &run, dev.bdf), None);
+        assert!(recover_pending(&sysfs, &run).is_empty());
+    }
+
+    /// A record as a killed cycle leaves it.
+    fn leave(run: &Path, bdf: Bdf, rec: &PowerRecord) {
+        record::store(&record_path(run, bdf), rec).unwrap();
+    }
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const CARD: &str = "0000:03:00.0";
+
+    /// What the fake kernel does differently from a healthy one.
+    #[derive(Clone, Copy, Default)]
+    struct Quirks {
+        /// The port never returns to D0.
+        stuck_in_d3cold: bool,
+        /// pciehp ignores the slot's `power` file (the function neither goes nor comes back).
+        deaf_pciehp: bool,
+    }
+
+    /// The kernel's side of a power cycle on the fake tree, polled: the function goes on
+    /// `remove` or slot power 0 and comes back (unbound, or to its native driver while
+    /// autoprobe is on) on a port rescan or slot power 1; the port follows `power/control`;
+    /// `drivers_probe` binds the function to its override. Each action is logged.
+    struct Kernel {
+        stop: Arc<AtomicBool>,
+        log: Arc<Mutex<Vec<String>>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Kernel {
+        fn start(t: &Path, quirks: Quirks) -> Kernel {
+            let (stop, log) = (Arc::new(AtomicBool::new(false)), Arc::default());
+            let (s, l, t) = (stop.clone(), Arc::clone(&log), t.to_path_buf());
+            let thread = std::thread::spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    kernel_step(&t, quirks, &l);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            Kernel {
+                stop,
+                log,
+                thread: Some(thread),
+            }
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for Kernel {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.thread.take().map(|t| t.join());
+        }
+    }
+
+    fn kernel_step(t: &Path, q: Quirks, log: &Mutex<Vec<String>>) {
+        let port = t.join("real/0000:00:1c.0");
+        let card = port.join(CARD);
+        let stash = t.join("removed");
+        let slot = read(&t.join("slots/2/power"));
+        let rescan = read(&port.join("rescan")).as_deref() == Some("1");
+        let say = |s: String| log.lock().unwrap().push(s);
+        if card.exists() {
+            let slot_off = slot.as_deref() == Some("0") && !q.deaf_pciehp;
+            if read(&card.join("remove")).as_deref() == Some("1") || slot_off {
+                let rec = read(&t.join(format!("run/{CARD}.power.json")));
+                std::fs::rename(&card, &stash).unwrap();
+                say(format!("removed; record {}", rec.unwrap_or_default()));
+            }
+        } else if rescan || (slot.as_deref() == Some("1") && !q.deaf_pciehp) {
+            // A new function, made whole before it appears: unbound, no override.
+            let _ = std::fs::remove_file(stash.join("driver"));
+            std::fs::write(stash.join("remove"), "").unwrap();
+            std::fs::write(stash.join("driver_override"), "(null)\n").unwrap();
+            let native = read(&t.join("drivers_autoprobe")).as_deref() == Some("1");
+            if native {
+                bind(t, &stash, "ath11k_pci");
+            }
+            std::fs::rename(&stash, &card).unwrap();
+            say(format!("added; autoprobe bound it: {native}"));
+        }
+        if rescan {
+            std::fs::write(port.join("rescan"), "").unwrap();
+            say("port rescanned".into());
+        }
+        let state = match read(&port.join("power/control")).as_deref() {
+            Some("auto") if read(&port.join("d3cold_allowed")).as_deref() == Some("1") => "D3cold",
+            Some("on") if !q.stuck_in_d3cold => "D0",
+            _ => "",
+        };
+        if !state.is_empty() {
+            std::fs::write(port.join("power_state"), state).unwrap();
+        }
+        if read(&t.join("drivers_probe")).as_deref() == Some(CARD) && card.exists() {
+            std::fs::write(t.join("drivers_probe"), "").unwrap();
+            let over = read(&card.join("driver_override")).unwrap_or_default();
+            if over != "(null)" && !over.is_empty() {
+                bind(t, &card, &over);
+            }
+            say(format!("probed with override {over}"));
+        }
+    }
+
+    fn bind(t: &Path, card: &Path, driver: &str) {
+        let d = t.join("drivers").join(driver);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink(d, card.join("driver")).unwrap();
+    }
+
+    /// `tree()` with what a power cycle reads and writes: autoprobe on, the port in D0 and
+    /// forced on, the card bound to vfio-pci with no override.
+    fn full_tree() -> (tempfile::TempDir, PciSysfs, SysfsDevice) {
+        let (t, sysfs, dev) = tree();
+        let port = t.path().join("real/0000:00:1c.0");
+        std::fs::create_dir_all(port.join("power")).unwrap();
+        for (f, v) in [
+            (t.path().join("drivers_autoprobe"), "1"),
+            (t.path().join("drivers_probe"), ""),
+            (port.join("power/control"), "on"),
+            (port.join("power_state"), "D0"),
+            (port.join("d3cold_allowed"), "0"),
+            (port.join("rescan"), ""),
+            (dev.dir.join("remove"), ""),
+            (dev.dir.join("driver_override"), "(null)\n"),
+        ] {
+            std::fs::write(f, v).unwrap();
+        }
+        std::fs::write(dev.dir.join("vendor"), "0x17cb\n").unwrap();
+        std::fs::write(dev.dir.join("device"), "0x1103\n").unwrap();
+        let group = t.path().join("iommu_groups/12");
+        std::fs::create_dir_all(&group).unwrap();
+        std::os::unix::fs::symlink(group, dev.dir.join("iommu_group")).unwrap();
+        std::fs::create_dir_all(t.path().join("dev/vfio")).unwrap();
+        std::fs::write(t.path().join("dev/vfio/12"), "").unwrap();
+        bind(t.path(), &dev.dir, "vfio-pci");
+        (t, sysfs, dev)
+    }
+
+    fn d3cold_plan() -> Plan {
+        Plan {
+            target: CARD.parse().unwrap(),
+            port: "0000:00:1c.0".parse().unwrap(),
+            method: Method::D3cold {
+                power_resources: false,
+            },
+            timing: Timing {
+                enumerate: Duration::from_secs(2),
+                off: Duration::from_millis(10),
+                port: Duration::from_millis(300),
+                bind: Duration::from_secs(1),
+            },
+        }
+    }
+
+    fn cycle_in(t: &Path, sysfs: &PciSysfs, plan: &Plan) -> Result<Vec<String>> {
+        let host = Host {
+            sysfs: sysfs.clone(),
+            dev_vfio: t.join("dev/vfio"),
+            proc_root: t.join("proc"),
+            run_dir: t.join("run"),
+            lock_wait: Duration::from_millis(200),
+        };
+        run(&host, plan, None, None, &mut |s| eprintln!("{s}"))
+    }
+
+    fn driver_of(dev: &Path) -> Option<String> {
+        let l = std::fs::read_link(dev.join("driver")).ok()?;
+        Some(l.file_name()?.to_str()?.to_string())
+    }
+
+    #[test]
+    fn a_failed_write_after_the_remove_brings_the_function_back() {
+        let (t, sysfs, dev) = full_tree();
+        let port = t.path().join("real/0000:00:1c.0");
+        std::fs::remove_file(port.join("d3cold_allowed")).unwrap();
+        std::fs::create_dir(port.join("d3cold_allowed")).unwrap();
+        let k = Kernel::start(t.path(), Quirks::default());
+        let e = cycle_in(t.path(), &sysfs, &d3cold_plan())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d3cold_allowed"), "the original error: {e}");
+        assert!(e.contains("rescan"), "the recovery is reported: {e}");
+        assert!(dev.dir.exists(), "the function is back: {:?}", k.log());
+        assert_eq!(read(&port.join("power/control")).as_deref(), Some("on"));
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn a_port_that_stays_in_d3cold_is_still_rescanned() {
+        let (t, sysfs, dev) = full_tree();
+        let quirks = Quirks {
+            stuck_in_d3cold: true,
+            ..Quirks::default()
+        };
+        let k = Kernel::start(t.path(), quirks);
+        let e = cycle_in(t.path(), &sysfs, &d3cold_plan())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wake"), "the original error: {e}");
+        assert!(
+            k.log().iter().any(|l| l == "port rescanned") && dev.dir.exists(),
+            "{:?}",
+            k.log()
+        );
+    }
+
+    #[test]
+    fn a_slot_left_off_is_powered_on_again() {
+        let (t, sysfs, _dev) = full_tree();
+        let slot = t.path().join("slots/2");
+        std::fs::create_dir_all(&slot).unwrap();
+        std::fs::write(slot.join("power"), "1").unwrap();
+        std::fs::write(slot.join("address"), "0000:03:00\n").unwrap();
+        let quirks = Quirks {
+            deaf_pciehp: true,
+            ..Quirks::default()
+        };
+        let _k = Kernel::start(t.path(), quirks);
+        let plan = Plan {
+            method: Method::Slot(slot.clone()),
+            ..d3cold_plan()
+        };
+        let e = cycle_in(t.path(), &sysfs, &plan).unwrap_err().to_string();
+        assert!(e.contains("to go"), "the original error: {e}");
+        assert_eq!(read(&slot.join("power")).as_deref(), Some("1"), "{e}");
+    }
+
+    /// Holds `<run>/autoprobe.lock` as another power cycle would.
+    fn hold_autoprobe(run: &Path) -> std::fs::File {
+        std::fs::create_dir_all(run).unwrap();
+        let f = std::fs::File::create(run.join("autoprobe.lock")).unwrap();
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_second_cycle_waits_for_the_first_and_then_refuses() {
+        let (t, sysfs, dev) = full_tree();
+        let k = Kernel::start(t.path(), Quirks::default());
+        let _other = hold_autoprobe(&t.path().join("run"));
+        let e = cycle_in(t.path(), &sysfs, &d3cold_plan())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("autoprobe.lock"), "{e}");
+        assert!(k.log().is_empty() && dev.dir.exists(), "{:?}", k.log());
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("1")
+        );
+    }
+
+    #[test]
+    fn autoprobe_left_0_by_a_killed_cycle_is_never_recorded_as_the_original() {
+        let (t, sysfs, _dev) = full_tree();
+        let run = t.path().join("run");
+        std::fs::write(t.path().join("drivers_autoprobe"), "0").unwrap();
+        let killed = PowerRecord {
+            autoprobe: Some("1".into()),
+            ..PowerRecord::default()
+        };
+        std::fs::create_dir_all(t.path().join("devices/0000:05:00.0")).unwrap();
+        leave(&run, "0000:05:00.0".parse().unwrap(), &killed);
+        let k = Kernel::start(t.path(), Quirks::default());
+        cycle_in(t.path(), &sysfs, &d3cold_plan()).unwrap();
+        let removed = k
+            .log()
+            .into_iter()
+            .find(|l| l.starts_with("removed"))
+            .unwrap();
+        assert!(removed.contains(r#""autoprobe":"1""#), "{removed}");
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("1")
+        );
+        assert!(pending(&run).is_empty(), "{:?}", pending(&run));
+    }
+
+    #[test]
+    fn a_card_on_vfio_pci_without_override_is_bound_to_vfio_pci_again() {
+        let (t, sysfs, dev) = full_tree();
+        let k = Kernel::start(t.path(), Quirks::default());
+        cycle_in(t.path(), &sysfs, &d3cold_plan()).unwrap();
+        assert!(
+            k.log().iter().any(|l| l == "probed with override vfio-pci"),
+            "{:?}",
+            k.log()
+        );
+        assert_eq!(driver_of(&dev.dir).as_deref(), Some("vfio-pci"));
+        assert_eq!(
+            std::fs::read_to_string(dev.dir.join("driver_override")).unwrap(),
+            "\n",
+            "the override is cleared again"
+        );
+    }
+
+    #[test]
+    fn recovery_leaves_a_record_whose_device_is_locked() {
+        let (t, sysfs, dev) = full_tree();
+        let run = t.path().join("run");
+        std::fs::write(t.path().join("drivers_autoprobe"), "0").unwrap();
+        let killed = PowerRecord {
+            autoprobe: Some("1".into()),
+            ..PowerRecord::default()
+        };
+        leave(&run, dev.bdf, &killed);
+        let busy = DeviceLock::acquire(&run, dev.bdf, Duration::ZERO).unwrap();
+        let said = recover_pending(&sysfs, &run);
+        assert!(said[0].contains("left for the next start"), "{said:?}");
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("0")
+        );
+        assert_eq!(pending(&run), vec![dev.bdf], "{said:?}");
+        drop(busy);
+        // A running cycle (the autoprobe lock held) restores the records itself.
+        let cycling = hold_autoprobe(&run);
+        let said = recover_pending(&sysfs, &run);
+        assert!(said[0].contains("autoprobe.lock"), "{said:?}");
+        assert_eq!(pending(&run), vec![dev.bdf], "{said:?}");
+        drop(cycling);
+        recover_pending(&sysfs, &run);
+        assert_eq!(
+            read(&t.path().join("drivers_autoprobe")).as_deref(),
+            Some("1")
+        );
+        assert!(pending(&run).is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_power_record_is_reported_naming_the_file() {
+        let (t, sysfs, dev) = full_tree();
+        let run = t.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let file = run.join(format!("{CARD}.power.json"));
+        std::fs::write(&file, "{\"autoprobe\": \"1").unwrap();
+        let said = recover_pending(&sysfs, &run);
+        assert!(
+            said.len() == 1 && said[0].contains(&file.display().to_string()),
+            "{said:?}"
+        );
+        // A cycle refuses before it writes anything: the record may hold autoprobe's original.
+        let k = Kernel::start(t.path(), Quirks::default());
+        let e = cycle_in(t.path(), &sysfs, &d3cold_plan())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&file.display().to_string()), "{e}");
+        assert!(k.log().is_empty() && dev.dir.exists(), "{:?}", k.log());
     }
 }

@@ -1,7 +1,9 @@
 //! The reviewed upstream reset sequences (domain.md §2.5: `reset_qualcomm_wlan()` and
 //! `reset_qualcomm_modem()` of the v12 PCI quirk), replayed step for step through
-//! [`RegisterIo`], with one guard the quirk lacks: no write goes out after an all-ones read,
-//! because that value means the link is down and writing it back would be garbage.
+//! [`RegisterIo`], with one guard the quirk lacks: nothing is written when the first read is
+//! all-ones, because the link is already down and that value written back would be garbage.
+//! After it, the sequence is the quirk's to the letter (the deassert is written from the value
+//! read before the assert, whatever the flush read returned).
 use std::time::Duration;
 
 use serde::Serialize;

@@ -67,6 +67,12 @@ impl Trigger {
 
     /// The trigger for a probe event on a target, or None when it needs nothing.
     pub fn of_event(e: &TraceEvent) -> Option<Trigger> {
+        // A qcom-reset session's own VFIO open and close (a hook's or the CLI's `reset` with
+        // VFIO access) is no VM letting go: answering it would hold the group exactly when the
+        // VM the hook prepares starts. The agent itself is dropped in the kernel by TGID.
+        if e.comm == OWN_COMM {
+            return None;
+        }
         let device_specific_ok =
             e.function == qcom_reset_ebpf::Func::PciDevSpecificReset.symbol() && e.ret == 0;
         match e.kind {
@@ -79,6 +85,43 @@ impl Trigger {
         }
     }
 }
+
+/// Where the agent's items come from: the probes in production, a script in tests.
+pub trait ItemSource {
+    fn next(&mut self) -> impl Future<Output = anyhow::Result<Item>>;
+}
+
+impl ItemSource for crate::probes::Tracer {
+    fn next(&mut self) -> impl Future<Output = anyhow::Result<Item>> {
+        crate::probes::Tracer::next(self)
+    }
+}
+
+/// Forwards items to the agent until the source fails or `stop` fires, then drops `tx`: the
+/// agent's item loop ends with it, and so does its watchdog feed. Returns whether the source
+/// failed, for the process to exit non-zero and systemd to restart it: a deaf agent that
+/// looks alive resets nothing.
+pub async fn forward(
+    src: &mut impl ItemSource,
+    tx: mpsc::Sender<Item>,
+    mut stop: watch::Receiver<bool>,
+) -> bool {
+    loop {
+        tokio::select! {
+            item = src.next() => match item {
+                Ok(i) => if tx.send(i).await.is_err() { return false },
+                Err(e) => {
+                    tracing::error!("event stream failed: {e:#}; exiting for a restart");
+                    return true;
+                }
+            },
+            _ = stop.changed() => return false,
+        }
+    }
+}
+
+/// The task name of every qcom-reset process (the kernel's `comm`, the binary's name).
+pub const OWN_COMM: &str = "qcom-reset";
 
 /// One thing the agent did or declined to do; journaled and broadcast.
 #[derive(Clone, Debug, Serialize)]
@@ -334,10 +377,8 @@ impl Agent {
             return;
         }
         let host = &self.shared.host;
-        for bdf in crate::power::pending(&host.run_dir) {
-            if let Some(said) = crate::power::recover(&host.sysfs, &host.run_dir, bdf) {
-                warn!(bdf = %bdf, "{said}");
-            }
+        for said in crate::power::recover_pending(&host.sysfs, &host.run_dir) {
+            warn!("{said}");
         }
         let (host, open) = (self.shared.host.clone(), self.shared.open.clone());
         let done = tokio::task::spawn_blocking(move || {
@@ -548,6 +589,11 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             sh.act(done);
             return began;
         }
+        // The check above may have taken its whole lock wait: no session starts after SIGTERM.
+        if *sh.shutdown.borrow() {
+            sh.act(action(bdf, trigger, "skipped", "shutting down: not reset"));
+            return began;
+        }
         let latency = first.then(|| at.elapsed());
         if let Some(l) = latency {
             sh.metrics.latency(l);
@@ -562,10 +608,15 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         let waits_for_holder = held && trigger == Trigger::Release;
         if held && waiting {
             // Still held after the holder seemed to go: keep waiting, journal it once.
-            if tokio::time::Instant::now() < held_until && holder_gone(sh, bdf, held_until).await {
+            let wait = if tokio::time::Instant::now() < held_until {
+                holder_gone(sh, bdf, held_until).await
+            } else {
+                HolderWait::Deadline
+            };
+            if wait == HolderWait::Gone {
                 continue;
             }
-            sh.act(still_held(sh, bdf, trigger));
+            sh.act(still_held(sh, bdf, trigger, wait));
             return began;
         }
         if held {
@@ -583,8 +634,9 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         sh.act(a);
         if waits_for_holder {
             waiting = true;
-            if !holder_gone(sh, bdf, held_until).await {
-                sh.act(still_held(sh, bdf, trigger));
+            let wait = holder_gone(sh, bdf, held_until).await;
+            if wait != HolderWait::Gone {
+                sh.act(still_held(sh, bdf, trigger, wait));
                 return began;
             }
             continue;
@@ -628,7 +680,7 @@ async fn attempt(
         }
         Ok(Err(e)) if is_refusal(&e) => {
             sh.metrics.skipped("refused");
-            let held = matches!(e, crate::Error::Held { .. } | crate::Error::Busy { .. });
+            let held = matches!(e, crate::Error::Held { .. } | crate::Error::HeldBySession { .. } | crate::Error::Busy { .. });
             a.result = if held { "held" } else { "skipped" }.into();
             a.detail = format!("not written: {e}");
         }
@@ -664,44 +716,57 @@ async fn attempt(
     a
 }
 
-fn still_held(sh: &Shared, bdf: Bdf, trigger: Trigger) -> Action {
-    action(
-        bdf,
-        trigger,
-        "skipped",
-        format!("still held after {} s: not reset", sh.cfg.held_wait_s),
-    )
+fn still_held(sh: &Shared, bdf: Bdf, trigger: Trigger, wait: HolderWait) -> Action {
+    let detail = match wait {
+        HolderWait::Shutdown => "shutting down while it was held: not reset".to_string(),
+        _ => format!("still held after {} s: not reset", sh.cfg.held_wait_s),
+    };
+    action(bdf, trigger, "skipped", detail)
+}
+
+/// How a wait for a device's holder ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HolderWait {
+    Gone,
+    Deadline,
+    Shutdown,
 }
 
 /// How often a release waiting for its holder re-checks (only while one waits).
 const HOLDER_POLL: Duration = Duration::from_millis(250);
 
-/// Waits until nothing holds the device (another qcom-reset's lock is waited for by the engine
-/// itself); false at the deadline or on shutdown.
-async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) -> bool {
+/// Waits until nothing holds the device, or the deadline, or shutdown.
+async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) -> HolderWait {
     let mut sd = sh.shutdown.clone();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HOLDER_POLL) => {}
-            _ = sd.changed() => return false,
+            _ = sd.changed() => return HolderWait::Shutdown,
         }
         let host = sh.host.clone();
-        // The kernel's word, not the /proc scan: a holder in another PID namespace is invisible
-        // there but still makes the group open fail.
-        let free = tokio::task::spawn_blocking(move || {
-            let dev = host.sysfs.device(bdf).ok()?;
-            let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev);
-            Some(!matches!(own, Err(crate::Error::Held { .. })))
-        })
-        .await;
-        if matches!(free, Ok(Some(true))) {
+        if let Ok(true) = tokio::task::spawn_blocking(move || group_free(&host, bdf)).await {
             info!(bdf = %bdf, "the holder let go; resetting");
-            return true;
+            return HolderWait::Gone;
         }
         if tokio::time::Instant::now() >= until {
-            return false;
+            return HolderWait::Deadline;
         }
     }
+}
+
+/// The kernel's word on whether the group is free, not the /proc scan: a holder in another PID
+/// namespace is invisible there but still makes the group open fail. The probe open is made
+/// under the device's lock, taken without waiting: a CLI session holding it is never told
+/// "held" by us, and its lock wait is the engine's to do (so that counts as free).
+fn group_free(host: &engine::Host, bdf: Bdf) -> bool {
+    let Ok(_lock) = crate::lock::DeviceLock::acquire(&host.run_dir, bdf, Duration::ZERO) else {
+        return true;
+    };
+    let Ok(dev) = host.sysfs.device(bdf) else {
+        return true;
+    };
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev);
+    !matches!(own, Err(crate::Error::Held { .. } | crate::Error::HeldBySession { .. }))
 }
 
 /// Refusals are not failed attempts: nothing was written.
@@ -710,6 +775,9 @@ fn is_refusal(e: &crate::Error) -> bool {
     matches!(
         e,
         Held { .. }
+            | HeldBySession { .. }
+            | RecordWaits { .. }
+            | PciehpPolls { .. }
             | WrongDriver { .. }
             | NotTarget { .. }
             | NoSuchDevice(..)

@@ -19,34 +19,60 @@ pub struct StateError {
 }
 
 impl State {
+    /// The history, or none: a file that does not parse (torn by a power loss before it was
+    /// fsynced, or edited by hand) is moved aside with a warning instead of keeping the agent
+    /// from starting, in a restart loop, on every host it runs on. An unreadable file is still
+    /// an error: its contents are unknown.
     pub fn load(path: &Path) -> Result<State, StateError> {
+        let err = |why: String| StateError {
+            path: path.into(),
+            why,
+        };
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError {
-                path: path.into(),
-                why: e.to_string(),
-            }),
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(s) => Ok(s),
+                Err(e) => {
+                    let aside = path.with_extension("corrupt");
+                    std::fs::rename(path, &aside)
+                        .map_err(|r| err(format!("{e}, and it cannot be moved aside: {r}")))?;
+                    tracing::warn!(
+                        "state file {} is corrupt ({e}); moved to {}, starting with no history",
+                        path.display(),
+                        aside.display()
+                    );
+                    Ok(State::default())
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(StateError {
-                path: path.into(),
-                why: e.to_string(),
-            }),
+            Err(e) => Err(err(e.to_string())),
         }
     }
 
+    /// Through the one record store: atomic and fsynced.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let err = |e: std::io::Error| StateError {
+        crate::session::record::store(path, self).map_err(|e| StateError {
             path: path.into(),
             why: e.to_string(),
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(self).expect("state serializes"),
-        )
-        .map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17 item 5: a torn state file is moved aside and the agent starts; the history
+    /// written after that is durable and read back.
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside_not_fatal() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("state.json");
+        std::fs::write(&p, b"{\"devices\": {\"0000:03").unwrap();
+        assert_eq!(State::load(&p).unwrap(), State::default());
+        assert!(t.path().join("state.corrupt").exists() && !p.exists());
+        let mut s = State::default();
+        s.devices.insert("0000:03:00.0".into(), History::default());
+        s.save(&p).unwrap();
+        assert_eq!(State::load(&p).unwrap(), s);
     }
 }

@@ -19,7 +19,7 @@ use crate::io::RegisterIo;
 use crate::lock::DeviceLock;
 use crate::regs::*;
 use crate::sysfs::{Override, SysfsDevice};
-use crate::{Error, Result};
+use crate::{Error, GuardFailure, Result};
 use own::Ownership;
 use record::Record;
 
@@ -327,7 +327,7 @@ impl Session {
         let why = match port_config(&self.dev, rec.port) {
             Ok(mut cfg) => match rec.apply(&mut cfg) {
                 Ok(()) => return Ok(()),
-                Err(e) => e.to_string(),
+                Err(e) => GuardFailure::Io(e),
             },
             Err(e) => e,
         };
@@ -429,6 +429,8 @@ impl Session {
             if r.errors.is_empty() { String::new() } else { format!("; errors: {}", r.errors.join("; ")) }
         );
         if !r.errors.is_empty() {
+            // The card is not held off its drivers while the record waits for a person.
+            release_drivers(&self.dev, &rec, &mut Restored::default());
             return Err(Error::RecoveryIncomplete {
                 bdf: self.bdf,
                 path,
@@ -576,12 +578,11 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
 }
 
 /// The port's sysfs config for masking, checked to be the bridge above the card now.
-fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsConfig, String> {
+fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsConfig, GuardFailure> {
     let p = port::upstream(dev)
         .filter(|p| p.bdf == want)
-        .ok_or_else(|| format!("{want} is no longer the bridge above {}", dev.bdf))?;
-    port::SysfsConfig::open(&p.path("config"), true)
-        .map_err(|e| format!("{}: {e}", p.path("config").display()))
+        .ok_or(GuardFailure::NotAbove)?;
+    port::SysfsConfig::open(&p.path("config"), true).map_err(GuardFailure::Io)
 }
 
 /// Restores the port by its recorded address, checked by its IDs: the card below it may have

@@ -35,7 +35,7 @@ impl Ownership {
                 why: "it is bound to vfio-pci but has no IOMMU group".into(),
             });
         };
-        let path = dev_vfio.join(&group);
+        let path = group_node(dev_vfio, &group);
         let not_owned = |why| Error::NotOwned { bdf: dev.bdf, why };
         match File::options().read(true).write(true).open(&path) {
             Ok(f) => Ok(Ownership {
@@ -44,10 +44,7 @@ impl Ownership {
             Err(e) => Err(match refusal(&e) {
                 Refusal::Held => {
                     let paths = holders::device_paths(dev).unwrap_or_else(|_| vec![path.clone()]);
-                    Error::Held {
-                        bdf: dev.bdf,
-                        holder: holder_name(proc_root, &paths, &path),
-                    }
+                    held(dev.bdf, proc_root, &paths, &path)
                 }
                 Refusal::Missing => not_owned(format!(
                     "{} does not exist (is /dev mounted and vfio loaded?)",
@@ -91,16 +88,41 @@ fn refusal(e: &std::io::Error) -> Refusal {
     }
 }
 
+/// The group's node: `/dev/vfio/N`, or `/dev/vfio/noiommu-N` for a group vfio created in
+/// no-IOMMU mode (`enable_unsafe_noiommu_mode`).
+fn group_node(dev_vfio: &Path, group: &str) -> PathBuf {
+    let plain = dev_vfio.join(group);
+    let noiommu = dev_vfio.join(format!("noiommu-{group}"));
+    if !plain.exists() && noiommu.exists() {
+        noiommu
+    } else {
+        plain
+    }
+}
+
 /// Who holds the device, from `/proc`; the kernel's EBUSY is the proof, this only names it.
-fn holder_name(proc_root: &Path, paths: &[std::path::PathBuf], group: &Path) -> String {
-    match holders::find(proc_root, paths, Some(std::process::id())).first() {
+/// Another qcom-reset session (a hook's `reset`, or this agent's session on another function
+/// of the same IOMMU group) is told apart from a VM: it ends by itself.
+fn held(bdf: crate::bdf::Bdf, proc_root: &Path, paths: &[PathBuf], group: &Path) -> Error {
+    let found = holders::find(proc_root, paths, None);
+    let ours = |h: &&holders::Holder| {
+        h.pid == std::process::id() || h.comm == crate::agent::OWN_COMM
+    };
+    if let Some(h) = found.iter().find(ours) {
+        return Error::HeldBySession {
+            bdf,
+            holder: h.to_string(),
+        };
+    }
+    let holder = match found.first() {
         Some(h) => h.to_string(),
         None => format!(
             "a process not visible in {} (another PID namespace?) through {}",
             proc_root.display(),
             group.display()
         ),
-    }
+    };
+    Error::Held { bdf, holder }
 }
 
 #[cfg(test)]
@@ -124,18 +146,41 @@ mod tests {
         let proc = tempfile::tempdir().unwrap();
         let group = Path::new("/dev/vfio/12");
         let paths = vec![group.to_path_buf()];
-        let unseen = holder_name(proc.path(), &paths, group);
+        let bdf = "0000:03:00.0".parse().unwrap();
+        let unseen = held(bdf, proc.path(), &paths, group).to_string();
         assert!(
             unseen.contains("not visible") && unseen.contains("/dev/vfio/12"),
             "{unseen}"
         );
-        let fd = proc.path().join("4242/fd");
-        std::fs::create_dir_all(&fd).unwrap();
-        std::fs::write(proc.path().join("4242/comm"), "qemu-system-x86\n").unwrap();
-        std::os::unix::fs::symlink(group, fd.join("9")).unwrap();
-        assert_eq!(
-            holder_name(proc.path(), &paths, group),
-            "pid 4242 (qemu-system-x86) through /dev/vfio/12"
+        let hold = |pid: u32, comm: &str| {
+            let fd = proc.path().join(format!("{pid}/fd"));
+            std::fs::create_dir_all(&fd).unwrap();
+            std::fs::write(proc.path().join(format!("{pid}/comm")), format!("{comm}\n")).unwrap();
+            std::os::unix::fs::symlink(group, fd.join("9")).unwrap();
+        };
+        hold(4242, "qemu-system-x86");
+        let e = held(bdf, proc.path(), &paths, group);
+        assert!(matches!(e, Error::Held { .. }), "{e}");
+        assert!(
+            e.to_string().contains("pid 4242 (qemu-system-x86) through /dev/vfio/12")
+                && e.to_string().contains("stop or detach the VM"),
+            "{e}"
         );
+        // Issue 17: another qcom-reset session is no VM to stop.
+        hold(4343, "qcom-reset");
+        let e = held(bdf, proc.path(), &paths, group);
+        assert!(
+            matches!(e, Error::HeldBySession { .. }) && e.to_string().contains("wait for it"),
+            "{e}"
+        );
+    }
+
+    /// A no-IOMMU group's node is `noiommu-N`: owned through it, not reported missing.
+    #[test]
+    fn a_noiommu_group_is_owned_through_its_own_node() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(group_node(d.path(), "7"), d.path().join("7"));
+        std::fs::write(d.path().join("noiommu-7"), "").unwrap();
+        assert_eq!(group_node(d.path(), "7"), d.path().join("noiommu-7"));
     }
 }

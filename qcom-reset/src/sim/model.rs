@@ -112,6 +112,8 @@ pub struct Model {
     pub command: u16,
     /// Config space words below 0x40 (offset/2) other than the IDs and PCI_COMMAND.
     pub config: [u16; 32],
+    /// Config writes received (also those a downed link dropped).
+    pub config_writes: usize,
     /// The SoC itself crashed: only a SoC reset heals it, an MHI reset does not.
     soc_crashed: bool,
     /// Link down until this time (u64::MAX: for good).
@@ -164,6 +166,7 @@ impl Model {
             faults,
             command: 0x0400,
             config: initial_config(),
+            config_writes: 0,
             soc_crashed: state == SimState::Crashed,
             link_down_until,
             vanished: false,
@@ -265,6 +268,7 @@ impl Model {
     }
 
     pub fn config_write16(&mut self, now: u64, offset: u64, value: u16) {
+        self.config_writes += 1;
         self.advance(now);
         if !self.link_up(now) {
             return;

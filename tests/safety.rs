@@ -1,0 +1,469 @@
+//! Issue 17, "never harm the host": the paths around the happy path. Each test names the
+//! item it proves; each failed against the code before its fix (docs/testing.md lists them).
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use qcom_reset::Error;
+use qcom_reset::backend::Backend;
+use qcom_reset::devices::Family;
+use qcom_reset::engine::{self, ReadMode, Request};
+use qcom_reset::io::RegisterIo;
+use qcom_reset::lock::DeviceLock;
+use qcom_reset::session::record::{self, Record};
+use qcom_reset::sim::{Faults, SimDevice, SimState};
+
+const WLAN: &str = "0000:03:00.0";
+const MODEM: &str = "0000:04:00.0";
+const PORT: &str = "0000:00:1c.0";
+
+fn record_path(h: &FakeHost, bdf_s: &str) -> PathBuf {
+    h.host.run_dir.join(format!("{bdf_s}.json"))
+}
+
+fn config_writes(card: &SimDevice) -> usize {
+    card.with_model(|m| m.config_writes)
+}
+
+/// Rebinds the fake card to `driver` (what libvirt's managed reattach or an admin does).
+fn rebind(h: &FakeHost, bdf_s: &str, driver: &str) {
+    let link = h.host.sysfs.root.join(bdf_s).join("driver");
+    let target = h.root().join("sys/bus/pci/drivers").join(driver);
+    fs::create_dir_all(&target).unwrap();
+    let _ = fs::remove_file(&link);
+    symlink(&target, &link).unwrap();
+}
+
+/// A root port at PORT with pciehp's usual Slot Control (PDCE|HPIE|DLLSCE|CCIE) and AER with
+/// Surprise Down reported, and the card `d` below it in the sysfs device tree.
+fn host_behind_port(d: FakeDevice) -> FakeHost {
+    let h = FakeHost::new();
+    let real_port = h.root().join("sys/devices/pci0000:00").join(PORT);
+    fs::create_dir_all(&real_port).unwrap();
+    let mut cfg = vec![0u8; 4096];
+    let mut put = |off: usize, v: &[u8]| cfg[off..off + v.len()].copy_from_slice(v);
+    put(0x00, &0x8086u16.to_le_bytes());
+    put(0x02, &0x7c0au16.to_le_bytes());
+    put(0x0a, &0x0604u16.to_le_bytes());
+    put(0x06, &0x0010u16.to_le_bytes());
+    put(0x34, &[0x40]);
+    put(0x40, &0x0010u16.to_le_bytes()); // PCIe, last
+    put(0x42, &0x0142u16.to_le_bytes()); // root port, slot implemented
+    put(0x54, &0x0000_0040u32.to_le_bytes()); // hotplug capable
+    put(0x58, &0x1038u16.to_le_bytes());
+    put(0x100, &0x0001_0001u32.to_le_bytes()); // AER, last
+    fs::write(real_port.join("config"), cfg).unwrap();
+    for f in ["vendor", "device"] {
+        fs::write(real_port.join(f), "0x8086\n").unwrap();
+    }
+    symlink(&real_port, h.host.sysfs.root.join(PORT)).unwrap();
+    let bdf_s = d.bdf;
+    let flat = h.add(d);
+    let nested = real_port.join(bdf_s);
+    fs::rename(&flat, &nested).unwrap();
+    symlink(&nested, &flat).unwrap();
+    h
+}
+
+fn port_regs(h: &FakeHost) -> (u16, u32) {
+    let cfg = fs::read(h.host.sysfs.root.join(PORT).join("config")).unwrap();
+    (
+        u16::from_le_bytes([cfg[0x58], cfg[0x59]]),
+        u32::from_le_bytes(cfg[0x108..0x10c].try_into().unwrap()),
+    )
+}
+
+/// Item 1: observe-only never deletes a killed session's record (it holds the port's masks
+/// and power/control).
+#[test]
+fn observe_only_keeps_a_killed_sessions_record() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let c = card.clone();
+    let st = engine::status(
+        &h.host,
+        t,
+        &mut move |_, _| Ok(Box::new(c.clone())),
+        ReadMode::NoWrites,
+    )
+    .unwrap();
+    assert!(st.verdict.is_some(), "{:?}", st.skipped);
+    assert!(record_path(&h, WLAN).exists(), "the record stays");
+    assert_eq!(config_writes(&card), 1, "only the killed session's own write");
+}
+
+/// Item 2: a recovery that cannot put everything back refuses the session; the record is
+/// neither overwritten by a new baseline nor deleted, and the card is not reset.
+#[test]
+fn a_failed_recovery_refuses_the_session_and_keeps_the_record() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Crashed, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    // The killed session had masked a port that cannot be reached now.
+    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    rec.port = Some(qcom_reset::session::port::PortRecord {
+        port: bdf(PORT),
+        ids: None,
+        command_completed: false,
+        slot_control: Some((0x58, 0x1038)),
+        aer_mask: None,
+    });
+    record::save(&h.host.run_dir, &rec).unwrap();
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(
+        matches!(e, Error::RecoveryIncomplete { .. }) && e.to_string().contains("by hand"),
+        "{e}"
+    );
+    let kept = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    assert_eq!(
+        (kept.pid, kept.port, kept.command),
+        (rec.pid, rec.port, rec.command),
+        "the killed session's record, not a new baseline"
+    );
+    assert_eq!(card.with_model(|m| m.writes.len()), 0, "no register written");
+    assert_eq!(h.read(WLAN, "driver_override"), "", "not left held off its drivers");
+}
+
+/// Item 3: a record waits while a host driver has the card; nothing is written under it.
+#[test]
+fn a_record_waits_while_a_host_driver_has_the_card() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![(0x12, 0xfe00)]);
+    rebind(&h, WLAN, "ath11k_pci");
+    let c = card.clone();
+    let done = engine::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
+    let [(b, Err(e))] = done.as_slice() else {
+        panic!("{done:?}")
+    };
+    assert_eq!(*b, bdf(WLAN));
+    assert!(matches!(e, Error::RecordWaits { .. }) && e.to_string().contains("ath11k_pci"), "{e}");
+    assert_eq!(config_writes(&card), 1, "PCI_COMMAND left to ath11k");
+    assert_eq!(h.read(WLAN, "power/control"), "on");
+    assert!(record_path(&h, WLAN).exists(), "the record waits");
+}
+
+/// Item 4: a card that leaves the bus mid-session: the port is restored by its recorded
+/// address, the record removed only after that, and nothing more is written to the card.
+#[test]
+fn the_port_is_restored_by_address_when_the_card_is_gone() {
+    let h = host_behind_port(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let dir = h.host.sysfs.root.join(WLAN);
+    let c = card.clone();
+    let gone = move || {
+        let real = fs::canonicalize(&dir).unwrap();
+        fs::remove_dir_all(real).unwrap();
+        fs::remove_file(&dir).unwrap();
+    };
+    let mut gone = Some(gone);
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let mut g = gone.take();
+            Ok(Box::new(Hooked {
+                inner: c.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    if let Some(g) = g.take() {
+                        g()
+                    }
+                }),
+            }))
+        },
+        "vanishing",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("left the bus"), "{e}");
+    assert_eq!(port_regs(&h), (0x1038, 0), "hotplug events and Surprise Down back");
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    assert!(!record_path(&h, WLAN).exists(), "removed once the port is back");
+}
+
+/// Item 5: a record naming offsets no restore may write is refused, naming the file.
+#[test]
+fn a_corrupt_record_is_refused_naming_the_file() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Crashed, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![(0x04, 0x0000)]);
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(
+        matches!(e, Error::BadRecord { .. }) && e.to_string().contains("0000:03:00.0.json"),
+        "{e}"
+    );
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    // Unparsable: the same line, never a silent skip.
+    fs::write(record_path(&h, WLAN), "{\"bdf\":").unwrap();
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::BadRecord { .. }), "{e}");
+}
+
+/// Item 6: a card on no driver (start-up rescan) has no group to hold: for the whole session
+/// `driver_override` keeps every driver off it, recorded first and put back after.
+#[test]
+fn a_card_on_no_driver_is_held_off_drivers_for_the_session() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        driver: None,
+        group: None,
+        ..FakeDevice::default()
+    });
+    let card = sim(Family::Wlan, Faults::default());
+    let seen = Arc::new(Mutex::new(None));
+    let (c, s, ovr, run) = (
+        card.clone(),
+        seen.clone(),
+        h.host.sysfs.root.join(WLAN).join("driver_override"),
+        h.host.run_dir.clone(),
+    );
+    let r = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let (s, ovr, run) = (s.clone(), ovr.clone(), run.clone());
+            Ok(Box::new(Hooked {
+                inner: c.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    let rec: Record = record::load(&run, bdf(WLAN)).unwrap().unwrap();
+                    *s.lock().unwrap() =
+                        Some((fs::read_to_string(&ovr).unwrap(), rec.driver_override));
+                }),
+            }))
+        },
+        "simulator",
+    )
+    .unwrap();
+    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+    let (during, recorded) = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(during.trim(), qcom_reset::session::HOLD_OVERRIDE);
+    assert_eq!(recorded, Some(qcom_reset::sysfs::Override::Unset));
+    assert_eq!(h.read(WLAN, "driver_override"), "", "cleared again");
+}
+
+/// The BAR of a card that a host driver takes after `after` register writes.
+struct HandOver {
+    inner: SimDevice,
+    writes: usize,
+    after: usize,
+    take: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl RegisterIo for HandOver {
+    fn read32(&mut self, offset: u32) -> u32 {
+        self.inner.read32(offset)
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        self.inner.write32(offset, value);
+        self.writes += 1;
+        if self.writes == self.after
+            && let Some(t) = self.take.take()
+        {
+            t()
+        }
+    }
+    fn delay(&mut self, d: Duration) {
+        self.inner.delay(d)
+    }
+}
+
+struct HandOverCard {
+    inner: SimDevice,
+    take: Option<Box<dyn FnOnce() + Send>>,
+    taken: Arc<Mutex<bool>>,
+    config_writes_after: Arc<Mutex<usize>>,
+}
+
+impl Backend for HandOverCard {
+    fn name(&self) -> &'static str {
+        "hand-over"
+    }
+    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        self.inner.config_read16(o)
+    }
+    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        if *self.taken.lock().unwrap() {
+            *self.config_writes_after.lock().unwrap() += 1;
+        }
+        self.inner.config_write16(o, v)
+    }
+    fn map_bar(&mut self, _bar: u8) -> qcom_reset::Result<(Box<dyn RegisterIo>, u64)> {
+        let len = self.inner.map_bar(0)?.1;
+        let taken = self.taken.clone();
+        let take = self.take.take().unwrap();
+        Ok((
+            Box::new(HandOver {
+                inner: self.inner.clone(),
+                writes: 0,
+                after: 1,
+                take: Some(Box::new(move || {
+                    take();
+                    *taken.lock().unwrap() = true;
+                })),
+            }),
+            len,
+        ))
+    }
+}
+
+/// Item 6: libvirt's managed reattach binds the host driver while the WLAN sequence runs (a
+/// held group does not stop an unbind): after the handover not one more register, config or
+/// power write reaches the card, and the journal says who took it.
+#[test]
+fn a_card_taken_mid_sequence_gets_no_further_writes() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let root = h.root().to_path_buf();
+    let (taken, after) = (Arc::new(Mutex::new(false)), Arc::new(Mutex::new(0)));
+    let mut backend = Some(HandOverCard {
+        inner: card.clone(),
+        take: Some(Box::new(move || {
+            let link = root.join("sys/bus/pci/devices").join(WLAN).join("driver");
+            let drv = root.join("sys/bus/pci/drivers/ath11k_pci");
+            fs::create_dir_all(&drv).unwrap();
+            fs::remove_file(&link).unwrap();
+            symlink(&drv, &link).unwrap();
+        })),
+        taken: taken.clone(),
+        config_writes_after: after.clone(),
+    });
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
+        "hand-over",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("taken by driver ath11k_pci"), "{e}");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        1,
+        "the assert went out, the deassert and MHI reset did not"
+    );
+    assert_eq!(*after.lock().unwrap(), 0, "no config write after the handover");
+    assert_eq!(h.read(WLAN, "power/control"), "on", "power is the new driver's");
+    assert!(!record_path(&h, WLAN).exists(), "nothing left to restore for us");
+}
+
+/// Item 7: `status` waited for the lock while the card was handed to a host driver: it
+/// re-checks after the wait and writes nothing.
+#[test]
+fn status_rechecks_the_driver_after_its_lock_wait() {
+    let mut h = FakeHost::new();
+    h.host.lock_wait = Duration::from_secs(5);
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let lock = DeviceLock::acquire(&h.host.run_dir, bdf(WLAN), Duration::ZERO).unwrap();
+    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let (host, c) = (h.host.clone(), card.clone());
+    let status = std::thread::spawn(move || {
+        engine::status(
+            &host,
+            t,
+            &mut move |_, _| Ok(Box::new(c.clone())),
+            ReadMode::EnableAndRestore,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    rebind(&h, WLAN, "ath11k_pci");
+    drop(lock);
+    let st = status.join().unwrap().unwrap();
+    let why = st.skipped.expect("not read");
+    assert!(why.contains("ath11k_pci"), "{why}");
+    assert_eq!(config_writes(&card), 0);
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+}
+
+/// Item 15: one device that cannot be inspected does not abort the rescan of the others.
+#[test]
+fn one_unreadable_device_does_not_abort_the_rescan() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let bad = h.add(FakeDevice::modem(MODEM));
+    fs::create_dir(bad.join("reset_method")).unwrap(); // reads fail with EISDIR
+    let found = engine::targets(&h.host, &[]).unwrap();
+    assert_eq!(
+        found.iter().map(|t| t.bdf).collect::<Vec<_>>(),
+        [bdf(WLAN)]
+    );
+}
+
+/// Item 15: the kernel reset's `reset_method` swap is in the crash record (a killed session
+/// leaves it for the next), and a failed reset's own error is what is reported.
+#[test]
+fn the_reset_method_swap_is_recorded_and_the_resets_error_wins() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        reset_method: Some("bus device_specific"),
+        ..FakeDevice::default()
+    });
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    // A killed session left the swap in place, and its record.
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    rec.reset_method = Some("bus device_specific".into());
+    record::save(&h.host.run_dir, &rec).unwrap();
+    fs::write(h.host.sysfs.root.join(WLAN).join("reset_method"), "device_specific\n").unwrap();
+    // This run's kernel reset fails.
+    let reset = h.host.sysfs.root.join(WLAN).join("reset");
+    fs::remove_file(&reset).unwrap();
+    fs::create_dir(&reset).unwrap();
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::KernelReset { .. }), "{e}");
+    assert_eq!(h.read(WLAN, "reset_method"), "bus device_specific");
+    assert!(!record_path(&h, WLAN).exists());
+}
+
+/// Item 15: two cards below one port: the second session waits for the first to restore the
+/// port instead of recording its masked state as the original.
+#[test]
+fn two_cards_below_one_port_never_record_each_others_masks() {
+    let h = host_behind_port(FakeDevice::default());
+    let port_lock = DeviceLock::acquire(&h.host.run_dir, bdf(PORT), Duration::ZERO).unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::Busy { .. }) && e.to_string().contains(PORT), "{e}");
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    drop(port_lock);
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+    assert_eq!(port_regs(&h), (0x1038, 0));
+}
+
+/// Item 11: with pciehp polling, the masks do not stop it acting on the link drop: refused
+/// unless allowed.
+#[test]
+fn pciehp_poll_mode_is_refused_unless_allowed() {
+    let h = host_behind_port(FakeDevice::default());
+    let param = h.root().join("sys/module/pciehp/parameters");
+    fs::create_dir_all(&param).unwrap();
+    fs::write(param.join("pciehp_poll_mode"), "Y\n").unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::PciehpPolls { .. }), "{e}");
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
+    assert_eq!(port_regs(&h), (0x1038, 0), "nothing masked");
+    let r = reset_with(
+        &h,
+        &Request {
+            allow_unguarded_link_drop: true,
+            ..Request::new(bdf(WLAN))
+        },
+        &card,
+    )
+    .unwrap();
+    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+}
