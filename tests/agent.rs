@@ -393,7 +393,7 @@ async fn observe_only_rescan_writes_nothing_and_says_why() {
     );
     assert_eq!(h.read(WLAN, "power/control"), "auto");
     assert_eq!(
-        card.with_model(|m| (m.command, m.writes.len())),
+        card.with_model(|m| (m.cfg.command(), m.writes.len())),
         (0x0400, 0)
     );
     r.stop().await;
@@ -775,7 +775,7 @@ async fn the_agent_recovers_a_killed_session_at_start() {
     }
     assert_eq!(h.read(WLAN, "power/control"), "auto");
     assert_eq!(
-        card.with_model(|m| (m.command, m.writes.len())),
+        card.with_model(|m| (m.cfg.command(), m.writes.len())),
         (0x0400, 0)
     );
     assert!(!h.host.run_dir.join(format!("{WLAN}.json")).exists());

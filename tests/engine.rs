@@ -48,20 +48,20 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
         // A device that is off the bus drops config writes; the restore was still issued.
         if sim.link_up_now() {
             assert_eq!(
-                sim.with_model(|m| m.command),
+                sim.with_model(|m| m.cfg.command()),
                 0x0400,
                 "device PCI_COMMAND restored"
             );
         }
     }
     if sim.link_up_now() {
-        let fresh =
-            qcom_reset::sim::Model::new(Family::Wlan, 0, 0, SimState::Mission, Faults::default());
-        assert_eq!(
-            sim.with_model(|m| m.config),
-            fresh.config,
-            "config words the reset lost (BARs) restored"
-        );
+        // After a function reset every register is back as the kernel had it (BARs, MPS in
+        // Device Control, Link Control 2, ...), not only those that read 0.
+        let (now, fresh) = sim.with_model(|m| {
+            let fresh = qcom_reset::sim::Model::new(m.family, m.vendor, m.device, SimState::Mission, Faults::default());
+            (m.cfg.clone(), fresh.cfg)
+        });
+        assert_eq!(now, fresh, "config space restored as the kernel left it");
     }
     assert!(
         !h.host.run_dir.join(format!("{bdf}.json")).exists(),
@@ -318,7 +318,7 @@ fn held_device_is_never_written() {
         "--force never overrides a holder"
     );
     assert_eq!(writes(&sim), 0);
-    assert_eq!(sim.with_model(|m| m.command), 0x0400, "config untouched");
+    assert_eq!(sim.with_model(|m| m.cfg.command()), 0x0400, "config untouched");
     assert_eq!(h.read(WLAN, "power/control"), "auto");
 }
 
@@ -412,7 +412,7 @@ fn dry_run_prints_every_operation_and_touches_nothing() {
         0,
         "no delay was taken on the device clock"
     );
-    assert_eq!(sim.with_model(|m| m.command), 0x0400);
+    assert_eq!(sim.with_model(|m| m.cfg.command()), 0x0400);
     assert_eq!(h.read(WLAN, "power/control"), "auto");
     assert!(
         !h.host.run_dir.join(format!("{WLAN}.lock")).exists(),
@@ -533,7 +533,7 @@ fn status_reads_registers_only_when_safe() {
     let r = st.verdict.unwrap().registers;
     assert_eq!((r.config_vendor, r.config_device), (0xffff, 0xffff));
     assert_eq!(
-        sim.with_model(|m| m.command),
+        sim.with_model(|m| m.cfg.command()),
         0x0400,
         "PCI_COMMAND restored after reading"
     );
@@ -592,20 +592,23 @@ fn a_no_writes_status_says_why_instead_of_writing() {
             .contains("memory decoding (PCI_COMMAND=0x0400)"),
         "vfio-pci leaves decoding off after a release"
     );
-    assert_eq!(card.with_model(|m| m.command), 0x0400);
+    assert_eq!(card.with_model(|m| m.cfg.command()), 0x0400);
     // The next owner (or an admin) enabled decoding: now it can be read without a write.
     qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0402).unwrap();
     let st = status(&h);
     assert_eq!(st.verdict.unwrap().health, Health::Crashed);
     assert_eq!(
-        card.with_model(|m| (m.command, m.writes.len())),
+        card.with_model(|m| (m.cfg.command(), m.writes.len())),
         (0x0402, 0)
     );
     assert_eq!(h.read(WLAN, "power/control"), "on");
 }
 
-/// The SoC reset drops the link and the endpoint loses its BARs; the kernel's own reset path
-/// would restore the whole header, so the session does too, and says what it put back.
+/// The SoC reset drops the link and the endpoint resets its function: PCI_COMMAND and the BARs
+/// are repaired as soon as MMIO reads all-ones while config space answers (issue 17 item 10),
+/// and at post every saved word goes back like `pci_restore_state` does, registers with
+/// non-zero reset values included (item 9: MPS in Device Control, Link Control 2), and the
+/// session says what it put back.
 #[test]
 fn config_words_the_reset_lost_are_restored_and_reported() {
     for (family, h, b) in [
@@ -614,15 +617,19 @@ fn config_words_the_reset_lost_are_restored_and_reported() {
     ] {
         let card = sim_in(family, SimState::Mission, Faults::default());
         let r = reset_with(&h, &Request::new(bdf(b)), &card).unwrap();
+        assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean, "{family:?}");
         let restored = r.restored.config.join(", ");
-        for word in ["0x0c", "0x10", "0x12", "0x3c"] {
-            assert!(
-                restored.contains(&format!("{word}: 0x0000 ->")),
-                "{family:?}: {restored}"
-            );
+        for word in [
+            "0x58: 0x2810 -> 0x2830",
+            "0x80: 0x0003 -> 0x0002",
+            "0x0c: 0x0000 -> 0x0010",
+            "0x3c: 0x0100 -> 0x010b",
+        ] {
+            assert!(restored.contains(word), "{family:?}: {restored}");
         }
+        assert_restored(&h, b, &card, &r);
         assert_eq!(
-            card.with_model(|m| m.config[0x12 / 2]),
+            card.with_model(|m| m.cfg.read16(0x12)),
             0xfe00,
             "{family:?}"
         );
@@ -709,7 +716,7 @@ fn a_vfio_device_whose_group_cannot_be_held_is_not_written() {
         "{e}"
     );
     assert_eq!(writes(&card), 0);
-    assert_eq!(card.with_model(|m| m.command), 0x0400);
+    assert_eq!(card.with_model(|m| m.cfg.command()), 0x0400);
     assert_eq!(h.read(WLAN, "power/control"), "auto");
 }
 
@@ -1089,5 +1096,42 @@ fn every_experimental_profile_is_refused_without_opt_in_and_resets_like_its_fami
             p.model
         );
         assert_healthy_after_one_conformant_reset(&h, "0000:06:00.0", &card, &r);
+    }
+}
+
+/// The simulator's two link-drop behaviours (issue 17 item 10): with a function reset the
+/// header is repaired mid-sequence and the golden trace is unchanged; with config kept there
+/// is nothing to repair and no config word is written before post.
+#[test]
+fn both_link_drop_behaviours_end_clean_with_the_reviewed_trace() {
+    for drop in [
+        qcom_reset::sim::LinkDrop::FunctionReset,
+        qcom_reset::sim::LinkDrop::KeepsConfig,
+    ] {
+        let h = wlan_host();
+        let mut model = qcom_reset::sim::Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1103,
+            SimState::Crashed,
+            Faults::default(),
+        );
+        model.link_drop = drop;
+        let card = qcom_reset::sim::SimDevice::new(model);
+        let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+        assert_healthy_after_one_conformant_reset(&h, WLAN, &card, &r);
+        let polls = r
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Read { offset: 0x3008, .. }))
+            .count();
+        assert_eq!(polls, 6, "{drop:?}: {:?}", r.ops);
+        // enable_memory; with a function reset BAR0's address word and PCI_COMMAND mid-sequence,
+        // then at post decoding off, the six words with other reset values, PCI_COMMAND.
+        let expected = match drop {
+            qcom_reset::sim::LinkDrop::FunctionReset => 1 + 2 + 1 + 6 + 1,
+            qcom_reset::sim::LinkDrop::KeepsConfig => 1 + 1,
+        };
+        assert_eq!(card.with_model(|m| m.config_writes), expected, "{drop:?}");
     }
 }

@@ -427,8 +427,12 @@ pub fn reset(
                 family: p.family.name(),
             });
         }
-        let mut io = Recorder::new(Guarded::new(bar, session.watch()));
         session.still_owned()?;
+        let watch = session.watch();
+        let mut io = Recorder::new(Live {
+            session: &mut session,
+            bar: Guarded::new(bar, watch),
+        });
         if !kernel {
             let o = sequence::run(p.family, &mut io, &mut |s| {
                 step(t.bdf, version, &format!("reset: {s}"))
@@ -455,11 +459,10 @@ pub fn reset(
                 )
             });
         if rebooted {
-            session.saw_link_drop();
+            io.inner.session.saw_link_drop();
         }
-        let mut ids = || session.config_ids();
-        let v = verdict::verify(&t.expect(rebooted), &mut ids, &mut io, len);
-        if let Some(l) = io.inner.lost.take() {
+        let v = verdict::verify(&t.expect(rebooted), &mut io, len);
+        if let Some(l) = io.inner.bar.lost.take() {
             return Err(session.lost(l));
         }
         v
@@ -495,6 +498,37 @@ pub fn reset(
         port: Some(port),
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The card while the sequence and its verification run: the BAR, every write checked against
+/// ownership ([`Guarded`]), and config space through the session. When MMIO reads all-ones
+/// while config space answers, the link is back but its drop reset the function: the session
+/// puts the header back and the read is made again (the reviewed sequence keeps its order).
+struct Live<'s, I> {
+    session: &'s mut Session,
+    bar: Guarded<I>,
+}
+
+impl<I: crate::io::RegisterIo> crate::io::RegisterIo for Live<'_, I> {
+    fn read32(&mut self, offset: u32) -> u32 {
+        let v = self.bar.read32(offset);
+        if v == ALL_ONES && self.bar.lost.is_none() && self.session.repair_header() {
+            return self.bar.read32(offset);
+        }
+        v
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        self.bar.write32(offset, value)
+    }
+    fn delay(&mut self, d: Duration) {
+        self.bar.delay(d)
+    }
+}
+
+impl<I: crate::io::RegisterIo> verdict::Card for Live<'_, I> {
+    fn config_ids(&mut self) -> (u16, u16) {
+        self.session.config_ids()
+    }
 }
 
 /// What the card's upstream port would do with the reset's link drop.

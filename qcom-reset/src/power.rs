@@ -672,6 +672,9 @@ fn pending(run_dir: &Path) -> Vec<Bdf> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     /// A fake /sys/bus/pci with a port and its card below it, as real sysfs nests them.
@@ -776,9 +779,6 @@ mod tests {
     fn leave(run: &Path, bdf: Bdf, rec: &PowerRecord) {
         record::store(&record_path(run, bdf), rec).unwrap();
     }
-
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
 
     const CARD: &str = "0000:03:00.0";
 
@@ -920,11 +920,12 @@ mod tests {
             method: Method::D3cold {
                 power_resources: false,
             },
+            // Ample for the fake kernel's 2 ms polls, also on a loaded machine.
             timing: Timing {
-                enumerate: Duration::from_secs(2),
+                enumerate: Duration::from_secs(3),
                 off: Duration::from_millis(10),
-                port: Duration::from_millis(300),
-                bind: Duration::from_secs(1),
+                port: Duration::from_secs(1),
+                bind: Duration::from_secs(2),
             },
         }
     }

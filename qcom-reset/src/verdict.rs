@@ -218,25 +218,53 @@ pub const fn settle_window(family: Family) -> Duration {
 }
 pub const SETTLE_POLL: Duration = Duration::from_millis(25);
 
+/// What verification reads: the BAR, and the IDs config space answers with (all-ones: the
+/// card is off the bus).
+pub trait Card: RegisterIo {
+    fn config_ids(&mut self) -> (u16, u16);
+}
+
+impl<I: Card> Card for crate::io::Recorder<I> {
+    fn config_ids(&mut self) -> (u16, u16) {
+        self.inner.config_ids()
+    }
+}
+
+/// A BAR whose config space always answers with the same IDs (benchmarks, unit tests).
+pub struct FixedIds<I>(pub I, pub (u16, u16));
+
+impl<I: RegisterIo> RegisterIo for FixedIds<I> {
+    fn read32(&mut self, offset: u32) -> u32 {
+        self.0.read32(offset)
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        self.0.write32(offset, value)
+    }
+    fn delay(&mut self, d: Duration) {
+        self.0.delay(d)
+    }
+}
+
+impl<I: RegisterIo> Card for FixedIds<I> {
+    fn config_ids(&mut self) -> (u16, u16) {
+        self.1
+    }
+}
+
 /// After a reset: polls until clean or the settle window ends; every other verdict is re-polled
 /// because the firmware may still be coming up.
-pub fn verify(
-    expect: &Expect,
-    config_ids: &mut dyn FnMut() -> (u16, u16),
-    io: &mut dyn RegisterIo,
-    bar_len: u64,
-) -> Verdict {
+pub fn verify(expect: &Expect, card: &mut dyn Card, bar_len: u64) -> Verdict {
     let polls = settle_window(expect.family).as_millis() / SETTLE_POLL.as_millis();
     let mut last = None;
     for i in 0..=polls {
-        let (vendor, device) = config_ids();
-        let verdict = judge(expect, &read_registers(expect, vendor, device, io, bar_len));
+        let (vendor, device) = card.config_ids();
+        let verdict = judge(expect, &read_registers(expect, vendor, device, card, bar_len));
         if verdict.health == Health::Clean {
             return verdict;
         }
         last = Some(verdict);
         if i < polls {
-            io.delay(SETTLE_POLL);
+            card.delay(SETTLE_POLL);
         }
     }
     last.expect("at least one poll")
@@ -431,12 +459,16 @@ mod tests {
                 self.waited += d;
             }
         }
-        let mut io = Crashed {
-            waited: Duration::ZERO,
-            status_reads: 0,
-        };
-        let v = verify(&WLAN, &mut || (WLAN.vendor, WLAN.device), &mut io, 1 << 20);
+        let mut io = FixedIds(
+            Crashed {
+                waited: Duration::ZERO,
+                status_reads: 0,
+            },
+            (WLAN.vendor, WLAN.device),
+        );
+        let v = verify(&WLAN, &mut io, 1 << 20);
         assert_eq!(v.health, Health::Crashed);
+        let io = io.0;
         assert_eq!(
             (io.status_reads, io.waited),
             (41, settle_window(Family::Wlan))

@@ -296,6 +296,40 @@ impl Session {
         self.link_dropped = true;
     }
 
+    /// The link is back (config space answers with the card's IDs) but MMIO reads all-ones:
+    /// the function reset of the link drop took the header. Puts back the saved BAR words, top
+    /// down, then PCI_COMMAND with memory decoding, as `pci_restore_state` orders them, so the
+    /// sequence and its verification go on instead of timing out into link-down. False when
+    /// nothing was lost (or the card is no longer ours, or still off the bus).
+    pub fn repair_header(&mut self) -> bool {
+        let Some(b) = self.baseline.clone() else {
+            return false;
+        };
+        if self.watch.lost().is_some() || self.dev.ids().ok() != Some(self.config_ids()) {
+            return false;
+        }
+        let read = |s: &mut Self, off: u16| s.backend.config_read16(off as u64).unwrap_or(0);
+        let mut bars: Vec<(u16, u16)> = b
+            .config
+            .iter()
+            .copied()
+            .filter(|(off, _)| record::BAR_WORDS.contains(off))
+            .collect();
+        bars.sort_by_key(|&(off, _)| std::cmp::Reverse(off));
+        bars.retain(|&(off, v)| read(self, off) != v);
+        if bars.is_empty() && read(self, PCI_COMMAND as u16) & PCI_COMMAND_MEMORY != 0 {
+            return false;
+        }
+        warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored");
+        for (off, v) in bars {
+            let _ = self.backend.config_write16(off as u64, v);
+        }
+        let cmd = b.command.unwrap_or(0) | PCI_COMMAND_MEMORY;
+        let _ = self.backend.config_write16(PCI_COMMAND, cmd);
+        self.link_dropped = true;
+        true
+    }
+
     /// Enables memory decoding (vfio leaves it cleared after release); the saved baseline
     /// brings the old value back.
     pub fn enable_memory(&mut self) -> Result<()> {
@@ -603,32 +637,6 @@ mod tests {
     use crate::devices::Family;
     use crate::sim::{Faults, Model, SimDevice, SimState};
 
-    /// What `f` logged on this thread. One global subscriber writes into a per-thread buffer:
-    /// a thread-local subscriber would race the callsite interest cache of the other tests.
-    fn logged(f: impl FnOnce()) -> String {
-        thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
-        struct ThreadLog;
-        impl std::io::Write for ThreadLog {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                LOG.with(|l| l.borrow_mut().extend_from_slice(b));
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        static INIT: std::sync::Once = std::sync::Once::new();
-        INIT.call_once(|| {
-            let _ = tracing_subscriber::fmt()
-                .with_writer(|| ThreadLog)
-                .with_ansi(false)
-                .try_init();
-        });
-        LOG.with(|l| l.borrow_mut().clear());
-        f();
-        LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap())
-    }
-
     /// A backend that logs its config writes.
     struct Logged {
         inner: SimDevice,
@@ -660,7 +668,7 @@ mod tests {
             Faults::default(),
         ));
         dev.config_write16(PCI_COMMAND, 0x0406).unwrap();
-        dev.config_write16(0x10, 0x0008).unwrap();
+        dev.config_write16(0x3c, 0x0105).unwrap(); // interrupt line changed: pin stays 1
         dev.config_write16(0x12, 0).unwrap();
         Logged {
             inner: dev,
@@ -691,16 +699,16 @@ mod tests {
         let mut c = card();
         let mut r = Restored::default();
         restore_config(&mut c, &rec(), Words::All, &mut r);
-        // 0x3c reads as saved: not written. 0x10 reads 0x0008 (not 0): written all the same.
+        // 0x10 reads as saved: not written. 0x3c reads 0x0105 (not 0): written all the same.
         assert_eq!(
             c.writes,
-            [(4, 0x0400), (0x48, 0x2810), (0x12, 0xfe00), (0x10, 0x0004), (4, 0x0400)]
+            [(4, 0x0400), (0x48, 0x2810), (0x3c, 0x010b), (0x12, 0xfe00), (4, 0x0400)]
         );
         assert_eq!(r.command, Some(0x0400));
-        assert_eq!(c.inner.config_read16(0x10).unwrap(), 0x0004);
+        assert_eq!(c.inner.config_read16(0x3c).unwrap(), 0x010b);
         assert_eq!(
             r.config,
-            ["0x48: 0x0000 -> 0x2810", "0x12: 0x0000 -> 0xfe00", "0x10: 0x0008 -> 0x0004"]
+            ["0x48: 0x0000 -> 0x2810", "0x3c: 0x0105 -> 0x010b", "0x12: 0x0000 -> 0xfe00"]
         );
     }
 
@@ -722,7 +730,10 @@ mod tests {
             "{:?}",
             c.writes
         );
-        assert_eq!(c.writes, [(4, 0x0400), (0x48, 0x2810), (4, 0x0400)]);
+        assert_eq!(
+            c.writes,
+            [(4, 0x0400), (0x48, 0x2810), (0x3c, 0x010b), (4, 0x0400)]
+        );
         assert!(!rec().bars_match(&[]), "a record without addresses never matches");
         let with = Record {
             bar_starts: vec![0xfe00_0000, 0],

@@ -1,5 +1,6 @@
 //! The firmware simulator: [`model::Model`] driven by a virtual clock in-process (tests), or by
 //! the wall clock behind a shared-memory BAR served by `qcom-reset-sim` (the VM lab's ivshmem).
+pub mod config;
 pub mod conformance;
 pub mod model;
 pub mod shm;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use crate::Error;
 use crate::backend::Backend;
 use crate::io::RegisterIo;
-pub use model::{Faults, Model, SimState};
+pub use model::{Faults, LinkDrop, Model, SimState};
 
 /// BAR sizes the simulator presents (WCN6855's BAR0 is 2 MiB; SDX modems show 4 KiB).
 pub const fn bar_len(family: crate::devices::Family) -> u64 {

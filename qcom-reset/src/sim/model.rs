@@ -6,6 +6,7 @@
 //! a virtual clock in tests and on the wall clock behind a shared-memory BAR.
 use serde::{Deserialize, Serialize};
 
+use super::config::SimConfig;
 use crate::devices::Family;
 use crate::regs::*;
 
@@ -92,8 +93,18 @@ const MIN_ASSERT_US: u64 = 10_000 - super::conformance::SLACK_US;
 /// 0x3008 reads with other bits set, so a sequence that writes 1/0 instead of v|1 / v&~1
 /// clobbers them; the SoC then ignores the write.
 pub const GLOBAL_RESET_OTHER_BITS: u32 = 0x0000_0010;
-/// Config words (offset/2) a link drop resets: cache line/latency, the BARs, interrupt line.
-const CONFIG_LOST_ON_RESET: [usize; 14] = [6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 30];
+/// What a link drop does to config space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkDrop {
+    /// A function reset, as PCIe has it on DL_Down: PCI_COMMAND 0, BARs unassigned, every
+    /// register at its reset value; MMIO reads all-ones until the header is restored.
+    #[default]
+    FunctionReset,
+    /// Config space survives (what the VM lab's ivshmem stand-in can show: its config space is
+    /// QEMU's, not the simulator's).
+    KeepsConfig,
+}
 pub const BHI_BASE: u32 = 0x100;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -109,9 +120,8 @@ pub struct Model {
     pub vendor: u16,
     pub device: u16,
     pub faults: Faults,
-    pub command: u16,
-    /// Config space words below 0x40 (offset/2) other than the IDs and PCI_COMMAND.
-    pub config: [u16; 32],
+    pub cfg: SimConfig,
+    pub link_drop: LinkDrop,
     /// Config writes received (also those a downed link dropped).
     pub config_writes: usize,
     /// The SoC itself crashed: only a SoC reset heals it, an MHI reset does not.
@@ -164,8 +174,8 @@ impl Model {
             vendor,
             device,
             faults,
-            command: 0x0400,
-            config: initial_config(),
+            cfg: SimConfig::new(family, vendor, device, super::bar_len(family)),
+            link_drop: LinkDrop::default(),
             config_writes: 0,
             soc_crashed: state == SimState::Crashed,
             link_down_until,
@@ -231,8 +241,8 @@ impl Model {
         };
         let up = self.link_down_until;
         self.soc_crashed = false;
-        for w in CONFIG_LOST_ON_RESET {
-            self.config[w] = 0;
+        if self.link_drop == LinkDrop::FunctionReset {
+            self.cfg.function_reset();
         }
         self.asserted_at = None;
         self.global_reset = GLOBAL_RESET_OTHER_BITS;
@@ -258,13 +268,7 @@ impl Model {
         if !self.link_up(now) {
             return 0xffff;
         }
-        match offset {
-            PCI_VENDOR_ID => self.vendor,
-            PCI_DEVICE_ID => self.device,
-            PCI_COMMAND => self.command,
-            o if (0x0c..0x40).contains(&o) => self.config[o as usize / 2],
-            _ => 0,
-        }
+        self.cfg.read16(offset.min(0xffff) as u16)
     }
 
     pub fn config_write16(&mut self, now: u64, offset: u64, value: u16) {
@@ -273,11 +277,7 @@ impl Model {
         if !self.link_up(now) {
             return;
         }
-        match offset {
-            PCI_COMMAND => self.command = value,
-            o if (0x0c..0x40).contains(&o) => self.config[o as usize / 2] = value,
-            _ => {}
-        }
+        self.cfg.write16(offset.min(0xffff) as u16, value);
     }
 
     /// The writes received, checked against the reviewed sequence for this card.
@@ -287,7 +287,7 @@ impl Model {
 
     pub fn read32(&mut self, now: u64, offset: u32) -> u32 {
         self.advance(now);
-        if !self.link_up(now) || self.command & PCI_COMMAND_MEMORY == 0 {
+        if !self.link_up(now) || !self.cfg.decodes() {
             return ALL_ONES;
         }
         match offset {
@@ -311,7 +311,7 @@ impl Model {
 
     pub fn write32(&mut self, now: u64, offset: u32, value: u32) {
         self.advance(now);
-        if !self.link_up(now) || self.command & PCI_COMMAND_MEMORY == 0 {
+        if !self.link_up(now) || !self.cfg.decodes() {
             return;
         }
         self.writes.push(WriteRecord {
@@ -364,17 +364,6 @@ impl Model {
     }
 }
 
-/// Config space as the kernel left it: a 64-bit memory BAR0 at 0xfe000000, cache line size 64,
-/// interrupt line 11 pin A.
-fn initial_config() -> [u16; 32] {
-    let mut c = [0u16; 32];
-    c[0x0c / 2] = 0x0010;
-    c[0x10 / 2] = 0x0004;
-    c[0x12 / 2] = 0xfe00;
-    c[0x3c / 2] = 0x010b;
-    c
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +398,10 @@ mod tests {
             "link drops after the reset"
         );
         let up = 10_200 + WLAN_LINK_DOWN_US;
+        // The function reset took the header with it: back as the kernel had it.
+        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "no decoding without the header");
+        m.config_write16(up, 0x12, 0xfe00);
+        m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
         assert_eq!(
             m.read32(up, MHISTATUS) & MHISTATUS_SYSERR,
             MHISTATUS_SYSERR,
@@ -443,7 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn a_soc_reset_loses_the_bars() {
+    fn a_soc_reset_resets_the_function_and_mmio_waits_for_the_header() {
         let mut m = Model::new(
             Family::Modem,
             0x17cb,
@@ -456,7 +449,19 @@ mod tests {
         m.write32(0, MHI_SOC_RESET_REQ, 1);
         let up = MODEM_LINK_DOWN_US;
         assert_eq!(m.config_read16(up, 0x12), 0, "BAR0 lost with the link");
+        assert_eq!(m.config_read16(up, PCI_COMMAND), 0, "and PCI_COMMAND");
         assert_eq!(m.config_read16(up, PCI_VENDOR_ID), 0x17cb);
+        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "no decoding until the header is back");
+        m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
+        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "BAR0 unassigned: still nothing");
+        m.config_write16(up, 0x12, 0xfe00);
+        assert_ne!(m.read32(up, MHISTATUS), ALL_ONES);
+        // The other mode keeps config space across the drop.
+        let mut k = Model::new(Family::Modem, 0x17cb, 0x0308, SimState::Mission, Faults::default());
+        k.link_drop = LinkDrop::KeepsConfig;
+        mem_on(&mut k);
+        k.write32(0, MHI_SOC_RESET_REQ, 1);
+        assert_ne!(k.read32(up, MHISTATUS), ALL_ONES);
     }
 
     #[test]

@@ -69,9 +69,10 @@ pub fn serve(
         .len(size as usize)
         .map_raw(&file)?;
     let reg = |off: u32| unsafe { map.as_mut_ptr().add(off as usize).cast::<u32>() };
-    // The ivshmem BAR is the device's register BAR; its PCI_COMMAND is QEMU's, so memory decode
-    // is modelled as on.
-    model.command = PCI_COMMAND_MEMORY;
+    // The ivshmem BAR is the device's register BAR; its config space is QEMU's, so memory
+    // decode is modelled as on and a link drop keeps it.
+    model.link_drop = super::model::LinkDrop::KeepsConfig;
+    model.cfg.write16(PCI_COMMAND as u16, PCI_COMMAND_MEMORY);
     let start = Instant::now();
     let mut published = [0u32; MODELLED.len()];
     let mut last_state = None;

@@ -6,6 +6,10 @@
 //!   gracefully, keeps the group open GROUP_MS after closing the device;
 //! - `port-regs BDF` prints the registers of its upstream port that a reset guards (Slot
 //!   Control, AER Uncorrectable Error Mask, DPC) as one `VMLAB port {json}` line;
+//! - `handover BDF DRIVER` gives the device to a host driver as libvirt's managed reattach does
+//!   right after QEMU exits (`driver_override`, unbind, `drivers_probe`), then prints one
+//!   `VMLAB handover {json}` line: CLOCK_MONOTONIC ns at its start and end and the card as it
+//!   reads right after; `card BDF` prints the same reading as `VMLAB card {json}`;
 //! - for `cargo xtask bench-lab`: `until PATTERN LOG CMD...` starts CMD (output to LOG), prints
 //!   the milliseconds until LOG holds PATTERN and its pid, and leaves it running; `stamp` copies
 //!   stdin lines, each followed by the CLOCK_MONOTONIC nanoseconds it arrived at; `now` prints
@@ -16,7 +20,7 @@ use qcom_reset::backend::VfioBackend;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | until PATTERN LOG CMD... | stamp | now";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -39,6 +43,47 @@ fn open(bdf: Bdf) -> anyhow::Result<VfioBackend> {
 fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The card as a host driver's owner would check it: driver, `driver_override`, PCI_COMMAND,
+/// `power/control`, the whole config space and whether a crash record exists. Read with plain
+/// file reads, not qcom-reset's own sysfs code: this is the observer of the code under test.
+fn card_state(bdf: &str) -> anyhow::Result<serde_json::Value> {
+    let dev = std::path::Path::new("/sys/bus/pci/devices").join(bdf);
+    let text = |attr: &str| {
+        std::fs::read_to_string(dev.join(attr)).map(|s| s.trim().to_string())
+    };
+    let driver = std::fs::read_link(dev.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let config = std::fs::read(dev.join("config"))?;
+    anyhow::ensure!(config.len() >= 64, "{bdf}: config space of {} bytes", config.len());
+    let hex: String = config.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(serde_json::json!({
+        "driver": driver,
+        "driver_override": text("driver_override")?,
+        "command": u16::from_le_bytes([config[4], config[5]]),
+        "power_control": text("power/control")?,
+        "config": hex,
+        "record": std::path::Path::new(&format!("/run/qcom-reset/{bdf}.json")).exists(),
+    }))
+}
+
+/// libvirt's managed reattach: the override replaced first (a session's own override keeps every
+/// driver off; libvirt clears it so ath11k matches by ID, uio_pci_generic matches no ID and must
+/// be named), then unbind from vfio-pci and reprobe.
+fn handover(bdf: &str, driver: &str) -> anyhow::Result<()> {
+    let dev = std::path::Path::new("/sys/bus/pci/devices").join(bdf);
+    let start = monotonic_ns();
+    std::fs::write(dev.join("driver_override"), driver)?;
+    if dev.join("driver").exists() {
+        std::fs::write(dev.join("driver/unbind"), bdf)?;
+    }
+    std::fs::write("/sys/bus/pci/drivers_probe", bdf)?;
+    let end = monotonic_ns();
+    let line = serde_json::json!({ "start_ns": start, "end_ns": end, "card": card_state(bdf)? });
+    println!("VMLAB handover {line}");
+    Ok(())
 }
 
 /// Starts `cmd` with its output in `log`, waits (60 s at most) until `log` holds `pattern`.
@@ -80,6 +125,11 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some("until") if args.len() > 4 => return until(&args[2], &args[3], &args[4..]),
+        Some("handover") if args.len() > 3 => return handover(&args[2], &args[3]),
+        Some("card") if args.len() > 2 => {
+            println!("VMLAB card {}", card_state(&args[2])?);
+            return Ok(());
+        }
         _ => {}
     }
     let bdf: Bdf = args.get(2).ok_or_else(|| anyhow::anyhow!(USAGE))?.parse()?;

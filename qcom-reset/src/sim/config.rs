@@ -1,0 +1,174 @@
+//! The simulated card's config space, as the hardware has it: read-only bits (IDs, BAR type
+//! bits, the interrupt pin, the PM capability's `NoSoftRst+`), writable masks (a BAR decodes
+//! only the address bits its size allows), and the values a function reset gives back (PCI_COMMAND
+//! 0, BARs unassigned, Device Control at MPS 128 / MRRS 512, Link Control 2 at the top speed):
+//! what a real endpoint does on DL_Down, and what made "restore what reads 0" wrong.
+use crate::devices::Family;
+
+/// Where the capabilities sit: PM, then PCI Express, then MSI (a WCN6855's list order).
+pub const PM_CAP: u16 = 0x40;
+pub const PCIE_CAP: u16 = 0x50;
+pub const MSI_CAP: u16 = 0x90;
+/// PCIe registers a restore must bring back (offsets in config space).
+pub const DEVCTL: u16 = PCIE_CAP + 0x08;
+pub const LNKCTL: u16 = PCIE_CAP + 0x10;
+pub const DEVCTL2: u16 = PCIE_CAP + 0x28;
+pub const LNKCTL2: u16 = PCIE_CAP + 0x30;
+/// BAR0's address as the kernel assigned it; MMIO decodes only there.
+pub const BAR0_ADDRESS: u32 = 0xfe00_0000;
+/// A 64-bit memory BAR: type bits 0b100, read-only.
+const BAR_TYPE_64: u16 = 0x0004;
+
+const WORDS: usize = 128;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimConfig {
+    words: [u16; WORDS],
+    /// Writable bits per word; the rest read as `reset` has them.
+    rw: [u16; WORDS],
+    /// Every word after a function reset.
+    reset: [u16; WORDS],
+}
+
+impl SimConfig {
+    /// Config space as the kernel left it after enumeration and vfio-pci's release: BAR0
+    /// assigned, MPS 256, Common Clock, LTR on, the link held at 5 GT/s, memory decoding off.
+    pub fn new(family: Family, vendor: u16, device: u16, bar_len: u64) -> SimConfig {
+        let mut c = SimConfig {
+            words: [0; WORDS],
+            rw: [0; WORDS],
+            reset: [0; WORDS],
+        };
+        let class: u16 = match family {
+            Family::Wlan => 0x0280,  // network controller, other
+            Family::Modem => 0xff00, // unassigned class, as the SDX parts report
+        };
+        for (off, value) in [
+            (0x00, vendor),
+            (0x02, device),
+            (0x06, 0x0010), // Status: capability list
+            (0x0a, class),
+            (0x10, BAR_TYPE_64),
+            (0x2c, vendor),
+            (0x2e, device),
+            (0x34, PM_CAP),
+            (0x3c, 0x0100), // interrupt pin INTA
+            (PM_CAP, (PCIE_CAP << 8) | 0x01),
+            (PM_CAP + 2, 0x0003),
+            (PM_CAP + 4, 0x0008), // PMCSR: D0, NoSoftRst+
+            (PCIE_CAP, (MSI_CAP << 8) | 0x10),
+            (PCIE_CAP + 2, 0x0002), // v2, endpoint
+            (PCIE_CAP + 4, 0x0001), // DevCap: MPS 256 supported
+            (DEVCTL, 0x2810),       // MRRS 512, no-snoop, relaxed ordering, MPS 128
+            (PCIE_CAP + 0x0c, 0x0c13), // LnkCap: 8 GT/s x1, ASPM L0s/L1
+            (PCIE_CAP + 0x12, 0x1011), // LnkSta: 2.5 GT/s x1 after training
+            (LNKCTL2, 0x0003),      // target speed: the highest supported
+            (MSI_CAP, 0x0005),
+            (MSI_CAP + 2, 0x0080), // 64-bit capable
+        ] {
+            c.reset[off as usize / 2] = value;
+        }
+        let bar_mask = !(bar_len.max(16) as u32 - 1) & 0xffff_fff0;
+        for (off, rw) in [
+            (0x04, 0x0547), // I/O, memory, master, parity, SERR, INTx disable
+            (0x0c, 0x00ff), // cache line size
+            (0x10, bar_mask as u16),
+            (0x12, (bar_mask >> 16) as u16),
+            (0x14, 0xffff),
+            (0x16, 0xffff),
+            (0x3c, 0x00ff),
+            (PM_CAP + 4, 0x0003),
+            (DEVCTL, 0x7fff),
+            (LNKCTL, 0x0fdb),
+            (DEVCTL2, 0x07ff),
+            (LNKCTL2, 0x0fff),
+            (MSI_CAP + 2, 0x0071),
+            (MSI_CAP + 4, 0xfffc),
+            (MSI_CAP + 6, 0xffff),
+            (MSI_CAP + 8, 0xffff),
+            (MSI_CAP + 0x0a, 0xffff),
+            (MSI_CAP + 0x0c, 0xffff),
+        ] {
+            c.rw[off as usize / 2] = rw;
+        }
+        c.function_reset();
+        for (off, value) in [
+            (0x04, 0x0400),
+            (0x0c, 0x0010),
+            (0x10, BAR0_ADDRESS as u16),
+            (0x12, (BAR0_ADDRESS >> 16) as u16),
+            (0x3c, 0x010b),
+            (DEVCTL, 0x2830), // MPS 256, matching the port
+            (LNKCTL, 0x0040), // Common Clock
+            (DEVCTL2, 0x0400), // LTR
+            (LNKCTL2, 0x0002),
+        ] {
+            c.write16(off, value);
+        }
+        c
+    }
+
+    /// What a function reset (DL_Down, a hot reset) leaves: every register at its reset value.
+    pub fn function_reset(&mut self) {
+        self.words = self.reset;
+    }
+
+    pub fn read16(&self, off: u16) -> u16 {
+        self.words.get(off as usize / 2).copied().unwrap_or(0)
+    }
+
+    /// Only the writable bits change; an odd or out-of-range offset is ignored like a write to
+    /// a register that is not there.
+    pub fn write16(&mut self, off: u16, value: u16) {
+        let i = off as usize / 2;
+        if off % 2 != 0 || i >= WORDS {
+            return;
+        }
+        self.words[i] = (self.words[i] & !self.rw[i]) | (value & self.rw[i]);
+    }
+
+    pub fn command(&self) -> u16 {
+        self.read16(0x04)
+    }
+
+    /// MMIO reaches the registers: memory decoding on and BAR0 at the address the host maps.
+    pub fn decodes(&self) -> bool {
+        let bar0 = (self.read16(0x12) as u32) << 16 | (self.read16(0x10) as u32 & 0xfff0);
+        self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && bar0 == BAR0_ADDRESS
+    }
+
+    /// Every word, for comparing config spaces.
+    pub fn words(&self) -> &[u16] {
+        &self.words
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_bits_and_reset_values_are_the_hardwares() {
+        let mut c = SimConfig::new(Family::Modem, 0x17cb, 0x0308, 4096);
+        assert_eq!(c.read16(0x10), BAR_TYPE_64, "4 KiB BAR at 0xfe000000: type bits only");
+        c.write16(0x10, 0xffff);
+        assert_eq!(c.read16(0x10), 0xf004, "sizing: address bits 12..15 and the type");
+        c.write16(0x3c, 0xffff);
+        assert_eq!(c.read16(0x3c), 0x01ff, "the interrupt pin is read-only");
+        c.write16(0x00, 0x1234);
+        assert_eq!(c.read16(0x00), 0x17cb);
+        c.function_reset();
+        assert_eq!(
+            (c.command(), c.read16(0x12), c.read16(DEVCTL), c.read16(LNKCTL2)),
+            (0, 0, 0x2810, 0x0003),
+            "non-zero reset values where the hardware has them"
+        );
+        assert_eq!(c.read16(PM_CAP + 4) & 0x0008, 0x0008, "NoSoftRst+");
+        assert!(!c.decodes());
+        let mut w = SimConfig::new(Family::Wlan, 0x17cb, 0x1103, 2 << 20);
+        w.write16(0x10, 0xffff);
+        assert_eq!(w.read16(0x10), BAR_TYPE_64, "2 MiB: no address bits below 21");
+        w.write16(0x04, 0x0002);
+        assert!(w.decodes());
+    }
+}
