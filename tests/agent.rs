@@ -849,12 +849,21 @@ async fn a_broken_event_stream_ends_the_agent_and_is_reported() {
     assert!(rx.recv().await.is_none(), "the agent's channel is closed");
     // The agent itself returns once its items end.
     let h = two_device_host();
-    let agent = Agent::new(test_config(&h), h.host.clone(), Arc::new(|_, _| unreachable!()), Arc::new(Metrics::default())).unwrap();
+    let agent = Agent::new(
+        test_config(&h),
+        h.host.clone(),
+        Arc::new(|_, _| unreachable!()),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
     let (tx, rx) = mpsc::channel(4);
     drop(tx);
-    tokio::time::timeout(Duration::from_secs(1), agent.run(rx, std::future::pending()))
-        .await
-        .expect("the agent stops when its event stream is gone");
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        agent.run(rx, std::future::pending()),
+    )
+    .await
+    .expect("the agent stops when its event stream is gone");
 }
 
 /// Issue 17 item 13: a qcom-reset process's own VFIO release (a hook's `reset` with VFIO
@@ -864,7 +873,14 @@ async fn our_own_vfio_release_is_not_answered() {
     let h = two_device_host();
     let card = sim(Family::Wlan, Faults::default());
     let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
-    let mut e = trace_event(Kind::Release, "vfio_pci_core_disable", WLAN, 0x1103, 0, Some(KernelReset::Bus));
+    let mut e = trace_event(
+        Kind::Release,
+        "vfio_pci_core_disable",
+        WLAN,
+        0x1103,
+        0,
+        Some(KernelReset::Bus),
+    );
     e.comm = qcom_reset::agent::OWN_COMM.into();
     r.tx.send(Item::Event(e)).await.unwrap();
     r.quiet_for(Duration::from_millis(600)).await;

@@ -58,7 +58,13 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
         // After a function reset every register is back as the kernel had it (BARs, MPS in
         // Device Control, Link Control 2, ...), not only those that read 0.
         let (now, fresh) = sim.with_model(|m| {
-            let fresh = qcom_reset::sim::Model::new(m.family, m.vendor, m.device, SimState::Mission, Faults::default());
+            let fresh = qcom_reset::sim::Model::new(
+                m.family,
+                m.vendor,
+                m.device,
+                SimState::Mission,
+                Faults::default(),
+            );
             (m.cfg.clone(), fresh.cfg)
         });
         assert_eq!(now, fresh, "config space restored as the kernel left it");
@@ -318,7 +324,11 @@ fn held_device_is_never_written() {
         "--force never overrides a holder"
     );
     assert_eq!(writes(&sim), 0);
-    assert_eq!(sim.with_model(|m| m.cfg.command()), 0x0400, "config untouched");
+    assert_eq!(
+        sim.with_model(|m| m.cfg.command()),
+        0x0400,
+        "config untouched"
+    );
     assert_eq!(h.read(WLAN, "power/control"), "auto");
 }
 
@@ -617,7 +627,11 @@ fn config_words_the_reset_lost_are_restored_and_reported() {
     ] {
         let card = sim_in(family, SimState::Mission, Faults::default());
         let r = reset_with(&h, &Request::new(bdf(b)), &card).unwrap();
-        assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean, "{family:?}");
+        assert_eq!(
+            r.verdict.as_ref().unwrap().health,
+            Health::Clean,
+            "{family:?}"
+        );
         let restored = r.restored.config.join(", ");
         for word in [
             "0x58: 0x2810 -> 0x2830",
@@ -772,8 +786,7 @@ fn a_device_rebound_during_the_session_is_not_written() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, Error::NotOwned { .. })
-            && e.to_string().contains("taken by driver ath11k_pci"),
+        matches!(e, Error::NotOwned { .. }) && e.to_string().contains("taken by driver ath11k_pci"),
         "{e}"
     );
     assert_eq!(writes(&card), 0, "no register written");
@@ -901,7 +914,8 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
     }
     // The link drop lost the BARs: the post step says what it wrote back.
     assert!(
-        log.contains("post: the link dropped; config restored: ") && log.contains("0x0c: 0x0000 -> 0x0010"),
+        log.contains("post: the link dropped; config restored: ")
+            && log.contains("0x0c: 0x0000 -> 0x0010"),
         "{log}"
     );
     assert!(!log.contains("restore failed"), "{log}");

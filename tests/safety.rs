@@ -97,7 +97,11 @@ fn observe_only_keeps_a_killed_sessions_record() {
     .unwrap();
     assert!(st.verdict.is_some(), "{:?}", st.skipped);
     assert!(record_path(&h, WLAN).exists(), "the record stays");
-    assert_eq!(config_writes(&card), 1, "only the killed session's own write");
+    assert_eq!(
+        config_writes(&card),
+        1,
+        "only the killed session's own write"
+    );
 }
 
 /// Item 2: a recovery that cannot put everything back refuses the session; the record is
@@ -129,8 +133,16 @@ fn a_failed_recovery_refuses_the_session_and_keeps_the_record() {
         (rec.pid, rec.port, rec.command),
         "the killed session's record, not a new baseline"
     );
-    assert_eq!(card.with_model(|m| m.writes.len()), 0, "no register written");
-    assert_eq!(h.read(WLAN, "driver_override"), "", "not left held off its drivers");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        0,
+        "no register written"
+    );
+    assert_eq!(
+        h.read(WLAN, "driver_override"),
+        "",
+        "not left held off its drivers"
+    );
 }
 
 /// Item 3: a record waits while a host driver has the card; nothing is written under it.
@@ -147,7 +159,10 @@ fn a_record_waits_while_a_host_driver_has_the_card() {
         panic!("{done:?}")
     };
     assert_eq!(*b, bdf(WLAN));
-    assert!(matches!(e, Error::RecordWaits { .. }) && e.to_string().contains("ath11k_pci"), "{e}");
+    assert!(
+        matches!(e, Error::RecordWaits { .. }) && e.to_string().contains("ath11k_pci"),
+        "{e}"
+    );
     assert_eq!(config_writes(&card), 1, "PCI_COMMAND left to ath11k");
     assert_eq!(h.read(WLAN, "power/control"), "on");
     assert!(record_path(&h, WLAN).exists(), "the record waits");
@@ -186,9 +201,16 @@ fn the_port_is_restored_by_address_when_the_card_is_gone() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("left the bus"), "{e}");
-    assert_eq!(port_regs(&h), (0x1038, 0), "hotplug events and Surprise Down back");
+    assert_eq!(
+        port_regs(&h),
+        (0x1038, 0),
+        "hotplug events and Surprise Down back"
+    );
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
-    assert!(!record_path(&h, WLAN).exists(), "removed once the port is back");
+    assert!(
+        !record_path(&h, WLAN).exists(),
+        "removed once the port is back"
+    );
 }
 
 /// Item 5: a record naming offsets no restore may write is refused, naming the file.
@@ -246,7 +268,10 @@ fn a_card_on_no_driver_is_held_off_drivers_for_the_session() {
         "simulator",
     )
     .unwrap();
-    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
     let (during, recorded) = seen.lock().unwrap().clone().unwrap();
     assert_eq!(during.trim(), qcom_reset::session::HOLD_OVERRIDE);
     assert_eq!(recorded, Some(qcom_reset::sysfs::Override::Unset));
@@ -353,9 +378,20 @@ fn a_card_taken_mid_sequence_gets_no_further_writes() {
         1,
         "the assert went out, the deassert and MHI reset did not"
     );
-    assert_eq!(*after.lock().unwrap(), 0, "no config write after the handover");
-    assert_eq!(h.read(WLAN, "power/control"), "on", "power is the new driver's");
-    assert!(!record_path(&h, WLAN).exists(), "nothing left to restore for us");
+    assert_eq!(
+        *after.lock().unwrap(),
+        0,
+        "no config write after the handover"
+    );
+    assert_eq!(
+        h.read(WLAN, "power/control"),
+        "on",
+        "power is the new driver's"
+    );
+    assert!(
+        !record_path(&h, WLAN).exists(),
+        "nothing left to restore for us"
+    );
 }
 
 /// Item 7: `status` waited for the lock while the card was handed to a host driver: it
@@ -395,10 +431,7 @@ fn one_unreadable_device_does_not_abort_the_rescan() {
     let bad = h.add(FakeDevice::modem(MODEM));
     fs::create_dir(bad.join("reset_method")).unwrap(); // reads fail with EISDIR
     let found = engine::targets(&h.host, &[]).unwrap();
-    assert_eq!(
-        found.iter().map(|t| t.bdf).collect::<Vec<_>>(),
-        [bdf(WLAN)]
-    );
+    assert_eq!(found.iter().map(|t| t.bdf).collect::<Vec<_>>(), [bdf(WLAN)]);
 }
 
 /// Item 15: the kernel reset's `reset_method` swap is in the crash record (a killed session
@@ -416,7 +449,11 @@ fn the_reset_method_swap_is_recorded_and_the_resets_error_wins() {
     let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
     rec.reset_method = Some("bus device_specific".into());
     record::save(&h.host.run_dir, &rec).unwrap();
-    fs::write(h.host.sysfs.root.join(WLAN).join("reset_method"), "device_specific\n").unwrap();
+    fs::write(
+        h.host.sysfs.root.join(WLAN).join("reset_method"),
+        "device_specific\n",
+    )
+    .unwrap();
     // This run's kernel reset fails.
     let reset = h.host.sysfs.root.join(WLAN).join("reset");
     fs::remove_file(&reset).unwrap();
@@ -435,11 +472,17 @@ fn two_cards_below_one_port_never_record_each_others_masks() {
     let port_lock = DeviceLock::acquire(&h.host.run_dir, bdf(PORT), Duration::ZERO).unwrap();
     let card = sim(Family::Wlan, Faults::default());
     let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
-    assert!(matches!(e, Error::Busy { .. }) && e.to_string().contains(PORT), "{e}");
+    assert!(
+        matches!(e, Error::Busy { .. }) && e.to_string().contains(PORT),
+        "{e}"
+    );
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
     drop(port_lock);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
     assert_eq!(port_regs(&h), (0x1038, 0));
 }
 
@@ -465,5 +508,8 @@ fn pciehp_poll_mode_is_refused_unless_allowed() {
         &card,
     )
     .unwrap();
-    assert_eq!(r.verdict.unwrap().health, qcom_reset::verdict::Health::Clean);
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
 }

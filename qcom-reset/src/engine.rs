@@ -311,7 +311,10 @@ fn dry_run(t: &Target, access: &str) -> Report {
     let port = match upstream_port(t) {
         Ok(p) => Some(p),
         Err(e) => {
-            plan.insert(0, format!("upstream port unreadable ({e}): what it would mask is unknown"));
+            plan.insert(
+                0,
+                format!("upstream port unreadable ({e}): what it would mask is unknown"),
+            );
             None
         }
     };
@@ -671,7 +674,9 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     };
     let mut session = match begin_session(host, &t.dev, open, writes) {
         Ok((s, _)) => s,
-        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => return Ok(skipped(t, e.to_string())),
+        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => {
+            return Ok(skipped(t, e.to_string()));
+        }
         Err(e) => return Err(e),
     };
     let (vendor, device) = session.config_ids();
@@ -753,7 +758,12 @@ pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<V
         if ov.is_none() && devices::by_id(vendor, device).is_none() {
             continue;
         }
-        match inspect(host, dev.bdf, ov.map(|o| o.1.as_str()), ov.and_then(|o| o.2)) {
+        match inspect(
+            host,
+            dev.bdf,
+            ov.map(|o| o.1.as_str()),
+            ov.and_then(|o| o.2),
+        ) {
             Ok(t) => out.push(t),
             Err(e) => warn!(bdf = %dev.bdf, "skipped: {e}"),
         }

@@ -105,11 +105,19 @@ pub enum Error {
     #[error(
         "a killed qcom-reset left state to restore on {bdf} ({path}), but {why}; it is left for a later run. Fix: bind the card to vfio-pci (or unbind it), then run `qcom-reset reset {bdf}` or restart the agent"
     )]
-    RecordWaits { bdf: Bdf, path: PathBuf, why: String },
+    RecordWaits {
+        bdf: Bdf,
+        path: PathBuf,
+        why: String,
+    },
     #[error(
         "a killed qcom-reset's state on {bdf} could not all be put back ({left}); nothing more is written. Fix: restore it by hand from {path}, then remove that file"
     )]
-    RecoveryIncomplete { bdf: Bdf, path: PathBuf, left: String },
+    RecoveryIncomplete {
+        bdf: Bdf,
+        path: PathBuf,
+        left: String,
+    },
     #[error(
         "pciehp polls the slot above {bdf} (pciehp_poll_mode=1): it acts on the reset's link drop whatever the masks say and would remove the card. Fix: boot without pciehp.pciehp_poll_mode, or accept it with allow_unguarded_link_drop = true"
     )]

@@ -118,7 +118,9 @@ impl PowerRecord {
             port_power_control: port.power_control()?,
             port_d3cold_allowed: read(&port.path("d3cold_allowed")),
             driver: target.driver()?,
-            driver_override: read(&target.path("driver_override")).filter(|d| d != "(null)"),
+            // A killed reset's hold is not the card's own override: its session record has that.
+            driver_override: read(&target.path("driver_override"))
+                .filter(|d| d != "(null)" && d != crate::session::HOLD_OVERRIDE),
         })
     }
 }

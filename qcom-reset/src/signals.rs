@@ -10,8 +10,12 @@ static DEFERRED: AtomicI32 = AtomicI32::new(0);
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 extern "C" fn note(sig: libc::c_int) {
-    if DEFERRED.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-        let msg = b"qcom-reset: interrupted; finishing the session and restoring the device first\n";
+    if DEFERRED
+        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+    {
+        let msg =
+            b"qcom-reset: interrupted; finishing the session and restoring the device first\n";
         // SAFETY: write(2) is async-signal-safe; the buffer is a static byte string.
         unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     }

@@ -258,7 +258,10 @@ pub fn verify(expect: &Expect, card: &mut dyn Card, bar_len: u64) -> Verdict {
     let mut last = None;
     for i in 0..=polls {
         let (vendor, device) = card.config_ids();
-        let verdict = judge(expect, &read_registers(expect, vendor, device, card, bar_len));
+        let verdict = judge(
+            expect,
+            &read_registers(expect, vendor, device, card, bar_len),
+        );
         if verdict.health == Health::Clean {
             return verdict;
         }

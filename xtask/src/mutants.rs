@@ -10,12 +10,14 @@ use crate::{cargo, toolchain, workspace_root};
 pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
-const CORE: [&str; 9] = [
+const CORE: [&str; 11] = [
     "qcom-reset/src/sequence.rs",
     "qcom-reset/src/verdict.rs",
     "qcom-reset/src/engine.rs",
     "qcom-reset/src/session/mod.rs",
     "qcom-reset/src/session/own.rs",
+    "qcom-reset/src/session/port.rs",
+    "qcom-reset/src/session/record.rs",
     "qcom-reset/src/holders.rs",
     "qcom-reset/src/lock.rs",
     "qcom-reset/src/agent/policy.rs",
@@ -45,7 +47,9 @@ pub fn run(files: &[String]) -> anyhow::Result<()> {
         cmd.args(["--file", f]);
     }
     // The suites that exercise these files; the VM lab and the root-only verifier do not run here.
-    cmd.args(["--", "--lib", "--test", "engine", "--test", "agent"]);
+    cmd.args([
+        "--", "--lib", "--test", "engine", "--test", "agent", "--test", "safety",
+    ]);
     // cargo-mutants exits non-zero when mutants survive; the verdict is ours, from its lists.
     let status = cmd.status().context("running cargo mutants")?;
     let missed = read_list(&out.join("mutants.out/missed.txt"));

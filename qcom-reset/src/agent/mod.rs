@@ -680,7 +680,12 @@ async fn attempt(
         }
         Ok(Err(e)) if is_refusal(&e) => {
             sh.metrics.skipped("refused");
-            let held = matches!(e, crate::Error::Held { .. } | crate::Error::HeldBySession { .. } | crate::Error::Busy { .. });
+            let held = matches!(
+                e,
+                crate::Error::Held { .. }
+                    | crate::Error::HeldBySession { .. }
+                    | crate::Error::Busy { .. }
+            );
             a.result = if held { "held" } else { "skipped" }.into();
             a.detail = format!("not written: {e}");
         }
@@ -766,7 +771,10 @@ fn group_free(host: &engine::Host, bdf: Bdf) -> bool {
         return true;
     };
     let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev);
-    !matches!(own, Err(crate::Error::Held { .. } | crate::Error::HeldBySession { .. }))
+    !matches!(
+        own,
+        Err(crate::Error::Held { .. } | crate::Error::HeldBySession { .. })
+    )
 }
 
 /// Refusals are not failed attempts: nothing was written.

@@ -203,7 +203,10 @@ impl Session {
         s.save_baseline(original)?;
         s.hold_off_drivers()?;
         // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
-        if s.baseline.as_ref().is_some_and(|b| b.power_control.is_some()) {
+        if s.baseline
+            .as_ref()
+            .is_some_and(|b| b.power_control.is_some())
+        {
             s.dev.write("power/control", "on")?;
         }
         s.wait_d0()?;
@@ -212,13 +215,13 @@ impl Session {
 
     /// The record on disk before the first write of this session.
     fn save_baseline(&mut self, original: Option<Option<Override>>) -> Result<()> {
-        let command = self
-            .backend
-            .config_read16(PCI_COMMAND)
-            .map_err(|source| Error::SysfsRead {
-                path: self.dev.path("config"),
-                err: source,
-            })?;
+        let command =
+            self.backend
+                .config_read16(PCI_COMMAND)
+                .map_err(|source| Error::SysfsRead {
+                    path: self.dev.path("config"),
+                    err: source,
+                })?;
         let driver_override = match original {
             Some(o) => o,
             None => original_override(&self.dev)?,
@@ -408,7 +411,14 @@ impl Session {
             } else {
                 Words::None
             };
-            put_back(&self.dev, self.backend.as_mut(), &self.watch, &b, mode, &mut r);
+            put_back(
+                &self.dev,
+                self.backend.as_mut(),
+                &self.watch,
+                &b,
+                mode,
+                &mut r,
+            );
             report(self.bdf, &r);
             if r.errors.is_empty() {
                 record::remove(&self.run_dir, self.bdf);
@@ -446,7 +456,14 @@ impl Session {
             Words::AllButBars
         };
         let mut r = Restored::default();
-        put_back(&self.dev, self.backend.as_mut(), &self.watch, &rec, mode, &mut r);
+        put_back(
+            &self.dev,
+            self.backend.as_mut(),
+            &self.watch,
+            &rec,
+            mode,
+            &mut r,
+        );
         if let Some(m) = &rec.reset_method
             && let Err(e) = self.dev.write("reset_method", m)
         {
@@ -612,7 +629,10 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
 }
 
 /// The port's sysfs config for masking, checked to be the bridge above the card now.
-fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsConfig, GuardFailure> {
+fn port_config(
+    dev: &SysfsDevice,
+    want: Bdf,
+) -> std::result::Result<port::SysfsConfig, GuardFailure> {
     let p = port::upstream(dev)
         .filter(|p| p.bdf == want)
         .ok_or(GuardFailure::NotAbove)?;
@@ -621,9 +641,13 @@ fn port_config(dev: &SysfsDevice, want: Bdf) -> std::result::Result<port::SysfsC
 
 /// Restores the port by its recorded address, checked by its IDs: the card below it may have
 /// left the bus (that is when the port's hotplug events matter most).
-fn restore_port(dev: &SysfsDevice, p: &port::PortRecord) -> std::result::Result<Vec<String>, String> {
+fn restore_port(
+    dev: &SysfsDevice,
+    p: &port::PortRecord,
+) -> std::result::Result<Vec<String>, String> {
     let path = dev.sibling(p.port).path("config");
-    let mut cfg = port::SysfsConfig::open(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cfg =
+        port::SysfsConfig::open(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
     p.same_port(&mut cfg)?;
     p.restore(&mut cfg)
 }
@@ -682,7 +706,12 @@ mod tests {
             pid: 1,
             command: Some(0x0400),
             power_control: None,
-            config: vec![(0x10, 0x0004), (0x12, 0xfe00), (0x3c, 0x010b), (0x48, 0x2810)],
+            config: vec![
+                (0x10, 0x0004),
+                (0x12, 0xfe00),
+                (0x3c, 0x010b),
+                (0x48, 0x2810),
+            ],
             port: None,
             driver_override: None,
             bar_starts: Vec::new(),
@@ -702,13 +731,23 @@ mod tests {
         // 0x10 reads as saved: not written. 0x3c reads 0x0105 (not 0): written all the same.
         assert_eq!(
             c.writes,
-            [(4, 0x0400), (0x48, 0x2810), (0x3c, 0x010b), (0x12, 0xfe00), (4, 0x0400)]
+            [
+                (4, 0x0400),
+                (0x48, 0x2810),
+                (0x3c, 0x010b),
+                (0x12, 0xfe00),
+                (4, 0x0400)
+            ]
         );
         assert_eq!(r.command, Some(0x0400));
         assert_eq!(c.inner.config_read16(0x3c).unwrap(), 0x010b);
         assert_eq!(
             r.config,
-            ["0x48: 0x0000 -> 0x2810", "0x3c: 0x0105 -> 0x010b", "0x12: 0x0000 -> 0xfe00"]
+            [
+                "0x48: 0x0000 -> 0x2810",
+                "0x3c: 0x0105 -> 0x010b",
+                "0x12: 0x0000 -> 0xfe00"
+            ]
         );
     }
 
@@ -734,7 +773,10 @@ mod tests {
             c.writes,
             [(4, 0x0400), (0x48, 0x2810), (0x3c, 0x010b), (4, 0x0400)]
         );
-        assert!(!rec().bars_match(&[]), "a record without addresses never matches");
+        assert!(
+            !rec().bars_match(&[]),
+            "a record without addresses never matches"
+        );
         let with = Record {
             bar_starts: vec![0xfe00_0000, 0],
             ..rec()

@@ -105,9 +105,8 @@ fn group_node(dev_vfio: &Path, group: &str) -> PathBuf {
 /// of the same IOMMU group) is told apart from a VM: it ends by itself.
 fn held(bdf: crate::bdf::Bdf, proc_root: &Path, paths: &[PathBuf], group: &Path) -> Error {
     let found = holders::find(proc_root, paths, None);
-    let ours = |h: &&holders::Holder| {
-        h.pid == std::process::id() || h.comm == crate::agent::OWN_COMM
-    };
+    let ours =
+        |h: &&holders::Holder| h.pid == std::process::id() || h.comm == crate::agent::OWN_COMM;
     if let Some(h) = found.iter().find(ours) {
         return Error::HeldBySession {
             bdf,
@@ -162,7 +161,8 @@ mod tests {
         let e = held(bdf, proc.path(), &paths, group);
         assert!(matches!(e, Error::Held { .. }), "{e}");
         assert!(
-            e.to_string().contains("pid 4242 (qemu-system-x86) through /dev/vfio/12")
+            e.to_string()
+                .contains("pid 4242 (qemu-system-x86) through /dev/vfio/12")
                 && e.to_string().contains("stop or detach the VM"),
             "{e}"
         );

@@ -294,7 +294,12 @@ impl PortRecord {
     /// consumes, waits for Command Completed and clears it, as `pcie_poll_cmd` does, so the
     /// controller has taken one command before the next (and before the link drops). A slot
     /// that never completes is not an error: pciehp only logs that too.
-    fn write_slot_control(&self, cfg: &mut dyn ConfigSpace, at: u16, v: u16) -> std::io::Result<()> {
+    fn write_slot_control(
+        &self,
+        cfg: &mut dyn ConfigSpace,
+        at: u16,
+        v: u16,
+    ) -> std::io::Result<()> {
         cfg.write16(at, v)?;
         if !self.command_completed {
             return Ok(());
@@ -328,12 +333,16 @@ impl PortRecord {
         if let Some((at, _)) = self.slot_control
             && !(0x40 + PCI_EXP_SLTCTL..0x100).contains(&at)
         {
-            return Err(format!("Slot Control offset {at:#x} is outside a capability"));
+            return Err(format!(
+                "Slot Control offset {at:#x} is outside a capability"
+            ));
         }
         if let Some((aer, _)) = self.aer_mask
-            && (!(EXT_CAP_START..0x1000 - 0x10).contains(&aer) || aer % 4 != 0)
+            && (!(EXT_CAP_START..0x1000 - 0x10).contains(&aer) || !aer.is_multiple_of(4))
         {
-            return Err(format!("AER capability offset {aer:#x} is not an extended capability"));
+            return Err(format!(
+                "AER capability offset {aer:#x} is not an extended capability"
+            ));
         }
         Ok(())
     }
@@ -363,7 +372,11 @@ impl PortIds {
 
 impl std::fmt::Display for PortIds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:04x}:{:04x} class {:04x}", self.vendor, self.device, self.class)
+        write!(
+            f,
+            "{:04x}:{:04x} class {:04x}",
+            self.vendor, self.device, self.class
+        )
     }
 }
 
@@ -579,7 +592,11 @@ mod tests {
         c.put32(0x108, c.get32(0x108) | 0x1000); // the admin masked Poisoned TLP
         rec.restore(&mut c).unwrap();
         assert_eq!(c.get16(0x58), 0x1438, "power off kept, PDCE|DLLSCE back");
-        assert_eq!(c.get32(0x108), 0x0040_1000, "new mask kept, Surprise Down back");
+        assert_eq!(
+            c.get32(0x108),
+            0x0040_1000,
+            "new mask kept, Surprise Down back"
+        );
     }
 
     /// Issue 17 item 11: a slot reporting Command Completed without CCIE gets it polled and
@@ -602,7 +619,11 @@ mod tests {
         assert!(!rec.command_completed);
         let mut nccs = FakeConfig::root_port(0x1028, 0, 0);
         nccs.put32(0x54, 0x0004_0040);
-        assert!(!PortState::read(port(), &mut nccs).unwrap().command_completed);
+        assert!(
+            !PortState::read(port(), &mut nccs)
+                .unwrap()
+                .command_completed
+        );
     }
 
     /// Issue 17 item 4: a restore by address checks it is the same bridge; corrupt offsets are
@@ -686,7 +707,10 @@ mod tests {
         assert_eq!(find(&mut looped), None, "a loop ends after 48 entries");
         // Extended capabilities: DPC is found behind AER; a zero header ends the walk.
         let mut c = FakeConfig::root_port(0, 0, 1);
-        assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(), Some(0x140));
+        assert_eq!(
+            ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(),
+            Some(0x140)
+        );
         c.put32(0x100, 0);
         assert_eq!(ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(), None);
         c.put32(0x100, u32::MAX);

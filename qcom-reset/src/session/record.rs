@@ -62,9 +62,11 @@ impl Record {
         if let Some(&(off, _)) = self
             .config
             .iter()
-            .find(|(off, _)| off % 2 != 0 || *off < 0x0c || *off >= 0x1000)
+            .find(|(off, _)| !off.is_multiple_of(2) || *off < 0x0c || *off >= 0x1000)
         {
-            return Err(format!("config offset {off:#x} is not a restorable register"));
+            return Err(format!(
+                "config offset {off:#x} is not a restorable register"
+            ));
         }
         self.port.as_ref().map_or(Ok(()), |p| p.validate())
     }

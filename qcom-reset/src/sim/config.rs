@@ -57,12 +57,12 @@ impl SimConfig {
             (PM_CAP + 2, 0x0003),
             (PM_CAP + 4, 0x0008), // PMCSR: D0, NoSoftRst+
             (PCIE_CAP, (MSI_CAP << 8) | 0x10),
-            (PCIE_CAP + 2, 0x0002), // v2, endpoint
-            (PCIE_CAP + 4, 0x0001), // DevCap: MPS 256 supported
-            (DEVCTL, 0x2810),       // MRRS 512, no-snoop, relaxed ordering, MPS 128
+            (PCIE_CAP + 2, 0x0002),    // v2, endpoint
+            (PCIE_CAP + 4, 0x0001),    // DevCap: MPS 256 supported
+            (DEVCTL, 0x2810),          // MRRS 512, no-snoop, relaxed ordering, MPS 128
             (PCIE_CAP + 0x0c, 0x0c13), // LnkCap: 8 GT/s x1, ASPM L0s/L1
             (PCIE_CAP + 0x12, 0x1011), // LnkSta: 2.5 GT/s x1 after training
-            (LNKCTL2, 0x0003),      // target speed: the highest supported
+            (LNKCTL2, 0x0003),         // target speed: the highest supported
             (MSI_CAP, 0x0005),
             (MSI_CAP + 2, 0x0080), // 64-bit capable
         ] {
@@ -98,8 +98,8 @@ impl SimConfig {
             (0x10, BAR0_ADDRESS as u16),
             (0x12, (BAR0_ADDRESS >> 16) as u16),
             (0x3c, 0x010b),
-            (DEVCTL, 0x2830), // MPS 256, matching the port
-            (LNKCTL, 0x0040), // Common Clock
+            (DEVCTL, 0x2830),  // MPS 256, matching the port
+            (LNKCTL, 0x0040),  // Common Clock
             (DEVCTL2, 0x0400), // LTR
             (LNKCTL2, 0x0002),
         ] {
@@ -121,7 +121,7 @@ impl SimConfig {
     /// a register that is not there.
     pub fn write16(&mut self, off: u16, value: u16) {
         let i = off as usize / 2;
-        if off % 2 != 0 || i >= WORDS {
+        if !off.is_multiple_of(2) || i >= WORDS {
             return;
         }
         self.words[i] = (self.words[i] & !self.rw[i]) | (value & self.rw[i]);
@@ -150,16 +150,29 @@ mod tests {
     #[test]
     fn read_only_bits_and_reset_values_are_the_hardwares() {
         let mut c = SimConfig::new(Family::Modem, 0x17cb, 0x0308, 4096);
-        assert_eq!(c.read16(0x10), BAR_TYPE_64, "4 KiB BAR at 0xfe000000: type bits only");
+        assert_eq!(
+            c.read16(0x10),
+            BAR_TYPE_64,
+            "4 KiB BAR at 0xfe000000: type bits only"
+        );
         c.write16(0x10, 0xffff);
-        assert_eq!(c.read16(0x10), 0xf004, "sizing: address bits 12..15 and the type");
+        assert_eq!(
+            c.read16(0x10),
+            0xf004,
+            "sizing: address bits 12..15 and the type"
+        );
         c.write16(0x3c, 0xffff);
         assert_eq!(c.read16(0x3c), 0x01ff, "the interrupt pin is read-only");
         c.write16(0x00, 0x1234);
         assert_eq!(c.read16(0x00), 0x17cb);
         c.function_reset();
         assert_eq!(
-            (c.command(), c.read16(0x12), c.read16(DEVCTL), c.read16(LNKCTL2)),
+            (
+                c.command(),
+                c.read16(0x12),
+                c.read16(DEVCTL),
+                c.read16(LNKCTL2)
+            ),
             (0, 0, 0x2810, 0x0003),
             "non-zero reset values where the hardware has them"
         );
@@ -167,7 +180,11 @@ mod tests {
         assert!(!c.decodes());
         let mut w = SimConfig::new(Family::Wlan, 0x17cb, 0x1103, 2 << 20);
         w.write16(0x10, 0xffff);
-        assert_eq!(w.read16(0x10), BAR_TYPE_64, "2 MiB: no address bits below 21");
+        assert_eq!(
+            w.read16(0x10),
+            BAR_TYPE_64,
+            "2 MiB: no address bits below 21"
+        );
         w.write16(0x04, 0x0002);
         assert!(w.decodes());
     }

@@ -399,7 +399,11 @@ mod tests {
         );
         let up = 10_200 + WLAN_LINK_DOWN_US;
         // The function reset took the header with it: back as the kernel had it.
-        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "no decoding without the header");
+        assert_eq!(
+            m.read32(up, MHISTATUS),
+            ALL_ONES,
+            "no decoding without the header"
+        );
         m.config_write16(up, 0x12, 0xfe00);
         m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
         assert_eq!(
@@ -451,13 +455,27 @@ mod tests {
         assert_eq!(m.config_read16(up, 0x12), 0, "BAR0 lost with the link");
         assert_eq!(m.config_read16(up, PCI_COMMAND), 0, "and PCI_COMMAND");
         assert_eq!(m.config_read16(up, PCI_VENDOR_ID), 0x17cb);
-        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "no decoding until the header is back");
+        assert_eq!(
+            m.read32(up, MHISTATUS),
+            ALL_ONES,
+            "no decoding until the header is back"
+        );
         m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
-        assert_eq!(m.read32(up, MHISTATUS), ALL_ONES, "BAR0 unassigned: still nothing");
+        assert_eq!(
+            m.read32(up, MHISTATUS),
+            ALL_ONES,
+            "BAR0 unassigned: still nothing"
+        );
         m.config_write16(up, 0x12, 0xfe00);
         assert_ne!(m.read32(up, MHISTATUS), ALL_ONES);
         // The other mode keeps config space across the drop.
-        let mut k = Model::new(Family::Modem, 0x17cb, 0x0308, SimState::Mission, Faults::default());
+        let mut k = Model::new(
+            Family::Modem,
+            0x17cb,
+            0x0308,
+            SimState::Mission,
+            Faults::default(),
+        );
         k.link_drop = LinkDrop::KeepsConfig;
         mem_on(&mut k);
         k.write32(0, MHI_SOC_RESET_REQ, 1);

@@ -9,7 +9,7 @@
 //! - `handover BDF DRIVER` gives the device to a host driver as libvirt's managed reattach does
 //!   right after QEMU exits (`driver_override`, unbind, `drivers_probe`), then prints one
 //!   `VMLAB handover {json}` line: CLOCK_MONOTONIC ns at its start and end and the card as it
-//!   reads right after; `card BDF` prints the same reading as `VMLAB card {json}`;
+//!   reads right after; `card BDF` prints the same reading as `VMLAB card-state {json}`;
 //! - for `cargo xtask bench-lab`: `until PATTERN LOG CMD...` starts CMD (output to LOG), prints
 //!   the milliseconds until LOG holds PATTERN and its pid, and leaves it running; `stamp` copies
 //!   stdin lines, each followed by the CLOCK_MONOTONIC nanoseconds it arrived at; `now` prints
@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         Some("until") if args.len() > 4 => return until(&args[2], &args[3], &args[4..]),
         Some("handover") if args.len() > 3 => return handover(&args[2], &args[3]),
         Some("card") if args.len() > 2 => {
-            println!("VMLAB card {}", card_state(&args[2])?);
+            println!("VMLAB card-state {}", card_state(&args[2])?);
             return Ok(());
         }
         _ => {}

@@ -11,6 +11,16 @@ use anyhow::{Context as _, bail};
 use super::host::Kernel;
 use crate::toolchain::run;
 
+/// Whether the unpacked kernel has module `name` (or has it built in).
+pub fn has_module(kernel: &Kernel, name: &str) -> bool {
+    Command::new("modprobe")
+        .arg("-d")
+        .arg(&kernel.root)
+        .args(["-S", &kernel.version, "--show-depends", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 pub struct Initramfs {
     dir: tempfile::TempDir,
 }

@@ -212,6 +212,10 @@ fn guest_image_with(
     extra_modules: &[&str],
 ) -> anyhow::Result<initramfs::Initramfs> {
     let mut modules = vec!["vfio-pci", "vfio_iommu_type1"];
+    // The host driver the `handover` scenario gives the card to; tinyconfig kernels lack it.
+    if initramfs::has_module(k, "uio_pci_generic") {
+        modules.push("uio_pci_generic");
+    }
     modules.extend_from_slice(extra_modules);
     let ird = initramfs::Initramfs::new(k, &modules)?;
     ird.add_text("/init", scenarios::INIT, 0o755)?;

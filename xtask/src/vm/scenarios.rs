@@ -42,6 +42,11 @@ pub enum Scenario {
     /// Behind the root port: the port's hotplug events and AER Surprise Down are masked while
     /// the agent resets the modem, and restored after (QEMU never drops the link itself).
     Port,
+    /// A host driver takes the modem mid-reset (libvirt's managed reattach: `driver_override`,
+    /// unbind, `drivers_probe`; uio_pci_generic stands in for ath11k/mhi-pci-generic): from then
+    /// on the session writes nothing to the card, no config word, no `power/control`, no BAR
+    /// register, says it was taken, and removes its crash record.
+    Handover,
     /// `qcom-reset power-cycle` behind the root port: the function is removed, the port put
     /// through runtime PM (QEMU has no _PR3: D3hot, no real power cut), rescanned, rebound to
     /// vfio-pci with autoprobe held off, then reset and verified clean.
@@ -124,7 +129,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -136,6 +141,7 @@ impl Scenario {
         Scenario::Observe,
         Scenario::Own,
         Scenario::Kill,
+        Scenario::Handover,
         Scenario::Reload,
         Scenario::Container,
         Scenario::Port,
@@ -155,6 +161,7 @@ impl Scenario {
             Scenario::Observe => "observe",
             Scenario::Own => "own",
             Scenario::Kill => "kill",
+            Scenario::Handover => "handover",
             Scenario::Reload => "reload",
             Scenario::Container => "container",
             Scenario::Preflight => "preflight",
@@ -166,12 +173,15 @@ impl Scenario {
 
     /// Why this scenario cannot run on a kernel, if it cannot: before 5.15 there is no
     /// vfio_pci_core and only the preflight refusal is testable; a built-in vfio-pci cannot be
-    /// unloaded.
+    /// unloaded; the built-in-VFIO kernel (the only one with `vfio_builtin`) has no UIO.
     pub fn unsupported(self, kernel: (u32, u32), vfio_builtin: bool) -> Option<&'static str> {
         match self {
             Scenario::Preflight => None,
             _ if kernel < (5, 15) => Some("no vfio_pci_core before 5.15 (preflight covers it)"),
             Scenario::Reload if vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
+            Scenario::Handover if vfio_builtin => {
+                Some("builtin-vfio has no uio_pci_generic to hand the card to")
+            }
             _ => None,
         }
     }
@@ -218,6 +228,7 @@ impl Scenario {
             | Scenario::Bind
             | Scenario::Own
             | Scenario::Kill
+            | Scenario::Handover
             | Scenario::Port
             | Scenario::ById => Some(("sdx65", "")),
             Scenario::Fault => Some(("wcn6855", "never-returns")),
@@ -257,6 +268,7 @@ impl Scenario {
             Scenario::Observe => observe(),
             Scenario::Own => own(),
             Scenario::Kill => kill(),
+            Scenario::Handover => handover(),
             Scenario::Reload => reload(),
             Scenario::Container => container(),
             Scenario::Preflight => PREFLIGHT.to_string(),
@@ -284,6 +296,7 @@ impl Scenario {
             Scenario::Observe => check_observe(console, sim),
             Scenario::Own => check_own(console, sim),
             Scenario::Kill => check_kill(console),
+            Scenario::Handover => check_handover(console, sim),
             Scenario::Reload => check_reload(console, sim),
             Scenario::Container => check_container(run, console, sim),
             Scenario::Preflight => check_preflight(console),
@@ -499,6 +512,48 @@ dump port /tmp/port.txt
 [ -e /run/qcom-reset/$D.json ] && echo "VMLAB record still there"
 kill -TERM $P; wait $P
 dump agent-log /tmp/agent2.log
+"#,
+        setup("sdx65", "", true)
+    )
+}
+
+/// Kprobe events (CLOCK_MONOTONIC, as the helper's stamps) on every sysfs config write and every
+/// `power/control` write ("on" is `pm_runtime_forbid`, "auto" `pm_runtime_allow`), each naming
+/// its device: a write of the value already there is seen too, which a before/after reading
+/// would miss.
+const TRACE_WRITES: &str = r#"
+T=/sys/kernel/tracing
+echo mono > $T/trace_clock
+for e in 'config pci_write_config dev=+0(+0($arg2)):string off=$arg5:s64 len=$arg6:u64' \
+         'power_on pm_runtime_forbid dev=+0(+0($arg1)):string' \
+         'power_auto pm_runtime_allow dev=+0(+0($arg1)):string'; do
+  echo "p:qr/$e" >> $T/kprobe_events || { echo "VMLAB cannot add kprobe event $e"; exit 1; }
+done
+echo 1 > $T/events/qr/enable
+"#;
+
+fn handover() -> String {
+    // The agent's log lines carry CLOCK_MONOTONIC stamps: the handover is timed against the
+    // SoC reset request, which the simulator timestamps on its own clock.
+    format!(
+        r#"{}
+modprobe uio_pci_generic || {{ echo "VMLAB cannot load uio_pci_generic"; exit 1; }}
+{TRACE_WRITES}
+qcom-reset run 2>&1 | vmlab-guest stamp > /tmp/agent.log &
+wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
+vmlab-guest vfio-cycle $D
+wait_for /tmp/agent.log 'wait for the modem to reboot' 60 || {{ cat /tmp/agent.log; exit 1; }}
+# 0.5-0.7 s into the modem's 2 s wait, as a VM's managed reattach would come.
+sleep 0.5
+vmlab-guest handover $D uio_pci_generic || echo "VMLAB handover failed"
+wait_for /tmp/journal.jsonl '"type":"action"' 60
+sleep 1
+[ -e /run/qcom-reset/$D.json ] && echo "VMLAB record still there"
+kill -TERM $(pidof qcom-reset); wait
+vmlab-guest card $D
+echo 0 > $T/events/qr/enable
+dump trace $T/trace
+dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
 "#,
         setup("sdx65", "", true)
     )
@@ -1315,6 +1370,221 @@ fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
         ensure!(ports.is_empty(), "port readings: {ports:?}");
     }
     Ok(notes)
+}
+
+/// The JSON of the guest's `VMLAB {tag} {json}` line.
+fn vmlab_json(console: &str, tag: &str) -> anyhow::Result<Value> {
+    let text = console
+        .lines()
+        .find_map(|l| l.split(&format!("VMLAB {tag} ")).nth(1))
+        .with_context(|| format!("the guest printed no {tag} line"))?;
+    serde_json::from_str(text.trim()).with_context(|| format!("{tag}: {text}"))
+}
+
+/// The first stamped agent log line holding `pattern`, and its CLOCK_MONOTONIC ns.
+fn stamped<'a>(log: &[&'a str], pattern: &str) -> anyhow::Result<(&'a str, u64)> {
+    log.iter()
+        .find(|l| l.contains(pattern))
+        .and_then(|l| Some((*l, l.rsplit(' ').next()?.trim().parse().ok()?)))
+        .with_context(|| format!("no stamped agent line with {pattern:?}"))
+}
+
+/// One kprobe hit of the `trace` section: the task's comm, its time (ns), event and device.
+struct Hit {
+    comm: String,
+    ns: u64,
+    event: String,
+    dev: String,
+}
+
+fn hits(console: &str) -> Vec<Hit> {
+    section(console, "trace")
+        .iter()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            // "  qcom-reset-152  [001] .....  35.123456: config: (pci_write_config+0x0/..) dev=\"..\" .."
+            let (task, rest) = l.split_once(" [")?;
+            let comm = task.trim().rsplit_once('-')?.0.to_string();
+            let mut words = rest.split_whitespace();
+            let ts = words.find_map(|w| w.strip_suffix(':')?.parse::<f64>().ok())?;
+            let event = words.next()?.trim_end_matches(':').to_string();
+            let dev = rest.split("dev=\"").nth(1)?.split('"').next()?.to_string();
+            Some(Hit {
+                comm,
+                ns: (ts * 1e9) as u64,
+                event,
+                dev,
+            })
+        })
+        .collect()
+}
+
+fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let card = console
+        .lines()
+        .find_map(|l| l.split("VMLAB card at ").nth(1))
+        .and_then(|l| l.split(',').next())
+        .context("the guest did not name the card")?
+        .to_string();
+    let h = vmlab_json(console, "handover")?;
+    let after = &h["card"];
+    ensure!(
+        after["driver"] == "uio_pci_generic",
+        "the handover did not bind uio_pci_generic, nothing was tested: {after}"
+    );
+    let (start, end) = (
+        h["start_ns"].as_u64().context("no start_ns")?,
+        h["end_ns"].as_u64().context("no end_ns")?,
+    );
+    let log = section(console, "agent-log");
+    let (_, asked) = stamped(&log, "reset: wait for the modem to reboot")?;
+    let (_, verdict) = stamped(&log, "verdict:")?;
+    ensure!(
+        asked < start && end < verdict,
+        "the handover ({start}..{end} ns) was not inside the reset (SoC reset asked at {asked}, verdict at {verdict})"
+    );
+    let mut notes = vec![format!(
+        "handover to uio_pci_generic {:.0} ms after the SoC reset request, {:.0} ms long, {:.0} ms before the verdict",
+        (start - asked) as f64 / 1e6,
+        (end - start) as f64 / 1e6,
+        (verdict - end) as f64 / 1e6
+    )];
+    notes.push(no_bar_write_after(sim, start - asked)?);
+    notes.push(no_write_traced_after(console, &card, start)?);
+    notes.push(state_kept(after, &vmlab_json(console, "card-state")?)?);
+    notes.extend(taken_and_cleaned(console, after)?);
+    Ok(notes)
+}
+
+/// The simulator's clock is not the guest's: the handover is placed on it by its distance from
+/// the SoC reset request, measured from the agent's log line right after that write (a stamp a
+/// little late, so the handover is placed a little early: the check errs strict).
+fn no_bar_write_after(sim: Option<&Value>, since_request_ns: u64) -> anyhow::Result<String> {
+    let sim = sim.context("no simulator report")?;
+    ensure!(sim["family"] == "modem", "simulated family {}", sim["family"]);
+    let writes = sim["writes"].as_array().cloned().unwrap_or_default();
+    let at = |w: &Value| w["at_us"].as_u64().unwrap_or(0);
+    let request = writes
+        .iter()
+        .find(|w| w["offset"] == 0xb0)
+        .context(format!("the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"))?;
+    let handover_us = at(request) + since_request_ns / 1000;
+    let late: Vec<&Value> = writes.iter().filter(|w| at(w) >= handover_us).collect();
+    ensure!(
+        late.is_empty(),
+        "BAR write(s) after the handover (at {handover_us} us on the simulator's clock): {late:?}"
+    );
+    let last = writes.iter().map(at).max().unwrap_or(0);
+    Ok(format!(
+        "simulator: {} BAR write(s), the last {:.0} ms before the handover, none after",
+        writes.len(),
+        (handover_us - last) as f64 / 1000.0
+    ))
+}
+
+/// No config or power write reached the card after the handover began, but the helper's own;
+/// the session's writes before it prove the probes see them.
+fn no_write_traced_after(console: &str, card: &str, start: u64) -> anyhow::Result<String> {
+    let all = hits(console);
+    let on_card: Vec<&Hit> = all.iter().filter(|h| h.dev == card).collect();
+    let late: Vec<String> = on_card
+        .iter()
+        .filter(|h| h.ns >= start && h.comm != "vmlab-guest")
+        .map(|h| format!("{} by {} at {} ns", h.event, h.comm, h.ns))
+        .collect();
+    ensure!(
+        late.is_empty(),
+        "written to the card after the handover began ({start} ns): {late:?}"
+    );
+    let before = |e: &str| {
+        on_card
+            .iter()
+            .filter(|h| h.ns < start && h.event.starts_with(e) && h.comm != "vmlab-guest")
+            .count()
+    };
+    let (config, power) = (before("config"), before("power"));
+    ensure!(
+        config > 0 && power > 0,
+        "the probes saw no session write before the handover (config {config}, power {power}): are they attached?"
+    );
+    let elsewhere = all
+        .iter()
+        .filter(|h| h.ns >= start && h.dev != card)
+        .count();
+    Ok(format!(
+        "traced: the session's {config} config and {power} power write(s) before the handover, none after ({elsewhere} to other devices, e.g. the port put back)"
+    ))
+}
+
+/// What uio_pci_generic found right after the bind is what it has at the end.
+fn state_kept(after: &Value, end: &Value) -> anyhow::Result<String> {
+    for key in ["driver", "driver_override", "command", "power_control"] {
+        ensure!(
+            after[key] == end[key],
+            "{key} changed after the handover: {} -> {}",
+            after[key],
+            end[key]
+        );
+    }
+    let (a, e) = (
+        after["config"].as_str().unwrap_or(""),
+        end["config"].as_str().unwrap_or(""),
+    );
+    let changed: Vec<String> = (0..a.len().min(e.len()) / 2)
+        .filter(|i| a[2 * i..2 * i + 2] != e[2 * i..2 * i + 2])
+        .map(|i| format!("{i:#x}: {} -> {}", &a[2 * i..2 * i + 2], &e[2 * i..2 * i + 2]))
+        .collect();
+    ensure!(
+        a.len() == e.len() && changed.is_empty(),
+        "config space changed after the handover: {changed:?}"
+    );
+    Ok(format!(
+        "card after the handover and at the end: driver {}, override {}, PCI_COMMAND {:#06x}, power/control {}, all {} config bytes identical",
+        end["driver"],
+        end["driver_override"],
+        end["command"].as_u64().unwrap_or(0),
+        end["power_control"],
+        a.len() / 2
+    ))
+}
+
+/// The agent said the card was taken, its one action puts nothing back onto it, and the crash
+/// record (there during the session) is gone.
+fn taken_and_cleaned(console: &str, after: &Value) -> anyhow::Result<Vec<String>> {
+    let log = section(console, "agent-log");
+    let line = log
+        .iter()
+        .find(|l| l.contains("was taken by driver uio_pci_generic"))
+        .with_context(|| format!("the agent never said the card was taken:\n{}", log.join("\n")))?;
+    let acts = actions(console);
+    ensure!(acts.len() == 1, "expected one action: {acts:?}");
+    let restored = &acts[0]["report"]["restored"];
+    if !restored.is_null() {
+        ensure!(
+            restored["taken_by"] == "driver uio_pci_generic"
+                && restored["command"].is_null()
+                && restored["power_control"].is_null(),
+            "the report puts something back onto the taken card: {restored}"
+        );
+    }
+    ensure!(
+        after["record"] == true,
+        "no crash record during the session: {after}"
+    );
+    ensure!(
+        !console.contains("VMLAB record still there"),
+        "the crash record was not removed"
+    );
+    // "<time>  WARN <target>: <message> <stamp>": the message.
+    let said = line.rsplit_once(' ').map_or(*line, |(l, _)| l);
+    let said = said.split(": ").skip(1).collect::<Vec<_>>().join(": ");
+    Ok(vec![
+        format!("agent: {}", said.trim()),
+        format!(
+            "action {} ({}), restored {restored}; crash record removed",
+            acts[0]["result"], acts[0]["detail"]
+        ),
+    ])
 }
 
 fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
