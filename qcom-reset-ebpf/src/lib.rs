@@ -176,7 +176,8 @@ pub struct VfioLayout {
 
 /// Index of the drop counter in the per-CPU `DROPS` array.
 pub const DROPS_RINGBUF: u32 = 0;
-/// Index of the "bracket table full" counter in `DROPS`.
+/// Index of the "in-flight table full" counter in `DROPS`: a VFIO bracket or a reset call that
+/// found its hash map full (its event is lost).
 pub const DROPS_BRACKETS: u32 = 1;
 
 #[cfg(feature = "user")]

@@ -164,7 +164,10 @@ fn call_enter(func: Func, pdev: u64, probe: u64) {
         pdev,
         probe,
     };
-    let _ = CALLS.insert(&key, &call, 0);
+    // A full table loses this call's return event: counted, so the agent rescans.
+    if CALLS.insert(&key, &call, 0).is_err() {
+        count_drop(DROPS_BRACKETS);
+    }
 }
 
 /// Fills the fields every event carries and submits it.

@@ -149,7 +149,9 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
             serde_json::json!({"kind": "drops", "ringbuf": ringbuf, "brackets": brackets})
         ),
         (Item::Drops { ringbuf, brackets }, false) => {
-            println!("drops   ring buffer {ringbuf}, bracket table {brackets} (events were lost)")
+            println!(
+                "drops   ring buffer {ringbuf}, in-flight tables {brackets} (events were lost)"
+            )
         }
         (Item::Bad(why), true) => println!(
             "{}",

@@ -70,7 +70,9 @@ pub enum Error {
         "DPC is enabled on the port {port} above {bdf}: the reset's link drop would be contained by disabling the link; accept that with allow_dpc = true (--allow-dpc)"
     )]
     Dpc { bdf: Bdf, port: Bdf },
-    #[error("power cycle of {bdf} failed: {why}")]
+    #[error(
+        "power cycle of {bdf} failed: {why}; what took the card away was undone where it could be (slot power on, port awake, rescan). Fix: check `lspci -s {bdf}`; if the card is missing, `echo 1 > /sys/bus/pci/rescan`, else run the reset alone (`qcom-reset reset {bdf}`)"
+    )]
     PowerCycle { bdf: Bdf, why: String },
     #[error("{bdf} cannot be power-cycled: {why}")]
     NoPowerCycle { bdf: Bdf, why: String },
@@ -124,9 +126,7 @@ pub enum Error {
     PciehpPolls { bdf: Bdf },
     #[error("another qcom-reset holds the lock on {bdf} ({path}); wait for it to finish")]
     Busy { bdf: Bdf, path: PathBuf },
-    #[error(
-        "cannot create the lock {path}: {err}; run as root or point --run-dir at a writable directory"
-    )]
+    #[error("cannot create the lock {path}: {err}{}", lock_fix(err))]
     Lock { path: PathBuf, err: std::io::Error },
     #[error(
         "{bdf} stays in power state {state} with power/control=on; it must be in D0 for register access. Fix: check the upstream port's power state (`lspci -vv`); a card stuck in D3cold needs `qcom-reset power-cycle {bdf}`"
@@ -161,6 +161,17 @@ pub enum Error {
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// The one fix that fits a lock that cannot be created in the run directory.
+fn lock_fix(err: &std::io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) if !is_root() => "; run as root",
+        Some(libc::EROFS | libc::ENOSPC | libc::EDQUOT | libc::EACCES) => {
+            "; the run directory is not writable: free it or point --run-dir at a writable tmpfs"
+        }
+        _ => "",
+    }
 }
 
 /// The one fix that fits a failed sysfs read.

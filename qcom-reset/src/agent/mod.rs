@@ -322,7 +322,7 @@ impl Agent {
             Item::Drops { ringbuf, brackets } => {
                 self.shared.metrics.drops(ringbuf);
                 warn!(
-                    "events lost (ring buffer {ringbuf}, bracket table {brackets}); rescanning targets"
+                    "events lost (ring buffer {ringbuf}, in-flight tables {brackets}); rescanning targets"
                 );
                 if self.shared.cfg.rescan {
                     self.rescan("lost events");
