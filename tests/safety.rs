@@ -138,9 +138,9 @@ fn a_failed_recovery_refuses_the_session_and_keeps_the_record() {
         0,
         "no register written"
     );
-    assert_eq!(
+    assert_ne!(
         h.read(WLAN, "driver_override"),
-        "",
+        qcom_reset::session::HOLD_OVERRIDE,
         "not left held off its drivers"
     );
 }
@@ -512,4 +512,94 @@ fn pciehp_poll_mode_is_refused_unless_allowed() {
         r.verdict.unwrap().health,
         qcom_reset::verdict::Health::Clean
     );
+}
+
+/// Review finding: a killed session's port masks come back even while the card is on a host
+/// driver (the rest of the record waits) or gone from the bus (the record goes with the port).
+#[test]
+fn a_killed_sessions_port_masks_come_back_whoever_has_the_card() {
+    for gone in [false, true] {
+        let h = host_behind_port(FakeDevice::default());
+        let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+        leave_killed_session(&h, WLAN, &card, vec![]);
+        let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+        rec.port = Some(qcom_reset::session::port::PortRecord {
+            port: bdf(PORT),
+            ids: None,
+            command_completed: false,
+            slot_control: Some((0x58, 0x1038)),
+            aer_mask: None,
+        });
+        record::save(&h.host.run_dir, &rec).unwrap();
+        // What the killed session left on the port: PDCE|DLLSCE masked.
+        let cfg = h.host.sysfs.root.join(PORT).join("config");
+        let mut bytes = fs::read(&cfg).unwrap();
+        bytes[0x58..0x5a].copy_from_slice(&0x0030u16.to_le_bytes());
+        fs::write(&cfg, bytes).unwrap();
+        if gone {
+            let dir = h.host.sysfs.root.join(WLAN);
+            fs::remove_dir_all(fs::canonicalize(&dir).unwrap()).unwrap();
+            fs::remove_file(&dir).unwrap();
+        } else {
+            rebind(&h, WLAN, "ath11k_pci");
+        }
+        let c = card.clone();
+        let done = engine::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
+        assert_eq!(port_regs(&h).0, 0x1038, "gone={gone}: {done:?}");
+        assert_eq!(config_writes(&card), 1, "nothing written to the card");
+        let left = record::load(&h.host.run_dir, bdf(WLAN)).unwrap();
+        match gone {
+            true => assert!(left.is_none(), "{done:?}"),
+            false => assert!(left.is_some_and(|r| r.port.is_none()), "{done:?}"),
+        }
+    }
+}
+
+/// Review finding: a function removed and found again at the same address (vfio-pci rebinding
+/// it through `ids=`) is another device: the session writes nothing more to it.
+#[test]
+fn a_card_re_enumerated_mid_session_is_not_written() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let dir = h.host.sysfs.root.join(WLAN);
+    let c = card.clone();
+    let mut again = Some(move || {
+        let stash = dir.with_file_name("stash");
+        fs::rename(&dir, &stash).unwrap();
+        fs::create_dir(&dir).unwrap();
+        for e in fs::read_dir(&stash).unwrap() {
+            let e = e.unwrap();
+            let to = dir.join(e.file_name());
+            match fs::read_link(e.path()) {
+                Ok(l) => symlink(l, to).unwrap(),
+                Err(_) if e.path().is_dir() => {
+                    fs::rename(e.path(), to).unwrap();
+                }
+                Err(_) => {
+                    fs::copy(e.path(), to).unwrap();
+                }
+            }
+        }
+    });
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let mut a = again.take();
+            Ok(Box::new(Hooked {
+                inner: c.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    if let Some(a) = a.take() {
+                        a()
+                    }
+                }),
+            }))
+        },
+        "re-enumerated",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("came back"), "{e}");
+    assert_eq!(card.with_model(|m| m.writes.len()), 0);
 }

@@ -655,7 +655,12 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     require_root()?;
-    let mut log = |s: &str| eprintln!("{}: power: {s}", a.bdf);
+    // Never a panic on a closed stderr (a terminal gone with SIGHUP deferred, `| tee` killed):
+    // the cycle must reach its restore.
+    let mut log = |s: &str| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{}: power: {s}", a.bdf);
+    };
     power::run(host, &plan, req.profile.as_deref(), req.bar, &mut log)?;
     if a.no_reset {
         return Ok(ExitCode::SUCCESS);

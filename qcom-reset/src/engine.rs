@@ -556,7 +556,7 @@ fn guard_link_drop(
     req: &Request,
 ) -> Result<PortState> {
     if let Some(p) = port::upstream(&t.dev) {
-        session.lock_port(p.bdf, host.lock_wait)?;
+        session.lock_port(p.bdf)?;
     }
     let state = upstream_port(t)?;
     let version = t.profile.family.sequence_version();
@@ -726,7 +726,13 @@ pub fn recover_pending(host: &Host, open: &mut Opener<'_>) -> Vec<(Bdf, Result<R
 
 fn recover_one(host: &Host, bdf: Bdf, open: &mut Opener<'_>) -> Result<Restored> {
     let _lock = DeviceLock::acquire(&host.run_dir, bdf, host.lock_wait)?;
-    let dev = host.sysfs.device(bdf)?;
+    let dev = match host.sysfs.device(bdf) {
+        Ok(d) => d,
+        Err(Error::NoSuchDevice(..)) => {
+            return crate::session::recover_absent(&host.run_dir, &host.sysfs, bdf);
+        }
+        Err(e) => return Err(e),
+    };
     let (mut session, recovered) = begin_session(host, &dev, open, Writes::Allowed)?;
     session.restore();
     Ok(recovered.unwrap_or_default())
@@ -742,7 +748,14 @@ fn begin_session(
 ) -> Result<(Session, Option<Restored>)> {
     let own = Ownership::take(&host.dev_vfio, &host.proc_root, dev)?;
     let backend = open(dev, &own)?;
-    Session::begin(dev, host.run_dir.clone(), own, backend, writes)
+    Session::begin(
+        dev,
+        host.run_dir.clone(),
+        host.lock_wait,
+        own,
+        backend,
+        writes,
+    )
 }
 
 /// Targets present on this host: devices in the table, plus explicit `(bdf, profile, bar)`

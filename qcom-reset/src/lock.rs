@@ -48,7 +48,12 @@ pub fn exclusive(path: &Path, wait: Duration) -> Result<Option<File>, Error> {
     loop {
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(Some(file)),
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK && Instant::now() < deadline => {
+            // A deferred Ctrl-C ends the wait: nothing was written yet.
+            Err(e)
+                if e == rustix::io::Errno::WOULDBLOCK
+                    && Instant::now() < deadline
+                    && !crate::signals::pending() =>
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => return Ok(None),

@@ -311,9 +311,19 @@ fn cycle(
     let rec = PowerRecord::take(sysfs, plan)?;
     record::store(&record_path(run_dir, plan.target), &rec)?;
     // No driver may grab the function when it comes back: autoprobe off, then we bind it.
-    let cycled = write(&bus_file(sysfs, "drivers_autoprobe"), "0").and_then(|()| {
-        step("drivers_autoprobe 0 (the function comes back unbound)".into());
-        away_and_back(sysfs, plan, &rec, own, step)
+    let cycled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write(&bus_file(sysfs, "drivers_autoprobe"), "0").and_then(|()| {
+            step("drivers_autoprobe 0 (the function comes back unbound)".into());
+            away_and_back(sysfs, plan, &rec, own, step)
+        })
+    }))
+    .unwrap_or_else(|panic| {
+        // A panic (a bug, or a log line to a terminal that went away) must not leave the bus
+        // without autoprobe or the card away: bring back, restore, then go on unwinding. The
+        // record stays for the next run to check.
+        bring_back(sysfs, &rec, plan.target, &plan.timing);
+        let _ = restore(sysfs, plan.target, &rec, &plan.timing);
+        std::panic::resume_unwind(panic)
     });
     let back = restore(sysfs, plan.target, &rec, &plan.timing);
     match &back {

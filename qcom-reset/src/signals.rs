@@ -61,12 +61,19 @@ impl Drop for Deferred {
     }
 }
 
+/// Whether a deferred signal arrived: long waits (a device's lock) end early on it.
+pub fn pending() -> bool {
+    DEFERRED.load(Ordering::SeqCst) != 0
+}
+
 /// Runs `f` with the signals deferred; a signal that arrived meanwhile is returned with the
 /// result, for the caller to exit with it once everything is restored.
 pub fn deferring<T>(f: impl FnOnce() -> T) -> (T, Option<libc::c_int>) {
     let guard = Deferred::install();
     let out = f();
     let sig = guard.taken();
+    drop(guard);
+    DEFERRED.store(0, Ordering::SeqCst);
     (out, sig)
 }
 

@@ -222,15 +222,24 @@ impl SysfsDevice {
     /// Start addresses of the six BARs in the kernel's `resource` table (0: unassigned): what
     /// the kernel believes the BARs hold, to check a record's BAR words against.
     pub fn bar_starts(&self) -> Result<Vec<u64>, Error> {
+        Ok(self.bar_resources()?.iter().map(|r| r.0).collect())
+    }
+
+    /// (start, flags) of the six BARs in the kernel's `resource` table.
+    pub fn bar_resources(&self) -> Result<Vec<(u64, u64)>, Error> {
         let table = read_trim(&self.path("resource"))?;
+        let hex = |f: Option<&str>| {
+            f.and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0)
+        };
         Ok(table
             .lines()
             .take(6)
             .map(|l| {
-                l.split_whitespace()
-                    .next()
-                    .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
-                    .unwrap_or(0)
+                let mut f = l.split_whitespace();
+                let start = hex(f.next());
+                let _end = f.next();
+                (start, hex(f.next()))
             })
             .collect())
     }

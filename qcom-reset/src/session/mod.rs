@@ -23,9 +23,10 @@ use crate::{Error, GuardFailure, Result};
 use own::Ownership;
 use record::Record;
 
-/// The `driver_override` a session puts on its card: no driver has this name, so none binds
-/// the card (vfio-pci through `ids=`/`new_id`, driverctl, an autostart VM's managed hostdev)
-/// until the session puts the recorded value back.
+/// The `driver_override` a session puts on its card: no driver has this name, so nothing binds
+/// the card by itself meanwhile (autoprobe, vfio-pci's `ids=`/`new_id`, a write to a driver's
+/// `bind`) until the session puts the recorded value back. Tools that bind on purpose (libvirt's
+/// managed hostdevs, driverctl) write their own override first; [`OwnerWatch`] catches those.
 pub const HOLD_OVERRIDE: &str = "qcom-reset-session";
 
 /// What a session put back.
@@ -59,6 +60,9 @@ pub enum Writes {
 pub enum Lost {
     /// It left the bus (removed, hot-unplugged, DPC).
     Gone,
+    /// It left the bus and came back at the same address: another device instance, whose
+    /// group and mappings are not the ones this session holds.
+    Replaced,
     /// Another driver (or none, after an unbind) has it now.
     Driver(Option<String>),
     Unreadable(String),
@@ -68,6 +72,7 @@ impl std::fmt::Display for Lost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Lost::Gone => f.write_str("nobody: it left the bus"),
+            Lost::Replaced => f.write_str("a re-enumeration: it left the bus and came back"),
             Lost::Driver(Some(d)) => write!(f, "driver {d}"),
             Lost::Driver(None) => f.write_str("an unbind (no driver now)"),
             Lost::Unreadable(e) => write!(f, "an unknown owner ({e})"),
@@ -83,6 +88,9 @@ impl std::fmt::Display for Lost {
 pub struct OwnerWatch {
     dev: SysfsDevice,
     driver: Option<String>,
+    /// The device directory's inode: a function removed and found again at the same address
+    /// is a new device (new sysfs node) even when vfio-pci rebinds it through `ids=`.
+    node: Option<u64>,
 }
 
 impl OwnerWatch {
@@ -90,12 +98,15 @@ impl OwnerWatch {
         Ok(OwnerWatch {
             dev: dev.clone(),
             driver: dev.driver()?,
+            node: node(dev),
         })
     }
 
     pub fn lost(&self) -> Option<Lost> {
-        if !self.dev.present() {
-            return Some(Lost::Gone);
+        match node(&self.dev) {
+            None => return Some(Lost::Gone),
+            n if n != self.node => return Some(Lost::Replaced),
+            _ => {}
         }
         match self.dev.driver() {
             Ok(d) if d == self.driver => None,
@@ -113,6 +124,11 @@ impl OwnerWatch {
             )),
         }
     }
+}
+
+fn node(dev: &SysfsDevice) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(&dev.dir).ok().map(|m| m.ino())
 }
 
 /// The BAR as the session writes it: every write first checks the card is still ours; once it
@@ -162,6 +178,7 @@ pub struct Session {
     dev: SysfsDevice,
     pub backend: Box<dyn Backend>,
     run_dir: PathBuf,
+    lock_wait: Duration,
     watch: OwnerWatch,
     baseline: Option<Record>,
     /// The link dropped (or the kernel reset the function): every saved word goes back.
@@ -180,6 +197,7 @@ impl Session {
     pub fn begin(
         dev: &SysfsDevice,
         run_dir: PathBuf,
+        lock_wait: Duration,
         own: Ownership,
         backend: Box<dyn Backend>,
         writes: Writes,
@@ -189,6 +207,7 @@ impl Session {
             dev: dev.clone(),
             backend,
             run_dir,
+            lock_wait,
             watch: OwnerWatch::new(dev)?,
             baseline: None,
             link_dropped: false,
@@ -226,16 +245,22 @@ impl Session {
             Some(o) => o,
             None => original_override(&self.dev)?,
         };
+        let resources = self.dev.bar_resources().unwrap_or_default();
+        let mut config = record::snapshot(self.backend.as_mut());
+        let filled = record::fill_lost_bars(&mut config, &resources);
+        if !filled.is_empty() {
+            warn!(bdf = %self.bdf, "BAR words {filled:x?} read 0 although the kernel assigned an address: a link drop reset the function earlier; recorded with the kernel's address to put back");
+        }
         let baseline = Record {
             bdf: self.bdf,
             pid: std::process::id(),
             // All-ones: the link is down and there is no command register to bring back.
             command: (command != 0xffff).then_some(command),
             power_control: self.dev.power_control()?.filter(|p| p != "on"),
-            config: record::snapshot(self.backend.as_mut()),
+            config,
             port: None,
             driver_override,
-            bar_starts: self.dev.bar_starts().unwrap_or_default(),
+            bar_starts: resources.iter().map(|r| r.0).collect(),
             reset_method: None,
         };
         record::save(&self.run_dir, &baseline)?;
@@ -346,9 +371,12 @@ impl Session {
             })
     }
 
-    /// Takes the upstream port's lock for the rest of the session, before its state is read.
-    pub fn lock_port(&mut self, port: Bdf, wait: Duration) -> Result<()> {
-        self._port_lock = Some(DeviceLock::acquire(&self.run_dir, port, wait)?);
+    /// Takes the upstream port's lock for the rest of the session, before its state is read
+    /// (or a killed session's port values are put back); once per session.
+    pub fn lock_port(&mut self, port: Bdf) -> Result<()> {
+        if self._port_lock.is_none() {
+            self._port_lock = Some(DeviceLock::acquire(&self.run_dir, port, self.lock_wait)?);
+        }
         Ok(())
     }
 
@@ -437,6 +465,9 @@ impl Session {
         let Some(mut rec) = record::load(&self.run_dir, self.bdf)? else {
             return Ok((None, None));
         };
+        // The port first, whoever has the card now: its masked hotplug events and Surprise Down
+        // hide every later unplug and link failure of the slot.
+        let port = self.recover_port(&mut rec)?;
         if let Err(why) = self.watch.recoverable() {
             return Err(Error::RecordWaits {
                 bdf: self.bdf,
@@ -455,7 +486,10 @@ impl Session {
         } else {
             Words::AllButBars
         };
-        let mut r = Restored::default();
+        let mut r = Restored {
+            port,
+            ..Restored::default()
+        };
         put_back(
             &self.dev,
             self.backend.as_mut(),
@@ -496,6 +530,59 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+impl Session {
+    /// Restores a killed session's port values by address under the port's lock and takes them
+    /// out of its record, so they are back even while the rest of the record waits.
+    fn recover_port(&mut self, rec: &mut Record) -> Result<Vec<String>> {
+        let Some(p) = rec.port.clone() else {
+            return Ok(Vec::new());
+        };
+        self.lock_port(p.port)?;
+        match restore_port(&self.dev, &p) {
+            Ok(done) => {
+                rec.port = None;
+                record::save(&self.run_dir, rec)?;
+                Ok(done)
+            }
+            Err(e) => Err(Error::RecoveryIncomplete {
+                bdf: self.bdf,
+                path: record::path(&self.run_dir, self.bdf),
+                left: format!("upstream port: {e}"),
+            }),
+        }
+    }
+}
+
+/// A killed session's record for a card that is no longer on the bus: its port values go back
+/// by address (the slot's hotplug events are what lets the card come back) and the record goes
+/// with them; the card's own config and power state left with it.
+pub fn recover_absent(
+    run_dir: &std::path::Path,
+    sysfs: &crate::sysfs::PciSysfs,
+    bdf: Bdf,
+) -> Result<Restored> {
+    let path = record::path(run_dir, bdf);
+    let Some(rec) = record::load(run_dir, bdf)? else {
+        return Ok(Restored::default());
+    };
+    let dev = SysfsDevice {
+        bdf,
+        dir: sysfs.root.join(bdf.to_string()),
+    };
+    let mut r = Restored::default();
+    if let Some(p) = &rec.port {
+        let _lock = DeviceLock::acquire(run_dir, p.port, Duration::ZERO)?;
+        r.port = restore_port(&dev, p).map_err(|e| Error::RecoveryIncomplete {
+            bdf,
+            path: path.clone(),
+            left: format!("upstream port: {e}"),
+        })?;
+    }
+    warn!(bdf = %bdf, "a killed qcom-reset (pid {}) left a record for a card no longer on the bus: port [{}] restored, record removed", rec.pid, r.port.join(", "));
+    record::remove(run_dir, bdf);
+    Ok(r)
 }
 
 /// The override to record: the current one, unless it is a killed session's hold whose record

@@ -103,6 +103,46 @@ pub fn snapshot(backend: &mut dyn Backend) -> Vec<(u16, u16)> {
         .collect()
 }
 
+/// `IORESOURCE_MEM` and `IORESOURCE_MEM_64` in a `resource` line's flags.
+const IORESOURCE_MEM: u64 = 0x0000_0200;
+const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+
+/// Fills in memory BARs whose address reads 0 on the card although the kernel assigned one (a
+/// link drop earlier reset the function and nobody put the header back): the baseline then
+/// holds what the BAR must hold, and the session's header repair and restore put it there.
+/// The kernel's `resource` addresses are CPU addresses; on x86 they are the bus addresses the
+/// BARs hold (elsewhere a host bridge may translate, so nothing is filled in there).
+pub fn fill_lost_bars(words: &mut [(u16, u16)], resources: &[(u64, u64)]) -> Vec<u16> {
+    let mut filled = Vec::new();
+    if !cfg!(target_arch = "x86_64") {
+        return filled;
+    }
+    for (i, &(start, flags)) in resources.iter().enumerate().take(6) {
+        if start == 0 || flags & IORESOURCE_MEM == 0 {
+            continue;
+        }
+        let lo = 0x10 + 4 * i as u16;
+        let mut want = vec![(lo + 2, (start >> 16) as u16)];
+        if flags & IORESOURCE_MEM_64 != 0 {
+            want.push((lo + 4, (start >> 32) as u16));
+            want.push((lo + 6, (start >> 48) as u16));
+        }
+        let reads = |off: u16| words.iter().find(|w| w.0 == off).map(|w| w.1);
+        let lost = reads(lo).is_some_and(|v| v & 0xfff0 == 0)
+            && want.iter().all(|&(o, _)| reads(o) == Some(0));
+        if !lost || start as u16 & 0xfff0 != 0 {
+            continue;
+        }
+        for (off, v) in want {
+            if let Some(w) = words.iter_mut().find(|w| w.0 == off) {
+                w.1 = v;
+                filled.push(off);
+            }
+        }
+    }
+    filled
+}
+
 /// Offset of the PCI Express capability of the device behind `backend`.
 fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
     super::port::pcie_capability(&mut |off| backend.config_read16(off as u64))
@@ -215,6 +255,37 @@ mod tests {
                 why: format!("no BAR{bar} in a config-only fake"),
             })
         }
+    }
+
+    /// A BAR that reads 0 while the kernel assigned it an address (a function reset nobody
+    /// repaired) is recorded with the kernel's address, so the next session puts it back
+    /// instead of taking 0 for the truth; a BAR that holds an address is left as it reads.
+    #[test]
+    fn a_lost_bar_is_recorded_with_the_kernels_address() {
+        let mut words = vec![
+            (0x10, 0x0004),
+            (0x12, 0),
+            (0x14, 0),
+            (0x16, 0),
+            (0x18, 0),
+            (0x1a, 0),
+        ];
+        let res = [
+            (0x1_fe00_0000, IORESOURCE_MEM | IORESOURCE_MEM_64),
+            (0, 0),
+            (0xe000, 0x101),
+        ];
+        let filled = fill_lost_bars(&mut words, &res);
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(filled, [0x12, 0x14, 0x16]);
+            assert_eq!(
+                words[..4],
+                [(0x10, 0x0004), (0x12, 0xfe00), (0x14, 0x0001), (0x16, 0)]
+            );
+        }
+        let mut held = vec![(0x10, 0x0004), (0x12, 0xfd00), (0x14, 0), (0x16, 0)];
+        assert!(fill_lost_bars(&mut held, &res).is_empty());
+        assert_eq!(held[1], (0x12, 0xfd00));
     }
 
     #[test]

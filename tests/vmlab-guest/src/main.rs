@@ -50,14 +50,16 @@ fn monotonic_ns() -> u64 {
 /// file reads, not qcom-reset's own sysfs code: this is the observer of the code under test.
 fn card_state(bdf: &str) -> anyhow::Result<serde_json::Value> {
     let dev = std::path::Path::new("/sys/bus/pci/devices").join(bdf);
-    let text = |attr: &str| {
-        std::fs::read_to_string(dev.join(attr)).map(|s| s.trim().to_string())
-    };
+    let text = |attr: &str| std::fs::read_to_string(dev.join(attr)).map(|s| s.trim().to_string());
     let driver = std::fs::read_link(dev.join("driver"))
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let config = std::fs::read(dev.join("config"))?;
-    anyhow::ensure!(config.len() >= 64, "{bdf}: config space of {} bytes", config.len());
+    anyhow::ensure!(
+        config.len() >= 64,
+        "{bdf}: config space of {} bytes",
+        config.len()
+    );
     let hex: String = config.iter().map(|b| format!("{b:02x}")).collect();
     Ok(serde_json::json!({
         "driver": driver,
