@@ -786,7 +786,7 @@ fn a_device_rebound_during_the_session_is_not_written() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, Error::NotOwned { .. }) && e.to_string().contains("taken by driver ath11k_pci"),
+        matches!(e, Error::Taken { .. }) && e.to_string().contains("taken by driver ath11k_pci"),
         "{e}"
     );
     assert_eq!(writes(&card), 0, "no register written");

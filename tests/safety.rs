@@ -603,3 +603,37 @@ fn a_card_re_enumerated_mid_session_is_not_written() {
     assert!(e.to_string().contains("came back"), "{e}");
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
 }
+
+/// The VM lab's `handover` finding: a modem handed over during its 2 s wait got a `clean`
+/// verdict read from registers the new driver owned. The session ends as taken instead.
+#[test]
+fn a_modem_taken_during_its_wait_gets_no_verdict() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::modem(MODEM));
+    let card = sim(Family::Modem, Faults::default());
+    let root = h.root().to_path_buf();
+    let mut backend = Some(HandOverCard {
+        inner: card.clone(),
+        take: Some(Box::new(move || {
+            let link = root.join("sys/bus/pci/devices").join(MODEM).join("driver");
+            let drv = root.join("sys/bus/pci/drivers/uio_pci_generic");
+            fs::create_dir_all(&drv).unwrap();
+            fs::remove_file(&link).unwrap();
+            symlink(&drv, &link).unwrap();
+        })),
+        taken: Arc::new(Mutex::new(false)),
+        config_writes_after: Arc::new(Mutex::new(0)),
+    });
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(MODEM)),
+        &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
+        "hand-over",
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Taken { .. }) && e.to_string().contains("uio_pci_generic"),
+        "{e}"
+    );
+    assert_eq!(card.with_model(|m| m.writes.len()), 1, "the reset request only");
+}

@@ -465,7 +465,15 @@ pub fn reset(
             io.inner.session.saw_link_drop();
         }
         let v = verdict::verify(&t.expect(rebooted), &mut io, len);
-        if let Some(l) = io.inner.bar.lost.take() {
+        // Reads do not check the owner on their own: a card taken during the modem's wait or
+        // the verification gets no verdict from registers that are the new driver's.
+        let lost = io
+            .inner
+            .bar
+            .lost
+            .take()
+            .or_else(|| io.inner.session.watch().lost());
+        if let Some(l) = lost {
             return Err(session.lost(l));
         }
         v

@@ -94,6 +94,10 @@ pub enum Error {
         "{bdf} is bound to driver {driver}; bind it to vfio-pci (or unbind it) first, or pass --force to reset under that driver"
     )]
     WrongDriver { bdf: Bdf, driver: String },
+    #[error(
+        "{bdf} was taken by {by} during the reset: nothing more was written to it, its config space and power are the new owner's. Fix: once it is back on vfio-pci, `qcom-reset status {bdf}` says whether it needs a reset"
+    )]
+    Taken { bdf: Bdf, by: String },
     #[error("{bdf} cannot be owned for a reset: {why}; not written")]
     NotOwned { bdf: Bdf, why: String },
     #[error(

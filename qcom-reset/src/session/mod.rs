@@ -312,9 +312,9 @@ impl Session {
     /// The error that ends a session whose card was taken, with its journal line.
     pub fn lost(&self, l: Lost) -> Error {
         warn!(bdf = %self.bdf, "the card was taken by {l} during the session: no further config or power writes");
-        Error::NotOwned {
+        Error::Taken {
             bdf: self.bdf,
-            why: format!("it was taken by {l} during the session"),
+            by: l.to_string(),
         }
     }
 

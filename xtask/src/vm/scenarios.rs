@@ -546,6 +546,7 @@ wait_for /tmp/agent.log 'wait for the modem to reboot' 60 || {{ cat /tmp/agent.l
 # 0.5-0.7 s into the modem's 2 s wait, as a VM's managed reattach would come.
 sleep 0.5
 vmlab-guest handover $D uio_pci_generic || echo "VMLAB handover failed"
+dump record /run/qcom-reset/$D.json
 wait_for /tmp/journal.jsonl '"type":"action"' 60
 sleep 1
 [ -e /run/qcom-reset/$D.json ] && echo "VMLAB record still there"
@@ -1453,6 +1454,7 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
     notes.push(no_write_traced_after(console, &card, start)?);
     notes.push(state_kept(after, &vmlab_json(console, "card-state")?)?);
     notes.extend(taken_and_cleaned(console, after)?);
+    notes.extend(not_put_back(console));
     Ok(notes)
 }
 
@@ -1461,13 +1463,19 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
 /// little late, so the handover is placed a little early: the check errs strict).
 fn no_bar_write_after(sim: Option<&Value>, since_request_ns: u64) -> anyhow::Result<String> {
     let sim = sim.context("no simulator report")?;
-    ensure!(sim["family"] == "modem", "simulated family {}", sim["family"]);
+    ensure!(
+        sim["family"] == "modem",
+        "simulated family {}",
+        sim["family"]
+    );
     let writes = sim["writes"].as_array().cloned().unwrap_or_default();
     let at = |w: &Value| w["at_us"].as_u64().unwrap_or(0);
     let request = writes
         .iter()
         .find(|w| w["offset"] == 0xb0)
-        .context(format!("the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"))?;
+        .context(format!(
+            "the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"
+        ))?;
     let handover_us = at(request) + since_request_ns / 1000;
     let late: Vec<&Value> = writes.iter().filter(|w| at(w) >= handover_us).collect();
     ensure!(
@@ -1532,7 +1540,13 @@ fn state_kept(after: &Value, end: &Value) -> anyhow::Result<String> {
     );
     let changed: Vec<String> = (0..a.len().min(e.len()) / 2)
         .filter(|i| a[2 * i..2 * i + 2] != e[2 * i..2 * i + 2])
-        .map(|i| format!("{i:#x}: {} -> {}", &a[2 * i..2 * i + 2], &e[2 * i..2 * i + 2]))
+        .map(|i| {
+            format!(
+                "{i:#x}: {} -> {}",
+                &a[2 * i..2 * i + 2],
+                &e[2 * i..2 * i + 2]
+            )
+        })
         .collect();
     ensure!(
         a.len() == e.len() && changed.is_empty(),
@@ -1555,9 +1569,23 @@ fn taken_and_cleaned(console: &str, after: &Value) -> anyhow::Result<Vec<String>
     let line = log
         .iter()
         .find(|l| l.contains("was taken by driver uio_pci_generic"))
-        .with_context(|| format!("the agent never said the card was taken:\n{}", log.join("\n")))?;
+        .with_context(|| {
+            format!(
+                "the agent never said the card was taken:\n{}",
+                log.join("\n")
+            )
+        })?;
     let acts = actions(console);
     ensure!(acts.len() == 1, "expected one action: {acts:?}");
+    // Taken mid-session: no verdict from registers that are the new driver's.
+    ensure!(
+        acts[0]["result"] == "error"
+            && acts[0]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("was taken by driver uio_pci_generic during the reset")),
+        "the action does not say the card was taken: {}",
+        acts[0]
+    );
     let restored = &acts[0]["report"]["restored"];
     if !restored.is_null() {
         ensure!(
@@ -1585,6 +1613,17 @@ fn taken_and_cleaned(console: &str, after: &Value) -> anyhow::Result<Vec<String>
             acts[0]["result"], acts[0]["detail"]
         ),
     ])
+}
+
+/// What a restore would have written onto the taken card: the session's record, as the guest
+/// read it right after the handover (the session may already have removed it).
+fn not_put_back(console: &str) -> Option<String> {
+    let rec: Value = serde_json::from_str(section(console, "record").join("").trim()).ok()?;
+    Some(format!(
+        "not put back onto it (the session's record): PCI_COMMAND {:#06x}, power/control {}",
+        rec["command"].as_u64()?,
+        rec["power_control"]
+    ))
 }
 
 fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
