@@ -78,6 +78,34 @@ fn port_regs(h: &FakeHost) -> (u16, u32) {
     )
 }
 
+/// Resets the WLAN card with `when_mapped` run once, as the session maps its BAR (the card
+/// changes hands or leaves the bus at exactly that moment).
+fn reset_changing_at_map(
+    h: &FakeHost,
+    card: &SimDevice,
+    when_mapped: impl FnOnce() + Send + 'static,
+) -> qcom_reset::Result<engine::Report> {
+    let c = card.clone();
+    let mut once = Some(when_mapped);
+    engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let mut f = once.take();
+            Ok(Box::new(Hooked {
+                inner: c.clone(),
+                on_config_write: Box::new(|| {}),
+                on_map: Box::new(move || {
+                    if let Some(f) = f.take() {
+                        f()
+                    }
+                }),
+            }))
+        },
+        "changing",
+    )
+}
+
 /// Item 1: observe-only never deletes a killed session's record (it holds the port's masks
 /// and power/control).
 #[test]
@@ -175,32 +203,13 @@ fn the_port_is_restored_by_address_when_the_card_is_gone() {
     let h = host_behind_port(FakeDevice::default());
     let card = sim(Family::Wlan, Faults::default());
     let dir = h.host.sysfs.root.join(WLAN);
-    let c = card.clone();
-    let gone = move || {
+    let e = reset_changing_at_map(&h, &card, move || {
         let real = fs::canonicalize(&dir).unwrap();
         fs::remove_dir_all(real).unwrap();
         fs::remove_file(&dir).unwrap();
-    };
-    let mut gone = Some(gone);
-    let e = engine::reset(
-        &h.host,
-        &Request::new(bdf(WLAN)),
-        &mut move |_, _| {
-            let mut g = gone.take();
-            Ok(Box::new(Hooked {
-                inner: c.clone(),
-                on_config_write: Box::new(|| {}),
-                on_map: Box::new(move || {
-                    if let Some(g) = g.take() {
-                        g()
-                    }
-                }),
-            }))
-        },
-        "vanishing",
-    )
+    })
     .unwrap_err();
-    assert!(e.to_string().contains("left the bus"), "{e}");
+    assert!(e.to_string().contains("nobody: it left the bus"), "{e}");
     assert_eq!(
         port_regs(&h),
         (0x1038, 0),
@@ -563,8 +572,7 @@ fn a_card_re_enumerated_mid_session_is_not_written() {
     h.add(FakeDevice::default());
     let card = sim(Family::Wlan, Faults::default());
     let dir = h.host.sysfs.root.join(WLAN);
-    let c = card.clone();
-    let mut again = Some(move || {
+    let e = reset_changing_at_map(&h, &card, move || {
         let stash = dir.with_file_name("stash");
         fs::rename(&dir, &stash).unwrap();
         fs::create_dir(&dir).unwrap();
@@ -581,24 +589,7 @@ fn a_card_re_enumerated_mid_session_is_not_written() {
                 }
             }
         }
-    });
-    let e = engine::reset(
-        &h.host,
-        &Request::new(bdf(WLAN)),
-        &mut move |_, _| {
-            let mut a = again.take();
-            Ok(Box::new(Hooked {
-                inner: c.clone(),
-                on_config_write: Box::new(|| {}),
-                on_map: Box::new(move || {
-                    if let Some(a) = a.take() {
-                        a()
-                    }
-                }),
-            }))
-        },
-        "re-enumerated",
-    )
+    })
     .unwrap_err();
     assert!(e.to_string().contains("came back"), "{e}");
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
@@ -635,5 +626,9 @@ fn a_modem_taken_during_its_wait_gets_no_verdict() {
         matches!(e, Error::Taken { .. }) && e.to_string().contains("uio_pci_generic"),
         "{e}"
     );
-    assert_eq!(card.with_model(|m| m.writes.len()), 1, "the reset request only");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        1,
+        "the reset request only"
+    );
 }
