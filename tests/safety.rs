@@ -555,6 +555,10 @@ fn a_killed_sessions_port_masks_come_back_whoever_has_the_card() {
         let c = card.clone();
         let done = engine::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
         assert_eq!(port_regs(&h).0, 0x1038, "gone={gone}: {done:?}");
+        if gone {
+            let restored = done[0].1.as_ref().unwrap();
+            assert_eq!(restored.port, ["0000:00:1c.0 SltCtl 0x1038"], "{done:?}");
+        }
         assert_eq!(config_writes(&card), 1, "nothing written to the card");
         let left = record::load(&h.host.run_dir, bdf(WLAN)).unwrap();
         match gone {
@@ -631,4 +635,141 @@ fn a_modem_taken_during_its_wait_gets_no_verdict() {
         1,
         "the reset request only"
     );
+}
+
+/// A card rebound between the ownership check and the session's first write gets none (not even
+/// the `driver_override` hold); an override someone had set (libvirt's "vfio-pci") is held off
+/// for the session and put back after it.
+#[test]
+fn a_rebind_before_the_first_write_is_caught_and_an_existing_override_comes_back() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let ovr = h.host.sysfs.root.join(WLAN).join("driver_override");
+    fs::write(&ovr, "vfio-pci\n").unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let (c, root) = (card.clone(), h.root().to_path_buf());
+    let e = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| {
+            let link = root.join("sys/bus/pci/devices").join(WLAN).join("driver");
+            let drv = root.join("sys/bus/pci/drivers/ath11k_pci");
+            fs::create_dir_all(&drv).unwrap();
+            fs::remove_file(&link).unwrap();
+            symlink(&drv, &link).unwrap();
+            Ok(Box::new(c.clone()))
+        },
+        "rebound",
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Taken { .. }), "{e}");
+    assert_eq!(config_writes(&card), 0);
+    assert_eq!(h.read(WLAN, "driver_override"), "vfio-pci", "never touched");
+    assert_eq!(h.read(WLAN, "power/control"), "auto");
+
+    rebind(&h, WLAN, "vfio-pci");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let s = seen.clone();
+    let r = reset_changing_at_map(&h, &card, move || {
+        *s.lock().unwrap() = fs::read_to_string(&ovr).unwrap();
+    })
+    .unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
+    assert_eq!(
+        seen.lock().unwrap().trim(),
+        qcom_reset::session::HOLD_OVERRIDE
+    );
+    assert_eq!(h.read(WLAN, "driver_override"), "vfio-pci", "put back");
+}
+
+/// An override someone else set mid-session (libvirt's reattach) is theirs: not put back.
+#[test]
+fn an_override_set_by_someone_else_mid_session_is_left_alone() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let ovr = h.host.sysfs.root.join(WLAN).join("driver_override");
+    let r = reset_changing_at_map(&h, &card, move || {
+        fs::write(&ovr, "ath11k_pci\n").unwrap();
+    })
+    .unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
+    assert_eq!(h.read(WLAN, "driver_override"), "ath11k_pci");
+}
+
+/// A killed session's old-format record (no override in it) and its hold left on the card: the
+/// hold is not taken for the card's own override, so it is cleared at the end.
+#[test]
+fn a_killed_sessions_hold_is_never_taken_for_the_original() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    let ovr = h.host.sysfs.root.join(WLAN).join("driver_override");
+    fs::write(&ovr, format!("{}\n", qcom_reset::session::HOLD_OVERRIDE)).unwrap();
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert!(r.recovered.is_some());
+    assert_eq!(h.read(WLAN, "driver_override"), "");
+}
+
+/// After a link drop that kept config space, a word changed meanwhile still goes back at post
+/// (the session knows the link dropped from the sequence's all-ones reads); a card already
+/// decoding keeps decoding for the sequence.
+#[test]
+fn a_link_drop_seen_by_the_sequence_restores_every_word() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let mut model = qcom_reset::sim::Model::new(
+        Family::Wlan,
+        0x17cb,
+        0x1103,
+        SimState::Crashed,
+        Faults::default(),
+    );
+    model.link_drop = qcom_reset::sim::LinkDrop::KeepsConfig;
+    let card = SimDevice::new(model);
+    card.clone().config_write16(4, 0x0406).unwrap(); // memory decoding already on
+    let mut c = card.clone();
+    let r = reset_changing_at_map(&h, &card, move || {
+        c.config_write16(0x3c, 0x0105).unwrap();
+    })
+    .unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
+    assert!(
+        r.restored
+            .config
+            .iter()
+            .any(|w| w == "0x3c: 0x0105 -> 0x010b"),
+        "{:?}",
+        r.restored
+    );
+    assert_eq!(card.with_model(|m| m.cfg.read16(0x3c)), 0x010b);
+}
+
+/// A killed session's port values put back before the next reset are in its report.
+#[test]
+fn the_recovered_port_is_reported() {
+    let h = host_behind_port(FakeDevice::default());
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    rec.port = Some(qcom_reset::session::port::PortRecord {
+        port: bdf(PORT),
+        ids: None,
+        command_completed: false,
+        slot_control: Some((0x58, 0x1038)),
+        aer_mask: None,
+    });
+    record::save(&h.host.run_dir, &rec).unwrap();
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(r.recovered.unwrap().port, ["0000:00:1c.0 SltCtl 0x1038"]);
 }

@@ -94,12 +94,13 @@ pub struct OwnerWatch {
 }
 
 impl OwnerWatch {
-    pub fn new(dev: &SysfsDevice) -> Result<OwnerWatch> {
-        Ok(OwnerWatch {
+    /// Watches `dev` for a change from `driver`, the driver it had when it was owned.
+    pub fn new(dev: &SysfsDevice, driver: Option<&str>) -> OwnerWatch {
+        OwnerWatch {
             dev: dev.clone(),
-            driver: dev.driver()?,
+            driver: driver.map(str::to_string),
             node: node(dev),
-        })
+        }
     }
 
     pub fn lost(&self) -> Option<Lost> {
@@ -208,7 +209,7 @@ impl Session {
             backend,
             run_dir,
             lock_wait,
-            watch: OwnerWatch::new(dev)?,
+            watch: OwnerWatch::new(dev, own.driver()),
             baseline: None,
             link_dropped: false,
             restored: None,
@@ -218,6 +219,8 @@ impl Session {
         if writes == Writes::None {
             return Ok((s, None));
         }
+        // Rebound between the ownership check and now: not one write.
+        s.still_owned()?;
         let (recovered, original) = s.recover()?;
         s.save_baseline(original)?;
         s.hold_off_drivers()?;
@@ -248,8 +251,8 @@ impl Session {
         let resources = self.dev.bar_resources().unwrap_or_default();
         let mut config = record::snapshot(self.backend.as_mut());
         let filled = record::fill_lost_bars(&mut config, &resources);
-        if !filled.is_empty() {
-            warn!(bdf = %self.bdf, "BAR words {filled:x?} read 0 although the kernel assigned an address: a link drop reset the function earlier; recorded with the kernel's address to put back");
+        for off in filled {
+            warn!(bdf = %self.bdf, "BAR word {off:#04x} reads 0 although the kernel assigned an address (a link drop reset the function earlier): recorded with the kernel's address, to put back");
         }
         let baseline = Record {
             bdf: self.bdf,
@@ -273,7 +276,6 @@ impl Session {
     fn hold_off_drivers(&self) -> Result<()> {
         match self.dev.driver_override()? {
             None => Ok(()), // a kernel without driver_override (before 3.16)
-            Some(Override::Driver(d)) if d == HOLD_OVERRIDE => Ok(()),
             Some(_) => self.dev.write("driver_override", HOLD_OVERRIDE),
         }
     }
@@ -685,7 +687,8 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
             .filter(|(off, _)| !record::BAR_WORDS.contains(off))
             .collect(),
     };
-    words.sort_by_key(|&(off, _)| (off < 0x40, std::cmp::Reverse(off)));
+    // Top down: the PCIe control words (all above the header) first, PCI_COMMAND last.
+    words.sort_by_key(|&(off, _)| std::cmp::Reverse(off));
     let differ: Vec<(u16, u16, u16)> = words
         .into_iter()
         .filter_map(|(off, want)| {

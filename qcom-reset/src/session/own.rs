@@ -20,14 +20,20 @@ pub struct Ownership {
     /// The open VFIO group; None for a device on no driver (nothing can open it through VFIO)
     /// or, with `--force`, on another driver.
     group: Option<(PathBuf, File)>,
+    /// The driver the card had when it was owned: the one the session expects throughout.
+    driver: Option<String>,
 }
 
 impl Ownership {
     /// Owns `dev`: opens its VFIO group when it is bound to vfio-pci. Fails closed: a group that
     /// cannot be opened, for any reason, means the device is not ours to write.
     pub fn take(dev_vfio: &Path, proc_root: &Path, dev: &SysfsDevice) -> Result<Ownership> {
-        if dev.driver()?.as_deref() != Some("vfio-pci") {
-            return Ok(Ownership { group: None });
+        let driver = dev.driver()?;
+        if driver.as_deref() != Some("vfio-pci") {
+            return Ok(Ownership {
+                group: None,
+                driver,
+            });
         }
         let Some(group) = dev.iommu_group()? else {
             return Err(Error::NotOwned {
@@ -40,6 +46,7 @@ impl Ownership {
         match File::options().read(true).write(true).open(&path) {
             Ok(f) => Ok(Ownership {
                 group: Some((path, f)),
+                driver,
             }),
             Err(e) => Err(match refusal(&e) {
                 Refusal::Held => {
@@ -61,6 +68,11 @@ impl Ownership {
         self.group
             .as_ref()
             .map(|(_, f)| f.try_clone().map(OwnedFd::from))
+    }
+
+    /// The driver the card had when it was owned.
+    pub fn driver(&self) -> Option<&str> {
+        self.driver.as_deref()
     }
 
     /// The held group's path, for logs.
