@@ -1,8 +1,9 @@
 //! Serves a [`Model`] behind a shared-memory file, the backing store of a QEMU ivshmem-plain BAR.
 //! The guest's reads see plain memory, so the server republishes every modelled register as the
 //! model changes, and learns of guest writes by noticing a writable register that differs from
-//! what it last published. A guest write landing between the two steps of one iteration could be
-//! overwritten; the sequences wait milliseconds between writes, the loop takes microseconds.
+//! what it last published. Republishing is a compare-and-swap against what the server last saw,
+//! so a guest write landing between the two steps of one iteration (a server descheduled for
+//! milliseconds on a loaded host) is never overwritten: the next iteration picks it up.
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -68,17 +69,21 @@ pub fn serve(
     let map = memmap2::MmapOptions::new()
         .len(size as usize)
         .map_raw(&file)?;
+    // SAFETY: every offset passed is a modelled register, below `needed` <= `size`.
     let reg = |off: u32| unsafe { map.as_mut_ptr().add(off as usize).cast::<u32>() };
     // The ivshmem BAR is the device's register BAR; its config space is QEMU's, so memory
     // decode is modelled as on and a link drop keeps it.
     model.link_drop = super::model::LinkDrop::KeepsConfig;
     model.cfg.write16(PCI_COMMAND as u16, PCI_COMMAND_MEMORY);
     let start = Instant::now();
-    let mut published = [0u32; MODELLED.len()];
+    // What the memory holds now counts as published: nothing the guest wrote yet.
+    // SAFETY: an aligned read of a register inside the mapping.
+    let mut published = MODELLED.map(|off| unsafe { std::ptr::read_volatile(reg(off)) });
     let mut last_state = None;
     while !stop() {
         let now = start.elapsed().as_micros() as u64;
         for off in WRITABLE {
+            // SAFETY: an aligned read of a register inside the mapping.
             let cur = unsafe { std::ptr::read_volatile(reg(off)) };
             let i = MODELLED
                 .iter()
@@ -86,14 +91,23 @@ pub fn serve(
                 .expect("writable registers are modelled");
             if cur != published[i] {
                 model.write32(now, off, cur);
+                published[i] = cur;
             }
         }
         for (i, off) in MODELLED.iter().enumerate() {
             let v = model.read32(now, *off);
-            if unsafe { std::ptr::read_volatile(reg(*off)) } != v {
-                unsafe { std::ptr::write_volatile(reg(*off), v) };
+            // SAFETY: register offsets are multiples of 4 inside the mapping, which outlives
+            // this loop; the guest side does plain aligned 32-bit accesses through QEMU.
+            let cell = unsafe { std::sync::atomic::AtomicU32::from_ptr(reg(*off)) };
+            let swapped = cell.compare_exchange(
+                published[i],
+                v,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            );
+            if swapped.is_ok() {
+                published[i] = v;
             }
-            published[i] = v;
         }
         let mhistatus = model.read32(now, MHISTATUS);
         let link_up = model.link_up(now);
