@@ -753,6 +753,9 @@ fn a_link_drop_seen_by_the_sequence_restores_every_word() {
         r.restored
     );
     assert_eq!(card.with_model(|m| m.cfg.read16(0x3c)), 0x010b);
+    // The test's two writes; enable memory (decoding kept on: no repair needed); post: decoding
+    // off, 0x3c, PCI_COMMAND.
+    assert_eq!(card.with_model(|m| m.config_writes), 2 + 1 + 3);
 }
 
 /// A killed session's port values put back before the next reset are in its report.
@@ -772,4 +775,46 @@ fn the_recovered_port_is_reported() {
     record::save(&h.host.run_dir, &rec).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(r.recovered.unwrap().port, ["0000:00:1c.0 SltCtl 0x1038"]);
+}
+
+/// Item 10 with only PCI_COMMAND lost (BARs kept): MMIO all-ones while config answers is
+/// repaired by turning decoding back on, and the sequence runs as reviewed.
+#[test]
+fn decoding_lost_alone_is_repaired_too() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let mut c = card.clone();
+    let r = reset_changing_at_map(&h, &card, move || {
+        c.config_write16(4, 0x0400).unwrap(); // memory decoding off, BARs as they were
+    })
+    .unwrap();
+    assert_eq!(r.outcome, Some(qcom_reset::sequence::Outcome::Completed));
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
+}
+
+/// The port's reports are masked while the sequence runs, and back after it.
+#[test]
+fn the_port_is_masked_during_the_reset() {
+    let h = host_behind_port(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let during = Arc::new(Mutex::new((0, 0)));
+    let (d, cfg) = (during.clone(), h.host.sysfs.root.join(PORT).join("config"));
+    reset_changing_at_map(&h, &card, move || {
+        let b = fs::read(&cfg).unwrap();
+        *d.lock().unwrap() = (
+            u16::from_le_bytes([b[0x58], b[0x59]]),
+            u32::from_le_bytes(b[0x108..0x10c].try_into().unwrap()),
+        );
+    })
+    .unwrap();
+    assert_eq!(
+        *during.lock().unwrap(),
+        (0x0030, 0x20),
+        "PDCE|DLLSCE off, Surprise Down masked"
+    );
+    assert_eq!(port_regs(&h), (0x1038, 0));
 }
