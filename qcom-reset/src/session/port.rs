@@ -599,6 +599,17 @@ mod tests {
         );
     }
 
+    /// A slot that had only one of the two events on gets exactly that one back.
+    #[test]
+    fn the_restore_brings_back_only_the_events_that_were_on() {
+        let mut c = FakeConfig::root_port(0x0038, 0, 0); // PDCE on, DLLSCE off
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        rec.apply(&mut c).unwrap();
+        assert_eq!(c.get16(0x58), 0x0030);
+        rec.restore(&mut c).unwrap();
+        assert_eq!(c.get16(0x58), 0x0038, "DLLSCE stays off");
+    }
+
     /// Issue 17 item 11: a slot reporting Command Completed without CCIE gets it polled and
     /// cleared after each Slot Control write; with CCIE it is pciehp's.
     #[test]
