@@ -625,6 +625,15 @@ mod tests {
             "{:?}",
             c.writes
         );
+        // No completion reported: the wait ends at its bound and clears nothing.
+        let mut silent = FakeConfig::root_port(0x1028, 0, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut silent).unwrap()).unwrap();
+        rec.apply(&mut silent).unwrap();
+        assert!(
+            !silent.writes.iter().any(|w| w.0 == 0x5a),
+            "{:?}",
+            silent.writes
+        );
         let mut irq = FakeConfig::root_port(0x1038, 0, 0);
         let rec = PortRecord::plan(&PortState::read(port(), &mut irq).unwrap()).unwrap();
         assert!(!rec.command_completed);
@@ -651,11 +660,13 @@ mod tests {
         let e = rec.same_port(&mut c).unwrap_err();
         assert!(e.contains("8086:1234") && e.contains("8086:7c0a"), "{e}");
         assert_eq!(rec.validate(), Ok(()));
-        let bad = PortRecord {
-            slot_control: Some((0x10, 0)),
-            ..rec.clone()
-        };
-        assert!(bad.validate().is_err());
+        for at in [0x10, 0x56] {
+            let bad = PortRecord {
+                slot_control: Some((at, 0)),
+                ..rec.clone()
+            };
+            assert!(bad.validate().is_err(), "{at:#x}");
+        }
         let bad = PortRecord {
             aer_mask: Some((0x102, 0)),
             ..rec
