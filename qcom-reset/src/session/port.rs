@@ -667,11 +667,16 @@ mod tests {
             };
             assert!(bad.validate().is_err(), "{at:#x}");
         }
-        let bad = PortRecord {
-            aer_mask: Some((0x102, 0)),
-            ..rec
-        };
-        assert!(bad.validate().is_err());
+        for aer in [0x102, 0xff8] {
+            let bad = PortRecord {
+                aer_mask: Some((aer, 0)),
+                ..rec.clone()
+            };
+            assert!(
+                bad.validate().is_err(),
+                "{aer:#x}: the mask would lie outside config space"
+            );
+        }
     }
 
     /// A PCIe port whose extended config space cannot be read (sysfs gives non-root only the
