@@ -732,7 +732,13 @@ mod tests {
         let mut looped = FakeConfig::root_port(0, 0, 0);
         looped.put16(0x48, 0x4801); // PM pointing at itself, PCIe never reached
         assert_eq!(find(&mut looped), None, "a loop ends after 48 entries");
-        // Extended capabilities: DPC is found behind AER; a zero header ends the walk.
+        // Extended capabilities: a next pointer below 0x100 ends the walk, even where the
+        // header's bytes there happen to look like the capability asked for.
+        let mut back = FakeConfig::root_port(0, 0, 1);
+        back.put32(0x100, 0x0801_0001); // AER, next 0x080
+        back.put32(0x80, 0x0001_001d);
+        assert_eq!(ext_capability(&mut back, PCI_EXT_CAP_ID_DPC).unwrap(), None);
+        // DPC is found behind AER; a zero header ends the walk.
         let mut c = FakeConfig::root_port(0, 0, 1);
         assert_eq!(
             ext_capability(&mut c, PCI_EXT_CAP_ID_DPC).unwrap(),
