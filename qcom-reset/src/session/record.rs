@@ -262,25 +262,29 @@ mod tests {
     /// instead of taking 0 for the truth; a BAR that holds an address is left as it reads.
     #[test]
     fn a_lost_bar_is_recorded_with_the_kernels_address() {
-        let mut words = vec![
-            (0x10, 0x0004),
-            (0x12, 0),
-            (0x14, 0),
-            (0x16, 0),
-            (0x18, 0),
-            (0x1a, 0),
-        ];
+        let mut words: Vec<(u16, u16)> = (0x10..0x20).step_by(2).map(|o| (o, 0)).collect();
+        words[0].1 = 0x0004; // BAR0's type bits: 64-bit memory
         let res = [
-            (0x1_fe00_0000, IORESOURCE_MEM | IORESOURCE_MEM_64),
+            (0x1_fe00_0000, IORESOURCE_MEM | IORESOURCE_MEM_64), // BAR0 (and BAR1, its upper half)
             (0, 0),
-            (0xe000, 0x101),
+            (0xfd00_0000, IORESOURCE_MEM), // BAR2, 32-bit
+            (0x1_0000, 0x101),             // BAR3, I/O: never filled in
         ];
         let filled = fill_lost_bars(&mut words, &res);
         if cfg!(target_arch = "x86_64") {
-            assert_eq!(filled, [0x12, 0x14, 0x16]);
+            assert_eq!(filled, [0x12, 0x14, 0x16, 0x1a]);
             assert_eq!(
-                words[..4],
-                [(0x10, 0x0004), (0x12, 0xfe00), (0x14, 0x0001), (0x16, 0)]
+                words,
+                [
+                    (0x10, 0x0004),
+                    (0x12, 0xfe00),
+                    (0x14, 0x0001),
+                    (0x16, 0),
+                    (0x18, 0),
+                    (0x1a, 0xfd00),
+                    (0x1c, 0),
+                    (0x1e, 0)
+                ]
             );
         }
         let mut held = vec![(0x10, 0x0004), (0x12, 0xfd00), (0x14, 0), (0x16, 0)];
