@@ -265,7 +265,7 @@ mod tests {
         let mut words: Vec<(u16, u16)> = (0x10..0x20).step_by(2).map(|o| (o, 0)).collect();
         words[0].1 = 0x0004; // BAR0's type bits: 64-bit memory
         let res = [
-            (0x1_fe00_0000, IORESOURCE_MEM | IORESOURCE_MEM_64), // BAR0 (and BAR1, its upper half)
+            (0x3_0001_fe00_0000, IORESOURCE_MEM | IORESOURCE_MEM_64), // BAR0 (+ BAR1: upper half)
             (0, 0),
             (0xfd00_0000, IORESOURCE_MEM), // BAR2, 32-bit
             (0x1_0000, 0x101),             // BAR3, I/O: never filled in
@@ -279,7 +279,7 @@ mod tests {
                     (0x10, 0x0004),
                     (0x12, 0xfe00),
                     (0x14, 0x0001),
-                    (0x16, 0),
+                    (0x16, 0x0003),
                     (0x18, 0),
                     (0x1a, 0xfd00),
                     (0x1c, 0),
