@@ -292,6 +292,18 @@ mod tests {
         assert_eq!(held[1], (0x12, 0xfd00));
     }
 
+    /// A record that cannot be read is an error naming it, never "no record": it may hold the
+    /// only copy of what the host needs back.
+    #[test]
+    fn an_unreadable_record_is_an_error_not_absence() {
+        let t = tempfile::tempdir().unwrap();
+        let bdf: Bdf = "0000:03:00.0".parse().unwrap();
+        assert!(load(t.path(), bdf).unwrap().is_none());
+        std::fs::create_dir(path(t.path(), bdf)).unwrap(); // reads fail with EISDIR
+        let e = load(t.path(), bdf).unwrap_err();
+        assert!(e.to_string().contains("0000:03:00.0.json"), "{e}");
+    }
+
     #[test]
     fn the_snapshot_saves_the_pcie_control_words_with_aspm_cleared() {
         let mut c = Config([0; 256]);
