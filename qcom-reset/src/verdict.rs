@@ -277,6 +277,33 @@ pub fn verify(expect: &Expect, card: &mut dyn Card, bar_len: u64) -> Verdict {
 mod tests {
     use super::*;
 
+    /// The benchmarks' and tests' card passes every access through and answers with its IDs.
+    #[test]
+    fn fixed_ids_pass_every_access_through() {
+        let mut io = FixedIds(
+            crate::io::Recorder::new(crate::io::DryRun { assumed: |o| o + 1 }),
+            (1, 2),
+        );
+        assert_eq!(io.read32(4), 5);
+        io.write32(8, 9);
+        io.delay(Duration::from_millis(3));
+        assert_eq!(io.config_ids(), (1, 2));
+        assert_eq!(
+            io.0.ops,
+            [
+                crate::io::Op::Read {
+                    offset: 4,
+                    value: 5
+                },
+                crate::io::Op::Write {
+                    offset: 8,
+                    value: 9
+                },
+                crate::io::Op::Delay { ms: 3 },
+            ]
+        );
+    }
+
     const WLAN: Expect = Expect {
         family: Family::Wlan,
         vendor: 0x17cb,
