@@ -78,6 +78,21 @@ fn port_regs(h: &FakeHost) -> (u16, u32) {
     )
 }
 
+/// What a session killed after masking the port leaves in its record: the port's Slot Control
+/// (PDCE|HPIE|DLLSCE|CCIE) to put back. Returns the record as saved.
+fn record_masked_port(h: &FakeHost) -> Record {
+    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    rec.port = Some(qcom_reset::session::port::PortRecord {
+        port: bdf(PORT),
+        ids: None,
+        command_completed: false,
+        slot_control: Some((0x58, 0x1038)),
+        aer_mask: None,
+    });
+    record::save(&h.host.run_dir, &rec).unwrap();
+    rec
+}
+
 /// Resets the WLAN card with `when_mapped` run once, as the session maps its BAR (the card
 /// changes hands or leaves the bus at exactly that moment).
 fn reset_changing_at_map(
@@ -141,15 +156,7 @@ fn a_failed_recovery_refuses_the_session_and_keeps_the_record() {
     let card = sim_in(Family::Wlan, SimState::Crashed, Faults::default());
     leave_killed_session(&h, WLAN, &card, vec![]);
     // The killed session had masked a port that cannot be reached now.
-    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
-    rec.port = Some(qcom_reset::session::port::PortRecord {
-        port: bdf(PORT),
-        ids: None,
-        command_completed: false,
-        slot_control: Some((0x58, 0x1038)),
-        aer_mask: None,
-    });
-    record::save(&h.host.run_dir, &rec).unwrap();
+    let rec = record_masked_port(&h);
     let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
     assert!(
         matches!(e, Error::RecoveryIncomplete { .. }) && e.to_string().contains("by hand"),
@@ -531,15 +538,7 @@ fn a_killed_sessions_port_masks_come_back_whoever_has_the_card() {
         let h = host_behind_port(FakeDevice::default());
         let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
         leave_killed_session(&h, WLAN, &card, vec![]);
-        let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
-        rec.port = Some(qcom_reset::session::port::PortRecord {
-            port: bdf(PORT),
-            ids: None,
-            command_completed: false,
-            slot_control: Some((0x58, 0x1038)),
-            aer_mask: None,
-        });
-        record::save(&h.host.run_dir, &rec).unwrap();
+        record_masked_port(&h);
         // What the killed session left on the port: PDCE|DLLSCE masked.
         let cfg = h.host.sysfs.root.join(PORT).join("config");
         let mut bytes = fs::read(&cfg).unwrap();
@@ -764,15 +763,7 @@ fn the_recovered_port_is_reported() {
     let h = host_behind_port(FakeDevice::default());
     let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
     leave_killed_session(&h, WLAN, &card, vec![]);
-    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
-    rec.port = Some(qcom_reset::session::port::PortRecord {
-        port: bdf(PORT),
-        ids: None,
-        command_completed: false,
-        slot_control: Some((0x58, 0x1038)),
-        aer_mask: None,
-    });
-    record::save(&h.host.run_dir, &rec).unwrap();
+    record_masked_port(&h);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(r.recovered.unwrap().port, ["0000:00:1c.0 SltCtl 0x1038"]);
 }

@@ -1440,7 +1440,10 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
     let log = section(console, "agent-log");
     let (_, asked) = stamped(&log, "reset: wait for the modem to reboot")?;
     // A card taken mid-session gets no verdict: the session ends with this line instead.
-    let (_, verdict) = stamped(&log, "during the session: no further config or power writes")?;
+    let (_, verdict) = stamped(
+        &log,
+        "during the session: no further config or power writes",
+    )?;
     ensure!(
         asked < start && end < verdict,
         "the handover ({start}..{end} ns) was not inside the reset (SoC reset asked at {asked}, session ended at {verdict})"
