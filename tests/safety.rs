@@ -78,6 +78,14 @@ fn port_regs(h: &FakeHost) -> (u16, u32) {
     )
 }
 
+/// What a killed session left on the port: PDCE|DLLSCE masked.
+fn mask_port(h: &FakeHost) {
+    let cfg = h.host.sysfs.root.join(PORT).join("config");
+    let mut bytes = fs::read(&cfg).unwrap();
+    bytes[0x58..0x5a].copy_from_slice(&0x0030u16.to_le_bytes());
+    fs::write(&cfg, bytes).unwrap();
+}
+
 /// What a session killed after masking the port leaves in its record: the port's Slot Control
 /// (PDCE|HPIE|DLLSCE|CCIE) to put back. Returns the record as saved.
 fn record_masked_port(h: &FakeHost) -> Record {
@@ -539,11 +547,7 @@ fn a_killed_sessions_port_masks_come_back_whoever_has_the_card() {
         let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
         leave_killed_session(&h, WLAN, &card, vec![]);
         record_masked_port(&h);
-        // What the killed session left on the port: PDCE|DLLSCE masked.
-        let cfg = h.host.sysfs.root.join(PORT).join("config");
-        let mut bytes = fs::read(&cfg).unwrap();
-        bytes[0x58..0x5a].copy_from_slice(&0x0030u16.to_le_bytes());
-        fs::write(&cfg, bytes).unwrap();
+        mask_port(&h);
         if gone {
             let dir = h.host.sysfs.root.join(WLAN);
             fs::remove_dir_all(fs::canonicalize(&dir).unwrap()).unwrap();
@@ -764,8 +768,10 @@ fn the_recovered_port_is_reported() {
     let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
     leave_killed_session(&h, WLAN, &card, vec![]);
     record_masked_port(&h);
+    mask_port(&h);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(r.recovered.unwrap().port, ["0000:00:1c.0 SltCtl 0x1038"]);
+    assert_eq!(port_regs(&h).0, 0x1038);
 }
 
 /// Item 10 with only PCI_COMMAND lost (BARs kept): MMIO all-ones while config answers is
@@ -808,4 +814,60 @@ fn the_port_is_masked_during_the_reset() {
         "PDCE|DLLSCE off, Surprise Down masked"
     );
     assert_eq!(port_regs(&h), (0x1038, 0));
+}
+
+/// The port's config space made unwritable for the test's length: immutable for root (who
+/// writes through a mode), read-only for anyone else. Undone on drop, panic or not, so the
+/// temporary directory can go.
+struct Unwritable(PathBuf);
+
+impl Unwritable {
+    fn new(path: PathBuf) -> Unwritable {
+        let f = fs::File::open(&path).unwrap();
+        if rustix::process::geteuid().is_root() {
+            rustix::fs::ioctl_setflags(&f, rustix::fs::IFlags::IMMUTABLE).expect(
+                "chattr +i on the fake port's config (the test's tempdir needs ext4/xfs/btrfs)",
+            );
+        } else {
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+                .unwrap();
+        }
+        Unwritable(path)
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        if let Ok(f) = fs::File::open(&self.0) {
+            let _ = rustix::fs::ioctl_setflags(&f, rustix::fs::IFlags::empty());
+        }
+        let _ = fs::set_permissions(&self.0, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    }
+}
+
+/// Item 11, the guard's own failure: a port whose masks cannot be written refuses the reset
+/// (nothing written to the card) unless the admin accepted an unguarded link drop, when the
+/// reset goes on and ends clean.
+#[test]
+fn a_port_guard_that_cannot_write_refuses_unless_allowed() {
+    let h = host_behind_port(FakeDevice::default());
+    let _ro = Unwritable::new(h.host.sysfs.root.join(PORT).join("config"));
+    let card = sim(Family::Wlan, Faults::default());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::PortGuard { .. }), "{e}");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        0,
+        "refused before the card"
+    );
+    let allowed = Request {
+        allow_unguarded_link_drop: true,
+        ..Request::new(bdf(WLAN))
+    };
+    let r = reset_with(&h, &allowed, &card).unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::Clean
+    );
+    assert_eq!(port_regs(&h), (0x1038, 0), "the port as it was");
 }

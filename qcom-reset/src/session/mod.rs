@@ -389,20 +389,18 @@ impl Session {
         let Some(b) = self.baseline.as_mut() else {
             return Ok(()); // observe-only sessions write nothing
         };
-        b.port = Some(rec.clone());
-        record::save(&self.run_dir, b)?;
-        let why = match port_config(&self.dev, rec.port) {
-            Ok(mut cfg) => match rec.apply(&mut cfg) {
-                Ok(()) => return Ok(()),
-                Err(e) => GuardFailure::Io(e),
-            },
-            Err(e) => e,
-        };
-        Err(Error::PortGuard {
+        // Opened before the record names the port: a port that cannot even be opened for
+        // writing is refused with nothing recorded.
+        let guard_failure = |why| Error::PortGuard {
             bdf: self.bdf,
             port: rec.port,
             why,
-        })
+        };
+        let mut cfg = port_config(&self.dev, rec.port).map_err(guard_failure)?;
+        b.port = Some(rec.clone());
+        record::save(&self.run_dir, b)?;
+        rec.apply(&mut cfg)
+            .map_err(|e| guard_failure(GuardFailure::Io(e)))
     }
 
     /// Makes `device_specific` the only reset method for one kernel reset, the list it had

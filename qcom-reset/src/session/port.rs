@@ -254,32 +254,38 @@ impl PortRecord {
     /// Clears what the link drop latched (write-1-to-clear), then puts back the enables the
     /// guard changed, as `pciehp_reset_slot` does. Only those bits: the rest of Slot Control
     /// (power, indicators) and the AER mask may have been changed since by pciehp or the admin,
-    /// and a record can be old. Returns one line per register restored.
+    /// and a record can be old. A register whose bits already read as recorded was never masked
+    /// (the guard's write failed, as under lockdown) or was put back: it is left unwritten, so
+    /// a port nobody can write does not hold its record forever. Returns one line per register.
     pub fn restore(&self, cfg: &mut dyn ConfigSpace) -> Result<Vec<String>, String> {
         let mut done = Vec::new();
         let mut errors = Vec::new();
         if let Some((at, ctl)) = self.slot_control {
             let sta = at - PCI_EXP_SLTCTL + PCI_EXP_SLTSTA;
-            let r = cfg.write16(sta, SLTSTA_LINK_EVENTS).and_then(|()| {
-                let now = cfg.read16(at)?;
+            let r = cfg.read16(at).and_then(|now| {
+                if now & SLTCTL_LINK_EVENTS == ctl & SLTCTL_LINK_EVENTS {
+                    return Ok((now, " (as recorded)"));
+                }
+                cfg.write16(sta, SLTSTA_LINK_EVENTS)?;
                 let v = (now & !SLTCTL_LINK_EVENTS) | (ctl & SLTCTL_LINK_EVENTS);
-                self.write_slot_control(cfg, at, v).map(|()| v)
+                self.write_slot_control(cfg, at, v).map(|()| (v, ""))
             });
             match r {
-                Ok(v) => done.push(format!("{} SltCtl {v:#06x}", self.port)),
+                Ok((v, note)) => done.push(format!("{} SltCtl {v:#06x}{note}", self.port)),
                 Err(e) => errors.push(format!("{} SltCtl: {e}", self.port)),
             }
         }
         if let Some((aer, mask)) = self.aer_mask {
-            let r = cfg
-                .write32(aer + PCI_ERR_UNCOR_STATUS, PCI_ERR_UNC_SURPDN)
-                .and_then(|()| {
-                    let now = cfg.read32(aer + PCI_ERR_UNCOR_MASK)?;
-                    let v = (now & !PCI_ERR_UNC_SURPDN) | (mask & PCI_ERR_UNC_SURPDN);
-                    cfg.write32(aer + PCI_ERR_UNCOR_MASK, v).map(|()| v)
-                });
+            let r = cfg.read32(aer + PCI_ERR_UNCOR_MASK).and_then(|now| {
+                if now & PCI_ERR_UNC_SURPDN == mask & PCI_ERR_UNC_SURPDN {
+                    return Ok((now, " (as recorded)"));
+                }
+                cfg.write32(aer + PCI_ERR_UNCOR_STATUS, PCI_ERR_UNC_SURPDN)?;
+                let v = (now & !PCI_ERR_UNC_SURPDN) | (mask & PCI_ERR_UNC_SURPDN);
+                cfg.write32(aer + PCI_ERR_UNCOR_MASK, v).map(|()| (v, ""))
+            });
             match r {
-                Ok(v) => done.push(format!("{} AER UncorMask {v:#010x}", self.port)),
+                Ok((v, note)) => done.push(format!("{} AER UncorMask {v:#010x}{note}", self.port)),
                 Err(e) => errors.push(format!("{} AER UncorMask: {e}", self.port)),
             }
         }
@@ -580,6 +586,35 @@ mod tests {
         );
     }
 
+    /// A guard whose writes were refused (lockdown) masked nothing: its restore writes nothing
+    /// and succeeds, so the record can go; a register that was masked is still put back.
+    #[test]
+    fn the_restore_writes_nothing_where_the_guard_wrote_nothing() {
+        let mut c = FakeConfig::root_port(0x1038, 0x0040_0000, 0);
+        let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
+        c.read_only = true;
+        assert!(rec.apply(&mut c).is_err());
+        let done = rec.restore(&mut c).unwrap();
+        assert_eq!(
+            done,
+            [
+                "0000:00:1c.0 SltCtl 0x1038 (as recorded)",
+                "0000:00:1c.0 AER UncorMask 0x00400000 (as recorded)"
+            ]
+        );
+        c.read_only = false;
+        rec.apply(&mut c).unwrap();
+        c.put32(0x108, 0x0040_0000); // only Slot Control stayed masked
+        c.writes.clear();
+        rec.restore(&mut c).unwrap();
+        assert_eq!(c.writes, vec![(0x5a, 0x0108), (0x58, 0x1038)]);
+        c.put16(0x58, 0x1038);
+        c.put32(0x108, 0x0040_0020); // only the AER mask stayed masked
+        c.writes.clear();
+        rec.restore(&mut c).unwrap();
+        assert_eq!(c.writes, vec![(0x104, 0x20), (0x108, 0x0040_0000)]);
+    }
+
     /// Issue 17 item 4 (F10): the restore puts back only the bits the guard changed; what
     /// pciehp or the admin changed since (power controller, indicators, other AER masks)
     /// stays, even from an old record.
@@ -793,8 +828,8 @@ mod tests {
     fn a_port_that_refuses_writes_reports_it() {
         let mut c = FakeConfig::root_port(0x1038, 0, 0);
         let rec = PortRecord::plan(&PortState::read(port(), &mut c).unwrap()).unwrap();
-        c.read_only = true;
-        assert!(rec.apply(&mut c).is_err());
+        rec.apply(&mut c).unwrap();
+        c.read_only = true; // masked, then the port stopped taking writes
         let e = rec.restore(&mut c).unwrap_err();
         assert!(e.contains("SltCtl") && e.contains("AER"), "{e}");
     }
