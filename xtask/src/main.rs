@@ -68,6 +68,11 @@ enum Cmd {
         /// behind a PCIe root port (the kernel's bus reset, the <=7.1 case), or both.
         #[arg(long, value_enum, default_value_t = TopologyChoice::Both)]
         topology: TopologyChoice,
+        /// What the simulated card is to the guest: a vfio-user PCI function with the card's
+        /// IDs, config space and BAR0 (QEMU 11 from Debian's trixie-backports, unpacked under the
+        /// lab's cache), or the older ivshmem stand-in with profile/BAR overrides.
+        #[arg(long, value_enum, default_value_t = vm::CardKind::Ivshmem)]
+        card: vm::CardKind,
         /// Echo the guest console.
         #[arg(long)]
         verbose: bool,
@@ -176,8 +181,9 @@ fn main() -> anyhow::Result<()> {
             kernels,
             scenarios,
             topology,
+            card,
             verbose,
-        } => vm::vm_test(&kernels, &scenarios, topology.topologies(), verbose),
+        } => vm::vm_test(&kernels, &scenarios, topology.topologies(), card, verbose),
         Cmd::Demo { kernel } => vm::demo(&kernel),
         Cmd::BenchLab {
             kernel,

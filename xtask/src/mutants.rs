@@ -40,7 +40,10 @@ pub fn run(files: &[String]) -> anyhow::Result<()> {
     let out = workspace_root().join("target/mutants");
     std::fs::create_dir_all(&out)?;
     let mut cmd = cargo();
+    // The `mutants` profile (no debug info) links each mutant's test binaries about three
+    // times faster than `test`: about 11 s a mutant here instead of 30-45.
     cmd.args(["mutants", "--package", "qcom-reset", "--timeout", "120"])
+        .args(["--profile", "mutants"])
         .arg("--output")
         .arg(&out);
     for f in &files {

@@ -1,12 +1,14 @@
-//! Serves the firmware simulator behind a shared-memory file, e.g. the backing store of a QEMU
-//! ivshmem-plain BAR, so the real qcom-reset in a guest resets a simulated card through a real
-//! PCI BAR. Writes a JSON report (writes received, conformance with the reviewed sequence, state).
+//! Serves the firmware simulator to a QEMU guest, so the real qcom-reset in it resets a simulated
+//! card: as a whole vfio-user PCI function (`--vfio-user`: the card's IDs, config space and
+//! BAR0), or behind a shared-memory file, the backing store of an ivshmem-plain BAR (`--shm`,
+//! for QEMU before 10.1). Writes a JSON report (writes received, conformance with the reviewed
+//! sequence, state, and the resets the kernel delivered).
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
 use qcom_reset::devices;
-use qcom_reset::sim::{Faults, Model, SimState, shm};
+use qcom_reset::sim::{Faults, LinkDrop, Model, SimState, shm};
 
 #[derive(Parser)]
 #[command(
@@ -19,8 +21,21 @@ struct Args {
     #[arg(long, default_value = "wcn6855")]
     profile: String,
     /// Shared-memory file (created and sized if needed), e.g. /dev/shm/qcom-reset-sim.
+    #[arg(
+        long,
+        required_unless_present = "vfio_user",
+        conflicts_with = "vfio_user"
+    )]
+    shm: Option<PathBuf>,
+    /// vfio-user socket to listen on for one QEMU `vfio-user-pci` client.
     #[arg(long)]
-    shm: PathBuf,
+    vfio_user: Option<PathBuf>,
+    /// IDs to present instead of the profile's, VVVV:DDDD (a sibling the device table lacks).
+    #[arg(long, value_parser = parse_ids)]
+    ids: Option<(u16, u16)>,
+    /// What a link drop does to config space (vfio-user only: with `--shm` it is QEMU's).
+    #[arg(long, value_enum, default_value_t = LinkDrop::FunctionReset)]
+    link_drop: LinkDrop,
     /// Size of the file in bytes (QEMU's memory-backend-file size).
     #[arg(long, default_value_t = 1 << 20)]
     size: u64,
@@ -39,6 +54,17 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+fn parse_ids(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not VVVV:DDDD (hex vendor and device IDs)");
+    let (v, d) = s.split_once(':').ok_or_else(bad)?;
+    let hex = |x: &str| u16::from_str_radix(x, 16).map_err(|_| bad());
+    Ok((hex(v)?, hex(d)?))
+}
+
+fn stopped() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,18 +87,49 @@ fn main() -> anyhow::Result<()> {
     } else {
         a.fault.as_str()
     };
+    let (vendor, device) = a.ids.unwrap_or((p.vendor, p.device));
+    let mut model = Model::new(p.family, vendor, device, a.state, faults);
+    let stop: &'static (dyn Fn() -> bool + Sync) = &stopped;
+    let (on, path) = match (&a.vfio_user, &a.shm) {
+        (Some(socket), _) => ("vfio-user socket", socket),
+        (None, Some(file)) => ("shared memory", file),
+        (None, None) => unreachable!("clap requires one of --shm and --vfio-user"),
+    };
     eprintln!(
-        "qcom-reset-sim: {} ({}) in state {:?} on {}, faults: {shown}",
+        "qcom-reset-sim: {} ({}, {:04x}:{:04x}) in state {:?} on {on} {}, faults: {shown}",
         p.name,
         p.family.name(),
+        vendor,
+        device,
         a.state,
-        a.shm.display()
+        path.display()
     );
-    shm::serve(
-        &a.shm,
-        a.size,
-        Model::new(p.family, p.vendor, p.device, a.state, faults),
-        &a.report,
-        &|| STOP.load(Ordering::SeqCst),
+    if a.vfio_user.is_some() {
+        model.link_drop = a.link_drop;
+        return serve_vfio_user(path, model, &a.report, stop);
+    }
+    shm::serve(path, a.size, model, &a.report, stop)
+}
+
+#[cfg(feature = "vfio-user")]
+fn serve_vfio_user(
+    socket: &std::path::Path,
+    model: Model,
+    report: &std::path::Path,
+    stop: &'static (dyn Fn() -> bool + Sync),
+) -> anyhow::Result<()> {
+    let card = qcom_reset::sim::vfio_user::Card::new(model);
+    qcom_reset::sim::vfio_user::serve(socket, card, report, stop)
+}
+
+#[cfg(not(feature = "vfio-user"))]
+fn serve_vfio_user(
+    _: &std::path::Path,
+    _: Model,
+    _: &std::path::Path,
+    _: &'static (dyn Fn() -> bool + Sync),
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this qcom-reset-sim was built without vfio-user; fix: cargo build --features vfio-user --bin qcom-reset-sim"
     )
 }

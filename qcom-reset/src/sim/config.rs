@@ -28,6 +28,10 @@ pub struct SimConfig {
     rw: [u16; WORDS],
     /// Every word after a function reset.
     reset: [u16; WORDS],
+    /// Where BAR0 decodes: the address the tests' host maps, or (`None`) wherever QEMU maps
+    /// it: QEMU's vfio emulates the BAR registers (the guest reads QEMU's copy, which no reset
+    /// of ours clears), so behind it only PCI_COMMAND's memory bit decides.
+    home: Option<u32>,
 }
 
 impl SimConfig {
@@ -38,6 +42,7 @@ impl SimConfig {
             words: [0; WORDS],
             rw: [0; WORDS],
             reset: [0; WORDS],
+            home: Some(BAR0_ADDRESS),
         };
         let class: u16 = match family {
             Family::Wlan => 0x0280,  // network controller, other
@@ -131,10 +136,17 @@ impl SimConfig {
         self.read16(0x04)
     }
 
-    /// MMIO reaches the registers: memory decoding on and BAR0 at the address the host maps.
+    /// BAR0 is placed by QEMU, not by these registers (the vfio-user card).
+    pub fn bars_emulated(&mut self) {
+        self.home = None;
+    }
+
+    /// MMIO reaches the registers: memory decoding on and BAR0 at the address the host maps
+    /// (QEMU's mapping, where the BARs are QEMU's).
     pub fn decodes(&self) -> bool {
         let bar0 = (self.read16(0x12) as u32) << 16 | (self.read16(0x10) as u32 & 0xfff0);
-        self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && bar0 == BAR0_ADDRESS
+        let placed = self.home.is_none_or(|home| bar0 == home);
+        self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && placed
     }
 
     /// Every word, for comparing config spaces.
@@ -187,5 +199,18 @@ mod tests {
         );
         w.write16(0x04, 0x0002);
         assert!(w.decodes());
+        w.write16(0x12, 0xfd00);
+        assert!(!w.decodes(), "the host maps BAR0 at 0xfe000000 only");
+        w.bars_emulated();
+        w.function_reset();
+        assert!(
+            !w.decodes(),
+            "QEMU maps it, but decoding is off after a reset"
+        );
+        w.write16(0x04, 0x0002);
+        assert!(
+            w.decodes(),
+            "memory decoding alone counts where QEMU has the BARs"
+        );
     }
 }

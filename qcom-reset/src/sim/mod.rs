@@ -1,9 +1,12 @@
 //! The firmware simulator: [`model::Model`] driven by a virtual clock in-process (tests), or by
-//! the wall clock behind a shared-memory BAR served by `qcom-reset-sim` (the VM lab's ivshmem).
+//! the wall clock behind a shared-memory BAR served by `qcom-reset-sim` (the VM lab's ivshmem),
+//! or as a whole PCI function over vfio-user (feature `vfio-user`, QEMU >= 10.1).
 pub mod config;
 pub mod conformance;
 pub mod model;
 pub mod shm;
+#[cfg(feature = "vfio-user")]
+pub mod vfio_user;
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};

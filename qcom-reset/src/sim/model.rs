@@ -263,6 +263,14 @@ impl Model {
         }
     }
 
+    /// A reset from outside the register BAR (a bus reset above the card, VFIO's device
+    /// reset): config space goes back to its reset values, the SoC and its firmware keep their
+    /// state, which is what makes the kernel's "success" meaningless on these parts.
+    pub fn kernel_reset(&mut self, now: u64) {
+        self.advance(now);
+        self.cfg.function_reset();
+    }
+
     pub fn config_read16(&mut self, now: u64, offset: u64) -> u16 {
         self.advance(now);
         if !self.link_up(now) {

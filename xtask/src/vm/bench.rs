@@ -72,7 +72,9 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
     {
         let sim = Sim::start(
             &bins.sim,
+            super::CardKind::Ivshmem,
             (profile, ""),
+            None,
             "mission",
             &dir,
             &format!("bench{i}"),
@@ -95,7 +97,15 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
         o.idle_s,
         log.display()
     );
-    let boot = qemu::boot(&k.vmlinux, &cpio, &args, timeout, &log, false)?;
+    let boot = qemu::boot(
+        &qemu::Qemu::Host,
+        &k.vmlinux,
+        &cpio,
+        &args,
+        timeout,
+        &log,
+        false,
+    )?;
     for s in sims {
         let _ = s.finish();
     }

@@ -348,3 +348,44 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> anyhow::Result<()> {
         bzimage.display()
     )
 }
+
+/// QEMU with the vfio-user client (>= 10.1): Debian trixie-backports' build, unpacked with
+/// mmdebstrap into a root of its own under the cache (about 250 MiB, under a minute once) and
+/// run through that root's dynamic loader, so the machine's own QEMU and apt sources stay as
+/// they are. Returns the root.
+pub fn vfio_user_qemu() -> anyhow::Result<PathBuf> {
+    let root = cache_dir().join("qemu-vfio-user");
+    let done = root.join(".qcom-reset-vmlab-complete");
+    if done.exists() {
+        return Ok(root);
+    }
+    if !rustix_is_root() {
+        bail!("the VM lab's vfio-user QEMU is unpacked with mmdebstrap, which needs root once");
+    }
+    if !have("mmdebstrap") {
+        apt_install(&["mmdebstrap"])?;
+    }
+    eprintln!(
+        "xtask: unpacking QEMU 11 (trixie-backports, with the vfio-user client) into {} (once, about a minute)",
+        root.display()
+    );
+    let _ = std::fs::remove_dir_all(&root);
+    run(Command::new("mmdebstrap")
+        .args([
+            "--variant=apt",
+            "--mode=root",
+            "--quiet",
+            "--aptopt=APT::Default-Release \"trixie-backports\"",
+            "--aptopt=APT::Install-Recommends \"false\"",
+            "--include=qemu-system-x86,qemu-system-data",
+            "trixie",
+        ])
+        .arg(&root)
+        .args([
+            "deb http://deb.debian.org/debian trixie main",
+            "deb http://deb.debian.org/debian trixie-backports main",
+        ]))
+    .context("mmdebstrap of the vfio-user QEMU root")?;
+    std::fs::write(&done, "")?;
+    Ok(root)
+}

@@ -52,6 +52,8 @@ fn build() -> anyhow::Result<Binaries> {
         "--release",
         "-p",
         "qcom-reset",
+        "--features",
+        "vfio-user",
         "--bin",
         "qcom-reset-sim",
     ]))?;
@@ -63,56 +65,107 @@ fn build() -> anyhow::Result<Binaries> {
     })
 }
 
+/// What the simulated card is to the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CardKind {
+    /// A vfio-user PCI function with the card's IDs, config space and BAR0 (QEMU >= 10.1, run
+    /// from the lab's own trixie-backports root).
+    VfioUser,
+    /// The older stand-in: an ivshmem device (1af4:1110) whose BAR2 holds the registers,
+    /// configured into the agent by `profile`/`bar` overrides. Its config space is QEMU's: it
+    /// never resets and its link never drops. Kept for QEMU < 10.1 and until every scenario
+    /// passes on the vfio-user card.
+    #[default]
+    Ivshmem,
+}
+
+impl CardKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CardKind::VfioUser => "vfio-user",
+            CardKind::Ivshmem => "ivshmem",
+        }
+    }
+
+    fn qemu(self) -> anyhow::Result<qemu::Qemu> {
+        Ok(match self {
+            CardKind::VfioUser => qemu::Qemu::Root(host::vfio_user_qemu()?),
+            CardKind::Ivshmem => qemu::Qemu::Host,
+        })
+    }
+}
+
 struct Sim {
     child: Child,
-    shm: PathBuf,
+    kind: CardKind,
+    /// The shared-memory file (ivshmem) or the vfio-user socket.
+    path: PathBuf,
     report: PathBuf,
 }
 
 impl Sim {
     fn start(
         bin: &Path,
+        kind: CardKind,
         (profile, faults): (&str, &str),
+        ids: Option<&str>,
         state: &str,
         dir: &Path,
         tag: &str,
     ) -> anyhow::Result<Sim> {
-        let shm = PathBuf::from(format!(
-            "/dev/shm/qcom-reset-vmlab-{}-{tag}",
-            std::process::id()
-        ));
+        let base = format!("qcom-reset-vmlab-{}-{tag}", std::process::id());
+        let (path, flag) = match kind {
+            CardKind::Ivshmem => (PathBuf::from("/dev/shm").join(base), "--shm"),
+            CardKind::VfioUser => (std::env::temp_dir().join(base + ".sock"), "--vfio-user"),
+        };
         let report = dir.join(format!("{tag}-sim.json"));
-        let _ = std::fs::remove_file(&shm);
+        let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(&report);
         let child = Command::new(bin)
-            .args([
-                "--profile",
-                profile,
-                "--state",
-                state,
-                "--fault",
-                faults,
-                "--shm",
-            ])
-            .arg(&shm)
+            .args(["--profile", profile, "--state", state, "--fault", faults])
+            .args(
+                ids.filter(|_| kind == CardKind::VfioUser)
+                    .map(|i| ["--ids", i])
+                    .into_iter()
+                    .flatten(),
+            )
+            .arg(flag)
+            .arg(&path)
             .arg("--report")
             .arg(&report)
             .spawn()
             .context("starting qcom-reset-sim")?;
+        let ready = |p: &Path| match kind {
+            CardKind::Ivshmem => std::fs::metadata(p).is_ok_and(|m| m.len() >= 1 << 20),
+            CardKind::VfioUser => p.exists(),
+        };
         let t = Instant::now();
-        while !shm.exists() || std::fs::metadata(&shm)?.len() < 1 << 20 {
+        while !ready(&path) {
             if t.elapsed() > Duration::from_secs(10) {
-                bail!("the simulator did not create {}", shm.display());
+                bail!("the simulator did not create {}", path.display());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Sim { child, shm, report })
+        Ok(Sim {
+            child,
+            kind,
+            path,
+            report,
+        })
     }
 
     fn qemu_args(&self, topology: Topology) -> Vec<String> {
-        let mut args = self.memory("simbar");
-        args.extend(topology.ivshmem("simbar"));
-        args
+        match self.kind {
+            CardKind::Ivshmem => {
+                let mut args = self.memory("simbar");
+                args.extend(topology.place("ivshmem-plain,memdev=simbar"));
+                args
+            }
+            CardKind::VfioUser => topology.place(&format!(
+                "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}",
+                self.path.display()
+            )),
+        }
     }
 
     /// The shared memory as QEMU memory backend `id`.
@@ -121,7 +174,7 @@ impl Sim {
             "-object".into(),
             format!(
                 "memory-backend-file,id={id},share=on,mem-path={},size=1M",
-                self.shm.display()
+                self.path.display()
             ),
         ]
     }
@@ -130,7 +183,7 @@ impl Sim {
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.shm);
+        let _ = std::fs::remove_file(&self.path);
         let text = std::fs::read_to_string(&self.report)
             .context("the simulator wrote no report (no guest write reached it?)")?;
         Ok(serde_json::from_str(&text)?)
@@ -144,7 +197,23 @@ pub struct Outcome {
     pub sim: Option<serde_json::Value>,
 }
 
+/// The lab's card and the QEMU that can present it.
+pub struct Lab {
+    pub card: CardKind,
+    qemu: qemu::Qemu,
+}
+
+impl Lab {
+    pub fn new(card: CardKind) -> anyhow::Result<Lab> {
+        Ok(Lab {
+            card,
+            qemu: card.qemu()?,
+        })
+    }
+}
+
 fn run_scenario(
+    lab: &Lab,
     k: &host::Kernel,
     ird: &initramfs::Initramfs,
     run: &Run,
@@ -155,19 +224,41 @@ fn run_scenario(
     let dir = host::cache_dir().join("runs").join(&k.version);
     std::fs::create_dir_all(&dir)?;
     ird.add_text("/scenario.sh", &sc.script(), 0o755)?;
+    if let Some((profile, _)) = sc.simulator() {
+        let env = scenarios::card_env(lab.card, profile, sc.card_ids());
+        ird.add_text("/card.env", &env, 0o644)?;
+    }
     let tag = run.tag();
     let cpio = dir.join(format!("{tag}.cpio"));
     ird.write(&cpio)?;
     let sim = sc
         .simulator()
-        .map(|spec| Sim::start(&bins.sim, spec, run.state, &dir, &tag))
+        .map(|spec| {
+            Sim::start(
+                &bins.sim,
+                lab.card,
+                spec,
+                sc.card_ids(),
+                run.state,
+                &dir,
+                &tag,
+            )
+        })
         .transpose()?;
     let mut extra = sc.devices();
     if let Some(s) = &sim {
         extra.extend(s.qemu_args(run.topology));
     }
     let log = dir.join(format!("{tag}.log"));
-    let boot = qemu::boot(&k.vmlinux, &cpio, &extra, BOOT_TIMEOUT, &log, echo);
+    let boot = qemu::boot(
+        &lab.qemu,
+        &k.vmlinux,
+        &cpio,
+        &extra,
+        BOOT_TIMEOUT,
+        &log,
+        echo,
+    );
     let sim_report = match sim {
         Some(s) => s.finish().ok(),
         None => None,
@@ -228,9 +319,12 @@ pub fn vm_test(
     kernels: &[String],
     scenarios: &[Scenario],
     topologies: &[Topology],
+    card: CardKind,
     verbose: bool,
 ) -> anyhow::Result<()> {
     let bins = build()?;
+    let lab = Lab::new(card)?;
+    println!("vm-test: the card is {}", card.name());
     let kernels: Vec<String> = if kernels.is_empty() {
         DEFAULT_KERNELS.map(String::from).to_vec()
     } else {
@@ -252,7 +346,7 @@ pub fn vm_test(
                 println!("SKIP {} {}: {why}", k.version, run.label());
                 continue;
             }
-            match run_scenario(&k, &ird, &run, &bins, verbose) {
+            match run_scenario(&lab, &k, &ird, &run, &bins, verbose) {
                 Ok(o) => {
                     passed += 1;
                     println!(
@@ -310,7 +404,14 @@ pub fn demo(kernel: &str) -> anyhow::Result<()> {
         topology: Topology::RootPort,
         state: "mission",
     };
-    let o = run_scenario(&k, &ird, &run, &bins, false)?;
+    let o = run_scenario(
+        &Lab::new(CardKind::default())?,
+        &k,
+        &ird,
+        &run,
+        &bins,
+        false,
+    )?;
     println!("\n== What the kernel did (seen by the probes)");
     for l in qemu::section(&o.console, "agent-log")
         .iter()

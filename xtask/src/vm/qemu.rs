@@ -1,7 +1,7 @@
 //! One guest boot under QEMU/TCG (no usable KVM on these hosts): q35 with intel-iommu for VFIO,
 //! qboot and the PVH entry of the uncompressed kernel, serial console captured, always ends.
 use std::io::{BufRead as _, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,7 +16,50 @@ pub struct Boot {
     pub wall: Duration,
 }
 
+/// Which QEMU runs the guest.
+#[derive(Clone, Debug)]
+pub enum Qemu {
+    /// The machine's own (bookworm-backports' 10.0): enough for the ivshmem card.
+    Host,
+    /// The vfio-user-capable build unpacked under this root (see `host::vfio_user_qemu`).
+    Root(PathBuf),
+}
+
+impl Qemu {
+    fn command(&self) -> Command {
+        match self {
+            Qemu::Host => Command::new("qemu-system-x86_64"),
+            Qemu::Root(r) => {
+                // The root's own loader and libraries, so its glibc need not be the machine's.
+                let mut c = Command::new(r.join("lib64/ld-linux-x86-64.so.2"));
+                c.arg("--library-path")
+                    .arg(format!(
+                        "{}:{}",
+                        r.join("lib/x86_64-linux-gnu").display(),
+                        r.join("usr/lib/x86_64-linux-gnu").display()
+                    ))
+                    .arg(r.join("usr/bin/qemu-system-x86_64"))
+                    .arg("-L")
+                    .arg(r.join("usr/share/qemu"));
+                c
+            }
+        }
+    }
+}
+
+impl Qemu {
+    /// The guest's IOMMU (its vfio-pci needs one). A VFIO device behind it, as the vfio-user
+    /// card is to QEMU, needs caching mode: QEMU must see every mapping the guest makes.
+    fn iommu(&self) -> &'static str {
+        match self {
+            Qemu::Host => "intel-iommu",
+            Qemu::Root(_) => "intel-iommu,caching-mode=on",
+        }
+    }
+}
+
 pub fn boot(
+    qemu: &Qemu,
     vmlinux: &Path,
     initrd: &Path,
     extra: &[String],
@@ -25,13 +68,14 @@ pub fn boot(
     echo: bool,
 ) -> anyhow::Result<Boot> {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = qemu
+        .command()
         .args([
             "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2",
         ])
         .args([
             "-bios",
-            "/usr/share/qemu/qboot.rom",
+            "qboot.rom",
             "-vga",
             "none",
             "-nic",
@@ -47,7 +91,7 @@ pub fn boot(
             "-append",
             "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on",
         ])
-        .args(["-device", "intel-iommu"])
+        .args(["-device", qemu.iommu()])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -51,11 +51,14 @@ pub enum Scenario {
     /// through runtime PM (QEMU has no _PR3: D3hot, no real power cut), rescanned, rebound to
     /// vfio-pci with autoprobe held off, then reset and verified clean.
     Power,
-    /// A modem added by ID (`[[device]] ids = "1af4:1110" profile = "sdx55"`, an experimental
+    /// A modem added by ID (`[[device]] ids = "17cb:03ff" profile = "sdx55"`, an experimental
     /// profile named for it) is reset like any target; `status` and `reset --only-targets` follow
     /// the rule too.
     ById,
 }
+
+/// An SDX55-based modem ID that is not in the device table.
+const BY_ID_SIBLING: &str = "17cb:03ff";
 
 /// Where the simulated card sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -78,17 +81,22 @@ impl Topology {
         }
     }
 
-    /// QEMU arguments placing the ivshmem device backed by `memdev`.
-    pub fn ivshmem(self, memdev: &str) -> Vec<String> {
-        let dev = format!("ivshmem-plain,memdev={memdev}");
+    /// QEMU arguments placing the card's `-device` value (key=value or JSON) here.
+    pub fn place(self, dev: &str) -> Vec<String> {
         match self {
-            Topology::RootBus => vec!["-device".into(), dev],
-            Topology::RootPort => vec![
-                "-device".into(),
-                "pcie-root-port,id=rpsim,slot=2".into(),
-                "-device".into(),
-                format!("{dev},bus=rpsim"),
-            ],
+            Topology::RootBus => vec!["-device".into(), dev.into()],
+            Topology::RootPort => {
+                let on_port = match dev.strip_prefix('{') {
+                    Some(rest) => format!("{{\"bus\":\"rpsim\",{rest}"),
+                    None => format!("{dev},bus=rpsim"),
+                };
+                vec![
+                    "-device".into(),
+                    "pcie-root-port,id=rpsim,slot=2".into(),
+                    "-device".into(),
+                    on_port,
+                ]
+            }
         }
     }
 
@@ -235,6 +243,12 @@ impl Scenario {
         }
     }
 
+    /// IDs the vfio-user card presents instead of its profile's: `by-id` proves a `[[device]]`
+    /// rule on a sibling the table lacks.
+    pub fn card_ids(self) -> Option<&'static str> {
+        (self == Scenario::ById).then_some(BY_ID_SIBLING)
+    }
+
     /// QEMU devices besides intel-iommu (the ivshmem one is added by the runner).
     pub fn devices(self) -> Vec<String> {
         match self {
@@ -256,13 +270,9 @@ impl Scenario {
     pub fn script(self) -> String {
         let body = match self {
             Scenario::Probes => PROBES.to_string(),
-            Scenario::LoopWlan => agent_loop("wcn6855", ""),
-            Scenario::LoopModem => agent_loop("sdx65", ""),
+            Scenario::LoopWlan | Scenario::LoopModem => agent_loop(""),
             Scenario::Held => held(),
-            Scenario::Fault => agent_loop(
-                "wcn6855",
-                "max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n",
-            ),
+            Scenario::Fault => agent_loop("max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
             Scenario::Graceful => graceful(),
             Scenario::Bind => bind(),
             Scenario::Observe => observe(),
@@ -364,14 +374,44 @@ sleep 0.5; kill -INT $P; wait $P
 dump trace-kprobe /tmp/kp.json
 "#;
 
-/// Finds the ivshmem device, binds it to vfio-pci unless `bind` is false, and writes the agent
-/// configuration treating it as `profile`; `extra` goes at the top level.
-fn setup(profile: &str, extra: &str, bind: bool) -> String {
-    setup_with(
-        &format!("[devices.\"$D\"]\nprofile = \"{profile}\"\nbar = 2"),
-        extra,
-        bind,
-    )
+/// Finds the card, binds it to vfio-pci unless `bind` is false, and writes the agent
+/// configuration; `extra` goes at the top level. The vfio-user card is found by the device
+/// table; the ivshmem stand-in needs its `profile`/`bar` override (`/card.env`, [`card_env`]).
+fn setup(extra: &str, bind: bool) -> String {
+    setup_with("$(card_section $D)", extra, bind)
+}
+
+/// What the guest's scripts need to know of the card: `CARD_ID` (vendor and device for
+/// `dev_by_id`), `CARD_IDS` (as a `[[device]]` rule names them), `CARD_BAR` (a rule's BAR
+/// override), `CARD_CLI` (the CLI's override flags) and `card_section BDF` (the agent's).
+pub fn card_env(kind: super::CardKind, profile: &str, ids: Option<&str>) -> String {
+    match kind {
+        super::CardKind::Ivshmem => format!(
+            "CARD_ID=\"0x1af4 0x1110\"\nCARD_IDS=1af4:1110\nCARD_BAR=\"bar = 2\"\n\
+             CARD_CLI=\"--profile {profile} --bar 2\"\n\
+             card_section() {{ printf '[devices.\"%s\"]\\nprofile = \"%s\"\\nbar = 2\\n' \"$1\" {profile}; }}\n"
+        ),
+        super::CardKind::VfioUser => {
+            let (v, d) = ids
+                .unwrap_or(profile_ids(profile))
+                .split_once(':')
+                .expect("vvvv:dddd");
+            format!(
+                "CARD_ID=\"0x{v} 0x{d}\"\nCARD_IDS={v}:{d}\nCARD_BAR=\nCARD_CLI=\n\
+                 card_section() {{ :; }}\n"
+            )
+        }
+    }
+}
+
+/// The IDs `qcom-reset-sim --profile` presents: each profile's reference entry in the table.
+fn profile_ids(profile: &str) -> &'static str {
+    match profile {
+        "wcn6855" => "17cb:1103",
+        "wcn7850" => "17cb:1107",
+        "sdx55" => "17cb:0306",
+        _ => "17cb:0308",
+    }
 }
 
 /// Like [`setup`], with the card's configuration section given (e.g. a `[[device]]` rule).
@@ -383,7 +423,8 @@ fn setup_with(device: &str, extra: &str, bind: bool) -> String {
         "rescan = false\n"
     };
     format!(
-        r#"D=$(dev_by_id 0x1af4 0x1110) || {{ echo "no ivshmem device"; exit 1; }}
+        r#". /card.env
+D=$(dev_by_id $CARD_ID) || {{ echo "no card $CARD_ID on the bus"; exit 1; }}
 echo "VMLAB card at $D, reset_method: $(cat /sys/bus/pci/devices/$D/reset_method 2>/dev/null || echo none)"
 {}
 mkdir -p /etc/qcom-reset
@@ -410,7 +451,7 @@ echo "VMLAB pci_command=$(pci_command $D)"
 dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
 "#;
 
-fn agent_loop(profile: &str, extra: &str) -> String {
+fn agent_loop(extra: &str) -> String {
     let until = if extra.contains("max_attempts") {
         "gave up"
     } else {
@@ -424,7 +465,7 @@ wait_for /tmp/journal.jsonl '{until}' 90
 vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
 dump port /tmp/port.txt
 {STOP_AND_DUMP}"#,
-        setup(profile, extra, true)
+        setup(extra, true)
     )
 }
 
@@ -433,12 +474,12 @@ fn held() -> String {
         r#"{}{START_AGENT}
 vmlab-guest vfio-cycle $D 4000 & H=$!
 sleep 2
-qcom-reset reset $D --profile wcn6855 --bar 2 > /tmp/cli.out 2>&1; echo "cli-rc=$?" >> /tmp/cli.out
+qcom-reset reset $D $CARD_CLI > /tmp/cli.out 2>&1; echo "cli-rc=$?" >> /tmp/cli.out
 wait $H
 wait_for /tmp/journal.jsonl '"result":"clean"' 60
 sleep 1
 dump cli /tmp/cli.out{STOP_AND_DUMP}"#,
-        setup("wcn6855", "", true)
+        setup("", true)
     )
 }
 
@@ -449,7 +490,7 @@ vmlab-guest vfio-graceful $D 500 3000
 wait_for /tmp/journal.jsonl '"result":"clean"' 60
 sleep 1
 {STOP_AND_DUMP}"#,
-        setup("wcn6855", "", true)
+        setup("", true)
     )
 }
 
@@ -460,7 +501,7 @@ bind_vfio $D
 wait_for /tmp/journal.jsonl '"type":"action"' 60
 sleep 1
 {STOP_AND_DUMP}"#,
-        setup("sdx65", "", false)
+        setup("", false)
     )
 }
 
@@ -475,7 +516,7 @@ echo "VMLAB after-rescan $(state)"
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"result":"dry-run"' 60
 {STOP_AND_DUMP}"#,
-        setup("wcn6855", "observe_only = true\nrescan = true", true)
+        setup("observe_only = true\nrescan = true", true)
     )
 }
 
@@ -487,7 +528,7 @@ wait_for /tmp/agent.log 'wait for the modem to reboot' 60
 vmlab-guest vfio-cycle $D > /tmp/vm.out 2>&1; echo "vm-rc=$?" >> /tmp/vm.out
 wait_for /tmp/journal.jsonl '"result":"clean"' 60
 dump vm /tmp/vm.out{STOP_AND_DUMP}"#,
-        setup("sdx65", "", true)
+        setup("", true)
     )
 }
 
@@ -513,7 +554,7 @@ dump port /tmp/port.txt
 kill -TERM $P; wait $P
 dump agent-log /tmp/agent2.log
 "#,
-        setup("sdx65", "", true)
+        setup("", true)
     )
 }
 
@@ -556,7 +597,7 @@ echo 0 > $T/events/qr/enable
 dump trace $T/trace
 dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
 "#,
-        setup("sdx65", "", true)
+        setup("", true)
     )
 }
 
@@ -571,7 +612,7 @@ vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"type":"action"' 90
 sleep 3
 {STOP_AND_DUMP}"#,
-        setup("wcn6855", "access = \"vfio\"", true)
+        setup("access = \"vfio\"", true)
     )
 }
 
@@ -585,7 +626,7 @@ vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"type":"action"' 90
 {STOP_AND_DUMP}"#,
         setup_with(
-            "[[device]]\nids = \"1af4:1110\"\nprofile = \"sdx55\"\nbar = 2",
+            "[[device]]\nids = \"$CARD_IDS\"\nprofile = \"sdx55\"\n$CARD_BAR",
             "",
             true
         )
@@ -603,7 +644,7 @@ wait_for /tmp/journal.jsonl '"result":"clean"' 60
 sleep 1
 vmlab-guest port-regs $D >> /tmp/port.txt
 dump port /tmp/port.txt{STOP_AND_DUMP}"#,
-        setup("sdx65", "", true)
+        setup("", true)
     )
 }
 
@@ -618,7 +659,7 @@ dump pc-out /tmp/pc.err
 dump pc-report /tmp/pc.json
 echo "VMLAB after driver=$(basename $(readlink /sys/bus/pci/devices/$D/driver)) autoprobe=$(cat /sys/bus/pci/drivers_autoprobe) override=$(cat /sys/bus/pci/devices/$D/driver_override) record=$(ls /run/qcom-reset/*.power.json 2>/dev/null | wc -l)"
 "#,
-        setup("wcn6855", "", true)
+        setup("", true)
     )
 }
 
@@ -636,7 +677,7 @@ vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"result":"clean"' 60
 sleep 1
 {STOP_AND_DUMP}"#,
-        setup("wcn6855", "bind_settle_ms = 0", true)
+        setup("bind_settle_ms = 0", true)
     )
 }
 
@@ -940,7 +981,7 @@ fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<
     ensure!(profile == "sdx55", "reset as profile {profile}");
     notes.insert(
         0,
-        "[[device]] ids = \"1af4:1110\" -> experimental sdx55: reset, clean".into(),
+        "a [[device]] rule on an ID the table lacks -> experimental sdx55: reset, clean".into(),
     );
     Ok(notes)
 }
