@@ -871,3 +871,32 @@ fn a_port_guard_that_cannot_write_refuses_unless_allowed() {
     );
     assert_eq!(port_regs(&h), (0x1038, 0), "the port as it was");
 }
+
+/// Found by the vfio-user card (`fault`, Debian 7.2): a card whose link never came back reads
+/// all-ones PMCSR, which the kernel reports as D3cold. That is a link down, reported as such (as
+/// the first attempt reports it), not as a power-state error that hides the cause.
+#[test]
+fn a_card_off_the_link_is_link_down_not_a_power_state_error() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        power_state: "D3cold",
+        ..FakeDevice::default()
+    });
+    let card = sim(
+        Family::Wlan,
+        Faults {
+            config_all_ones: true,
+            ..Faults::default()
+        },
+    );
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::LinkDown
+    );
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        0,
+        "no write to a dead link"
+    );
+}

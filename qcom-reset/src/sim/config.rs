@@ -16,6 +16,8 @@ pub const DEVCTL2: u16 = PCIE_CAP + 0x28;
 pub const LNKCTL2: u16 = PCIE_CAP + 0x30;
 /// BAR0's address as the kernel assigned it; MMIO decodes only there.
 pub const BAR0_ADDRESS: u32 = 0xfe00_0000;
+/// PMCSR's PowerState field (D0 = 0, D3hot = 3).
+const PMCSR_STATE: u16 = 0x0003;
 /// A 64-bit memory BAR: type bits 0b100, read-only.
 const BAR_TYPE_64: u16 = 0x0004;
 
@@ -141,12 +143,14 @@ impl SimConfig {
         self.home = None;
     }
 
-    /// MMIO reaches the registers: memory decoding on and BAR0 at the address the host maps
-    /// (QEMU's mapping, where the BARs are QEMU's).
+    /// MMIO reaches the registers: in D0, memory decoding on, and BAR0 at the address the host
+    /// maps (QEMU's mapping, where the BARs are QEMU's). In D3hot a function answers config
+    /// cycles only (PCI PM 1.2, 5.4.1); with `NoSoftRst+` the way back to D0 keeps its state.
     pub fn decodes(&self) -> bool {
         let bar0 = (self.read16(0x12) as u32) << 16 | (self.read16(0x10) as u32 & 0xfff0);
         let placed = self.home.is_none_or(|home| bar0 == home);
-        self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && placed
+        let d0 = self.read16(PM_CAP + 4) & PMCSR_STATE == 0;
+        d0 && self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && placed
     }
 
     /// Every word, for comparing config spaces.
@@ -212,5 +216,10 @@ mod tests {
             w.decodes(),
             "memory decoding alone counts where QEMU has the BARs"
         );
+        w.write16(PM_CAP + 4, 0x0003);
+        assert!(!w.decodes(), "D3hot: config only");
+        assert_eq!(w.read16(PM_CAP + 4), 0x000b, "NoSoftRst+ stays");
+        w.write16(PM_CAP + 4, 0x0000);
+        assert!(w.decodes(), "back in D0, nothing to restore");
     }
 }

@@ -55,6 +55,11 @@ pub enum Scenario {
     /// profile named for it) is reset like any target; `status` and `reset --only-targets` follow
     /// the rule too.
     ById,
+    /// The vfio-user card only: while the modem's reset has the link down, the guest's config
+    /// reads return all-ones (vendor 0xffff; a header type of 0x7f, QEMU keeping its own
+    /// multifunction bit), as the users' `rev ff` reports show; the function reset takes
+    /// PCI_COMMAND; the agent's verdict is clean and the header comes back.
+    LinkDrop,
 }
 
 /// An SDX55-based modem ID that is not in the device table.
@@ -99,14 +104,6 @@ impl Topology {
             }
         }
     }
-
-    /// The kernel reset the release summary must name in this topology.
-    fn kernel_reset(self) -> &'static str {
-        match self {
-            Topology::RootBus => "none",
-            Topology::RootPort => "bus",
-        }
-    }
 }
 
 /// One boot: a scenario in a topology, with the simulated card in a state.
@@ -137,7 +134,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 17] = [
+    pub const ALL: [Scenario; 18] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -155,6 +152,7 @@ impl Scenario {
         Scenario::Port,
         Scenario::Power,
         Scenario::ById,
+        Scenario::LinkDrop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -176,15 +174,24 @@ impl Scenario {
             Scenario::Port => "port",
             Scenario::Power => "power",
             Scenario::ById => "by-id",
+            Scenario::LinkDrop => "linkdrop",
         }
     }
 
     /// Why this scenario cannot run on a kernel, if it cannot: before 5.15 there is no
     /// vfio_pci_core and only the preflight refusal is testable; a built-in vfio-pci cannot be
     /// unloaded; the built-in-VFIO kernel (the only one with `vfio_builtin`) has no UIO.
-    pub fn unsupported(self, kernel: (u32, u32), vfio_builtin: bool) -> Option<&'static str> {
+    pub fn unsupported(
+        self,
+        kernel: (u32, u32),
+        vfio_builtin: bool,
+        card: super::CardKind,
+    ) -> Option<&'static str> {
         match self {
             Scenario::Preflight => None,
+            Scenario::LinkDrop if card == super::CardKind::Ivshmem => {
+                Some("the ivshmem card's config space is QEMU's: it never reads all-ones")
+            }
             _ if kernel < (5, 15) => Some("no vfio_pci_core before 5.15 (preflight covers it)"),
             Scenario::Reload if vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
             Scenario::Handover if vfio_builtin => {
@@ -238,6 +245,7 @@ impl Scenario {
             | Scenario::Kill
             | Scenario::Handover
             | Scenario::Port
+            | Scenario::LinkDrop
             | Scenario::ById => Some(("sdx65", "")),
             Scenario::Fault => Some(("wcn6855", "never-returns")),
         }
@@ -285,6 +293,7 @@ impl Scenario {
             Scenario::Port => port(),
             Scenario::Power => power(),
             Scenario::ById => by_id(),
+            Scenario::LinkDrop => linkdrop(),
         };
         format!("{LIB}\n{body}")
     }
@@ -313,6 +322,7 @@ impl Scenario {
             Scenario::Port => check_port(console, sim),
             Scenario::Power => check_power(console, sim),
             Scenario::ById => check_by_id(run, console, sim),
+            Scenario::LinkDrop => check_linkdrop(run, console, sim),
         }
     }
 }
@@ -425,7 +435,7 @@ fn setup_with(device: &str, extra: &str, bind: bool) -> String {
     format!(
         r#". /card.env
 D=$(dev_by_id $CARD_ID) || {{ echo "no card $CARD_ID on the bus"; exit 1; }}
-echo "VMLAB card at $D, reset_method: $(cat /sys/bus/pci/devices/$D/reset_method 2>/dev/null || echo none)"
+echo "VMLAB card at $D ($CARD_ID), reset_method: $(cat /sys/bus/pci/devices/$D/reset_method 2>/dev/null || echo none)"
 {}
 mkdir -p /etc/qcom-reset
 cat > /etc/qcom-reset/config.toml <<CONFIG
@@ -613,6 +623,26 @@ wait_for /tmp/journal.jsonl '"type":"action"' 90
 sleep 3
 {STOP_AND_DUMP}"#,
         setup("access = \"vfio\"", true)
+    )
+}
+
+/// The header as the guest reads it, vendor ID and header type, one line per change, while
+/// the agent resets the modem.
+fn linkdrop() -> String {
+    format!(
+        r#"{}{START_AGENT}
+watch_config() {{
+    while [ ! -e /tmp/stop-watch ]; do
+        echo "$(od -An -tx2 -N2 /sys/bus/pci/devices/$D/config | tr -d ' ') $(od -An -tx1 -j14 -N1 /sys/bus/pci/devices/$D/config | tr -d ' ')"
+    done | uniq > /tmp/watch.txt
+}}
+watch_config & W=$!
+vmlab-guest vfio-cycle $D
+wait_for /tmp/journal.jsonl '"type":"action"' 90
+touch /tmp/stop-watch; wait $W
+dump watch /tmp/watch.txt
+{STOP_AND_DUMP}"#,
+        setup("", true)
     )
 }
 
@@ -908,7 +938,7 @@ fn check_loop(
         .iter()
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
         .context("no release event in the journal")?;
-    let want = run.topology.kernel_reset();
+    let (want, quirk) = expected_kernel_reset(run, console)?;
     ensure!(
         ev["event"]["kernel_reset"] == want && ev["event"]["left_unreset"] == true,
         "in {} the release must name kernel_reset={want}: {}",
@@ -916,7 +946,7 @@ fn check_loop(
         ev["event"]
     );
     // Read, not trusted: true where no kernel reset ran, false after the bus reset.
-    let needs_reset = run.topology == Topology::RootBus;
+    let needs_reset = want == "none";
     ensure!(
         ev["event"]["needs_reset"] == needs_reset,
         "in {} the summary must read needs_reset={needs_reset}: {}",
@@ -951,18 +981,54 @@ fn check_loop(
     let detect_ms = (received - done_ns) as f64 / 1e6;
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
-    Ok(vec![
-        format!(
+    Ok([
+        quirk,
+        Some(format!(
             "release: kernel_reset={} needs_reset={} -> reset anyway",
             ev["event"]["kernel_reset"], ev["event"]["needs_reset"]
-        ),
-        format!("verdict {}: {}", a["result"], a["detail"]),
-        format!(
+        )),
+        Some(format!("verdict {}: {}", a["result"], a["detail"])),
+        Some(format!(
             "detection {detect_ms:.1} ms (release returned -> agent), event -> reset start {act_ms:.1} ms, reset+verify {reset_ms} ms, total {:.0} ms",
             detect_ms + act_ms + reset_ms as f64
-        ),
-        format!("simulator: {writes} write(s), in the reviewed order, values and delays"),
-    ])
+        )),
+        Some(format!("simulator: {writes} write(s), in the reviewed order, values and delays")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The kernel reset a release must name. Behind the root port it is `bus`, unless the kernel
+/// carries the SBR-avoid quirk for the Qualcomm IDs ("PCI: Avoid SBR for Qualcomm WCN6855/WCN7850
+/// WiFi, SDX62/SDX65 modems": mainline 7.2, stable backports from Sep 2026), which takes `bus`
+/// out of `reset_method`; only the vfio-user card, with the real IDs, meets it. The quirk is the
+/// only thing that may take `bus` from a card behind the port, and only from a Qualcomm one.
+fn expected_kernel_reset(
+    run: &Run,
+    console: &str,
+) -> anyhow::Result<(&'static str, Option<String>)> {
+    if run.topology == Topology::RootBus {
+        return Ok(("none", None));
+    }
+    let line = console
+        .lines()
+        .find_map(|l| l.split("VMLAB card at ").nth(1))
+        .context("the guest printed no card line")?;
+    let methods = line.split("reset_method: ").nth(1).unwrap_or("").trim();
+    if methods.split_whitespace().any(|m| m == "bus") {
+        return Ok(("bus", None));
+    }
+    ensure!(
+        line.contains("0x17cb"),
+        "behind the root port only the Qualcomm quirk may take `bus` away: {line}"
+    );
+    Ok((
+        "none",
+        Some(format!(
+            "the kernel's SBR-avoid quirk took `bus` from this Qualcomm card (reset_method: {methods})"
+        )),
+    ))
 }
 
 fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
@@ -982,6 +1048,37 @@ fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<
     notes.insert(
         0,
         "a [[device]] rule on an ID the table lacks -> experimental sdx55: reset, clean".into(),
+    );
+    Ok(notes)
+}
+
+fn check_linkdrop(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+    let watch = section(console, "watch");
+    let down: Vec<&&str> = watch.iter().filter(|l| l.starts_with("ffff")).collect();
+    ensure!(
+        !down.is_empty(),
+        "the guest never read all-ones config during the modem's link drop: {watch:?}"
+    );
+    ensure!(
+        watch
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.starts_with("17cb")),
+        "config space did not come back: {watch:?}"
+    );
+    let mut notes = check_loop(run, console, sim, "modem", 1)?;
+    notes.insert(
+        0,
+        format!(
+            "guest config reads (vendor, header type) during the reset: {}",
+            watch
+                .iter()
+                .filter(|l| !l.trim().is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        ),
     );
     Ok(notes)
 }
@@ -1465,7 +1562,7 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
     let card = console
         .lines()
         .find_map(|l| l.split("VMLAB card at ").nth(1))
-        .and_then(|l| l.split(',').next())
+        .and_then(|l| l.split([' ', ',']).next())
         .context("the guest did not name the card")?
         .to_string();
     let h = vmlab_json(console, "handover")?;
