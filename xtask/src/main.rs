@@ -96,6 +96,10 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "6.1")]
         kernel: String,
+        /// The simulated card: the vfio-user PCI function with the real IDs (default), or the
+        /// ivshmem stand-in.
+        #[arg(long, value_enum, default_value_t = vm::CardKind::VfioUser)]
+        card: vm::CardKind,
     },
 }
 
@@ -184,7 +188,7 @@ fn main() -> anyhow::Result<()> {
             card,
             verbose,
         } => vm::vm_test(&kernels, &scenarios, topology.topologies(), card, verbose),
-        Cmd::Demo { kernel } => vm::demo(&kernel),
+        Cmd::Demo { kernel, card } => vm::demo(&kernel, card),
         Cmd::BenchLab {
             kernel,
             releases,

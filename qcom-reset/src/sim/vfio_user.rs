@@ -17,8 +17,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
-use super::conformance::Conformance;
-use super::model::{Model, WriteRecord};
+use super::model::Model;
 use crate::regs::MHISTATUS;
 
 /// PCI Express config space: the extended space reads as zero (no extended capabilities).
@@ -41,14 +40,11 @@ pub struct Card {
     resets: Mutex<Vec<KernelReset>>,
 }
 
+/// The shared-memory server's report, with what only a whole PCI function can see.
 #[derive(Serialize)]
 pub struct Report<'a> {
-    pub family: &'static str,
-    pub resets: u32,
-    pub writes: &'a [WriteRecord],
-    pub conformance: Conformance,
-    pub mhistatus: u32,
-    pub link_up: bool,
+    #[serde(flatten)]
+    pub card: super::shm::Report<'a>,
     /// Config-space writes received (the guest's restores, QEMU's BAR programming).
     pub config_writes: usize,
     /// Resets the kernel or QEMU delivered: config space went back to reset values, the
@@ -82,12 +78,14 @@ impl Card {
         let mut m = self.model();
         let mhistatus = m.read32(now, MHISTATUS);
         let r = Report {
-            family: m.family.name(),
-            resets: m.resets,
-            writes: &m.writes,
-            conformance: m.conformance(),
-            mhistatus,
-            link_up: m.link_up(now),
+            card: super::shm::Report {
+                family: m.family.name(),
+                resets: m.resets,
+                writes: &m.writes,
+                conformance: m.conformance(),
+                mhistatus,
+                link_up: m.link_up(now),
+            },
             config_writes: m.config_writes,
             kernel_resets: self.resets.lock().map(|r| r.clone()).unwrap_or_default(),
         };

@@ -436,6 +436,8 @@ fn setup_with(device: &str, extra: &str, bind: bool) -> String {
     format!(
         r#". /card.env
 D=$(dev_by_id $CARD_ID) || {{ echo "no card $CARD_ID on the bus"; exit 1; }}
+S=/sys/bus/pci/devices/$D
+echo "VMLAB lspci: $D [$(cut -c3-6 $S/class)]: [$(cut -c3- $S/vendor):$(cut -c3- $S/device)] (rev $(od -An -tx1 -j8 -N1 $S/config | tr -d ' '))"
 echo "VMLAB card at $D ($CARD_ID), reset_method: $(cat /sys/bus/pci/devices/$D/reset_method 2>/dev/null || echo none)"
 {}
 mkdir -p /etc/qcom-reset
