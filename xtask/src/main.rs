@@ -179,7 +179,12 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { args } => {
             toolchain::ensure_ebpf()?;
-            toolchain::run(cargo().arg("test").args(&args))
+            // The simulator's vfio-user server (the VM lab's card) is tested with the rest.
+            toolchain::run(
+                cargo()
+                    .args(["test", "--features", "qcom-reset/vfio-user"])
+                    .args(&args),
+            )
         }
         Cmd::VmTest {
             kernels,
@@ -205,7 +210,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Licenses => licenses::check(),
         Cmd::Clippy => {
             toolchain::ensure_ebpf()?;
-            toolchain::run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            toolchain::run(cargo().args([
+                "clippy",
+                "--all-targets",
+                "--features",
+                "qcom-reset/vfio-user",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
             toolchain::run(
                 toolchain::toolchain_cargo(toolchain::EBPF_NIGHTLY)
