@@ -64,8 +64,9 @@ enum Cmd {
         /// Scenario to run (repeatable; default all).
         #[arg(long = "scenario", value_enum)]
         scenarios: Vec<vm::scenarios::Scenario>,
-        /// Where the simulated card sits: on the root bus (no kernel reset, the 7.2/7.3 case),
-        /// behind a PCIe root port (the kernel's bus reset, the <=7.1 case), or both.
+        /// Where the simulated card sits: on the root bus (no kernel reset), behind a PCIe root
+        /// port (the kernel's bus reset, unless its SBR-avoid quirk covers the card's IDs: 7.2+
+        /// and the stable backports, seen only with the vfio-user card's real IDs), or both.
         #[arg(long, value_enum, default_value_t = TopologyChoice::Both)]
         topology: TopologyChoice,
         /// What the simulated card is to the guest: a vfio-user PCI function with the card's

@@ -9,8 +9,8 @@ use super::qemu::section;
 pub enum Scenario {
     /// Probes of both flavours see sysfs resets, VFIO opens and releases, bus resets named as such.
     Probes,
-    /// ivshmem as a WLAN card: release (after the kernel's bus reset, if any) -> agent -> WLAN
-    /// sequence on the real BAR -> clean.
+    /// The simulated WLAN card: release (after the kernel's bus reset, if any) -> agent -> WLAN
+    /// sequence on the card's BAR -> clean.
     LoopWlan,
     /// The same with the modem profile.
     LoopModem,
@@ -51,8 +51,9 @@ pub enum Scenario {
     /// through runtime PM (QEMU has no _PR3: D3hot, no real power cut), rescanned, rebound to
     /// vfio-pci with autoprobe held off, then reset and verified clean.
     Power,
-    /// A modem added by ID (`[[device]] ids = "17cb:03ff" profile = "sdx55"`, an experimental
-    /// profile named for it) is reset like any target; `status` and `reset --only-targets` follow
+    /// A modem added by ID (`[[device]] ids = "…" profile = "sdx55"`, an experimental profile
+    /// named for it, on an ID the table lacks: 17cb:03ff on the vfio-user card, 1af4:1110 on
+    /// ivshmem) is reset like any target; `status` and `reset --only-targets` follow
     /// the rule too.
     ById,
     /// The vfio-user card only: while the modem's reset has the link down, the guest's config
