@@ -65,7 +65,7 @@ impl SimConfig {
             (PM_CAP + 4, 0x0008), // PMCSR: D0, NoSoftRst+
             (PCIE_CAP, (MSI_CAP << 8) | 0x10),
             (PCIE_CAP + 2, 0x0002),    // v2, endpoint
-            (PCIE_CAP + 4, 0x0001),    // DevCap: MPS 256 supported
+            (PCIE_CAP + 4, 0x8001),    // DevCap: MPS 256, role-based errors (PCIe 1.1+), no FLR
             (DEVCTL, 0x2810),          // MRRS 512, no-snoop, relaxed ordering, MPS 128
             (PCIE_CAP + 0x0c, 0x0c13), // LnkCap: 8 GT/s x1, ASPM L0s/L1
             (PCIE_CAP + 0x12, 0x1011), // LnkSta: 2.5 GT/s x1 after training

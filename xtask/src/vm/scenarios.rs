@@ -463,6 +463,7 @@ const STOP_AND_DUMP: &str = r#"
 kill -TERM $P; wait $P
 echo "VMLAB pci_command=$(pci_command $D)"
 dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
+dmesg > /tmp/dmesg.txt; dump dmesg /tmp/dmesg.txt
 "#;
 
 fn agent_loop(extra: &str) -> String {
