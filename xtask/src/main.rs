@@ -54,6 +54,10 @@ enum Cmd {
         /// Only mutants in these files (repeatable; default: the reset core and decision code).
         #[arg(long = "file", value_name = "PATH")]
         files: Vec<String>,
+        /// Only these test suites against each mutant (repeatable; default all four). CI's run
+        /// over `sequence` and `verdict` uses `lib` and `engine`, the suites that exercise them.
+        #[arg(long = "suite", value_enum)]
+        suites: Vec<mutants::Suite>,
     },
     /// Prove probes, VFIO and the detect->reset->verify loop on Debian kernels under QEMU.
     VmTest {
@@ -206,7 +210,7 @@ fn main() -> anyhow::Result<()> {
             idle_s,
             from_log,
         }),
-        Cmd::Mutants { files } => mutants::run(&files),
+        Cmd::Mutants { files, suites } => mutants::run(&files, &suites),
         Cmd::Package { test } => package::run(test),
         Cmd::Licenses => licenses::check(),
         Cmd::Clippy => {

@@ -24,7 +24,29 @@ const CORE: [&str; 11] = [
     "qcom-reset/src/probes/events.rs",
 ];
 
-pub fn run(files: &[String]) -> anyhow::Result<()> {
+/// A test suite a mutant is run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    Lib,
+    Engine,
+    Agent,
+    Safety,
+}
+
+impl Suite {
+    const ALL: [Suite; 4] = [Suite::Lib, Suite::Engine, Suite::Agent, Suite::Safety];
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Suite::Lib => &["--lib"],
+            Suite::Engine => &["--test", "engine"],
+            Suite::Agent => &["--test", "agent"],
+            Suite::Safety => &["--test", "safety"],
+        }
+    }
+}
+
+pub fn run(files: &[String], suites: &[Suite]) -> anyhow::Result<()> {
     toolchain::ensure_ebpf()?;
     toolchain::ensure_cargo_tool(
         "cargo-mutants",
@@ -50,9 +72,15 @@ pub fn run(files: &[String]) -> anyhow::Result<()> {
         cmd.args(["--file", f]);
     }
     // The suites that exercise these files; the VM lab and the root-only verifier do not run here.
-    cmd.args([
-        "--", "--lib", "--test", "engine", "--test", "agent", "--test", "safety",
-    ]);
+    let suites = if suites.is_empty() {
+        &Suite::ALL[..]
+    } else {
+        suites
+    };
+    cmd.arg("--");
+    for s in suites {
+        cmd.args(s.args());
+    }
     // cargo-mutants exits non-zero when mutants survive; the verdict is ours, from its lists.
     let status = cmd.status().context("running cargo mutants")?;
     let missed = read_list(&out.join("mutants.out/missed.txt"));
