@@ -320,6 +320,46 @@ async fn duplicate_events_are_debounced_into_one_reset() {
     r.stop().await;
 }
 
+/// A VM's open makes reset calls of its own (VFIO's reset at open: a bus reset, or -ENOTTY),
+/// and the open explains them: a VM that lives past the debounce window, then lets go, gets
+/// one reset, from its release, not a second from the open's calls (the VM lab's `by-id` behind
+/// the root port did both while the card's release was still under way).
+#[tokio::test]
+async fn the_reset_calls_of_an_open_are_answered_by_its_release_alone() {
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    r.quiet_for(Duration::from_millis(200)).await;
+    assert_eq!(
+        wlan.with_model(|m| m.writes.len()),
+        0,
+        "the open's calls are its own"
+    );
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
+    r.quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(wlan.with_model(|m| m.resets), 1);
+    // A reset call with no open after it (a sysfs reset, a running VM's VFIO_DEVICE_RESET) is
+    // still answered after the debounce.
+    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::ResetCall, "clean")
+    );
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn devices_are_handled_in_parallel_and_serialized_per_device() {
     let h = two_device_host();

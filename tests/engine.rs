@@ -65,7 +65,7 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
                 SimState::Mission,
                 Faults::default(),
             );
-            (m.cfg.clone(), fresh.cfg)
+            (m.cfg.words().to_vec(), fresh.cfg.words().to_vec())
         });
         assert_eq!(now, fresh, "config space restored as the kernel left it");
     }

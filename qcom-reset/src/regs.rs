@@ -76,3 +76,4 @@ pub const PCI_DEVICE_ID: u64 = 0x02;
 pub const PCI_COMMAND: u64 = 0x04;
 pub const PCI_STATUS: u64 = 0x06;
 pub const PCI_COMMAND_MEMORY: u16 = 0x0002;
+pub const PCI_COMMAND_MASTER: u16 = 0x0004;

@@ -75,8 +75,9 @@ enum Cmd {
         topology: TopologyChoice,
         /// What the simulated card is to the guest: a vfio-user PCI function with the card's
         /// IDs, config space and BAR0 (QEMU 11 from Debian's trixie-backports, unpacked under the
-        /// lab's cache), or the older ivshmem stand-in with profile/BAR overrides.
-        #[arg(long, value_enum, default_value_t = vm::CardKind::Ivshmem)]
+        /// lab's cache; the default), or the older ivshmem stand-in with profile/BAR overrides
+        /// (only where trixie-backports' QEMU cannot be fetched).
+        #[arg(long, value_enum, default_value_t = vm::CardKind::VfioUser)]
         card: vm::CardKind,
         /// Echo the guest console.
         #[arg(long)]

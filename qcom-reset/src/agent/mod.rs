@@ -219,7 +219,7 @@ impl Shared {
 
 pub struct Agent {
     shared: Arc<Shared>,
-    devices: HashMap<Bdf, mpsc::UnboundedSender<(Trigger, Instant)>>,
+    devices: HashMap<Bdf, mpsc::UnboundedSender<Msg>>,
     tasks: JoinSet<()>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -437,6 +437,12 @@ impl Agent {
             }
             return;
         }
+        if e.kind == Kind::Open && e.comm != OWN_COMM {
+            // Only a task that is debouncing something needs to hear it.
+            if let Some(tx) = self.devices.get(&bdf) {
+                let _ = tx.send(Msg::Opened);
+            }
+        }
         let Some(trigger) = Trigger::of_event(&e) else {
             return;
         };
@@ -450,7 +456,7 @@ impl Agent {
             self.tasks.spawn(device_task(self.shared.clone(), bdf, rx));
             tx
         });
-        let _ = tx.send((trigger, at));
+        let _ = tx.send(Msg::Act(trigger, at));
     }
 
     fn rescan(&mut self, why: &str) {
@@ -481,20 +487,29 @@ fn watchdog_interval() -> Option<tokio::time::Interval> {
     Some(i)
 }
 
+/// What a device's task hears.
+enum Msg {
+    /// Something to act on, and when it arrived.
+    Act(Trigger, Instant),
+    /// A VM opened the device: the reset calls that came just before (VFIO's own reset at
+    /// open) were made by that open, and its release will follow.
+    Opened,
+}
+
 /// Serializes everything for one device. A release acts at once; a bind waits its settle time
-/// and weaker triggers the debounce window, in case the event that explains them follows.
-async fn device_task(
-    sh: Arc<Shared>,
-    bdf: Bdf,
-    mut rx: mpsc::UnboundedReceiver<(Trigger, Instant)>,
-) {
+/// and weaker triggers the debounce window, in case the event that explains them follows: an
+/// open explains the reset calls it made, a release supersedes everything.
+async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut next = None;
     loop {
         let (mut trigger, mut at) = match next.take() {
             Some(m) => m,
-            None => match rx.recv().await {
-                Some(m) => m,
-                None => return,
+            None => loop {
+                match rx.recv().await {
+                    Some(Msg::Act(t, a)) => break (t, a),
+                    Some(Msg::Opened) => {}
+                    None => return,
+                }
             },
         };
         let window = if trigger == Trigger::Bind {
@@ -503,27 +518,37 @@ async fn device_task(
             sh.cfg.debounce()
         };
         let deadline = tokio::time::Instant::from_std(at) + window;
-        while !trigger.immediate() {
+        let mut explained = false;
+        while !trigger.immediate() && !explained {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some((t, a)) if t > trigger => (trigger, at) = (t, a),
+                    Some(Msg::Act(t, a)) if t > trigger => (trigger, at) = (t, a),
+                    Some(Msg::Opened) => explained = trigger == Trigger::ResetCall,
                     Some(_) => {}
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        while let Ok((t, a)) = rx.try_recv() {
-            if t > trigger {
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Act(t, a) = m
+                && t > trigger
+            {
                 (trigger, at) = (t, a);
+                explained = false;
             }
+        }
+        if explained {
+            continue;
         }
         let covered = handle(&sh, bdf, trigger, at).await;
         // Our own accesses never come back as events (the probes drop the agent's TGID).
         // Events from before the last check or reset began are answered by it (e.g. the release
         // a held device's wait was for); later ones are news: a VM that started or let go again.
-        while let Ok((t, a)) = rx.try_recv() {
-            if a > covered {
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Act(t, a) = m
+                && a > covered
+            {
                 next = Some((t, a));
                 break;
             }

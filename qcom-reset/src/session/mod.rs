@@ -184,6 +184,8 @@ pub struct Session {
     baseline: Option<Record>,
     /// The link dropped (or the kernel reset the function): every saved word goes back.
     link_dropped: bool,
+    /// Config words the header repair put back mid-sequence, for the session's report.
+    repaired: Vec<String>,
     restored: Option<Restored>,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
@@ -212,6 +214,7 @@ impl Session {
             watch: OwnerWatch::new(dev, own.driver()),
             baseline: None,
             link_dropped: false,
+            repaired: Vec::new(),
             restored: None,
             _port_lock: None,
             _own: own,
@@ -333,10 +336,11 @@ impl Session {
     }
 
     /// The link is back (config space answers with the card's IDs) but MMIO reads all-ones:
-    /// the function reset of the link drop took the header. Puts back the saved BAR words, top
-    /// down, then PCI_COMMAND with memory decoding, as `pci_restore_state` orders them, so the
-    /// sequence and its verification go on instead of timing out into link-down. False when
-    /// nothing was lost (or the card is no longer ours, or still off the bus).
+    /// the function reset of the link drop took the header. Puts back every saved word that
+    /// differs, in `pci_restore_state`'s order (decoding off, the PCIe control words, the header
+    /// from the top down), then PCI_COMMAND with memory decoding last, so the sequence and its
+    /// verification go on instead of timing out into link-down. False when nothing was lost
+    /// (or the card is no longer ours, or still off the bus).
     pub fn repair_header(&mut self) -> bool {
         let Some(b) = self.baseline.clone() else {
             return false;
@@ -344,24 +348,17 @@ impl Session {
         if self.watch.lost().is_some() || self.dev.ids().ok() != Some(self.config_ids()) {
             return false;
         }
-        let read = |s: &mut Self, off: u16| s.backend.config_read16(off as u64).unwrap_or(0);
-        let mut bars: Vec<(u16, u16)> = b
-            .config
-            .iter()
-            .copied()
-            .filter(|(off, _)| record::BAR_WORDS.contains(off))
-            .collect();
-        bars.sort_by_key(|&(off, _)| std::cmp::Reverse(off));
-        bars.retain(|&(off, v)| read(self, off) != v);
-        if bars.is_empty() && read(self, PCI_COMMAND as u16) & PCI_COMMAND_MEMORY != 0 {
+        let differ = differing(self.backend.as_mut(), b.config.clone());
+        let cmd = self.backend.config_read16(PCI_COMMAND).unwrap_or(0);
+        if differ.is_empty() && cmd & PCI_COMMAND_MEMORY != 0 {
             return false;
         }
-        warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored");
-        for (off, v) in bars {
-            let _ = self.backend.config_write16(off as u64, v);
-        }
-        let cmd = b.command.unwrap_or(0) | PCI_COMMAND_MEMORY;
-        let _ = self.backend.config_write16(PCI_COMMAND, cmd);
+        let mut r = Restored::default();
+        let decoding = b.command.unwrap_or(0) | PCI_COMMAND_MEMORY;
+        write_back(self.backend.as_mut(), differ, Some(decoding), &mut r);
+        warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored [{}]{}", r.config.join(", "),
+            if r.errors.is_empty() { String::new() } else { format!(" (failed: {})", r.errors.join(", ")) });
+        self.repaired.extend(r.config);
         self.link_dropped = true;
         true
     }
@@ -438,7 +435,10 @@ impl Session {
         if let Some(r) = &self.restored {
             return r.clone();
         }
-        let mut r = Restored::default();
+        let mut r = Restored {
+            config: std::mem::take(&mut self.repaired),
+            ..Restored::default()
+        };
         if let Some(b) = self.baseline.clone() {
             let mode = if self.link_dropped {
                 Words::All
@@ -676,12 +676,11 @@ fn release_drivers(dev: &SysfsDevice, b: &Record, r: &mut Restored) {
     }
 }
 
-/// Writes back the saved words that differ, decoding off while they are written and
-/// PCI_COMMAND last: the PCIe control words first, then the header from the top down, as
-/// `pci_restore_state` does. A register with a non-zero reset value (Device Control's MPS, a
-/// small BAR's type bits, Link Control 2) is restored like any other.
+/// Writes back the saved words that differ, then PCI_COMMAND as recorded. A register with a
+/// non-zero reset value (Device Control's MPS, a small BAR's type bits, Link Control 2) is
+/// restored like any other.
 fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Restored) {
-    let mut words: Vec<(u16, u16)> = match mode {
+    let words: Vec<(u16, u16)> = match mode {
         Words::None => Vec::new(),
         Words::All => b.config.clone(),
         Words::AllButBars => b
@@ -691,15 +690,31 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
             .filter(|(off, _)| !record::BAR_WORDS.contains(off))
             .collect(),
     };
-    // Top down: the PCIe control words (all above the header) first, PCI_COMMAND last.
+    let differ = differing(backend, words);
+    write_back(backend, differ, b.command, r);
+}
+
+/// The saved words that read otherwise now, as (offset, now, saved), top down: the PCIe control
+/// words (all above the header) first, as `pci_restore_state` writes them.
+fn differing(backend: &mut dyn Backend, mut words: Vec<(u16, u16)>) -> Vec<(u16, u16, u16)> {
     words.sort_by_key(|&(off, _)| std::cmp::Reverse(off));
-    let differ: Vec<(u16, u16, u16)> = words
+    words
         .into_iter()
         .filter_map(|(off, want)| {
             let now = backend.config_read16(off as u64).ok()?;
             (now != want).then_some((off, now, want))
         })
-        .collect();
+        .collect()
+}
+
+/// Writes `differ` back with decoding off, then `command` last: a BAR is never moved while the
+/// card decodes, and the card never decodes before its PCIe control words are back.
+fn write_back(
+    backend: &mut dyn Backend,
+    differ: Vec<(u16, u16, u16)>,
+    command: Option<u16>,
+    r: &mut Restored,
+) {
     if !differ.is_empty() {
         let cmd = backend.config_read16(PCI_COMMAND).unwrap_or(0);
         if let Err(e) = backend.config_write16(PCI_COMMAND, cmd & !DECODE_AND_MASTER) {
@@ -714,7 +729,7 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
             Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
         }
     }
-    if let Some(cmd) = b.command {
+    if let Some(cmd) = command {
         match backend.config_write16(PCI_COMMAND, cmd) {
             Ok(()) => r.command = Some(cmd),
             Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),

@@ -4,6 +4,7 @@
 //! 0, BARs unassigned, Device Control at MPS 128 / MRRS 512, Link Control 2 at the top speed):
 //! what a real endpoint does on DL_Down, and what made "restore what reads 0" wrong.
 use crate::devices::Family;
+use crate::regs::{PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 
 /// Where the capabilities sit: PM, then PCI Express, then MSI (a WCN6855's list order).
 pub const PM_CAP: u16 = 0x40;
@@ -34,6 +35,12 @@ pub struct SimConfig {
     /// it: QEMU's vfio emulates the BAR registers (the guest reads QEMU's copy, which no reset
     /// of ours clears), so behind it only PCI_COMMAND's memory bit decides.
     home: Option<u32>,
+    /// Set by a link drop's function reset: the words `pci_restore_state` puts back before it
+    /// turns decoding on again (the PCIe control words, BAR0 where it is ours), with the values
+    /// they had. The first write that enables decoding checks them.
+    due: Vec<(u16, u16)>,
+    /// Decoding was turned on before a due word was back.
+    pub order_problems: Vec<String>,
 }
 
 impl SimConfig {
@@ -45,6 +52,8 @@ impl SimConfig {
             rw: [0; WORDS],
             reset: [0; WORDS],
             home: Some(BAR0_ADDRESS),
+            due: Vec::new(),
+            order_problems: Vec::new(),
         };
         let class: u16 = match family {
             Family::Wlan => 0x0280,  // network controller, other
@@ -120,6 +129,39 @@ impl SimConfig {
         self.words = self.reset;
     }
 
+    /// The function reset of a link drop: as `function_reset`, and from now on the first write
+    /// that enables decoding must find the words a restore owes back at their old values.
+    pub fn link_drop_reset(&mut self) {
+        let bars = self.home.map(|_| [0x10, 0x12, 0x14, 0x16]);
+        let owed = [DEVCTL, LNKCTL, DEVCTL2, LNKCTL2]
+            .into_iter()
+            .chain(bars.into_iter().flatten());
+        self.due = owed
+            .map(|off| (off, self.read16(off)))
+            .filter(|&(off, was)| was != self.reset[off as usize / 2])
+            .collect();
+        self.function_reset();
+    }
+
+    /// A write enabling decoding (memory or bus master) while a restore is due: every owed word
+    /// must be back first, PCI_COMMAND last, as `pci_restore_state` orders them.
+    fn check_restore_order(&mut self, off: u16, value: u16) {
+        const DECODE: u16 = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        if off != 0x04 || value & DECODE == 0 || self.due.is_empty() {
+            return;
+        }
+        for (word, was) in std::mem::take(&mut self.due) {
+            let now = self.read16(word);
+            if now != was {
+                self.order_problems.push(format!(
+                    "decoding enabled before {} ({word:#04x}) was restored: reads {now:#06x}, was \
+                     {was:#06x} (the PCIe words and BARs go back first, PCI_COMMAND last)",
+                    word_name(word)
+                ));
+            }
+        }
+    }
+
     pub fn read16(&self, off: u16) -> u16 {
         self.words.get(off as usize / 2).copied().unwrap_or(0)
     }
@@ -131,6 +173,7 @@ impl SimConfig {
         if !off.is_multiple_of(2) || i >= WORDS {
             return;
         }
+        self.check_restore_order(off, value);
         self.words[i] = (self.words[i] & !self.rw[i]) | (value & self.rw[i]);
     }
 
@@ -149,13 +192,29 @@ impl SimConfig {
     pub fn decodes(&self) -> bool {
         let bar0 = (self.read16(0x12) as u32) << 16 | (self.read16(0x10) as u32 & 0xfff0);
         let placed = self.home.is_none_or(|home| bar0 == home);
-        let d0 = self.read16(PM_CAP + 4) & PMCSR_STATE == 0;
-        d0 && self.command() & crate::regs::PCI_COMMAND_MEMORY != 0 && placed
+        let d0 = self.power_state() == 0;
+        d0 && self.command() & PCI_COMMAND_MEMORY != 0 && placed
+    }
+
+    /// PMCSR's PowerState: 0 (D0) to 3 (D3hot).
+    pub fn power_state(&self) -> u8 {
+        (self.read16(PM_CAP + 4) & PMCSR_STATE) as u8
     }
 
     /// Every word, for comparing config spaces.
     pub fn words(&self) -> &[u16] {
         &self.words
+    }
+}
+
+/// A register's name for the conformance report.
+fn word_name(off: u16) -> &'static str {
+    match off {
+        DEVCTL => "Device Control",
+        LNKCTL => "Link Control",
+        DEVCTL2 => "Device Control 2",
+        LNKCTL2 => "Link Control 2",
+        _ => "BAR0",
     }
 }
 
@@ -221,5 +280,52 @@ mod tests {
         assert_eq!(w.read16(PM_CAP + 4), 0x000b, "NoSoftRst+ stays");
         w.write16(PM_CAP + 4, 0x0000);
         assert!(w.decodes(), "back in D0, nothing to restore");
+    }
+
+    #[test]
+    fn a_restore_after_a_link_drop_must_turn_decoding_on_last() {
+        let mut c = SimConfig::new(Family::Modem, 0x17cb, 0x0308, 4096);
+        c.link_drop_reset();
+        c.write16(0x10, BAR0_ADDRESS as u16);
+        c.write16(0x12, (BAR0_ADDRESS >> 16) as u16);
+        c.write16(0x04, 0x0002);
+        assert_eq!(c.order_problems.len(), 4, "{:?}", c.order_problems);
+        assert!(
+            c.order_problems[1].contains("Link Control (0x60)")
+                && c.order_problems[1].contains("reads 0x0000, was 0x0040"),
+            "{:?}",
+            c.order_problems
+        );
+        c.write16(LNKCTL, 0x0040);
+        c.write16(0x04, 0x0006);
+        assert_eq!(c.order_problems.len(), 4, "checked once per link drop");
+
+        let mut k = SimConfig::new(Family::Modem, 0x17cb, 0x0308, 4096);
+        k.function_reset();
+        k.write16(0x04, 0x0002);
+        assert!(
+            k.order_problems.is_empty(),
+            "a kernel reset is the kernel's to restore"
+        );
+
+        let mut ok = SimConfig::new(Family::Wlan, 0x17cb, 0x1103, 2 << 20);
+        let before: Vec<u16> = ok.words().to_vec();
+        ok.link_drop_reset();
+        for off in [LNKCTL2, DEVCTL2, LNKCTL, DEVCTL, 0x16, 0x14, 0x12, 0x10] {
+            ok.write16(off, before[off as usize / 2]);
+        }
+        ok.write16(0x04, 0x0002);
+        assert!(ok.order_problems.is_empty(), "{:?}", ok.order_problems);
+        ok.bars_emulated();
+        ok.link_drop_reset();
+        for off in [LNKCTL2, DEVCTL2, LNKCTL, DEVCTL] {
+            ok.write16(off, before[off as usize / 2]);
+        }
+        ok.write16(0x04, 0x0002);
+        assert!(
+            ok.order_problems.is_empty(),
+            "QEMU's BARs are not owed: {:?}",
+            ok.order_problems
+        );
     }
 }

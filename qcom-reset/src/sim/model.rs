@@ -114,6 +114,15 @@ pub struct WriteRecord {
     pub value: u32,
 }
 
+/// A power-state change the host made through PMCSR (D0 = 0, D3hot = 3): runtime PM putting
+/// the idle card to sleep, a session waking it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PowerChange {
+    pub at_us: u64,
+    pub from: u8,
+    pub to: u8,
+}
+
 #[derive(Clone, Debug)]
 pub struct Model {
     pub family: Family,
@@ -124,6 +133,8 @@ pub struct Model {
     pub link_drop: LinkDrop,
     /// Config writes received (also those a downed link dropped).
     pub config_writes: usize,
+    /// Every PMCSR power-state change, in order.
+    pub power: Vec<PowerChange>,
     /// The SoC itself crashed: only a SoC reset heals it, an MHI reset does not.
     soc_crashed: bool,
     /// Link down until this time (u64::MAX: for good).
@@ -177,6 +188,7 @@ impl Model {
             cfg: SimConfig::new(family, vendor, device, super::bar_len(family)),
             link_drop: LinkDrop::default(),
             config_writes: 0,
+            power: Vec::new(),
             soc_crashed: state == SimState::Crashed,
             link_down_until,
             vanished: false,
@@ -242,7 +254,7 @@ impl Model {
         let up = self.link_down_until;
         self.soc_crashed = false;
         if self.link_drop == LinkDrop::FunctionReset {
-            self.cfg.function_reset();
+            self.cfg.link_drop_reset();
         }
         self.asserted_at = None;
         self.global_reset = GLOBAL_RESET_OTHER_BITS;
@@ -285,12 +297,24 @@ impl Model {
         if !self.link_up(now) {
             return;
         }
+        let from = self.cfg.power_state();
         self.cfg.write16(offset.min(0xffff) as u16, value);
+        let to = self.cfg.power_state();
+        if to != from {
+            self.power.push(PowerChange {
+                at_us: now,
+                from,
+                to,
+            });
+        }
     }
 
     /// The writes received, checked against the reviewed sequence for this card.
     pub fn conformance(&self) -> super::conformance::Conformance {
-        super::conformance::check(self.family, &self.writes, self.initial_global_reset)
+        let mut c = super::conformance::check(self.family, &self.writes, self.initial_global_reset);
+        c.problems.extend(self.cfg.order_problems.iter().cloned());
+        c.ok = c.problems.is_empty();
+        c
     }
 
     pub fn read32(&mut self, now: u64, offset: u32) -> u32 {

@@ -50,6 +50,8 @@ pub struct Report<'a> {
     /// Resets the kernel or QEMU delivered: config space went back to reset values, the
     /// firmware state did not.
     pub kernel_resets: Vec<KernelReset>,
+    /// The card's power-state changes (runtime PM's D3hot while idle, the wake-ups).
+    pub power: &'a [super::model::PowerChange],
 }
 
 impl Card {
@@ -88,6 +90,7 @@ impl Card {
             },
             config_writes: m.config_writes,
             kernel_resets: self.resets.lock().map(|r| r.clone()).unwrap_or_default(),
+            power: &m.power,
         };
         serde_json::to_value(r).expect("the report serializes")
     }
@@ -403,5 +406,41 @@ mod tests {
         b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &[0x02, 0x04])
             .unwrap();
         assert_eq!(c.report()["mhistatus"], before);
+    }
+
+    #[test]
+    fn runtime_pm_d3hot_and_the_wake_up_are_reported_and_d3hot_answers_config_only() {
+        let c = card(Family::Modem, 0x0308);
+        let mut b = Backend(c.clone());
+        let pmcsr = (crate::sim::config::PM_CAP + 4) as u64;
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &[0x02, 0x04])
+            .unwrap();
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, pmcsr, &[0x03, 0x00])
+            .unwrap();
+        assert_eq!(c.report()["mhistatus"], 0xffff_ffffu32, "D3hot: no MMIO");
+        let mut id = [0u8; 2];
+        b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+            .unwrap();
+        assert_eq!(u16::from_le_bytes(id), 0x17cb, "config still answers");
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, pmcsr, &[0x00])
+            .unwrap();
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, pmcsr, &[0x00])
+            .unwrap();
+        let r = c.report();
+        let states: Vec<(u64, u64)> = r["power"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["from"].as_u64().unwrap(), p["to"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            states,
+            [(0, 3), (3, 0)],
+            "a write that changes nothing is no change"
+        );
+        assert_ne!(
+            r["mhistatus"], 0xffff_ffffu32,
+            "back in D0 with its state (NoSoftRst+)"
+        );
     }
 }

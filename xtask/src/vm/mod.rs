@@ -70,12 +70,12 @@ fn build() -> anyhow::Result<Binaries> {
 pub enum CardKind {
     /// A vfio-user PCI function with the card's IDs, config space and BAR0 (QEMU >= 10.1, run
     /// from the lab's own trixie-backports root).
+    #[default]
     VfioUser,
     /// The older stand-in: an ivshmem device (1af4:1110) whose BAR2 holds the registers,
     /// configured into the agent by `profile`/`bar` overrides. Its config space is QEMU's: it
-    /// never resets and its link never drops. Kept for QEMU < 10.1 and until every scenario
-    /// passes on the vfio-user card.
-    #[default]
+    /// never resets and its link never drops. Kept only for a machine that cannot fetch
+    /// trixie-backports' QEMU (the host's QEMU < 10.1 has no vfio-user client).
     Ivshmem,
 }
 

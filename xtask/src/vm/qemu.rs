@@ -92,6 +92,14 @@ pub fn boot(
             "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on",
         ])
         .args(["-device", qemu.iommu()])
+        // Native PCIe hotplug on the root port, as on hosts: pciehp drives the slot (its
+        // events are what the port guard masks), and QEMU's slot plug reports the card
+        // present and its link active. With ACPI hotplug QEMU never sets Data Link Layer Link
+        // Active, so the kernel's wait after a bus reset fails for a card with a PM capability.
+        .args([
+            "-global",
+            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

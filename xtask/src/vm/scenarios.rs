@@ -939,6 +939,7 @@ fn check_loop(
         acts.len()
     );
     check_sim(sim, family, writes)?;
+    let power = check_runtime_pm(sim, a)?;
     let ev = journal
         .iter()
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
@@ -988,6 +989,7 @@ fn check_loop(
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
     Ok([
         quirk,
+        power,
         Some(format!(
             "release: kernel_reset={} needs_reset={} -> reset anyway",
             ev["event"]["kernel_reset"], ev["event"]["needs_reset"]
@@ -1002,6 +1004,56 @@ fn check_loop(
     .into_iter()
     .flatten()
     .collect())
+}
+
+/// The vfio-user card has a PM capability, so the guest's runtime PM puts the idle card
+/// (vfio-pci allows it) into D3hot, where it answers config cycles only: the session must wake
+/// it (its `power/control` record) before its first register write, and once `auto` is back
+/// the card sleeps again. None for the ivshmem card (no PM capability, no power report).
+fn check_runtime_pm(sim: Option<&Value>, action: &Value) -> anyhow::Result<Option<String>> {
+    let Some(power) = sim.and_then(|s| s["power"].as_array()) else {
+        return Ok(None);
+    };
+    let change = |p: &Value| {
+        (
+            p["at_us"].as_u64().unwrap_or(0),
+            p["from"].as_u64().unwrap_or(0),
+            p["to"].as_u64().unwrap_or(0),
+        )
+    };
+    let writes = sim
+        .and_then(|s| s["writes"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let at = |w: Option<&Value>| w.and_then(|w| w["at_us"].as_u64());
+    let (Some(first), Some(last)) = (at(writes.first()), at(writes.last())) else {
+        return Ok(None);
+    };
+    let woke = power.iter().map(change).rfind(|&(t, _, _)| t < first);
+    ensure!(
+        matches!(woke, Some((_, 3, 0))),
+        "runtime PM: the card was not woken from D3hot right before the first register write \
+         (its last change before it: {woke:?}; all: {power:?})"
+    );
+    ensure!(
+        action["report"]["restored"]["power_control"] == "auto",
+        "runtime PM: the session did not record and restore power/control=auto: {}",
+        action["report"]["restored"]
+    );
+    let slept = power
+        .iter()
+        .map(change)
+        .find(|&(t, f, to)| t > last && (f, to) == (0, 3));
+    ensure!(
+        slept.is_some(),
+        "runtime PM: the card never went back to D3hot after the session restored auto: {power:?}"
+    );
+    let (woke_us, slept_us) = (woke.map_or(0, |w| w.0), slept.map_or(0, |s| s.0));
+    Ok(Some(format!(
+        "runtime PM: D3hot while idle, woken {:.0} ms before the first write, back in D3hot {:.0} ms after the last",
+        (first - woke_us) as f64 / 1e3,
+        (slept_us - last) as f64 / 1e3
+    )))
 }
 
 /// The kernel reset a release must name. Behind the root port it is `bus`, unless the kernel
