@@ -900,3 +900,74 @@ fn a_card_off_the_link_is_link_down_not_a_power_state_error() {
         "no write to a dead link"
     );
 }
+
+/// vfio-pci's view of config space (`access = "vfio"`): the ID registers are its virtualized
+/// copy, which answers with the card's IDs whatever the link does.
+#[derive(Clone)]
+struct VfioView(SimDevice);
+
+impl Backend for VfioView {
+    fn name(&self) -> &'static str {
+        "vfio"
+    }
+    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        match o {
+            0 => Ok(0x17cb),
+            2 => Ok(0x1103),
+            _ => self.0.config_read16(o),
+        }
+    }
+    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        self.0.config_write16(o, v)
+    }
+    fn map_bar(&mut self, bar: u8) -> qcom_reset::Result<(Box<dyn RegisterIo>, u64)> {
+        self.0.map_bar(bar)
+    }
+}
+
+/// Through VFIO a card whose link never comes back still shows its IDs (vfio-pci virtualizes
+/// them), so "config space answers with the card's IDs" cannot be the test for a link that is
+/// back: the header repair wrote every saved word into the dead link (the VM lab's `container`
+/// scenario showed it reading 0xffff and "restoring" it three times). The session writes no more
+/// through VFIO than through sysfs.
+#[test]
+fn virtualized_ids_do_not_make_a_dead_link_look_alive() {
+    let dead = || {
+        sim(
+            Family::Wlan,
+            Faults {
+                never_returns: true,
+                ..Faults::default()
+            },
+        )
+    };
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let plain = dead();
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &plain).unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::LinkDown
+    );
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = dead();
+    let view = VfioView(card.clone());
+    let r = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| Ok(Box::new(view.clone())),
+        "vfio",
+    )
+    .unwrap();
+    assert_eq!(
+        r.verdict.unwrap().health,
+        qcom_reset::verdict::Health::LinkDown
+    );
+    assert_eq!(
+        card.with_model(|m| m.config_writes),
+        plain.with_model(|m| m.config_writes),
+        "no header repair into a dead link ({} words reported restored)",
+        r.restored.config.len()
+    );
+}

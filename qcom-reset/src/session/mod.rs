@@ -303,7 +303,19 @@ impl Session {
         Ok(())
     }
 
+    /// The IDs config space answers with now; all-ones while the card is off the link. Through
+    /// VFIO the ID registers are vfio-pci's virtualized copy, which answers whatever the link
+    /// does, so the class word (passed through, never 0xffff on a real function) decides first
+    /// whether anything answered.
     pub fn config_ids(&mut self) -> (u16, u16) {
+        if self
+            .backend
+            .config_read16(PCI_CLASS_DEVICE)
+            .unwrap_or(0xffff)
+            == 0xffff
+        {
+            return (0xffff, 0xffff);
+        }
         let v = self.backend.config_read16(PCI_VENDOR_ID).unwrap_or(0xffff);
         let d = self.backend.config_read16(PCI_DEVICE_ID).unwrap_or(0xffff);
         (v, d)

@@ -52,6 +52,8 @@ pub struct Report<'a> {
     pub kernel_resets: Vec<KernelReset>,
     /// The card's power-state changes (runtime PM's D3hot while idle, the wake-ups).
     pub power: &'a [super::model::PowerChange],
+    /// Device Control as the card holds it now: what the last restore left.
+    pub devctl: u16,
 }
 
 impl Card {
@@ -91,6 +93,7 @@ impl Card {
             config_writes: m.config_writes,
             kernel_resets: self.resets.lock().map(|r| r.clone()).unwrap_or_default(),
             power: &m.power,
+            devctl: m.cfg.read16(super::config::DEVCTL),
         };
         serde_json::to_value(r).expect("the report serializes")
     }

@@ -1162,12 +1162,55 @@ fn check_container(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Res
         own.is_empty(),
         "the agent saw its own VFIO accesses as events: {own:?}"
     );
-    let mut notes = check_loop(run, console, sim, "wlan", 3)?;
+    let (sim, mps) = vfio_mps_exception(sim)?;
+    let mut notes = check_loop(run, console, sim.as_ref(), "wlan", 3)?;
     notes.insert(
         0,
         format!("agent {ids}: its own VFIO open and release were not reported back"),
     );
+    notes.extend(mps);
     Ok(notes)
+}
+
+/// Through VFIO (`access = "vfio"`) the session cannot restore Device Control's Max Payload
+/// Size: vfio-pci virtualizes MPS and MRRS (reads give its copy, writes never reach the card),
+/// so after the WLAN reset's function reset the card decodes with MPS at its reset value until
+/// vfio-pci's own `pci_restore_state` at the session's close puts it back. The simulator's
+/// restore-order check flags that; it is accepted here only when every problem is Device
+/// Control's and the card ended with the value it had.
+fn vfio_mps_exception(sim: Option<&Value>) -> anyhow::Result<(Option<Value>, Option<String>)> {
+    let Some(sim) = sim else {
+        return Ok((None, None));
+    };
+    let problems = sim["conformance"]["problems"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let devctl_only = problems.iter().all(|p| {
+        p.as_str()
+            .is_some_and(|p| p.starts_with("decoding enabled before Device Control "))
+    });
+    if sim["conformance"]["ok"] == true || !devctl_only {
+        return Ok((Some(sim.clone()), None));
+    }
+    let was = problems[0]
+        .as_str()
+        .and_then(|p| p.split(", was ").nth(1))
+        .and_then(|w| u64::from_str_radix(w.get(2..6)?, 16).ok());
+    ensure!(
+        was.is_some() && sim["devctl"].as_u64() == was,
+        "Device Control was not restored after the session's VFIO close: {} (was {was:?})",
+        sim["devctl"]
+    );
+    let mut ok = sim.clone();
+    ok["conformance"] = serde_json::json!({ "ok": true, "problems": [] });
+    Ok((
+        Some(ok),
+        Some(format!(
+            "through VFIO, Device Control's MPS came back only at the session's VFIO close (vfio-pci virtualizes it): {:#06x}",
+            was.unwrap_or(0)
+        )),
+    ))
 }
 
 /// The `VMLAB port {json}` lines of a `port` section: before, during, after.
@@ -1346,27 +1389,20 @@ fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>>
         cli.contains("is held by pid") && cli.contains("cli-rc=1"),
         "the CLI did not refuse the held device: {cli}"
     );
+    // The open's own reset calls are explained by the open: nothing to answer while the VM
+    // holds the card, and its release is answered once.
     let acts = actions(console);
-    let held = acts
-        .iter()
-        .position(|a| {
-            a["result"] == "skipped"
-                && a["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.contains("held by pid"))
-        })
-        .context("the agent did not report the held device")?;
-    let clean: Vec<usize> = acts
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a["result"] == "clean")
-        .map(|(i, _)| i)
-        .collect();
-    ensure!(clean.len() == 1, "expected one reset: {acts:?}");
-    ensure!(held < clean[0], "order: {acts:?}");
+    ensure!(
+        acts.len() == 1 && acts[0]["trigger"] == "release" && acts[0]["result"] == "clean",
+        "expected one action, the release's reset: {acts:?}"
+    );
     check_sim(sim, "wlan", 3)?;
+    let refusal = cli
+        .lines()
+        .find(|l| l.contains("is held by pid"))
+        .unwrap_or("");
     Ok(vec![
-        format!("while held: {}", acts[held]["detail"]),
+        format!("while held: the CLI refused ({refusal}); the agent did nothing"),
         "after the release: one reset, clean".into(),
     ])
 }
