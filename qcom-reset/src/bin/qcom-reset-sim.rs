@@ -36,6 +36,10 @@ struct Args {
     /// What a link drop does to config space (vfio-user only: with `--shm` it is QEMU's).
     #[arg(long, value_enum, default_value_t = LinkDrop::FunctionReset)]
     link_drop: LinkDrop,
+    /// QEMU puts the card on its root bus (vfio-user only): it presents it as a root-complex
+    /// integrated endpoint and keeps Link Control (2) itself, so a restore cannot owe them.
+    #[arg(long)]
+    root_bus: bool,
     /// Size of the file in bytes (QEMU's memory-backend-file size).
     #[arg(long, default_value_t = 1 << 20)]
     size: u64,
@@ -106,6 +110,9 @@ fn main() -> anyhow::Result<()> {
     );
     if a.vfio_user.is_some() {
         model.link_drop = a.link_drop;
+        if a.root_bus {
+            model.cfg.links_emulated();
+        }
         return serve_vfio_user(path, model, &a.report, stop);
     }
     shm::serve(path, a.size, model, &a.report, stop)

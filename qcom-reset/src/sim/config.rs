@@ -35,6 +35,9 @@ pub struct SimConfig {
     /// it: QEMU's vfio emulates the BAR registers (the guest reads QEMU's copy, which no reset
     /// of ours clears), so behind it only PCI_COMMAND's memory bit decides.
     home: Option<u32>,
+    /// Link Control and Link Control 2 are QEMU's (the card on its root bus, presented as a
+    /// root-complex integrated endpoint): the guest reads QEMU's zeros, so no restore owes them.
+    links_emulated: bool,
     /// Set by a link drop's function reset: the words `pci_restore_state` puts back before it
     /// turns decoding on again (the PCIe control words, BAR0 where it is ours), with the values
     /// they had. The first write that enables decoding checks them.
@@ -52,6 +55,7 @@ impl SimConfig {
             rw: [0; WORDS],
             reset: [0; WORDS],
             home: Some(BAR0_ADDRESS),
+            links_emulated: false,
             due: Vec::new(),
             order_problems: Vec::new(),
         };
@@ -133,8 +137,10 @@ impl SimConfig {
     /// that enables decoding must find the words a restore owes back at their old values.
     pub fn link_drop_reset(&mut self) {
         let bars = self.home.map(|_| [0x10, 0x12, 0x14, 0x16]);
+        let links_emulated = self.links_emulated;
         let owed = [DEVCTL, LNKCTL, DEVCTL2, LNKCTL2]
             .into_iter()
+            .filter(|&off| !(links_emulated && (off == LNKCTL || off == LNKCTL2)))
             .chain(bars.into_iter().flatten());
         self.due = owed
             .map(|off| (off, self.read16(off)))
@@ -184,6 +190,11 @@ impl SimConfig {
     /// BAR0 is placed by QEMU, not by these registers (the vfio-user card).
     pub fn bars_emulated(&mut self) {
         self.home = None;
+    }
+
+    /// The link registers are QEMU's (its root bus: an RC-integrated endpoint has none).
+    pub fn links_emulated(&mut self) {
+        self.links_emulated = true;
     }
 
     /// MMIO reaches the registers: in D0, memory decoding on, and BAR0 at the address the host
@@ -326,6 +337,28 @@ mod tests {
             ok.order_problems.is_empty(),
             "QEMU's BARs are not owed: {:?}",
             ok.order_problems
+        );
+    }
+
+    #[test]
+    fn on_qemus_root_bus_the_link_words_are_not_owed() {
+        let mut c = SimConfig::new(Family::Wlan, 0x17cb, 0x1103, 2 << 20);
+        c.bars_emulated();
+        c.links_emulated();
+        let before: Vec<u16> = c.words().to_vec();
+        c.link_drop_reset();
+        for off in [DEVCTL2, DEVCTL] {
+            c.write16(off, before[off as usize / 2]);
+        }
+        c.write16(0x04, 0x0002);
+        assert!(c.order_problems.is_empty(), "{:?}", c.order_problems);
+        c.link_drop_reset();
+        c.write16(0x04, 0x0002);
+        assert_eq!(
+            c.order_problems.len(),
+            2,
+            "Device Control (2) still are: {:?}",
+            c.order_problems
         );
     }
 }

@@ -75,7 +75,7 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
             super::CardKind::Ivshmem,
             (profile, ""),
             None,
-            "mission",
+            ("mission", super::scenarios::Topology::RootBus),
             &dir,
             &format!("bench{i}"),
         )?;

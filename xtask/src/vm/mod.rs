@@ -109,7 +109,7 @@ impl Sim {
         kind: CardKind,
         (profile, faults): (&str, &str),
         ids: Option<&str>,
-        state: &str,
+        (state, topology): (&str, scenarios::Topology),
         dir: &Path,
         tag: &str,
     ) -> anyhow::Result<Sim> {
@@ -128,6 +128,10 @@ impl Sim {
                     .map(|i| ["--ids", i])
                     .into_iter()
                     .flatten(),
+            )
+            .args(
+                (kind == CardKind::VfioUser && topology == scenarios::Topology::RootBus)
+                    .then_some("--root-bus"),
             )
             .arg(flag)
             .arg(&path)
@@ -239,7 +243,7 @@ fn run_scenario(
                 lab.card,
                 spec,
                 sc.card_ids(),
-                run.state,
+                (run.state, run.topology),
                 &dir,
                 &tag,
             )
