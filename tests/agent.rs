@@ -361,6 +361,30 @@ async fn the_reset_calls_of_an_open_are_answered_by_its_release_alone() {
 }
 
 #[tokio::test]
+async fn a_failed_open_explains_no_reset_call() {
+    // vfio_pci_core_enable can fail after its own reset call (-EAGAIN from
+    // pci_try_reset_function, a config init on a card reading all-ones): no release follows,
+    // so the reset call is still the agent's to answer.
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r.tx.send(event(Kind::Open, WLAN, 0x1103, -11, None))
+        .await
+        .unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::ResetCall, "clean")
+    );
+    assert_eq!(wlan.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
+#[tokio::test]
 async fn devices_are_handled_in_parallel_and_serialized_per_device() {
     let h = two_device_host();
     let mut host = h.host.clone();

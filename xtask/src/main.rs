@@ -61,7 +61,9 @@ enum Cmd {
     },
     /// Prove probes, VFIO and the detect->reset->verify loop on Debian kernels under QEMU.
     VmTest {
-        /// Kernel: "6.1", "6.12", "7.2" (newest matching Debian package) or a package name.
+        /// Kernel: "6.1", "6.12", "7.2" (newest matching Debian package), a package name, or one
+        /// the lab builds: "builtin-vfio" (6.12, VFIO built in) or "devspecific" (7.3 with the
+        /// Qualcomm device_specific reset expected in 7.4).
         /// Repeatable; default 6.1 and 6.12.
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,

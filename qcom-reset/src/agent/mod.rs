@@ -437,11 +437,14 @@ impl Agent {
             }
             return;
         }
-        if e.kind == Kind::Open && e.comm != OWN_COMM {
-            // Only a task that is debouncing something needs to hear it.
-            if let Some(tx) = self.devices.get(&bdf) {
-                let _ = tx.send(Msg::Opened);
-            }
+        // Only an open that succeeded has a release to come; only a task that is debouncing
+        // something needs to hear it.
+        if e.kind == Kind::Open
+            && e.comm != OWN_COMM
+            && e.ret == 0
+            && let Some(tx) = self.devices.get(&bdf)
+        {
+            let _ = tx.send(Msg::Opened);
         }
         let Some(trigger) = Trigger::of_event(&e) else {
             return;
@@ -539,6 +542,7 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
             }
         }
         if explained {
+            info!(bdf = %bdf, "the reset call was the VFIO open's own: its release will be answered");
             continue;
         }
         let covered = handle(&sh, bdf, trigger, at).await;

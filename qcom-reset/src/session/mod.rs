@@ -37,6 +37,10 @@ pub struct Restored {
     /// Config words put back after the link dropped (e.g. its BARs after the WLAN global
     /// reset), as "offset: now -> restored".
     pub config: Vec<String>,
+    /// Config words written that read back otherwise (VFIO passes only some words through to
+    /// the card, e.g. not Link Control), as "offset reads X, not Y": not restored, not retried.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_taken: Vec<String>,
     /// Upstream port registers put back after the link drop (hotplug events, AER mask).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub port: Vec<String>,
@@ -184,8 +188,8 @@ pub struct Session {
     baseline: Option<Record>,
     /// The link dropped (or the kernel reset the function): every saved word goes back.
     link_dropped: bool,
-    /// Config words the header repair put back mid-sequence, for the session's report.
-    repaired: Vec<String>,
+    /// What the header repair put back mid-sequence (and failed to), for the session's report.
+    repaired: Restored,
     restored: Option<Restored>,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
@@ -214,7 +218,7 @@ impl Session {
             watch: OwnerWatch::new(dev, own.driver()),
             baseline: None,
             link_dropped: false,
-            repaired: Vec::new(),
+            repaired: Restored::default(),
             restored: None,
             _port_lock: None,
             _own: own,
@@ -347,12 +351,15 @@ impl Session {
         self.link_dropped = true;
     }
 
-    /// The link is back (config space answers with the card's IDs) but MMIO reads all-ones:
-    /// the function reset of the link drop took the header. Puts back every saved word that
-    /// differs, in `pci_restore_state`'s order (decoding off, the PCIe control words, the header
-    /// from the top down), then PCI_COMMAND with memory decoding last, so the sequence and its
-    /// verification go on instead of timing out into link-down. False when nothing was lost
-    /// (or the card is no longer ours, or still off the bus).
+    /// The link is back (config space answers with the card's IDs) but MMIO reads all-ones and
+    /// a BAR or memory decoding is gone: the function reset of the link drop took the header.
+    /// Puts back every saved word that differs, in `pci_restore_state`'s order (decoding off,
+    /// the PCIe control words, the header from the top down), reads them back, then turns
+    /// memory decoding on last, so the sequence and its verification go on instead of timing
+    /// out into link-down. False when nothing was lost (MMIO reads all-ones for other reasons
+    /// too: a register not woken, a hung SoC; and Link Control is saved with ASPM cleared),
+    /// when the card is no longer ours or off the bus, or when a word could not be put back
+    /// (decoding then stays off: never decode through a half-restored BAR).
     pub fn repair_header(&mut self) -> bool {
         let Some(b) = self.baseline.clone() else {
             return false;
@@ -361,18 +368,39 @@ impl Session {
             return false;
         }
         let differ = differing(self.backend.as_mut(), b.config.clone());
-        let cmd = self.backend.config_read16(PCI_COMMAND).unwrap_or(0);
-        if differ.is_empty() && cmd & PCI_COMMAND_MEMORY != 0 {
+        let cmd = self
+            .backend
+            .config_read16(PCI_COMMAND)
+            .unwrap_or(ALL_ONES16);
+        let bar_lost = differ
+            .iter()
+            .any(|(off, _, _)| record::BAR_WORDS.contains(off));
+        // All-ones: the link went again between the ID check and these reads.
+        if cmd == ALL_ONES16 || (!bar_lost && cmd & PCI_COMMAND_MEMORY != 0) {
             return false;
         }
         let mut r = Restored::default();
-        let decoding = b.command.unwrap_or(0) | PCI_COMMAND_MEMORY;
-        write_back(self.backend.as_mut(), differ, Some(decoding), &mut r);
-        warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored [{}]{}", r.config.join(", "),
-            if r.errors.is_empty() { String::new() } else { format!(" (failed: {})", r.errors.join(", ")) });
-        self.repaired.extend(r.config);
+        let not_taken = write_back(self.backend.as_mut(), differ, None, &mut r);
+        // A BAR that did not take must not decode.
+        if not_taken.iter().any(|off| record::BAR_WORDS.contains(off)) {
+            r.errors.push(format!(
+                "a BAR did not take its saved address: {}",
+                r.not_taken.join(", ")
+            ));
+        }
+        let ok = r.errors.is_empty();
+        if ok {
+            let decoding = b.command.unwrap_or(0) | PCI_COMMAND_MEMORY;
+            write_back(self.backend.as_mut(), Vec::new(), Some(decoding), &mut r);
+        }
+        warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored [{}]{}{}", r.config.join(", "),
+            if r.not_taken.is_empty() { String::new() } else { format!(" (did not take: {})", r.not_taken.join(", ")) },
+            if r.errors.is_empty() { String::new() } else { format!(" (failed, decoding left off: {})", r.errors.join(", ")) });
+        self.repaired.config.extend(r.config);
+        self.repaired.not_taken.extend(r.not_taken);
+        self.repaired.errors.extend(r.errors);
         self.link_dropped = true;
-        true
+        ok
     }
 
     /// Enables memory decoding (vfio leaves it cleared after release); the saved baseline
@@ -447,8 +475,11 @@ impl Session {
         if let Some(r) = &self.restored {
             return r.clone();
         }
+        let repaired = std::mem::take(&mut self.repaired);
         let mut r = Restored {
-            config: std::mem::take(&mut self.repaired),
+            config: repaired.config,
+            not_taken: repaired.not_taken,
+            errors: repaired.errors,
             ..Restored::default()
         };
         if let Some(b) = self.baseline.clone() {
@@ -720,13 +751,15 @@ fn differing(backend: &mut dyn Backend, mut words: Vec<(u16, u16)>) -> Vec<(u16,
 }
 
 /// Writes `differ` back with decoding off, then `command` last: a BAR is never moved while the
-/// card decodes, and the card never decodes before its PCIe control words are back.
+/// card decodes, and the card never decodes before its PCIe control words are back. Each word
+/// is read back; returns the offsets that did not take.
 fn write_back(
     backend: &mut dyn Backend,
     differ: Vec<(u16, u16, u16)>,
     command: Option<u16>,
     r: &mut Restored,
-) {
+) -> Vec<u16> {
+    let mut not_taken = Vec::new();
     if !differ.is_empty() {
         let cmd = backend.config_read16(PCI_COMMAND).unwrap_or(0);
         if let Err(e) = backend.config_write16(PCI_COMMAND, cmd & !DECODE_AND_MASTER) {
@@ -734,11 +767,20 @@ fn write_back(
         }
     }
     for (off, now, want) in differ {
-        match backend.config_write16(off as u64, want) {
-            Ok(()) => r
+        if let Err(e) = backend.config_write16(off as u64, want) {
+            r.errors.push(format!("config {off:#04x}: {e}"));
+            continue;
+        }
+        match backend.config_read16(off as u64) {
+            Ok(v) if v == want => r
                 .config
                 .push(format!("{off:#04x}: {now:#06x} -> {want:#06x}")),
-            Err(e) => r.errors.push(format!("config {off:#04x}: {e}")),
+            Ok(v) => {
+                not_taken.push(off);
+                r.not_taken
+                    .push(format!("{off:#04x} reads {v:#06x}, not {want:#06x}"));
+            }
+            Err(e) => r.errors.push(format!("config {off:#04x} (read back): {e}")),
         }
     }
     if let Some(cmd) = command {
@@ -747,6 +789,7 @@ fn write_back(
             Err(e) => r.errors.push(format!("PCI_COMMAND: {e}")),
         }
     }
+    not_taken
 }
 
 /// The port's sysfs config for masking, checked to be the bridge above the card now.
@@ -775,6 +818,7 @@ fn restore_port(
 
 /// PCI_COMMAND I/O, memory and bus-master enables.
 const DECODE_AND_MASTER: u16 = 0x0007;
+const ALL_ONES16: u16 = 0xffff;
 
 #[cfg(test)]
 mod tests {

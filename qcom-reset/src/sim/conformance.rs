@@ -14,12 +14,43 @@ pub const SLACK_US: u64 = 500;
 pub struct Conformance {
     pub ok: bool,
     pub problems: Vec<String>,
+    /// Complete sequences received one after the other: one per reset, whoever ran it (the
+    /// agent, or a kernel with the device-specific reset at every VFIO open and release).
+    pub sequences: usize,
 }
 
-/// `initial_global_reset`: what 0x3008 read before the sequence (the assert must be exactly
-/// that value with bit 0 set).
+/// `initial_global_reset`: what 0x3008 read before the first sequence (each assert must be
+/// exactly the value read with bit 0 set; a completed reset leaves the deasserted value).
 pub fn check(family: Family, writes: &[WriteRecord], initial_global_reset: u32) -> Conformance {
     let mut problems = Vec::new();
+    let (mut at, mut sequences, mut read) = (0, 0, initial_global_reset);
+    // At least one sequence is owed once anything was written.
+    while at < writes.len() {
+        let before = problems.len();
+        let (n, deasserted) = one(family, &writes[at..], at, read, &mut problems);
+        if problems.len() > before {
+            break;
+        }
+        sequences += 1;
+        at += n;
+        read = deasserted.unwrap_or(read);
+    }
+    Conformance {
+        ok: problems.is_empty(),
+        problems,
+        sequences,
+    }
+}
+
+/// One sequence at the start of `writes` (write `base + 1` of all): its length and, for WLAN,
+/// the deasserted 0x3008 value it left.
+fn one(
+    family: Family,
+    writes: &[WriteRecord],
+    base: usize,
+    initial_global_reset: u32,
+    problems: &mut Vec<String>,
+) -> (usize, Option<u32>) {
     let mut expect = |i: usize,
                       offset: u32,
                       ok_value: &dyn Fn(u32) -> bool,
@@ -30,19 +61,22 @@ pub fn check(family: Family, writes: &[WriteRecord], initial_global_reset: u32) 
             Some(w) => {
                 problems.push(format!(
                     "write {}: expected {what}, got {:#x} <- {:#x}",
-                    i + 1,
+                    base + i + 1,
                     w.offset,
                     w.value
                 ));
                 None
             }
             None => {
-                problems.push(format!("write {}: expected {what}, got nothing", i + 1));
+                problems.push(format!(
+                    "write {}: expected {what}, got nothing",
+                    base + i + 1
+                ));
                 None
             }
         }
     };
-    let n = match family {
+    match family {
         Family::Wlan => {
             let a = expect(
                 0,
@@ -73,23 +107,69 @@ pub fn check(family: Family, writes: &[WriteRecord], initial_global_reset: u32) 
                 };
             gap(&a, &d, 10, "assert held");
             gap(&d, &m, 10, "MHI reset after deassert");
-            3
+            (3, d.map(|d| d.value))
         }
         Family::Modem => {
             expect(0, MHI_SOC_RESET_REQ, &|v| v == 1, "MHI_SOC_RESET_REQ <- 1");
-            1
+            (1, None)
         }
-    };
-    if writes.len() > n {
-        problems.push(format!(
-            "{} unexpected extra write(s), first {:#x} <- {:#x}",
-            writes.len() - n,
-            writes[n].offset,
-            writes[n].value
-        ));
     }
-    Conformance {
-        ok: problems.is_empty(),
-        problems,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(at_ms: u64, offset: u32, value: u32) -> WriteRecord {
+        WriteRecord {
+            at_us: at_ms * 1000,
+            offset,
+            value,
+        }
+    }
+
+    fn wlan(start_ms: u64, read: u32) -> [WriteRecord; 3] {
+        [
+            w(start_ms, PCIE_SOC_GLOBAL_RESET, read | GLOBAL_RESET_V),
+            w(start_ms + 10, PCIE_SOC_GLOBAL_RESET, read & !GLOBAL_RESET_V),
+            w(start_ms + 60, MHICTRL, MHICTRL_RESET),
+        ]
+    }
+
+    #[test]
+    fn resets_one_after_the_other_are_counted_and_each_is_checked() {
+        // A kernel with the device-specific reset at open and release, then the agent's own.
+        let writes: Vec<WriteRecord> = [wlan(0, 0x10), wlan(1000, 0x10), wlan(3000, 0x10)].concat();
+        let c = check(Family::Wlan, &writes, 0x10);
+        assert_eq!((c.ok, c.sequences), (true, 3), "{:?}", c.problems);
+
+        let modem = [w(0, MHI_SOC_RESET_REQ, 1), w(2500, MHI_SOC_RESET_REQ, 1)];
+        let c = check(Family::Modem, &modem, 0);
+        assert_eq!((c.ok, c.sequences), (true, 2), "{:?}", c.problems);
+        assert_eq!(check(Family::Wlan, &[], 0x10).sequences, 0);
+    }
+
+    #[test]
+    fn a_wrong_second_reset_is_named_by_its_write_number() {
+        let mut second = wlan(1000, 0x10);
+        second[1].at_us = second[0].at_us + 2_000; // held 2 ms
+        let writes: Vec<WriteRecord> = [wlan(0, 0x10), second].concat();
+        let c = check(Family::Wlan, &writes, 0x10);
+        assert!(!c.ok);
+        assert_eq!(c.sequences, 1);
+        assert!(
+            c.problems[0].starts_with("assert held: 2000 us"),
+            "{:?}",
+            c.problems
+        );
+
+        // A stray write after a complete reset is no second reset.
+        let writes: Vec<WriteRecord> = [&wlan(0, 0x10)[..], &[w(500, MHICTRL, 0)]].concat();
+        let c = check(Family::Wlan, &writes, 0x10);
+        assert_eq!(c.sequences, 1);
+        assert_eq!(
+            c.problems[0],
+            "write 4: expected assert 0x3008 (the value read | 1), got 0x38 <- 0x0"
+        );
     }
 }

@@ -235,7 +235,7 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
             wide.update()?;
             let p = resolve(&wide, wanted)?.with_context(|| {
                 format!(
-                    "no Debian kernel package matches {wanted:?} in bullseye, bookworm, trixie or sid (or use --kernel builtin-vfio)"
+                    "no Debian kernel package matches {wanted:?} in bullseye, bookworm, trixie or sid (or a kernel the lab builds: --kernel builtin-vfio, --kernel devspecific)"
                 )
             })?;
             (wide, p)

@@ -1,7 +1,7 @@
 //! `cargo xtask vm-test` and `cargo xtask demo`: Debian's own kernels under QEMU, our static
 //! binaries inside, the firmware simulator behind a real PCI BAR (ivshmem) on the host.
 pub mod bench;
-mod builtin;
+mod built;
 mod host;
 mod initramfs;
 mod qemu;
@@ -288,12 +288,11 @@ fn run_scenario(
     })
 }
 
-/// A Debian kernel package by version, or the lab's own built-in-VFIO build.
+/// A Debian kernel package by version, or one the lab builds (`builtin-vfio`, `devspecific`).
 fn kernel(wanted: &str) -> anyhow::Result<host::Kernel> {
-    if wanted == builtin::NAME {
-        builtin::kernel()
-    } else {
-        host::fetch_kernel(wanted)
+    match built::spec(wanted) {
+        Some(spec) => built::kernel(spec),
+        None => host::fetch_kernel(wanted),
     }
 }
 
