@@ -360,6 +360,63 @@ async fn the_reset_calls_of_an_open_are_answered_by_its_release_alone() {
     r.stop().await;
 }
 
+/// On a kernel with the device-specific reset (7.4), every VFIO open resets the card itself:
+/// that reset is the open's, the VM owns the card from then on, and only its release is
+/// verified. `act_with_kernel_reset` makes that release reset with our sequence anyway.
+#[tokio::test]
+async fn an_open_explains_its_device_specific_reset_and_act_with_kernel_reset_still_acts() {
+    for act in [false, true] {
+        let h = two_device_host();
+        let wlan = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+        let cfg = Config {
+            act_with_kernel_reset: act,
+            ..test_config(&h)
+        };
+        let mut r = start(&h, cfg, &[(WLAN, wlan.clone())]);
+        // A clean card to start from.
+        r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+        assert_eq!(r.next().await.result, "clean");
+        let open_reset = trace_event(
+            Kind::Attempt,
+            "pci_dev_specific_reset",
+            WLAN,
+            0x1103,
+            0,
+            None,
+        );
+        r.tx.send(Item::Event(open_reset)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
+            .await
+            .unwrap();
+        r.quiet_for(Duration::from_millis(200)).await;
+        r.tx.send(event(
+            Kind::Release,
+            WLAN,
+            0x1103,
+            0,
+            Some(KernelReset::DeviceSpecific),
+        ))
+        .await
+        .unwrap();
+        let a = r.next().await;
+        let want = if act { "clean" } else { "nothing-to-do" };
+        assert_eq!(
+            (a.trigger, a.result.as_str()),
+            (Trigger::KernelReset, want),
+            "act_with_kernel_reset = {act}: {}",
+            a.detail
+        );
+        r.quiet_for(Duration::from_millis(200)).await;
+        assert_eq!(
+            wlan.with_model(|m| m.resets),
+            1 + u32::from(act),
+            "act_with_kernel_reset = {act}"
+        );
+        r.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_failed_open_explains_no_reset_call() {
     // vfio_pci_core_enable can fail after its own reset call (-EAGAIN from

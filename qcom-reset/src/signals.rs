@@ -85,18 +85,22 @@ mod tests {
     /// afterwards the signal is reported and the old handler is back.
     #[test]
     fn a_signal_during_the_session_waits_for_its_end() {
+        // SAFETY: reading the current action only.
+        let action = || unsafe {
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut cur);
+            cur.sa_sigaction
+        };
+        // Whatever the test runs under (SIG_DFL, or SIG_IGN below nohup) comes back.
+        let before = action();
         let (out, sig) = deferring(|| {
             // SAFETY: raise(3) on this thread; the handler installed above catches it.
             unsafe { libc::raise(libc::SIGHUP) };
             "restored"
         });
         assert_eq!((out, sig), ("restored", Some(libc::SIGHUP)));
-        // SAFETY: reading the current action only.
-        let now = unsafe {
-            let mut cur: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut cur);
-            cur.sa_sigaction
-        };
-        assert_eq!(now, libc::SIG_DFL, "the default action is back");
+        let handler = note as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        assert_ne!(before, handler);
+        assert_eq!(action(), before, "the old action is back");
     }
 }

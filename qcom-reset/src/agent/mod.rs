@@ -495,7 +495,7 @@ enum Msg {
     /// Something to act on, and when it arrived.
     Act(Trigger, Instant),
     /// A VM opened the device: the reset calls that came just before (VFIO's own reset at
-    /// open) were made by that open, and its release will follow.
+    /// open, whichever method ran) were made by that open, and its release will follow.
     Opened,
 }
 
@@ -526,7 +526,11 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(Msg::Act(t, a)) if t > trigger => (trigger, at) = (t, a),
-                    Some(Msg::Opened) => explained = trigger == Trigger::ResetCall,
+                    // The open's own reset (a bus reset, or 7.4's device-specific one): the VM
+                    // owns the card now; its release is what gets answered.
+                    Some(Msg::Opened) => {
+                        explained = matches!(trigger, Trigger::ResetCall | Trigger::KernelReset)
+                    }
                     Some(_) => {}
                     None => break,
                 },
@@ -611,8 +615,11 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             Decision::Act => {}
         }
         began = Instant::now();
+        // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
+        let verifies = trigger.verifies_first()
+            && !(trigger == Trigger::KernelReset && sh.cfg.act_with_kernel_reset);
         if first
-            && trigger.verifies_first()
+            && verifies
             && let Some(done) = verify_only(sh, bdf, trigger).await
         {
             sh.act(done);

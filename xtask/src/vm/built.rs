@@ -29,6 +29,8 @@ pub struct Spec {
     fragments: &'static [&'static str],
     /// Applied with `patch -p1` to a private copy of the tree.
     patches: &'static [&'static str],
+    /// Fragment lines this version has no symbol for any more (folded into another option).
+    gone: &'static [&'static str],
     what: &'static str,
 }
 
@@ -44,6 +46,7 @@ pub const SPECS: [Spec; 2] = [
         suites: BASE_SUITES,
         fragments: &[FRAGMENT],
         patches: &[],
+        gone: &[],
         what: "VFIO built in",
     },
     Spec {
@@ -51,8 +54,13 @@ pub const SPECS: [Spec; 2] = [
         source_package: "linux-source-7.3",
         source_version: "7.3.4-1~bpo13+1",
         suites: &["trixie", "trixie-backports"],
-        fragments: &[FRAGMENT, "CONFIG_LOCALVERSION=\"-devspecific\"\n"],
+        fragments: &[
+            FRAGMENT,
+            "CONFIG_LOCALVERSION=\"-devspecific\"\nCONFIG_SYSCTL=y\n",
+        ],
         patches: &[DEVSPECIFIC_PATCH],
+        // 7.3 folded /proc/sys support into SYSCTL.
+        gone: &["CONFIG_PROC_SYSCTL=y"],
         what: "VFIO built in, the lab's Qualcomm device_specific reset (the expected 7.4 quirk)",
     },
 ];
@@ -136,7 +144,7 @@ fn build(spec: &Spec, dir: &Path) -> anyhow::Result<()> {
     let config = std::fs::read_to_string(out.join(".config"))?;
     let wanted = spec.config();
     let lost: Vec<&str> = wanted_options(&wanted)
-        .filter(|o| !config.lines().any(|l| l == *o))
+        .filter(|o| !spec.gone.contains(o) && !config.lines().any(|l| l == *o))
         .collect();
     ensure!(
         lost.is_empty(),
