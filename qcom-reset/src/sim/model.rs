@@ -34,6 +34,9 @@ pub struct Faults {
     /// 0x3008 bit 0 was left set: a global reset asserted and never deasserted (a qcom-reset
     /// killed between the two writes).
     pub reset_asserted: bool,
+    /// The SoC ignores this many reset requests (a well-formed sequence), keeping its firmware
+    /// running: what makes a kernel's "successful" device-specific reset one to verify.
+    pub resets_missed: u32,
 }
 
 impl Faults {
@@ -58,6 +61,7 @@ impl Faults {
                 "link-down-ms" => f.link_down_ms = Some(num(val)?),
                 "slow-ready-ms" => f.slow_ready_ms = Some(num(val)?),
                 "vanish-after-writes" => f.vanish_after_writes = Some(num(val)? as u32),
+                "resets-missed" => f.resets_missed = num(val)? as u32,
                 _ => return Err(format!("unknown fault {key:?}; known: {}", Faults::NAMES)),
             }
         }
@@ -65,7 +69,7 @@ impl Faults {
     }
 
     pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, reset-asserted, boots-to-amss, \
-         link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N";
+         link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N, resets-missed=N";
 }
 
 /// The state a previous owner left the card in.
@@ -156,6 +160,8 @@ pub struct Model {
     wake: u32,
     /// Number of SoC resets that took effect.
     pub resets: u32,
+    /// Reset requests the SoC ignored (`resets-missed`).
+    pub missed: u32,
     pub writes: Vec<WriteRecord>,
 }
 
@@ -206,6 +212,7 @@ impl Model {
             soc_reset_req: 0,
             wake: 0,
             resets: 0,
+            missed: 0,
             writes: Vec::new(),
         }
     }
@@ -242,6 +249,14 @@ impl Model {
 
     /// The SoC reboots: the link drops, then the device comes back in PBL.
     fn reboot(&mut self, now: u64, usual_link_down: u64) {
+        if self.faults.resets_missed > 0 {
+            // The request is taken (the register reads as after a reset), nothing else happens.
+            self.faults.resets_missed -= 1;
+            self.missed += 1;
+            self.asserted_at = None;
+            self.soc_reset_req = 0;
+            return;
+        }
         self.resets += 1;
         self.link_down_until = if self.faults.never_returns {
             u64::MAX
@@ -448,6 +463,28 @@ mod tests {
         let st = m.read32(up + MHI_RESET_US, MHISTATUS);
         assert_eq!(st & MHISTATUS_SYSERR, 0, "MHI reset clears SYSERR");
         assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0);
+    }
+
+    #[test]
+    fn a_missed_reset_leaves_the_firmware_running_and_the_next_one_takes() {
+        let faults = Faults::parse("resets-missed=1").unwrap();
+        let mut m = Model::new(Family::Modem, 0x17cb, 0x0308, SimState::Mission, faults);
+        mem_on(&mut m);
+        let mission = m.read32(0, MHISTATUS);
+        m.write32(10, MHI_SOC_RESET_REQ, 1);
+        assert_eq!((m.resets, m.missed), (0, 1));
+        assert_eq!(
+            m.read32(20, MHISTATUS),
+            mission,
+            "no link drop, the session runs on"
+        );
+        m.write32(3_000_000, MHI_SOC_RESET_REQ, 1);
+        assert_eq!((m.resets, m.missed), (1, 1));
+        assert_eq!(
+            m.read32(3_000_010, MHISTATUS),
+            ALL_ONES,
+            "this one dropped the link"
+        );
     }
 
     #[test]

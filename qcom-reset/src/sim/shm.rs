@@ -37,6 +37,8 @@ const MODELLED: [u32; 10] = [
 pub struct Report<'a> {
     pub family: &'static str,
     pub resets: u32,
+    /// Well-formed reset requests the SoC ignored (the `resets-missed` fault).
+    pub missed: u32,
     pub writes: &'a [WriteRecord],
     pub conformance: Conformance,
     pub mhistatus: u32,
@@ -117,6 +119,7 @@ pub fn serve(
             let r = Report {
                 family: model.family.name(),
                 resets: model.resets,
+                missed: model.missed,
                 writes: &model.writes,
                 conformance: model.conformance(),
                 mhistatus,

@@ -85,6 +85,7 @@ impl Card {
             card: super::shm::Report {
                 family: m.family.name(),
                 resets: m.resets,
+                missed: m.missed,
                 writes: &m.writes,
                 conformance: m.conformance(),
                 mhistatus,

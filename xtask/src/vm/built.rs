@@ -31,6 +31,8 @@ pub struct Spec {
     patches: &'static [&'static str],
     /// Fragment lines this version has no symbol for any more (folded into another option).
     gone: &'static [&'static str],
+    /// The patches add the Qualcomm device-specific reset.
+    device_specific: bool,
     what: &'static str,
 }
 
@@ -47,6 +49,7 @@ pub const SPECS: [Spec; 2] = [
         fragments: &[FRAGMENT],
         patches: &[],
         gone: &[],
+        device_specific: false,
         what: "VFIO built in",
     },
     Spec {
@@ -61,6 +64,7 @@ pub const SPECS: [Spec; 2] = [
         patches: &[DEVSPECIFIC_PATCH],
         // 7.3 folded /proc/sys support into SYSCTL.
         gone: &["CONFIG_PROC_SYSCTL=y"],
+        device_specific: true,
         what: "VFIO built in, the lab's Qualcomm device_specific reset (the expected 7.4 quirk)",
     },
 ];
@@ -119,6 +123,7 @@ pub fn kernel(spec: &Spec) -> anyhow::Result<Kernel> {
         root: dir.join("root"),
         vmlinux,
         vfio_builtin: true,
+        device_specific: spec.device_specific,
     })
 }
 

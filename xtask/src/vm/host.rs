@@ -167,6 +167,9 @@ pub struct Kernel {
     pub vmlinux: PathBuf,
     /// `CONFIG_VFIO_PCI_CORE=y`: nothing to load or unload.
     pub vfio_builtin: bool,
+    /// The Qualcomm device-specific reset (the lab's 7.4 stand-in): the kernel resets the card
+    /// at every VFIO open and release.
+    pub device_specific: bool,
 }
 
 impl Kernel {
@@ -315,6 +318,7 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
         vmlinux,
         version,
         vfio_builtin: false,
+        device_specific: false,
     })
 }
 

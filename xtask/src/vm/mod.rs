@@ -344,10 +344,7 @@ pub fn vm_test(
         let k = kernel(kv)?;
         let ird = guest_image(&k, &bins)?;
         for run in scenarios.iter().flat_map(|sc| sc.runs(topologies)) {
-            if let Some(why) = run
-                .scenario
-                .unsupported(k.major_minor(), k.vfio_builtin, lab.card)
-            {
+            if let Some(why) = run.scenario.unsupported(&k, lab.card) {
                 skipped += 1;
                 println!("SKIP {} {}: {why}", k.version, run.label());
                 continue;

@@ -62,6 +62,14 @@ pub enum Scenario {
     /// PCI_COMMAND; the agent's verdict is clean and the header comes back.
     #[value(name = "linkdrop")]
     LinkDrop,
+    /// A kernel with the device-specific reset only (`--kernel devspecific`): the kernel's
+    /// reset at open and at release reached a SoC that ignored both (the simulator's
+    /// `resets-missed=2`); the agent's verification finds the card stale and resets it through
+    /// the kernel's own `device_specific`, which takes this time.
+    KernelStale,
+    /// A kernel with the device-specific reset only: `act_with_kernel_reset = true` makes the
+    /// agent follow the kernel's reset at release with its own register sequence.
+    ActWithKernel,
 }
 
 /// An SDX55-based modem ID that is not in the device table.
@@ -136,7 +144,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 18] = [
+    pub const ALL: [Scenario; 20] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -155,6 +163,8 @@ impl Scenario {
         Scenario::Power,
         Scenario::ById,
         Scenario::LinkDrop,
+        Scenario::KernelStale,
+        Scenario::ActWithKernel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -177,27 +187,52 @@ impl Scenario {
             Scenario::Power => "power",
             Scenario::ById => "by-id",
             Scenario::LinkDrop => "linkdrop",
+            Scenario::KernelStale => "kernel-stale",
+            Scenario::ActWithKernel => "act-with-kernel",
         }
     }
 
     /// Why this scenario cannot run on a kernel, if it cannot: before 5.15 there is no
     /// vfio_pci_core and only the preflight refusal is testable; a built-in vfio-pci cannot be
-    /// unloaded; the built-in-VFIO kernel (the only one with `vfio_builtin`) has no UIO.
+    /// unloaded; the lab-built kernels have no UIO; the device-specific regime needs a kernel
+    /// that has it (and the card's real IDs, which its quirk keys on).
     pub fn unsupported(
         self,
-        kernel: (u32, u32),
-        vfio_builtin: bool,
+        k: &super::host::Kernel,
         card: super::CardKind,
     ) -> Option<&'static str> {
+        let kernel_resets = matches!(
+            self,
+            Scenario::Preflight
+                | Scenario::Probes
+                | Scenario::LoopWlan
+                | Scenario::LoopModem
+                | Scenario::ById
+                | Scenario::KernelStale
+                | Scenario::ActWithKernel
+        );
         match self {
             Scenario::Preflight => None,
             Scenario::LinkDrop if card == super::CardKind::Ivshmem => {
                 Some("the ivshmem card's config space is QEMU's: it never reads all-ones")
             }
-            _ if kernel < (5, 15) => Some("no vfio_pci_core before 5.15 (preflight covers it)"),
-            Scenario::Reload if vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
-            Scenario::Handover if vfio_builtin => {
-                Some("builtin-vfio has no uio_pci_generic to hand the card to")
+            _ if k.major_minor() < (5, 15) => {
+                Some("no vfio_pci_core before 5.15 (preflight covers it)")
+            }
+            Scenario::KernelStale | Scenario::ActWithKernel
+                if !k.device_specific || card == super::CardKind::Ivshmem =>
+            {
+                Some(
+                    "needs the device-specific reset (--kernel devspecific) and the card's real IDs",
+                )
+            }
+            _ if k.device_specific && !kernel_resets => Some(
+                "written for kernels where the agent is the card's reset; on this kernel the loops, \
+                 by-id, kernel-stale and act-with-kernel cover the device-specific regime",
+            ),
+            Scenario::Reload if k.vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
+            Scenario::Handover if k.vfio_builtin => {
+                Some("the lab-built kernels have no uio_pci_generic to hand the card to")
             }
             _ => None,
         }
@@ -240,7 +275,9 @@ impl Scenario {
             | Scenario::Observe
             | Scenario::Reload
             | Scenario::Container
-            | Scenario::Power => Some(("wcn6855", "")),
+            | Scenario::Power
+            | Scenario::ActWithKernel => Some(("wcn6855", "")),
+            Scenario::KernelStale => Some(("wcn6855", "resets-missed=2")),
             Scenario::LoopModem
             | Scenario::Bind
             | Scenario::Own
@@ -280,7 +317,8 @@ impl Scenario {
     pub fn script(self) -> String {
         let body = match self {
             Scenario::Probes => PROBES.to_string(),
-            Scenario::LoopWlan | Scenario::LoopModem => agent_loop(""),
+            Scenario::LoopWlan | Scenario::LoopModem | Scenario::KernelStale => agent_loop(""),
+            Scenario::ActWithKernel => agent_loop("act_with_kernel_reset = true\n"),
             Scenario::Held => held(),
             Scenario::Fault => agent_loop("max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
             Scenario::Graceful => graceful(),
@@ -325,6 +363,10 @@ impl Scenario {
             Scenario::Power => check_power(console, sim),
             Scenario::ById => check_by_id(run, console, sim),
             Scenario::LinkDrop => check_linkdrop(run, console, sim),
+            Scenario::KernelStale => check_kernel_regime(run, console, sim, KernelRegime::STALE),
+            Scenario::ActWithKernel => {
+                check_kernel_regime(run, console, sim, KernelRegime::ACT_WITH_KERNEL)
+            }
         }
     }
 }
@@ -926,6 +968,9 @@ fn check_loop(
     family: &str,
     writes: usize,
 ) -> anyhow::Result<Vec<String>> {
+    if expected_kernel_reset(run, console)?.0 == "device-specific" {
+        return check_kernel_regime(run, console, sim, KernelRegime::VERIFIED);
+    }
     let journal = json_lines(console, "journal");
     let acts = actions(console);
     let a = acts.first().context("the agent took no action")?;
@@ -1065,14 +1110,26 @@ fn expected_kernel_reset(
     run: &Run,
     console: &str,
 ) -> anyhow::Result<(&'static str, Option<String>)> {
-    if run.topology == Topology::RootBus {
-        return Ok(("none", None));
-    }
     let line = console
         .lines()
         .find_map(|l| l.split("VMLAB card at ").nth(1))
         .context("the guest printed no card line")?;
     let methods = line.split("reset_method: ").nth(1).unwrap_or("").trim();
+    if run.topology == Topology::RootBus && !methods.contains("device_specific") {
+        return Ok(("none", None));
+    }
+    if methods.split_whitespace().any(|m| m == "device_specific") {
+        ensure!(
+            methods.split_whitespace().next() == Some("device_specific"),
+            "device_specific must be the kernel's first method: {methods}"
+        );
+        return Ok((
+            "device-specific",
+            Some(format!(
+                "the kernel resets the card itself (reset_method: {methods})"
+            )),
+        ));
+    }
     if methods.split_whitespace().any(|m| m == "bus") {
         return Ok(("bus", None));
     }
@@ -1086,6 +1143,126 @@ fn expected_kernel_reset(
             "the kernel's SBR-avoid quirk took `bus` from this Qualcomm card (reset_method: {methods})"
         )),
     ))
+}
+
+/// What a run on a kernel with the device-specific reset must show.
+pub struct KernelRegime {
+    /// The agent's one action after the release.
+    result: &'static str,
+    /// How it reset, if it did (`report.method`).
+    method: Option<&'static str>,
+    /// Conformant sequences the card received: the kernel's at open and release, plus one of
+    /// the agent's (through the kernel's `device_specific`, or its own register sequence).
+    sequences: u64,
+    /// Of those, the ones the SoC ignored (`resets-missed`).
+    missed: u64,
+}
+
+impl KernelRegime {
+    /// The kernel reset the card at open and release; the agent verified it and wrote nothing.
+    const VERIFIED: KernelRegime = KernelRegime {
+        result: "nothing-to-do",
+        method: None,
+        sequences: 2,
+        missed: 0,
+    };
+    /// Both kernel resets missed; the agent found the card stale and reset it through the
+    /// kernel's `device_specific` (sysfs `reset`), which took.
+    const STALE: KernelRegime = KernelRegime {
+        result: "clean",
+        method: Some("kernel-device-specific"),
+        sequences: 3,
+        missed: 2,
+    };
+    /// `act_with_kernel_reset = true`: the agent's own sequence after the kernel's.
+    const ACT_WITH_KERNEL: KernelRegime = KernelRegime {
+        result: "clean",
+        method: Some("register-sequence"),
+        sequences: 3,
+        missed: 0,
+    };
+}
+
+/// The 7.4 regime: the kernel lists `device_specific` first and resets the card at every VFIO
+/// open and release; the release summary names it; the agent starts in the
+/// `kernel-device-specific` regime and answers the release as `want` says. The kernel's own
+/// resets pass the simulator's conformance check: the lab's implementation of the reviewed
+/// sequence and the simulator's model of it agree on order, values and delays.
+fn check_kernel_regime(
+    run: &Run,
+    console: &str,
+    sim: Option<&Value>,
+    want: KernelRegime,
+) -> anyhow::Result<Vec<String>> {
+    let (kernel_reset, note) = expected_kernel_reset(run, console)?;
+    ensure!(
+        kernel_reset == "device-specific",
+        "the kernel does not list device_specific for the card"
+    );
+    let log = section(console, "agent-log").join("\n");
+    ensure!(
+        log.contains("regime=kernel-device-specific"),
+        "the agent did not start in the kernel-device-specific regime:\n{log}"
+    );
+    let journal = json_lines(console, "journal");
+    let ev = journal
+        .iter()
+        .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
+        .context("no release event in the journal")?;
+    ensure!(
+        ev["event"]["kernel_reset"] == "device-specific" && ev["event"]["left_unreset"] == false,
+        "the release must name the kernel's device-specific reset: {}",
+        ev["event"]
+    );
+    let acts = actions(console);
+    ensure!(acts.len() == 1, "expected one action, got {acts:?}");
+    let a = &acts[0];
+    ensure!(
+        a["trigger"] == "kernel-reset" && a["result"] == want.result,
+        "expected kernel-reset -> {}: {a}",
+        want.result
+    );
+    if want.method.is_none() {
+        ensure!(
+            a["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("clean:")),
+            "the verification must find the card clean: {a}"
+        );
+    }
+    ensure!(
+        a["report"]["method"].as_str() == want.method,
+        "reset by {} (expected {:?})",
+        a["report"]["method"],
+        want.method
+    );
+    let sim = sim.context("no simulator report")?;
+    let c = &sim["conformance"];
+    ensure!(
+        c["ok"] == true
+            && c["sequences"] == want.sequences
+            && sim["missed"] == want.missed
+            && sim["resets"] == want.sequences - want.missed,
+        "expected {} conformant sequence(s), {} missed: conformance {c}, resets {}, missed {}",
+        want.sequences,
+        want.missed,
+        sim["resets"],
+        sim["missed"]
+    );
+    Ok([
+        note,
+        Some(format!(
+            "release: kernel_reset={} -> {} {}",
+            ev["event"]["kernel_reset"], a["result"], a["detail"]
+        )),
+        Some(format!(
+            "simulator: {} reset sequence(s), the kernel's own conformant with the reviewed one; {} ignored by the SoC",
+            want.sequences, want.missed
+        )),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
 }
 
 fn check_by_id(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
