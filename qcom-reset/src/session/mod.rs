@@ -737,10 +737,18 @@ fn restore_config(backend: &mut dyn Backend, b: &Record, mode: Words, r: &mut Re
     write_back(backend, differ, b.command, r);
 }
 
-/// The saved words that read otherwise now, as (offset, now, saved), top down: the PCIe control
-/// words (all above the header) first, as `pci_restore_state` writes them.
+/// The saved words that read otherwise now, as (offset, now, saved), in `pci_restore_state`'s
+/// order: the PCIe control words (all above the 64-byte header) first, in the order of the
+/// capability (Device Control before Link Control before their "2"s), then the header from the
+/// top down.
 fn differing(backend: &mut dyn Backend, mut words: Vec<(u16, u16)>) -> Vec<(u16, u16, u16)> {
-    words.sort_by_key(|&(off, _)| std::cmp::Reverse(off));
+    words.sort_by_key(|&(off, _)| {
+        if off >= 0x40 {
+            (false, i32::from(off))
+        } else {
+            (true, -i32::from(off))
+        }
+    });
     words
         .into_iter()
         .filter_map(|(off, want)| {
@@ -859,6 +867,7 @@ mod tests {
         dev.config_write16(PCI_COMMAND, 0x0406).unwrap();
         dev.config_write16(0x3c, 0x0105).unwrap(); // interrupt line changed: pin stays 1
         dev.config_write16(0x12, 0).unwrap();
+        dev.config_write16(0x58, 0x2810).unwrap(); // Device Control: MPS back to 128
         Logged {
             inner: dev,
             writes: Vec::new(),
@@ -875,7 +884,7 @@ mod tests {
                 (0x10, 0x0004),
                 (0x12, 0xfe00),
                 (0x3c, 0x010b),
-                (0x48, 0x2810),
+                (0x58, 0x2830),
             ],
             port: None,
             driver_override: None,
@@ -885,7 +894,7 @@ mod tests {
     }
 
     /// After a link drop every saved word that differs goes back, whatever it reads now (a
-    /// register with a non-zero reset value such as Device Control at 0x48 or a BAR's type
+    /// register with a non-zero reset value such as Device Control at 0x58 or a BAR's type
     /// bits is no exception), decoding off first, the PCIe words, then the header from the top
     /// down, PCI_COMMAND last: `pci_restore_state`'s order.
     #[test]
@@ -898,7 +907,7 @@ mod tests {
             c.writes,
             [
                 (4, 0x0400),
-                (0x48, 0x2810),
+                (0x58, 0x2830),
                 (0x3c, 0x010b),
                 (0x12, 0xfe00),
                 (4, 0x0400)
@@ -909,11 +918,32 @@ mod tests {
         assert_eq!(
             r.config,
             [
-                "0x48: 0x0000 -> 0x2810",
+                "0x58: 0x2810 -> 0x2830",
                 "0x3c: 0x0105 -> 0x010b",
                 "0x12: 0x0000 -> 0xfe00"
             ]
         );
+    }
+
+    /// The kernel writes the PCIe capability's control words in its own order (Device Control,
+    /// Link Control, then Device Control 2, Link Control 2), then the header from the top down.
+    #[test]
+    fn the_pcie_words_go_back_in_capability_order_before_the_header() {
+        let mut c = card();
+        for (off, v) in [(0x58, 0x2810), (0x60, 0x0000), (0x78, 0x0000)] {
+            c.inner.config_write16(off, v).unwrap();
+        }
+        let mut b = rec();
+        b.config = vec![
+            (0x78, 0x0010),
+            (0x12, 0xfe00),
+            (0x58, 0x2830),
+            (0x60, 0x0040),
+        ];
+        let mut r = Restored::default();
+        restore_config(&mut c, &b, Words::All, &mut r);
+        let order: Vec<u64> = c.writes.iter().map(|&(o, _)| o).collect();
+        assert_eq!(order, [4, 0x58, 0x60, 0x78, 0x12, 4], "{:?}", r);
     }
 
     /// Without a link drop config space is the session's baseline but for PCI_COMMAND: only
@@ -936,7 +966,7 @@ mod tests {
         );
         assert_eq!(
             c.writes,
-            [(4, 0x0400), (0x48, 0x2810), (0x3c, 0x010b), (4, 0x0400)]
+            [(4, 0x0400), (0x58, 0x2830), (0x3c, 0x010b), (4, 0x0400)]
         );
         assert!(
             !rec().bars_match(&[]),
