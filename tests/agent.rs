@@ -320,6 +320,17 @@ async fn duplicate_events_are_debounced_into_one_reset() {
     r.stop().await;
 }
 
+/// VFIO's reset call at open, then the open itself returning `ret`.
+async fn reset_call_then_open(r: &mut Running, ret: i32) {
+    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r.tx.send(event(Kind::Open, WLAN, 0x1103, ret, None))
+        .await
+        .unwrap();
+}
+
 /// A VM's open makes reset calls of its own (VFIO's reset at open: a bus reset, or -ENOTTY),
 /// and the open explains them: a VM that lives past the debounce window, then lets go, gets
 /// one reset, from its release, not a second from the open's calls (the VM lab's `by-id` behind
@@ -329,13 +340,7 @@ async fn the_reset_calls_of_an_open_are_answered_by_its_release_alone() {
     let h = two_device_host();
     let wlan = sim(Family::Wlan, Faults::default());
     let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
-    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
-        .await
-        .unwrap();
+    reset_call_then_open(&mut r, 0).await;
     r.quiet_for(Duration::from_millis(200)).await;
     assert_eq!(
         wlan.with_model(|m| m.writes.len()),
@@ -425,13 +430,7 @@ async fn a_failed_open_explains_no_reset_call() {
     let h = two_device_host();
     let wlan = sim(Family::Wlan, Faults::default());
     let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
-    r.tx.send(event(Kind::Attempt, WLAN, 0x1103, 0, None))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    r.tx.send(event(Kind::Open, WLAN, 0x1103, -11, None))
-        .await
-        .unwrap();
+    reset_call_then_open(&mut r, -11).await;
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),

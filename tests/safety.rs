@@ -925,6 +925,26 @@ impl Backend for VfioView {
     }
 }
 
+/// A reset of the WLAN card through `view` (a VFIO-like backend), whose verdict must be
+/// link-down.
+fn link_down_through(
+    h: &FakeHost,
+    view: impl Backend + Clone + Send + 'static,
+) -> qcom_reset::engine::Report {
+    let r = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| Ok(Box::new(view.clone())),
+        "vfio",
+    )
+    .unwrap();
+    assert_eq!(
+        r.verdict.as_ref().map(|v| v.health),
+        Some(qcom_reset::verdict::Health::LinkDown)
+    );
+    r
+}
+
 /// Through VFIO a card whose link never comes back still shows its IDs (vfio-pci virtualizes
 /// them), so "config space answers with the card's IDs" cannot be the test for a link that is
 /// back: the header repair wrote every saved word into the dead link (the VM lab's `container`
@@ -952,18 +972,7 @@ fn virtualized_ids_do_not_make_a_dead_link_look_alive() {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     let card = dead();
-    let view = VfioView(card.clone());
-    let r = engine::reset(
-        &h.host,
-        &Request::new(bdf(WLAN)),
-        &mut move |_, _| Ok(Box::new(view.clone())),
-        "vfio",
-    )
-    .unwrap();
-    assert_eq!(
-        r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::LinkDown
-    );
+    let r = link_down_through(&h, VfioView(card.clone()));
     assert_eq!(
         card.with_model(|m| m.config_writes),
         plain.with_model(|m| m.config_writes),
@@ -1025,18 +1034,7 @@ fn all_ones_mmio_with_the_header_intact_repairs_nothing() {
             c.config_write16(lnkctl, v | 0x0003).unwrap();
         }
         let before = card.with_model(|m| m.config_writes);
-        let view = DeafBar(card.clone());
-        let r = engine::reset(
-            &h.host,
-            &Request::new(bdf(WLAN)),
-            &mut move |_, _| Ok(Box::new(view.clone())),
-            "vfio",
-        )
-        .unwrap();
-        assert_eq!(
-            r.verdict.unwrap().health,
-            qcom_reset::verdict::Health::LinkDown
-        );
+        let r = link_down_through(&h, DeafBar(card.clone()));
         (card.with_model(|m| m.config_writes) - before, r.restored)
     };
     let (plain, _) = config_writes(false);
