@@ -492,6 +492,30 @@ fn steps_aside_where_the_kernel_has_device_specific() {
     assert_eq!(r.method, Method::RegisterSequence);
 }
 
+/// The kernel's device-specific reset can fail (the WLAN link poll times out when the SoC
+/// reset also reset the function: the VM lab's `--kernel devspecific` saw -ETIMEDOUT after 5 s):
+/// the card is then as the kernel restored it, and qcom-reset's own sequence resets it.
+#[test]
+fn a_failed_kernel_reset_falls_back_to_our_sequence() {
+    let h = FakeHost::new();
+    let dev = h.add(FakeDevice {
+        reset_method: Some("device_specific"),
+        ..Default::default()
+    });
+    // A `reset` that cannot be written stands for the kernel's reset failing.
+    std::fs::remove_file(dev.join("reset")).unwrap();
+    std::fs::create_dir(dev.join("reset")).unwrap();
+    let sim = sim(Family::Wlan, Faults::default());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap();
+    assert_eq!(r.method, Method::RegisterSequence);
+    assert_eq!(sim.with_model(|m| m.resets), 1);
+    assert_eq!(
+        r.verdict.map(|v| v.health),
+        Some(qcom_reset::verdict::Health::Clean)
+    );
+    assert_eq!(h.read(WLAN, "reset_method"), "device_specific");
+}
+
 #[test]
 fn a_device_stuck_outside_d0_is_refused_and_power_restored() {
     let h = FakeHost::new();

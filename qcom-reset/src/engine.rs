@@ -387,7 +387,7 @@ pub fn reset(
 
     let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
     let port = guard_link_drop(host, &mut session, &t, req)?;
-    let kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
+    let mut kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
             t.bdf,
@@ -396,7 +396,16 @@ pub fn reset(
         );
         session.still_owned()?;
         session.saw_link_drop();
-        kernel_reset(&mut session, &t)?;
+        // A kernel reset that failed (its WLAN link poll timing out, say) left the card as the
+        // kernel restored it: ours is the reset that is left.
+        match kernel_reset(&mut session, &t) {
+            Ok(()) => {}
+            Err(e @ Error::KernelReset { .. }) => {
+                warn!(bdf = %t.bdf, "{e}: falling back to qcom-reset's register sequence");
+                kernel = false;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let access = session.backend.name();
     let mut ops = Vec::new();

@@ -75,7 +75,11 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
             super::CardKind::Ivshmem,
             (profile, ""),
             None,
-            ("mission", super::scenarios::Topology::RootBus),
+            (
+                "mission",
+                super::scenarios::Topology::RootBus,
+                "function-reset",
+            ),
             &dir,
             &format!("bench{i}"),
         )?;

@@ -109,7 +109,7 @@ impl Sim {
         kind: CardKind,
         (profile, faults): (&str, &str),
         ids: Option<&str>,
-        (state, topology): (&str, scenarios::Topology),
+        (state, topology, link_drop): (&str, scenarios::Topology, &str),
         dir: &Path,
         tag: &str,
     ) -> anyhow::Result<Sim> {
@@ -132,6 +132,12 @@ impl Sim {
             .args(
                 (kind == CardKind::VfioUser && topology == scenarios::Topology::RootBus)
                     .then_some("--root-bus"),
+            )
+            .args(
+                (kind == CardKind::VfioUser)
+                    .then_some(["--link-drop", link_drop])
+                    .into_iter()
+                    .flatten(),
             )
             .arg(flag)
             .arg(&path)
@@ -243,7 +249,7 @@ fn run_scenario(
                 lab.card,
                 spec,
                 sc.card_ids(),
-                (run.state, run.topology),
+                (run.state, run.topology, sc.link_drop(k.device_specific)),
                 &dir,
                 &tag,
             )

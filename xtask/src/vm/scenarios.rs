@@ -70,6 +70,11 @@ pub enum Scenario {
     /// A kernel with the device-specific reset only: `act_with_kernel_reset = true` makes the
     /// agent follow the kernel's reset at release with its own register sequence.
     ActWithKernel,
+    /// A kernel with the device-specific reset only, the WLAN card's link drop resetting the
+    /// function (the simulator's default, which the other runs on that kernel turn off): the
+    /// reviewed reset's link poll reads all-ones until it gives up (-ETIMEDOUT after 5 s) at
+    /// the VM's open and at the agent's kernel reset; the agent falls back to its own sequence.
+    KernelTimeout,
 }
 
 /// An SDX55-based modem ID that is not in the device table.
@@ -144,7 +149,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -165,6 +170,7 @@ impl Scenario {
         Scenario::LinkDrop,
         Scenario::KernelStale,
         Scenario::ActWithKernel,
+        Scenario::KernelTimeout,
     ];
 
     pub fn name(self) -> &'static str {
@@ -189,6 +195,7 @@ impl Scenario {
             Scenario::LinkDrop => "linkdrop",
             Scenario::KernelStale => "kernel-stale",
             Scenario::ActWithKernel => "act-with-kernel",
+            Scenario::KernelTimeout => "kernel-timeout",
         }
     }
 
@@ -210,6 +217,7 @@ impl Scenario {
                 | Scenario::ById
                 | Scenario::KernelStale
                 | Scenario::ActWithKernel
+                | Scenario::KernelTimeout
         );
         match self {
             Scenario::Preflight => None,
@@ -219,7 +227,7 @@ impl Scenario {
             _ if k.major_minor() < (5, 15) => {
                 Some("no vfio_pci_core before 5.15 (preflight covers it)")
             }
-            Scenario::KernelStale | Scenario::ActWithKernel
+            Scenario::KernelStale | Scenario::ActWithKernel | Scenario::KernelTimeout
                 if !k.device_specific || card == super::CardKind::Ivshmem =>
             {
                 Some(
@@ -276,7 +284,8 @@ impl Scenario {
             | Scenario::Reload
             | Scenario::Container
             | Scenario::Power
-            | Scenario::ActWithKernel => Some(("wcn6855", "")),
+            | Scenario::ActWithKernel
+            | Scenario::KernelTimeout => Some(("wcn6855", "")),
             Scenario::KernelStale => Some(("wcn6855", "resets-missed=2")),
             Scenario::LoopModem
             | Scenario::Bind
@@ -287,6 +296,18 @@ impl Scenario {
             | Scenario::LinkDrop
             | Scenario::ById => Some(("sdx65", "")),
             Scenario::Fault => Some(("wcn6855", "never-returns")),
+        }
+    }
+
+    /// What the simulated link drop does to config space (`qcom-reset-sim --link-drop`). The
+    /// reviewed device-specific reset polls the WLAN card's BAR for the link to come back, which
+    /// works only if the drop keeps the header: upstream tested it on the real parts, so on a
+    /// kernel with it the lab keeps config, except where `kernel-timeout` shows the other case.
+    pub fn link_drop(self, device_specific_kernel: bool) -> &'static str {
+        if device_specific_kernel && self != Scenario::KernelTimeout {
+            "keeps-config"
+        } else {
+            "function-reset"
         }
     }
 
@@ -317,7 +338,10 @@ impl Scenario {
     pub fn script(self) -> String {
         let body = match self {
             Scenario::Probes => PROBES.to_string(),
-            Scenario::LoopWlan | Scenario::LoopModem | Scenario::KernelStale => agent_loop(""),
+            Scenario::LoopWlan
+            | Scenario::LoopModem
+            | Scenario::KernelStale
+            | Scenario::KernelTimeout => agent_loop(""),
             Scenario::ActWithKernel => agent_loop("act_with_kernel_reset = true\n"),
             Scenario::Held => held(),
             Scenario::Fault => agent_loop("max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
@@ -366,6 +390,9 @@ impl Scenario {
             Scenario::KernelStale => check_kernel_regime(run, console, sim, KernelRegime::STALE),
             Scenario::ActWithKernel => {
                 check_kernel_regime(run, console, sim, KernelRegime::ACT_WITH_KERNEL)
+            }
+            Scenario::KernelTimeout => {
+                check_kernel_regime(run, console, sim, KernelRegime::TIMEOUT)
             }
         }
     }
@@ -1147,7 +1174,10 @@ fn expected_kernel_reset(
 
 /// What a run on a kernel with the device-specific reset must show.
 pub struct KernelRegime {
-    /// The agent's one action after the release.
+    /// What the release summary names: the kernel's reset at release, if it succeeded.
+    release: &'static str,
+    /// The agent's one action after the release: its trigger and result.
+    trigger: &'static str,
     result: &'static str,
     /// How it reset, if it did (`report.method`).
     method: Option<&'static str>,
@@ -1161,6 +1191,8 @@ pub struct KernelRegime {
 impl KernelRegime {
     /// The kernel reset the card at open and release; the agent verified it and wrote nothing.
     const VERIFIED: KernelRegime = KernelRegime {
+        release: "device-specific",
+        trigger: "kernel-reset",
         result: "nothing-to-do",
         method: None,
         sequences: 2,
@@ -1169,13 +1201,28 @@ impl KernelRegime {
     /// Both kernel resets missed; the agent found the card stale and reset it through the
     /// kernel's `device_specific` (sysfs `reset`), which took.
     const STALE: KernelRegime = KernelRegime {
+        release: "device-specific",
+        trigger: "kernel-reset",
         result: "clean",
         method: Some("kernel-device-specific"),
         sequences: 3,
         missed: 2,
     };
+    /// The kernel's reset timed out at open (the SoC did reset: the first sequence), made none at
+    /// release; the agent's kernel reset timed out too (the second) and its own sequence (the
+    /// third) reset the card.
+    const TIMEOUT: KernelRegime = KernelRegime {
+        release: "none",
+        trigger: "release",
+        result: "clean",
+        method: Some("register-sequence"),
+        sequences: 3,
+        missed: 0,
+    };
     /// `act_with_kernel_reset = true`: the agent's own sequence after the kernel's.
     const ACT_WITH_KERNEL: KernelRegime = KernelRegime {
+        release: "device-specific",
+        trigger: "kernel-reset",
         result: "clean",
         method: Some("register-sequence"),
         sequences: 3,
@@ -1210,16 +1257,29 @@ fn check_kernel_regime(
         .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
         .context("no release event in the journal")?;
     ensure!(
-        ev["event"]["kernel_reset"] == "device-specific" && ev["event"]["left_unreset"] == false,
-        "the release must name the kernel's device-specific reset: {}",
+        ev["event"]["kernel_reset"] == want.release
+            && ev["event"]["left_unreset"] == (want.release != "device-specific"),
+        "the release must name kernel_reset {}: {}",
+        want.release,
         ev["event"]
     );
+    let timed_out = journal.iter().any(|v| {
+        v["event"]["kind"] == "open"
+            && attempts(&v["event"]).contains(&("pci_dev_specific_reset".into(), -110))
+    });
+    if want.release == "none" {
+        ensure!(
+            timed_out && log.contains("falling back to qcom-reset's register sequence"),
+            "the kernel's reset must time out at open and the agent fall back to its own:\n{log}"
+        );
+    }
     let acts = actions(console);
     ensure!(acts.len() == 1, "expected one action, got {acts:?}");
     let a = &acts[0];
     ensure!(
-        a["trigger"] == "kernel-reset" && a["result"] == want.result,
-        "expected kernel-reset -> {}: {a}",
+        a["trigger"] == want.trigger && a["result"] == want.result,
+        "expected {} -> {}: {a}",
+        want.trigger,
         want.result
     );
     if want.method.is_none() {
