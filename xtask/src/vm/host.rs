@@ -374,6 +374,8 @@ pub fn vfio_user_qemu() -> anyhow::Result<PathBuf> {
         root.display()
     );
     let _ = std::fs::remove_dir_all(&root);
+    // mmdebstrap resolves the target's absolute path: its parent must exist (a fresh cache).
+    std::fs::create_dir_all(cache_dir())?;
     run(Command::new("mmdebstrap")
         .args([
             "--variant=apt",
