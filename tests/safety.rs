@@ -459,9 +459,10 @@ fn one_unreadable_device_does_not_abort_the_rescan() {
 }
 
 /// Item 15: the kernel reset's `reset_method` swap is in the crash record (a killed session
-/// leaves it for the next), and a failed reset's own error is what is reported.
+/// leaves it for the next) and is put back when the kernel's reset fails, which then falls
+/// back to our sequence (the 7.4 regime in the VM lab: the WLAN link poll timing out).
 #[test]
-fn the_reset_method_swap_is_recorded_and_the_resets_error_wins() {
+fn the_reset_method_swap_is_recorded_and_a_failed_kernel_reset_falls_back() {
     let h = FakeHost::new();
     h.add(FakeDevice {
         reset_method: Some("bus device_specific"),
@@ -482,8 +483,9 @@ fn the_reset_method_swap_is_recorded_and_the_resets_error_wins() {
     let reset = h.host.sysfs.root.join(WLAN).join("reset");
     fs::remove_file(&reset).unwrap();
     fs::create_dir(&reset).unwrap();
-    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
-    assert!(matches!(e, Error::KernelReset { .. }), "{e}");
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(r.method, engine::Method::RegisterSequence);
+    assert_eq!(card.with_model(|m| m.resets), 1);
     assert_eq!(h.read(WLAN, "reset_method"), "bus device_specific");
     assert!(!record_path(&h, WLAN).exists());
 }
