@@ -39,7 +39,8 @@ pub struct Config {
     /// holds it by then (a VM started right after the bind, as libvirt's managed hostdevs do,
     /// is never raced); 0 = never reset on bind.
     pub bind_settle_ms: u64,
-    /// Use our register sequence even where the kernel has `device_specific`.
+    /// Use our register sequence even where the kernel has `device_specific`: after the
+    /// kernel's reset at release, reset again instead of only verifying.
     pub act_with_kernel_reset: bool,
     /// Append-only JSON-lines log of events and actions ("" disables it).
     pub journal: PathBuf,
