@@ -396,8 +396,8 @@ impl Session {
         warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored [{}]{}{}", r.config.join(", "),
             if r.not_taken.is_empty() { String::new() } else { format!(" (did not take: {})", r.not_taken.join(", ")) },
             if r.errors.is_empty() { String::new() } else { format!(" (failed, decoding left off: {})", r.errors.join(", ")) });
+        // Words that did not take are the final restore's to find again (it re-reads them all).
         self.repaired.config.extend(r.config);
-        self.repaired.not_taken.extend(r.not_taken);
         self.repaired.errors.extend(r.errors);
         self.link_dropped = true;
         ok
@@ -478,7 +478,6 @@ impl Session {
         let repaired = std::mem::take(&mut self.repaired);
         let mut r = Restored {
             config: repaired.config,
-            not_taken: repaired.not_taken,
             errors: repaired.errors,
             ..Restored::default()
         };
