@@ -188,8 +188,8 @@ pub struct Session {
     baseline: Option<Record>,
     /// The link dropped (or the kernel reset the function): every saved word goes back.
     link_dropped: bool,
-    /// What the header repair put back mid-sequence (and failed to), for the session's report.
-    repaired: Restored,
+    /// Config words the header repair put back mid-sequence, for the session's report.
+    repaired: Vec<String>,
     restored: Option<Restored>,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
@@ -218,7 +218,7 @@ impl Session {
             watch: OwnerWatch::new(dev, own.driver()),
             baseline: None,
             link_dropped: false,
-            repaired: Restored::default(),
+            repaired: Vec::new(),
             restored: None,
             _port_lock: None,
             _own: own,
@@ -396,9 +396,9 @@ impl Session {
         warn!(bdf = %self.bdf, "MMIO reads all-ones while config space answers: the link drop reset the function; header restored [{}]{}{}", r.config.join(", "),
             if r.not_taken.is_empty() { String::new() } else { format!(" (did not take: {})", r.not_taken.join(", ")) },
             if r.errors.is_empty() { String::new() } else { format!(" (failed, decoding left off: {})", r.errors.join(", ")) });
-        // Words that did not take are the final restore's to find again (it re-reads them all).
-        self.repaired.config.extend(r.config);
-        self.repaired.errors.extend(r.errors);
+        // What did not take or failed is the final restore's to find again: it re-reads every
+        // word after a link drop.
+        self.repaired.extend(r.config);
         self.link_dropped = true;
         ok
     }
@@ -475,10 +475,8 @@ impl Session {
         if let Some(r) = &self.restored {
             return r.clone();
         }
-        let repaired = std::mem::take(&mut self.repaired);
         let mut r = Restored {
-            config: repaired.config,
-            errors: repaired.errors,
+            config: std::mem::take(&mut self.repaired),
             ..Restored::default()
         };
         if let Some(b) = self.baseline.clone() {
