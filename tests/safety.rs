@@ -931,7 +931,7 @@ impl Backend for VfioView {
 /// link-down.
 fn link_down_through(
     h: &FakeHost,
-    view: impl Backend + Clone + Send + 'static,
+    view: impl Backend + Clone + 'static,
 ) -> qcom_reset::engine::Report {
     let r = engine::reset(
         &h.host,
