@@ -422,6 +422,21 @@ async fn an_open_explains_its_device_specific_reset_and_act_with_kernel_reset_st
     }
 }
 
+/// A VM that lets go within the debounce window of its open's reset call (a QEMU that failed to
+/// start): the open explained the call, and the release that follows at once is still answered.
+#[tokio::test]
+async fn a_release_right_after_an_open_is_still_answered() {
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    reset_call_then_open(&mut r, 0).await;
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
+    assert_eq!(wlan.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_failed_open_explains_no_reset_call() {
     // vfio_pci_core_enable can fail after its own reset call (-EAGAIN from
