@@ -218,6 +218,7 @@ impl Scenario {
                 | Scenario::ActWithKernel
                 | Scenario::KernelTimeout
                 | Scenario::Held
+                | Scenario::Observe
         );
         match self {
             Scenario::Preflight => None,
@@ -244,7 +245,7 @@ impl Scenario {
             ),
             _ if k.device_specific && !kernel_resets => Some(
                 "written for kernels where the agent is the card's reset; on this kernel the loops, \
-                 held, by-id and the kernel-* scenarios cover the device-specific regime",
+                 held, observe, by-id and the kernel-* scenarios cover the device-specific regime",
             ),
             Scenario::Reload if k.vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
             Scenario::Handover if k.vfio_builtin => {
@@ -606,7 +607,7 @@ echo "VMLAB before $(state)"
 wait_for /tmp/journal.jsonl '"trigger":"rescan"' 60
 echo "VMLAB after-rescan $(state)"
 vmlab-guest vfio-cycle $D
-wait_for /tmp/journal.jsonl '"result":"dry-run"' 60
+wait_for /tmp/journal.jsonl '"result":"dry-run"\|"trigger":"kernel-reset"' 60
 {STOP_AND_DUMP}"#,
         setup("observe_only = true\nrescan = true", true)
     )
@@ -1805,14 +1806,22 @@ fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Strin
         .iter()
         .filter_map(|a| Some((a["trigger"].as_str()?, a["result"].as_str()?)))
         .collect();
+    // Where the kernel resets the card at open and release (7.4), the release is one to
+    // verify, which observe-only cannot do on a runtime-suspended card: skipped, not woken.
+    let kernel = kernel_device_specific_resets(console);
+    let release = if kernel > 0 {
+        ("kernel-reset", "skipped")
+    } else {
+        ("release", "dry-run")
+    };
     ensure!(
-        results.contains(&("rescan", "skipped")) && results.contains(&("release", "dry-run")),
+        results.contains(&("rescan", "skipped")) && results.contains(&release),
         "actions: {acts:?}"
     );
-    check_sim(sim, "wlan", 0)?;
+    check_sim(sim, "wlan", 3 * kernel)?;
     Ok(vec![
         format!("rescan and release wrote nothing: {before} before and after"),
-        "the simulator received 0 writes".into(),
+        format!("the simulator received only the kernel's {kernel} reset(s)"),
     ])
 }
 
