@@ -1050,3 +1050,53 @@ fn all_ones_mmio_with_the_header_intact_repairs_nothing() {
     assert!(restored.config.is_empty(), "{restored:?}");
     assert_eq!(restored.not_taken, ["0x60 reads 0x0043, not 0x0040"]);
 }
+
+/// A card whose BAR0 register refuses the restore (a write error mid-repair): decoding is never
+/// turned on over a half-restored BAR, neither by the repair nor after it.
+#[derive(Clone)]
+struct StuckBar(SimDevice, Arc<Mutex<Vec<(u64, u16, bool)>>>);
+
+impl Backend for StuckBar {
+    fn name(&self) -> &'static str {
+        "simulator"
+    }
+    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        self.0.config_read16(o)
+    }
+    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        let refused = o == 0x12;
+        self.1.lock().unwrap().push((o, v, refused));
+        if refused {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.0.config_write16(o, v)
+    }
+    fn map_bar(&mut self, bar: u8) -> qcom_reset::Result<(Box<dyn RegisterIo>, u64)> {
+        self.0.map_bar(bar)
+    }
+}
+
+#[test]
+fn a_bar_write_that_fails_mid_repair_leaves_decoding_off() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    card.clone().config_write16(0x12, 0xfe00).unwrap(); // BAR0 where the kernel put it
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let view = StuckBar(card.clone(), log.clone());
+    let _ = engine::reset(
+        &h.host,
+        &Request::new(bdf(WLAN)),
+        &mut move |_, _| Ok(Box::new(view.clone())),
+        "simulator",
+    );
+    let log = log.lock().unwrap();
+    let first_refusal = log
+        .iter()
+        .position(|&(_, _, refused)| refused)
+        .expect("the link drop took BAR0 and the repair tried to put it back");
+    let decoding_after = log[first_refusal..]
+        .iter()
+        .find(|&&(o, v, _)| o == 4 && v & 0x2 != 0);
+    assert_eq!(decoding_after, None, "writes: {log:?}");
+}
