@@ -615,7 +615,7 @@ fn only_a_device_specific_reset_is_trusted() {
     let call = |f, ret| trace_event(Kind::Attempt, f, WLAN, 0x1103, ret, Option::None);
     assert_eq!(
         Trigger::of_event(&call("pci_dev_specific_reset", 0)),
-        Some(Trigger::KernelReset)
+        Some(Trigger::KernelResetCall)
     );
     for (f, ret) in [
         ("pci_dev_specific_reset", -110),
@@ -741,6 +741,91 @@ async fn a_release_while_held_waits_for_the_holder_then_resets_once() {
     assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
     r.quiet_for(Duration::from_millis(300)).await;
     assert_eq!(card.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
+/// The 7.4 regime's graceful stop: the kernel resets the card as the device closes, QEMU keeps
+/// the group a while longer. The verification waits for the holder, then runs; a stale card is
+/// reset once, a clean one is left alone. A reset call while a VM holds the card (its own
+/// VFIO_DEVICE_RESET) is left to that VM's release, without a wait.
+#[tokio::test]
+async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() {
+    let h = two_device_host();
+    for (kernel_took, want) in [(false, "clean"), (true, "nothing-to-do")] {
+        let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+        if kernel_took {
+            let c = card.clone();
+            qcom_reset::engine::reset(
+                &h.host,
+                &qcom_reset::engine::Request::new(bdf(WLAN)),
+                &mut move |_, _| Ok(Box::new(c.clone())),
+                "sim",
+            )
+            .unwrap();
+        }
+        h.hold(781, "qemu-system-x86", "/dev/vfio/12");
+        let mut cfg = test_config(&h);
+        cfg.state_file = h.root().join(format!("state/{want}.json"));
+        let mut r = start(&h, cfg, &[(WLAN, card.clone())]);
+        let kernel = |kind| event(kind, WLAN, 0x1103, 0, Some(KernelReset::DeviceSpecific));
+        r.tx.send(kernel(Kind::Release)).await.unwrap();
+        let a = r.next().await;
+        assert_eq!(
+            (a.trigger, a.result.as_str()),
+            (Trigger::KernelReset, "skipped")
+        );
+        assert!(
+            a.detail.contains("not checked")
+                && a.detail.contains("held by pid 781")
+                && a.detail.contains("waiting up to 60 s"),
+            "{}",
+            a.detail
+        );
+        let before = card.with_model(|m| m.writes.len());
+        r.quiet_for(Duration::from_millis(600)).await;
+        assert_eq!(
+            card.with_model(|m| m.writes.len()),
+            before,
+            "nothing while held"
+        );
+        h.unhold(781);
+        let a = r.next().await;
+        assert_eq!(
+            (a.trigger, a.result.as_str()),
+            (Trigger::KernelReset, want),
+            "{}",
+            a.detail
+        );
+        r.quiet_for(Duration::from_millis(300)).await;
+        assert_eq!(card.with_model(|m| m.resets), 1, "{want}: one reset in all");
+        r.stop().await;
+    }
+    h.hold(782, "qemu-system-x86", "/dev/vfio/12");
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
+    let call = trace_event(
+        Kind::Attempt,
+        "pci_dev_specific_reset",
+        WLAN,
+        0x1103,
+        0,
+        None,
+    );
+    r.tx.send(Item::Event(call)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::KernelResetCall, "skipped")
+    );
+    assert!(
+        a.detail.contains("its release will trigger the reset"),
+        "{}",
+        a.detail
+    );
+    r.quiet_for(Duration::from_millis(600)).await;
+    h.unhold(782);
+    r.quiet_for(Duration::from_millis(600)).await;
+    assert_eq!(card.with_model(|m| m.writes.len()), 0, "left to the release");
     r.stop().await;
 }
 

@@ -641,7 +641,36 @@ pub struct Status {
     pub regime: Regime,
     pub verdict: Option<Verdict>,
     /// Why the registers were not read.
-    pub skipped: Option<String>,
+    pub skipped: Option<Unread>,
+}
+
+/// Why a device's registers were not read (serialized as the sentence alone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Unread {
+    /// Something holds the device (a VM's QEMU, another session): its letting go ends this.
+    Held(String),
+    /// Reading is not for us now: a host driver has it, observe-only cannot wake it, access
+    /// through VFIO would reset it.
+    Refused(String),
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unread::Held(why) | Unread::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+impl Unread {
+    /// A refusal as the reason: held when something holds the device.
+    fn of(e: &Error) -> Unread {
+        match e {
+            Error::Held { .. } | Error::HeldBySession { .. } => Unread::Held(e.to_string()),
+            _ => Unread::Refused(e.to_string()),
+        }
+    }
 }
 
 /// Whether reading a device's registers may change its state on the way.
@@ -654,7 +683,7 @@ pub enum ReadMode {
 }
 
 /// A device's state without its registers, and why they were not read.
-pub fn unread_status(t: Target, why: String) -> Status {
+pub fn unread_status(t: Target, why: Unread) -> Status {
     Status {
         regime: t.regime(),
         kernel_device_specific: t.kernel_has_device_specific(),
@@ -668,21 +697,23 @@ pub fn unread_status(t: Target, why: String) -> Status {
 pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
     let skipped = unread_status;
     if let Some(e) = t.refusal(false) {
-        return Ok(skipped(t, e.to_string()));
+        return Ok(skipped(t, Unread::of(&e)));
     }
     if mode == ReadMode::NoWrites
         && let Some(p) = t.power_control.clone().filter(|p| p != "on")
     {
         return Ok(skipped(
             t,
-            format!("reading needs power/control=on (it is {p}) and observe-only writes nothing"),
+            Unread::Refused(format!(
+                "reading needs power/control=on (it is {p}) and observe-only writes nothing"
+            )),
         ));
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
     // The wait may have been long: a VM may have opened the card or a host driver taken it.
     let t = inspect(host, t.bdf, Some(t.profile.name), Some(t.profile.bar))?;
     if let Some(e) = t.refusal(false) {
-        return Ok(skipped(t, e.to_string()));
+        return Ok(skipped(t, Unread::of(&e)));
     }
     // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
     let writes = match mode {
@@ -692,7 +723,7 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     let mut session = match begin_session(host, &t.dev, open, writes) {
         Ok((s, _)) => s,
         Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => {
-            return Ok(skipped(t, e.to_string()));
+            return Ok(skipped(t, Unread::of(&e)));
         }
         Err(e) => return Err(e),
     };
@@ -709,9 +740,9 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
                 drop(session);
                 return Ok(skipped(
                     t,
-                    format!(
+                    Unread::Refused(format!(
                         "reading needs memory decoding (PCI_COMMAND={cmd:#06x}) and observe-only writes nothing"
-                    ),
+                    )),
                 ));
             }
         } else {

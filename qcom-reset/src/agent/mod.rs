@@ -26,6 +26,7 @@ use crate::probes::Item;
 use crate::probes::events::{Kind, TraceEvent};
 use crate::session::own::Ownership;
 use crate::sysfs::SysfsDevice;
+use crate::engine::Unread;
 use crate::verdict::Health;
 use config::Config;
 use metrics::Metrics;
@@ -44,7 +45,13 @@ pub enum Trigger {
     /// A reset call other than a successful `pci_dev_specific_reset` (sysfs `reset`,
     /// VFIO_DEVICE_RESET, a bus reset), whatever it returned: debounced, then reset.
     ResetCall,
-    /// The kernel's `pci_dev_specific_reset` returned 0: verify, reset only if not clean.
+    /// A reset call in which the kernel's `pci_dev_specific_reset` returned 0 (sysfs `reset`,
+    /// a VM's VFIO_DEVICE_RESET): verify, reset only if not clean; while a VM holds the
+    /// device, its release answers it.
+    KernelResetCall,
+    /// vfio_pci_core_disable returned after the kernel's `pci_dev_specific_reset` returned 0:
+    /// verify once the holder lets go (QEMU keeps the group open while it shuts down), reset
+    /// only if not clean.
     KernelReset,
     /// The device became bound to vfio-pci: after `bind_settle_ms`, reset it unless a VM
     /// holds it by then (libvirt's managed hostdevs bind and start QEMU at once).
@@ -62,7 +69,15 @@ impl Trigger {
 
     /// Checks the device first and resets only if the verdict calls for it.
     fn verifies_first(self) -> bool {
-        matches!(self, Trigger::Rescan | Trigger::KernelReset)
+        matches!(
+            self,
+            Trigger::Rescan | Trigger::KernelResetCall | Trigger::KernelReset
+        )
+    }
+
+    /// The kernel's own device-specific reset took (at a release or a reset call).
+    fn kernel_reset(self) -> bool {
+        matches!(self, Trigger::KernelResetCall | Trigger::KernelReset)
     }
 
     /// The trigger for a probe event on a target, or None when it needs nothing.
@@ -78,7 +93,7 @@ impl Trigger {
         match e.kind {
             Kind::Release if e.left_unreset == Some(false) => Some(Trigger::KernelReset),
             Kind::Release => Some(Trigger::Release),
-            Kind::Attempt if device_specific_ok => Some(Trigger::KernelReset),
+            Kind::Attempt if device_specific_ok => Some(Trigger::KernelResetCall),
             Kind::Attempt => Some(Trigger::ResetCall),
             // The device is now held; its release will follow.
             Kind::Open => None,
@@ -529,7 +544,10 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
                     // The open's own reset (a bus reset, or 7.4's device-specific one): the VM
                     // owns the card now; its release is what gets answered.
                     Some(Msg::Opened) => {
-                        explained = matches!(trigger, Trigger::ResetCall | Trigger::KernelReset)
+                        explained = matches!(
+                            trigger,
+                            Trigger::ResetCall | Trigger::KernelResetCall | Trigger::KernelReset
+                        )
                     }
                     Some(_) => {}
                     None => break,
@@ -617,13 +635,21 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         began = Instant::now();
         // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
         let verifies = trigger.verifies_first()
-            && !(trigger == Trigger::KernelReset && sh.cfg.act_with_kernel_reset);
-        if first
-            && verifies
-            && let Some(done) = verify_only(sh, bdf, trigger).await
-        {
-            sh.act(done);
-            return began;
+            && !(trigger.kernel_reset() && sh.cfg.act_with_kernel_reset);
+        if first && verifies {
+            match verify_only(sh, bdf, trigger).await {
+                Verified::Reset => {}
+                Verified::Done(a) => {
+                    sh.act(a);
+                    return began;
+                }
+                Verified::Held(a) => {
+                    if wait_out_holder(sh, a, &mut waiting, held_until).await {
+                        continue;
+                    }
+                    return began;
+                }
+            }
         }
         // The check above may have taken its whole lock wait: no session starts after SIGTERM.
         if *sh.shutdown.borrow() {
@@ -637,50 +663,60 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         first = false;
         let mut a = attempt(sh, bdf, trigger, &dev_cfg).await;
         a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
-        // A release refused as held waits for the holder (QEMU keeping the group open while it
-        // shuts down). Anything else seen while a VM holds the device, such as the reset at its
-        // open or a bind right before a VM starts, is answered by the release that ends its use.
-        let held = a.result == "held";
-        let waits_for_holder = held && trigger == Trigger::Release;
-        if held && waiting {
-            // Still held after the holder seemed to go: keep waiting, journal it once.
-            let wait = if tokio::time::Instant::now() < held_until {
-                holder_gone(sh, bdf, held_until).await
-            } else {
-                HolderWait::Deadline
-            };
-            if wait == HolderWait::Gone {
+        if a.result == "held" {
+            if wait_out_holder(sh, a, &mut waiting, held_until).await {
                 continue;
             }
-            sh.act(still_held(sh, bdf, trigger, wait));
             return began;
-        }
-        if held {
-            a.result = "skipped".into();
-            a.detail = if waits_for_holder {
-                format!(
-                    "{}; waiting up to {} s for it to let go",
-                    a.detail, sh.cfg.held_wait_s
-                )
-            } else {
-                format!("{}; its release will trigger the reset", a.detail)
-            };
         }
         let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run");
         sh.act(a);
-        if waits_for_holder {
-            waiting = true;
-            let wait = holder_gone(sh, bdf, held_until).await;
-            if wait != HolderWait::Gone {
-                sh.act(still_held(sh, bdf, trigger, wait));
-                return began;
-            }
-            continue;
-        }
         if done {
             return began;
         }
     }
+}
+
+/// Answers a refusal as held (`a`, result "held"); true when the holder let go and the
+/// trigger should be acted on again. A release waits for its holder: QEMU keeps the group
+/// open while it shuts down, after the device's release (and the kernel's reset in it).
+/// Anything else seen while a VM holds the device, such as the reset at its open or a bind
+/// right before a VM starts, is answered by the release that ends its use.
+async fn wait_out_holder(
+    sh: &Arc<Shared>,
+    mut a: Action,
+    waiting: &mut bool,
+    until: tokio::time::Instant,
+) -> bool {
+    let (bdf, trigger) = (a.bdf, a.trigger);
+    let waits = matches!(trigger, Trigger::Release | Trigger::KernelReset);
+    if !*waiting {
+        a.result = "skipped".into();
+        a.detail = if waits {
+            format!(
+                "{}; waiting up to {} s for it to let go",
+                a.detail, sh.cfg.held_wait_s
+            )
+        } else {
+            format!("{}; its release will trigger the reset", a.detail)
+        };
+        sh.act(a);
+        if !waits {
+            return false;
+        }
+        *waiting = true;
+    }
+    // Journaled once: later refusals (held again after the holder seemed to go) wait quietly.
+    let wait = if tokio::time::Instant::now() < until {
+        holder_gone(sh, bdf, until).await
+    } else {
+        HolderWait::Deadline
+    };
+    if wait == HolderWait::Gone {
+        return true;
+    }
+    sh.act(still_held(sh, bdf, trigger, wait));
+    false
 }
 
 /// One run of the engine, as an action: a verdict, "error", "dry-run", "skipped" (refused,
@@ -833,9 +869,18 @@ fn is_refusal(e: &crate::Error) -> bool {
     )
 }
 
-/// Health check before acting on a weak trigger: the action that ends the episode (clean, a
-/// verdict the rescan policy leaves alone, not checkable), or None when the device must be reset.
-async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Action> {
+/// What the health check before acting on a weak trigger found.
+enum Verified {
+    /// The device must be reset.
+    Reset,
+    /// The action that ends the episode: clean, a verdict the rescan policy leaves alone, not
+    /// checkable.
+    Done(Action),
+    /// Not checked because something holds the device (result "held").
+    Held(Action),
+}
+
+async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
     let mode = if sh.cfg.observe_only {
         engine::ReadMode::NoWrites
@@ -843,7 +888,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
         engine::ReadMode::EnableAndRestore
     };
     if sh.cfg.observe_only && crate::backend::opens_device(sh.cfg.access) {
-        return Some(action(
+        return Verified::Done(action(
             bdf,
             trigger,
             "skipped",
@@ -864,7 +909,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
     };
     match st {
         Ok(Ok(s)) => match (s.verdict, s.skipped) {
-            (Some(v), _) if v.health == Health::Clean => Some({
+            (Some(v), _) if v.health == Health::Clean => Verified::Done({
                 sh.metrics.verdict(&bdf.to_string(), true);
                 action(
                     bdf,
@@ -873,7 +918,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
                     format!("clean: {}", v.detail),
                 )
             }),
-            (Some(v), _) if !resets(v.health) => Some({
+            (Some(v), _) if !resets(v.health) => Verified::Done({
                 sh.metrics.verdict(&bdf.to_string(), false);
                 action(
                     bdf,
@@ -887,17 +932,23 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Option<Act
             }),
             (Some(v), _) => {
                 info!(bdf = %bdf, "{} ({}); resetting", v.health, v.detail);
-                None
+                Verified::Reset
             }
-            (None, why) => Some(action(
+            (None, Some(Unread::Held(why))) => {
+                Verified::Held(action(bdf, trigger, "held", format!("not checked: {why}")))
+            }
+            (None, why) => Verified::Done(action(
                 bdf,
                 trigger,
                 "skipped",
-                format!("not checked: {}", why.unwrap_or_default()),
+                format!(
+                    "not checked: {}",
+                    why.map(|w| w.to_string()).unwrap_or_default()
+                ),
             )),
         },
-        Ok(Err(e)) => Some(action(bdf, trigger, "skipped", format!("not checked: {e}"))),
-        Err(e) => Some(action(
+        Ok(Err(e)) => Verified::Done(action(bdf, trigger, "skipped", format!("not checked: {e}"))),
+        Err(e) => Verified::Done(action(
             bdf,
             trigger,
             "error",

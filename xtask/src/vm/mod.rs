@@ -243,11 +243,12 @@ fn run_scenario(
     ird.write(&cpio)?;
     let sim = sc
         .simulator()
-        .map(|spec| {
+        .map(|(profile, _)| {
+            let faults = sc.faults(k.device_specific).unwrap_or_default();
             Sim::start(
                 &bins.sim,
                 lab.card,
-                spec,
+                (profile, &faults),
                 sc.card_ids(),
                 (run.state, run.topology, sc.link_drop(k.device_specific)),
                 &dir,
