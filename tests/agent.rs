@@ -365,6 +365,26 @@ async fn the_reset_calls_of_an_open_are_answered_by_its_release_alone() {
     r.stop().await;
 }
 
+/// QEMU resets the device right after opening it (the VM's first system reset): that reset
+/// call, queued with the open's own, is the holder's and answered by its release, not by a
+/// journal line of its own while the VM runs.
+#[tokio::test]
+async fn a_reset_call_queued_after_the_open_is_the_holders() {
+    let h = two_device_host();
+    h.hold(783, "qemu-system-x86", "/dev/vfio/12");
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    for (kind, ret) in [(Kind::Attempt, 0), (Kind::Open, 0), (Kind::Attempt, 0)] {
+        r.tx.send(event(kind, WLAN, 0x1103, ret, None)).await.unwrap();
+    }
+    r.quiet_for(Duration::from_millis(600)).await;
+    h.unhold(783);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
+    r.stop().await;
+}
+
 /// On a kernel with the device-specific reset (7.4), every VFIO open resets the card itself:
 /// that reset is the open's, the VM owns the card from then on, and only its release is
 /// verified. `act_with_kernel_reset` makes that release reset with our sequence anyway.

@@ -540,28 +540,14 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
         while !trigger.immediate() && !explained {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(Msg::Act(t, a)) if t > trigger => (trigger, at) = (t, a),
-                    // The open's own reset (a bus reset, or 7.4's device-specific one): the VM
-                    // owns the card now; its release is what gets answered.
-                    Some(Msg::Opened) => {
-                        explained = matches!(
-                            trigger,
-                            Trigger::ResetCall | Trigger::KernelResetCall | Trigger::KernelReset
-                        )
-                    }
-                    Some(_) => {}
+                    Some(m) => absorb(m, (&mut trigger, &mut at), &mut explained),
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         while let Ok(m) = rx.try_recv() {
-            if let Msg::Act(t, a) = m
-                && t > trigger
-            {
-                (trigger, at) = (t, a);
-                explained = false;
-            }
+            absorb(m, (&mut trigger, &mut at), &mut explained);
         }
         if explained {
             info!(bdf = %bdf, "the reset call was the VFIO open's own: its release will be answered");
@@ -578,6 +564,26 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
                 next = Some((t, a));
                 break;
             }
+        }
+    }
+}
+
+/// Takes a message that came while a trigger waited its window: a stronger trigger replaces
+/// it (and no open before it explains it); an open explains the reset calls before it and the
+/// kernel's reset at the release before it (a bus reset, or 7.4's device-specific one at open):
+/// the VM owns the card now, and its release is what gets answered.
+fn absorb(m: Msg, (trigger, at): (&mut Trigger, &mut Instant), explained: &mut bool) {
+    match m {
+        Msg::Act(t, a) if t > *trigger => {
+            (*trigger, *at) = (t, a);
+            *explained = false;
+        }
+        Msg::Act(..) => {}
+        Msg::Opened => {
+            *explained = matches!(
+                trigger,
+                Trigger::ResetCall | Trigger::KernelResetCall | Trigger::KernelReset
+            )
         }
     }
 }
