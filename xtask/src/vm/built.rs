@@ -59,7 +59,8 @@ pub const SPECS: [Spec; 2] = [
         suites: &["trixie", "trixie-backports"],
         fragments: &[
             FRAGMENT,
-            "CONFIG_LOCALVERSION=\"-devspecific\"\nCONFIG_SYSCTL=y\n",
+            // UIO: the host driver `handover` gives the card to.
+            "CONFIG_LOCALVERSION=\"-devspecific\"\nCONFIG_SYSCTL=y\nCONFIG_UIO=y\nCONFIG_UIO_PCI_GENERIC=y\n",
         ],
         patches: &[DEVSPECIFIC_PATCH],
         // 7.3 folded /proc/sys support into SYSCTL.

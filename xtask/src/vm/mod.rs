@@ -313,7 +313,8 @@ fn guest_image_with(
     extra_modules: &[&str],
 ) -> anyhow::Result<initramfs::Initramfs> {
     let mut modules = vec!["vfio-pci", "vfio_iommu_type1"];
-    // The host driver the `handover` scenario gives the card to; tinyconfig kernels lack it.
+    // The host driver the `handover` scenario gives the card to (built into `devspecific`,
+    // absent from `builtin-vfio`).
     if initramfs::has_module(k, "uio_pci_generic") {
         modules.push("uio_pci_generic");
     }

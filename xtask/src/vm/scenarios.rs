@@ -201,7 +201,7 @@ impl Scenario {
 
     /// Why this scenario cannot run on a kernel, if it cannot: before 5.15 there is no
     /// vfio_pci_core and only the preflight refusal is testable; a built-in vfio-pci cannot be
-    /// unloaded; the lab-built kernels have no UIO; the device-specific regime needs a kernel
+    /// unloaded; `builtin-vfio` has no UIO; the device-specific regime needs a kernel
     /// that has it (and the card's real IDs, which its quirk keys on).
     pub fn unsupported(
         self,
@@ -232,8 +232,8 @@ impl Scenario {
                  detached fentry trampolines (Debian's 7.3.4 passes: --kernel 7.3 --scenario probes)",
             ),
             Scenario::Reload if k.vfio_builtin => Some("vfio-pci is built in: nothing to unload"),
-            Scenario::Handover if k.vfio_builtin => {
-                Some("the lab-built kernels have no uio_pci_generic to hand the card to")
+            Scenario::Handover if !super::initramfs::has_module(k, "uio_pci_generic") => {
+                Some("this kernel has no uio_pci_generic to hand the card to")
             }
             _ => None,
         }
@@ -301,7 +301,11 @@ impl Scenario {
         let stale = device_specific_kernel
             && matches!(
                 self,
-                Scenario::Own | Scenario::Kill | Scenario::Port | Scenario::LinkDrop
+                Scenario::Own
+                    | Scenario::Kill
+                    | Scenario::Port
+                    | Scenario::LinkDrop
+                    | Scenario::Handover
             );
         Some(match (faults, stale) {
             (f, false) => f.to_string(),
@@ -352,10 +356,12 @@ impl Scenario {
             Scenario::LoopWlan
             | Scenario::LoopModem
             | Scenario::KernelStale
-            | Scenario::KernelTimeout => agent_loop(""),
-            Scenario::ActWithKernel => agent_loop("act_with_kernel_reset = true\n"),
+            | Scenario::KernelTimeout => agent_loop("", ""),
+            Scenario::ActWithKernel => agent_loop("act_with_kernel_reset = true\n", REGIME_VIEWS),
             Scenario::Held => held(),
-            Scenario::Fault => agent_loop("max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n"),
+            Scenario::Fault => {
+                agent_loop("max_attempts = 2\nbackoff_ms = 200\ncooldown_s = 600\n", "")
+            }
             Scenario::Graceful => graceful(),
             Scenario::Bind => bind(),
             Scenario::Observe => observe(),
@@ -546,14 +552,19 @@ dump journal /tmp/journal.jsonl; dump agent-log /tmp/agent.log
 dmesg > /tmp/dmesg.txt; dump dmesg /tmp/dmesg.txt
 "#;
 
-fn agent_loop(extra: &str) -> String {
+/// `check` and `status` before the agent starts: each names the card's regime.
+const REGIME_VIEWS: &str = r#"qcom-reset check > /tmp/check.txt 2>&1; dump check /tmp/check.txt
+qcom-reset status $D > /tmp/status.txt 2>&1; dump status /tmp/status.txt
+"#;
+
+fn agent_loop(extra: &str, views: &str) -> String {
     let until = if extra.contains("max_attempts") {
         "gave up"
     } else {
         "\"type\":\"action\""
     };
     format!(
-        r#"{}{START_AGENT}
+        r#"{}{views}{START_AGENT}
 vmlab-guest port-regs $D >> /tmp/port.txt 2>/dev/null
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '{until}' 90
@@ -678,12 +689,12 @@ fn handover() -> String {
     // SoC reset request, which the simulator timestamps on its own clock.
     format!(
         r#"{}
-modprobe uio_pci_generic || {{ echo "VMLAB cannot load uio_pci_generic"; exit 1; }}
+[ -d /sys/bus/pci/drivers/uio_pci_generic ] || modprobe uio_pci_generic || {{ echo "VMLAB cannot load uio_pci_generic"; exit 1; }}
 {TRACE_WRITES}
 qcom-reset run 2>&1 | vmlab-guest stamp > /tmp/agent.log &
 wait_for /tmp/agent.log "agent running" 60 || {{ cat /tmp/agent.log; exit 1; }}
 vmlab-guest vfio-cycle $D
-wait_for /tmp/agent.log 'wait for the modem to reboot' 60 || {{ cat /tmp/agent.log; exit 1; }}
+wait_for /tmp/agent.log '{RESETTING}' 60 || {{ cat /tmp/agent.log; exit 1; }}
 # 0.5-0.7 s into the modem's 2 s wait, as a VM's managed reattach would come.
 sleep 0.5
 vmlab-guest handover $D uio_pci_generic || echo "VMLAB handover failed"
@@ -1290,6 +1301,16 @@ fn check_kernel_regime(
         log.contains("regime=kernel-device-specific"),
         "the agent did not start in the kernel-device-specific regime:\n{log}"
     );
+    if run.scenario == Scenario::ActWithKernel {
+        for view in ["check", "status"] {
+            let out = section(console, view).join("\n");
+            ensure!(
+                out.lines()
+                    .any(|l| l.contains("regime") && l.contains("kernel-device-specific")),
+                "`qcom-reset {view}` does not name the kernel-device-specific regime:\n{out}"
+            );
+        }
+    }
     let journal = json_lines(console, "journal");
     let ev = journal
         .iter()
@@ -2062,7 +2083,10 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
         h["end_ns"].as_u64().context("no end_ns")?,
     );
     let log = section(console, "agent-log");
-    let (_, asked) = stamped(&log, "reset: wait for the modem to reboot")?;
+    // The SoC reset request: the agent's own, or (on a kernel with the device-specific reset)
+    // the kernel's it asks for.
+    let (_, asked) = stamped(&log, "reset: wait for the modem to reboot")
+        .or_else(|_| stamped(&log, "using its reset instead of ours"))?;
     // A card taken mid-session gets no verdict: the session ends with this line instead.
     let (_, verdict) = stamped(
         &log,
