@@ -61,6 +61,7 @@ fn trace_event(
         // What a <=7.1 kernel reports after its bus reset: trusted by nobody.
         needs_reset: left_unreset.map(|_| false),
         kernel_reset: kernel,
+        inside: None,
         left_unreset,
     }
 }
@@ -121,6 +122,10 @@ fn start(h: &FakeHost, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
 fn start_on(host: qcom_reset::engine::Host, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
     let map: HashMap<Bdf, SimDevice> = sims.iter().map(|(b, s)| (bdf(b), s.clone())).collect();
     let open: qcom_reset::agent::OpenFn = Arc::new(move |d, _| Ok(Box::new(map[&d.bdf].clone())));
+    start_with(host, cfg, open)
+}
+
+fn start_with(host: qcom_reset::engine::Host, cfg: Config, open: qcom_reset::agent::OpenFn) -> Running {
     let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
     let actions = agent.subscribe();
     let (tx, rx) = mpsc::channel(64);
@@ -457,6 +462,51 @@ async fn a_release_right_after_an_open_is_still_answered() {
     r.stop().await;
 }
 
+/// The open's reset call, marked by the probes as made inside it, is the open's however long
+/// the open takes after it (the devspecific VM lab's `fault`: 900 ms of config init on a card
+/// reading all-ones, past the debounce window); one that failed is answered by the open.
+#[tokio::test]
+async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    let mut call = trace_event(
+        Kind::Attempt,
+        "pci_try_reset_function",
+        WLAN,
+        0x1103,
+        -110,
+        None,
+    );
+    call.inside = Some(Kind::Open);
+    r.tx.send(Item::Event(call)).await.unwrap();
+    r.quiet_for(Duration::from_millis(400)).await;
+    r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    r.quiet_for(Duration::from_millis(200)).await;
+    assert_eq!(wlan.with_model(|m| m.writes.len()), 0, "the open's own");
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
+    let mut failed = trace_event(
+        Kind::Open,
+        "vfio_pci_core_enable",
+        WLAN,
+        0x1103,
+        -11,
+        Some(KernelReset::None),
+    );
+    failed.attempts_seen = Some(1);
+    r.tx.send(Item::Event(failed)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::ResetCall, "clean")
+    );
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_failed_open_explains_no_reset_call() {
     // vfio_pci_core_enable can fail after its own reset call (-EAGAIN from
@@ -663,6 +713,31 @@ fn only_a_device_specific_reset_is_trusted() {
         Option::None,
         "the device is now held"
     );
+    // A reset call inside a VFIO open or release: the bracket's own event answers it.
+    for bracket in [Kind::Open, Kind::Release] {
+        let mut inside = call("pci_try_reset_function", 0);
+        inside.inside = Some(bracket.clone());
+        assert_eq!(Trigger::of_event(&inside), Option::None, "{bracket:?}");
+    }
+    // An open that failed after its reset calls: no release will follow, the open answers.
+    let failed = |kernel, seen| {
+        let mut o = trace_event(
+            Kind::Open,
+            "vfio_pci_core_enable",
+            WLAN,
+            0x1103,
+            -11,
+            Some(kernel),
+        );
+        o.attempts_seen = Some(seen);
+        o
+    };
+    assert_eq!(Trigger::of_event(&failed(Bus, 2)), Some(Trigger::ResetCall));
+    assert_eq!(
+        Trigger::of_event(&failed(DeviceSpecific, 1)),
+        Some(Trigger::KernelResetCall)
+    );
+    assert_eq!(Trigger::of_event(&failed(None, 0)), Option::None);
 }
 
 /// The real-host case: a VM killed on a <=7.1 host, the kernel SBRs the card and reports
@@ -847,6 +922,47 @@ async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() 
     r.quiet_for(Duration::from_millis(600)).await;
     assert_eq!(card.with_model(|m| m.writes.len()), 0, "left to the release");
     r.stop().await;
+}
+
+/// libvirt's managed reattach takes the card mid-reset: the action says `taken`, the episode
+/// ends there (no retry against the new driver, no failure counted against the card).
+#[tokio::test]
+async fn a_card_taken_mid_reset_ends_the_episode() {
+    let h = two_device_host();
+    let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
+    let take = std::sync::Mutex::new(Some(bind_host_driver(h.root(), WLAN, "ath11k_pci")));
+    let inner = card.clone();
+    let open: qcom_reset::agent::OpenFn = Arc::new(move |_, _| {
+        Ok(Box::new(HandOverCard {
+            inner: inner.clone(),
+            take: take
+                .lock()
+                .unwrap()
+                .take()
+                .map(|t| Box::new(t) as Box<dyn FnOnce() + Send>),
+            taken: Arc::new(std::sync::Mutex::new(false)),
+            config_writes_after: Arc::new(std::sync::Mutex::new(0)),
+        }))
+    });
+    let cfg = test_config(&h);
+    let state = cfg.state_file.clone();
+    let mut r = start_with(h.host.clone(), cfg, open);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "taken"));
+    assert!(a.detail.contains("taken by driver ath11k_pci"), "{}", a.detail);
+    r.quiet_for(Duration::from_millis(800)).await;
+    assert_eq!(card.with_model(|m| m.writes.len()), 1, "nothing after the take");
+    r.stop().await;
+    let kept: serde_json::Value = std::fs::read(&state)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    assert_eq!(
+        kept["devices"][WLAN]["failures"].as_u64().unwrap_or(0),
+        0,
+        "not a failure of the card: {kept}"
+    );
 }
 
 /// The same for a device outside the table, made a target by its configured profile (as in the

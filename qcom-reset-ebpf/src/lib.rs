@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Version of the [`Event`] layout; written into every event so a mismatched agent refuses it.
-pub const EVENT_ABI_VERSION: u8 = 2;
+pub const EVENT_ABI_VERSION: u8 = 3;
 /// Longest device name kept from `pdev->dev.kobj.name` ("0000:03:00.0" is 12 bytes + NUL).
 pub const BDF_LEN: usize = 16;
 pub const COMM_LEN: usize = 16;
@@ -139,8 +139,10 @@ pub struct Event {
     pub n_attempts: u8,
     /// Attempts seen, including those that did not fit.
     pub n_seen: u8,
-    /// `bool probe` argument of `pci_dev_specific_reset` (1 = a probe, not a reset).
-    pub probe: u8,
+    /// An attempt made inside a VFIO open or release of the same device: that bracket's
+    /// function ([`Func::VfioPciCoreEnable`] or [`Func::VfioPciCoreDisable`]), else 0. The
+    /// bracket's own event carries the attempt too, and answers it.
+    pub bracket: u8,
     /// Return code of the function (0 for `void vfio_pci_core_disable`).
     pub ret: i32,
     pub vendor: u16,

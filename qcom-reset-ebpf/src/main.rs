@@ -227,8 +227,12 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut bracket = 0;
     if let Some(b) = BRACKETS.get_ptr_mut(&tid) {
         let b = unsafe { &mut *b };
+        if b.pdev == call.pdev {
+            bracket = b.func as u8;
+        }
         let i = b.n_attempts as usize;
         if i < MAX_ATTEMPTS {
             b.attempts[i] = Attempt {
@@ -248,7 +252,7 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         call.pdev,
         ret,
         call.start_ns,
-        |_| {},
+        |e| e.bracket = bracket,
     );
 }
 

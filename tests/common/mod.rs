@@ -5,9 +5,12 @@
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use qcom_reset::backend::Backend;
 use qcom_reset::bdf::Bdf;
+use qcom_reset::io::RegisterIo;
 use qcom_reset::devices::Family;
 use qcom_reset::engine::{self, Host, Report, Request};
 use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
@@ -248,5 +251,82 @@ impl FakeHost {
         symlink(real.join(d.bdf), self.host.sysfs.root.join(d.bdf)).unwrap();
         fs::write(self.root().join("sys/bus/pci/drivers_autoprobe"), "1\n").unwrap();
         self.add(d)
+    }
+}
+
+/// The BAR of a card that a host driver takes after `after` register writes.
+pub struct HandOver {
+    inner: SimDevice,
+    writes: usize,
+    after: usize,
+    take: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl RegisterIo for HandOver {
+    fn read32(&mut self, offset: u32) -> u32 {
+        self.inner.read32(offset)
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        self.inner.write32(offset, value);
+        self.writes += 1;
+        if self.writes == self.after
+            && let Some(t) = self.take.take()
+        {
+            t()
+        }
+    }
+    fn delay(&mut self, d: Duration) {
+        self.inner.delay(d)
+    }
+}
+
+pub struct HandOverCard {
+    pub inner: SimDevice,
+    pub take: Option<Box<dyn FnOnce() + Send>>,
+    pub taken: Arc<Mutex<bool>>,
+    pub config_writes_after: Arc<Mutex<usize>>,
+}
+
+impl Backend for HandOverCard {
+    fn name(&self) -> &'static str {
+        "hand-over"
+    }
+    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        self.inner.config_read16(o)
+    }
+    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        if *self.taken.lock().unwrap() {
+            *self.config_writes_after.lock().unwrap() += 1;
+        }
+        self.inner.config_write16(o, v)
+    }
+    fn map_bar(&mut self, _bar: u8) -> qcom_reset::Result<(Box<dyn RegisterIo>, u64)> {
+        let len = self.inner.map_bar(0)?.1;
+        let taken = self.taken.clone();
+        let take = self.take.take().unwrap();
+        Ok((
+            Box::new(HandOver {
+                inner: self.inner.clone(),
+                writes: 0,
+                after: 1,
+                take: Some(Box::new(move || {
+                    take();
+                    *taken.lock().unwrap() = true;
+                })),
+            }),
+            len,
+        ))
+    }
+}
+
+/// What a host driver's bind does to the fake sysfs: the device's `driver` link now names it.
+pub fn bind_host_driver(root: &Path, bdf: &str, driver: &str) -> impl FnOnce() + Send + 'static {
+    let (root, bdf, driver) = (root.to_path_buf(), bdf.to_string(), driver.to_string());
+    move || {
+        let link = root.join("sys/bus/pci/devices").join(&bdf).join("driver");
+        let drv = root.join("sys/bus/pci/drivers").join(&driver);
+        fs::create_dir_all(&drv).unwrap();
+        fs::remove_file(&link).unwrap();
+        symlink(&drv, &link).unwrap();
     }
 }

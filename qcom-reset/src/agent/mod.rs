@@ -93,8 +93,18 @@ impl Trigger {
         match e.kind {
             Kind::Release if e.left_unreset == Some(false) => Some(Trigger::KernelReset),
             Kind::Release => Some(Trigger::Release),
+            // Made inside a VFIO open or release of the device: that event carries it, and the
+            // release is what gets answered (however long the open takes after its reset).
+            Kind::Attempt if e.inside.is_some() => None,
             Kind::Attempt if device_specific_ok => Some(Trigger::KernelResetCall),
             Kind::Attempt => Some(Trigger::ResetCall),
+            // An open that failed after its reset calls: no release will follow to answer them.
+            Kind::Open if e.ret != 0 && e.attempts_seen.unwrap_or(0) > 0 => {
+                Some(match e.left_unreset {
+                    Some(false) => Trigger::KernelResetCall,
+                    _ => Trigger::ResetCall,
+                })
+            }
             // The device is now held; its release will follow.
             Kind::Open => None,
         }
@@ -145,7 +155,7 @@ pub struct Action {
     pub bdf: Bdf,
     pub trigger: Trigger,
     /// A verdict ("clean", "stale", "crashed", "not-ready", "link-down", "wrong-identity"), or
-    /// "error", "dry-run", "skipped", "nothing-to-do"
+    /// "error", "taken", "dry-run", "skipped", "nothing-to-do"
     pub result: String,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -675,7 +685,10 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             }
             return began;
         }
-        let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run");
+        let done = matches!(
+            a.result.as_str(),
+            "clean" | "skipped" | "dry-run" | "taken"
+        );
         sh.act(a);
         if done {
             return began;
@@ -725,7 +738,7 @@ async fn wait_out_holder(
     false
 }
 
-/// One run of the engine, as an action: a verdict, "error", "dry-run", "skipped" (refused,
+/// One run of the engine, as an action: a verdict, "error", "taken", "dry-run", "skipped" (refused,
 /// nothing written) or "held" (refused because something holds the device or its lock).
 async fn attempt(
     sh: &Arc<Shared>,
@@ -766,6 +779,13 @@ async fn attempt(
             );
             a.result = if held { "held" } else { "skipped" }.into();
             a.detail = format!("not written: {e}");
+        }
+        // A host driver took the card mid-session (libvirt's managed reattach): not the card
+        // failing, and no longer ours to retry.
+        Ok(Err(e @ crate::Error::Taken { .. })) => {
+            sh.metrics.reset("taken");
+            a.result = "taken".into();
+            a.detail = e.to_string();
         }
         Ok(Err(e)) => {
             a.detail = e.to_string();

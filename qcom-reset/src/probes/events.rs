@@ -55,6 +55,10 @@ pub struct TraceEvent {
     /// Release/open: which kind of kernel reset returned 0 inside the bracket, strongest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_reset: Option<KernelReset>,
+    /// Attempt only: made inside a VFIO open or release of the same device, whose own event
+    /// carries it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inside: Option<Kind>,
     /// Release/open: the device was left without a real reset, i.e. no non-probe
     /// `pci_dev_specific_reset` returned 0 inside the bracket (`kernel_reset` is not
     /// `device-specific`). A bus reset's 0 means only that config space answers again.
@@ -166,7 +170,12 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     let needs_reset = b.get_u8();
     let n_attempts = b.get_u8() as usize;
     let n_seen = b.get_u8();
-    let _probe = b.get_u8();
+    let inside = match b.get_u8() {
+        0 => None,
+        f if f == Func::VfioPciCoreEnable as u8 => Some(Kind::Open),
+        f if f == Func::VfioPciCoreDisable as u8 => Some(Kind::Release),
+        f => return Err(DecodeError::Unknown("bracket", f)),
+    };
     let ret = b.get_i32_le();
     let vendor = b.get_u16_le();
     let device = b.get_u16_le();
@@ -207,9 +216,12 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
         attempts_seen: None,
         needs_reset: None,
         kernel_reset: None,
+        inside: None,
         left_unreset: None,
     };
-    if ev.kind != Kind::Attempt {
+    if ev.kind == Kind::Attempt {
+        ev.inside = inside;
+    } else {
         let kernel = KernelReset::from_attempts(
             attempts
                 .iter()
@@ -332,6 +344,32 @@ pub(crate) mod tests {
             "encoder matches the ABI struct"
         );
         b
+    }
+
+    /// The bracket byte: an attempt made inside a VFIO open or release says so; anything but
+    /// those two functions is refused, not guessed.
+    #[test]
+    fn decodes_the_bracket_an_attempt_was_made_in() {
+        let attempt = |bracket: u8| {
+            let mut b = encode(
+                EventKind::Attempt,
+                Func::PciTryResetFunction,
+                0,
+                NEEDS_RESET_UNKNOWN,
+                &[],
+            );
+            b[7] = bracket;
+            decode(&b)
+        };
+        assert_eq!(attempt(0).unwrap().inside, None);
+        let open = Func::VfioPciCoreEnable as u8;
+        assert_eq!(attempt(open).unwrap().inside, Some(Kind::Open));
+        let release = Func::VfioPciCoreDisable as u8;
+        assert_eq!(attempt(release).unwrap().inside, Some(Kind::Release));
+        assert!(matches!(
+            attempt(Func::PciResetBus as u8),
+            Err(DecodeError::Unknown("bracket", _))
+        ));
     }
 
     #[test]

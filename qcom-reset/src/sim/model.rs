@@ -141,6 +141,9 @@ pub struct Model {
     pub power: Vec<PowerChange>,
     /// The SoC itself crashed: only a SoC reset heals it, an MHI reset does not.
     soc_crashed: bool,
+    /// The firmware hangs in the MHI reset it was in (`Stuck`): it never acknowledges that one
+    /// or any later one (a driver's rebind fails the same way); only a SoC reset heals it.
+    hung: bool,
     /// Link down until this time (u64::MAX: for good).
     link_down_until: u64,
     vanished: bool,
@@ -196,6 +199,7 @@ impl Model {
             config_writes: 0,
             power: Vec::new(),
             soc_crashed: state == SimState::Crashed,
+            hung: state == SimState::Stuck,
             link_down_until,
             vanished: false,
             initial_global_reset: global_reset,
@@ -268,6 +272,7 @@ impl Model {
         };
         let up = self.link_down_until;
         self.soc_crashed = false;
+        self.hung = false;
         if self.link_drop == LinkDrop::FunctionReset {
             self.cfg.link_drop_reset();
         }
@@ -393,6 +398,7 @@ impl Model {
                 }
             }
             (Family::Wlan, PCIE_SOC_WAKE) => self.wake = value,
+            (_, MHICTRL) if self.hung => self.mhictrl = value | MHICTRL_RESET,
             (_, MHICTRL) => {
                 self.mhictrl = value;
                 if value & MHICTRL_RESET != 0 {
@@ -485,6 +491,33 @@ mod tests {
             ALL_ONES,
             "this one dropped the link"
         );
+    }
+
+    /// The users' stuck modem: a rebind of mhi-pci-generic fails as the first bind did ("Device
+    /// failed to clear MHI Reset"), because the hung firmware acknowledges no MHI reset; the SoC
+    /// reset heals it.
+    #[test]
+    fn a_hung_firmware_acknowledges_no_mhi_reset_until_the_soc_resets() {
+        let mut m = Model::new(
+            Family::Modem,
+            0x17cb,
+            0x0308,
+            SimState::Stuck,
+            Faults::default(),
+        );
+        mem_on(&mut m);
+        assert_ne!(m.read32(0, MHICTRL) & MHICTRL_RESET, 0);
+        m.write32(10, MHICTRL, MHICTRL_RESET);
+        m.write32(20, MHICTRL, 0);
+        let later = 10 * MHI_RESET_US;
+        assert_ne!(m.read32(later, MHICTRL) & MHICTRL_RESET, 0, "still in reset");
+        assert_eq!(m.read32(later, MHISTATUS) & MHISTATUS_READY, 0, "never READY");
+        m.write32(later, MHI_SOC_RESET_REQ, 1);
+        let up = later + MODEM_LINK_DOWN_US;
+        m.config_write16(up, 0x12, 0xfe00);
+        m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
+        m.write32(up, MHICTRL, MHICTRL_RESET);
+        assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0, "healed");
     }
 
     #[test]

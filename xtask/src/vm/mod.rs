@@ -318,6 +318,10 @@ fn guest_image_with(
     if initramfs::has_module(k, "uio_pci_generic") {
         modules.push("uio_pci_generic");
     }
+    // The next owner's driver that `driver-judge` binds to the card.
+    if initramfs::has_module(k, "mhi_pci_generic") {
+        modules.push("mhi_pci_generic");
+    }
     modules.extend_from_slice(extra_modules);
     let ird = initramfs::Initramfs::new(k, &modules)?;
     ird.add_text("/init", scenarios::INIT, 0o755)?;
