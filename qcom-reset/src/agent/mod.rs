@@ -53,6 +53,9 @@ pub enum Trigger {
     /// verify once the holder lets go (QEMU keeps the group open while it shuts down), reset
     /// only if not clean.
     KernelReset,
+    /// A VFIO open failed after its own reset calls: no release will follow. Verify once the
+    /// opener has let go of the group, reset unless clean.
+    FailedOpen,
     /// The device became bound to vfio-pci: after `bind_settle_ms`, reset it unless a VM
     /// holds it by then (libvirt's managed hostdevs bind and start QEMU at once).
     Bind,
@@ -71,7 +74,16 @@ impl Trigger {
     fn verifies_first(self) -> bool {
         matches!(
             self,
-            Trigger::Rescan | Trigger::KernelResetCall | Trigger::KernelReset
+            Trigger::Rescan | Trigger::KernelResetCall | Trigger::KernelReset | Trigger::FailedOpen
+        )
+    }
+
+    /// Ends a use of the device by someone who may still hold its group for a while (QEMU
+    /// shutting down, or failing to start): a refusal as held waits for them to let go.
+    fn waits_for_holder(self) -> bool {
+        matches!(
+            self,
+            Trigger::Release | Trigger::KernelReset | Trigger::FailedOpen
         )
     }
 
@@ -100,10 +112,7 @@ impl Trigger {
             Kind::Attempt => Some(Trigger::ResetCall),
             // An open that failed after its reset calls: no release will follow to answer them.
             Kind::Open if e.ret != 0 && e.attempts_seen.unwrap_or(0) > 0 => {
-                Some(match e.left_unreset {
-                    Some(false) => Trigger::KernelResetCall,
-                    _ => Trigger::ResetCall,
-                })
+                Some(Trigger::FailedOpen)
             }
             // The device is now held; its release will follow.
             Kind::Open => None,
@@ -592,7 +601,10 @@ fn absorb(m: Msg, (trigger, at): (&mut Trigger, &mut Instant), explained: &mut b
         Msg::Opened => {
             *explained = matches!(
                 trigger,
-                Trigger::ResetCall | Trigger::KernelResetCall | Trigger::KernelReset
+                Trigger::ResetCall
+                    | Trigger::KernelResetCall
+                    | Trigger::KernelReset
+                    | Trigger::FailedOpen
             )
         }
     }
@@ -708,7 +720,7 @@ async fn wait_out_holder(
     until: tokio::time::Instant,
 ) -> bool {
     let (bdf, trigger) = (a.bdf, a.trigger);
-    let waits = matches!(trigger, Trigger::Release | Trigger::KernelReset);
+    let waits = trigger.waits_for_holder();
     if !*waiting {
         a.result = "skipped".into();
         a.detail = if waits {
@@ -781,8 +793,15 @@ async fn attempt(
             a.detail = format!("not written: {e}");
         }
         // A host driver took the card mid-session (libvirt's managed reattach): not the card
-        // failing, and no longer ours to retry.
-        Ok(Err(e @ crate::Error::Taken { .. })) => {
+        // failing, and no longer ours to retry. A card that left the bus or came back as a new
+        // device is still a failed attempt (a reset that drops it off the bus every time must
+        // back off and give up).
+        Ok(Err(
+            e @ crate::Error::Taken {
+                by: crate::session::Lost::Driver(_),
+                ..
+            },
+        )) => {
             sh.metrics.reset("taken");
             a.result = "taken".into();
             a.detail = e.to_string();

@@ -172,10 +172,12 @@ impl Probes {
         })
     }
 
-    /// Attaches f's kprobe and kretprobe (loading them the first time); returns the links.
+    /// Attaches f's kretprobe, then its kprobe (loading them the first time); returns the
+    /// links. Return first: a call entered between the two would otherwise leave an entry no
+    /// return ever removes (a stale VFIO bracket marks that thread's later reset calls as its).
     fn kprobe(&mut self, f: Func) -> Result<Vec<(String, KProbeLinkId)>, String> {
         let mut links = Vec::new();
-        for prefix in ["kp", "krp"] {
+        for prefix in ["krp", "kp"] {
             let name = program_name(prefix, f);
             let p = self.kprobe_program(&name)?;
             if p.fd().is_err() {
@@ -302,7 +304,8 @@ impl Probes {
     }
 
     fn detach_vfio(&mut self) {
-        for (name, link) in self.vfio_links.take().unwrap_or_default() {
+        // Entries first, returns last: the reverse of attaching.
+        for (name, link) in self.vfio_links.take().unwrap_or_default().into_iter().rev() {
             if let Ok(p) = self.kprobe_program(&name) {
                 let _ = p.detach(link);
             }

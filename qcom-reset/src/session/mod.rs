@@ -341,7 +341,7 @@ impl Session {
         warn!(bdf = %self.bdf, "the card was taken by {l} during the session: no further config or power writes");
         Error::Taken {
             bdf: self.bdf,
-            by: l.to_string(),
+            by: l,
         }
     }
 

@@ -110,6 +110,18 @@ pub enum LinkDrop {
     KeepsConfig,
 }
 pub const BHI_BASE: u32 = 0x100;
+/// ath11k/ath12k's register window (`ATH1xK_PCI_WINDOW_REG_ADDRESS`): the upper bits of an
+/// offset beyond 512 KiB select which 512 KiB the BAR shows at `WINDOW_START`.
+const WINDOW_REG: u32 = 0x310c;
+const WINDOW_START: u32 = 0x80000;
+const WINDOW_RANGE: u32 = 0x7ffff;
+const WINDOW_SHIFT: u32 = 19;
+const WINDOW_SELECT: u32 = 0x3f;
+/// `TCSR_SOC_HW_VERSION` as ath11k reads it for WCN6855 (BAR offset) and ath12k for WCN7850
+/// (through the window), and what both parts answer: major 2, minor 0 (hw2.0).
+const TCSR_SOC_HW_VERSION_WCN6855: u32 = 0x224;
+const TCSR_SOC_HW_VERSION_WCN7850: u32 = 0x1b0_0000;
+const SOC_HW_VERSION_2_0: u32 = 0x200;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WriteRecord {
@@ -166,6 +178,11 @@ pub struct Model {
     /// Reset requests the SoC ignored (`resets-missed`).
     pub missed: u32,
     pub writes: Vec<WriteRecord>,
+    /// The register window ath11k/ath12k selected.
+    window: u32,
+    /// Offsets read that the model does not know (answered 0): a driver's path beyond what
+    /// is modelled. On real WCN7850 firmware some such reads crash it.
+    pub beyond: std::collections::BTreeSet<u32>,
 }
 
 impl Model {
@@ -218,6 +235,8 @@ impl Model {
             resets: 0,
             missed: 0,
             writes: Vec::new(),
+            window: 0,
+            beyond: Default::default(),
         }
     }
 
@@ -342,7 +361,26 @@ impl Model {
         if !self.link_up(now) || !self.cfg.decodes() {
             return ALL_ONES;
         }
-        match offset {
+        let offset = self.unwindowed(offset);
+        self.register(offset).unwrap_or_else(|| {
+            self.beyond.insert(offset);
+            0
+        })
+    }
+
+    /// An offset in ath11k/ath12k's window as the SoC address it selects; others as they are.
+    fn unwindowed(&self, offset: u32) -> u32 {
+        match (self.family, offset) {
+            (Family::Wlan, o) if (WINDOW_START..2 * WINDOW_START).contains(&o) => {
+                (self.window & WINDOW_SELECT) << WINDOW_SHIFT | (o & WINDOW_RANGE)
+            }
+            (_, o) => o,
+        }
+    }
+
+    /// The modelled registers' values; None for an offset the model does not know.
+    fn register(&self, offset: u32) -> Option<u32> {
+        Some(match offset {
             MHIREGLEN => 0x1000,
             MHIVER => 0x0100_0000,
             BHIOFF => BHI_BASE,
@@ -357,8 +395,11 @@ impl Model {
             PCIE_SOC_GLOBAL_RESET => self.global_reset,
             o if o == BHI_BASE + BHI_EXECENV => self.ee,
             o if o == BHI_BASE + BHI_INTVEC => self.intvec,
-            _ => 0,
-        }
+            WINDOW_REG if self.family == Family::Wlan => self.window,
+            TCSR_SOC_HW_VERSION_WCN6855 if self.device == 0x1103 => SOC_HW_VERSION_2_0,
+            TCSR_SOC_HW_VERSION_WCN7850 if self.device == 0x1107 => SOC_HW_VERSION_2_0,
+            _ => return None,
+        })
     }
 
     pub fn write32(&mut self, now: u64, offset: u32, value: u32) {
@@ -398,6 +439,7 @@ impl Model {
                 }
             }
             (Family::Wlan, PCIE_SOC_WAKE) => self.wake = value,
+            (Family::Wlan, WINDOW_REG) => self.window = value,
             (_, MHICTRL) if self.hung => self.mhictrl = value | MHICTRL_RESET,
             (_, MHICTRL) => {
                 self.mhictrl = value;
@@ -518,6 +560,29 @@ mod tests {
         m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
         m.write32(up, MHICTRL, MHICTRL_RESET);
         assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0, "healed");
+    }
+
+    /// What ath11k and ath12k read first to tell the part's revision, each where it reads it;
+    /// what the model does not know is answered 0 and listed.
+    #[test]
+    fn the_wlan_parts_tell_their_revision_where_their_drivers_read_it() {
+        let mut wcn6855 = Model::new(Family::Wlan, 0x17cb, 0x1103, SimState::Mission, Faults::default());
+        mem_on(&mut wcn6855);
+        assert_eq!(wcn6855.read32(0, TCSR_SOC_HW_VERSION_WCN6855), SOC_HW_VERSION_2_0);
+        let mut wcn7850 = Model::new(Family::Wlan, 0x17cb, 0x1107, SimState::Mission, Faults::default());
+        mem_on(&mut wcn7850);
+        let window = TCSR_SOC_HW_VERSION_WCN7850 >> WINDOW_SHIFT;
+        wcn7850.write32(0, WINDOW_REG, 0x4000_0000 | window);
+        assert_eq!(wcn7850.read32(0, WINDOW_REG) & WINDOW_SELECT, window);
+        let at = WINDOW_START + (TCSR_SOC_HW_VERSION_WCN7850 & WINDOW_RANGE);
+        assert_eq!(wcn7850.read32(0, at), SOC_HW_VERSION_2_0);
+        assert!(wcn7850.beyond.is_empty(), "{:x?}", wcn7850.beyond);
+        assert_eq!(wcn7850.read32(0, WINDOW_START + 0x40), 0);
+        assert_eq!(
+            wcn7850.beyond.iter().copied().collect::<Vec<_>>(),
+            [TCSR_SOC_HW_VERSION_WCN7850 + 0x40],
+            "listed at the SoC address the window selects"
+        );
     }
 
     #[test]

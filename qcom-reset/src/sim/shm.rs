@@ -43,6 +43,8 @@ pub struct Report<'a> {
     pub conformance: Conformance,
     pub mhistatus: u32,
     pub link_up: bool,
+    /// Offsets read that the model does not know (answered 0), in order.
+    pub beyond_model: &'a std::collections::BTreeSet<u32>,
 }
 
 /// Runs until `stop` returns true, rewriting the JSON report at `report` whenever the writes
@@ -124,6 +126,7 @@ pub fn serve(
                 conformance: model.conformance(),
                 mhistatus,
                 link_up,
+                beyond_model: &model.beyond,
             };
             let tmp = report.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&r)?)?;

@@ -90,6 +90,7 @@ impl Card {
                 conformance: m.conformance(),
                 mhistatus,
                 link_up: m.link_up(now),
+                beyond_model: &m.beyond,
             },
             config_writes: m.config_writes,
             kernel_resets: self.resets.lock().map(|r| r.clone()).unwrap_or_default(),

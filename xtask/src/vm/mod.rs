@@ -318,9 +318,11 @@ fn guest_image_with(
     if initramfs::has_module(k, "uio_pci_generic") {
         modules.push("uio_pci_generic");
     }
-    // The next owner's driver that `driver-judge` binds to the card.
-    if initramfs::has_module(k, "mhi_pci_generic") {
-        modules.push("mhi_pci_generic");
+    // The next owner's drivers that the `driver-judge*` scenarios bind to the card.
+    for j in Scenario::ALL.iter().filter_map(|s| s.judge()) {
+        if initramfs::has_module(k, j.module) {
+            modules.extend(j.needs.iter().chain([&j.module]));
+        }
     }
     modules.extend_from_slice(extra_modules);
     let ird = initramfs::Initramfs::new(k, &modules)?;

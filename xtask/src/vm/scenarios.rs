@@ -81,7 +81,62 @@ pub enum Scenario {
     /// reset it gets past the MHI state checks to `request_firmware`, which stops at the missing
     /// `qcom/sdx65m/xbl.elf`: the card is usable.
     DriverJudge,
+    /// The guest's `ath11k_pci` against the simulated WCN6855, as the VM left it and after the
+    /// reset: how far the WLAN driver gets on the register model (docs/testing.md).
+    #[value(name = "driver-judge-ath11k")]
+    DriverJudgeAth11k,
+    /// The guest's `ath12k` against the simulated WCN7850, the same way.
+    #[value(name = "driver-judge-ath12k")]
+    DriverJudgeAth12k,
 }
+
+/// The next owner's driver a judging scenario binds to the card, and what it says.
+pub struct Judge {
+    /// The module that registers the PCI driver.
+    pub module: &'static str,
+    /// The start of the PCI driver's name (ath12k's moved between modules and names).
+    driver: &'static str,
+    /// Loaded first: what the driver needs but does not depend on (QMI's socket family for
+    /// ath1xk, without which it defers its probe before touching the SoC).
+    pub needs: &'static [&'static str],
+    /// The first firmware file it asks for once it finds the card usable.
+    firmware: &'static str,
+    /// Its messages that end the wait (grep patterns): each way it gives up, and its firmware
+    /// request.
+    ends: &'static [&'static str],
+}
+
+const MHI_JUDGE: Judge = Judge {
+    module: "mhi_pci_generic",
+    driver: "mhi-pci-generic",
+    needs: &[],
+    firmware: "qcom/sdx65m/xbl.elf",
+    ends: &MHI_ENDS,
+};
+
+const ATH_ENDS: [&str; 4] = [
+    "Direct firmware load",
+    "failed with error",
+    "Unsupported",
+    "failed to",
+];
+
+const ATH11K_JUDGE: Judge = Judge {
+    module: "ath11k_pci",
+    driver: "ath11k_pci",
+    needs: &["qrtr"],
+    firmware: "ath11k/WCN6855/hw2.0/amss.bin",
+    ends: &ATH_ENDS,
+};
+
+/// 6.16 moved the PCI driver into `ath12k_wifi7`; before, `ath12k` has it.
+const ATH12K_JUDGE: Judge = Judge {
+    module: "ath12k_wifi7",
+    driver: "ath12k",
+    needs: &["qrtr"],
+    firmware: "ath12k/WCN7850/hw2.0/amss.bin",
+    ends: &ATH_ENDS,
+};
 
 /// An SDX55-based modem ID that is not in the device table.
 const BY_ID_SIBLING: &str = "17cb:03ff";
@@ -155,7 +210,7 @@ impl Run {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 22] = [
+    pub const ALL: [Scenario; 24] = [
         Scenario::Preflight,
         Scenario::Probes,
         Scenario::LoopWlan,
@@ -178,6 +233,8 @@ impl Scenario {
         Scenario::ActWithKernel,
         Scenario::KernelTimeout,
         Scenario::DriverJudge,
+        Scenario::DriverJudgeAth11k,
+        Scenario::DriverJudgeAth12k,
     ];
 
     pub fn name(self) -> &'static str {
@@ -204,6 +261,18 @@ impl Scenario {
             Scenario::ActWithKernel => "act-with-kernel",
             Scenario::KernelTimeout => "kernel-timeout",
             Scenario::DriverJudge => "driver-judge",
+            Scenario::DriverJudgeAth11k => "driver-judge-ath11k",
+            Scenario::DriverJudgeAth12k => "driver-judge-ath12k",
+        }
+    }
+
+    /// The next owner's driver that judges the card, for the `driver-judge*` scenarios.
+    pub fn judge(self) -> Option<&'static Judge> {
+        match self {
+            Scenario::DriverJudge => Some(&MHI_JUDGE),
+            Scenario::DriverJudgeAth11k => Some(&ATH11K_JUDGE),
+            Scenario::DriverJudgeAth12k => Some(&ATH12K_JUDGE),
+            _ => None,
         }
     }
 
@@ -235,11 +304,14 @@ impl Scenario {
             // once the kprobe flavour attaches where the fentry trampolines were just detached.
             // Debian's own 7.3.4 passes the same scenario: a kernel bug this configuration
             // meets, not qcom-reset's (whose programs the kernel's verifier and attach own).
-            Scenario::DriverJudge if card == super::CardKind::Ivshmem => {
-                Some("mhi-pci-generic binds only to the card's real IDs (the vfio-user card)")
+            _ if self.judge().is_some() && card == super::CardKind::Ivshmem => {
+                Some("the drivers bind only to the card's real IDs (the vfio-user card)")
             }
-            Scenario::DriverJudge if !super::initramfs::has_module(k, "mhi_pci_generic") => {
-                Some("this kernel has no mhi_pci_generic")
+            _ if self
+                .judge()
+                .is_some_and(|j| !super::initramfs::has_module(k, j.module)) =>
+            {
+                Some("this kernel does not have the driver as a module")
             }
             Scenario::Probes if k.device_specific => Some(
                 "the lab's tinyconfig 7.3.4 oopses in pci_reset_function when kprobes follow \
@@ -261,6 +333,7 @@ impl Scenario {
                 &["mission", "crashed"]
             }
             Scenario::DriverJudge => &["mission", "crashed", "stuck"],
+            Scenario::DriverJudgeAth11k | Scenario::DriverJudgeAth12k => &["mission", "crashed"],
             _ => &["mission"],
         };
         // The probes scenario brings its own devices in both topologies; a port needs one.
@@ -296,6 +369,10 @@ impl Scenario {
             | Scenario::Power
             | Scenario::ActWithKernel
             | Scenario::KernelTimeout => Some(("wcn6855", "")),
+            // ath1xk's power-up reads BAR0 10 ms after its own global reset and carries on: the
+            // link of the parts it runs on is back by then (the model's default is 40 ms).
+            Scenario::DriverJudgeAth11k => Some(("wcn6855", "link-down-ms=5")),
+            Scenario::DriverJudgeAth12k => Some(("wcn7850", "link-down-ms=5")),
             Scenario::KernelStale => Some(("wcn6855", "resets-missed=2")),
             Scenario::LoopModem
             | Scenario::Bind
@@ -336,8 +413,17 @@ impl Scenario {
     /// reviewed device-specific reset polls the WLAN card's BAR for the link to come back, which
     /// works only if the drop keeps the header: upstream tested it on the real parts, so on a
     /// kernel with it the lab keeps config, except where `kernel-timeout` shows the other case.
+    ///
+    /// The WLAN drivers reset the SoC themselves at every power-up (ath1xk's
+    /// `soc_global_reset`) and carry on through BAR0: upstream runs that on the real parts, so
+    /// the WLAN judges keep config too (with `function-reset` the driver's MMIO never decodes
+    /// again: "BHI offset: 0xffffffff is out of range").
     pub fn link_drop(self, device_specific_kernel: bool) -> &'static str {
-        if device_specific_kernel && self != Scenario::KernelTimeout {
+        let wlan_judge = matches!(
+            self,
+            Scenario::DriverJudgeAth11k | Scenario::DriverJudgeAth12k
+        );
+        if wlan_judge || device_specific_kernel && self != Scenario::KernelTimeout {
             "keeps-config"
         } else {
             "function-reset"
@@ -393,7 +479,9 @@ impl Scenario {
             Scenario::Power => power(),
             Scenario::ById => by_id(),
             Scenario::LinkDrop => linkdrop(),
-            Scenario::DriverJudge => driver_judge(),
+            Scenario::DriverJudge | Scenario::DriverJudgeAth11k | Scenario::DriverJudgeAth12k => {
+                driver_judge(self.judge().expect("a judging scenario"))
+            }
         };
         format!("{LIB}\n{body}")
     }
@@ -430,7 +518,10 @@ impl Scenario {
             Scenario::KernelTimeout => {
                 check_kernel_regime(run, console, sim, KernelRegime::TIMEOUT)
             }
-            Scenario::DriverJudge => check_driver_judge(run, console),
+            Scenario::DriverJudge => check_driver_judge(run, console, sim),
+            Scenario::DriverJudgeAth11k | Scenario::DriverJudgeAth12k => {
+                check_wlan_judge(run, console, sim, self.judge().expect("a judging scenario"))
+            }
         }
     }
 }
@@ -779,18 +870,22 @@ const MHI_ENDS: [&str; 7] = [
     "Failed to reset MHI due to syserr state",
 ];
 
-/// The card bound to the guest's mhi-pci-generic (the next owner's driver) until it gives up or
-/// reaches its firmware download (at most 15 s: 6.1 waits 8 s for mission mode), its messages
-/// dumped, then back on vfio-pci: first as the VM left it, then after the VM's use and the
-/// agent's reset.
-fn driver_judge() -> String {
-    let ends = MHI_ENDS.join("' -e '");
+/// The card bound to the guest's driver for it (the next owner's) until the driver gives up or
+/// reaches its firmware download (at most 15 s: 6.1's mhi-pci-generic waits 8 s for mission
+/// mode), its messages dumped, then back on vfio-pci: first as the VM left it, then after the
+/// VM's use and the agent's reset.
+fn driver_judge(j: &Judge) -> String {
+    let ends = j.ends.join("' -e '");
+    let (module, driver) = (j.module, j.driver);
+    let modules = [j.needs, &[module]].concat().join(" ");
     format!(
         r#"{}
-modprobe mhi_pci_generic || {{ echo "VMLAB cannot load mhi_pci_generic"; exit 1; }}
+for m in {modules}; do modprobe $m || {{ echo "VMLAB cannot load $m"; exit 1; }}; done
+DRV=$(ls /sys/bus/pci/drivers | grep -m1 '^{driver}')
+[ -n "$DRV" ] || {{ echo "VMLAB {module} registered no PCI driver {driver}*"; exit 1; }}
 judge() {{
   n=$(dmesg | wc -l)
-  echo mhi-pci-generic > $S/driver_override
+  echo $DRV > $S/driver_override
   [ -e $S/driver ] && echo $D > $S/driver/unbind
   echo $D > /sys/bus/pci/drivers_probe
   i=0
@@ -1491,7 +1586,11 @@ fn kernel_device_specific_resets(console: &str) -> usize {
 
 /// The driver's verdict on the card as the VM left it (the users' failures: it never reaches
 /// its firmware download) and after qcom-reset's reset (it does, and stops at the missing file).
-fn check_driver_judge(run: &Run, console: &str) -> anyhow::Result<Vec<String>> {
+fn check_driver_judge(
+    run: &Run,
+    console: &str,
+    sim: Option<&Value>,
+) -> anyhow::Result<Vec<String>> {
     const FW: &str = "Direct firmware load for qcom/sdx65m/xbl.elf failed with error -2";
     let messages = |name: &str| -> Vec<String> {
         section(console, name)
@@ -1515,8 +1614,15 @@ fn check_driver_judge(run: &Run, console: &str) -> anyhow::Result<Vec<String>> {
         "stuck" => Some("Device failed to clear MHI Reset"),
         _ => None,
     };
-    if let Some(f) = failure {
-        ensure!(has(&before, f), "expected {f:?} from the driver: {before:?}");
+    match failure {
+        Some(f) => ensure!(has(&before, f), "expected {f:?} from the driver: {before:?}"),
+        // A previous owner's live session: 6.1 waits for mission mode and gives up; 7.x powers
+        // up and then waits, silently, for state events the session never sends.
+        None => ensure!(
+            has(&before, "failed to power up MHI controller")
+                || has(&before, "Power on setup success"),
+            "the driver neither gave up nor powered up: {before:?}"
+        ),
     }
     let acts = actions(console);
     ensure!(
@@ -1544,6 +1650,95 @@ fn check_driver_judge(run: &Run, console: &str) -> anyhow::Result<Vec<String>> {
     Ok(vec![
         format!("as the VM left it ({}): {}", run.state, gist(&before)),
         format!("after qcom-reset's reset: {}", gist(&after)),
+        golden_trace(run, console, sim)?,
+    ])
+}
+
+/// The offsets the driver read that the register model does not know (the simulator answers
+/// 0), per kernel and starting state, against `xtask/src/vm/golden/<scenario>.txt`: a kernel
+/// whose driver reads elsewhere is noticed. `VMLAB_BLESS=1` writes what was seen.
+fn golden_trace(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<String> {
+    let (major, minor) = guest_kernel(console)?;
+    let key = format!("{major}.{minor} {}", run.state);
+    let seen: Vec<String> = sim
+        .context("no simulator report")?["beyond_model"]
+        .as_array()
+        .context("the simulator reported no beyond_model")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|o| format!("{o:#x}"))
+        .collect();
+    let line = format!("{key} {}", seen.join(" ")).trim_end().to_string();
+    let path = crate::workspace_root()
+        .join("xtask/src/vm/golden")
+        .join(format!("{}.txt", run.scenario.name()));
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let known = text
+        .lines()
+        .find(|l| l.strip_prefix(&key).is_some_and(|r| r.is_empty() || r.starts_with(' ')));
+    if known == Some(line.as_str()) {
+        return Ok(format!("reads beyond the model, as on record: {}", seen.join(" ")));
+    }
+    if std::env::var_os("VMLAB_BLESS").is_some() {
+        let mut lines: Vec<&str> = text.lines().filter(|l| Some(*l) != known).collect();
+        lines.push(&line);
+        lines.sort();
+        std::fs::create_dir_all(path.parent().expect("a directory"))?;
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+        return Ok(format!("recorded in {}: {line}", path.display()));
+    }
+    bail!(
+        "the driver's reads beyond the register model changed: {line:?}, on record {known:?} in {} (VMLAB_BLESS=1 records them)",
+        path.display()
+    )
+}
+
+/// How far a WLAN driver gets against the register model: recorded, with the one thing it must
+/// show (it probed the card, as the VM left it and after the reset).
+fn check_wlan_judge(
+    run: &Run,
+    console: &str,
+    sim: Option<&Value>,
+    j: &Judge,
+) -> anyhow::Result<Vec<String>> {
+    let lines = |name: &str| -> Vec<String> {
+        section(console, name)
+            .iter()
+            .filter(|l| l.contains("ath1") || l.contains("mhi") || l.contains("VMLAB judged"))
+            .map(|l| l.split_once("] ").map_or(*l, |(_, m)| m).trim().to_string())
+            .collect()
+    };
+    let (before, after) = (lines("judge-before"), lines("judge-after"));
+    ensure!(
+        !before.is_empty() && !after.is_empty(),
+        "{} said nothing about the card",
+        j.module
+    );
+    // The driver resets the SoC itself at power-up (ath1xk_pci_sw_reset), then loads the
+    // firmware through MHI's BHI: after qcom-reset's reset it gets there.
+    let fw = format!("Direct firmware load for {} failed with error -2", j.firmware);
+    let reached = |log: &[String]| log.iter().any(|l| l.contains(&fw));
+    ensure!(
+        reached(&after),
+        "after qcom-reset's reset {} did not reach its firmware download: {after:?}",
+        j.module
+    );
+    let last = |log: &[String]| {
+        log.iter()
+            .filter(|l| !l.contains("firmware-2.bin") && !l.contains("VMLAB"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    Ok(vec![
+        format!(
+            "as the VM left it ({}): firmware download reached: {}; {}",
+            run.state,
+            reached(&before),
+            last(&before)
+        ),
+        format!("after qcom-reset's reset: {}", last(&after)),
+        golden_trace(run, console, sim)?,
     ])
 }
 
