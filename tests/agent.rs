@@ -125,7 +125,11 @@ fn start_on(host: qcom_reset::engine::Host, cfg: Config, sims: &[(&str, SimDevic
     start_with(host, cfg, open)
 }
 
-fn start_with(host: qcom_reset::engine::Host, cfg: Config, open: qcom_reset::agent::OpenFn) -> Running {
+fn start_with(
+    host: qcom_reset::engine::Host,
+    cfg: Config,
+    open: qcom_reset::agent::OpenFn,
+) -> Running {
     let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
     let actions = agent.subscribe();
     let (tx, rx) = mpsc::channel(64);
@@ -380,7 +384,9 @@ async fn a_reset_call_queued_after_the_open_is_the_holders() {
     let wlan = sim(Family::Wlan, Faults::default());
     let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
     for (kind, ret) in [(Kind::Attempt, 0), (Kind::Open, 0), (Kind::Attempt, 0)] {
-        r.tx.send(event(kind, WLAN, 0x1103, ret, None)).await.unwrap();
+        r.tx.send(event(kind, WLAN, 0x1103, ret, None))
+            .await
+            .unwrap();
     }
     r.quiet_for(Duration::from_millis(600)).await;
     h.unhold(783);
@@ -746,7 +752,10 @@ fn only_a_device_specific_reset_is_trusted() {
         o.attempts_seen = Some(seen);
         o
     };
-    assert_eq!(Trigger::of_event(&failed(Bus, 2)), Some(Trigger::FailedOpen));
+    assert_eq!(
+        Trigger::of_event(&failed(Bus, 2)),
+        Some(Trigger::FailedOpen)
+    );
     assert_eq!(
         Trigger::of_event(&failed(DeviceSpecific, 1)),
         Some(Trigger::FailedOpen)
@@ -934,7 +943,11 @@ async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() 
     r.quiet_for(Duration::from_millis(600)).await;
     h.unhold(782);
     r.quiet_for(Duration::from_millis(600)).await;
-    assert_eq!(card.with_model(|m| m.writes.len()), 0, "left to the release");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        0,
+        "left to the release"
+    );
     r.stop().await;
 }
 
@@ -946,7 +959,11 @@ async fn a_card_taken_mid_reset_ends_the_episode() {
     let take = bind_host_driver(h.root(), WLAN, "ath11k_pci");
     let (a, failures) = reset_with_take(&h, Box::new(take)).await;
     assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "taken"));
-    assert!(a.detail.contains("taken by driver ath11k_pci"), "{}", a.detail);
+    assert!(
+        a.detail.contains("taken by driver ath11k_pci"),
+        "{}",
+        a.detail
+    );
     assert_eq!(failures, 0, "not a failure of the card");
 }
 
@@ -995,7 +1012,11 @@ async fn reset_with_take(h: &FakeHost, take: Box<dyn FnOnce() + Send>) -> (Actio
         let next = next.unwrap();
         assert_eq!(next.result, "skipped", "{}", next.detail);
     }
-    assert_eq!(card.with_model(|m| m.writes.len()), 1, "nothing after the take");
+    assert_eq!(
+        card.with_model(|m| m.writes.len()),
+        1,
+        "nothing after the take"
+    );
     r.stop().await;
     let kept: serde_json::Value = std::fs::read(&state)
         .ok()

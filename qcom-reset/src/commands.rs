@@ -323,7 +323,10 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
     for t in targets {
         let bdf = t.bdf;
         if let Some(why) = &unread {
-            out.push(engine::unread_status(t, engine::Unread::Refused(why.clone())));
+            out.push(engine::unread_status(
+                t,
+                engine::Unread::Refused(why.clone()),
+            ));
             continue;
         }
         out.push(

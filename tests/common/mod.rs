@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use qcom_reset::backend::Backend;
 use qcom_reset::bdf::Bdf;
-use qcom_reset::io::RegisterIo;
 use qcom_reset::devices::Family;
 use qcom_reset::engine::{self, Host, Report, Request};
+use qcom_reset::io::RegisterIo;
 use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
 use qcom_reset::sysfs::PciSysfs;
 

@@ -21,12 +21,12 @@ use tracing::{info, warn};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
+use crate::engine::Unread;
 use crate::engine::{self, Host, Request};
 use crate::probes::Item;
 use crate::probes::events::{Kind, TraceEvent};
 use crate::session::own::Ownership;
 use crate::sysfs::SysfsDevice;
-use crate::engine::Unread;
 use crate::verdict::Health;
 use config::Config;
 use metrics::Metrics;
@@ -662,8 +662,8 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         }
         began = Instant::now();
         // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
-        let verifies = trigger.verifies_first()
-            && !(trigger.kernel_reset() && sh.cfg.act_with_kernel_reset);
+        let verifies =
+            trigger.verifies_first() && !(trigger.kernel_reset() && sh.cfg.act_with_kernel_reset);
         if first && verifies {
             match verify_only(sh, bdf, trigger).await {
                 Verified::Reset => {}
@@ -697,10 +697,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             }
             return began;
         }
-        let done = matches!(
-            a.result.as_str(),
-            "clean" | "skipped" | "dry-run" | "taken"
-        );
+        let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run" | "taken");
         sh.act(a);
         if done {
             return began;

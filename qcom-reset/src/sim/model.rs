@@ -552,24 +552,51 @@ mod tests {
         m.write32(10, MHICTRL, MHICTRL_RESET);
         m.write32(20, MHICTRL, 0);
         let later = 10 * MHI_RESET_US;
-        assert_ne!(m.read32(later, MHICTRL) & MHICTRL_RESET, 0, "still in reset");
-        assert_eq!(m.read32(later, MHISTATUS) & MHISTATUS_READY, 0, "never READY");
+        assert_ne!(
+            m.read32(later, MHICTRL) & MHICTRL_RESET,
+            0,
+            "still in reset"
+        );
+        assert_eq!(
+            m.read32(later, MHISTATUS) & MHISTATUS_READY,
+            0,
+            "never READY"
+        );
         m.write32(later, MHI_SOC_RESET_REQ, 1);
         let up = later + MODEM_LINK_DOWN_US;
         m.config_write16(up, 0x12, 0xfe00);
         m.config_write16(up, PCI_COMMAND, PCI_COMMAND_MEMORY);
         m.write32(up, MHICTRL, MHICTRL_RESET);
-        assert_eq!(m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET, 0, "healed");
+        assert_eq!(
+            m.read32(up + MHI_RESET_US, MHICTRL) & MHICTRL_RESET,
+            0,
+            "healed"
+        );
     }
 
     /// What ath11k and ath12k read first to tell the part's revision, each where it reads it;
     /// what the model does not know is answered 0 and listed.
     #[test]
     fn the_wlan_parts_tell_their_revision_where_their_drivers_read_it() {
-        let mut wcn6855 = Model::new(Family::Wlan, 0x17cb, 0x1103, SimState::Mission, Faults::default());
+        let mut wcn6855 = Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1103,
+            SimState::Mission,
+            Faults::default(),
+        );
         mem_on(&mut wcn6855);
-        assert_eq!(wcn6855.read32(0, TCSR_SOC_HW_VERSION_WCN6855), SOC_HW_VERSION_2_0);
-        let mut wcn7850 = Model::new(Family::Wlan, 0x17cb, 0x1107, SimState::Mission, Faults::default());
+        assert_eq!(
+            wcn6855.read32(0, TCSR_SOC_HW_VERSION_WCN6855),
+            SOC_HW_VERSION_2_0
+        );
+        let mut wcn7850 = Model::new(
+            Family::Wlan,
+            0x17cb,
+            0x1107,
+            SimState::Mission,
+            Faults::default(),
+        );
         mem_on(&mut wcn7850);
         let window = TCSR_SOC_HW_VERSION_WCN7850 >> WINDOW_SHIFT;
         wcn7850.write32(0, WINDOW_REG, 0x4000_0000 | window);

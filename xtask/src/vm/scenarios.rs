@@ -1615,7 +1615,10 @@ fn check_driver_judge(
         _ => None,
     };
     match failure {
-        Some(f) => ensure!(has(&before, f), "expected {f:?} from the driver: {before:?}"),
+        Some(f) => ensure!(
+            has(&before, f),
+            "expected {f:?} from the driver: {before:?}"
+        ),
         // A previous owner's live session: 6.1 waits for mission mode and gives up; 7.x powers
         // up and then waits, silently, for state events the session never sends.
         None => ensure!(
@@ -1639,10 +1642,15 @@ fn check_driver_judge(
         .iter()
         .filter(|l| state_failures.iter().any(|f| l.contains(f)))
         .collect();
-    ensure!(wrong.is_empty(), "after the reset the driver still failed: {wrong:?}");
+    ensure!(
+        wrong.is_empty(),
+        "after the reset the driver still failed: {wrong:?}"
+    );
     let gist = |log: &[String]| {
         log.iter()
-            .filter(|l| MHI_ENDS.iter().chain([&FW]).any(|e| l.contains(e)) || l.contains("VMLAB judged"))
+            .filter(|l| {
+                MHI_ENDS.iter().chain([&FW]).any(|e| l.contains(e)) || l.contains("VMLAB judged")
+            })
             .cloned()
             .collect::<Vec<_>>()
             .join(" | ")
@@ -1660,8 +1668,7 @@ fn check_driver_judge(
 fn golden_trace(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result<String> {
     let (major, minor) = guest_kernel(console)?;
     let key = format!("{major}.{minor} {}", run.state);
-    let seen: Vec<String> = sim
-        .context("no simulator report")?["beyond_model"]
+    let seen: Vec<String> = sim.context("no simulator report")?["beyond_model"]
         .as_array()
         .context("the simulator reported no beyond_model")?
         .iter()
@@ -1673,11 +1680,15 @@ fn golden_trace(run: &Run, console: &str, sim: Option<&Value>) -> anyhow::Result
         .join("xtask/src/vm/golden")
         .join(format!("{}.txt", run.scenario.name()));
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let known = text
-        .lines()
-        .find(|l| l.strip_prefix(&key).is_some_and(|r| r.is_empty() || r.starts_with(' ')));
+    let known = text.lines().find(|l| {
+        l.strip_prefix(&key)
+            .is_some_and(|r| r.is_empty() || r.starts_with(' '))
+    });
     if known == Some(line.as_str()) {
-        return Ok(format!("reads beyond the model, as on record: {}", seen.join(" ")));
+        return Ok(format!(
+            "reads beyond the model, as on record: {}",
+            seen.join(" ")
+        ));
     }
     if std::env::var_os("VMLAB_BLESS").is_some() {
         let mut lines: Vec<&str> = text.lines().filter(|l| Some(*l) != known).collect();
@@ -1716,7 +1727,10 @@ fn check_wlan_judge(
     );
     // The driver resets the SoC itself at power-up (ath1xk_pci_sw_reset), then loads the
     // firmware through MHI's BHI: after qcom-reset's reset it gets there.
-    let fw = format!("Direct firmware load for {} failed with error -2", j.firmware);
+    let fw = format!(
+        "Direct firmware load for {} failed with error -2",
+        j.firmware
+    );
     let reached = |log: &[String]| log.iter().any(|l| l.contains(&fw));
     ensure!(
         reached(&after),
@@ -2097,9 +2111,9 @@ fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>
     // On a kernel with the device-specific reset, that reset at the VM's open is the one that
     // takes the link (its poll times out): the agent finds config space all-ones from its first
     // read, so it saves, writes and restores nothing.
-    let kernel_took_link = json_lines(console, "journal").iter().any(|v| {
-        v["event"]["function"] == "pci_dev_specific_reset" && v["event"]["ret"] == -110
-    });
+    let kernel_took_link = json_lines(console, "journal")
+        .iter()
+        .any(|v| v["event"]["function"] == "pci_dev_specific_reset" && v["event"]["ret"] == -110);
     if kernel_took_link {
         return check_fault_after_kernel(&acts, console, sim);
     }
@@ -2146,7 +2160,9 @@ fn check_fault_after_kernel(
         ensure!(
             r["ops"].as_array().is_some_and(Vec::is_empty)
                 && r["restored"]["command"].is_null()
-                && r["restored"]["config"].as_array().is_some_and(Vec::is_empty),
+                && r["restored"]["config"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty),
             "a card gone before the session started gets no write and no restore: {a}"
         );
     }
@@ -2190,7 +2206,10 @@ fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
                     .is_some_and(|d| d.contains("held by pid") && d.contains("waiting up to"))
         })
         .with_context(|| format!("the {trigger} did not wait for the group: {acts:?}"))?;
-    ensure!(acts.len() == 2, "expected the wait and its answer: {acts:?}");
+    ensure!(
+        acts.len() == 2,
+        "expected the wait and its answer: {acts:?}"
+    );
     let waited = done[0]["ts_ms"].as_u64().unwrap_or(0) - waiting["ts_ms"].as_u64().unwrap_or(0);
     ensure!(
         waited >= 2000,
@@ -2224,7 +2243,11 @@ fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>>
     } else {
         "register-sequence"
     };
-    ensure!(a["report"]["method"] == method, "reset by {}, not {method}", a["report"]["method"]);
+    ensure!(
+        a["report"]["method"] == method,
+        "reset by {}, not {method}",
+        a["report"]["method"]
+    );
     check_sim(sim, "modem", 1)?;
     Ok(vec![format!(
         "bound to vfio-pci -> reset in {:.1} ms, before any open: {}",
@@ -2439,7 +2462,11 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
     let mut notes = vec![format!(
         "handover to uio_pci_generic {:.0} ms after the SoC reset request ({}), {:.0} ms long; the session ended as taken {:.0} ms into it",
         (start - asked) as f64 / 1e6,
-        if by_kernel { "the kernel's, which the unbind waited for" } else { "the agent's" },
+        if by_kernel {
+            "the kernel's, which the unbind waited for"
+        } else {
+            "the agent's"
+        },
         (end - start) as f64 / 1e6,
         (verdict - start) as f64 / 1e6
     )];
@@ -2466,8 +2493,7 @@ fn no_bar_write_after(sim: Option<&Value>, since_request_ns: u64) -> anyhow::Res
     // The last request is the session's (before it, a kernel's at the VM's open and release).
     let request = writes
         .iter()
-        .filter(|w| w["offset"] == 0xb0)
-        .next_back()
+        .rfind(|w| w["offset"] == 0xb0)
         .context(format!(
             "the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"
         ))?;
