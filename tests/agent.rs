@@ -678,6 +678,37 @@ async fn startup_rescan_resets_only_unclean_targets() {
     r.stop().await;
 }
 
+/// `act_with_kernel_reset` is about the kernel's resets only: a start-up rescan still verifies
+/// first and leaves a clean card alone.
+#[tokio::test]
+async fn act_with_kernel_reset_leaves_the_rescan_a_verification() {
+    let h = two_device_host();
+    let modem = sim(Family::Modem, Faults::default());
+    let m2 = modem.clone();
+    qcom_reset::engine::reset(
+        &h.host,
+        &qcom_reset::engine::Request::new(bdf(MODEM)),
+        &mut move |_, _| Ok(Box::new(m2.clone())),
+        "sim",
+    )
+    .unwrap();
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    cfg.act_with_kernel_reset = true;
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, cfg, &[(WLAN, wlan), (MODEM, modem.clone())]);
+    let (a, b) = (r.next().await, r.next().await);
+    let a = if a.bdf == bdf(MODEM) { a } else { b };
+    assert_eq!(
+        (a.trigger, a.result.as_str()),
+        (Trigger::Rescan, "nothing-to-do"),
+        "{}",
+        a.detail
+    );
+    assert_eq!(modem.with_model(|m| m.resets), 1, "not reset again");
+    r.stop().await;
+}
+
 /// The decision table: which probe event makes the agent act, verify or ignore.
 #[test]
 fn only_a_device_specific_reset_is_trusted() {
