@@ -145,6 +145,18 @@ fn start_with(
     }
 }
 
+/// Resets `card` before the agent starts (by the kernel, or an earlier run): it starts clean.
+fn reset_before(h: &FakeHost, at: &str, card: &SimDevice) {
+    let c = card.clone();
+    qcom_reset::engine::reset(
+        &h.host,
+        &qcom_reset::engine::Request::new(bdf(at)),
+        &mut move |_, _| Ok(Box::new(c.clone())),
+        "sim",
+    )
+    .unwrap();
+}
+
 fn two_device_host() -> FakeHost {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
@@ -631,14 +643,7 @@ async fn startup_rescan_resets_only_unclean_targets() {
     let wlan = sim(Family::Wlan, Faults::default());
     let modem = sim(Family::Modem, Faults::default());
     // Bring the modem to health first, as if it had been reset before the agent started.
-    let m2 = modem.clone();
-    qcom_reset::engine::reset(
-        &h.host,
-        &qcom_reset::engine::Request::new(bdf(MODEM)),
-        &mut move |_, _| Ok(Box::new(m2.clone())),
-        "sim",
-    )
-    .unwrap();
+    reset_before(&h, MODEM, &modem);
     let mut cfg = test_config(&h);
     cfg.rescan = true;
     let mut r = start(&h, cfg, &[(WLAN, wlan.clone()), (MODEM, modem.clone())]);
@@ -684,14 +689,7 @@ async fn startup_rescan_resets_only_unclean_targets() {
 async fn act_with_kernel_reset_leaves_the_rescan_a_verification() {
     let h = two_device_host();
     let modem = sim(Family::Modem, Faults::default());
-    let m2 = modem.clone();
-    qcom_reset::engine::reset(
-        &h.host,
-        &qcom_reset::engine::Request::new(bdf(MODEM)),
-        &mut move |_, _| Ok(Box::new(m2.clone())),
-        "sim",
-    )
-    .unwrap();
+    reset_before(&h, MODEM, &modem);
     let mut cfg = test_config(&h);
     cfg.rescan = true;
     cfg.act_with_kernel_reset = true;
@@ -903,14 +901,7 @@ async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() 
     for (kernel_took, want) in [(false, "clean"), (true, "nothing-to-do")] {
         let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
         if kernel_took {
-            let c = card.clone();
-            qcom_reset::engine::reset(
-                &h.host,
-                &qcom_reset::engine::Request::new(bdf(WLAN)),
-                &mut move |_, _| Ok(Box::new(c.clone())),
-                "sim",
-            )
-            .unwrap();
+            reset_before(&h, WLAN, &card);
         }
         h.hold(781, "qemu-system-x86", "/dev/vfio/12");
         let mut cfg = test_config(&h);
