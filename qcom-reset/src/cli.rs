@@ -11,7 +11,7 @@ use qcom_reset::probes::FlavourChoice;
     name = "qcom-reset",
     version,
     about = "Detects failed PCI resets of Qualcomm WCN6855/WCN7850 WLAN and SDX62/SDX65 modems released by VFIO, and resets them through their BAR registers",
-    after_long_help = qcom_reset::devices::help_table()
+    after_long_help = format!("{}\n{}", qcom_reset::devices::help_table(), qcom_reset::exit::Exit::table())
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -40,13 +40,20 @@ pub enum Command {
     Trace(TraceArgs),
     /// Preflight checks: can this host trace and reset? One line per check, exit 0 when tracing can work.
     Check {
+        /// One JSON array of the checks on stdout (errors too become JSON).
         #[arg(long)]
         json: bool,
     },
     /// Reset one device now through its BAR registers (or the kernel's device_specific reset).
     Reset(ResetArgs),
     /// Show target devices: driver, holder, power, reset methods, health verdict with raw registers.
+    /// Takes the device's lock and owns it while reading: for monitoring use `health`.
     Status(StatusArgs),
+    /// Read-only health for monitoring, hooks and fleet tooling: the agent's last verdict per
+    /// card and whether it runs with its probes attached. Takes no lock, opens no device, writes
+    /// nothing, never wakes a suspended card.
+    #[command(after_long_help = qcom_reset::health::EXIT_HELP)]
+    Health(HealthArgs),
     /// The auto-remediation agent: trace releases and failed resets, reset targets left stuck.
     Run(RunArgs),
     /// For a card off the link ("rev ff"): cut and restore its slot's power from user space
@@ -56,6 +63,21 @@ pub enum Command {
     /// Write the man pages (one per subcommand) and shell completions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+impl Command {
+    /// Whether the output is JSON, errors included.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Check { json } => *json,
+            Command::Trace(a) => a.json,
+            Command::Reset(a) => a.json,
+            Command::Status(a) => a.json,
+            Command::Health(a) => a.json,
+            Command::PowerCycle(a) => a.json,
+            Command::Run(_) | Command::GenerateAssets { .. } => false,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -78,15 +100,29 @@ pub struct PowerCycleArgs {
     /// `experimental` list allows it too.
     #[arg(long)]
     pub experimental: bool,
+    /// The plan or the reset's report as JSON on stdout (errors too become JSON).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// Cards to report (default: every target present).
+    pub bdf: Vec<Bdf>,
+    /// One JSON object on stdout: the agent and each card (errors too become JSON).
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Configuration file (default /etc/qcom-reset/config.toml; missing = all defaults).
+    /// Configuration file (default /etc/qcom-reset/config.toml; missing = all defaults), with
+    /// the drop-ins of its `.d` directory (`config.toml.d/*.toml`) applied in name order.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Check the configuration and exit (0 when valid, 78 when not); for `ExecStartPre=`.
+    #[arg(long)]
+    pub check_config: bool,
     /// Log what would be done, never write to a device.
     #[arg(long)]
     pub observe_only: bool,
@@ -102,8 +138,10 @@ pub struct RunArgs {
     /// Global kill switch: no action while this file exists.
     #[arg(long, value_name = "PATH")]
     pub kill_switch: Option<PathBuf>,
+    /// Probe flavour: fentry/fexit where permitted, else kprobes (auto), or force one.
     #[arg(long, value_enum)]
     pub flavour: Option<FlavourChoice>,
+    /// How to reach config space and the BAR: sysfs, VFIO under lockdown (auto), or force one.
     #[arg(long, value_enum)]
     pub access: Option<Access>,
 }
@@ -156,7 +194,7 @@ pub struct ResetArgs {
     /// Use the register sequence even where the kernel has its own device_specific reset.
     #[arg(long)]
     pub ignore_kernel_reset: bool,
-    /// Allow an experimental profile (a sibling of the reviewed parts, see `--help` of status)
+    /// Allow an experimental profile (a sibling of the reviewed parts, see `qcom-reset --help`)
     /// for this reset; the config's `experimental` list allows it too.
     #[arg(long)]
     pub experimental: bool,
@@ -167,6 +205,7 @@ pub struct ResetArgs {
     /// (e.g. lockdown refuses config writes).
     #[arg(long)]
     pub allow_unguarded_link_drop: bool,
+    /// The reset's report as JSON on stdout (errors too become JSON).
     #[arg(long)]
     pub json: bool,
 }
@@ -177,6 +216,7 @@ pub struct StatusArgs {
     pub bdf: Option<Bdf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// One JSON array of the devices on stdout (errors too become JSON).
     #[arg(long)]
     pub json: bool,
     /// Read the registers even when that means opening the device through VFIO (`--access vfio`,

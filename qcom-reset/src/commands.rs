@@ -1,5 +1,4 @@
 //! What each subcommand does with its arguments, and how it prints.
-use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -8,17 +7,15 @@ use qcom_reset::backend;
 use qcom_reset::check::{self, Level};
 use qcom_reset::devices::{DEVICES, OptIn};
 use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
+use qcom_reset::exit::Exit;
 use qcom_reset::probes::{self, Item, Tracer};
 use qcom_reset::sysfs::PciSysfs;
 use qcom_reset::verdict::Health;
 use qcom_reset::{Error, regs};
 
 use crate::cli::{
-    Cli, Command, HostArgs, PowerCycleArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs,
+    Cli, Command, HealthArgs, HostArgs, PowerCycleArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs,
 };
-
-/// Exit code when a reset ran but the device is not clean afterwards.
-const EXIT_UNHEALTHY: u8 = 2;
 
 pub fn host(a: &HostArgs) -> Host {
     Host {
@@ -40,20 +37,21 @@ fn require_root() -> Result<(), Error> {
     }
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     let host = host(&cli.host);
     match cli.command {
         Command::Check { json } => check_cmd(&host, json),
         Command::Trace(a) => trace_cmd(&host, a),
         Command::Reset(a) => reset_cmd(&host, a),
         Command::Status(a) => status_cmd(&host, a),
+        Command::Health(a) => health_cmd(&host, a),
         Command::Run(a) => run_cmd(host, a),
         Command::PowerCycle(a) => power_cycle_cmd(&host, a),
         Command::GenerateAssets { dir } => generate_assets(&dir),
     }
 }
 
-fn check_cmd(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
+fn check_cmd(host: &Host, json: bool) -> anyhow::Result<Exit> {
     let checks = check::run(host);
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -73,14 +71,10 @@ fn check_cmd(host: &Host, json: bool) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if ok { Exit::Ok } else { Exit::Unavailable })
 }
 
-fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
+fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<Exit> {
     let opts = probes::Options {
         trace_all: a.all,
         targets: DEVICES.iter().map(|d| (d.vendor, d.device)).collect(),
@@ -92,7 +86,7 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     if let Some(old) = check::kernel_too_old(&kernel_release()) {
         eprintln!("qcom-reset: cannot trace: {}", old.line());
-        return Ok(ExitCode::from(1));
+        return Ok(Exit::Unavailable);
     }
     rt.block_on(async {
         let mut tracer = match Tracer::start(&opts) {
@@ -102,7 +96,7 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
                 for c in check::run(host).iter().filter(|c| c.level == Level::Fail) {
                     eprintln!("{}", c.line());
                 }
-                return Ok(ExitCode::from(1));
+                return Ok(Exit::Unavailable);
             }
         };
         let stop = tokio::signal::ctrl_c();
@@ -113,7 +107,7 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<ExitCode> {
                 item = tracer.next() => print_item(&item?, a.json)?,
             }
         }
-        Ok(ExitCode::SUCCESS)
+        Ok(Exit::Ok)
     })
 }
 
@@ -169,7 +163,7 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
+fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;
     let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
     let by_config = cfg.device_with_ids(a.bdf, ids);
@@ -188,7 +182,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
     match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
         Err(e @ Error::NotTarget { .. }) if a.only_targets => {
             println!("{}: not a target ({e}); nothing to do", req.bdf);
-            return Ok(ExitCode::SUCCESS);
+            return Ok(Exit::Ok);
         }
         Err(e) => return Err(e.into()),
         Ok(t) if req.profile.is_none() && !req.experimental.allows(&t.profile) => {
@@ -197,7 +191,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<ExitCode> {
                     "{}: experimental profile {} not opted in; nothing to do",
                     req.bdf, t.profile.name
                 );
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Exit::Ok);
             }
         }
         Ok(_) => {}
@@ -214,7 +208,7 @@ fn reset_and_report(
     req: &Request,
     access: backend::Access,
     json: bool,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     let report = engine::reset(
         host,
         req,
@@ -227,8 +221,8 @@ fn reset_and_report(
         print_report(&report);
     }
     Ok(match &report.verdict {
-        Some(v) if v.health != Health::Clean => ExitCode::from(EXIT_UNHEALTHY),
-        _ => ExitCode::SUCCESS,
+        Some(v) if v.health != Health::Clean => Exit::NotClean,
+        _ => Exit::Ok,
     })
 }
 
@@ -296,7 +290,7 @@ fn registers_line(r: &qcom_reset::verdict::Registers) -> String {
     s
 }
 
-fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
+fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;
     let targets = match a.bdf {
         Some(b) => {
@@ -341,7 +335,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok);
     }
     if out.is_empty() {
         println!(
@@ -402,14 +396,46 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<ExitCode> {
             (None, None) => {}
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
 
-fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
+/// Read-only: the agent's published status and sysfs, never a lock, a group or a write.
+fn health_cmd(host: &Host, a: HealthArgs) -> anyhow::Result<Exit> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let answer = device_config(None)
+        .and_then(|cfg| Ok(qcom_reset::health::assess(host, &cfg, &a.bdf, now)?));
+    let answer = match answer {
+        Ok(answer) => answer,
+        // NPD's contract: a health that cannot be read is "unknown" (2), with one line.
+        Err(e) => {
+            if a.json {
+                let err = serde_json::json!({"condition": "unknown", "error": format!("{e:#}")});
+                println!("{err}");
+            } else {
+                println!("UNKNOWN: {e:#}");
+            }
+            return Ok(Exit::Health(qcom_reset::exit::Condition::Unknown));
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        println!("{}", answer.line());
+    }
+    Ok(Exit::Health(answer.condition))
+}
+
+fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
     use qcom_reset::agent::{Agent, metrics};
     let explicit = a.config.is_some();
     let path = a.config.unwrap_or_else(config_default_path);
     let mut cfg = Config::load(&path, explicit)?;
+    if a.check_config {
+        println!("{}: valid", path.display());
+        return Ok(Exit::Ok);
+    }
     cfg.observe_only |= a.observe_only;
     if let Some(p) = a.metrics_port {
         cfg.metrics_port = p;
@@ -452,7 +478,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     if let Some(old) = check::kernel_too_old(&kernel_release()) {
         eprintln!("qcom-reset: cannot start the agent: {}", old.line());
-        return Ok(ExitCode::from(1));
+        return Ok(Exit::Unavailable);
     }
     rt.block_on(async move {
         let mut tracer = match Tracer::start(&opts) {
@@ -462,14 +488,15 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
                 for c in check::run(&host).iter().filter(|c| c.level == Level::Fail) {
                     eprintln!("{}", c.line());
                 }
-                return Ok(ExitCode::from(1));
+                return Ok(Exit::Unavailable);
             }
         };
         let textfile =
             (!cfg.metrics_textfile.as_os_str().is_empty()).then(|| cfg.metrics_textfile.clone());
         let m = std::sync::Arc::new(metrics::Metrics::new(textfile));
         if cfg.metrics_port != 0 {
-            let listener = metrics::serve(m.clone(), cfg.metrics_port);
+            let addr = std::net::SocketAddr::new(cfg.metrics_listen, cfg.metrics_port);
+            let listener = metrics::serve(m.clone(), addr);
             tokio::spawn(async move {
                 if let Err(e) = listener.await {
                     tracing::error!("metrics server: {e}");
@@ -510,7 +537,6 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
             "agent running{}",
             if observe { " (observe-only)" } else { "" }
         );
-        sd_notify(sd_notify::NotifyState::Ready);
         let ((), failed, ()) = tokio::join!(
             agent.run(rx, async move {
                 let _ = stop.changed().await;
@@ -518,17 +544,13 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<ExitCode> {
             forward,
             signals
         );
-        Ok(if failed {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        })
+        Ok(if failed { Exit::Error } else { Exit::Ok })
     })
 }
 
 /// Man pages (clap_mangen: qcom-reset.8 and qcom-reset-SUBCOMMAND.8) and bash/zsh/fish
 /// completions (clap_complete), as the .deb installs them.
-fn generate_assets(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
     use clap::CommandFactory;
     let man = dir.join("man");
     let completions = dir.join("completions");
@@ -549,7 +571,7 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {shell} completions"))?;
     }
     println!("{}", dir.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
 
 fn write_man(dir: &std::path::Path, cmd: &clap::Command, name: &str) -> anyhow::Result<()> {
@@ -616,7 +638,7 @@ fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn, named:
     }
 }
 
-fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
+fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<Exit> {
     use qcom_reset::power;
     let cfg = device_config(a.device.config.clone())?;
     let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
@@ -655,7 +677,7 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
                 plan.target, plan.method, plan.port
             );
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok);
     }
     require_root()?;
     // Never a panic on a closed stderr (a terminal gone with SIGHUP deferred, `| tee` killed):
@@ -666,7 +688,7 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<ExitCode> {
     };
     power::run(host, &plan, req.profile.as_deref(), req.bar, &mut log)?;
     if a.no_reset {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok);
     }
     reset_and_report(host, &req, a.device.access, a.json)
 }

@@ -5,6 +5,8 @@ pub mod bdf;
 pub mod devices;
 pub mod engine;
 mod error;
+pub mod exit;
+pub mod health;
 pub mod holders;
 pub mod io;
 pub mod lock;

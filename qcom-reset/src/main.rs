@@ -4,9 +4,11 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::Parser;
+use qcom_reset::exit::Exit;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    let json = cli.command.json();
     init_logging();
     // Commands that write to a device finish their session (and its restore) before a
     // SIGINT/SIGTERM/SIGHUP takes effect; `run` and `trace` handle signals themselves.
@@ -20,10 +22,17 @@ fn main() -> ExitCode {
         (commands::run(cli), None)
     };
     let code = match result {
-        Ok(code) => code,
+        Ok(exit) => exit,
         Err(e) => {
+            let exit = classify(&e);
+            if json {
+                let err = serde_json::json!({
+                    "error": format!("{e:#}"), "exit": exit.code(), "kind": exit.name()
+                });
+                println!("{err}");
+            }
             eprintln!("qcom-reset: {e:#}");
-            ExitCode::from(1)
+            exit
         }
     };
     match signal {
@@ -31,7 +40,21 @@ fn main() -> ExitCode {
             eprintln!("qcom-reset: interrupted (signal {sig}); the device was restored first");
             ExitCode::from(128 + sig as u8)
         }
-        None => code,
+        None => ExitCode::from(code.code()),
+    }
+}
+
+/// The exit status of a command that failed: its library error's, else a generic error.
+fn classify(e: &anyhow::Error) -> Exit {
+    if let Some(e) = e.downcast_ref::<qcom_reset::Error>() {
+        Exit::of(e)
+    } else if e
+        .downcast_ref::<qcom_reset::agent::config::ConfigError>()
+        .is_some()
+    {
+        Exit::Config
+    } else {
+        Exit::Error
     }
 }
 

@@ -9,7 +9,7 @@ use crate::io::RegisterIo;
 use crate::regs::*;
 
 /// Whether the next owner can use the card, not merely whether it answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
     /// The family's post-reset state: the next owner can bring the firmware up from scratch.

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own commands. Every one installs what it needs first.
 mod licenses;
+mod monitoring;
 mod mutants;
 mod package;
 mod toolchain;
@@ -40,6 +41,9 @@ enum Cmd {
     },
     /// Clippy for the userspace crates and, separately, for the eBPF crate.
     Clippy,
+    /// The alert rules (promtool check and unit tests), the Grafana dashboard and the agent's
+    /// textfile (through a real node_exporter) against the metric contract; part of `test`.
+    Monitoring,
     /// Check every dependency's licence (SPDX, from cargo metadata) against the allowed list.
     Licenses,
     /// Build the Debian package (target/debian/*.deb); `--test` installs, purges and reinstalls
@@ -192,8 +196,10 @@ fn main() -> anyhow::Result<()> {
                 cargo()
                     .args(["test", "--features", "qcom-reset/vfio-user"])
                     .args(&args),
-            )
+            )?;
+            monitoring::run()
         }
+        Cmd::Monitoring => monitoring::run(),
         Cmd::VmTest {
             kernels,
             scenarios,

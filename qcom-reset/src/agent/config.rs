@@ -39,6 +39,10 @@ pub struct Config {
     /// holds it by then (a VM started right after the bind, as libvirt's managed hostdevs do,
     /// is never raced); 0 = never reset on bind.
     pub bind_settle_ms: u64,
+    /// Whether a bind to vfio-pci is followed by a reset: "auto" (not where qcom-reset's
+    /// libvirt hook is installed: it resets at start/begin, and the bind reset's session could
+    /// make a VM that opens the card late get EBUSY), "always" or "never".
+    pub bind_reset: BindReset,
     /// Use our register sequence even where the kernel has `device_specific`: after the
     /// kernel's reset at release, reset again instead of only verifying.
     pub act_with_kernel_reset: bool,
@@ -46,8 +50,11 @@ pub struct Config {
     pub journal: PathBuf,
     /// Attempt history, so a restart neither repeats nor forgets.
     pub state_file: PathBuf,
-    /// Prometheus metrics on 127.0.0.1:PORT (0 = off).
+    /// Prometheus metrics on `metrics_listen`:PORT (0 = off).
     pub metrics_port: u16,
+    /// The address the metrics server binds (loopback by default; the unit's IPAddressAllow=
+    /// must allow the scrapers of any other).
+    pub metrics_listen: std::net::IpAddr,
     /// The same metrics for node_exporter's textfile collector ("" = off), e.g.
     /// /var/lib/prometheus/node-exporter/qcom_reset.prom; rewritten atomically on every change.
     pub metrics_textfile: PathBuf,
@@ -104,6 +111,40 @@ impl IdRule {
     }
 }
 
+/// Whether a bind to vfio-pci is followed by a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BindReset {
+    /// Not where qcom-reset's libvirt hook is installed (`LIBVIRT_HOOK` with a libvirt daemon
+    /// beside it), else always.
+    Auto,
+    Always,
+    Never,
+}
+
+/// Where the package installs the libvirt hook.
+pub const LIBVIRT_HOOK: &str = "etc/libvirt/hooks/qemu.d/qcom-reset";
+/// The libvirt daemons that call it (monolithic, modular).
+const LIBVIRT_DAEMONS: [&str; 2] = ["usr/sbin/libvirtd", "usr/sbin/virtqemud"];
+
+impl BindReset {
+    /// Whether binds are followed by a reset on the host whose file system is at `root`.
+    pub fn resolve(self, root: &Path) -> bool {
+        match self {
+            BindReset::Always => true,
+            BindReset::Never => false,
+            BindReset::Auto => !libvirt_hook_installed(root),
+        }
+    }
+}
+
+fn libvirt_hook_installed(root: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let hook = std::fs::metadata(root.join(LIBVIRT_HOOK));
+    hook.is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        && LIBVIRT_DAEMONS.iter().any(|d| root.join(d).exists())
+}
+
 /// Which verdicts a rescan acts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -151,10 +192,12 @@ impl Default for Config {
             rescan_resets: RescanResets::Unclean,
             held_wait_s: 60,
             bind_settle_ms: 1500,
+            bind_reset: BindReset::Auto,
             act_with_kernel_reset: false,
             journal: PathBuf::from("/var/log/qcom-reset/events.jsonl"),
             state_file: PathBuf::from("/var/lib/qcom-reset/state.json"),
             metrics_port: 0,
+            metrics_listen: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             metrics_textfile: PathBuf::new(),
             flavour: FlavourChoice::Auto,
             access: Access::Auto,
@@ -163,6 +206,41 @@ impl Default for Config {
             allow_unguarded_link_drop: false,
             devices: BTreeMap::new(),
             device: Vec::new(),
+        }
+    }
+}
+
+/// `conf.d/*.toml` beside the configuration file, in name order (none when the directory is
+/// missing).
+fn drop_ins(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = path.parent().unwrap_or(Path::new(".")).join("conf.d");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(ConfigError::Read { path: dir, err }),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Merges a drop-in into what came before: tables merge key by key, arrays of tables
+/// (`[[device]]`) add, everything else is replaced.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (Some(toml::Value::Array(a)), toml::Value::Array(b))
+                if !b.is_empty() && b.iter().all(toml::Value::is_table) =>
+            {
+                a.extend(b)
+            }
+            (_, v) => {
+                into.insert(k, v);
+            }
         }
     }
 }
@@ -183,21 +261,55 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Loads `path`; a missing file at the default path means all defaults.
+    /// Loads `path` and the drop-ins of `conf.d/*.toml` beside it (name order; a later file's
+    /// keys replace earlier ones, its `[devices."…"]` tables merge, its `[[device]]` rules
+    /// add). A missing file at the default path means all defaults; each file must be valid on
+    /// its own, so an error names the file, line and column.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                return Ok(Config::default());
-            }
-            Err(err) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    err,
-                });
-            }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|err| ConfigError::Read {
+                path: p.to_path_buf(),
+                err,
+            })
         };
-        Config::parse(&text, path)
+        let main = match read(path) {
+            Ok(t) => Some(t),
+            Err(ConfigError::Read { err, .. })
+                if err.kind() == std::io::ErrorKind::NotFound && !explicit =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let mut files = Vec::new();
+        if let Some(t) = main {
+            files.push((path.to_path_buf(), t));
+        }
+        for p in drop_ins(path)? {
+            let t = read(&p)?;
+            files.push((p, t));
+        }
+        match files.as_slice() {
+            [] => Ok(Config::default()),
+            [(p, t)] => Config::parse(t, p),
+            _ => {
+                let mut merged = toml::Table::new();
+                for (p, t) in &files {
+                    Config::parse(t, p)?;
+                    merge(&mut merged, toml::from_str(t).expect("parsed above"));
+                }
+                let last = &files.last().expect("two or more").0;
+                let cfg = Config::deserialize(merged).map_err(|e| ConfigError::Invalid {
+                    path: last.clone(),
+                    message: format!("with the drop-ins merged: {e}"),
+                })?;
+                cfg.validate().map_err(|message| ConfigError::Invalid {
+                    path: last.clone(),
+                    message,
+                })?;
+                Ok(cfg)
+            }
+        }
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -258,6 +370,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// A device the agent acts on: a table entry (experimental ones only when opted in), or one
+    /// the configuration names a profile for.
+    pub fn acts_on(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
+        crate::devices::by_id(vendor, device).is_some_and(|p| self.experimental.allows(p))
+            || self
+                .device_with_ids(bdf, Some((vendor, device)))
+                .profile
+                .is_some()
     }
 
     /// The (vendor, device) pairs added by `[[device]]`, for the eBPF target filter.

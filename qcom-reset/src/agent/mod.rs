@@ -7,6 +7,7 @@ pub mod config;
 pub mod metrics;
 pub mod policy;
 pub mod state;
+pub mod status;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,6 +33,7 @@ use config::Config;
 use metrics::Metrics;
 use policy::{Decision, Gate};
 use state::State;
+use status::AgentStatus;
 
 pub type OpenFn =
     Arc<dyn Fn(&SysfsDevice, &Ownership) -> crate::Result<Box<dyn Backend>> + Send + Sync>;
@@ -189,6 +191,10 @@ struct Shared {
     state: Mutex<State>,
     actions: broadcast::Sender<Action>,
     shutdown: watch::Receiver<bool>,
+    /// Whether a bind to vfio-pci is followed by a reset (`bind_reset`, resolved at start).
+    binds_reset: bool,
+    /// What `health` and `systemctl status` see.
+    status: Mutex<AgentStatus>,
 }
 
 impl Shared {
@@ -214,6 +220,49 @@ impl Shared {
         let _ = self.actions.send(a);
     }
 
+    /// Changes the published status, then writes it out and tells systemd.
+    fn publish(&self, change: impl FnOnce(&mut AgentStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut st);
+        st.heartbeat_ms = now_ms();
+        if let Err(e) = st.save(&self.host.run_dir) {
+            warn!("agent status: {e}");
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&st.line())]);
+    }
+
+    /// The device's latest verdict, for the metrics and the published status.
+    fn verdict(&self, bdf: Bdf, health: Health, detail: &str) {
+        self.metrics
+            .verdict(&bdf.to_string(), health == Health::Clean);
+        self.publish(|st| {
+            let c = st.cards.entry(bdf).or_default();
+            (c.health, c.detail, c.ts_ms) = (Some(health), detail.to_string(), now_ms());
+            c.gave_up &= health != Health::Clean;
+        });
+    }
+
+    /// A target's description, for `device_info`.
+    fn describe(&self, t: &engine::Target) {
+        self.metrics.device_info(metrics::DeviceInfo {
+            bdf: t.bdf.to_string(),
+            profile: t.profile.name.into(),
+            model: t.profile.model.into(),
+            regime: t.regime().to_string(),
+            driver: t.driver.clone().unwrap_or_else(|| "none".into()),
+        });
+    }
+
+    fn gave_up(&self, bdf: Bdf) {
+        self.metrics.gave_up(&bdf.to_string());
+        self.publish(|st| st.cards.entry(bdf).or_default().gave_up = true);
+    }
+
+    /// A check or reset of the device runs (`busy`) or ended.
+    fn busy(&self, bdf: Bdf, busy: bool) {
+        self.publish(|st| st.cards.entry(bdf).or_default().busy = busy);
+    }
+
     fn history(&self, bdf: Bdf) -> policy::History {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.devices.get(&bdf.to_string()).cloned().unwrap_or_default()
@@ -228,15 +277,8 @@ impl Shared {
         }
     }
 
-    /// A device the agent acts on: a table entry (experimental ones only when opted in), or one
-    /// the configuration names a profile for.
     fn is_target(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
-        crate::devices::by_id(vendor, device).is_some_and(|p| self.cfg.experimental.allows(p))
-            || self
-                .cfg
-                .device_with_ids(bdf, Some((vendor, device)))
-                .profile
-                .is_some()
+        self.cfg.acts_on(bdf, vendor, device)
     }
 
     /// The device's settings, `[[device]]` rules matched against its current IDs.
@@ -256,7 +298,12 @@ pub struct Agent {
     devices: HashMap<Bdf, mpsc::UnboundedSender<Msg>>,
     tasks: JoinSet<()>,
     shutdown_tx: watch::Sender<bool>,
+    ready_tx: watch::Sender<bool>,
 }
+
+/// How long READY=1 waits for the start-up checks and resets: a lock wait (30 s) and a modem's
+/// reset with verification (10 s), inside systemd's default TimeoutStartSec (90 s).
+const STARTUP_BOUND: Duration = Duration::from_secs(50);
 
 /// How long shutdown waits for in-flight sessions: a lock wait (30 s) and the longest sequence
 /// with verification (modem 10 s); the unit's TimeoutStopSec (60 s) covers it.
@@ -292,6 +339,20 @@ impl Agent {
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (actions, _) = broadcast::channel(256);
+        let binds_reset = cfg.bind_reset.resolve(std::path::Path::new("/"));
+        if cfg.bind_reset == config::BindReset::Auto && !binds_reset {
+            info!(
+                "qcom-reset's libvirt hook is installed ({}): it resets cards at start/begin, so binds to vfio-pci are not followed by a reset (bind_reset = \"always\" to have both)",
+                config::LIBVIRT_HOOK
+            );
+        }
+        let status = Mutex::new(AgentStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            observe_only: cfg.observe_only,
+            started_ms: now_ms(),
+            ..Default::default()
+        });
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,
@@ -302,11 +363,21 @@ impl Agent {
                 state: Mutex::new(state),
                 actions,
                 shutdown,
+                binds_reset,
+                status,
             }),
             devices: HashMap::new(),
             tasks: JoinSet::new(),
             shutdown_tx,
+            ready_tx: watch::channel(false).0,
         })
+    }
+
+    /// Turns true once the start-up recovery and checks are done (or `STARTUP_BOUND` passed);
+    /// systemd hears READY=1 then, so units ordered after this one (libvirt, pve-guests)
+    /// start their guests only when no start-up session holds a card.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready_tx.subscribe()
     }
 
     /// Every action the agent takes from now on.
@@ -316,14 +387,22 @@ impl Agent {
 
     /// Runs until `stop` resolves or the item source ends; then lets in-flight sequences finish.
     pub async fn run(mut self, mut items: mpsc::Receiver<Item>, stop: impl Future<Output = ()>) {
+        self.shared.publish(|_| {});
         self.log_regimes();
         self.recover().await;
-        if self.shared.cfg.rescan {
-            self.rescan("start");
-        }
+        let startup = self.shared.actions.subscribe();
+        let checking = if self.shared.cfg.rescan {
+            self.rescan("start")
+        } else {
+            Vec::new()
+        };
+        let started = startup_done(startup, checking);
+        tokio::pin!(started);
+        let mut ready = false;
         tokio::pin!(stop);
         // systemd's watchdog is fed from this loop itself, so a wedged loop is restarted.
-        let mut heartbeat = watchdog_interval();
+        let mut watchdog = watchdog_interval();
+        let mut heartbeat = tokio::time::interval(status::HEARTBEAT);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -331,7 +410,17 @@ impl Agent {
                     Some(item) => self.on_item(item, Instant::now()),
                     None => break,
                 },
-                _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+                () = &mut started, if !ready => {
+                    ready = true;
+                    self.shared.publish(|st| st.ready = true);
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    let _ = self.ready_tx.send(true);
+                }
+                _ = heartbeat.tick() => {
+                    self.shared.publish(|_| {});
+                    self.shared.metrics.heartbeat();
+                }
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
             }
@@ -348,6 +437,8 @@ impl Agent {
                 "in-flight resets still running after {SHUTDOWN_GRACE:?}; their post steps run as they finish"
             );
         }
+        // A stopped agent publishes nothing: `health` then says so instead of its last word.
+        let _ = std::fs::remove_file(AgentStatus::path(&self.shared.host.run_dir));
     }
 
     fn on_item(&mut self, item: Item, at: Instant) {
@@ -364,6 +455,21 @@ impl Agent {
             }
             Item::Attached(a) => {
                 for x in a {
+                    // An unloaded module's function is not a blind spot: nothing can call it.
+                    let attached = x
+                        .flavour
+                        .is_some()
+                        .then_some(true)
+                        .or((!x.unloaded).then_some(false));
+                    self.shared.metrics.probe(x.function, attached);
+                    self.shared.publish(|st| match attached {
+                        Some(a) => {
+                            st.probes.insert(x.function.to_string(), a);
+                        }
+                        None => {
+                            st.probes.remove(x.function);
+                        }
+                    });
                     match x.flavour {
                         Some(f) => info!("probe {} attached ({f})", x.function),
                         None => warn!(
@@ -396,7 +502,10 @@ impl Agent {
         let Ok((vendor, device)) = dev.ids() else {
             return;
         };
-        if self.shared.is_target(bdf, vendor, device) && self.shared.cfg.bind_settle_ms > 0 {
+        if self.shared.is_target(bdf, vendor, device)
+            && self.shared.binds_reset
+            && self.shared.cfg.bind_settle_ms > 0
+        {
             info!(bdf = %bdf, "bound to vfio-pci; resetting in {} ms unless a VM holds it by then", self.shared.cfg.bind_settle_ms);
             self.dispatch(bdf, Trigger::Bind, at);
         }
@@ -437,6 +546,7 @@ impl Agent {
                 for t in ts {
                     let r = t.regime();
                     info!(bdf = %t.bdf, regime = %r, "{}", r.meaning());
+                    self.shared.describe(&t);
                 }
             }
             Err(e) => warn!("cannot list targets: {e}"),
@@ -496,7 +606,8 @@ impl Agent {
         let _ = tx.send(Msg::Act(trigger, at));
     }
 
-    fn rescan(&mut self, why: &str) {
+    /// Dispatches a check of every target; returns those it dispatched.
+    fn rescan(&mut self, why: &str) -> Vec<Bdf> {
         match engine::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
                 let (act, skip): (Vec<_>, Vec<_>) = ts
@@ -506,12 +617,39 @@ impl Agent {
                 for t in skip {
                     info!(bdf = %t.bdf, "experimental profile {} not opted in (experimental = [\"{}\"]): left alone", t.profile.name, t.profile.name);
                 }
-                for t in act {
+                for t in &act {
+                    self.shared.describe(t);
                     self.dispatch(t.bdf, Trigger::Rescan, Instant::now());
                 }
+                act.into_iter().map(|t| t.bdf).collect()
             }
-            Err(e) => warn!("rescan ({why}) failed: {e}"),
+            Err(e) => {
+                warn!("rescan ({why}) failed: {e}");
+                Vec::new()
+            }
         }
+    }
+}
+
+/// Resolves when each device the start-up rescan dispatched has had its first action, or
+/// after `STARTUP_BOUND`.
+async fn startup_done(mut actions: broadcast::Receiver<Action>, checking: Vec<Bdf>) {
+    let mut left: std::collections::HashSet<Bdf> = checking.into_iter().collect();
+    let all = async {
+        while !left.is_empty() {
+            match actions.recv().await {
+                Ok(a) => {
+                    left.remove(&a.bdf);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    };
+    if tokio::time::timeout(STARTUP_BOUND, all).await.is_err() {
+        warn!(
+            "start-up checks still running after {STARTUP_BOUND:?}; ready anyway (a VM starting now may find a card held)"
+        );
     }
 }
 
@@ -572,7 +710,9 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
             info!(bdf = %bdf, "the reset call was the VFIO open's own: its release will be answered");
             continue;
         }
+        sh.busy(bdf, true);
         let covered = handle(&sh, bdf, trigger, at).await;
+        sh.busy(bdf, false);
         // Our own accesses never come back as events (the probes drop the agent's TGID).
         // Events from before the last check or reset began are answered by it (e.g. the release
         // a held device's wait was for); later ones are news: a VM that started or let go again.
@@ -645,7 +785,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
                     "policy"
                 });
                 if sh.history(bdf).failures >= sh.cfg.max_attempts {
-                    sh.metrics.gave_up(&bdf.to_string());
+                    sh.gave_up(bdf);
                 }
                 sh.act(action(bdf, trigger, "skipped", why));
                 return began;
@@ -821,8 +961,8 @@ async fn attempt(
         Ok(Ok(r)) => {
             let v = r.verdict.clone().expect("a real reset has a verdict");
             sh.metrics.reset(&v.health.to_string());
-            sh.metrics
-                .verdict(&bdf.to_string(), v.health == Health::Clean);
+            sh.metrics.duration(Duration::from_millis(r.duration_ms));
+            sh.verdict(bdf, v.health, &v.detail);
             sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
             a.result = v.health.to_string();
             a.detail = format!(
@@ -952,7 +1092,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     match st {
         Ok(Ok(s)) => match (s.verdict, s.skipped) {
             (Some(v), _) if v.health == Health::Clean => Verified::Done({
-                sh.metrics.verdict(&bdf.to_string(), true);
+                sh.verdict(bdf, v.health, &v.detail);
                 action(
                     bdf,
                     trigger,
@@ -961,7 +1101,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
                 )
             }),
             (Some(v), _) if !resets(v.health) => Verified::Done({
-                sh.metrics.verdict(&bdf.to_string(), false);
+                sh.verdict(bdf, v.health, &v.detail);
                 action(
                     bdf,
                     trigger,

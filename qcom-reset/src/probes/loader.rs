@@ -37,6 +37,8 @@ pub struct Attachment {
     /// "fentry", "kprobe", or None when not attached (see `note`).
     pub flavour: Option<&'static str>,
     pub note: Option<String>,
+    /// The function's module is not loaded: nothing calls it, so nothing is missed.
+    pub unloaded: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -247,6 +249,7 @@ impl Probes {
                 function: f.symbol(),
                 flavour,
                 note: (!notes.is_empty()).then(|| notes.join("; ")),
+                unloaded: false,
             });
         }
     }
@@ -298,7 +301,7 @@ impl Probes {
                 }
                 Err(e) => Some(e),
             };
-            self.set_attachment(f, ok.then_some("kprobe"), note);
+            self.set_attachment(f, ok.then_some("kprobe"), note, false);
         }
         self.vfio_links = Some(links);
     }
@@ -315,16 +318,24 @@ impl Probes {
                 f,
                 None,
                 Some("vfio_pci_core was unloaded; attached again when it loads".into()),
+                true,
             );
         }
     }
 
-    fn set_attachment(&mut self, f: Func, flavour: Option<&'static str>, note: Option<String>) {
+    fn set_attachment(
+        &mut self,
+        f: Func,
+        flavour: Option<&'static str>,
+        note: Option<String>,
+        unloaded: bool,
+    ) {
         self.attachments.retain(|a| a.function != f.symbol());
         self.attachments.push(Attachment {
             function: f.symbol(),
             flavour,
             note,
+            unloaded,
         });
     }
 

@@ -155,20 +155,36 @@ pub fn save(run_dir: &Path, r: &Record) -> Result<()> {
     store(&path(run_dir, r.bdf), r)
 }
 
-/// The one record store (session and power-cycle records alike): a temporary file, fsynced,
-/// renamed over the record and the directory fsynced, so a crash or power loss leaves either
-/// the old record or the new one, never a torn file.
+/// The one record store (session and power-cycle records, the state file, the agent's
+/// status): JSON written atomically, readable by root alone.
 pub fn store<T: Serialize>(dst: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_vec(value).expect("records serialize");
+    write_atomically(dst, &text, 0o600)
+}
+
+/// The one atomic write: a temporary file beside `dst` (a dot file, so collectors that read
+/// `*.prom` never see it), given `mode` whatever the umask, fsynced, renamed over `dst` and the
+/// directory fsynced, so a crash or power loss leaves either the old file or the new one,
+/// never a torn one.
+pub fn write_atomically(dst: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let err = |path: &Path, source| Error::RecordWrite {
         path: path.to_path_buf(),
         err: source,
     };
     let dir = dst.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
-    let tmp = dst.with_extension("json.tmp");
-    let text = serde_json::to_vec(value).expect("records serialize");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
-    f.write_all(&text)
+    let name = dst.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| err(&tmp, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
         .map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, dst).map_err(|e| err(dst, e))?;
