@@ -73,6 +73,7 @@ fn release(bdf: &str, device: u16) -> Item {
 
 struct Running {
     tx: mpsc::Sender<Item>,
+    ready: tokio::sync::watch::Receiver<bool>,
     actions: broadcast::Receiver<Action>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
@@ -132,6 +133,7 @@ fn start_with(
 ) -> Running {
     let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
     let actions = agent.subscribe();
+    let ready = agent.ready();
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let done = tokio::spawn(agent.run(rx, async move {
@@ -139,6 +141,7 @@ fn start_with(
     }));
     Running {
         tx,
+        ready,
         actions,
         stop: Some(stop_tx),
         done,
@@ -1124,6 +1127,7 @@ async fn a_bind_to_vfio_pci_resets_after_the_settle_time_unless_held() {
     let modem = sim_in(Family::Modem, SimState::Stuck, Faults::default());
     let mut cfg = test_config(&h);
     cfg.bind_settle_ms = 300;
+    cfg.bind_reset = qcom_reset::agent::config::BindReset::Always;
     let mut r = start(&h, cfg.clone(), &[(MODEM, modem.clone())]);
     r.tx.send(Item::Bound(bdf(MODEM))).await.unwrap();
     let a = r.next().await;
@@ -1346,4 +1350,85 @@ async fn shutdown_ends_a_held_wait_and_says_so() {
         .expect("stops at once")
         .unwrap();
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
+}
+
+/// Issue 20: READY=1 waits for the start-up checks and resets. The unit is ordered before
+/// libvirtd and pve-guests, and a start-up session owns the card's VFIO group: guests that
+/// autostart on READY would get EBUSY. Before the fix READY came before the rescan started.
+/// The published status says the same for `health` and `systemctl status`, and goes on stop.
+#[tokio::test]
+async fn ready_comes_after_the_start_up_resets_and_the_status_is_published() {
+    use qcom_reset::agent::status::AgentStatus;
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let modem = sim(Family::Modem, Faults::default());
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    let mut r = start(&h, cfg, &[(WLAN, wlan.clone()), (MODEM, modem.clone())]);
+    assert!(!*r.ready.borrow(), "not ready before the start-up checks");
+    tokio::time::timeout(Duration::from_secs(30), r.ready.wait_for(|r| *r))
+        .await
+        .expect("ready within 30 s")
+        .unwrap();
+    // Both start-up resets were done (and announced) before READY.
+    let mut done: Vec<(String, String)> = (0..2)
+        .map(|_| {
+            let a = r.actions.try_recv().expect("acted before ready");
+            (a.bdf.to_string(), a.result)
+        })
+        .collect();
+    done.sort();
+    assert_eq!(
+        done,
+        [
+            (WLAN.into(), "clean".into()),
+            (MODEM.into(), "clean".into())
+        ]
+    );
+    let st = AgentStatus::load(&h.host.run_dir)
+        .unwrap()
+        .expect("published");
+    assert!(st.ready);
+    assert_eq!(st.pid, std::process::id());
+    for b in [WLAN, MODEM] {
+        let c = &st.cards[&bdf(b)];
+        assert_eq!(c.health, Some(qcom_reset::verdict::Health::Clean), "{b}");
+        assert!(!c.busy && !c.gave_up, "{b}: {c:?}");
+    }
+    assert_eq!(st.line(), format!("{WLAN} clean, {MODEM} clean"));
+    r.stop().await;
+    assert_eq!(
+        AgentStatus::load(&h.host.run_dir).unwrap(),
+        None,
+        "a stopped agent publishes nothing"
+    );
+}
+
+/// With no start-up rescan there is nothing to wait for: ready at once.
+#[tokio::test]
+async fn without_a_rescan_the_agent_is_ready_at_once() {
+    let h = two_device_host();
+    let mut r = start(&h, test_config(&h), &[]);
+    tokio::time::timeout(Duration::from_secs(5), r.ready.wait_for(|r| *r))
+        .await
+        .expect("ready")
+        .unwrap();
+    r.stop().await;
+}
+
+/// Issue 20: `bind_reset = "never"` (what "auto" resolves to where the libvirt hook resets at
+/// start/begin): a bind is not followed by a reset, so a VM whose QEMU opens the card late is
+/// never raced by the agent's session.
+#[tokio::test]
+async fn no_bind_reset_where_it_is_off() {
+    let h = two_device_host();
+    let modem = sim_in(Family::Modem, SimState::Stuck, Faults::default());
+    let mut cfg = test_config(&h);
+    cfg.bind_settle_ms = 100;
+    cfg.bind_reset = qcom_reset::agent::config::BindReset::Never;
+    let mut r = start(&h, cfg, &[(MODEM, modem.clone())]);
+    r.tx.send(Item::Bound(bdf(MODEM))).await.unwrap();
+    r.quiet_for(Duration::from_millis(800)).await;
+    assert_eq!(modem.with_model(|m| m.resets), 0);
+    r.stop().await;
 }

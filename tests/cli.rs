@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
+use qcom_reset::bdf::Bdf;
 
 fn qcom(h: Option<&FakeHost>, args: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qcom-reset"));
@@ -44,33 +45,35 @@ fn bad_input_gets_one_clear_line() {
     h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
     for (args, code, want) in [
         (vec!["reset", "03:00"], 2, "malformed PCI address \"03:00\""),
+        // Issue 20: refusals (4) and a busy card (75) have their own codes, apart from
+        // errors (1), a card left not clean (3) and clap's usage errors (2).
         (
             vec!["reset", "0000:05:00.0"],
-            1,
+            4,
             "device 8086:1533 is not a qcom-reset target",
         ),
         (
             vec!["reset", "0000:07:00.0"],
-            1,
+            4,
             "no PCI device 0000:07:00.0",
         ),
         (
             vec!["reset", "0000:03:00.0"],
-            1,
+            75,
             "is held by pid 4242 (qemu-system-x86) through /dev/vfio/12",
         ),
         (
             vec!["reset", "0000:03:00.0", "--profile", "bogus"],
-            1,
+            4,
             "unknown profile \"bogus\"",
         ),
-        (vec!["status", "0000:05:00.0"], 1, "not a qcom-reset target"),
+        (vec!["status", "0000:05:00.0"], 4, "not a qcom-reset target"),
     ] {
         let o = qcom(Some(&h), &args);
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
-        if code == 1 {
+        if code != 2 {
             assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
             assert!(!err.contains("panicked"));
         }
@@ -164,7 +167,7 @@ fn trace_stops_with_the_explanation_when_it_cannot_attach() {
     }
     let o = qcom(None, &["trace"]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(69), "EX_UNAVAILABLE: {err}");
     assert!(err.contains("cannot trace"), "{err}");
     assert!(
         err.contains("FAIL kprobes") && err.contains("FAIL attach"),
@@ -179,9 +182,24 @@ fn run_refuses_a_bad_config_with_line_and_column() {
     std::fs::write(&p, "debounce_ms = 10\nmax_attempts = \"three\"\n").unwrap();
     let o = qcom(None, &["run", "--config", p.to_str().unwrap()]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    // EX_CONFIG, which the unit's RestartPreventExitStatus= does not restart.
+    assert_eq!(o.status.code(), Some(78), "{err}");
     assert!(err.contains("bad.toml:2:16:"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // `--check-config` (the unit's ExecStartPre=): the same answer, and 0 for a good file,
+    // without root and without starting anything.
+    let o = qcom(
+        None,
+        &["run", "--check-config", "--config", p.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o).1);
+    std::fs::write(&p, "debounce_ms = 10\n").unwrap();
+    let o = qcom(
+        None,
+        &["run", "--check-config", "--config", p.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
+    assert!(text(&o).0.contains("valid"));
     let o = qcom(
         None,
         &[
@@ -232,10 +250,157 @@ fn power_cycle_needs_the_experimental_opt_in_its_reset_needs() {
     };
     let o = cycle(&[]);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(4), "refused: {err}");
     assert!(err.contains("experimental profile sdx24; opt in"), "{err}");
     let o = cycle(&["--experimental"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("would power-cycle"), "{out}");
+}
+
+/// Issue 20: with `--json`, an error is JSON on stdout too (automation reads stdout), with the
+/// exit code and its name; stderr keeps the one line.
+#[test]
+fn json_errors_are_json() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
+    let o = qcom(Some(&h), &["reset", "0000:03:00.0", "--json"]);
+    assert_eq!(o.status.code(), Some(75));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["exit"], 75);
+    assert_eq!(v["kind"], "busy");
+    assert!(
+        v["error"].as_str().unwrap().contains("is held by pid 4242"),
+        "{v}"
+    );
+    assert_eq!(text(&o).1.trim().lines().count(), 1);
+}
+
+/// Issue 20: the man pages and `--help` document every exit status.
+#[test]
+fn help_documents_the_exit_statuses() {
+    let (out, _) = text(&qcom(None, &["--help"]));
+    for e in qcom_reset::exit::Exit::ALL {
+        assert!(
+            out.contains(&format!("{:>3}  {}", e.code(), e.meaning())),
+            "{}: {out}",
+            e.code()
+        );
+    }
+    let (out, _) = text(&qcom(None, &["health", "--help"]));
+    assert!(out.contains("node-problem-detector"), "{out}");
+}
+
+/// The running agent's published status, as `run` writes it.
+fn publish(h: &FakeHost, status: &qcom_reset::agent::status::AgentStatus) {
+    status.save(&h.host.run_dir).unwrap();
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// An agent (pid 777 in the fake /proc) that is alive, ready and sees everything.
+fn agent_status(h: &FakeHost) -> qcom_reset::agent::status::AgentStatus {
+    std::fs::create_dir_all(h.host.proc_root.join("777")).unwrap();
+    let mut s = qcom_reset::agent::status::AgentStatus {
+        pid: 777,
+        ready: true,
+        heartbeat_ms: now_ms(),
+        ..Default::default()
+    };
+    s.probes.insert("vfio_pci_core_disable".into(), true);
+    s
+}
+
+fn card(health: qcom_reset::verdict::Health) -> qcom_reset::agent::status::Card {
+    qcom_reset::agent::status::Card {
+        health: Some(health),
+        detail: "x".into(),
+        ..Default::default()
+    }
+}
+
+/// Issue 20: `health` follows node-problem-detector's plugin contract (0 ok, 1 problem,
+/// 2 unknown, one line) and is read-only: no lock file, nothing written, no root needed.
+#[test]
+fn health_answers_from_the_agents_status_and_writes_nothing() {
+    use qcom_reset::verdict::Health;
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let wlan: Bdf = "0000:03:00.0".parse().unwrap();
+    let health = |args: &[&str]| {
+        let o = qcom(Some(&h), &[&["health"], args].concat());
+        let (out, err) = text(&o);
+        assert_eq!(out.trim().lines().count(), 1, "{out}{err}");
+        (o.status.code().unwrap(), out)
+    };
+    let (code, out) = health(&[]);
+    assert_eq!(code, 2, "no agent: unknown: {out}");
+    assert!(out.contains("agent not running"), "{out}");
+
+    let mut s = agent_status(&h);
+    s.cards.insert(wlan, card(Health::Clean));
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ok: agent running; 0000:03:00.0 wcn6855: clean")
+    );
+
+    s.cards.insert(wlan, card(Health::Crashed));
+    publish(&h, &s);
+    let (code, out) = health(&["0000:03:00.0"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("crashed"), "{out}");
+
+    // A VM using the card: fine, whatever the last verdict was.
+    h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
+    assert_eq!(health(&[]).0, 0);
+    h.unhold(4242);
+
+    s.cards.insert(wlan, card(Health::Clean));
+    s.probes.insert("pci_reset_function".into(), false);
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("agent blind: not attached: pci_reset_function"),
+        "{out}"
+    );
+
+    s.probes.insert("pci_reset_function".into(), true);
+    s.heartbeat_ms = now_ms() - 120_000;
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(code, 2, "a dead agent's last word is not trusted: {out}");
+    assert!(out.contains("agent gone"), "{out}");
+
+    // Off the link, seen live: a problem even with the agent gone. Only an awake card's config
+    // space is read.
+    let dev = h.host.sysfs.root.join("0000:03:00.0");
+    std::fs::write(dev.join("config"), [0xffu8; 256]).unwrap();
+    std::fs::write(dev.join("power/runtime_status"), "suspended\n").unwrap();
+    assert_eq!(health(&[]).0, 2, "a suspended card is not read");
+    std::fs::write(dev.join("power/runtime_status"), "active\n").unwrap();
+    let (code, out) = health(&[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("off the link"), "{out}");
+
+    let o = qcom(Some(&h), &["health", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["condition"], "problem");
+    assert_eq!(v["agent"]["state"], "stale");
+
+    // Read-only: the run directory holds only what the agent wrote.
+    let names: Vec<String> = std::fs::read_dir(&h.host.run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["agent.json"]);
+    assert_eq!(h.read("0000:03:00.0", "power/control"), "auto");
 }

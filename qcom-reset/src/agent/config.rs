@@ -469,6 +469,64 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    /// Issue 20: where the libvirt hook resets at start/begin, the bind reset (whose session
+    /// could make a late-opening QEMU get EBUSY) is off by default; a hook file without a
+    /// libvirt daemon (the package on Proxmox) or one not executable does not count.
+    #[test]
+    fn bind_reset_auto_is_off_only_where_the_libvirt_hook_runs() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        assert!(BindReset::Auto.resolve(root));
+        let hook = root.join(LIBVIRT_HOOK);
+        std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+        std::fs::write(&hook, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(BindReset::Auto.resolve(root), "no libvirt daemon: Proxmox");
+        std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        std::fs::write(root.join("usr/sbin/virtqemud"), "").unwrap();
+        assert!(!BindReset::Auto.resolve(root));
+        assert!(BindReset::Always.resolve(root));
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(BindReset::Auto.resolve(root), "a hook libvirt cannot run");
+        assert!(!BindReset::Never.resolve(Path::new("/nonexistent")));
+    }
+
+    /// conf.d drop-ins (what fleet tooling writes, no dpkg conffile prompt): name order, keys
+    /// replaced, per-address tables merged, `[[device]]` rules added, and an error names the
+    /// drop-in with its line.
+    #[test]
+    fn drop_ins_merge_in_name_order_and_errors_name_the_file() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("config.toml");
+        std::fs::write(
+            &main,
+            "debounce_ms = 100\n[devices.\"0000:03:00.0\"]\nenabled = false\n[[device]]\nids = \"1eac:1004\"\nprofile = \"sdx65\"\n",
+        )
+        .unwrap();
+        let d = t.path().join("conf.d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("20-b.toml"), "debounce_ms = 300\n").unwrap();
+        std::fs::write(
+            d.join("10-a.toml"),
+            "debounce_ms = 200\nmax_attempts = 5\n[devices.\"0000:03:00.0\"]\nbar = 2\n[[device]]\nids = \"1eac:1007\"\nprofile = \"sdx65\"\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("README"), "not toml").unwrap();
+        let c = Config::load(&main, true).unwrap();
+        assert_eq!((c.debounce_ms, c.max_attempts), (300, 5));
+        let dev = &c.devices["0000:03:00.0"];
+        assert_eq!((dev.enabled, dev.bar), (Some(false), Some(2)));
+        assert_eq!(c.device.len(), 2);
+        std::fs::write(d.join("30-bad.toml"), "\nmax_attempts = \"many\"\n").unwrap();
+        let e = Config::load(&main, true).unwrap_err().to_string();
+        assert!(e.contains("30-bad.toml:2:16"), "{e}");
+        // Drop-ins alone, with no main file at the default path, apply too.
+        std::fs::remove_file(&main).unwrap();
+        std::fs::remove_file(d.join("30-bad.toml")).unwrap();
+        assert_eq!(Config::load(&main, false).unwrap().debounce_ms, 300);
+    }
+
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("config.toml"))
     }
