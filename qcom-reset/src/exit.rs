@@ -188,4 +188,24 @@ mod tests {
         assert_eq!(Exit::of(&gone), Exit::Error);
         assert_eq!(Exit::of(&Error::NotRoot), Exit::NoPermission);
     }
+
+    /// The unit does not restart what a restart cannot fix: the codes in its
+    /// RestartPreventExitStatus= are ours for configuration, root and an untraceable kernel.
+    #[test]
+    fn the_unit_does_not_restart_what_a_restart_cannot_fix() {
+        let unit = include_str!("../../dist/qcom-reset.service");
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+            .expect("RestartPreventExitStatus=");
+        let mut got: Vec<u8> = line.split(' ').map(|c| c.parse().unwrap()).collect();
+        got.sort();
+        let mut want: Vec<u8> = [Exit::Unavailable, Exit::NoPermission, Exit::Config]
+            .iter()
+            .map(|e| e.code())
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+        assert!(unit.contains("ExecStartPre=/usr/bin/qcom-reset run --check-config"));
+    }
 }

@@ -133,33 +133,74 @@ fn install_test(deb: &Path) -> anyhow::Result<()> {
             "{round}: {version}"
         );
         let conffiles = root.sh("dpkg-query -W -f='${Conffiles}' qcom-reset")?;
-        ensure!(
-            conffiles.contains("/etc/qcom-reset/config.toml"),
-            "{round}: the config is not a conffile: {conffiles}"
-        );
+        for c in ["/etc/qcom-reset/config.toml", "/etc/default/qcom-reset"] {
+            ensure!(
+                conffiles.contains(c),
+                "{round}: {c} is not a conffile: {conffiles}"
+            );
+        }
+        // The shipped config passes the unit's ExecStartPre= check.
+        root.sh("qcom-reset run --check-config")?;
         for p in [
             UNIT_LINK,
             "/usr/share/man/man8/qcom-reset.8.gz",
+            "/usr/share/man/man8/qcom-reset-run.8.gz",
+            "/usr/share/man/man8/qcom-reset-health.8.gz",
             "/usr/share/man/man8/qcom-reset-reset.8.gz",
             "/usr/share/bash-completion/completions/qcom-reset",
             "/etc/libvirt/hooks/qemu.d/qcom-reset",
             "/usr/share/qcom-reset/proxmox-hookscript.sh",
+            "/usr/share/qcom-reset/prometheus/qcom-reset.rules.yml",
+            "/usr/share/qcom-reset/grafana/qcom-reset.json",
         ] {
             ensure!(root.exists(p), "{round}: {p} missing after install");
         }
+        verify_unit(&root.merged)?;
         println!(
             "package: {round} ok (binary runs, unit enabled, conffile, man pages, completions, hooks)"
         );
+        root.sh("mkdir -p /var/lib/qcom-reset /var/log/qcom-reset && touch /var/lib/qcom-reset/state.json /var/log/qcom-reset/events.jsonl")?;
         root.sh("dpkg --purge qcom-reset")?;
         for p in [
             UNIT_LINK,
             "/usr/bin/qcom-reset",
             "/etc/qcom-reset/config.toml",
+            "/etc/default/qcom-reset",
+            "/var/lib/qcom-reset",
+            "/var/log/qcom-reset",
         ] {
             ensure!(!root.exists(p), "{round}: {p} left after purge");
         }
         println!("package: purge after {round} ok (nothing left)");
     }
+    Ok(())
+}
+
+/// systemd's own check of the installed unit (directives, dependencies, that ExecStart='s
+/// binary runs): on a copy that points at the installed root's binary (`--root=` would need a
+/// whole systemd tree there). The man page is checked by the install test itself.
+fn verify_unit(root: &Path) -> anyhow::Result<()> {
+    let installed = root.join("usr/lib/systemd/system/qcom-reset.service");
+    let unit = std::fs::read_to_string(&installed)
+        .with_context(|| format!("reading {}", installed.display()))?;
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("qcom-reset.service");
+    let bin = root.join("usr/bin/qcom-reset");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/qcom-reset", &bin.to_string_lossy()),
+    )?;
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .context("running systemd-analyze")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+    println!("package: systemd-analyze verify of the installed unit: clean");
     Ok(())
 }
 
