@@ -3,7 +3,7 @@
 //! maintainer scripts tell libvirt about its hook and clean up on purge.
 //!
 //! Every command the scripts call (`qcom-reset`, `logger`, `qm`, `pvesh`, `hostname`,
-//! `systemctl`) is a stand-in in a temporary directory put first on PATH, so nothing here needs
+//! `deb-systemd-invoke`) is a stand-in in a temporary directory put first on PATH, so nothing here needs
 //! root, libvirt or Proxmox. `QCOM_RESET_DIST` runs the same tests against another copy of `dist/`
 //! (e.g. the previous release's, to see a new test fail there).
 use std::io::Write as _;
@@ -604,7 +604,8 @@ fn maintainer_script(name: &str, root: &Path, paths: &[&str], args: &[&str]) -> 
 }
 
 /// libvirt looks for hooks only at daemon start or reload (virHookInitialize): postinst reloads
-/// libvirtd and virtqemud where systemd runs, says so in one line, and never fails for it (no
+/// libvirtd and virtqemud where systemd runs (through deb-systemd-invoke, which honours
+/// policy-rc.d, as lintian asks), says so in one line, and never fails for it (no
 /// libvirt on Proxmox, a chroot without systemd).
 #[test]
 fn postinst_reloads_libvirt_so_it_sees_the_hook() {
@@ -612,7 +613,7 @@ fn postinst_reloads_libvirt_so_it_sees_the_hook() {
     let root = t.path();
     stub(
         root,
-        "systemctl",
+        "deb-systemd-invoke",
         &format!("echo \"$@\" >> {}/systemctl.calls\nexit 5", root.display()),
     );
     let (ok, out) = maintainer_script("postinst", root, &["/run/systemd/system"], &["configure"]);

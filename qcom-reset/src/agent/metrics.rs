@@ -179,15 +179,15 @@ impl Metrics {
         // Every known label value from 0: `increase()` ignores a series' first sample, so a
         // counter born at 1 would hide the first failure of its kind from alerts.
         for kind in ["attempt", "release", "open"] {
-            events.get_or_create(&Kind { kind: kind.into() });
+            let _ = events.get_or_create(&Kind { kind: kind.into() });
         }
         for result in RESULTS {
-            resets.get_or_create(&Result {
+            let _ = resets.get_or_create(&Result {
                 result: result.into(),
             });
         }
         for reason in ["kill-switch", "policy", "refused"] {
-            skipped.get_or_create(&Reason {
+            let _ = skipped.get_or_create(&Reason {
                 reason: reason.into(),
             });
         }
