@@ -2032,12 +2032,12 @@ fn check_preflight(console: &str) -> anyhow::Result<Vec<String>> {
         ensure!(
             run.contains("cannot start the agent")
                 && run.contains("arrived in 5.15")
-                && run.contains("run-rc=1"),
+                && run.contains("run-rc=69"),
             "run must refuse with the same reason:\n{run}"
         );
         return Ok(vec![
             format!("check: {vfio}"),
-            "run refuses with the same line, exit 1".into(),
+            "run refuses with the same line, exit 69 (EX_UNAVAILABLE)".into(),
         ]);
     }
     let module = console.contains("VMLAB vfio-module=1");
@@ -2066,7 +2066,7 @@ fn check_preflight(console: &str) -> anyhow::Result<Vec<String>> {
 fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let cli = section(console, "cli").join("\n");
     ensure!(
-        cli.contains("is held by pid") && cli.contains("cli-rc=1"),
+        cli.contains("is held by pid") && cli.contains("cli-rc=75"),
         "the CLI did not refuse the held device: {cli}"
     );
     // The open's own reset calls are explained by the open: nothing to answer while the VM
