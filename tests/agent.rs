@@ -1432,3 +1432,68 @@ async fn no_bind_reset_where_it_is_off() {
     assert_eq!(modem.with_model(|m| m.resets), 0);
     r.stop().await;
 }
+
+/// Issue 20 review: READY waits for a start-up episode's end, not its first action: a failed
+/// start-up reset is retried after its backoff, each attempt holding the card's group, and a
+/// guest started between them could get EBUSY. The published status then says "gave up".
+#[tokio::test]
+async fn ready_waits_for_a_failing_start_up_reset_to_give_up() {
+    use qcom_reset::agent::status::AgentStatus;
+    let h = two_device_host();
+    let stuck = sim(
+        Family::Wlan,
+        Faults {
+            stuck_syserr: true,
+            ..Default::default()
+        },
+    );
+    let modem = sim(Family::Modem, Faults::default());
+    reset_before(&h, MODEM, &modem);
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    let mut r = start(&h, cfg, &[(WLAN, stuck.clone()), (MODEM, modem)]);
+    tokio::time::timeout(Duration::from_secs(30), r.ready.wait_for(|r| *r))
+        .await
+        .expect("ready within 30 s")
+        .unwrap();
+    let mut results = Vec::new();
+    while let Ok(a) = r.actions.try_recv() {
+        if a.bdf == bdf(WLAN) {
+            results.push(a.result);
+        }
+    }
+    assert_eq!(results, ["crashed", "crashed", "crashed", "skipped"]);
+    assert_eq!(stuck.with_model(|m| m.resets), 3);
+    let st = AgentStatus::load(&h.host.run_dir).unwrap().unwrap();
+    let c = &st.cards[&bdf(WLAN)];
+    assert!(c.gave_up && !c.busy, "{c:?}");
+    assert_eq!(c.health, Some(qcom_reset::verdict::Health::Crashed));
+    r.stop().await;
+}
+
+/// Issue 20 review: a VM's open makes the last verdict stale in the published status (`health`
+/// must not call a card a VM used "clean"); the release's verdict replaces it.
+#[tokio::test]
+async fn an_open_unpublishes_the_verdict_until_the_release_is_answered() {
+    use qcom_reset::agent::status::AgentStatus;
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    let mut r = start(&h, cfg, &[(WLAN, wlan.clone())]);
+    assert_eq!(r.next().await.result, "clean");
+    r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
+        .await
+        .unwrap();
+    let card = || AgentStatus::load(&h.host.run_dir).unwrap().unwrap().cards[&bdf(WLAN)].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while card().health.is_some() {
+        assert!(std::time::Instant::now() < deadline, "{:?}", card());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(card().detail.contains("not verified since"), "{:?}", card());
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert_eq!(r.next().await.result, "clean");
+    assert_eq!(card().health, Some(qcom_reset::verdict::Health::Clean));
+    r.stop().await;
+}

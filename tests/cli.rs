@@ -186,7 +186,7 @@ fn run_refuses_a_bad_config_with_line_and_column() {
     assert_eq!(o.status.code(), Some(78), "{err}");
     assert!(err.contains("bad.toml:2:16:"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    // `--check-config` (the unit's ExecStartPre=): the same answer, and 0 for a good file,
+    // `--check-config` (for configuration management): the same answer, and 0 for a good file,
     // without root and without starting anything.
     let o = qcom(
         None,
@@ -221,6 +221,19 @@ fn hooks_only_targets_is_a_no_op_for_other_devices() {
     let o = qcom(Some(&h), &["reset", "0000:05:00.0", "--only-targets"]);
     assert!(o.status.success());
     assert!(text(&o).0.contains("not a target"));
+    let o = qcom(
+        Some(&h),
+        &["reset", "0000:05:00.0", "--only-targets", "--json"],
+    );
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bdf"], "0000:05:00.0");
+    assert!(
+        v["nothing_to_do"]
+            .as_str()
+            .unwrap()
+            .contains("not a target")
+    );
 }
 
 /// The reset after a power cycle honours the experimental opt-in like `reset` does, and a
@@ -358,10 +371,17 @@ fn health_answers_from_the_agents_status_and_writes_nothing() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("crashed"), "{out}");
 
-    // A VM using the card: fine, whatever the last verdict was.
+    // A VM using the card: fine, whatever the last verdict was, and its config space is not
+    // read even when it would say "off the link" (the link drop of a reset in the guest).
     h.hold(4242, "qemu-system-x86", "/dev/vfio/12");
-    assert_eq!(health(&[]).0, 0);
+    let dev = h.host.sysfs.root.join("0000:03:00.0");
+    std::fs::write(dev.join("config"), [0xffu8; 256]).unwrap();
+    std::fs::write(dev.join("power/runtime_status"), "active\n").unwrap();
+    let (code, out) = health(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("in use by pid 4242"), "{out}");
     h.unhold(4242);
+    std::fs::write(dev.join("config"), [0u8; 256]).unwrap();
 
     s.cards.insert(wlan, card(Health::Clean));
     s.probes.insert("pci_reset_function".into(), false);
@@ -382,7 +402,6 @@ fn health_answers_from_the_agents_status_and_writes_nothing() {
 
     // Off the link, seen live: a problem even with the agent gone. Only an awake card's config
     // space is read.
-    let dev = h.host.sysfs.root.join("0000:03:00.0");
     std::fs::write(dev.join("config"), [0xffu8; 256]).unwrap();
     std::fs::write(dev.join("power/runtime_status"), "suspended\n").unwrap();
     assert_eq!(health(&[]).0, 2, "a suspended card is not read");
@@ -403,4 +422,18 @@ fn health_answers_from_the_agents_status_and_writes_nothing() {
         .collect();
     assert_eq!(names, ["agent.json"]);
     assert_eq!(h.read("0000:03:00.0", "power/control"), "auto");
+
+    // A card its host driver owns (libvirt's managed hostdevs between VMs) is fine: nothing the
+    // agent could have checked.
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        driver: Some("ath11k_pci"),
+        ..FakeDevice::default()
+    });
+    let s = agent_status(&h);
+    publish(&h, &s);
+    let o = qcom(Some(&h), &["health"]);
+    let (out, _) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("owned by the host driver ath11k_pci"), "{out}");
 }

@@ -656,3 +656,46 @@ fn postrm_purge_removes_state_and_logs() {
             .all(|d| !root.join(d.trim_start_matches('/')).exists())
     );
 }
+
+/// Issue 20: a removed package leaves no textfile behind (node_exporter would re-export its last
+/// values and its alerts would fire forever); only a `*.prom` file named by the configuration
+/// or a drop-in goes.
+#[test]
+fn postrm_remove_deletes_the_metrics_textfile() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    let etc = root.join("etc/qcom-reset");
+    std::fs::create_dir_all(etc.join("conf.d")).unwrap();
+    let prom = root.join("textfiles/qcom_reset.prom");
+    let other = root.join("textfiles/passwd");
+    std::fs::create_dir_all(prom.parent().unwrap()).unwrap();
+    std::fs::write(&prom, "x").unwrap();
+    std::fs::write(&other, "x").unwrap();
+    std::fs::write(etc.join("config.toml"), "metrics_port = 0\n").unwrap();
+    std::fs::write(
+        etc.join("conf.d/50-metrics.toml"),
+        format!(
+            "metrics_textfile = \"{}\"\n# metrics_textfile = \"{}\"\n",
+            prom.display(),
+            other.display()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = maintainer_script("postrm", root, &["/etc/qcom-reset"], &["remove"]);
+    assert!(ok, "{out}");
+    assert!(!prom.exists(), "the textfile is removed");
+    assert!(other.exists(), "a commented line is not read");
+    // A configuration naming something that is not a textfile removes nothing.
+    std::fs::write(
+        etc.join("conf.d/50-metrics.toml"),
+        format!("metrics_textfile = \"{}\"\n", other.display()),
+    )
+    .unwrap();
+    let (ok, out) = maintainer_script("postrm", root, &["/etc/qcom-reset"], &["remove"]);
+    assert!(ok, "{out}");
+    assert!(other.exists());
+    // No configuration at all: nothing to do, no failure.
+    std::fs::remove_dir_all(&etc).unwrap();
+    let (ok, out) = maintainer_script("postrm", root, &["/etc/qcom-reset"], &["remove"]);
+    assert!(ok && out.is_empty(), "{out}");
+}

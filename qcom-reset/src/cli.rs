@@ -117,10 +117,10 @@ pub struct HealthArgs {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Configuration file (default /etc/qcom-reset/config.toml; missing = all defaults), with
-    /// the drop-ins of its `.d` directory (`config.toml.d/*.toml`) applied in name order.
+    /// the drop-ins `conf.d/*.toml` beside it applied in name order.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Check the configuration and exit (0 when valid, 78 when not); for `ExecStartPre=`.
+    /// Check the configuration and its drop-ins, and exit (0 when valid, 78 when not).
     #[arg(long)]
     pub check_config: bool,
     /// Log what would be done, never write to a device.

@@ -181,16 +181,14 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
     // Refuse a missing or non-target device before asking for root: that answer is more useful.
     match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
         Err(e @ Error::NotTarget { .. }) if a.only_targets => {
-            println!("{}: not a target ({e}); nothing to do", req.bdf);
+            nothing_to_do(req.bdf, &format!("not a target ({e})"), a.json);
             return Ok(Exit::Ok);
         }
         Err(e) => return Err(e.into()),
         Ok(t) if req.profile.is_none() && !req.experimental.allows(&t.profile) => {
             if a.only_targets {
-                println!(
-                    "{}: experimental profile {} not opted in; nothing to do",
-                    req.bdf, t.profile.name
-                );
+                let why = format!("experimental profile {} not opted in", t.profile.name);
+                nothing_to_do(req.bdf, &why, a.json);
                 return Ok(Exit::Ok);
             }
         }
@@ -202,7 +200,17 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
     reset_and_report(host, &req, a.device.access, a.json)
 }
 
-/// Runs the reset, prints its report; exit 0 when clean (or a dry run), 2 when not.
+/// `--only-targets` on a device qcom-reset does not act on: said on stdout, JSON with `--json`.
+fn nothing_to_do(bdf: qcom_reset::bdf::Bdf, why: &str, json: bool) {
+    if json {
+        let out = serde_json::json!({"bdf": bdf, "nothing_to_do": why});
+        println!("{out}");
+    } else {
+        println!("{bdf}: {why}; nothing to do");
+    }
+}
+
+/// Runs the reset, prints its report; exit 0 when clean (or a dry run), 3 when not.
 fn reset_and_report(
     host: &Host,
     req: &Request,
@@ -522,11 +530,19 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
         let signals = async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            // SIGHUP's default would end the agent, mid-reset perhaps, as a clean exit that
+            // `Restart=on-failure` does not restart (a config-management "reload").
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
             let mut stopped = stop_rx.clone();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-                _ = stopped.changed() => return,
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => tracing::warn!(
+                        "SIGHUP ignored: the configuration is read at start only; `systemctl restart qcom-reset` applies a change"
+                    ),
+                    _ = stopped.changed() => return,
+                }
             }
             tracing::info!("signal received");
             sd_notify(sd_notify::NotifyState::Stopping);

@@ -1,8 +1,9 @@
 //! `qcom-reset health`: a read-only answer for monitoring, hooks' pre-checks and fleet tooling
 //! (node-problem-detector's custom-plugin contract). It reads the running agent's published
 //! status and sysfs; it takes no lock, opens no VFIO group, writes nothing, and reads a card's
-//! config space only when the card is awake (a read of a runtime-suspended card's config space
-//! would resume it).
+//! config space only when the card is awake and nobody else has it (a read of a
+//! runtime-suspended card's config space would resume it). Without root it cannot see QEMU's
+//! open files, so a card in use by a VM is judged by the agent's word alone.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -120,7 +121,8 @@ fn agent_state(host: &Host, p: Option<&AgentStatus>, now_ms: u64) -> Agent {
     }
 }
 
-/// One card: what sysfs shows now first (off the link, in use), then the agent's last verdict.
+/// One card: what sysfs shows now first (in use, a host driver's, off the link), then the
+/// agent's last verdict.
 fn card(t: &Target, published: Option<&crate::agent::status::Card>) -> CardHealth {
     let verdict = published.and_then(|c| c.health);
     let answer = |condition, why: String| CardHealth {
@@ -129,14 +131,24 @@ fn card(t: &Target, published: Option<&crate::agent::status::Card>) -> CardHealt
         why,
         verdict,
     };
+    // Who has the card first: its config space is theirs then, and is not read.
+    if let Some(h) = t.holders.first() {
+        return answer(Condition::Ok, format!("in use by {h}"));
+    }
+    if let Some(d) = t.driver.as_deref().filter(|d| *d != "vfio-pci") {
+        return answer(
+            Condition::Ok,
+            format!("owned by the host driver {d} (reset when it is handed to vfio-pci)"),
+        );
+    }
+    if published.is_some_and(|c| c.busy) {
+        return answer(Condition::Ok, "being checked or reset by the agent".into());
+    }
     if awake(t) && config_all_ones(t) {
         return answer(
             Condition::Problem,
             "config space reads all-ones: off the link (`qcom-reset power-cycle`)".into(),
         );
-    }
-    if let Some(h) = t.holders.first() {
-        return answer(Condition::Ok, format!("in use by {h}"));
     }
     match published {
         Some(c) if c.gave_up => answer(
@@ -146,11 +158,13 @@ fn card(t: &Target, published: Option<&crate::agent::status::Card>) -> CardHealt
                 verdict.map_or("?".into(), |h| h.to_string())
             ),
         ),
-        Some(c) if c.busy => answer(Condition::Ok, "being checked or reset by the agent".into()),
         Some(c) => match c.health {
             Some(Health::Clean) => answer(Condition::Ok, "clean".into()),
             Some(h) => answer(Condition::Problem, format!("{h}: {}", c.detail)),
-            None => answer(Condition::Unknown, "not checked by the agent yet".into()),
+            None if c.detail.is_empty() => {
+                answer(Condition::Unknown, "not checked by the agent yet".into())
+            }
+            None => answer(Condition::Unknown, c.detail.clone()),
         },
         None => answer(Condition::Unknown, "no verdict from a running agent".into()),
     }

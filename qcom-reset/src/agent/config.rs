@@ -210,8 +210,8 @@ impl Default for Config {
     }
 }
 
-/// `conf.d/*.toml` beside the configuration file, in name order (none when the directory is
-/// missing).
+/// `conf.d/*.toml` beside the configuration file, in name order, dot files left out (none
+/// when the directory is missing).
 fn drop_ins(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let dir = path.parent().unwrap_or(Path::new(".")).join("conf.d");
     let entries = match std::fs::read_dir(&dir) {
@@ -222,6 +222,11 @@ fn drop_ins(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        // Editors' and configuration tools' temporaries (`.#x.toml`, `.ansible_tmp…`).
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -513,6 +518,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.join("README"), "not toml").unwrap();
+        std::fs::write(d.join(".#10-a.toml"), "half written").unwrap();
         let c = Config::load(&main, true).unwrap();
         assert_eq!((c.debounce_ms, c.max_attempts), (300, 5));
         let dev = &c.devices["0000:03:00.0"];

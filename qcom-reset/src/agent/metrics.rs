@@ -335,7 +335,13 @@ impl Metrics {
         };
         let _one_writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let text = self.render_classic();
-        if let Err(e) = crate::session::record::write_atomically(path, text.as_bytes(), 0o644) {
+        let written = crate::session::record::write_atomically(
+            path,
+            text.as_bytes(),
+            0o644,
+            crate::session::record::Durability::Rename,
+        );
+        if let Err(e) = written {
             warn!("metrics textfile {}: {e}", path.display());
         }
     }

@@ -195,6 +195,8 @@ struct Shared {
     binds_reset: bool,
     /// What `health` and `systemctl status` see.
     status: Mutex<AgentStatus>,
+    /// A device's episode ended (its task has nothing in hand): what READY waits for.
+    settled: broadcast::Sender<Bdf>,
 }
 
 impl Shared {
@@ -253,6 +255,16 @@ impl Shared {
         });
     }
 
+    /// A VM (or another user) opened the card: the last verdict says nothing about it any more;
+    /// the release's verdict will.
+    fn opened(&self, bdf: Bdf, comm: &str) {
+        let detail = format!("opened by {comm}; not verified since");
+        self.publish(|st| {
+            let c = st.cards.entry(bdf).or_default();
+            (c.health, c.detail, c.ts_ms) = (None, detail, now_ms());
+        });
+    }
+
     fn gave_up(&self, bdf: Bdf) {
         self.metrics.gave_up(&bdf.to_string());
         self.publish(|st| st.cards.entry(bdf).or_default().gave_up = true);
@@ -301,8 +313,9 @@ pub struct Agent {
     ready_tx: watch::Sender<bool>,
 }
 
-/// How long READY=1 waits for the start-up checks and resets: a lock wait (30 s) and a modem's
-/// reset with verification (10 s), inside systemd's default TimeoutStartSec (90 s).
+/// How long after the agent's start READY=1 waits for the recovery and the start-up checks and
+/// resets: a lock wait (30 s) and a modem's reset with verification (10 s), inside the unit's
+/// TimeoutStartSec (90 s) with room for loading the probes.
 const STARTUP_BOUND: Duration = Duration::from_secs(50);
 
 /// How long shutdown waits for in-flight sessions: a lock wait (30 s) and the longest sequence
@@ -365,6 +378,7 @@ impl Agent {
                 shutdown,
                 binds_reset,
                 status,
+                settled: broadcast::channel(256).0,
             }),
             devices: HashMap::new(),
             tasks: JoinSet::new(),
@@ -389,14 +403,15 @@ impl Agent {
     pub async fn run(mut self, mut items: mpsc::Receiver<Item>, stop: impl Future<Output = ()>) {
         self.shared.publish(|_| {});
         self.log_regimes();
+        let bound = tokio::time::Instant::now() + STARTUP_BOUND;
         self.recover().await;
-        let startup = self.shared.actions.subscribe();
+        let settled = self.shared.settled.subscribe();
         let checking = if self.shared.cfg.rescan {
             self.rescan("start")
         } else {
             Vec::new()
         };
-        let started = startup_done(startup, checking);
+        let started = startup_done(settled, checking, bound);
         tokio::pin!(started);
         let mut ready = false;
         tokio::pin!(stop);
@@ -583,12 +598,11 @@ impl Agent {
         }
         // Only an open that succeeded has a release to come; only a task that is debouncing
         // something needs to hear it.
-        if e.kind == Kind::Open
-            && e.comm != OWN_COMM
-            && e.ret == 0
-            && let Some(tx) = self.devices.get(&bdf)
-        {
-            let _ = tx.send(Msg::Opened);
+        if e.kind == Kind::Open && e.comm != OWN_COMM && e.ret == 0 {
+            self.shared.opened(bdf, &e.comm);
+            if let Some(tx) = self.devices.get(&bdf) {
+                let _ = tx.send(Msg::Opened);
+            }
         }
         let Some(trigger) = Trigger::of_event(&e) else {
             return;
@@ -631,24 +645,28 @@ impl Agent {
     }
 }
 
-/// Resolves when each device the start-up rescan dispatched has had its first action, or
-/// after `STARTUP_BOUND`.
-async fn startup_done(mut actions: broadcast::Receiver<Action>, checking: Vec<Bdf>) {
+/// Resolves when each device the start-up rescan dispatched has ended its episode (a failed
+/// reset's retries included: each holds the card's group), or at `bound`.
+async fn startup_done(
+    mut settled: broadcast::Receiver<Bdf>,
+    checking: Vec<Bdf>,
+    bound: tokio::time::Instant,
+) {
     let mut left: std::collections::HashSet<Bdf> = checking.into_iter().collect();
     let all = async {
         while !left.is_empty() {
-            match actions.recv().await {
-                Ok(a) => {
-                    left.remove(&a.bdf);
+            match settled.recv().await {
+                Ok(bdf) => {
+                    left.remove(&bdf);
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     };
-    if tokio::time::timeout(STARTUP_BOUND, all).await.is_err() {
+    if tokio::time::timeout_at(bound, all).await.is_err() {
         warn!(
-            "start-up checks still running after {STARTUP_BOUND:?}; ready anyway (a VM starting now may find a card held)"
+            "start-up checks still running {STARTUP_BOUND:?} after the start; ready anyway (a VM starting now may find a card held)"
         );
     }
 }
@@ -708,11 +726,13 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
         }
         if explained {
             info!(bdf = %bdf, "the reset call was the VFIO open's own: its release will be answered");
+            let _ = sh.settled.send(bdf);
             continue;
         }
         sh.busy(bdf, true);
         let covered = handle(&sh, bdf, trigger, at).await;
         sh.busy(bdf, false);
+        let _ = sh.settled.send(bdf);
         // Our own accesses never come back as events (the probes drop the agent's TGID).
         // Events from before the last check or reset began are answered by it (e.g. the release
         // a held device's wait was for); later ones are news: a VM that started or let go again.

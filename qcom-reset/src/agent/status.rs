@@ -69,8 +69,16 @@ impl AgentStatus {
         })
     }
 
+    /// Readable by all (`health` needs no root; nothing in it is secret), and not fsynced: it
+    /// lives in /run, is rewritten every 30 s and means nothing after a reboot.
     pub fn save(&self, run_dir: &Path) -> crate::Result<()> {
-        crate::session::record::store(&Self::path(run_dir), self)
+        let text = serde_json::to_vec(self).expect("the status serializes");
+        crate::session::record::write_atomically(
+            &Self::path(run_dir),
+            &text,
+            0o644,
+            crate::session::record::Durability::Rename,
+        )
     }
 
     /// Whether the probes the agent needs are all attached (none known yet: not blind).

@@ -155,42 +155,55 @@ pub fn save(run_dir: &Path, r: &Record) -> Result<()> {
     store(&path(run_dir, r.bdf), r)
 }
 
-/// The one record store (session and power-cycle records, the state file, the agent's
-/// status): JSON written atomically, readable by root alone.
+/// The one record store (session and power-cycle records, the state file): JSON written
+/// atomically and durably, readable by root alone.
 pub fn store<T: Serialize>(dst: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_vec(value).expect("records serialize");
-    write_atomically(dst, &text, 0o600)
+    write_atomically(dst, &text, 0o600, Durability::Fsync)
 }
 
-/// The one atomic write: a temporary file beside `dst` (a dot file, so collectors that read
-/// `*.prom` never see it), given `mode` whatever the umask, fsynced, renamed over `dst` and the
-/// directory fsynced, so a crash or power loss leaves either the old file or the new one,
-/// never a torn one.
-pub fn write_atomically(dst: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+/// Whether an atomic write also survives a power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory: records that hold what a device needs back.
+    Fsync,
+    /// Rename only: what is rewritten all the time and worthless after a reboot (the metrics
+    /// textfile, the agent's status in /run), so the event loop never waits for a disk.
+    Rename,
+}
+
+/// The one atomic write: a new temporary file beside `dst` (random name, created exclusively,
+/// so a link planted in a directory others can write is never followed; a dot file, so
+/// collectors that read `*.prom` never see it), given `mode` whatever the umask, renamed over
+/// `dst`. A crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomically(dst: &Path, bytes: &[u8], mode: u32, durability: Durability) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
     let err = |path: &Path, source| Error::RecordWrite {
         path: path.to_path_buf(),
         err: source,
     };
     let dir = dst.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
-    let name = dst.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| err(&tmp, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".qcom-reset-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| err(dir, e))?;
+    let f = tmp.as_file_mut();
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .and_then(|()| f.write_all(bytes))
-        .and_then(|()| f.sync_all())
-        .map_err(|e| err(&tmp, e))?;
-    std::fs::rename(&tmp, dst).map_err(|e| err(dst, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err(dir, e))
+        .and_then(|()| match durability {
+            Durability::Fsync => f.sync_all(),
+            Durability::Rename => Ok(()),
+        })
+        .map_err(|e| err(tmp.path(), e))?;
+    tmp.persist(dst).map_err(|e| err(dst, e.error))?;
+    match durability {
+        Durability::Fsync => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| err(dir, e)),
+        Durability::Rename => Ok(()),
+    }
 }
 
 /// A record from the one store, if there is one. An unreadable or unparsable record is an
