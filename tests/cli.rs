@@ -294,6 +294,17 @@ fn json_errors_are_json() {
 #[test]
 fn help_documents_the_exit_statuses() {
     let (out, _) = text(&qcom(None, &["--help"]));
+    // The words themselves, not only what the code says they are: the hooks and docs rely on them.
+    for line in [
+        "Exit status:",
+        "  3  the reset ran and the card is not clean afterwards",
+        "  4  refused, nothing written",
+        " 75  busy, nothing written",
+        " 78  the configuration is invalid or unreadable",
+        "  128+N  interrupted by signal N",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
     for e in qcom_reset::exit::Exit::ALL {
         assert!(
             out.contains(&format!("{:>3}  {}", e.code(), e.meaning())),

@@ -31,10 +31,18 @@ pub enum Suite {
     Engine,
     Agent,
     Safety,
+    /// The binary as users meet it: exit statuses, JSON errors, `health`.
+    Cli,
 }
 
 impl Suite {
-    const ALL: [Suite; 4] = [Suite::Lib, Suite::Engine, Suite::Agent, Suite::Safety];
+    const ALL: [Suite; 5] = [
+        Suite::Lib,
+        Suite::Engine,
+        Suite::Agent,
+        Suite::Safety,
+        Suite::Cli,
+    ];
 
     fn args(self) -> &'static [&'static str] {
         match self {
@@ -42,6 +50,7 @@ impl Suite {
             Suite::Engine => &["--test", "engine"],
             Suite::Agent => &["--test", "agent"],
             Suite::Safety => &["--test", "safety"],
+            Suite::Cli => &["--test", "cli"],
         }
     }
 }
