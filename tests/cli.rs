@@ -381,6 +381,30 @@ fn health_answers_from_the_agents_status_and_writes_nothing() {
     let (code, out) = health(&["0000:03:00.0"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("crashed"), "{out}");
+    let mut gave_up = card(Health::Crashed);
+    gave_up.gave_up = true;
+    s.cards.insert(wlan, gave_up);
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the agent gave up after failed resets (crashed)"),
+        "{out}"
+    );
+    // No verdict yet, or none since a VM opened the card: unknown, saying which.
+    s.cards.insert(wlan, Default::default());
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not checked by the agent yet"), "{out}");
+    s.cards.get_mut(&wlan).unwrap().detail = "opened by qemu-system-x86; not verified since".into();
+    publish(&h, &s);
+    let (code, out) = health(&[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("opened by qemu-system-x86; not verified since"),
+        "{out}"
+    );
 
     // A VM using the card: fine, whatever the last verdict was, and its config space is not
     // read even when it would say "off the link" (the link drop of a reset in the guest).
