@@ -262,16 +262,21 @@ async fn kill_switch_and_per_device_disable_stop_all_action() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn failures_back_off_then_give_up_and_a_restart_remembers() {
-    let h = two_device_host();
-    let stuck = sim(
+/// A WLAN card whose SYSERR survives every reset: each attempt ends `crashed`.
+fn stuck_wlan() -> SimDevice {
+    sim(
         Family::Wlan,
         Faults {
             stuck_syserr: true,
             ..Default::default()
         },
-    );
+    )
+}
+
+#[tokio::test]
+async fn failures_back_off_then_give_up_and_a_restart_remembers() {
+    let h = two_device_host();
+    let stuck = stuck_wlan();
     let mut r = start(&h, test_config(&h), &[(WLAN, stuck.clone())]);
     r.tx.send(release(WLAN, 0x1103)).await.unwrap();
     // When each attempt ended, by the agent's clock (not when this test got to read it).
@@ -1440,13 +1445,7 @@ async fn no_bind_reset_where_it_is_off() {
 async fn ready_waits_for_a_failing_start_up_reset_to_give_up() {
     use qcom_reset::agent::status::AgentStatus;
     let h = two_device_host();
-    let stuck = sim(
-        Family::Wlan,
-        Faults {
-            stuck_syserr: true,
-            ..Default::default()
-        },
-    );
+    let stuck = stuck_wlan();
     let modem = sim(Family::Modem, Faults::default());
     reset_before(&h, MODEM, &modem);
     let mut cfg = test_config(&h);
