@@ -610,7 +610,10 @@ fn exit_status_roff() -> String {
     for e in Exit::ALL {
         s.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", e.code(), e.meaning()));
     }
-    s.push_str(".TP\n\\fB128+N\\fR\ninterrupted by signal N (the device was restored first)\n");
+    s.push_str(&format!(
+        ".TP\n\\fB128+N\\fR\n{}\n",
+        qcom_reset::exit::SIGNALLED
+    ));
     s
 }
 

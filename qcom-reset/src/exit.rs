@@ -30,6 +30,9 @@ pub enum Exit {
     Health(Condition),
 }
 
+/// What 128+N means, wherever the exit statuses are listed.
+pub const SIGNALLED: &str = "interrupted by signal N (the device was restored first)";
+
 impl Exit {
     pub const ALL: [Exit; 9] = [
         Exit::Ok,
@@ -124,7 +127,7 @@ impl Exit {
         for e in Exit::ALL {
             s.push_str(&format!("  {:>3}  {}\n", e.code(), e.meaning()));
         }
-        s.push_str("  128+N  interrupted by signal N (the device was restored first)\n");
+        s.push_str(&format!("  128+N  {SIGNALLED}\n"));
         s
     }
 }

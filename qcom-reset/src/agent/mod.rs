@@ -471,11 +471,11 @@ impl Agent {
             Item::Attached(a) => {
                 for x in a {
                     // An unloaded module's function is not a blind spot: nothing can call it.
-                    let attached = x
-                        .flavour
-                        .is_some()
-                        .then_some(true)
-                        .or((!x.unloaded).then_some(false));
+                    let attached = match (x.flavour, x.unloaded) {
+                        (Some(_), _) => Some(true),
+                        (None, true) => None,
+                        (None, false) => Some(false),
+                    };
                     self.shared.metrics.probe(x.function, attached);
                     self.shared.publish(|st| match attached {
                         Some(a) => {
@@ -561,7 +561,9 @@ impl Agent {
                 for t in ts {
                     let r = t.regime();
                     info!(bdf = %t.bdf, regime = %r, "{}", r.meaning());
-                    self.shared.describe(&t);
+                    if self.shared.is_target(t.bdf, t.vendor, t.device) {
+                        self.shared.describe(&t);
+                    }
                 }
             }
             Err(e) => warn!("cannot list targets: {e}"),
