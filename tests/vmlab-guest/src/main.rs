@@ -13,14 +13,18 @@
 //! - for `cargo xtask bench-lab`: `until PATTERN LOG CMD...` starts CMD (output to LOG), prints
 //!   the milliseconds until LOG holds PATTERN and its pid, and leaves it running; `stamp` copies
 //!   stdin lines, each followed by the CLOCK_MONOTONIC nanoseconds it arrived at; `now` prints
-//!   CLOCK_MONOTONIC nanoseconds.
+//!   CLOCK_MONOTONIC nanoseconds;
+//! - `unit-sandbox FILE PROG ARGS...` runs PROG under the shipped unit's syscall filter and
+//!   capability bounding set ([`sandbox`]).
+mod sandbox;
+
 use std::time::{Duration, Instant};
 
 use qcom_reset::backend::VfioBackend;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -125,6 +129,9 @@ fn main() -> anyhow::Result<()> {
                 out.flush()?;
             }
             return Ok(());
+        }
+        Some("unit-sandbox") if args.len() > 3 => {
+            return sandbox::run(&args[2], &args[3], &args[4..]);
         }
         Some("until") if args.len() > 4 => return until(&args[2], &args[3], &args[4..]),
         Some("handover") if args.len() > 3 => return handover(&args[2], &args[3]),

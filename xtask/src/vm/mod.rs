@@ -5,6 +5,7 @@ mod built;
 mod host;
 mod initramfs;
 mod qemu;
+mod sandbox;
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};
@@ -357,7 +358,9 @@ fn guest_image_with(
     modules.extend_from_slice(extra_modules);
     let ird = initramfs::Initramfs::new(k, &modules)?;
     ird.add_text("/init", scenarios::INIT, 0o755)?;
-    ird.add(&bins.qcom_reset, "/bin/qcom-reset")?;
+    ird.add(&bins.qcom_reset, sandbox::BINARY)?;
+    ird.add_text("/bin/qcom-reset", sandbox::WRAPPER, 0o755)?;
+    ird.add_text(sandbox::FILE, &sandbox::file()?, 0o644)?;
     ird.add(&bins.guest, "/bin/vmlab-guest")?;
     Ok(ird)
 }
