@@ -73,6 +73,7 @@ fn release(bdf: &str, device: u16) -> Item {
 
 struct Running {
     tx: mpsc::Sender<Item>,
+    reloader: qcom_reset::agent::Reloader,
     ready: tokio::sync::watch::Receiver<bool>,
     actions: broadcast::Receiver<Action>,
     stop: Option<oneshot::Sender<()>>,
@@ -134,6 +135,7 @@ fn start_with(
     let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
     let actions = agent.subscribe();
     let ready = agent.ready();
+    let reloader = agent.reloader();
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let done = tokio::spawn(agent.run(rx, async move {
@@ -141,6 +143,7 @@ fn start_with(
     }));
     Running {
         tx,
+        reloader,
         ready,
         actions,
         stop: Some(stop_tx),
@@ -260,6 +263,63 @@ async fn kill_switch_and_per_device_disable_stop_all_action() {
         0
     );
     r.stop().await;
+}
+
+/// `systemctl reload` (SIGHUP): a device disabled in the new configuration is left alone from
+/// the next event on; a bad configuration is refused whole and the running one stays; what was
+/// set up at start (the journal here) waits for a restart.
+#[tokio::test]
+async fn a_reload_applies_to_the_next_event_and_a_bad_one_changes_nothing() {
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
+    let mut new = test_config(&h);
+    new.devices.insert(
+        WLAN.into(),
+        qcom_reset::agent::config::DeviceConfig {
+            enabled: Some(false),
+            ..Default::default()
+        },
+    );
+    new.journal = h.root().join("elsewhere.jsonl");
+    let done = r
+        .reloader
+        .reload(|| Ok(new))
+        .expect("a good configuration applies");
+    assert_eq!(done.applied, ["devices"]);
+    assert_eq!(done.at_restart, ["journal"]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert!(
+        a.detail.contains("disabled in the configuration"),
+        "{}",
+        a.detail
+    );
+    assert_eq!(wlan.with_model(|m| m.writes.len()), 0);
+    assert!(
+        r.reloader
+            .reload(|| anyhow::bail!("line 3: bad value"))
+            .is_none()
+    );
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let a = r.next().await;
+    assert!(
+        a.detail.contains("disabled in the configuration"),
+        "the refused reload kept it"
+    );
+    let back = r.reloader.reload(|| Ok(test_config(&h))).unwrap();
+    assert_eq!(
+        (back.applied.as_slice(), back.at_restart.len()),
+        (["devices".to_string()].as_slice(), 0)
+    );
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert_eq!(
+        r.next().await.result,
+        "clean",
+        "enabled again by the third reload"
+    );
+    r.stop().await;
+    assert!(!h.root().join("elsewhere.jsonl").exists());
 }
 
 /// A WLAN card whose SYSERR survives every reset: each attempt ends `crashed`.

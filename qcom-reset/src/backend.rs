@@ -3,11 +3,13 @@
 //! (LOCKDOWN_PCI_ACCESS), while the VFIO regions are not, so `auto` picks VFIO there.
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, opcode};
 use serde::Serialize;
+use vfio_bindings::bindings::vfio as uapi;
 
 use crate::io::{MmioBar, RegisterIo};
 use crate::session::own::Ownership;
@@ -150,36 +152,67 @@ impl Backend for SysfsBackend {
     }
 }
 
-// VFIO uAPI (include/uapi/linux/vfio.h): _IO(';', 100 + n).
-const VFIO_GET_API_VERSION: u64 = 0x3b64;
-const VFIO_CHECK_EXTENSION: u64 = 0x3b65;
-const VFIO_SET_IOMMU: u64 = 0x3b66;
-const VFIO_GROUP_GET_STATUS: u64 = 0x3b67;
-const VFIO_GROUP_SET_CONTAINER: u64 = 0x3b68;
-const VFIO_GROUP_GET_DEVICE_FD: u64 = 0x3b6a;
-const VFIO_DEVICE_GET_REGION_INFO: u64 = 0x3b6c;
-const VFIO_API_VERSION: i32 = 0;
-const VFIO_TYPE1_IOMMU: u64 = 1;
-const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
-const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+// The VFIO uAPI (include/uapi/linux/vfio.h) from rust-vmm's bindings. Every request is
+// `_IO(VFIO_TYPE, VFIO_BASE + n)` whatever it passes, and its return value is the answer (a
+// version, a yes/no, a new fd).
+const fn vfio_request(n: u32) -> Opcode {
+    opcode::none(uapi::VFIO_TYPE, (uapi::VFIO_BASE + n) as u8)
+}
+const VFIO_GET_API_VERSION: Opcode = vfio_request(0);
+const VFIO_CHECK_EXTENSION: Opcode = vfio_request(1);
+const VFIO_SET_IOMMU: Opcode = vfio_request(2);
+const VFIO_GROUP_GET_STATUS: Opcode = vfio_request(3);
+const VFIO_GROUP_SET_CONTAINER: Opcode = vfio_request(4);
+const VFIO_GROUP_GET_DEVICE_FD: Opcode = vfio_request(6);
+const VFIO_DEVICE_GET_REGION_INFO: Opcode = vfio_request(8);
 
-#[repr(C)]
-#[derive(Default)]
-struct GroupStatus {
-    argsz: u32,
-    flags: u32,
+/// One VFIO request for rustix's `ioctl`: the argument as the kernel takes it, the return value
+/// as the output.
+struct Request {
+    opcode: Opcode,
+    arg: *mut std::ffi::c_void,
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct RegionInfo {
-    argsz: u32,
-    flags: u32,
-    index: u32,
-    cap_offset: u32,
-    size: u64,
-    offset: u64,
+// SAFETY: `ioctl` below builds a Request only with an argument its opcode takes (an integer, or
+// a pointer to a live, correctly sized uAPI struct or NUL-terminated string); the output is the
+// return value alone, nothing is read back through the pointer here.
+unsafe impl Ioctl for Request {
+    type Output = IoctlOutput;
+    const IS_MUTATING: bool = true;
+    fn opcode(&self) -> Opcode {
+        self.opcode
+    }
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        self.arg
+    }
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<IoctlOutput> {
+        Ok(out)
+    }
+}
+
+/// An argument of a VFIO request.
+enum Arg<'a, T> {
+    Int(u32),
+    Struct(&'a mut T),
+    Name(&'a std::ffi::CStr),
+}
+
+fn ioctl<T>(fd: impl AsFd, opcode: Opcode, arg: Arg<'_, T>) -> io::Result<i32> {
+    let arg = match arg {
+        Arg::Int(n) => std::ptr::without_provenance_mut(n as usize),
+        Arg::Struct(s) => (s as *mut T).cast(),
+        Arg::Name(n) => n.as_ptr().cast_mut().cast(),
+    };
+    // SAFETY: the callers below pair each opcode with the argument include/uapi/linux/vfio.h
+    // defines for it; the pointer outlives the call (borrowed for it).
+    Ok(unsafe { rustix::ioctl::ioctl(fd, Request { opcode, arg }) }?)
+}
+
+fn int(fd: impl AsFd, opcode: Opcode, n: u32) -> io::Result<i32> {
+    ioctl::<()>(fd, opcode, Arg::Int(n))
 }
 
 /// The device opened through its VFIO group, the way QEMU opens it. Opening runs the kernel's
@@ -190,17 +223,6 @@ pub struct VfioBackend {
     _group: OwnedFd,
     device: File,
     config_offset: u64,
-}
-
-fn ioctl(fd: &impl AsRawFd, req: u64, arg: u64) -> io::Result<i32> {
-    // SAFETY: every request passes either an integer or a pointer to a live, correctly sized
-    // #[repr(C)] struct (or NUL-terminated string), as the VFIO uAPI defines for it.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 impl VfioBackend {
@@ -242,12 +264,12 @@ impl VfioBackend {
                     "open /dev/vfio/vfio: {e} (is the vfio module loaded?)"
                 ))
             })?;
-        if ioctl(&container, VFIO_GET_API_VERSION, 0).map_err(|e| fail(e.to_string()))?
-            != VFIO_API_VERSION
+        if int(&container, VFIO_GET_API_VERSION, 0).map_err(|e| fail(e.to_string()))?
+            != uapi::VFIO_API_VERSION as i32
         {
             return Err(fail("unknown VFIO API version".into()));
         }
-        if ioctl(&container, VFIO_CHECK_EXTENSION, VFIO_TYPE1_IOMMU)
+        if int(&container, VFIO_CHECK_EXTENSION, uapi::VFIO_TYPE1_IOMMU)
             .map_err(|e| fail(e.to_string()))?
             == 0
         {
@@ -255,28 +277,29 @@ impl VfioBackend {
                 "no type1 IOMMU backend; modprobe vfio_iommu_type1".into(),
             ));
         }
-        let mut st = GroupStatus {
-            argsz: size_of::<GroupStatus>() as u32,
+        let mut st = uapi::vfio_group_status {
+            argsz: size_of::<uapi::vfio_group_status>() as u32,
             flags: 0,
         };
-        ioctl(&groupf, VFIO_GROUP_GET_STATUS, &raw mut st as u64)
+        ioctl(&groupf, VFIO_GROUP_GET_STATUS, Arg::Struct(&mut st))
             .map_err(|e| fail(e.to_string()))?;
-        if st.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+        if st.flags & uapi::VFIO_GROUP_FLAGS_VIABLE == 0 {
             return Err(fail(
                 "its IOMMU group is not viable: bind every device in it to vfio-pci".into(),
             ));
         }
-        let cfd = container.as_raw_fd();
-        ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, &raw const cfd as u64)
+        // The group takes a pointer to the container's fd.
+        let mut cfd = container.as_raw_fd();
+        ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, Arg::Struct(&mut cfd))
             .map_err(|e| fail(e.to_string()))?;
-        ioctl(&container, VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU).map_err(|e| fail(e.to_string()))?;
+        int(&container, VFIO_SET_IOMMU, uapi::VFIO_TYPE1_IOMMU).map_err(|e| fail(e.to_string()))?;
         let name = std::ffi::CString::new(bdf.to_string()).expect("no NUL in a BDF");
-        let dfd = ioctl(&groupf, VFIO_GROUP_GET_DEVICE_FD, name.as_ptr() as u64)
+        let dfd = ioctl::<()>(&groupf, VFIO_GROUP_GET_DEVICE_FD, Arg::Name(&name))
             .map_err(|e| fail(format!("get device fd: {e}")))?;
         // SAFETY: the ioctl returned a new fd that nothing else owns.
         let device = unsafe { File::from_raw_fd(dfd) };
-        let config =
-            region_info(&device, VFIO_PCI_CONFIG_REGION_INDEX).map_err(|e| fail(e.to_string()))?;
+        let config = region_info(&device, uapi::VFIO_PCI_CONFIG_REGION_INDEX)
+            .map_err(|e| fail(e.to_string()))?;
         Ok(VfioBackend {
             bdf,
             _container: container.into(),
@@ -314,13 +337,13 @@ fn vfio_fail(bdf: Bdf) -> impl Fn(String) -> Error {
     }
 }
 
-fn region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
-    let mut info = RegionInfo {
-        argsz: size_of::<RegionInfo>() as u32,
+fn region_info(device: &File, index: u32) -> io::Result<uapi::vfio_region_info> {
+    let mut info = uapi::vfio_region_info {
+        argsz: size_of::<uapi::vfio_region_info>() as u32,
         index,
         ..Default::default()
     };
-    ioctl(device, VFIO_DEVICE_GET_REGION_INFO, &raw mut info as u64)?;
+    ioctl(device, VFIO_DEVICE_GET_REGION_INFO, Arg::Struct(&mut info))?;
     Ok(info)
 }
 
@@ -343,7 +366,7 @@ impl Backend for VfioBackend {
             why,
         };
         let info = region_info(&self.device, bar as u32).map_err(|e| map_err(e.to_string()))?;
-        if info.size == 0 || info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+        if info.size == 0 || info.flags & uapi::VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(map_err("the region is empty or not mappable".into()));
         }
         let map = memmap2::MmapOptions::new()

@@ -435,33 +435,39 @@ fn health_cmd(host: &Host, a: HealthArgs) -> anyhow::Result<Exit> {
     Ok(Exit::Health(answer.condition))
 }
 
-fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
-    use qcom_reset::agent::{Agent, metrics};
-    let explicit = a.config.is_some();
-    let path = a.config.unwrap_or_else(config_default_path);
-    let mut cfg = Config::load(&path, explicit)?;
-    if a.check_config {
-        println!("{}: valid", path.display());
-        return Ok(Exit::Ok);
-    }
+/// The agent's configuration: the file, its drop-ins, then `run`'s flags (at a reload too).
+fn agent_config(a: &RunArgs) -> anyhow::Result<Config> {
+    let path = a.config.clone().unwrap_or_else(config_default_path);
+    let mut cfg = Config::load(&path, a.config.is_some())?;
     cfg.observe_only |= a.observe_only;
     if let Some(p) = a.metrics_port {
         cfg.metrics_port = p;
     }
-    if let Some(j) = a.journal {
-        cfg.journal = j;
+    if let Some(j) = &a.journal {
+        cfg.journal = j.clone();
     }
-    if let Some(s) = a.state_file {
-        cfg.state_file = s;
+    if let Some(s) = &a.state_file {
+        cfg.state_file = s.clone();
     }
-    if let Some(k) = a.kill_switch {
-        cfg.kill_switch = k;
+    if let Some(k) = &a.kill_switch {
+        cfg.kill_switch = k.clone();
     }
     if let Some(f) = a.flavour {
         cfg.flavour = f;
     }
     if let Some(x) = a.access {
         cfg.access = x;
+    }
+    Ok(cfg)
+}
+
+fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
+    use qcom_reset::agent::{Agent, metrics};
+    let cfg = agent_config(&a)?;
+    if a.check_config {
+        let path = a.config.clone().unwrap_or_else(config_default_path);
+        println!("{}: valid", path.display());
+        return Ok(Exit::Ok);
     }
     require_root()?;
     // The filter: the table's IDs plus those of devices given a profile in the configuration.
@@ -527,20 +533,19 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
             }
             failed
         };
+        let reloader = agent.reloader();
         let signals = async {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            // SIGHUP's default would end the agent, mid-reset perhaps, as a clean exit that
-            // `Restart=on-failure` does not restart (a config-management "reload").
+            // SIGHUP (`systemctl reload`) re-reads the configuration; its default action would
+            // end the agent, mid-reset perhaps.
             let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
             let mut stopped = stop_rx.clone();
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
                     _ = term.recv() => break,
-                    _ = hup.recv() => tracing::warn!(
-                        "SIGHUP ignored: the configuration is read at start only; `systemctl restart qcom-reset` applies a change"
-                    ),
+                    _ = hup.recv() => reload(&a, &reloader),
                     _ = stopped.changed() => return,
                 }
             }
@@ -562,6 +567,12 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
         );
         Ok(if failed { Exit::Error } else { Exit::Ok })
     })
+}
+
+/// A SIGHUP: the configuration read again and applied, or kept whole when the new one is bad
+/// (a reload never stops the agent).
+fn reload(a: &RunArgs, reloader: &qcom_reset::agent::Reloader) {
+    reloader.reload(|| agent_config(a));
 }
 
 /// Man pages (clap_mangen: qcom-reset.8 and qcom-reset-SUBCOMMAND.8) and bash/zsh/fish

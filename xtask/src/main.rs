@@ -155,6 +155,23 @@ pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/qcom-reset"))
 }
 
+/// The static (musl) release binary: what the .deb ships, so it runs on any Debian, Ubuntu or
+/// Proxmox release whatever the build host's glibc.
+pub(crate) fn build_static() -> anyhow::Result<PathBuf> {
+    toolchain::ensure_ebpf()?;
+    toolchain::ensure_musl()?;
+    let target = toolchain::MUSL;
+    toolchain::run(
+        cargo()
+            .args(["build", "--release", "--target", target, "-p", "qcom-reset"])
+            .args(["--bin", "qcom-reset"]),
+    )?;
+    Ok(workspace_root()
+        .join("target")
+        .join(target)
+        .join("release/qcom-reset"))
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -8,14 +8,15 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{build_release, cargo, toolchain, workspace_root};
+use crate::{build_static, cargo, toolchain, workspace_root};
 
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// Builds the .deb and returns its path.
 pub fn build() -> anyhow::Result<PathBuf> {
-    let bin = build_release()?;
-    let assets = workspace_root().join("target/release/assets");
+    let bin = build_static()?;
+    // cargo-deb reads `target/release/…` assets from target/<triple>/release with --target.
+    let assets = bin.with_file_name("assets");
     let _ = std::fs::remove_dir_all(&assets);
     toolchain::run(Command::new(&bin).arg("generate-assets").arg(&assets))?;
     for page in std::fs::read_dir(assets.join("man"))? {
@@ -26,7 +27,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&out);
     toolchain::run(
         cargo()
-            .args(["deb", "--package", "qcom-reset", "--no-build", "--output"])
+            .args(["deb", "--package", "qcom-reset", "--no-build"])
+            .args(["--target", toolchain::MUSL, "--output"])
             .arg(&out),
     )?;
     let deb = std::fs::read_dir(&out)?

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
@@ -183,7 +183,8 @@ fn now_ms() -> u64 {
 }
 
 struct Shared {
-    cfg: Config,
+    /// Swapped whole by a reload; each decision reads it once (`cfg()`).
+    cfg: std::sync::RwLock<Arc<Config>>,
     host: Host,
     open: OpenFn,
     metrics: Arc<Metrics>,
@@ -191,15 +192,85 @@ struct Shared {
     state: Mutex<State>,
     actions: broadcast::Sender<Action>,
     shutdown: watch::Receiver<bool>,
-    /// Whether a bind to vfio-pci is followed by a reset (`bind_reset`, resolved at start).
-    binds_reset: bool,
+    /// Whether a bind to vfio-pci is followed by a reset (`bind_reset`, resolved at start and
+    /// at each reload).
+    binds_reset: std::sync::atomic::AtomicBool,
     /// What `health` and `systemctl status` see.
     status: Mutex<AgentStatus>,
     /// A device's episode ended (its task has nothing in hand): what READY waits for.
     settled: broadcast::Sender<Bdf>,
 }
 
+/// `bind_reset` resolved against this host (its libvirt hook), said once when `auto` turns it
+/// off.
+fn binds_reset(cfg: &Config) -> bool {
+    let binds = cfg.bind_reset.resolve(std::path::Path::new("/"));
+    if cfg.bind_reset == config::BindReset::Auto && !binds {
+        info!(
+            "qcom-reset's libvirt hook is installed ({}): it resets cards at start/begin, so binds to vfio-pci are not followed by a reset (bind_reset = \"always\" to have both)",
+            config::LIBVIRT_HOOK
+        );
+    }
+    binds
+}
+
+/// Applies a configuration re-read on SIGHUP to the running agent.
+#[derive(Clone)]
+pub struct Reloader(Arc<Shared>);
+
+impl Reloader {
+    /// Reads the configuration with `read` and applies it; a bad one is refused whole and the
+    /// running configuration stays. systemd hears RELOADING=1 and READY=1 around it once the
+    /// agent is ready (before, READY=1 belongs to the start-up).
+    pub fn reload(&self, read: impl FnOnce() -> anyhow::Result<Config>) -> Option<config::Reload> {
+        let ready = self
+            .0
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready;
+        if ready {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        }
+        let r = match read() {
+            Ok(new) => Some(self.apply(new)),
+            Err(e) => {
+                error!("reload refused, the running configuration stays: {e:#}");
+                None
+            }
+        };
+        if ready {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+        r
+    }
+
+    fn apply(&self, new: Config) -> config::Reload {
+        let sh = &self.0;
+        let r = sh.cfg().reload(new);
+        sh.binds_reset
+            .store(binds_reset(&r.cfg), std::sync::atomic::Ordering::Relaxed);
+        *sh.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r.cfg.clone());
+        if r.applied.is_empty() {
+            info!("configuration reloaded: nothing changed");
+        } else {
+            info!("configuration reloaded: {} applied", r.applied.join(", "));
+        }
+        if !r.at_restart.is_empty() {
+            warn!(
+                "configuration reloaded, but {} changed only at the next restart (`systemctl restart qcom-reset`)",
+                r.at_restart.join(", ")
+            );
+        }
+        r
+    }
+}
+
 impl Shared {
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn journal(&self, record: &impl Serialize) {
         if let Some(j) = &self.journal {
             let mut line = serde_json::to_vec(record).expect("records serialize");
@@ -283,25 +354,25 @@ impl Shared {
     fn record(&self, bdf: Bdf, clean: bool, verdict: &str) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let h = s.devices.entry(bdf.to_string()).or_default();
-        policy::record(&self.cfg, h, clean, verdict, now_ms());
-        if let Err(e) = s.save(&self.cfg.state_file) {
+        policy::record(&self.cfg(), h, clean, verdict, now_ms());
+        if let Err(e) = s.save(&self.cfg().state_file) {
             warn!("{e}");
         }
     }
 
     fn is_target(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
-        self.cfg.acts_on(bdf, vendor, device)
+        self.cfg().acts_on(bdf, vendor, device)
     }
 
     /// The device's settings, `[[device]]` rules matched against its current IDs.
     fn device_cfg(&self, bdf: Bdf) -> config::DeviceConfig {
         let ids = self.host.sysfs.device(bdf).and_then(|d| d.ids()).ok();
-        self.cfg.device_with_ids(bdf, ids)
+        self.cfg().device_with_ids(bdf, ids)
     }
 
     /// Explicit profiles by address and by `[[device]]` rule, for the devices present now.
     fn overrides(&self) -> Vec<(Bdf, String, Option<u8>)> {
-        self.cfg.overrides(&self.host.sysfs.present_ids())
+        self.cfg().overrides(&self.host.sysfs.present_ids())
     }
 }
 
@@ -323,6 +394,10 @@ const STARTUP_BOUND: Duration = Duration::from_secs(50);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
 
 impl Agent {
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.clone())
+    }
+
     pub fn new(
         cfg: Config,
         host: Host,
@@ -352,13 +427,7 @@ impl Agent {
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (actions, _) = broadcast::channel(256);
-        let binds_reset = cfg.bind_reset.resolve(std::path::Path::new("/"));
-        if cfg.bind_reset == config::BindReset::Auto && !binds_reset {
-            info!(
-                "qcom-reset's libvirt hook is installed ({}): it resets cards at start/begin, so binds to vfio-pci are not followed by a reset (bind_reset = \"always\" to have both)",
-                config::LIBVIRT_HOOK
-            );
-        }
+        let binds_reset = binds_reset(&cfg).into();
         let status = Mutex::new(AgentStatus {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -368,7 +437,7 @@ impl Agent {
         });
         Ok(Agent {
             shared: Arc::new(Shared {
-                cfg,
+                cfg: std::sync::RwLock::new(Arc::new(cfg)),
                 host,
                 open,
                 metrics,
@@ -406,7 +475,7 @@ impl Agent {
         let bound = tokio::time::Instant::now() + STARTUP_BOUND;
         self.recover().await;
         let settled = self.shared.settled.subscribe();
-        let checking = if self.shared.cfg.rescan {
+        let checking = if self.shared.cfg().rescan {
             self.rescan("start")
         } else {
             Vec::new()
@@ -464,7 +533,7 @@ impl Agent {
                 warn!(
                     "events lost (ring buffer {ringbuf}, in-flight tables {brackets}); rescanning targets"
                 );
-                if self.shared.cfg.rescan {
+                if self.shared.cfg().rescan {
                     self.rescan("lost events");
                 }
             }
@@ -501,7 +570,7 @@ impl Agent {
                 warn!(
                     "kernel uevents lost: a bind to vfio-pci may have been missed; rescanning targets"
                 );
-                if self.shared.cfg.rescan {
+                if self.shared.cfg().rescan {
                     self.rescan("lost uevents");
                 }
             }
@@ -518,17 +587,20 @@ impl Agent {
             return;
         };
         if self.shared.is_target(bdf, vendor, device)
-            && self.shared.binds_reset
-            && self.shared.cfg.bind_settle_ms > 0
+            && self
+                .shared
+                .binds_reset
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && self.shared.cfg().bind_settle_ms > 0
         {
-            info!(bdf = %bdf, "bound to vfio-pci; resetting in {} ms unless a VM holds it by then", self.shared.cfg.bind_settle_ms);
+            info!(bdf = %bdf, "bound to vfio-pci; resetting in {} ms unless a VM holds it by then", self.shared.cfg().bind_settle_ms);
             self.dispatch(bdf, Trigger::Bind, at);
         }
     }
 
     /// Restores what a killed qcom-reset left on devices before anything else touches them.
     async fn recover(&self) {
-        if self.shared.cfg.observe_only {
+        if self.shared.cfg().observe_only {
             for bdf in crate::session::record::pending(&self.shared.host.run_dir) {
                 warn!(bdf = %bdf, "a killed session left its state to restore; observe-only writes nothing, so it stays");
             }
@@ -708,9 +780,9 @@ async fn device_task(sh: Arc<Shared>, bdf: Bdf, mut rx: mpsc::UnboundedReceiver<
             },
         };
         let window = if trigger == Trigger::Bind {
-            sh.cfg.bind_settle()
+            sh.cfg().bind_settle()
         } else {
-            sh.cfg.debounce()
+            sh.cfg().debounce()
         };
         let deadline = tokio::time::Instant::from_std(at) + window;
         let mut explained = false;
@@ -787,7 +859,7 @@ fn action(bdf: Bdf, trigger: Trigger, result: &str, detail: impl Into<String>) -
 /// Acts on one trigger until the episode ends; returns when its last check or reset began.
 async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> Instant {
     let dev_cfg = sh.device_cfg(bdf);
-    let held_until = tokio::time::Instant::now() + sh.cfg.held_wait();
+    let held_until = tokio::time::Instant::now() + sh.cfg().held_wait();
     let mut waiting = false;
     let mut first = true;
     let mut began = Instant::now();
@@ -796,17 +868,17 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
             return began;
         }
         let gate = Gate {
-            kill_switch_on: sh.cfg.kill_switch.exists(),
+            kill_switch_on: sh.cfg().kill_switch.exists(),
             enabled: dev_cfg.enabled != Some(false),
         };
-        match policy::decide(&sh.cfg, &gate, &sh.history(bdf), now_ms()) {
+        match policy::decide(&sh.cfg(), &gate, &sh.history(bdf), now_ms()) {
             Decision::Skip(why) => {
                 sh.metrics.skipped(if gate.kill_switch_on {
                     "kill-switch"
                 } else {
                     "policy"
                 });
-                if sh.history(bdf).failures >= sh.cfg.max_attempts {
+                if sh.history(bdf).failures >= sh.cfg().max_attempts {
                     sh.gave_up(bdf);
                 }
                 sh.act(action(bdf, trigger, "skipped", why));
@@ -825,7 +897,7 @@ async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Instant) -> In
         began = Instant::now();
         // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
         let verifies =
-            trigger.verifies_first() && !(trigger.kernel_reset() && sh.cfg.act_with_kernel_reset);
+            trigger.verifies_first() && !(trigger.kernel_reset() && sh.cfg().act_with_kernel_reset);
         if first && verifies {
             match verify_only(sh, bdf, trigger).await {
                 Verified::Reset => {}
@@ -885,7 +957,8 @@ async fn wait_out_holder(
         a.detail = if waits {
             format!(
                 "{}; waiting up to {} s for it to let go",
-                a.detail, sh.cfg.held_wait_s
+                a.detail,
+                sh.cfg().held_wait_s
             )
         } else {
             format!("{}; its release will trigger the reset", a.detail)
@@ -922,13 +995,13 @@ async fn attempt(
         profile: dev_cfg.profile.clone(),
         bar: dev_cfg.bar,
         force: false,
-        dry_run: sh.cfg.observe_only,
-        ignore_kernel_reset: sh.cfg.act_with_kernel_reset,
-        experimental: sh.cfg.experimental.clone(),
-        allow_dpc: sh.cfg.allow_dpc,
-        allow_unguarded_link_drop: sh.cfg.allow_unguarded_link_drop,
+        dry_run: sh.cfg().observe_only,
+        ignore_kernel_reset: sh.cfg().act_with_kernel_reset,
+        experimental: sh.cfg().experimental.clone(),
+        allow_dpc: sh.cfg().allow_dpc,
+        allow_unguarded_link_drop: sh.cfg().allow_unguarded_link_drop,
     };
-    let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg.access.name());
+    let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg().access.name());
     let result = tokio::task::spawn_blocking(move || {
         engine::reset(&host, &req, &mut |d, o| open(d, o), access)
     })
@@ -1000,7 +1073,7 @@ async fn attempt(
 fn still_held(sh: &Shared, bdf: Bdf, trigger: Trigger, wait: HolderWait) -> Action {
     let detail = match wait {
         HolderWait::Shutdown => "shutting down while it was held: not reset".to_string(),
-        _ => format!("still held after {} s: not reset", sh.cfg.held_wait_s),
+        _ => format!("still held after {} s: not reset", sh.cfg().held_wait_s),
     };
     action(bdf, trigger, "skipped", detail)
 }
@@ -1086,12 +1159,12 @@ enum Verified {
 
 async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
-    let mode = if sh.cfg.observe_only {
+    let mode = if sh.cfg().observe_only {
         engine::ReadMode::NoWrites
     } else {
         engine::ReadMode::EnableAndRestore
     };
-    if sh.cfg.observe_only && crate::backend::opens_device(sh.cfg.access) {
+    if sh.cfg().observe_only && crate::backend::opens_device(sh.cfg().access) {
         return Verified::Done(action(
             bdf,
             trigger,
@@ -1108,7 +1181,7 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     })
     .await;
     let resets = |h: Health| match trigger {
-        Trigger::Rescan => sh.cfg.rescan_resets.resets(h),
+        Trigger::Rescan => sh.cfg().rescan_resets.resets(h),
         _ => h != Health::Clean,
     };
     match st {
@@ -1130,7 +1203,9 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
                     "nothing-to-do",
                     format!(
                         "{} left alone (rescan_resets = {:?}): {}",
-                        v.health, sh.cfg.rescan_resets, v.detail
+                        v.health,
+                        sh.cfg().rescan_resets,
+                        v.detail
                     ),
                 )
             }),

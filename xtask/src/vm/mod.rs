@@ -20,7 +20,7 @@ pub use host::apt_install;
 use crate::{cargo, toolchain, workspace_root};
 
 pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
-const MUSL: &str = "x86_64-unknown-linux-musl";
+use crate::toolchain::MUSL;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Binaries {

@@ -730,6 +730,9 @@ echo "VMLAB before $(state)"
 {START_AGENT}
 wait_for /tmp/journal.jsonl '"trigger":"rescan"' 60
 echo "VMLAB after-rescan $(state)"
+sed -i 's/^observe_only = true/observe_only = false/; s/^debounce_ms = 200/debounce_ms = 250/' /etc/qcom-reset/config.toml
+kill -HUP $P
+wait_for /tmp/agent.log "configuration reloaded" 30
 vmlab-guest vfio-cycle $D
 wait_for /tmp/journal.jsonl '"result":"dry-run"\|"trigger":"kernel-reset"' 60
 {STOP_AND_DUMP}"#,
@@ -2288,7 +2291,16 @@ fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Strin
         "actions: {acts:?}"
     );
     check_sim(sim, "wlan", 3 * kernel)?;
+    // SIGHUP with observe_only turned off in the file: the timing applies, the mode waits for a
+    // restart (the release above was still a dry run), and the agent runs on.
+    let log = section(console, "agent-log").join("\n");
+    ensure!(
+        log.contains("configuration reloaded: debounce_ms applied")
+            && log.contains("observe_only changed only at the next restart"),
+        "the reload was not reported: {log}"
+    );
     Ok(vec![
+        "SIGHUP reloaded debounce_ms and kept observe-only until a restart".into(),
         format!("rescan and release wrote nothing: {before} before and after"),
         format!("the simulator received only the kernel's {kernel} reset(s)"),
     ])
