@@ -584,10 +584,11 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
     std::fs::create_dir_all(&man)?;
     std::fs::create_dir_all(&completions)?;
     let cmd = Cli::command().version(env!("CARGO_PKG_VERSION"));
-    write_man(&man, &cmd, "qcom-reset")?;
+    crate::man::write_config(&man)?;
+    crate::man::write(&man, &cmd, "qcom-reset")?;
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("qcom-reset-{}", sub.get_name());
-        write_man(&man, &sub.clone().name(name.clone()), &name)?;
+        crate::man::write(&man, &sub.clone().name(name.clone()), &name)?;
     }
     for shell in [
         clap_complete::Shell::Bash,
@@ -600,50 +601,6 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
     println!("{}", dir.display());
     Ok(Exit::Ok)
 }
-
-fn write_man(dir: &std::path::Path, cmd: &clap::Command, name: &str) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
-        .section("8")
-        .render(&mut out)?;
-    // `health` has node-problem-detector's codes (in its EXTRA section); every other page
-    // documents the stable exit statuses.
-    if name != "qcom-reset-health" {
-        out.extend_from_slice(exit_status_roff().as_bytes());
-    }
-    out.extend_from_slice(FILES_ROFF.as_bytes());
-    std::fs::write(dir.join(format!("{name}.8")), out)
-        .with_context(|| format!("writing the man page of {name}"))
-}
-
-fn exit_status_roff() -> String {
-    let mut s = String::from(".SH \"EXIT STATUS\"\n");
-    for e in Exit::ALL {
-        s.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", e.code(), e.meaning()));
-    }
-    s.push_str(&format!(
-        ".TP\n\\fB128+N\\fR\n{}\n",
-        qcom_reset::exit::SIGNALLED
-    ));
-    s
-}
-
-const FILES_ROFF: &str = ".SH FILES
-.TP
-/etc/qcom-reset/config.toml, /etc/qcom-reset/conf.d/*.toml
-the agent's configuration and its drop-ins (name order)
-.TP
-/etc/default/qcom-reset
-the hooks' settings (QCOM_RESET_PRESTART)
-.TP
-/run/qcom-reset/
-per-device locks, crash records (BDF.json) and the running agent's status (agent.json)
-.TP
-/var/lib/qcom-reset/state.json, /var/log/qcom-reset/events.jsonl
-attempt history; journal of events and actions
-.SH \"SEE ALSO\"
-/usr/share/doc/qcom-reset/operations.md
-";
 
 fn config_default_path() -> std::path::PathBuf {
     std::path::PathBuf::from(qcom_reset::agent::config::DEFAULT_PATH)

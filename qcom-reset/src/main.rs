@@ -1,5 +1,6 @@
 mod cli;
 mod commands;
+mod man;
 
 use std::process::ExitCode;
 

@@ -125,6 +125,10 @@ impl Drop for ThrowawayRoot {
 const UNIT_LINK: &str = "/etc/systemd/system/multi-user.target.wants/qcom-reset.service";
 
 fn install_test(deb: &Path) -> anyhow::Result<()> {
+    // Installed on this machine before its root is overlaid, so the throwaway root has it.
+    if Command::new("logrotate").arg("--version").output().is_err() {
+        crate::vm::apt_install(&["logrotate"])?;
+    }
     let root = ThrowawayRoot::new()?;
     std::fs::copy(deb, root.merged.join("tmp/qcom-reset.deb"))?;
     for round in ["install", "reinstall"] {
@@ -135,7 +139,11 @@ fn install_test(deb: &Path) -> anyhow::Result<()> {
             "{round}: {version}"
         );
         let conffiles = root.sh("dpkg-query -W -f='${Conffiles}' qcom-reset")?;
-        for c in ["/etc/qcom-reset/config.toml", "/etc/default/qcom-reset"] {
+        for c in [
+            "/etc/qcom-reset/config.toml",
+            "/etc/default/qcom-reset",
+            "/etc/logrotate.d/qcom-reset",
+        ] {
             ensure!(
                 conffiles.contains(c),
                 "{round}: {c} is not a conffile: {conffiles}"
@@ -149,6 +157,7 @@ fn install_test(deb: &Path) -> anyhow::Result<()> {
             "/usr/share/man/man8/qcom-reset-run.8.gz",
             "/usr/share/man/man8/qcom-reset-health.8.gz",
             "/usr/share/man/man8/qcom-reset-reset.8.gz",
+            "/usr/share/man/man5/qcom-reset.toml.5.gz",
             "/usr/share/bash-completion/completions/qcom-reset",
             "/etc/libvirt/hooks/qemu.d/qcom-reset",
             "/usr/share/qcom-reset/proxmox-hookscript.sh",
@@ -158,6 +167,7 @@ fn install_test(deb: &Path) -> anyhow::Result<()> {
             ensure!(root.exists(p), "{round}: {p} missing after install");
         }
         verify_unit(&root.merged)?;
+        rotate(&root)?;
         println!(
             "package: {round} ok (binary runs, unit enabled, conffile, man pages, completions, hooks)"
         );
@@ -175,6 +185,21 @@ fn install_test(deb: &Path) -> anyhow::Result<()> {
         }
         println!("package: purge after {round} ok (nothing left)");
     }
+    Ok(())
+}
+
+/// The installed logrotate rule, forced once: the journal is rotated and emptied in place.
+fn rotate(root: &ThrowawayRoot) -> anyhow::Result<()> {
+    root.sh("mkdir -p /var/log/qcom-reset && echo '{\"type\":\"event\"}' > /var/log/qcom-reset/events.jsonl")?;
+    root.sh("logrotate --force --state /tmp/logrotate.state /etc/logrotate.d/qcom-reset")?;
+    let rotated = root.sh("cat /var/log/qcom-reset/events.jsonl.1")?;
+    let current = root.sh("cat /var/log/qcom-reset/events.jsonl")?;
+    ensure!(
+        rotated.contains("\"event\"") && current.trim().is_empty(),
+        "logrotate did not rotate the journal: .1 {rotated:?}, current {current:?}"
+    );
+    root.sh("rm -f /var/log/qcom-reset/events.jsonl*")?;
+    println!("package: logrotate rotates /var/log/qcom-reset/events.jsonl in place");
     Ok(())
 }
 
