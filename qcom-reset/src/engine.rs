@@ -299,7 +299,8 @@ fn dry_run(t: &Target, access: &str) -> Report {
     if !t.kernel_has_device_specific() {
         plan.extend(ops.iter().map(|o| o.to_string()));
         plan.push(format!(
-            "verify: poll MHISTATUS/MHICTRL/EE every 25 ms for up to {} ms",
+            "verify: poll MHISTATUS/MHICTRL/EE every {} ms for up to {} ms",
+            verdict::SETTLE_POLL.as_millis(),
             verdict::settle_window(p.family).as_millis()
         ));
         plan.push(format!("unmap BAR{}", p.bar));
@@ -456,7 +457,11 @@ pub fn reset(
         step(
             t.bdf,
             version,
-            "verify: reading config space and MHI registers",
+            &format!(
+                "verify: reading config space and MHI registers (every {} ms, up to {} ms)",
+                verdict::SETTLE_POLL.as_millis(),
+                verdict::settle_window(p.family).as_millis()
+            ),
         );
         // A SoC reset takes the link down, so the sequence reads all-ones at least once; without
         // that evidence a modem found in AMSS never rebooted (e.g. our writes were lost).

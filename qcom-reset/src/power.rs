@@ -354,10 +354,21 @@ fn away_and_back(
     let target = device(sysfs, plan.target);
     match &plan.method {
         Method::Slot(slot) => {
+            step(format!(
+                "powering slot {} off; waiting up to {:?} for {} to go",
+                slot.display(),
+                plan.timing.enumerate,
+                plan.target
+            ));
             write(&slot.join("power"), "0")?;
-            step(format!("slot {} powered off", slot.display()));
         }
-        Method::D3cold { .. } => target.write("remove", "1")?,
+        Method::D3cold { .. } => {
+            step(format!(
+                "removing {}; waiting up to {:?} for it to go",
+                plan.target, plan.timing.enumerate
+            ));
+            target.write("remove", "1")?;
+        }
     }
     let port = device(sysfs, plan.port);
     let cycled = gone(plan, &target, own, step).and_then(|()| match &plan.method {
@@ -365,6 +376,10 @@ fn away_and_back(
         Method::D3cold { power_resources } => d3cold_back(plan, *power_resources, &port, step),
     });
     let cycled = cycled.and_then(|()| {
+        step(format!(
+            "waiting up to {:?} for {} to come back",
+            plan.timing.enumerate, plan.target
+        ));
         wait_for("the function to come back", plan.timing.enumerate, || {
             target.dir.exists()
         })
@@ -411,6 +426,12 @@ fn slot_back(
     target: &SysfsDevice,
     step: &mut dyn FnMut(String),
 ) -> Result<()> {
+    step(format!(
+        "slot {} stays off for {:?}, then power on; pciehp has {:?} to enumerate",
+        slot.display(),
+        plan.timing.off,
+        plan.timing.enumerate
+    ));
     std::thread::sleep(plan.timing.off);
     write(&slot.join("power"), "1")?;
     step(format!("slot {} powered on", slot.display()));
@@ -431,6 +452,10 @@ fn d3cold_back(
     port: &SysfsDevice,
     step: &mut dyn FnMut(String),
 ) -> Result<()> {
+    step(format!(
+        "letting port {} suspend; waiting up to {:?} for D3cold",
+        plan.port, plan.timing.port
+    ));
     port.write("d3cold_allowed", "1")?;
     port.write("power/control", "auto")?;
     let reached = wait_for("D3cold", plan.timing.port, || in_state(port, "D3cold"));
@@ -446,6 +471,10 @@ fn d3cold_back(
             plan.port
         ),
     });
+    step(format!(
+        "waking port {}; waiting up to {:?} for D0",
+        plan.port, plan.timing.port
+    ));
     port.write("power/control", "on")?;
     wait_for("the port to wake", plan.timing.port, || {
         in_state(port, "D0")

@@ -61,7 +61,11 @@ fn wlan(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     io.write32(PCIE_SOC_GLOBAL_RESET, v & !GLOBAL_RESET_V);
     io.read32(PCIE_SOC_GLOBAL_RESET);
     io.delay(MS(10));
-    step("wait for the link to come back");
+    step(&format!(
+        "wait for the link to come back (a read every {} ms, up to {} s)",
+        WLAN_LINK_POLL.as_millis(),
+        WLAN_LINK_TIMEOUT.as_secs()
+    ));
     // Reads at 0, 20, ..., 5000 ms: the window is covered to its end, like v12's poll, whose
     // last read comes after the timeout has expired.
     let polls = WLAN_LINK_TIMEOUT.as_millis() / WLAN_LINK_POLL.as_millis() + 1;
@@ -93,7 +97,10 @@ fn modem(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     step("request SoC reset (MHI_SOC_RESET_REQ)");
     io.write32(MHI_SOC_RESET_REQ, 1);
     io.read32(MHI_SOC_RESET_REQ); // flushes the posted write (Mani's 2026 fix)
-    step("wait for the modem to reboot");
+    step(&format!(
+        "wait for the modem to reboot ({} s)",
+        MODEM_POST_RESET.as_secs()
+    ));
     io.delay(MODEM_POST_RESET);
     Outcome::Completed
 }

@@ -262,7 +262,10 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
                 .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
         })
         .collect();
-        eprintln!("xtask: fetching {}", parts.join(" "));
+        eprintln!(
+            "xtask: fetching {} (about 100 MB, a minute or two; cached after)",
+            parts.join(" ")
+        );
         let debs = cache_dir().join("debs");
         std::fs::create_dir_all(&debs)?;
         let root = kdir.join("root");
