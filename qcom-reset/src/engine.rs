@@ -478,7 +478,13 @@ pub fn reset(
         if rebooted {
             io.inner.session.saw_link_drop();
         }
+        // The verification only reads: a VM may open the card meanwhile (a header repair takes
+        // the group back first). One that did keeps the card and gets no verdict of ours.
+        let let_go = io.inner.session.let_go();
         let v = verdict::verify(&t.expect(rebooted), &mut io, len);
+        if let_go {
+            io.inner.session.take_back()?;
+        }
         // Reads do not check the owner on their own: a card taken during the modem's wait or
         // the verification gets no verdict from registers that are the new driver's.
         let lost = io

@@ -1024,13 +1024,14 @@ async fn attempt(
             a.result = if held { "held" } else { "skipped" }.into();
             a.detail = format!("not written: {e}");
         }
-        // A host driver took the card mid-session (libvirt's managed reattach): not the card
-        // failing, and no longer ours to retry. A card that left the bus or came back as a new
-        // device is still a failed attempt (a reset that drops it off the bus every time must
-        // back off and give up).
+        // A host driver took the card mid-session (libvirt's managed reattach), or a VM opened
+        // it while the verification had let its group go: not the card failing, and no longer
+        // ours to retry (the VM's release is an episode of its own). A card that left the bus
+        // or came back as a new device is still a failed attempt (a reset that drops it off
+        // the bus every time must back off and give up).
         Ok(Err(
             e @ crate::Error::Taken {
-                by: crate::session::Lost::Driver(_),
+                by: crate::session::Lost::Driver(_) | crate::session::Lost::Opened(_),
                 ..
             },
         )) => {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::backend::Backend;
 use crate::bdf::Bdf;
@@ -69,6 +69,8 @@ pub enum Lost {
     Replaced,
     /// Another driver (or none, after an unbind) has it now.
     Driver(Option<String>),
+    /// A VM (or another VFIO user) opened it while the verification had let its group go.
+    Opened(String),
     Unreadable(String),
 }
 
@@ -79,6 +81,7 @@ impl std::fmt::Display for Lost {
             Lost::Replaced => f.write_str("a re-enumeration: it left the bus and came back"),
             Lost::Driver(Some(d)) => write!(f, "driver {d}"),
             Lost::Driver(None) => f.write_str("an unbind (no driver now)"),
+            Lost::Opened(h) => write!(f, "a VFIO user while the verification let it go: {h}"),
             Lost::Unreadable(e) => write!(f, "an unknown owner ({e})"),
         }
     }
@@ -191,11 +194,14 @@ pub struct Session {
     /// Config words the header repair put back mid-sequence, for the session's report.
     repaired: Vec<String>,
     restored: Option<Restored>,
+    /// A VM opened the card while its group was let go: nothing more is written to it.
+    taken: Option<Lost>,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
     _port_lock: Option<DeviceLock>,
-    /// Held until the session ends: nothing else can open the device meanwhile.
-    _own: Ownership,
+    /// Held until the session ends (let go only while the verification reads): nothing else
+    /// can open the device while the session writes.
+    own: Ownership,
 }
 
 impl Session {
@@ -220,8 +226,9 @@ impl Session {
             link_dropped: false,
             repaired: Vec::new(),
             restored: None,
+            taken: None,
             _port_lock: None,
-            _own: own,
+            own,
         };
         if writes == Writes::None {
             return Ok((s, None));
@@ -333,7 +340,46 @@ impl Session {
     /// Whether the device is still ours: vfio-pci can be unbound while only its group is held
     /// (the kernel blocks that only for an open device fd), and a new driver may own it now.
     pub fn still_owned(&self) -> Result<()> {
-        self.watch.lost().map_or(Ok(()), |l| Err(self.lost(l)))
+        self.lost_to().map_or(Ok(()), |l| Err(self.lost(l)))
+    }
+
+    /// Who has the card now, if not this session.
+    fn lost_to(&self) -> Option<Lost> {
+        self.taken.clone().or_else(|| self.watch.lost())
+    }
+
+    /// Lets the VFIO group go for the verification's polling (reads only, for up to 8 s), so
+    /// a VM starting meanwhile is not refused with EBUSY. Not when the access itself goes
+    /// through VFIO: the device descriptor keeps the group busy, and closing it would run the
+    /// kernel's release path. True when it was let go; [`Session::take_back`] comes before any
+    /// further write.
+    pub fn let_go(&mut self) -> bool {
+        if self.backend.name() == "vfio" || !self.own.let_go() {
+            return false;
+        }
+        info!(bdf = %self.bdf, "verify: VFIO group let go while the verification only reads (a VM may open the card now)");
+        true
+    }
+
+    /// Takes a let-go group back before a write or the restore. A VM that opened it meanwhile
+    /// keeps it: the session ends without another config or power write, and without a verdict
+    /// (the registers are that VM's now).
+    pub fn take_back(&mut self) -> Result<()> {
+        if let Some(l) = self.taken.clone() {
+            return Err(self.lost(l));
+        }
+        match self.own.take_back() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let holder = match e {
+                    Error::Held { holder, .. } | Error::HeldBySession { holder, .. } => holder,
+                    other => other.to_string(),
+                };
+                let l = Lost::Opened(holder);
+                self.taken = Some(l.clone());
+                Err(self.lost(l))
+            }
+        }
     }
 
     /// The error that ends a session whose card was taken, with its journal line.
@@ -364,7 +410,10 @@ impl Session {
         let Some(b) = self.baseline.clone() else {
             return false;
         };
-        if self.watch.lost().is_some() || self.dev.ids().ok() != Some(self.config_ids()) {
+        if self.take_back().is_err()
+            || self.watch.lost().is_some()
+            || self.dev.ids().ok() != Some(self.config_ids())
+        {
             return false;
         }
         let differ = differing(self.backend.as_mut(), b.config.clone());
@@ -485,14 +534,11 @@ impl Session {
             } else {
                 Words::None
             };
-            put_back(
-                &self.dev,
-                self.backend.as_mut(),
-                &self.watch,
-                &b,
-                mode,
-                &mut r,
-            );
+            // A group the verification let go comes back first; failing that, its new holder
+            // keeps the card as it is.
+            let _ = self.take_back();
+            let lost = self.lost_to();
+            put_back(&self.dev, self.backend.as_mut(), lost, &b, mode, &mut r);
             report(self.bdf, &r);
             if r.errors.is_empty() {
                 record::remove(&self.run_dir, self.bdf);
@@ -539,7 +585,7 @@ impl Session {
         put_back(
             &self.dev,
             self.backend.as_mut(),
-            &self.watch,
+            self.watch.lost(),
             &rec,
             mode,
             &mut r,
@@ -666,12 +712,11 @@ enum Words {
 fn put_back(
     dev: &SysfsDevice,
     backend: &mut dyn Backend,
-    watch: &OwnerWatch,
+    lost: Option<Lost>,
     b: &Record,
     mode: Words,
     r: &mut Restored,
 ) {
-    let lost = watch.lost();
     match &lost {
         None => restore_config(backend, b, mode, r),
         Some(l) => {

@@ -17,11 +17,22 @@ use crate::{Error, Result};
 /// What a session holds so nothing else can open the device while it writes.
 #[derive(Debug)]
 pub struct Ownership {
-    /// The open VFIO group; None for a device on no driver (nothing can open it through VFIO)
-    /// or, with `--force`, on another driver.
-    group: Option<(PathBuf, File)>,
+    /// The VFIO group; None for a device on no driver (nothing can open it through VFIO) or,
+    /// with `--force`, on another driver.
+    group: Option<Group>,
     /// The driver the card had when it was owned: the one the session expects throughout.
     driver: Option<String>,
+}
+
+#[derive(Debug)]
+struct Group {
+    path: PathBuf,
+    /// Open while the session owns the card; None while it is let go ([`Ownership::let_go`]).
+    file: Option<File>,
+    /// Where holders are named from when it cannot be taken back.
+    proc_root: PathBuf,
+    /// The device's nodes, for naming a holder.
+    dev: SysfsDevice,
 }
 
 impl Ownership {
@@ -41,33 +52,48 @@ impl Ownership {
                 why: "it is bound to vfio-pci but has no IOMMU group".into(),
             });
         };
-        let path = group_node(dev_vfio, &group);
-        let not_owned = |why| Error::NotOwned { bdf: dev.bdf, why };
-        match File::options().read(true).write(true).open(&path) {
-            Ok(f) => Ok(Ownership {
-                group: Some((path, f)),
-                driver,
-            }),
-            Err(e) => Err(match refusal(&e) {
-                Refusal::Held => {
-                    let paths = holders::device_paths(dev).unwrap_or_else(|_| vec![path.clone()]);
-                    held(dev.bdf, proc_root, &paths, &path)
-                }
-                Refusal::Missing => not_owned(format!(
-                    "{} does not exist (is /dev mounted and vfio loaded?)",
-                    path.display()
-                )),
-                Refusal::Other => not_owned(format!("cannot open {}: {e}", path.display())),
-            }),
-        }
+        let mut g = Group {
+            path: group_node(dev_vfio, &group),
+            file: None,
+            proc_root: proc_root.to_path_buf(),
+            dev: dev.clone(),
+        };
+        g.open()?;
+        Ok(Ownership {
+            group: Some(g),
+            driver,
+        })
     }
 
     /// A second descriptor of the held group, for the VFIO access path (the group stays owned
     /// by this session: exclusivity belongs to the open, not to one descriptor).
     pub fn group_fd(&self) -> Option<std::io::Result<OwnedFd>> {
-        self.group
-            .as_ref()
-            .map(|(_, f)| f.try_clone().map(OwnedFd::from))
+        let file = self.group.as_ref()?.file.as_ref()?;
+        Some(file.try_clone().map(OwnedFd::from))
+    }
+
+    /// Lets the group go while the session only reads (its verification polls for up to 8 s),
+    /// so a VM that starts meanwhile opens the card instead of failing with EBUSY. True when a
+    /// group was let go; [`Ownership::take_back`] must succeed before the session writes again.
+    /// A descriptor handed to a VFIO backend keeps the group busy anyway: the caller lets go
+    /// only when its access is not through VFIO.
+    pub fn let_go(&mut self) -> bool {
+        match &mut self.group {
+            Some(g) if g.file.is_some() => {
+                g.file = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes a let-go group back: an error (a VM opened it meanwhile: EBUSY, with its holder
+    /// named) means the card is no longer the session's to write.
+    pub fn take_back(&mut self) -> Result<()> {
+        match &mut self.group {
+            Some(g) if g.file.is_none() => g.open(),
+            _ => Ok(()),
+        }
     }
 
     /// The driver the card had when it was owned.
@@ -77,7 +103,34 @@ impl Ownership {
 
     /// The held group's path, for logs.
     pub fn group_path(&self) -> Option<&Path> {
-        self.group.as_ref().map(|(p, _)| p.as_path())
+        self.group.as_ref().map(|g| g.path.as_path())
+    }
+}
+
+impl Group {
+    /// Opens the group node. Fails closed: a group that cannot be opened, for any reason, means
+    /// the device is not ours to write.
+    fn open(&mut self) -> Result<()> {
+        let (bdf, path) = (self.dev.bdf, &self.path);
+        let not_owned = |why| Error::NotOwned { bdf, why };
+        match File::options().read(true).write(true).open(path) {
+            Ok(f) => {
+                self.file = Some(f);
+                Ok(())
+            }
+            Err(e) => Err(match refusal(&e) {
+                Refusal::Held => {
+                    let paths =
+                        holders::device_paths(&self.dev).unwrap_or_else(|_| vec![path.clone()]);
+                    held(bdf, &self.proc_root, &paths, path)
+                }
+                Refusal::Missing => not_owned(format!(
+                    "{} does not exist (is /dev mounted and vfio loaded?)",
+                    path.display()
+                )),
+                Refusal::Other => not_owned(format!("cannot open {}: {e}", path.display())),
+            }),
+        }
     }
 }
 
