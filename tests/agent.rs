@@ -132,7 +132,16 @@ fn start_with(
     cfg: Config,
     open: qcom_reset::agent::OpenFn,
 ) -> Running {
-    let agent = Agent::new(cfg, host, open, Arc::new(Metrics::default())).unwrap();
+    start_metered(host, cfg, open, Arc::new(Metrics::default()))
+}
+
+fn start_metered(
+    host: qcom_reset::engine::Host,
+    cfg: Config,
+    open: qcom_reset::agent::OpenFn,
+    metrics: Arc<Metrics>,
+) -> Running {
+    let agent = Agent::new(cfg, host, open, metrics).unwrap();
     let actions = agent.subscribe();
     let ready = agent.ready();
     let reloader = agent.reloader();
@@ -1554,5 +1563,74 @@ async fn an_open_unpublishes_the_verdict_until_the_release_is_answered() {
     r.tx.send(release(WLAN, 0x1103)).await.unwrap();
     assert_eq!(r.next().await.result, "clean");
     assert_eq!(card().health, Some(qcom_reset::verdict::Health::Clean));
+    r.stop().await;
+}
+
+/// What monitoring reads follows every verdict and session: `busy` while a session runs, a
+/// card that gave up shown so until a clean verdict clears it, `device_clean` 1 only for a
+/// clean card, and each target described by `device_info` (mutants of `Shared::{verdict,
+/// describe, busy}` survived without this).
+#[tokio::test]
+async fn metrics_and_status_follow_every_verdict_and_session() {
+    use qcom_reset::agent::status::AgentStatus;
+    let h = two_device_host();
+    let stuck = stuck_wlan();
+    let mut cfg = test_config(&h);
+    (cfg.max_attempts, cfg.cooldown_s) = (1, 1);
+    let card = stuck.clone();
+    // Each open takes 300 ms, long enough to see the session as busy.
+    let open: qcom_reset::agent::OpenFn = Arc::new(move |_, _| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Box::new(card.clone()))
+    });
+    let metrics = Arc::new(Metrics::default());
+    let mut r = start_metered(h.host.clone(), cfg, open, metrics.clone());
+    let status = || {
+        AgentStatus::load(&h.host.run_dir)
+            .unwrap()
+            .and_then(|s| s.cards.get(&bdf(WLAN)).cloned())
+    };
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !status().is_some_and(|c| c.busy) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never busy: {:?}",
+            status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(r.next().await.result, "crashed");
+    let text = metrics.render();
+    assert!(
+        text.contains("qcom_reset_device_clean{bdf=\"0000:03:00.0\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("qcom_reset_device_info{")
+                && l.contains("bdf=\"0000:03:00.0\"")
+                && l.contains("profile=\"wcn6855\"")),
+        "{text}"
+    );
+    let next = r.next().await;
+    assert!(next.detail.contains("gave up"), "{}", next.detail);
+    let c = status().unwrap();
+    assert!(c.gave_up && !c.busy, "{c:?}");
+    // The card recovers; after the cool-down a release resets it clean.
+    stuck.set_faults(Faults::default());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert_eq!(r.next().await.result, "clean");
+    let c = status().unwrap();
+    assert!(
+        !c.gave_up && !c.busy,
+        "a clean verdict clears gave_up: {c:?}"
+    );
+    assert!(
+        metrics
+            .render()
+            .contains("qcom_reset_device_clean{bdf=\"0000:03:00.0\"} 1")
+    );
     r.stop().await;
 }

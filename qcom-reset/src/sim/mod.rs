@@ -63,6 +63,11 @@ impl SimDevice {
         f(&self.lock().model)
     }
 
+    /// Changes the card's faults from now on (a card that recovers, or starts failing).
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().model.faults = faults;
+    }
+
     /// Whether the device answers on the bus at the current virtual time.
     pub fn link_up_now(&self) -> bool {
         let s = self.lock();
