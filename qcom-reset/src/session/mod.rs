@@ -196,6 +196,9 @@ pub struct Session {
     restored: Option<Restored>,
     /// A VM opened the card while its group was let go: nothing more is written to it.
     taken: Option<Lost>,
+    /// The verification runs with the group let go (between [`Session::let_go`] and
+    /// [`Session::take_back`]): a header repair takes it back for its writes only.
+    verifying: bool,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
     _port_lock: Option<DeviceLock>,
@@ -227,6 +230,7 @@ impl Session {
             repaired: Vec::new(),
             restored: None,
             taken: None,
+            verifying: false,
             _port_lock: None,
             own,
         };
@@ -357,29 +361,39 @@ impl Session {
         if self.backend.name() == "vfio" || !self.own.let_go() {
             return false;
         }
+        self.verifying = true;
         info!(bdf = %self.bdf, "verify: VFIO group let go while the verification only reads (a VM may open the card now)");
         true
     }
 
-    /// Takes a let-go group back before a write or the restore. A VM that opened it meanwhile
-    /// keeps it: the session ends without another config or power write, and without a verdict
-    /// (the registers are that VM's now).
+    /// Ends the verification's let-go stretch: the group is taken back before the restore. A
+    /// VM that opened the card meanwhile keeps it: the session ends without another config or
+    /// power write, and without a verdict (the registers are that VM's now).
     pub fn take_back(&mut self) -> Result<()> {
+        self.verifying = false;
+        self.own_again()
+    }
+
+    /// Reopens a let-go group. Failing that, the card is someone else's: the driver or bus
+    /// change the watch sees, or else the VFIO user the kernel's EBUSY names.
+    fn own_again(&mut self) -> Result<()> {
         if let Some(l) = self.taken.clone() {
-            return Err(self.lost(l));
+            return Err(Error::Taken {
+                bdf: self.bdf,
+                by: l,
+            });
         }
-        match self.own.take_back() {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let holder = match e {
-                    Error::Held { holder, .. } | Error::HeldBySession { holder, .. } => holder,
-                    other => other.to_string(),
-                };
-                let l = Lost::Opened(holder);
-                self.taken = Some(l.clone());
-                Err(self.lost(l))
+        let Err(e) = self.own.take_back() else {
+            return Ok(());
+        };
+        let l = self.watch.lost().unwrap_or_else(|| match e {
+            Error::Held { holder, .. } | Error::HeldBySession { holder, .. } => {
+                Lost::Opened(holder)
             }
-        }
+            other => Lost::Unreadable(other.to_string()),
+        });
+        self.taken = Some(l.clone());
+        Err(self.lost(l))
     }
 
     /// The error that ends a session whose card was taken, with its journal line.
@@ -407,13 +421,22 @@ impl Session {
     /// when the card is no longer ours or off the bus, or when a word could not be put back
     /// (decoding then stays off: never decode through a half-restored BAR).
     pub fn repair_header(&mut self) -> bool {
+        // Let go for the verification: owned again for these writes, let go again after.
+        if self.own_again().is_err() {
+            return false;
+        }
+        let repaired = self.repair_owned_header();
+        if self.verifying {
+            self.own.let_go();
+        }
+        repaired
+    }
+
+    fn repair_owned_header(&mut self) -> bool {
         let Some(b) = self.baseline.clone() else {
             return false;
         };
-        if self.take_back().is_err()
-            || self.watch.lost().is_some()
-            || self.dev.ids().ok() != Some(self.config_ids())
-        {
+        if self.watch.lost().is_some() || self.dev.ids().ok() != Some(self.config_ids()) {
             return false;
         }
         let differ = differing(self.backend.as_mut(), b.config.clone());
