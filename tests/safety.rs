@@ -1040,19 +1040,24 @@ fn a_bar_write_that_fails_mid_repair_leaves_decoding_off() {
 }
 
 /// A card's BAR with `on_read` run at each of the verification's reads (those after the
-/// sequence's `writes` writes and the delay that follows the last).
+/// sequence's `writes` writes and the delay that follows the last); `revoked` stands for the
+/// kernel taking the mapping away (all-ones from then on).
 struct AtVerify {
     inner: Box<dyn RegisterIo>,
     writes: u32,
     seq_writes: u32,
     delayed: bool,
     on_read: Box<dyn FnMut() + Send>,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RegisterIo for AtVerify {
     fn read32(&mut self, offset: u32) -> u32 {
         if self.writes == self.seq_writes && self.delayed {
             (self.on_read)();
+        }
+        if self.revoked() {
+            return u32::MAX;
         }
         self.inner.read32(offset)
     }
@@ -1065,16 +1070,29 @@ impl RegisterIo for AtVerify {
         self.delayed = true;
         self.inner.delay(d)
     }
+    fn revoked(&self) -> bool {
+        self.revoked.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
-/// A backend named `name` ("sysfs" or "vfio") whose BAR runs `on_read` during the verification;
-/// counts config writes once `after` is set.
+/// What a verification hook saw: whether the group was held at each verification read and at
+/// each config write, and the config writes after `after` was set.
+#[derive(Clone, Default)]
+struct Seen {
+    reads_held: Arc<Mutex<Vec<bool>>>,
+    writes_held: Arc<Mutex<Vec<bool>>>,
+    after: Arc<Mutex<Option<usize>>>,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A backend named `name` ("sysfs" or "vfio") whose BAR runs `on_read` during the verification.
 struct VerifyHook {
     name: &'static str,
     inner: SimDevice,
+    node: PathBuf,
     seq_writes: u32,
     on_read: Option<Box<dyn FnMut() + Send>>,
-    after: Arc<Mutex<Option<usize>>>,
+    seen: Seen,
 }
 
 impl Backend for VerifyHook {
@@ -1085,7 +1103,12 @@ impl Backend for VerifyHook {
         self.inner.config_read16(o)
     }
     fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
-        if let Some(n) = self.after.lock().unwrap().as_mut() {
+        self.seen
+            .writes_held
+            .lock()
+            .unwrap()
+            .push(holds(&self.node));
+        if let Some(n) = self.seen.after.lock().unwrap().as_mut() {
             *n += 1;
         }
         self.inner.config_write16(o, v)
@@ -1098,6 +1121,7 @@ impl Backend for VerifyHook {
             seq_writes: self.seq_writes,
             delayed: false,
             on_read: self.on_read.take().unwrap(),
+            revoked: self.seen.revoked.clone(),
         };
         Ok((Box::new(io), len))
     }
@@ -1117,68 +1141,65 @@ fn holds(path: &std::path::Path) -> bool {
         .any(|p| p == path)
 }
 
+/// Resets the card at `at` through a [`VerifyHook`]; `on_read` gets what the hook sees.
 fn reset_with_verify_hook(
     h: &FakeHost,
     access: &'static str,
     (at, card): (&str, &SimDevice),
-    on_read: impl FnMut() + Send + 'static,
-    after: Arc<Mutex<Option<usize>>>,
-) -> qcom_reset::Result<engine::Report> {
-    let seq_writes = if at == MODEM { 1 } else { 3 };
+    on_read: impl FnOnce(&Seen, PathBuf) -> Box<dyn FnMut() + Send>,
+) -> (qcom_reset::Result<engine::Report>, Seen) {
+    let seen = Seen::default();
+    let node = group_node(h, at);
     let mut backend = Some(VerifyHook {
         name: access,
         inner: card.clone(),
-        seq_writes,
-        on_read: Some(Box::new(on_read)),
-        after,
+        node: node.clone(),
+        seq_writes: if at == MODEM { 1 } else { 3 },
+        on_read: Some(on_read(&seen, node)),
+        seen: seen.clone(),
     });
-    engine::reset(
+    let r = engine::reset(
         &h.host,
         &Request::new(bdf(at)),
         &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
         access,
-    )
-}
-
-/// Whether the group was held at each of the verification's reads of a reset of `at`.
-fn held_while_verifying(
-    h: &FakeHost,
-    access: &'static str,
-    at: &str,
-    card: &SimDevice,
-) -> (engine::Report, Vec<bool>) {
-    let node = group_node(h, at);
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    let r = reset_with_verify_hook(
-        h,
-        access,
-        (at, card),
-        move || s.lock().unwrap().push(holds(&node)),
-        Arc::new(Mutex::new(None)),
-    )
-    .unwrap();
-    let seen = seen.lock().unwrap().clone();
-    assert!(!seen.is_empty(), "the verification read nothing");
+    );
     (r, seen)
 }
 
-/// Issue 20: the verification only reads, for up to 1 s (WLAN) or 8 s (modem), so the session
-/// lets the VFIO group go meanwhile (a VM starting then opens the card instead of failing with
-/// EBUSY) and takes it back for the restore. The modem's link drop reset its function: the
-/// verification's first read finds the header gone and repairs it, owning the group for those
-/// writes only, then reads on with it let go again (the VM lab found it held from there on).
+/// Records whether the group is held at each verification read.
+fn note_held(seen: &Seen, node: PathBuf) -> Box<dyn FnMut() + Send> {
+    let reads = seen.reads_held.clone();
+    Box::new(move || reads.lock().unwrap().push(holds(&node)))
+}
+
+/// Issue 20: the verification only reads, for up to 1 s (WLAN) or 8 s (modem), so once a BAR
+/// read answers (the BAR decodes at the kernel's address: the header is whole) the session
+/// lets the VFIO group go (a VM starting then opens the card instead of failing with EBUSY) and takes it
+/// back for the restore's writes. The modem's link drop reset its function: its first
+/// verification read finds the header gone and repairs it with the group held (a VM must not
+/// save a broken header as the state to put back), then reads on with it let go.
 #[test]
-fn the_group_is_let_go_while_the_verification_reads_and_taken_back_to_restore() {
+fn the_group_is_let_go_once_the_card_is_settled_and_held_for_every_write() {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     h.add(FakeDevice::modem(MODEM));
     for (at, family) in [(WLAN, Family::Wlan), (MODEM, Family::Modem)] {
         let card = sim(family, Faults::default());
-        let (r, seen) = held_while_verifying(&h, "sysfs", at, &card);
+        let (r, seen) = reset_with_verify_hook(&h, "sysfs", (at, &card), note_held);
+        let r = r.unwrap();
+        let reads = seen.reads_held.lock().unwrap().clone();
+        // Held until a read shows the card settled, let go for every read after.
+        let free = reads.iter().position(|held| !held);
+        assert!(reads[0] && free.is_some(), "{at}: {reads:?}");
         assert!(
-            seen.iter().all(|held| !held),
-            "{at}: held at a verification read: {seen:?}"
+            reads[free.unwrap()..].iter().all(|held| !held),
+            "{at}: held again: {reads:?}"
+        );
+        let writes = seen.writes_held.lock().unwrap().clone();
+        assert!(
+            !writes.is_empty() && writes.iter().all(|held| *held),
+            "{at}: a config write without the group: {writes:?}"
         );
         assert_eq!(r.verdict.unwrap().health.to_string(), "clean");
         assert!(
@@ -1198,48 +1219,51 @@ fn the_group_is_let_go_while_the_verification_reads_and_taken_back_to_restore() 
     }
     // Through VFIO the device descriptor keeps the group busy: nothing is let go.
     let card = sim(Family::Wlan, Faults::default());
-    let (_, seen) = held_while_verifying(&h, "vfio", WLAN, &card);
+    let (r, seen) = reset_with_verify_hook(&h, "vfio", (WLAN, &card), note_held);
+    r.unwrap();
+    let reads = seen.reads_held.lock().unwrap().clone();
     assert!(
-        seen.iter().all(|held| *held),
-        "VFIO access keeps its group: {seen:?}"
+        reads.iter().all(|held| *held),
+        "VFIO access keeps its group: {reads:?}"
     );
 }
 
 /// Issue 20: a VM that opens the card while the verification has let the group go keeps it: no
-/// verdict (the registers are its own now), not one config or power write after, and the
-/// `driver_override` hold put back. (The fake node cannot answer EBUSY: a directory in its
-/// place makes the open fail; the VM lab's `own` shows the kernel's EBUSY and the VM named.)
+/// verdict (the registers are its own now), not one config write after, and the
+/// `driver_override` hold put back. The fake node cannot answer EBUSY, so a directory in its
+/// place makes the open fail: an owner the session cannot name, whose card's power is left as
+/// it is (the VM lab's `own` shows the kernel's EBUSY, the VM named and power/control restored).
 #[test]
 fn a_vm_that_opens_the_card_during_the_verification_keeps_it_untouched() {
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     let card = sim(Family::Wlan, Faults::default());
-    let node = group_node(&h, WLAN);
-    let after = Arc::new(Mutex::new(None));
-    let a = after.clone();
-    let mut once = true;
-    let e = reset_with_verify_hook(
-        &h,
-        "sysfs",
-        (WLAN, &card),
-        move || {
-            if std::mem::take(&mut once) {
+    let (e, seen) = reset_with_verify_hook(&h, "sysfs", (WLAN, &card), |seen, node| {
+        let (reads, after) = (seen.reads_held.clone(), seen.after.clone());
+        Box::new(move || {
+            let mut reads = reads.lock().unwrap();
+            reads.push(holds(&node));
+            // The first read the group is let go for: the VM opens it.
+            if reads.len() == 2 {
                 fs::remove_file(&node).unwrap();
                 fs::create_dir(&node).unwrap();
-                *a.lock().unwrap() = Some(0);
+                *after.lock().unwrap() = Some(0);
             }
-        },
-        after.clone(),
-    )
-    .unwrap_err();
+        })
+    });
+    let e = e.unwrap_err();
     assert!(matches!(e, Error::Taken { .. }), "{e}");
     assert!(e.to_string().contains("Is a directory"), "{e}");
     assert_eq!(
-        *after.lock().unwrap(),
+        *seen.after.lock().unwrap(),
         Some(0),
         "config writes after the VM's open"
     );
-    assert_eq!(h.read(WLAN, "power/control"), "on", "power is the VM's");
+    assert_eq!(
+        h.read(WLAN, "power/control"),
+        "on",
+        "an unknown owner's power is left"
+    );
     assert_eq!(
         h.read(WLAN, "driver_override"),
         "",
@@ -1249,4 +1273,34 @@ fn a_vm_that_opens_the_card_during_the_verification_keeps_it_untouched() {
         !record_path(&h, WLAN).exists(),
         "nothing left to restore for us"
     );
+}
+
+/// Issue 20 review: with CONFIG_IO_STRICT_DEVMEM (Debian's kernels) a VM that maps the BAR
+/// during the verification makes the kernel revoke the session's sysfs mapping (SIGBUS, which
+/// `io::revoke` turns into all-ones reads). The session stops reading at once and ends taken,
+/// with no verdict and no config write after, even though the group could be taken back.
+#[test]
+fn a_revoked_bar_mapping_ends_the_session_as_taken() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let (e, seen) = reset_with_verify_hook(&h, "sysfs", (WLAN, &card), |seen, _| {
+        let (revoked, after) = (seen.revoked.clone(), seen.after.clone());
+        let mut n = 0;
+        Box::new(move || {
+            n += 1;
+            if n == 2 {
+                revoked.store(true, std::sync::atomic::Ordering::SeqCst);
+                *after.lock().unwrap() = Some(0);
+            }
+        })
+    });
+    let e = e.unwrap_err();
+    assert!(e.to_string().contains("claimed its BAR"), "{e}");
+    assert_eq!(
+        *seen.after.lock().unwrap(),
+        Some(0),
+        "config writes after the revocation"
+    );
+    assert!(!record_path(&h, WLAN).exists());
 }

@@ -148,7 +148,9 @@ impl Backend for SysfsBackend {
                 _ => format!("mmap {}: {e}", path.display()),
             })
         })?;
-        Ok((Box::new(MmioBar::new(map)), len))
+        let bar = MmioBar::new(map)
+            .ok_or_else(|| map_err("too many BARs mapped at once to guard this one".into()))?;
+        Ok((Box::new(bar), len))
     }
 }
 
@@ -374,7 +376,9 @@ impl Backend for VfioBackend {
             .len(info.size as usize)
             .map_raw(&self.device)
             .map_err(|e| map_err(format!("mmap: {e}")))?;
-        Ok((Box::new(MmioBar::new(map)), info.size))
+        let bar = MmioBar::new(map)
+            .ok_or_else(|| map_err("too many BARs mapped at once to guard this one".into()))?;
+        Ok((Box::new(bar), info.size))
     }
 }
 

@@ -478,13 +478,11 @@ pub fn reset(
         if rebooted {
             io.inner.session.saw_link_drop();
         }
-        // The verification only reads: a VM may open the card meanwhile (a header repair takes
-        // the group back first). One that did keeps the card and gets no verdict of ours.
-        let let_go = io.inner.session.let_go();
+        // The verification only reads: once the card is settled a VM may open it meanwhile (a
+        // header repair takes the group back first). One that did keeps the card and gets no
+        // verdict of ours.
+        let verifying = io.inner.session.begin_verification();
         let v = verdict::verify(&t.expect(rebooted), &mut io, len);
-        if let_go {
-            io.inner.session.take_back()?;
-        }
         // Reads do not check the owner on their own: a card taken during the modem's wait or
         // the verification gets no verdict from registers that are the new driver's.
         let lost = io
@@ -495,6 +493,9 @@ pub fn reset(
             .or_else(|| io.inner.session.watch().lost());
         if let Some(l) = lost {
             return Err(session.lost(l));
+        }
+        if verifying {
+            session.take_back()?;
         }
         v
     };
@@ -542,9 +543,22 @@ struct Live<'s, I> {
 
 impl<I: crate::io::RegisterIo> crate::io::RegisterIo for Live<'_, I> {
     fn read32(&mut self, offset: u32) -> u32 {
+        if self.bar.lost.is_none() {
+            self.bar.lost = self.session.taken();
+        }
         let v = self.bar.read32(offset);
-        if v == ALL_ONES && self.bar.lost.is_none() && self.session.repair_header() {
+        // Another owner claimed the BAR: the kernel took the mapping (all-ones from now on).
+        if self.bar.revoked() && self.bar.lost.is_none() {
+            self.bar.lost = Some(self.session.claimed());
+        }
+        if self.bar.lost.is_some() {
+            return ALL_ONES;
+        }
+        if v == ALL_ONES && self.session.repair_header() {
             return self.bar.read32(offset);
+        }
+        if v != ALL_ONES {
+            self.session.let_go_when_settled();
         }
         v
     }

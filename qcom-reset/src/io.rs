@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub mod revoke;
+
 /// One register operation, as recorded by [`Recorder`] and printed by `--dry-run`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -28,6 +30,11 @@ pub trait RegisterIo: Send {
     fn read32(&mut self, offset: u32) -> u32;
     fn write32(&mut self, offset: u32, value: u32);
     fn delay(&mut self, d: Duration);
+    /// Whether the kernel took the mapping away (another owner claimed the BAR): every read
+    /// since gave all-ones, and no write reached the card ([`revoke`]).
+    fn revoked(&self) -> bool {
+        false
+    }
 }
 
 impl RegisterIo for Box<dyn RegisterIo> {
@@ -39,6 +46,9 @@ impl RegisterIo for Box<dyn RegisterIo> {
     }
     fn delay(&mut self, d: Duration) {
         (**self).delay(d)
+    }
+    fn revoked(&self) -> bool {
+        (**self).revoked()
     }
 }
 
@@ -73,6 +83,9 @@ impl<I: RegisterIo> RegisterIo for Recorder<I> {
             ms: d.as_millis() as u64,
         });
     }
+    fn revoked(&self) -> bool {
+        self.inner.revoked()
+    }
 }
 
 /// Touches nothing and does not sleep. Reads return `assumed`, the value a healthy device would
@@ -91,12 +104,16 @@ impl RegisterIo for DryRun {
 
 /// A memory-mapped BAR (sysfs `resourceN` or a VFIO region).
 pub struct MmioBar {
+    // Dropped before the mapping: a fault is ours only while the mapping exists.
+    registration: revoke::Registration,
     map: memmap2::MmapRaw,
 }
 
 impl MmioBar {
-    pub fn new(map: memmap2::MmapRaw) -> Self {
-        MmioBar { map }
+    /// None when the mapping cannot be protected against revocation (every slot in use).
+    pub fn new(map: memmap2::MmapRaw) -> Option<Self> {
+        let registration = revoke::register(map.as_mut_ptr(), map.len())?;
+        Some(MmioBar { registration, map })
     }
 
     fn ptr(&self, offset: u32) -> Option<*mut u32> {
@@ -122,5 +139,8 @@ impl RegisterIo for MmioBar {
     }
     fn delay(&mut self, d: Duration) {
         std::thread::sleep(d);
+    }
+    fn revoked(&self) -> bool {
+        self.registration.revoked()
     }
 }

@@ -178,6 +178,9 @@ impl<I: RegisterIo> RegisterIo for Guarded<I> {
             self.inner.delay(d);
         }
     }
+    fn revoked(&self) -> bool {
+        self.inner.revoked()
+    }
 }
 
 /// Config space, power and the BAR for the duration of a sequence; restores on drop.
@@ -196,9 +199,10 @@ pub struct Session {
     restored: Option<Restored>,
     /// A VM opened the card while its group was let go: nothing more is written to it.
     taken: Option<Lost>,
-    /// The verification runs with the group let go (between [`Session::let_go`] and
-    /// [`Session::take_back`]): a header repair takes it back for its writes only.
+    /// The verification runs (between [`Session::begin_verification`] and
+    /// [`Session::take_back`]): the group is let go while the card is settled.
     verifying: bool,
+    said_let_go: bool,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
     _port_lock: Option<DeviceLock>,
@@ -231,6 +235,7 @@ impl Session {
             restored: None,
             taken: None,
             verifying: false,
+            said_let_go: false,
             _port_lock: None,
             own,
         };
@@ -352,30 +357,62 @@ impl Session {
         self.taken.clone().or_else(|| self.watch.lost())
     }
 
-    /// Lets the VFIO group go for the verification's polling (reads only, for up to 8 s), so
-    /// a VM starting meanwhile is not refused with EBUSY. Not when the access itself goes
-    /// through VFIO: the device descriptor keeps the group busy, and closing it would run the
-    /// kernel's release path. True when it was let go; [`Session::take_back`] comes before any
-    /// further write.
-    pub fn let_go(&mut self) -> bool {
-        if self.backend.name() == "vfio" || !self.own.let_go() {
-            return false;
-        }
-        self.verifying = true;
-        info!(bdf = %self.bdf, "verify: VFIO group let go while the verification only reads (a VM may open the card now)");
-        true
+    /// Starts the verification: it only reads (every 25 ms, up to 8 s), so the VFIO group is let
+    /// go once a BAR read answers ([`Session::let_go_when_settled`]), and a VM
+    /// starting meanwhile is not refused with EBUSY. Not when the access goes through VFIO: the
+    /// device descriptor keeps the group busy, and closing it would run the kernel's release
+    /// path. True when the group may be let go; [`Session::take_back`] ends the stretch.
+    pub fn begin_verification(&mut self) -> bool {
+        self.verifying = self.backend.name() != "vfio" && self.own.group_path().is_some();
+        self.verifying
     }
 
-    /// Ends the verification's let-go stretch: the group is taken back before the restore. A
-    /// VM that opened the card meanwhile keeps it: the session ends without another config or
-    /// power write, and without a verdict (the registers are that VM's now).
+    /// After a BAR read that did not give all-ones: the card is settled (its BAR decodes at the
+    /// kernel's address, so the header is whole: a VM that opens it now saves that header as
+    /// the state vfio-pci puts back at its release), and the group is let go.
+    pub fn let_go_when_settled(&mut self) {
+        if !self.verifying || self.own.is_let_go() {
+            return;
+        }
+        if self.own.let_go() && !std::mem::replace(&mut self.said_let_go, true) {
+            info!(bdf = %self.bdf, "verify: VFIO group let go while the verification only reads (a VM may open the card now)");
+        }
+    }
+
+    /// Ends the verification's stretch: the group is taken back before the restore. A VM that
+    /// opened the card meanwhile keeps it: the session ends without another config write, and
+    /// without a verdict (the registers are that VM's now).
     pub fn take_back(&mut self) -> Result<()> {
         self.verifying = false;
         self.own_again()
     }
 
-    /// Reopens a let-go group. Failing that, the card is someone else's: the driver or bus
-    /// change the watch sees, or else the VFIO user the kernel's EBUSY names.
+    /// Who took the card when the kernel revoked the session's BAR mapping (a driver or VFIO
+    /// user claimed the BAR): the watch's driver or bus change, the VFIO user holding the
+    /// group, or, failing both, an owner this session cannot name. Nothing more is written.
+    pub fn claimed(&mut self) -> Lost {
+        if let Some(l) = self.lost_to() {
+            return l;
+        }
+        if let Err(Error::Taken { by, .. }) = self.own_again() {
+            return by;
+        }
+        let l = Lost::Opened(
+            "an owner that claimed its BAR (the kernel revoked this session's mapping)".into(),
+        );
+        self.taken = Some(l.clone());
+        l
+    }
+
+    /// The owner that took the card, once known: the session reads and writes no more.
+    pub fn taken(&self) -> Option<Lost> {
+        self.taken.clone()
+    }
+
+    /// Reopens a let-go group. Another qcom-reset session that opened it meanwhile (a sibling
+    /// function's, `status`) is waited for, up to the lock wait. Failing that, the card is
+    /// someone else's: the driver or bus change the watch sees, or else the VFIO user the
+    /// kernel's EBUSY names; any other failure fails closed.
     fn own_again(&mut self) -> Result<()> {
         if let Some(l) = self.taken.clone() {
             return Err(Error::Taken {
@@ -383,8 +420,15 @@ impl Session {
                 by: l,
             });
         }
-        let Err(e) = self.own.take_back() else {
-            return Ok(());
+        let deadline = Instant::now() + self.lock_wait;
+        let e = loop {
+            match self.own.take_back() {
+                Ok(()) => return Ok(()),
+                Err(Error::HeldBySession { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => break e,
+            }
         };
         let l = self.watch.lost().unwrap_or_else(|| match e {
             Error::Held { holder, .. } | Error::HeldBySession { holder, .. } => {
@@ -421,15 +465,11 @@ impl Session {
     /// when the card is no longer ours or off the bus, or when a word could not be put back
     /// (decoding then stays off: never decode through a half-restored BAR).
     pub fn repair_header(&mut self) -> bool {
-        // Let go for the verification: owned again for these writes, let go again after.
+        // Owned again for these writes (the verification lets it go again once settled).
         if self.own_again().is_err() {
             return false;
         }
-        let repaired = self.repair_owned_header();
-        if self.verifying {
-            self.own.let_go();
-        }
-        repaired
+        self.repair_owned_header()
     }
 
     fn repair_owned_header(&mut self) -> bool {
@@ -753,7 +793,9 @@ fn put_back(
             Err(e) => r.errors.push(format!("upstream port: {e}")),
         }
     }
-    if lost.is_none()
+    // vfio-pci holds a runtime-PM reference while a VFIO user has the card open: its
+    // power/control policy is still the host's to put back. A driver's card is the driver's.
+    if matches!(lost, None | Some(Lost::Opened(_)))
         && let Some(p) = &b.power_control
     {
         match dev.write("power/control", p) {

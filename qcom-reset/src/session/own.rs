@@ -87,6 +87,11 @@ impl Ownership {
         }
     }
 
+    /// Whether the group is let go now.
+    pub fn is_let_go(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.file.is_none())
+    }
+
     /// Takes a let-go group back: an error (a VM opened it meanwhile: EBUSY, with its holder
     /// named) means the card is no longer the session's to write.
     pub fn take_back(&mut self) -> Result<()> {

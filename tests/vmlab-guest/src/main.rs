@@ -2,6 +2,7 @@
 //! - `vfio-cycle BDF [HOLD_MS]` opens it through its VFIO group (container, type1 IOMMU, device
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
+//! - `vfio-use BDF HOLD_MS` does the same and maps and reads BAR0 in between, as QEMU does;
 //! - `vfio-graceful BDF HOLD_MS GROUP_MS` does the same but, like a QEMU shutting down
 //!   gracefully, keeps the group open GROUP_MS after closing the device;
 //! - `port-regs BDF` prints the registers of its upstream port that a reset guards (Slot
@@ -20,11 +21,11 @@ mod sandbox;
 
 use std::time::{Duration, Instant};
 
-use qcom_reset::backend::VfioBackend;
+use qcom_reset::backend::{Backend as _, VfioBackend};
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -149,6 +150,20 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             drop(backend);
             println!("vmlab-guest: closed {bdf} in {:?}", t.elapsed());
+        }
+        Some("vfio-use") => {
+            // As QEMU starting a VM: open, map BAR0 (vfio-pci claims the BAR's region, which
+            // revokes other mappings of it under CONFIG_IO_STRICT_DEVMEM), read a register.
+            let mut backend = open(bdf)?;
+            let (mut bar, _) = backend.map_bar(0)?;
+            println!(
+                "vmlab-guest: BAR0 mapped, register 0x0 reads {:#010x}",
+                bar.read32(0)
+            );
+            std::thread::sleep(ms(args.get(3))?);
+            drop(bar);
+            drop(backend);
+            println!("vmlab-guest: closed {bdf}");
         }
         Some("vfio-graceful") => {
             let backend = open(bdf)?;
