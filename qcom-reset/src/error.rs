@@ -95,7 +95,7 @@ pub enum Error {
     )]
     WrongDriver { bdf: Bdf, driver: String },
     #[error(
-        "{bdf} was taken by {by} during the reset: nothing more was written to it, its config space and power are the new owner's. Fix: once it is back on vfio-pci, `qcom-reset status {bdf}` says whether it needs a reset"
+        "{bdf} was taken by {by} during the reset: nothing more was written to it, its config space is the new owner's. Fix: once it is back on vfio-pci, `qcom-reset status {bdf}` says whether it needs a reset"
     )]
     Taken { bdf: Bdf, by: crate::session::Lost },
     #[error("{bdf} cannot be owned for a reset: {why}; not written")]

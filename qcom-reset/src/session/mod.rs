@@ -400,6 +400,7 @@ impl Session {
         let l = Lost::Opened(
             "an owner that claimed its BAR (the kernel revoked this session's mapping)".into(),
         );
+        let _ = self.lost(l.clone());
         self.taken = Some(l.clone());
         l
     }
@@ -436,13 +437,16 @@ impl Session {
             }
             other => Lost::Unreadable(other.to_string()),
         });
-        self.taken = Some(l.clone());
-        Err(self.lost(l))
+        let e = self.lost(l.clone());
+        self.taken = Some(l);
+        Err(e)
     }
 
-    /// The error that ends a session whose card was taken, with its journal line.
+    /// The error that ends a session whose card was taken, with its journal line (once).
     pub fn lost(&self, l: Lost) -> Error {
-        warn!(bdf = %self.bdf, "the card was taken by {l} during the session: no further config or power writes");
+        if self.taken.as_ref() != Some(&l) {
+            warn!(bdf = %self.bdf, "the card was taken by {l} during the session: nothing more is written to it");
+        }
         Error::Taken {
             bdf: self.bdf,
             by: l,
@@ -783,7 +787,11 @@ fn put_back(
     match &lost {
         None => restore_config(backend, b, mode, r),
         Some(l) => {
-            warn!(bdf = %b.bdf, "the card was taken by {l}: its config space and power are left to it");
+            let left = match l {
+                Lost::Opened(_) => "its config space is left to it",
+                _ => "its config space and power are left to it",
+            };
+            warn!(bdf = %b.bdf, "the card was taken by {l}: {left}");
             r.taken_by = Some(l.to_string());
         }
     }

@@ -2356,7 +2356,7 @@ fn check_own(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> 
     check_sim(sim, "modem", ours + kernel_device_specific_resets(console))?;
     let log = section(console, "agent-log").join("\n");
     ensure!(
-        log.contains("no further config or power writes"),
+        log.contains("nothing more is written to it"),
         "the agent did not stop writing when the VM took the card: {log}"
     );
     Ok(vec![
@@ -2496,10 +2496,7 @@ fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<Stri
     let (_, asked) = stamped(&log, "reset: wait for the modem to reboot")
         .or_else(|_| stamped(&log, "using its reset instead of ours"))?;
     // A card taken mid-session gets no verdict: the session ends with this line instead.
-    let (_, verdict) = stamped(
-        &log,
-        "during the session: no further config or power writes",
-    )?;
+    let (_, verdict) = stamped(&log, "during the session: nothing more is written to it")?;
     // The kernel's reset holds the device lock for its whole 2 s: the unbind waits for it, and
     // the session sees the card taken as soon as vfio-pci lets go, before the new driver binds.
     // The agent's own sequence notices only at its next check, after the bind.
