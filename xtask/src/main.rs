@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own commands. Every one installs what it needs first.
+mod fleet;
 mod licenses;
 mod monitoring;
 mod mutants;
@@ -52,6 +53,20 @@ enum Cmd {
         #[arg(long)]
         test: bool,
     },
+    /// A signed apt repository (reprepro) with the static .deb, for fleets to install from.
+    Repo {
+        /// Where to write it (default target/repo/apt).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The GnuPG key to sign with (from $GNUPGHOME); default: the repository's own test
+        /// key in target/repo/gnupg.
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+    /// The fleet checks: install, upgrade and remove from the signed repository in a clean
+    /// Debian root (mmdebstrap), the Ansible role applied and re-applied there, the Kubernetes
+    /// manifests and node-problem-detector plugin validated offline.
+    Fleet,
     /// Mutation testing (cargo-mutants) of the reset core and the decision code: fails on any
     /// surviving mutant that docs/testing.md does not explain as equivalent.
     Mutants {
@@ -217,6 +232,8 @@ fn main() -> anyhow::Result<()> {
             monitoring::run()
         }
         Cmd::Monitoring => monitoring::run(),
+        Cmd::Repo { out, key_id } => fleet::repo::run(out, key_id),
+        Cmd::Fleet => fleet::run(),
         Cmd::VmTest {
             kernels,
             scenarios,

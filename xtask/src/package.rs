@@ -12,8 +12,9 @@ use crate::{build_static, cargo, toolchain, workspace_root};
 
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// Builds the .deb and returns its path.
-pub fn build() -> anyhow::Result<PathBuf> {
+/// Builds the .deb and returns its path; `version` replaces the Debian version (the fleet
+/// test's upgrade builds a newer one).
+pub fn build_versioned(version: Option<&str>) -> anyhow::Result<PathBuf> {
     let bin = build_static()?;
     // cargo-deb reads `target/release/…` assets from target/<triple>/release with --target.
     let assets = bin.with_file_name("assets");
@@ -28,7 +29,9 @@ pub fn build() -> anyhow::Result<PathBuf> {
     toolchain::run(
         cargo()
             .args(["deb", "--package", "qcom-reset", "--no-build"])
-            .args(["--target", toolchain::MUSL, "--output"])
+            .args(["--target", toolchain::MUSL])
+            .args(version.map(|v| ["--deb-version", v]).into_iter().flatten())
+            .arg("--output")
             .arg(&out),
     )?;
     let deb = std::fs::read_dir(&out)?
@@ -40,7 +43,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(test: bool) -> anyhow::Result<()> {
-    let deb = build()?;
+    let deb = build_versioned(None)?;
     if test {
         install_test(&deb)?;
         lintian(&deb)?;

@@ -5,7 +5,7 @@ mod built;
 mod host;
 mod initramfs;
 mod qemu;
-mod sandbox;
+pub mod sandbox;
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use scenarios::{Run, Scenario, Topology};
 
-pub use host::apt_install;
+pub use host::{apt_install, cache_dir};
 
 use crate::{cargo, toolchain, workspace_root};
 

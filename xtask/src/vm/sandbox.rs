@@ -44,7 +44,7 @@ pub fn file() -> anyhow::Result<String> {
 }
 
 /// The words of a directive the unit sets once, as an allow-list.
-fn directive(unit: &str, name: &str) -> anyhow::Result<Vec<String>> {
+pub fn directive(unit: &str, name: &str) -> anyhow::Result<Vec<String>> {
     let prefix = format!("{name}=");
     let values: Vec<&str> = unit
         .lines()
