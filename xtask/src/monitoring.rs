@@ -63,7 +63,7 @@ impl Kind {
 /// textfile are all checked against this one.
 const AGENT_METRICS: &[(&str, Kind, &[&str])] = &[
     ("qcom_reset_events_total", Kind::Counter, &["kind"]),
-    ("qcom_reset_resets_total", Kind::Counter, &["result"]),
+    ("qcom_reset_resets_total", Kind::Counter, &["bdf", "result"]),
     ("qcom_reset_skipped_total", Kind::Counter, &["reason"]),
     (
         "qcom_reset_ringbuf_dropped_events_total",
@@ -169,6 +169,9 @@ pub fn run() -> anyhow::Result<()> {
         let mut used = metric_names(&read(&root.join(RULES))?)?;
         used.extend(metric_names(&read(&root.join(DASHBOARD))?)?);
         Ok(format!("{} names", used.len()))
+    })?;
+    step("dashboard's recorded series are the rules'", || {
+        recorded_names(&read(&root.join(RULES))?, &read(&root.join(DASHBOARD))?)
     })?;
 
     let mut sample = None;
@@ -393,6 +396,33 @@ fn visit(v: &serde_json::Value, f: &mut dyn FnMut(&str, &serde_json::Value)) {
 
 /// The metric names a file uses (words with the `qcom_reset_` or `node_` prefix, histograms'
 /// `_bucket`/`_sum`/`_count` series by their family); an error names any outside the contract.
+/// Every `level:qcom_reset_…:operation` name the dashboard queries is recorded by a rule.
+fn recorded_names(rules: &str, dashboard: &str) -> anyhow::Result<String> {
+    let recorded: BTreeSet<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(str::trim)
+        .collect();
+    let used: BTreeSet<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.split(':').count() == 3 && w.contains(":qcom_reset_"))
+        .collect();
+    let missing: Vec<&&str> = used.difference(&recorded).collect();
+    ensure!(
+        missing.is_empty(),
+        "the dashboard queries series no rule records: {missing:?}"
+    );
+    ensure!(
+        !used.is_empty(),
+        "the dashboard has no fleet view (no recorded series)"
+    );
+    Ok(format!(
+        "{} of {} recorded series used",
+        used.len(),
+        recorded.len()
+    ))
+}
+
 fn metric_names(text: &str) -> anyhow::Result<BTreeSet<String>> {
     let known: BTreeSet<&str> = AGENT_METRICS
         .iter()
@@ -794,6 +824,20 @@ fn scrape_through_node_exporter(sample: &Path, tmp: &Path) -> anyhow::Result<Str
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dashboard_query_of_an_unrecorded_series_is_caught() {
+        let rules = "  - record: instance:qcom_reset_blind:max\n    expr: x\n";
+        assert!(
+            super::recorded_names(rules, r#"{"expr": "sum(instance:qcom_reset_blind:max)"}"#)
+                .is_ok()
+        );
+        assert!(
+            super::recorded_names(rules, r#"{"expr": "sum(instance:qcom_reset_blnd:max)"}"#)
+                .is_err()
+        );
+        assert!(super::recorded_names(rules, r#"{"expr": "qcom_reset_device_clean"}"#).is_err());
+    }
+
     use super::*;
 
     #[test]

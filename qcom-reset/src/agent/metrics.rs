@@ -48,6 +48,7 @@ struct Kind {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Result {
+    bdf: String,
     result: String,
 }
 
@@ -181,11 +182,6 @@ impl Metrics {
         for kind in ["attempt", "release", "open"] {
             let _ = events.get_or_create(&Kind { kind: kind.into() });
         }
-        for result in RESULTS {
-            let _ = resets.get_or_create(&Result {
-                result: result.into(),
-            });
-        }
         for reason in ["kill-switch", "policy", "refused"] {
             let _ = skipped.get_or_create(&Reason {
                 reason: reason.into(),
@@ -222,9 +218,10 @@ impl Metrics {
     }
 
     /// A reset attempt ended with this result (a verdict, "error", "taken" or "dry-run").
-    pub fn reset(&self, result: &str) {
+    pub fn reset(&self, bdf: &str, result: &str) {
         self.resets
             .get_or_create(&Result {
+                bdf: bdf.into(),
                 result: result.into(),
             })
             .inc();
@@ -276,8 +273,19 @@ impl Metrics {
         if of.get(&info.bdf) == Some(&info) {
             return;
         }
-        if let Some(old) = of.insert(info.bdf.clone(), info.clone()) {
-            self.info.remove(&old);
+        match of.insert(info.bdf.clone(), info.clone()) {
+            Some(old) => {
+                self.info.remove(&old);
+            }
+            // A card's reset results from 0, from the moment it is known (see `new`).
+            None => {
+                for result in RESULTS {
+                    let _ = self.resets.get_or_create(&Result {
+                        bdf: info.bdf.clone(),
+                        result: result.into(),
+                    });
+                }
+            }
         }
         drop(of);
         self.info.get_or_create(&info).set(1);
@@ -503,7 +511,7 @@ mod tests {
         let file = dir.path().join("qcom_reset.prom");
         let m = Metrics::new(Some(file.clone()));
         m.event("release");
-        m.reset("clean");
+        m.reset("0000:03:00.0", "clean");
         m.latency(Duration::from_millis(3));
         m.drops(2);
         m.drops(5);
@@ -514,7 +522,7 @@ mod tests {
             "qcom_reset_device_clean{bdf=\"0000:03:00.0\"} 0",
             "qcom_reset_device_gave_up{bdf=\"0000:03:00.0\"} 1",
             "qcom_reset_events_total{kind=\"release\"} 1",
-            "qcom_reset_resets_total{result=\"clean\"} 1",
+            "qcom_reset_resets_total{bdf=\"0000:03:00.0\",result=\"clean\"} 1",
             "qcom_reset_event_to_action_seconds_bucket{le=\"0.001\"} 0",
             "qcom_reset_event_to_action_seconds_bucket{le=\"0.005\"} 1",
             // A running total of 2, then 5: the counter is at 5, not 7.
@@ -549,7 +557,7 @@ mod tests {
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
         let m = Metrics::new(Some(file.clone()));
         m.event("release");
-        m.reset("clean");
+        m.reset("0000:03:00.0", "clean");
         m.skipped("policy");
         m.drops(1);
         m.duration(Duration::from_millis(700));

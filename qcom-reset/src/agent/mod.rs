@@ -1010,7 +1010,7 @@ async fn attempt(
     match result {
         Err(join) => {
             a.detail = format!("reset task failed: {join}");
-            sh.metrics.reset("error");
+            sh.metrics.reset(&bdf.to_string(), "error");
             sh.record(bdf, false, "error");
         }
         Ok(Err(e)) if is_refusal(&e) => {
@@ -1035,17 +1035,17 @@ async fn attempt(
                 ..
             },
         )) => {
-            sh.metrics.reset("taken");
+            sh.metrics.reset(&bdf.to_string(), "taken");
             a.result = "taken".into();
             a.detail = e.to_string();
         }
         Ok(Err(e)) => {
             a.detail = e.to_string();
-            sh.metrics.reset("error");
+            sh.metrics.reset(&bdf.to_string(), "error");
             sh.record(bdf, false, "error");
         }
         Ok(Ok(r)) if r.method == engine::Method::DryRun => {
-            sh.metrics.reset("dry-run");
+            sh.metrics.reset(&bdf.to_string(), "dry-run");
             a.result = "dry-run".into();
             a.detail = format!(
                 "observe-only: would run {} ({} register operations)",
@@ -1056,7 +1056,7 @@ async fn attempt(
         }
         Ok(Ok(r)) => {
             let v = r.verdict.clone().expect("a real reset has a verdict");
-            sh.metrics.reset(&v.health.to_string());
+            sh.metrics.reset(&bdf.to_string(), &v.health.to_string());
             sh.metrics.duration(Duration::from_millis(r.duration_ms));
             sh.verdict(bdf, v.health, &v.detail);
             sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
