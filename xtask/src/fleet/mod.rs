@@ -4,8 +4,10 @@
 //! - the Ansible role (dist/ansible) applied to such a root through Ansible's chroot
 //!   connection: it applies, applies again with no change, and honours `--check` ([`ansible`]);
 //! - the Kubernetes manifests and the node-problem-detector plugin (dist/kubernetes) validated
-//!   offline, the DaemonSet's capabilities exactly the unit's ([`kube`]).
+//!   offline, the DaemonSet's capabilities exactly the unit's ([`kube`]), and its image built
+//!   with podman ([`image`]).
 mod ansible;
+mod image;
 mod kube;
 pub mod repo;
 mod root;
@@ -23,6 +25,7 @@ const REPO_IN_ROOT: &str = "/srv/qcom-reset-apt";
 
 pub fn run() -> anyhow::Result<()> {
     kube::check()?;
+    image::build()?;
     let work = tempfile::tempdir_in(crate::workspace_root().join("target"))?;
     let repo = Repo::open(&work.path().join("apt"), None)?;
     let first = keep(&package::build_versioned(Some("0.1.0-1"))?, work.path())?;
