@@ -91,20 +91,8 @@ impl ThrowawayRoot {
     }
 
     fn sh(&self, script: &str) -> anyhow::Result<String> {
-        let out = Command::new("chroot")
-            .arg(&self.merged)
-            .args(["sh", "-c", script])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            out.status.success(),
-            "in the throwaway root, `{script}` failed:\n{text}"
-        );
+        let (ok, text) = crate::fleet::root::chroot_sh(&self.merged, script)?;
+        ensure!(ok, "in the throwaway root, `{script}` failed:\n{text}");
         Ok(text)
     }
 

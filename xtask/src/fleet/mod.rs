@@ -10,7 +10,7 @@ mod ansible;
 mod image;
 mod kube;
 pub mod repo;
-mod root;
+pub mod root;
 
 use std::path::Path;
 

@@ -48,18 +48,7 @@ impl DebianRoot {
 
     /// Runs `script` inside the root: whether it succeeded, and its output.
     pub fn sh_status(&self, script: &str) -> anyhow::Result<(bool, String)> {
-        let out = Command::new("chroot")
-            .arg(&self.root)
-            .args(["sh", "-c", script])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .output()?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.success(), text))
+        chroot_sh(&self.root, script)
     }
 
     pub fn path(&self, inside: &str) -> PathBuf {
@@ -118,4 +107,21 @@ fn tarball() -> anyhow::Result<PathBuf> {
     .context("mmdebstrap")?;
     std::fs::rename(&tmp, &tar)?;
     Ok(tar)
+}
+
+/// Runs `script` with sh chrooted into `root` (apt and dpkg without questions): whether it
+/// succeeded, and its output.
+pub fn chroot_sh(root: &Path, script: &str) -> anyhow::Result<(bool, String)> {
+    let out = Command::new("chroot")
+        .arg(root)
+        .args(["sh", "-c", script])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
 }
