@@ -91,6 +91,8 @@ static BRACKETS: HashMap<u32, Bracket> = HashMap::with_max_entries(256, 0);
 #[inline(always)]
 fn count_drop(index: u32) {
     if let Some(c) = DROPS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot the map lookup just returned; no other program on this
+        // CPU runs meanwhile.
         unsafe { *c += 1 };
     }
 }
@@ -101,11 +103,15 @@ fn tid_tgid() -> (u32, u32) {
     (v as u32, (v >> 32) as u32)
 }
 
+/// # Safety
+/// `base` must be a kernel address of a structure with a `T` at `off` (the offsets come from
+/// the running kernel's BTF); a bad address makes the helper fail, not fault.
 #[inline(always)]
 unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
     if off == OFFSET_MISSING {
         return None;
     }
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe path.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
 }
 
@@ -140,12 +146,14 @@ fn wanted(pdev: u64) -> bool {
     if is_agent() {
         return false;
     }
+    // SAFETY: `pdev` is the probed function's `struct pci_dev *`; the offsets are its BTF's.
     let (Some(vendor), Some(device)) = (
         unsafe { read_at::<u16>(pdev, PCI_DEV_VENDOR_OFF.load()) },
         unsafe { read_at::<u16>(pdev, PCI_DEV_DEVICE_OFF.load()) },
     ) else {
         return false;
     };
+    // SAFETY: a hash map lookup; the value is only tested for presence.
     TRACE_ALL.load() != 0 || unsafe { TARGETS.get(&target_key(vendor, device)) }.is_some()
 }
 
@@ -160,6 +168,7 @@ fn call_enter(func: Func, pdev: u64, probe: u64) {
         func: func as u32,
     };
     let call = Call {
+        // SAFETY: a helper call without arguments.
         start_ns: unsafe { bpf_ktime_get_ns() },
         pdev,
         probe,
@@ -187,6 +196,8 @@ fn emit(
     };
     let e = entry.as_mut_ptr();
     let (tid, tgid) = tid_tgid();
+    // SAFETY: `e` is the ring buffer entry reserved above, sized for one Event and ours until
+    // submitted; it is zeroed before any field is read. `pdev` as in `wanted`.
     unsafe {
         core::ptr::write_bytes(e, 0, 1);
         let e = &mut *e;
@@ -218,6 +229,7 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         tid,
         func: func as u32,
     };
+    // SAFETY: a hash map lookup, copied out at once.
     let Some(call) = (unsafe { CALLS.get(&key) }).copied() else {
         return;
     };
@@ -226,9 +238,11 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
     if call.probe != 0 {
         return;
     }
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut bracket = 0;
     if let Some(b) = BRACKETS.get_ptr_mut(&tid) {
+        // SAFETY: the entry of this thread's id: only this thread's programs touch it.
         let b = unsafe { &mut *b };
         if b.pdev == call.pdev {
             bracket = b.func as u8;
@@ -264,6 +278,7 @@ fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
     if layout.valid == 0 || vdev == 0 {
         return;
     }
+    // SAFETY: `vdev` is the probed `struct vfio_pci_core_device *`; `layout` is its BTF's.
     let Some(pdev) = (unsafe { read_at::<u64>(vdev, layout.pdev) }) else {
         return;
     };
@@ -275,6 +290,7 @@ fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
         func: func as u64,
         vdev,
         pdev,
+        // SAFETY: a helper call without arguments.
         start_ns: unsafe { bpf_ktime_get_ns() },
         n_attempts: 0,
         n_seen: 0,
@@ -293,6 +309,7 @@ fn bracket_enter<C: EbpfContext>(ctx: &C, func: Func, vdev: u64) {
 #[inline(always)]
 fn bracket_exit(func: Func, ret: i32) {
     let (tid, _) = tid_tgid();
+    // SAFETY: a hash map lookup, copied out at once.
     let Some(b) = (unsafe { BRACKETS.get(&tid) }).copied() else {
         return;
     };
@@ -306,6 +323,7 @@ fn bracket_exit(func: Func, ret: i32) {
         EventKind::Open
     };
     let needs_reset = match (func, VFIO_LAYOUT.get(0)) {
+        // SAFETY: `b.vdev` is the bracketed device's `vfio_pci_core_device`, still open.
         (Func::VfioPciCoreDisable, Some(l)) => unsafe { read_at::<u8>(b.vdev, l.needs_reset) }
             .map(|byte| byte & l.needs_reset_mask as u8),
         _ => None,

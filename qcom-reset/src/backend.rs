@@ -187,6 +187,7 @@ unsafe impl Ioctl for Request {
     fn as_ptr(&mut self) -> *mut std::ffi::c_void {
         self.arg
     }
+    // SAFETY: (the trait's contract) the output is the return value; the pointer is not read.
     unsafe fn output_from_ptr(
         out: IoctlOutput,
         _: *mut std::ffi::c_void,

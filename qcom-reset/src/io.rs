@@ -119,6 +119,8 @@ impl MmioBar {
     fn ptr(&self, offset: u32) -> Option<*mut u32> {
         let off = offset as usize;
         (off.is_multiple_of(4) && off + 4 <= self.map.len())
+            // SAFETY: `off + 4` is within the mapping (checked above), so the pointer stays in
+            // the one allocation `map` owns.
             .then(|| unsafe { self.map.as_mut_ptr().add(off).cast::<u32>() })
     }
 }
@@ -128,12 +130,15 @@ impl RegisterIo for MmioBar {
         // Out-of-range reads look like a dead link, the one answer the sequences already handle;
         // the engine checks the BAR size against the sequence before mapping, so this is a guard.
         match self.ptr(offset) {
+            // SAFETY: `p` is 4-aligned and inside the live mapping (`ptr`); the mapping is MMIO,
+            // read once, volatile; a revoked page reads all-ones instead of faulting (`revoke`).
             Some(p) => u32::from_le(unsafe { std::ptr::read_volatile(p) }),
             None => crate::regs::ALL_ONES,
         }
     }
     fn write32(&mut self, offset: u32, value: u32) {
         if let Some(p) = self.ptr(offset) {
+            // SAFETY: as for `read32`; the session checked ownership before this write.
             unsafe { std::ptr::write_volatile(p, value.to_le()) }
         }
     }
