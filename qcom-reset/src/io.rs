@@ -149,3 +149,28 @@ impl RegisterIo for MmioBar {
         self.registration.revoked()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BAR mapping the kernel takes away (here: its file truncated, the same SIGBUS) reads
+    /// all-ones and says it was revoked, through every wrapper the engine puts around it.
+    #[test]
+    fn a_revoked_mmio_bar_reads_all_ones_and_says_so_through_its_wrappers() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(8192).unwrap();
+        let map = memmap2::MmapOptions::new()
+            .len(8192)
+            .map_raw(&file)
+            .unwrap();
+        let bar: Box<dyn RegisterIo> = Box::new(MmioBar::new(map).unwrap());
+        let mut io = Recorder::new(bar);
+        io.write32(4096, 0x1234_5678);
+        assert_eq!(io.read32(4096), 0x1234_5678);
+        assert!(!io.revoked() && !io.inner.revoked());
+        file.set_len(0).unwrap();
+        assert_eq!(io.read32(4096), crate::regs::ALL_ONES);
+        assert!(io.revoked() && io.inner.revoked());
+    }
+}
