@@ -1069,13 +1069,25 @@ fn ownership_holds_the_group_of_a_vfio_device_only() {
         ..Default::default()
     });
     let dev = |b: &str| h.host.sysfs.device(bdf(b)).unwrap();
-    let own = Ownership::take(&h.host.dev_vfio, &h.host.proc_root, &dev(WLAN)).unwrap();
+    let own = Ownership::take(
+        &h.host.dev_vfio,
+        &h.host.proc_root,
+        &dev(WLAN),
+        &h.host.open_group,
+    )
+    .unwrap();
     assert_eq!(own.group_path(), Some(h.host.dev_vfio.join("12").as_path()));
     assert!(
         own.group_fd().is_some_and(|fd| fd.is_ok()),
         "a second descriptor of the group"
     );
-    let free = Ownership::take(&h.host.dev_vfio, &h.host.proc_root, &dev("0000:05:00.0")).unwrap();
+    let free = Ownership::take(
+        &h.host.dev_vfio,
+        &h.host.proc_root,
+        &dev("0000:05:00.0"),
+        &h.host.open_group,
+    )
+    .unwrap();
     assert!(free.group_path().is_none() && free.group_fd().is_none());
 }
 

@@ -1049,6 +1049,8 @@ struct AtVerify {
     delayed: bool,
     on_read: Box<dyn FnMut() + Send>,
     revoked: Arc<std::sync::atomic::AtomicBool>,
+    /// The card stops answering (all-ones) without the mapping being revoked.
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RegisterIo for AtVerify {
@@ -1056,7 +1058,7 @@ impl RegisterIo for AtVerify {
         if self.writes == self.seq_writes && self.delayed {
             (self.on_read)();
         }
-        if self.revoked() {
+        if self.revoked() || self.dead.load(std::sync::atomic::Ordering::SeqCst) {
             return u32::MAX;
         }
         self.inner.read32(offset)
@@ -1083,6 +1085,7 @@ struct Seen {
     writes_held: Arc<Mutex<Vec<bool>>>,
     after: Arc<Mutex<Option<usize>>>,
     revoked: Arc<std::sync::atomic::AtomicBool>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A backend named `name` ("sysfs" or "vfio") whose BAR runs `on_read` during the verification.
@@ -1122,6 +1125,7 @@ impl Backend for VerifyHook {
             delayed: false,
             on_read: self.on_read.take().unwrap(),
             revoked: self.seen.revoked.clone(),
+            dead: self.seen.dead.clone(),
         };
         Ok((Box::new(io), len))
     }
@@ -1303,4 +1307,146 @@ fn a_revoked_bar_mapping_ends_the_session_as_taken() {
         "config writes after the revocation"
     );
     assert!(!record_path(&h, WLAN).exists());
+}
+
+/// The kernel's answer to a group open while someone holds it, as the session's opener sees it
+/// (a fake /dev cannot give EBUSY). `Holder::take` makes pid 4242 (`comm`) hold the group's
+/// /dev/vfio node in the fake /proc and the opener answer EBUSY; `Holder::let_go` undoes both.
+#[derive(Clone)]
+struct Holder {
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    pid_dir: PathBuf,
+    node: PathBuf,
+    comm: String,
+}
+
+impl Holder {
+    fn new(h: &mut FakeHost, bdf_s: &str, comm: &str) -> Holder {
+        let group = fs::read_link(h.host.sysfs.root.join(bdf_s).join("iommu_group")).unwrap();
+        let holder = Holder {
+            busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            pid_dir: h.root().join("proc/4242"),
+            node: PathBuf::from("/dev/vfio").join(group.file_name().unwrap()),
+            comm: comm.into(),
+        };
+        let b = holder.busy.clone();
+        h.host.open_group = qcom_reset::session::own::GroupOpener::new(move |p| {
+            if b.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(16)); // EBUSY
+            }
+            fs::File::options().read(true).write(true).open(p)
+        });
+        holder
+    }
+
+    fn take(&self) {
+        fs::create_dir_all(self.pid_dir.join("fd")).unwrap();
+        fs::write(self.pid_dir.join("comm"), format!("{}\n", self.comm)).unwrap();
+        let _ = symlink(&self.node, self.pid_dir.join("fd/7"));
+        self.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn let_go(&self) {
+        self.busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = fs::remove_dir_all(&self.pid_dir);
+    }
+}
+
+/// Issue 20 review: a VM opens the card (the kernel's EBUSY names it) while the verification
+/// has let the group go, and the card stops answering under it: the session stops reading at
+/// once, ends `taken` by that VM, writes no config word after, and still puts the host's
+/// `power/control` back (vfio-pci holds a runtime-PM reference while the VM has the card).
+#[test]
+fn a_vm_named_by_ebusy_keeps_the_card_and_polling_stops_at_once() {
+    let mut h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let vm = Holder::new(&mut h, WLAN, "qemu-system-x86");
+    let card = sim(Family::Wlan, Faults::default());
+    let (e, seen) = reset_with_verify_hook(&h, "sysfs", (WLAN, &card), |seen, _| {
+        let (reads, after, dead) = (
+            seen.reads_held.clone(),
+            seen.after.clone(),
+            seen.dead.clone(),
+        );
+        Box::new(move || {
+            let mut reads = reads.lock().unwrap();
+            reads.push(false);
+            if reads.len() == 2 {
+                vm.take();
+                dead.store(true, std::sync::atomic::Ordering::SeqCst);
+                *after.lock().unwrap() = Some(0);
+            }
+        })
+    });
+    let e = e.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Taken {
+                by: qcom_reset::session::Lost::Opened(_),
+                ..
+            }
+        ) && e.to_string().contains("pid 4242 (qemu-system-x86)"),
+        "{e}"
+    );
+    assert_eq!(
+        seen.reads_held.lock().unwrap().len(),
+        2,
+        "reads after the VM took the card"
+    );
+    assert_eq!(
+        *seen.after.lock().unwrap(),
+        Some(0),
+        "config writes after the VM's open"
+    );
+    assert_eq!(
+        h.read(WLAN, "power/control"),
+        "auto",
+        "the host's power policy is put back"
+    );
+    assert!(!record_path(&h, WLAN).exists());
+}
+
+/// Issue 20 review: another qcom-reset session (a sibling function's, `status`) that opened the
+/// group while it was let go is waited for, up to the lock wait, not taken for a VM; one that
+/// outlasts the wait ends the session `taken`, named.
+#[test]
+fn a_sibling_session_holding_the_group_is_waited_for_up_to_the_lock_wait() {
+    let mut h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let sibling = Holder::new(&mut h, WLAN, "qcom-reset");
+    let card = sim(Family::Wlan, Faults::default());
+    // Held from the second verification read for 100 ms (the lock wait is 200 ms).
+    let s = sibling.clone();
+    let (r, _) = reset_with_verify_hook(&h, "sysfs", (WLAN, &card), move |_, _| {
+        let mut n = 0;
+        Box::new(move || {
+            n += 1;
+            if n == 2 {
+                s.take();
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    s.let_go();
+                });
+            }
+        })
+    });
+    let r = r.unwrap();
+    assert_eq!(r.verdict.unwrap().health.to_string(), "clean");
+    assert!(r.restored.command.is_some(), "{:?}", r.restored);
+    // A sibling that never lets go.
+    let started = std::time::Instant::now();
+    let s = sibling.clone();
+    let (e, _) = reset_with_verify_hook(&h, "sysfs", (WLAN, &card), move |_, _| {
+        Box::new(move || s.take())
+    });
+    let e = e.unwrap_err();
+    assert!(e.to_string().contains("pid 4242 (qcom-reset)"), "{e}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "waited {:?}",
+        started.elapsed()
+    );
+    sibling.let_go();
 }

@@ -26,6 +26,7 @@ pub fn host(a: &HostArgs) -> Host {
         proc_root: a.proc_root.clone(),
         run_dir: a.run_dir.clone(),
         lock_wait: Duration::from_secs(30),
+        open_group: Default::default(),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Host {
     pub proc_root: PathBuf,
     pub run_dir: PathBuf,
     pub lock_wait: Duration,
+    /// Opens VFIO group nodes (the real open outside tests).
+    pub open_group: crate::session::own::GroupOpener,
 }
 
 impl Default for Host {
@@ -42,6 +44,7 @@ impl Default for Host {
             proc_root: PathBuf::from("/proc"),
             run_dir: PathBuf::from(crate::lock::DEFAULT_RUN_DIR),
             lock_wait: Duration::from_secs(30),
+            open_group: Default::default(),
         }
     }
 }
@@ -819,7 +822,7 @@ fn begin_session(
     open: &mut Opener<'_>,
     writes: Writes,
 ) -> Result<(Session, Option<Restored>)> {
-    let own = Ownership::take(&host.dev_vfio, &host.proc_root, dev)?;
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, dev, &host.open_group)?;
     let backend = open(dev, &own)?;
     Session::begin(
         dev,

@@ -296,7 +296,7 @@ fn recheck(host: &Host, p: &Plan, profile: Option<&str>, bar: Option<u8>) -> Res
     }
     plan(&host.sysfs, &t.dev, p.method.choice())
         .map_err(|why| Error::NoPowerCycle { bdf: p.target, why })?;
-    Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev)
+    Ownership::take(&host.dev_vfio, &host.proc_root, &t.dev, &host.open_group)
 }
 
 /// Records, turns autoprobe off, sends the function away and back, restores; the record goes
@@ -978,6 +978,7 @@ mod tests {
             proc_root: t.join("proc"),
             run_dir: t.join("run"),
             lock_wait: Duration::from_millis(200),
+            open_group: Default::default(),
         };
         run(&host, plan, None, None, &mut |s| eprintln!("{s}"))
     }

@@ -92,6 +92,7 @@ impl FakeHost {
             proc_root: root.join("proc"),
             run_dir: root.join("run"),
             lock_wait: Duration::from_millis(200),
+            open_group: Default::default(),
         };
         FakeHost { dir, host }
     }

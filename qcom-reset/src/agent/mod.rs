@@ -1120,7 +1120,7 @@ fn group_free(host: &engine::Host, bdf: Bdf) -> bool {
     let Ok(dev) = host.sysfs.device(bdf) else {
         return true;
     };
-    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev);
+    let own = Ownership::take(&host.dev_vfio, &host.proc_root, &dev, &host.open_group);
     !matches!(
         own,
         Err(crate::Error::Held { .. } | crate::Error::HeldBySession { .. })

@@ -14,6 +14,29 @@ use crate::holders;
 use crate::sysfs::SysfsDevice;
 use crate::{Error, Result};
 
+/// How a group node is opened: for real, or by a test's stand-in (a fake /dev cannot answer
+/// the kernel's EBUSY).
+#[derive(Clone)]
+pub struct GroupOpener(std::sync::Arc<dyn Fn(&Path) -> std::io::Result<File> + Send + Sync>);
+
+impl GroupOpener {
+    pub fn new(open: impl Fn(&Path) -> std::io::Result<File> + Send + Sync + 'static) -> Self {
+        GroupOpener(std::sync::Arc::new(open))
+    }
+}
+
+impl Default for GroupOpener {
+    fn default() -> Self {
+        GroupOpener::new(|p| File::options().read(true).write(true).open(p))
+    }
+}
+
+impl std::fmt::Debug for GroupOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupOpener")
+    }
+}
+
 /// What a session holds so nothing else can open the device while it writes.
 #[derive(Debug)]
 pub struct Ownership {
@@ -33,12 +56,18 @@ struct Group {
     proc_root: PathBuf,
     /// The device's nodes, for naming a holder.
     dev: SysfsDevice,
+    opener: GroupOpener,
 }
 
 impl Ownership {
     /// Owns `dev`: opens its VFIO group when it is bound to vfio-pci. Fails closed: a group that
     /// cannot be opened, for any reason, means the device is not ours to write.
-    pub fn take(dev_vfio: &Path, proc_root: &Path, dev: &SysfsDevice) -> Result<Ownership> {
+    pub fn take(
+        dev_vfio: &Path,
+        proc_root: &Path,
+        dev: &SysfsDevice,
+        opener: &GroupOpener,
+    ) -> Result<Ownership> {
         let driver = dev.driver()?;
         if driver.as_deref() != Some("vfio-pci") {
             return Ok(Ownership {
@@ -57,6 +86,7 @@ impl Ownership {
             file: None,
             proc_root: proc_root.to_path_buf(),
             dev: dev.clone(),
+            opener: opener.clone(),
         };
         g.open()?;
         Ok(Ownership {
@@ -118,7 +148,7 @@ impl Group {
     fn open(&mut self) -> Result<()> {
         let (bdf, path) = (self.dev.bdf, &self.path);
         let not_owned = |why| Error::NotOwned { bdf, why };
-        match File::options().read(true).write(true).open(path) {
+        match (self.opener.0)(path) {
             Ok(f) => {
                 self.file = Some(f);
                 Ok(())
