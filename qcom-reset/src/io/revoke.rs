@@ -134,26 +134,42 @@ mod tests {
 
     /// A file mapping whose file is truncated faults with SIGBUS beyond the new end, as a
     /// revoked BAR mapping does: the registered mapping reads all-ones instead and says so.
+    /// Three mappings, the fault in the one between the others: only that one is revoked.
     #[test]
     fn a_fault_in_a_registered_mapping_reads_all_ones_and_marks_it_revoked() {
         let page = PAGE.load(Ordering::Acquire).max(4096);
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(2 * page as u64).unwrap();
-        let map = memmap2::MmapOptions::new()
-            .len(2 * page)
-            .map_raw(&file)
-            .unwrap();
-        let reg = register(map.as_mut_ptr(), map.len()).unwrap();
+        let mapped: Vec<_> = (0..3)
+            .map(|_| {
+                let file = tempfile::tempfile().unwrap();
+                file.set_len(2 * page as u64).unwrap();
+                let map = memmap2::MmapOptions::new()
+                    .len(2 * page)
+                    .map_raw(&file)
+                    .unwrap();
+                let reg = register(map.as_mut_ptr(), map.len()).unwrap();
+                (map.as_ptr() as usize, file, map, reg)
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..3).collect();
+        order.sort_by_key(|&i| mapped[i].0);
+        let (_, file, map, _) = &mapped[order[1]];
         let at = |off: usize| {
             // SAFETY: within the mapping, aligned.
             unsafe { std::ptr::read_volatile(map.as_ptr().add(off).cast::<u32>()) }
         };
         assert_eq!(at(page), 0);
-        assert!(!reg.revoked());
+        assert!(mapped.iter().all(|m| !m.3.revoked()));
         file.set_len(0).unwrap();
         assert_eq!(at(page), 0xffff_ffff, "the truncated page reads all-ones");
-        assert!(reg.revoked());
-        drop(reg);
+        let revoked: Vec<bool> = order.iter().map(|&i| mapped[i].3.revoked()).collect();
+        assert_eq!(revoked, [false, true, false], "only the faulting mapping");
+        drop(mapped);
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(page as u64).unwrap();
+        let map = memmap2::MmapOptions::new()
+            .len(page)
+            .map_raw(&file)
+            .unwrap();
         let again = register(map.as_mut_ptr(), map.len()).unwrap();
         assert!(!again.revoked(), "a slot starts clean");
     }
