@@ -138,7 +138,7 @@ mod tests {
     #[test]
     fn a_fault_in_a_registered_mapping_reads_all_ones_and_marks_it_revoked() {
         let page = PAGE.load(Ordering::Acquire).max(4096);
-        let mapped: Vec<_> = (0..3)
+        let mut mapped: Vec<_> = (0..3)
             .map(|_| {
                 let file = tempfile::tempfile().unwrap();
                 file.set_len(2 * page as u64).unwrap();
@@ -146,30 +146,35 @@ mod tests {
                     .len(2 * page)
                     .map_raw(&file)
                     .unwrap();
-                let reg = register(map.as_mut_ptr(), map.len()).unwrap();
-                (map.as_ptr() as usize, file, map, reg)
+                (file, map)
             })
             .collect();
-        let mut order: Vec<usize> = (0..3).collect();
-        order.sort_by_key(|&i| mapped[i].0);
-        let (_, file, map, _) = &mapped[order[1]];
+        // Registered lowest address first, so a range check that is too wide meets a wrong
+        // mapping before the faulting one, the middle one.
+        mapped.sort_by_key(|(_, map)| map.as_ptr() as usize);
+        let regs: Vec<Registration> = mapped
+            .iter()
+            .map(|(_, map)| register(map.as_mut_ptr(), map.len()).unwrap())
+            .collect();
+        let (file, map) = &mapped[1];
         let at = |off: usize| {
             // SAFETY: within the mapping, aligned.
             unsafe { std::ptr::read_volatile(map.as_ptr().add(off).cast::<u32>()) }
         };
-        assert_eq!(at(page), 0);
-        assert!(mapped.iter().all(|m| !m.3.revoked()));
+        // Inside the page, not at its start: the replacement must be the faulting page's.
+        assert_eq!(at(page + 8), 0);
+        assert!(regs.iter().all(|r| !r.revoked()));
         file.set_len(0).unwrap();
-        assert_eq!(at(page), 0xffff_ffff, "the truncated page reads all-ones");
-        let revoked: Vec<bool> = order.iter().map(|&i| mapped[i].3.revoked()).collect();
+        assert_eq!(
+            at(page + 8),
+            0xffff_ffff,
+            "the truncated page reads all-ones"
+        );
+        // The mapping's first byte is inside it too.
+        assert_eq!(at(0), 0xffff_ffff);
+        let revoked: Vec<bool> = regs.iter().map(Registration::revoked).collect();
         assert_eq!(revoked, [false, true, false], "only the faulting mapping");
-        drop(mapped);
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(page as u64).unwrap();
-        let map = memmap2::MmapOptions::new()
-            .len(page)
-            .map_raw(&file)
-            .unwrap();
+        drop(regs);
         let again = register(map.as_mut_ptr(), map.len()).unwrap();
         assert!(!again.revoked(), "a slot starts clean");
     }
