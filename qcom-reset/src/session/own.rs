@@ -17,7 +17,9 @@ use crate::{Error, Result};
 /// How a group node is opened: for real, or by a test's stand-in (a fake /dev cannot answer
 /// the kernel's EBUSY).
 #[derive(Clone)]
-pub struct GroupOpener(std::sync::Arc<dyn Fn(&Path) -> std::io::Result<File> + Send + Sync>);
+pub struct GroupOpener(std::sync::Arc<OpenFn>);
+
+type OpenFn = dyn Fn(&Path) -> std::io::Result<File> + Send + Sync;
 
 impl GroupOpener {
     pub fn new(open: impl Fn(&Path) -> std::io::Result<File> + Send + Sync + 'static) -> Self {
