@@ -1165,7 +1165,13 @@ fn reset_with_verify_hook(
     let r = engine::reset(
         &h.host,
         &Request::new(bdf(at)),
-        &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
+        &mut move |_, own: &qcom_reset::session::own::Ownership| {
+            // The VFIO backend takes a descriptor of the held group (backend::open).
+            if access == "vfio" {
+                drop(own.group_fd());
+            }
+            Ok(Box::new(backend.take().unwrap()))
+        },
         access,
     );
     (r, seen)

@@ -359,11 +359,11 @@ impl Session {
 
     /// Starts the verification: it only reads (every 25 ms, up to 8 s), so the VFIO group is let
     /// go once a BAR read answers ([`Session::let_go_when_settled`]), and a VM
-    /// starting meanwhile is not refused with EBUSY. Not when the access goes through VFIO: the
-    /// device descriptor keeps the group busy, and closing it would run the kernel's release
-    /// path. True when the group may be let go; [`Session::take_back`] ends the stretch.
+    /// starting meanwhile is not refused with EBUSY. Not when the access goes through VFIO
+    /// ([`Ownership::can_let_go`]). True when the group may be let go; [`Session::take_back`]
+    /// ends the stretch.
     pub fn begin_verification(&mut self) -> bool {
-        self.verifying = self.backend.name() != "vfio" && self.own.group_path().is_some();
+        self.verifying = self.own.can_let_go();
         self.verifying
     }
 

@@ -47,6 +47,9 @@ pub struct Ownership {
     group: Option<Group>,
     /// The driver the card had when it was owned: the one the session expects throughout.
     driver: Option<String>,
+    /// A descriptor of the group was handed out (the VFIO access path): it keeps the group busy
+    /// whatever this session closes, so the group is never let go.
+    lent: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -75,6 +78,7 @@ impl Ownership {
             return Ok(Ownership {
                 group: None,
                 driver,
+                lent: Default::default(),
             });
         }
         let Some(group) = dev.iommu_group()? else {
@@ -94,6 +98,7 @@ impl Ownership {
         Ok(Ownership {
             group: Some(g),
             driver,
+            lent: Default::default(),
         })
     }
 
@@ -101,15 +106,19 @@ impl Ownership {
     /// by this session: exclusivity belongs to the open, not to one descriptor).
     pub fn group_fd(&self) -> Option<std::io::Result<OwnedFd>> {
         let file = self.group.as_ref()?.file.as_ref()?;
+        self.lent.store(true, std::sync::atomic::Ordering::Relaxed);
         Some(file.try_clone().map(OwnedFd::from))
     }
 
     /// Lets the group go while the session only reads (its verification polls for up to 8 s),
     /// so a VM that starts meanwhile opens the card instead of failing with EBUSY. True when a
     /// group was let go; [`Ownership::take_back`] must succeed before the session writes again.
-    /// A descriptor handed to a VFIO backend keeps the group busy anyway: the caller lets go
-    /// only when its access is not through VFIO.
+    /// Never once a descriptor was handed out ([`Ownership::group_fd`]): the VFIO backend's
+    /// keeps the group busy, and closing it would run the kernel's release path.
     pub fn let_go(&mut self) -> bool {
+        if !self.can_let_go() {
+            return false;
+        }
         match &mut self.group {
             Some(g) if g.file.is_some() => {
                 g.file = None;
@@ -117,6 +126,12 @@ impl Ownership {
             }
             _ => false,
         }
+    }
+
+    /// Whether a held group could be let go: one is held and no descriptor of it was lent.
+    pub fn can_let_go(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.file.is_some())
+            && !self.lent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the group is let go now.
