@@ -183,7 +183,8 @@ fn now_ms() -> u64 {
 }
 
 struct Shared {
-    /// Swapped whole by a reload; each decision reads it once (`cfg()`).
+    /// Swapped whole by a reload (`cfg()` gives the current one; a session in flight keeps the
+    /// request it was started with).
     cfg: std::sync::RwLock<Arc<Config>>,
     host: Host,
     open: OpenFn,
