@@ -15,6 +15,7 @@ use qcom_reset::devices::Family;
 use qcom_reset::lock::DeviceLock;
 use qcom_reset::probes::Item;
 use qcom_reset::probes::events::{KernelReset, Kind, TraceEvent};
+use qcom_reset_ebpf::{Flavour, Func};
 use qcom_reset::sim::{Faults, SimDevice, SimState};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -22,19 +23,15 @@ const WLAN: &str = "0000:03:00.0";
 const MODEM: &str = "0000:04:00.0";
 
 fn event(kind: Kind, bdf: &str, device: u16, ret: i32, kernel: Option<KernelReset>) -> Item {
-    Item::Event(trace_event(
-        kind,
-        "vfio_pci_core_disable",
-        bdf,
-        device,
-        ret,
-        kernel,
-    ))
+    Item::Event {
+        event: trace_event(kind, Func::VfioPciCoreDisable, bdf, device, ret, kernel),
+        taken_ns: 0,
+    }
 }
 
 fn trace_event(
     kind: Kind,
-    function: &'static str,
+    function: Func,
     bdf: &str,
     device: u16,
     ret: i32,
@@ -44,11 +41,11 @@ fn trace_event(
     TraceEvent {
         schema: 2,
         kind,
-        flavour: "kprobe",
+        flavour: Flavour::Kprobe,
         function,
-        bdf: bdf.into(),
-        vendor: "17cb".into(),
-        device: format!("{device:04x}"),
+        bdf: bdf.parse().expect("a test address"),
+        vendor: 0x17cb,
+        device,
         ret,
         errno: None,
         duration_ns: 1000,
@@ -194,7 +191,9 @@ async fn a_release_after_a_kernel_bus_reset_is_reset_to_clean() {
         a.detail
     );
     let report = a.report.unwrap();
-    assert_eq!(report.ops.len(), 15, "the full WLAN sequence ran");
+    // Seven steps to the link poll, 30 reads and 1 ms waits while the link is down, the read
+    // that finds it back and the MHI reset's four.
+    assert_eq!(report.ops.len(), 7 + 60 + 4, "the full WLAN sequence ran");
     assert!(
         a.latency_ms.unwrap() < 1000.0,
         "a release acts at once, not after a poll"
@@ -503,13 +502,16 @@ async fn an_open_explains_its_device_specific_reset_and_act_with_kernel_reset_st
         assert_eq!(r.next().await.result, "clean");
         let open_reset = trace_event(
             Kind::Attempt,
-            "pci_dev_specific_reset",
+            Func::PciDevSpecificReset,
             WLAN,
             0x1103,
             0,
             None,
         );
-        r.tx.send(Item::Event(open_reset)).await.unwrap();
+        r.tx.send(Item::Event {
+        event: open_reset,
+        taken_ns: 0,
+    }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
             .await
@@ -567,14 +569,17 @@ async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
     let mut r = start(&h, test_config(&h), &[(WLAN, wlan.clone())]);
     let mut call = trace_event(
         Kind::Attempt,
-        "pci_try_reset_function",
+        Func::PciTryResetFunction,
         WLAN,
         0x1103,
         -110,
         None,
     );
     call.inside = Some(Kind::Open);
-    r.tx.send(Item::Event(call)).await.unwrap();
+    r.tx.send(Item::Event {
+        event: call,
+        taken_ns: 0,
+    }).await.unwrap();
     r.quiet_for(Duration::from_millis(400)).await;
     r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
         .await
@@ -586,7 +591,7 @@ async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
     assert_eq!((a.trigger, a.result.as_str()), (Trigger::Release, "clean"));
     let mut failed = trace_event(
         Kind::Open,
-        "vfio_pci_core_enable",
+        Func::VfioPciCoreEnable,
         WLAN,
         0x1103,
         -11,
@@ -596,7 +601,10 @@ async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
     // The opener that failed still holds the group a moment: the open is answered once it
     // lets go, not dropped as "its release will trigger the reset" (no release will come).
     h.hold(784, "qemu-system-x86", "/dev/vfio/12");
-    r.tx.send(Item::Event(failed)).await.unwrap();
+    r.tx.send(Item::Event {
+        event: failed,
+        taken_ns: 0,
+    }).await.unwrap();
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
@@ -791,7 +799,7 @@ fn only_a_device_specific_reset_is_trusted() {
     let rel = |k| {
         trace_event(
             Kind::Release,
-            "vfio_pci_core_disable",
+            Func::VfioPciCoreDisable,
             WLAN,
             0x1103,
             0,
@@ -810,25 +818,25 @@ fn only_a_device_specific_reset_is_trusted() {
     );
     let call = |f, ret| trace_event(Kind::Attempt, f, WLAN, 0x1103, ret, Option::None);
     assert_eq!(
-        Trigger::of_event(&call("pci_dev_specific_reset", 0)),
+        Trigger::of_event(&call(Func::PciDevSpecificReset, 0)),
         Some(Trigger::KernelResetCall)
     );
     for (f, ret) in [
-        ("pci_dev_specific_reset", -110),
-        ("pci_reset_function", 0),
-        ("pci_reset_function", -25),
-        ("pci_reset_bus_function", 0),
-        ("pci_reset_bus", 0),
+        (Func::PciDevSpecificReset, -110),
+        (Func::PciResetFunction, 0),
+        (Func::PciResetFunction, -25),
+        (Func::PciResetBusFunction, 0),
+        (Func::PciResetBus, 0),
     ] {
         assert_eq!(
             Trigger::of_event(&call(f, ret)),
             Some(Trigger::ResetCall),
-            "{f} = {ret}"
+            "{} = {ret}", f.symbol()
         );
     }
     let open = trace_event(
         Kind::Open,
-        "vfio_pci_core_enable",
+        Func::VfioPciCoreEnable,
         WLAN,
         0x1103,
         0,
@@ -841,7 +849,7 @@ fn only_a_device_specific_reset_is_trusted() {
     );
     // A reset call inside a VFIO open or release: the bracket's own event answers it.
     for bracket in [Kind::Open, Kind::Release] {
-        let mut inside = call("pci_try_reset_function", 0);
+        let mut inside = call(Func::PciTryResetFunction, 0);
         inside.inside = Some(bracket.clone());
         assert_eq!(Trigger::of_event(&inside), Option::None, "{bracket:?}");
     }
@@ -849,7 +857,7 @@ fn only_a_device_specific_reset_is_trusted() {
     let failed = |kernel, seen| {
         let mut o = trace_event(
             Kind::Open,
-            "vfio_pci_core_enable",
+            Func::VfioPciCoreEnable,
             WLAN,
             0x1103,
             -11,
@@ -1022,13 +1030,16 @@ async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() 
     let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
     let call = trace_event(
         Kind::Attempt,
-        "pci_dev_specific_reset",
+        Func::PciDevSpecificReset,
         WLAN,
         0x1103,
         0,
         None,
     );
-    r.tx.send(Item::Event(call)).await.unwrap();
+    r.tx.send(Item::Event {
+        event: call,
+        taken_ns: 0,
+    }).await.unwrap();
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
@@ -1156,14 +1167,17 @@ async fn a_held_profile_device_is_reset_when_its_holder_goes() {
     let mut r = start(&h, cfg, &[(IVSHMEM, card.clone())]);
     let mut ev = trace_event(
         Kind::Release,
-        "vfio_pci_core_disable",
+        Func::VfioPciCoreDisable,
         IVSHMEM,
         0x1110,
         0,
         Some(KernelReset::Bus),
     );
-    ev.vendor = "1af4".into();
-    r.tx.send(Item::Event(ev)).await.unwrap();
+    ev.vendor = 0x1af4;
+    r.tx.send(Item::Event {
+        event: ev,
+        taken_ns: 0,
+    }).await.unwrap();
     assert_eq!(r.next().await.result, "skipped");
     h.unhold(779);
     let a = r.next().await;
@@ -1392,14 +1406,17 @@ async fn our_own_vfio_release_is_not_answered() {
     let mut r = start(&h, test_config(&h), &[(WLAN, card.clone())]);
     let mut e = trace_event(
         Kind::Release,
-        "vfio_pci_core_disable",
+        Func::VfioPciCoreDisable,
         WLAN,
         0x1103,
         0,
         Some(KernelReset::Bus),
     );
     e.comm = qcom_reset::agent::OWN_COMM.into();
-    r.tx.send(Item::Event(e)).await.unwrap();
+    r.tx.send(Item::Event {
+        event: e,
+        taken_ns: 0,
+    }).await.unwrap();
     r.quiet_for(Duration::from_millis(600)).await;
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
     r.stop().await;
@@ -1544,7 +1561,9 @@ async fn ready_waits_for_a_failing_start_up_reset_to_give_up() {
 #[tokio::test]
 async fn an_open_unpublishes_the_verdict_until_the_release_is_answered() {
     use qcom_reset::agent::status::AgentStatus;
-    let h = two_device_host();
+    // One card: the start-up rescan's first verdict is this card's, whichever finishes first.
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
     let wlan = sim(Family::Wlan, Faults::default());
     let mut cfg = test_config(&h);
     cfg.rescan = true;

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    bindings::bpf_pidns_info,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_get_ns_current_pid_tgid,
@@ -179,9 +179,22 @@ fn call_enter(func: Func, pdev: u64, probe: u64) {
     }
 }
 
+/// Whether submitting an event wakes the agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// An attempt inside a VFIO open or release: its bracket's own event follows within the
+    /// same call and carries it, so waking the agent for it would only have the agent busy with
+    /// the attempt when the release that needs a reset arrives.
+    WithTheBracket,
+    /// Always, even when the agent has not been woken for records before this one (the
+    /// kernel's default wakes only a consumer that has read everything before).
+    Now,
+}
+
 /// Fills the fields every event carries and submits it.
 #[inline(always)]
 fn emit(
+    wake: Wake,
     kind: EventKind,
     flavour: Flavour,
     func: u8,
@@ -219,7 +232,10 @@ fn emit(
         }
         fill(e);
     }
-    entry.submit(0);
+    entry.submit(match wake {
+        Wake::WithTheBracket => BPF_RB_NO_WAKEUP,
+        Wake::Now => BPF_RB_FORCE_WAKEUP,
+    } as u64);
 }
 
 #[inline(always)]
@@ -259,7 +275,13 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         }
         b.n_seen += 1;
     }
+    let wake = if bracket == 0 {
+        Wake::Now
+    } else {
+        Wake::WithTheBracket
+    };
     emit(
+        wake,
         EventKind::Attempt,
         flavour,
         func as u8,
@@ -329,6 +351,7 @@ fn bracket_exit(func: Func, ret: i32) {
         _ => None,
     };
     emit(
+        Wake::Now,
         kind,
         Flavour::Kprobe,
         func as u8,

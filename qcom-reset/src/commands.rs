@@ -114,8 +114,8 @@ fn trace_cmd(host: &Host, a: TraceArgs) -> anyhow::Result<Exit> {
 
 fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
     match (item, json) {
-        (Item::Event(e), true) => println!("{}", serde_json::to_string(e)?),
-        (Item::Event(e), false) => println!("{}", e.line()),
+        (Item::Event { event, .. }, true) => println!("{}", serde_json::to_string(event)?),
+        (Item::Event { event, .. }, false) => println!("{}", event.line()),
         (Item::Attached(a), true) => println!(
             "{}",
             serde_json::json!({"kind": "attach", "attachments": a})

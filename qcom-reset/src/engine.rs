@@ -258,6 +258,37 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<PortState>,
     pub duration_ms: u64,
+    /// Where `duration_ms` went.
+    pub phases: Phases,
+}
+
+/// Where a reset's time went, in µs: what the card needed (the sequence and its verification)
+/// against what qcom-reset added around it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Phases {
+    /// Owning the card: the VFIO group, the driver hold, the crash record, the saved config space.
+    pub own_us: u64,
+    /// The upstream port: its lock and state, masking its link-drop reports.
+    pub guard_us: u64,
+    /// The register sequence (or the kernel's reset), its delays included.
+    pub sequence_us: u64,
+    /// Verification, until the verdict.
+    pub verify_us: u64,
+    /// Putting back what the session changed.
+    pub restore_us: u64,
+}
+
+/// Times consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// µs since the last lap.
+    fn take(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.duration_since(self.0).as_micros() as u64;
+        self.0 = now;
+        us
+    }
 }
 
 fn step(bdf: Bdf, version: &str, what: &str) {
@@ -349,6 +380,7 @@ fn dry_run(t: &Target, access: &str) -> Report {
         recovered: None,
         port,
         duration_ms: 0,
+        phases: Phases::default(),
     }
 }
 
@@ -381,6 +413,8 @@ pub fn reset(
         return Err(e);
     }
     let started = Instant::now();
+    let mut lap = Lap(started);
+    let mut phases = Phases::default();
     let p = t.profile;
     let version = p.family.sequence_version();
     step(
@@ -390,7 +424,9 @@ pub fn reset(
     );
 
     let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
+    phases.own_us = lap.take();
     let port = guard_link_drop(host, &mut session, &t, req)?;
+    phases.guard_us = lap.take();
     let mut kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
     if kernel {
         step(
@@ -481,6 +517,7 @@ pub fn reset(
         if rebooted {
             io.inner.session.saw_link_drop();
         }
+        phases.sequence_us = lap.take();
         // The verification only reads: once the card is settled a VM may open it meanwhile (a
         // header repair takes the group back first). One that did keeps the card and gets no
         // verdict of ours.
@@ -507,7 +544,11 @@ pub fn reset(
         version,
         &format!("verdict: {} ({})", verdict.health, verdict.detail),
     );
+    // Config space reading all-ones ends the look before any sequence: that look is the
+    // verification then.
+    phases.verify_us = lap.take();
     let restored = session.restore();
+    phases.restore_us = lap.take();
     step(
         t.bdf,
         version,
@@ -532,6 +573,7 @@ pub fn reset(
         recovered,
         port: Some(port),
         duration_ms: started.elapsed().as_millis() as u64,
+        phases,
     })
 }
 

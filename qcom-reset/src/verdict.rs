@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::devices::Family;
 use crate::io::RegisterIo;
+use crate::sequence;
 use crate::regs::*;
 
 /// Whether the next owner can use the card, not merely whether it answers.
@@ -252,24 +253,20 @@ impl<I: RegisterIo> Card for FixedIds<I> {
 }
 
 /// After a reset: polls until clean or the settle window ends; every other verdict is re-polled
-/// because the firmware may still be coming up.
+/// because the firmware may still be coming up ([`sequence::poll`]'s schedule: every ms at
+/// first, then the MHI host's 25 ms).
 pub fn verify(expect: &Expect, card: &mut dyn Card, bar_len: u64) -> Verdict {
-    let polls = settle_window(expect.family).as_millis() / SETTLE_POLL.as_millis();
     let mut last = None;
-    for i in 0..=polls {
+    sequence::poll(card, SETTLE_POLL, settle_window(expect.family), &mut |card| {
         let (vendor, device) = card.config_ids();
         let verdict = judge(
             expect,
             &read_registers(expect, vendor, device, card, bar_len),
         );
-        if verdict.health == Health::Clean {
-            return verdict;
-        }
+        let clean = verdict.health == Health::Clean;
         last = Some(verdict);
-        if i < polls {
-            card.delay(SETTLE_POLL);
-        }
-    }
+        clean
+    });
     last.expect("at least one poll")
 }
 
@@ -465,8 +462,9 @@ mod tests {
         );
     }
 
-    /// A device that never becomes clean is polled every 25 ms for exactly the settle window:
-    /// 41 reads of WLAN MHISTATUS over 1000 ms, and no wait after the last one.
+    /// A device that never becomes clean is polled for exactly the settle window, every ms for
+    /// the first 100 ms (101 reads, 0..=100) and then every 25 ms (36 reads, 125..=1000): 137
+    /// reads of WLAN MHISTATUS over 1000 ms, and no wait after the last one.
     #[test]
     fn verification_polls_the_whole_window_and_stops() {
         struct Crashed {
@@ -501,7 +499,7 @@ mod tests {
         let io = io.0;
         assert_eq!(
             (io.status_reads, io.waited),
-            (41, settle_window(Family::Wlan))
+            (101 + 36, settle_window(Family::Wlan))
         );
     }
 

@@ -103,7 +103,7 @@ impl Trigger {
             return None;
         }
         let device_specific_ok =
-            e.function == qcom_reset_ebpf::Func::PciDevSpecificReset.symbol() && e.ret == 0;
+            e.function == qcom_reset_ebpf::Func::PciDevSpecificReset && e.ret == 0;
         match e.kind {
             Kind::Release if e.left_unreset == Some(false) => Some(Trigger::KernelReset),
             Kind::Release => Some(Trigger::Release),
@@ -383,6 +383,17 @@ pub struct Agent {
     tasks: JoinSet<()>,
     shutdown_tx: watch::Sender<bool>,
     ready_tx: watch::Sender<bool>,
+    /// Events decided on but not yet journaled, counted or logged: written once the items
+    /// that arrived with them are decided too (a release behind attempts waits for no write).
+    unwritten: Vec<Decided>,
+}
+
+/// An event the agent has acted on, for the journal.
+struct Decided {
+    event: TraceEvent,
+    taken_ns: u64,
+    received_ns: u64,
+    trigger: Option<Trigger>,
 }
 
 /// How long after the agent's start READY=1 waits for the recovery and the start-up checks and
@@ -437,6 +448,7 @@ impl Agent {
             ..Default::default()
         });
         Ok(Agent {
+            unwritten: Vec::new(),
             shared: Arc::new(Shared {
                 cfg: std::sync::RwLock::new(Arc::new(cfg)),
                 host,
@@ -492,7 +504,12 @@ impl Agent {
             tokio::select! {
                 _ = &mut stop => break,
                 item = items.recv() => match item {
-                    Some(item) => self.on_item(item, Instant::now()),
+                    Some(item) => {
+                        self.on_item(item, Instant::now());
+                        if items.is_empty() {
+                            self.write_out();
+                        }
+                    }
                     None => break,
                 },
                 () = &mut started, if !ready => {
@@ -510,6 +527,7 @@ impl Agent {
                 }
             }
         }
+        self.write_out();
         info!("shutting down: waiting for in-flight resets to finish");
         let _ = self.shutdown_tx.send(true);
         self.devices.clear();
@@ -528,7 +546,7 @@ impl Agent {
 
     fn on_item(&mut self, item: Item, at: Instant) {
         match item {
-            Item::Event(e) => self.on_event(e, at),
+            Item::Event { event, taken_ns } => self.on_event(event, taken_ns, at),
             Item::Drops { ringbuf, brackets } => {
                 self.shared.metrics.drops(ringbuf);
                 warn!(
@@ -643,47 +661,59 @@ impl Agent {
         }
     }
 
-    fn on_event(&mut self, e: TraceEvent, at: Instant) {
-        let kind = match e.kind {
-            Kind::Attempt => "attempt",
-            Kind::Release => "release",
-            Kind::Open => "open",
-        };
-        self.shared.metrics.event(kind);
-        // CLOCK_MONOTONIC, the clock of the event's ktime_ns: the difference is the detection latency.
-        let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let received_mono_ns = mono.tv_sec as u64 * 1_000_000_000 + mono.tv_nsec as u64;
-        self.shared.journal(&serde_json::json!({
-            "type": "event", "ts_ms": now_ms(), "received_mono_ns": received_mono_ns, "event": &e
-        }));
-        let (Ok(bdf), Ok(vendor), Ok(device)) = (
-            e.bdf.parse::<Bdf>(),
-            u16::from_str_radix(&e.vendor, 16),
-            u16::from_str_radix(&e.device, 16),
-        ) else {
-            return;
-        };
-        if !self.shared.is_target(bdf, vendor, device) {
-            if let Some(p) = crate::devices::by_id(vendor, device)
-                && e.kind == Kind::Release
+    /// The decision comes first: a reset is on its way before the event is journaled, counted
+    /// or logged ([`Agent::write_out`]), so none of that sits between a release and the card's
+    /// recovery.
+    fn on_event(&mut self, event: TraceEvent, taken_ns: u64, at: Instant) {
+        let received_ns = crate::probes::mono_ns();
+        let trigger = self.decide(&event, at);
+        self.unwritten.push(Decided {
+            event,
+            taken_ns,
+            received_ns,
+            trigger,
+        });
+    }
+
+    /// Journals, counts and logs the events decided since the last call.
+    fn write_out(&mut self) {
+        for d in std::mem::take(&mut self.unwritten) {
+            let e = &d.event;
+            self.shared.metrics.event(e.kind.name());
+            // Both stamps are CLOCK_MONOTONIC, the clock of the event's ktime_ns: from the
+            // kernel's return to `taken_mono_ns` is the ring buffer's wake-up, from there to
+            // `received_mono_ns` the agent's hand-off to the decision.
+            self.shared.journal(&serde_json::json!({
+                "type": "event", "ts_ms": now_ms(), "taken_mono_ns": d.taken_ns,
+                "received_mono_ns": d.received_ns, "event": e
+            }));
+            if d.trigger.is_some() {
+                info!(bdf = %e.bdf, "{}", e.line());
+            } else if e.kind == Kind::Release
+                && !self.shared.is_target(e.bdf, e.vendor, e.device)
+                && let Some(p) = crate::devices::by_id(e.vendor, e.device)
             {
-                info!(bdf = %bdf, "released; experimental profile {} not opted in (experimental = [\"{}\"]): left alone", p.name, p.name);
+                info!(bdf = %e.bdf, "released; experimental profile {} not opted in (experimental = [\"{}\"]): left alone", p.name, p.name);
             }
-            return;
+        }
+    }
+
+    /// What a target's event asks for, dispatched at once; None for anything else.
+    fn decide(&mut self, e: &TraceEvent, at: Instant) -> Option<Trigger> {
+        if !self.shared.is_target(e.bdf, e.vendor, e.device) {
+            return None;
         }
         // Only an open that succeeded has a release to come; only a task that is debouncing
         // something needs to hear it.
         if e.kind == Kind::Open && e.comm != OWN_COMM && e.ret == 0 {
-            self.shared.opened(bdf, &e.comm);
-            if let Some(tx) = self.devices.get(&bdf) {
+            self.shared.opened(e.bdf, &e.comm);
+            if let Some(tx) = self.devices.get(&e.bdf) {
                 let _ = tx.send(Msg::Opened);
             }
         }
-        let Some(trigger) = Trigger::of_event(&e) else {
-            return;
-        };
-        info!(bdf = %bdf, "{}", e.line());
-        self.dispatch(bdf, trigger, at);
+        let trigger = Trigger::of_event(e)?;
+        self.dispatch(e.bdf, trigger, at);
+        Some(trigger)
     }
 
     fn dispatch(&mut self, bdf: Bdf, trigger: Trigger, at: Instant) {

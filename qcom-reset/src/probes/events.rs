@@ -4,20 +4,45 @@ use qcom_reset_ebpf::{
     BDF_LEN, COMM_LEN, EVENT_ABI_VERSION, Event, EventKind, Flavour, Func, MAX_ATTEMPTS,
     NEEDS_RESET_UNKNOWN,
 };
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use crate::bdf::{Bdf, BdfError};
 
 /// Version of the JSON schema in docs/events.md.
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// A function as its kernel symbol (the schema's text); the value stays typed until then.
+fn symbol<S: Serializer>(f: &Func, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(f.symbol())
+}
+
+/// A PCI ID as the schema writes it: four lowercase hex digits, as sysfs and lspci do.
+fn hex4<S: Serializer>(id: &u16, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{id:04x}"))
+}
+
+/// How a probe was attached, by the schema's name.
+fn flavour_name<S: Serializer>(f: &Flavour, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(flavour_str(*f))
+}
+
+pub fn flavour_str(f: Flavour) -> &'static str {
+    match f {
+        Flavour::Kprobe => "kprobe",
+        Flavour::Fentry => "fentry",
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AttemptOut {
-    pub function: &'static str,
+    #[serde(serialize_with = "symbol")]
+    pub function: Func,
     pub ret: i32,
     pub errno: Option<&'static str>,
     pub duration_ns: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Attempt,
@@ -25,15 +50,30 @@ pub enum Kind {
     Open,
 }
 
+impl Kind {
+    /// The schema's name (also the metrics' `kind` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Attempt => "attempt",
+            Kind::Release => "release",
+            Kind::Open => "open",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TraceEvent {
     pub schema: u32,
     pub kind: Kind,
-    pub flavour: &'static str,
-    pub function: &'static str,
-    pub bdf: String,
-    pub vendor: String,
-    pub device: String,
+    #[serde(serialize_with = "flavour_name")]
+    pub flavour: Flavour,
+    #[serde(serialize_with = "symbol")]
+    pub function: Func,
+    pub bdf: Bdf,
+    #[serde(serialize_with = "hex4")]
+    pub vendor: u16,
+    #[serde(serialize_with = "hex4")]
+    pub device: u16,
     pub ret: i32,
     pub errno: Option<&'static str>,
     pub duration_ns: u64,
@@ -116,6 +156,8 @@ pub enum DecodeError {
     Abi(u8),
     #[error("unknown {0} {1} in event")]
     Unknown(&'static str, u8),
+    #[error("the event's device address: {0}")]
+    Bdf(#[from] BdfError),
 }
 
 pub fn errno_name(ret: i32) -> Option<&'static str> {
@@ -162,8 +204,8 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
         k => return Err(DecodeError::Unknown("kind", k)),
     };
     let flavour = match b.get_u8() {
-        f if f == Flavour::Kprobe as u8 => "kprobe",
-        f if f == Flavour::Fentry as u8 => "fentry",
+        f if f == Flavour::Kprobe as u8 => Flavour::Kprobe,
+        f if f == Flavour::Fentry as u8 => Flavour::Fentry,
         f => return Err(DecodeError::Unknown("flavour", f)),
     };
     let function = func(b.get_u8())?;
@@ -185,7 +227,7 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     let duration_ns = b.get_u64_le();
     let comm = cstr(&b[..COMM_LEN]);
     b.advance(COMM_LEN);
-    let bdf = cstr(&b[..BDF_LEN]);
+    let bdf: Bdf = cstr(&b[..BDF_LEN]).parse()?;
     b.advance(BDF_LEN);
     let mut attempts = Vec::new();
     for i in 0..MAX_ATTEMPTS {
@@ -201,10 +243,10 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
         schema: SCHEMA_VERSION,
         kind,
         flavour,
-        function: function.symbol(),
+        function,
         bdf,
-        vendor: format!("{vendor:04x}"),
-        device: format!("{device:04x}"),
+        vendor,
+        device,
         ret,
         errno: errno_name(ret),
         duration_ns,
@@ -235,7 +277,7 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
             attempts
                 .into_iter()
                 .map(|(f, r, d)| AttemptOut {
-                    function: f.symbol(),
+                    function: f,
                     ret: r,
                     errno: errno_name(r),
                     duration_ns: d,
@@ -252,8 +294,12 @@ impl TraceEvent {
     /// One human-readable line.
     pub fn line(&self) -> String {
         let head = format!(
-            "{} {} {}:{} {}",
-            self.bdf, self.function, self.vendor, self.device, self.flavour
+            "{} {} {:04x}:{:04x} {}",
+            self.bdf,
+            self.function.symbol(),
+            self.vendor,
+            self.device,
+            flavour_str(self.flavour)
         );
         let who = format!("pid {} ({})", self.tgid, self.comm);
         let ret = |r: i32, e: Option<&str>| match e {
@@ -271,7 +317,7 @@ impl TraceEvent {
                     .attempts
                     .iter()
                     .flatten()
-                    .map(|a| format!("{}={}", a.function, ret(a.ret, a.errno)))
+                    .map(|a| format!("{}={}", a.function.symbol(), ret(a.ret, a.errno)))
                     .collect();
                 let by = self.kernel_reset.unwrap_or(KernelReset::None).name();
                 let verdict = match self.left_unreset {
@@ -384,16 +430,11 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(
             (e.kind.clone(), e.function, e.ret, e.errno),
-            (Kind::Attempt, "pci_reset_function", -25, Some("ENOTTY"))
+            (Kind::Attempt, Func::PciResetFunction, -25, Some("ENOTTY"))
         );
         assert_eq!(
-            (
-                e.bdf.as_str(),
-                e.vendor.as_str(),
-                e.device.as_str(),
-                e.comm.as_str()
-            ),
-            ("0000:03:00.0", "17cb", "1103", "qemu")
+            (e.bdf.to_string(), e.vendor, e.device, e.comm.as_str()),
+            ("0000:03:00.0".to_string(), 0x17cb, 0x1103, "qemu")
         );
         assert_eq!(e.attempts, None);
         assert!(e.line().contains("ret=-25 (ENOTTY) in 2.500 ms"));
@@ -549,9 +590,9 @@ pub(crate) mod tests {
         let mut b = encode(EventKind::Open, Func::VfioPciCoreEnable, 0, 0, &[]);
         assert_eq!(decode(&b).unwrap().kind, Kind::Open);
         b[2] = Flavour::Fentry as u8;
-        assert_eq!(decode(&b).unwrap().flavour, "fentry");
+        assert_eq!(decode(&b).unwrap().flavour, Flavour::Fentry);
         b[2] = Flavour::Kprobe as u8;
-        assert_eq!(decode(&b).unwrap().flavour, "kprobe");
+        assert_eq!(decode(&b).unwrap().flavour, Flavour::Kprobe);
         b[2] = 7;
         assert_eq!(decode(&b), Err(DecodeError::Unknown("flavour", 7)));
         b[2] = Flavour::Kprobe as u8;
@@ -570,6 +611,12 @@ pub(crate) mod tests {
         b[0] = EVENT_ABI_VERSION;
         b[3] = 200;
         assert_eq!(decode(&b), Err(DecodeError::Unknown("function", 200)));
+        // The address is parsed once, here: a garbled one is a bad record, not a string the
+        // agent would fail to parse later.
+        let mut b = encode(EventKind::Attempt, Func::PciResetBus, 0, 0, &[]);
+        let at = b.windows(12).position(|w| w == b"0000:03:00.0").unwrap();
+        b[at + 7] = b'x';
+        assert!(matches!(decode(&b), Err(DecodeError::Bdf(_))));
     }
 
     #[test]
@@ -606,6 +653,19 @@ pub(crate) mod tests {
             assert!(v.get(k).is_some(), "missing {k}");
         }
         assert_eq!(v["kind"], "open");
+        // Typed inside, the schema's text outside.
+        assert_eq!(
+            (&v["bdf"], &v["vendor"], &v["device"]),
+            (&"0000:03:00.0".into(), &"17cb".into(), &"1103".into())
+        );
+        assert_eq!(
+            (&v["flavour"], &v["function"], &v["attempts"][0]["function"]),
+            (
+                &"kprobe".into(),
+                &"vfio_pci_core_enable".into(),
+                &"pci_try_reset_function".into()
+            )
+        );
         assert_eq!(v["left_unreset"], true);
         assert_eq!(v["kernel_reset"], "none");
         assert!(v.get("needs_reset").is_none(), "open has no needs_reset");

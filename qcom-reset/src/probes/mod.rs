@@ -15,9 +15,17 @@ use tokio::io::unix::AsyncFd;
 pub use events::TraceEvent;
 pub use loader::{Attachment, FlavourChoice, Options, Probes};
 
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, so differences with an event's
+/// `ktime_ns` are latencies.
+pub fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 #[derive(Clone, Debug)]
 pub enum Item {
-    Event(TraceEvent),
+    /// A record, and when its batch was taken from the ring buffer ([`mono_ns`]).
+    Event { event: TraceEvent, taken_ns: u64 },
     /// New ring-buffer or bracket-table drops since the last report (totals in the fields).
     Drops {
         ringbuf: u64,
@@ -174,9 +182,10 @@ impl Tracer {
             tokio::select! {
                 guard = self.events.readable_mut() => {
                     let mut guard = guard?;
+                    let taken_ns = mono_ns();
                     while let Some(rec) = guard.get_inner_mut().next() {
                         self.queue.push_back(match events::decode(&rec) {
-                            Ok(e) => Item::Event(e),
+                            Ok(event) => Item::Event { event, taken_ns },
                             Err(e) => Item::Bad(e.to_string()),
                         });
                     }

@@ -270,6 +270,26 @@ impl Model {
         }
     }
 
+    /// The least time a reset of this card can take following the reviewed sequence: each
+    /// mandated wait, or the firmware's own time where that is longer (the WLAN link is down
+    /// for `link-down` after the deassert, which the sequence's 10 ms wait overlaps; MHI reset
+    /// completes within its 10 ms wait; the modem is READY within its 2 s wait). What a reset
+    /// takes beyond this is the host's: the poll granularity and qcom-reset's bookkeeping.
+    pub fn reset_floor(&self) -> std::time::Duration {
+        const MANDATED_US: u64 = 10_000;
+        let link = |usual: u64| self.faults.link_down_ms.map_or(usual, |ms| ms * 1000);
+        let us = match self.family {
+            Family::Wlan => {
+                MANDATED_US
+                    + link(WLAN_LINK_DOWN_US).max(MANDATED_US)
+                    + (MHI_RESET_US + self.slow()).max(MANDATED_US)
+            }
+            Family::Modem => (link(MODEM_LINK_DOWN_US) + MODEM_READY_US + self.slow())
+                .max(crate::sequence::MODEM_POST_RESET.as_micros() as u64),
+        };
+        std::time::Duration::from_micros(us)
+    }
+
     /// The SoC reboots: the link drops, then the device comes back in PBL.
     fn reboot(&mut self, now: u64, usual_link_down: u64) {
         if self.faults.resets_missed > 0 {

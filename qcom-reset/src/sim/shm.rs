@@ -45,6 +45,9 @@ pub struct Report<'a> {
     pub link_up: bool,
     /// Offsets read that the model does not know (answered 0), in order.
     pub beyond_model: &'a std::collections::BTreeSet<u32>,
+    /// The least a reset following the reviewed sequence can take on this card
+    /// ([`Model::reset_floor`](super::model::Model::reset_floor)), for benchmarks.
+    pub reset_floor_us: u64,
 }
 
 /// Runs until `stop` returns true, rewriting the JSON report at `report` whenever the writes
@@ -127,6 +130,7 @@ pub fn serve(
                 mhistatus,
                 link_up,
                 beyond_model: &model.beyond,
+                reset_floor_us: model.reset_floor().as_micros() as u64,
             };
             let tmp = report.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&r)?)?;

@@ -91,6 +91,7 @@ impl Card {
                 mhistatus,
                 link_up: m.link_up(now),
                 beyond_model: &m.beyond,
+                reset_floor_us: m.reset_floor().as_micros() as u64,
             },
             config_writes: m.config_writes,
             kernel_resets: self.resets.lock().map(|r| r.clone()).unwrap_or_default(),

@@ -2,6 +2,8 @@
 //! - `vfio-cycle BDF [HOLD_MS]` opens it through its VFIO group (container, type1 IOMMU, device
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
+//! - `vfio-flood BDF SECONDS` opens and closes it as fast as it can for SECONDS and prints
+//!   `VMLAB flood-rate CYCLES NS`;
 //! - `vfio-use BDF HOLD_MS` does the same and maps and reads BAR0 in between, as QEMU does;
 //! - `vfio-graceful BDF HOLD_MS GROUP_MS` does the same but, like a QEMU shutting down
 //!   gracefully, keeps the group open GROUP_MS after closing the device;
@@ -25,7 +27,7 @@ use qcom_reset::backend::{Backend as _, VfioBackend};
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -144,6 +146,19 @@ fn main() -> anyhow::Result<()> {
     }
     let bdf: Bdf = args.get(2).ok_or_else(|| anyhow::anyhow!(USAGE))?.parse()?;
     match args.get(1).map(String::as_str) {
+        Some("vfio-flood") => {
+            // As many VFIO opens and releases as the guest manages for the given seconds, all
+            // in this process (no exec per cycle): the load of a busy host's other devices.
+            let secs = Duration::from_secs(args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10));
+            let dev = PciSysfs::default().device(bdf)?;
+            let t = Instant::now();
+            let mut n = 0u64;
+            while t.elapsed() < secs {
+                drop(VfioBackend::open(&dev)?);
+                n += 1;
+            }
+            println!("VMLAB flood-rate {n} {}", t.elapsed().as_nanos());
+        }
         Some("vfio-cycle") => {
             let backend = open(bdf)?;
             std::thread::sleep(ms(args.get(3))?);
