@@ -15,8 +15,8 @@ use qcom_reset::devices::Family;
 use qcom_reset::lock::DeviceLock;
 use qcom_reset::probes::Item;
 use qcom_reset::probes::events::{KernelReset, Kind, TraceEvent};
-use qcom_reset_ebpf::{Flavour, Func};
 use qcom_reset::sim::{Faults, SimDevice, SimState};
+use qcom_reset_ebpf::{Flavour, Func};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 const WLAN: &str = "0000:03:00.0";
@@ -509,9 +509,11 @@ async fn an_open_explains_its_device_specific_reset_and_act_with_kernel_reset_st
             None,
         );
         r.tx.send(Item::Event {
-        event: open_reset,
-        taken_ns: 0,
-    }).await.unwrap();
+            event: open_reset,
+            taken_ns: 0,
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
             .await
@@ -579,7 +581,9 @@ async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
     r.tx.send(Item::Event {
         event: call,
         taken_ns: 0,
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     r.quiet_for(Duration::from_millis(400)).await;
     r.tx.send(event(Kind::Open, WLAN, 0x1103, 0, None))
         .await
@@ -604,7 +608,9 @@ async fn a_reset_call_inside_an_open_is_the_opens_however_long_it_takes() {
     r.tx.send(Item::Event {
         event: failed,
         taken_ns: 0,
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
@@ -831,7 +837,8 @@ fn only_a_device_specific_reset_is_trusted() {
         assert_eq!(
             Trigger::of_event(&call(f, ret)),
             Some(Trigger::ResetCall),
-            "{} = {ret}", f.symbol()
+            "{} = {ret}",
+            f.symbol()
         );
     }
     let open = trace_event(
@@ -1039,7 +1046,9 @@ async fn a_kernel_reset_held_by_a_closing_vm_is_verified_when_the_holder_goes() 
     r.tx.send(Item::Event {
         event: call,
         taken_ns: 0,
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     let a = r.next().await;
     assert_eq!(
         (a.trigger, a.result.as_str()),
@@ -1177,7 +1186,9 @@ async fn a_held_profile_device_is_reset_when_its_holder_goes() {
     r.tx.send(Item::Event {
         event: ev,
         taken_ns: 0,
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     assert_eq!(r.next().await.result, "skipped");
     h.unhold(779);
     let a = r.next().await;
@@ -1416,7 +1427,9 @@ async fn our_own_vfio_release_is_not_answered() {
     r.tx.send(Item::Event {
         event: e,
         taken_ns: 0,
-    }).await.unwrap();
+    })
+    .await
+    .unwrap();
     r.quiet_for(Duration::from_millis(600)).await;
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
     r.stop().await;

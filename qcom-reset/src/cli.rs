@@ -138,7 +138,7 @@ pub struct RunArgs {
     /// Global kill switch: no action while this file exists.
     #[arg(long, value_name = "PATH")]
     pub kill_switch: Option<PathBuf>,
-    /// Probe flavour: fentry/fexit where permitted, else kprobes (auto), or force one.
+    /// Probe flavour: kprobes where the kernel has them, else fentry/fexit (auto), or force one.
     #[arg(long, value_enum)]
     pub flavour: Option<FlavourChoice>,
     /// How to reach config space and the BAR: sysfs, VFIO under lockdown (auto), or force one.
@@ -154,7 +154,7 @@ pub struct TraceArgs {
     /// One JSON object per line (schema: docs/events.md).
     #[arg(long)]
     pub json: bool,
-    /// Probe flavour: fentry/fexit where permitted, else kprobes (auto), or force one.
+    /// Probe flavour: kprobes where the kernel has them, else fentry/fexit (auto), or force one.
     #[arg(long, value_enum, default_value_t = FlavourChoice::Auto)]
     pub flavour: FlavourChoice,
 }

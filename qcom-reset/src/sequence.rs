@@ -177,16 +177,23 @@ mod tests {
         let want: Vec<u64> = (0..=100).chain((120..=5000).step_by(20)).collect();
         assert_eq!(io.reads, want);
         assert_eq!(io.delays.iter().sum::<u64>(), 5000);
-        assert_eq!(io.delays.len(), io.reads.len() - 1, "no wait after the last read");
+        assert_eq!(
+            io.delays.len(),
+            io.reads.len() - 1,
+            "no wait after the last read"
+        );
     }
 
     /// A timeout that is not a multiple of the cadence still ends with a read at the timeout.
     #[test]
     fn the_last_step_is_shortened_to_end_at_the_timeout() {
         let mut io = clock();
-        poll(&mut io, Duration::from_millis(25), Duration::from_millis(160), &mut |io| {
-            io.read32(0) != ALL_ONES
-        });
+        poll(
+            &mut io,
+            Duration::from_millis(25),
+            Duration::from_millis(160),
+            &mut |io| io.read32(0) != ALL_ONES,
+        );
         assert_eq!(&io.reads[100..], [100, 125, 150, 160]);
     }
 

@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use crate::devices::Family;
 use crate::io::RegisterIo;
-use crate::sequence;
 use crate::regs::*;
+use crate::sequence;
 
 /// Whether the next owner can use the card, not merely whether it answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -257,16 +257,21 @@ impl<I: RegisterIo> Card for FixedIds<I> {
 /// first, then the MHI host's 25 ms).
 pub fn verify(expect: &Expect, card: &mut dyn Card, bar_len: u64) -> Verdict {
     let mut last = None;
-    sequence::poll(card, SETTLE_POLL, settle_window(expect.family), &mut |card| {
-        let (vendor, device) = card.config_ids();
-        let verdict = judge(
-            expect,
-            &read_registers(expect, vendor, device, card, bar_len),
-        );
-        let clean = verdict.health == Health::Clean;
-        last = Some(verdict);
-        clean
-    });
+    sequence::poll(
+        card,
+        SETTLE_POLL,
+        settle_window(expect.family),
+        &mut |card| {
+            let (vendor, device) = card.config_ids();
+            let verdict = judge(
+                expect,
+                &read_registers(expect, vendor, device, card, bar_len),
+            );
+            let clean = verdict.health == Health::Clean;
+            last = Some(verdict);
+            clean
+        },
+    );
     last.expect("at least one poll")
 }
 

@@ -296,8 +296,14 @@ impl Shared {
 
     /// Changes the published status, then writes it out and tells systemd.
     fn publish(&self, change: impl FnOnce(&mut AgentStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.write_status();
+    }
+
+    /// Writes the status as it is now (a late write writes the latest state, never an older
+    /// one) and tells systemd.
+    fn write_status(&self) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        change(&mut st);
         st.heartbeat_ms = now_ms();
         if let Err(e) = st.save(&self.host.run_dir) {
             warn!("agent status: {e}");
@@ -342,9 +348,21 @@ impl Shared {
         self.publish(|st| st.cards.entry(bdf).or_default().gave_up = true);
     }
 
-    /// A check or reset of the device runs (`busy`) or ended.
-    fn busy(&self, bdf: Bdf, busy: bool) {
-        self.publish(|st| st.cards.entry(bdf).or_default().busy = busy);
+    /// A check or reset of the device runs (`busy`) or ended. The start is written from the
+    /// blocking pool, so the session does not wait for the file; the end at once.
+    fn busy(self: &Arc<Self>, bdf: Bdf, busy: bool) {
+        if !busy {
+            return self.publish(|st| st.cards.entry(bdf).or_default().busy = false);
+        }
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cards
+            .entry(bdf)
+            .or_default()
+            .busy = true;
+        let sh = self.clone();
+        tokio::task::spawn_blocking(move || sh.write_status());
     }
 
     fn history(&self, bdf: Bdf) -> policy::History {
@@ -506,7 +524,10 @@ impl Agent {
                 item = items.recv() => match item {
                     Some(item) => {
                         self.on_item(item, Instant::now());
-                        if items.is_empty() {
+                        if items.is_empty() && !self.unwritten.is_empty() {
+                            // The device tasks just dispatched run first (one thread): their
+                            // sessions start before a line is journaled or logged.
+                            tokio::task::yield_now().await;
                             self.write_out();
                         }
                     }

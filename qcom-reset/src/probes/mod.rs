@@ -27,10 +27,7 @@ pub enum Item {
     /// A record, and when its batch was taken from the ring buffer ([`mono_ns`]).
     Event { event: TraceEvent, taken_ns: u64 },
     /// New ring-buffer or bracket-table drops since the last report (totals in the fields).
-    Drops {
-        ringbuf: u64,
-        brackets: u64,
-    },
+    Drops { ringbuf: u64, brackets: u64 },
     /// The attachment table changed (the vfio_pci_core module appeared).
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
@@ -51,6 +48,9 @@ pub struct Tracer {
     logger: Option<LogFd>,
     queue: VecDeque<Item>,
     drops: (u64, u64),
+    /// Records were read since the drop counters were: look at them once the batch is handed
+    /// over (their map reads are not between a release and the agent).
+    drops_due: bool,
     /// Binds and module loads/unloads: with these nothing is polled while idle.
     uevents: Option<uevents::Uevents>,
     /// Only without uevents: the module watch and drop counters on a timer.
@@ -119,6 +119,7 @@ impl Tracer {
             logger,
             queue,
             drops: (0, 0),
+            drops_due: false,
             uevents,
             tick,
             settle: None,
@@ -161,7 +162,7 @@ impl Tracer {
     }
 
     /// Drop counters only move when records were being produced, so they are read after each
-    /// ring-buffer batch, not on a timer.
+    /// ring-buffer batch has been handed over, not on a timer.
     fn check_drops(&mut self) {
         let d = self.probes.drops();
         if d != self.drops {
@@ -179,6 +180,10 @@ impl Tracer {
             if let Some(item) = self.queue.pop_front() {
                 return Ok(item);
             }
+            if std::mem::take(&mut self.drops_due) {
+                self.check_drops();
+                continue;
+            }
             tokio::select! {
                 guard = self.events.readable_mut() => {
                     let mut guard = guard?;
@@ -190,8 +195,7 @@ impl Tracer {
                         });
                     }
                     guard.clear_ready();
-                    drop(guard);
-                    self.check_drops();
+                    self.drops_due = true;
                 }
                 u = next_uevent(&mut self.uevents) => match u {
                     Ok(u) => self.on_uevent(u),

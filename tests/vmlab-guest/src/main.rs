@@ -2,6 +2,8 @@
 //! - `vfio-cycle BDF [HOLD_MS]` opens it through its VFIO group (container, type1 IOMMU, device
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
+//! - `unit-costs BDF` times a 1 ms sleep, a config read through VFIO and a BAR0 read, and
+//!   prints `VMLAB unit-costs {json}` (µs, p50 and p99);
 //! - `vfio-flood BDF SECONDS` opens and closes it as fast as it can for SECONDS and prints
 //!   `VMLAB flood-rate CYCLES NS`;
 //! - `vfio-use BDF HOLD_MS` does the same and maps and reads BAR0 in between, as QEMU does;
@@ -27,7 +29,7 @@ use qcom_reset::backend::{Backend as _, VfioBackend};
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | unit-costs BDF | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -117,6 +119,43 @@ fn until(pattern: &str, log: &str, cmd: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Median and 99th percentile, in µs, of `n` timed runs of `f`.
+fn timed(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    (v[n / 2], v[(n * 99).div_ceil(100) - 1])
+}
+
+/// What the guest charges for the operations a reset is made of, for bench-lab's breakdown:
+/// a 1 ms sleep's overshoot, a config-space read through VFIO, a BAR0 read (MHISTATUS, which
+/// reading never changes). One `VMLAB unit-costs {json}` line, µs.
+fn unit_costs(bdf: Bdf) -> anyhow::Result<()> {
+    let (sleep50, sleep99) = timed(200, || std::thread::sleep(Duration::from_millis(1)));
+    let mut backend = open(bdf)?;
+    let (cfg50, cfg99) = timed(200, || {
+        let _ = backend.config_read16(qcom_reset::regs::PCI_COMMAND);
+    });
+    let (mut bar, _) = backend.map_bar(0)?;
+    let (mmio50, mmio99) = timed(200, || {
+        bar.read32(qcom_reset::regs::MHISTATUS);
+    });
+    println!(
+        "VMLAB unit-costs {}",
+        serde_json::json!({
+            "sleep_overshoot_us": [sleep50 - 1000.0, sleep99 - 1000.0],
+            "config_read_us": [cfg50, cfg99],
+            "mmio_read_us": [mmio50, mmio99],
+        })
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -146,10 +185,12 @@ fn main() -> anyhow::Result<()> {
     }
     let bdf: Bdf = args.get(2).ok_or_else(|| anyhow::anyhow!(USAGE))?.parse()?;
     match args.get(1).map(String::as_str) {
+        Some("unit-costs") => unit_costs(bdf)?,
         Some("vfio-flood") => {
             // As many VFIO opens and releases as the guest manages for the given seconds, all
             // in this process (no exec per cycle): the load of a busy host's other devices.
-            let secs = Duration::from_secs(args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10));
+            let secs =
+                Duration::from_secs(args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10));
             let dev = PciSysfs::default().device(bdf)?;
             let t = Instant::now();
             let mut n = 0u64;

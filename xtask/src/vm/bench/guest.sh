@@ -14,12 +14,17 @@ journal = "/tmp/journal.jsonl"
 state_file = "/tmp/state.json"
 CONFIG
 
-# Attach: time to the first attach record (ours) and to BEGIN after all probes (bpftrace).
+# Attach: time to the first attach record (ours, each flavour choice, with the peak memory
+# then) and to BEGIN after all probes (bpftrace).
+hwm() { grep VmHWM /proc/$1/status | tr -s ' ' | cut -d' ' -f2; }
 for i in 1 2 3 4 5; do
-  set -- $(vmlab-guest until '"kind":"attach"' /tmp/t$i.log qcom-reset trace --json); echo "VMLAB attach-ours $1"; kill -INT $2; sleep 1
+  set -- $(vmlab-guest until '"kind":"attach"' /tmp/t$i.log qcom-reset trace --json); echo "VMLAB attach-ours $1"; echo "VMLAB hwm-auto $(hwm $2)"; kill -INT $2; sleep 1
+  set -- $(vmlab-guest until '"kind":"attach"' /tmp/k$i.log qcom-reset trace --json --flavour kprobe); echo "VMLAB attach-kprobe $1"; echo "VMLAB hwm-kprobe $(hwm $2)"; kill -INT $2; sleep 1
   set -- $(vmlab-guest until 'ready-now' /tmp/b$i.log $BT -e 'BEGIN { printf("r%s\n", "eady-now"); } @PROBES@ { @s[tid] = nsecs; } @RETS@ { @d = hist(nsecs - @s[tid]); }'); echo "VMLAB attach-bpftrace $1"; kill -INT $2; sleep 1
 done
 grep -q Attaching /tmp/b5.log && ! grep -q WARNING /tmp/b5.log || { cat /tmp/b5.log; exit 1; }
+
+vmlab-guest unit-costs @WLAN@ | grep VMLAB
 
 set -- $(vmlab-guest until "agent running" /tmp/agent.log qcom-reset run); P=$2; echo "VMLAB agent-start $1"
 rss() { echo "$(grep -E '^(VmRSS|VmHWM)' /proc/$P/status | tr -s ' \t' ' ' | tr '\n' ' ')threads=$(ls /proc/$P/task | wc -l)"; }

@@ -9,6 +9,13 @@ use crate::vm::qemu::section;
 /// Every figure the guest and the journal give.
 pub struct Results {
     attach_ours: Vec<f64>,
+    attach_kprobe: Vec<f64>,
+    /// Peak memory (kB) of `trace` at its attach record: auto (now kprobes where the kernel has them), kprobe.
+    hwm_auto: Vec<f64>,
+    hwm_kprobe: Vec<f64>,
+    /// The guest's price of a 1 ms sleep's overshoot, a VFIO config read and a BAR0 read (µs,
+    /// p50 and p99).
+    unit_costs: Value,
     attach_bt: Vec<f64>,
     agent_start_ms: f64,
     rss_start: (u64, u64, u64),
@@ -115,7 +122,7 @@ fn cpu(s: &str) -> anyhow::Result<(u64, u64, u64)> {
 
 /// The least a WLAN reset can take on the simulated card (ms), from its simulator's report.
 pub fn floor_ms(report: &Value) -> anyhow::Result<f64> {
-    let us = report["card"]["reset_floor_us"]
+    let us = report["reset_floor_us"]
         .as_u64()
         .context("the WLAN simulator's report has no reset_floor_us")?;
     Ok(us as f64 / 1000.0)
@@ -154,7 +161,11 @@ impl Results {
             })
             .map(detection)
             .collect::<anyhow::Result<_>>()?;
-        ensure!(releases.len() >= 2, "the journal has {} WLAN releases", releases.len());
+        ensure!(
+            releases.len() >= 2,
+            "the journal has {} WLAN releases",
+            releases.len()
+        );
         // The last WLAN release is the one made during the flood.
         let (flood_release, loop_releases) = releases.split_last().expect("checked");
         let wlan: Vec<&Value> = journal
@@ -168,7 +179,13 @@ impl Results {
             .collect();
         let phases: Vec<[f64; 5]> = wlan
             .iter()
-            .map(|a| PHASES.map(|p| a["report"]["phases"][format!("{p}_us")].as_f64().unwrap_or(0.0)))
+            .map(|a| {
+                PHASES.map(|p| {
+                    a["report"]["phases"][format!("{p}_us")]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                })
+            })
             .collect();
         let beyond_floor = phases
             .iter()
@@ -194,6 +211,10 @@ impl Results {
             .collect();
         Ok(Results {
             attach_ours: nums("attach-ours")?,
+            attach_kprobe: nums("attach-kprobe")?,
+            hwm_auto: nums("hwm-auto")?,
+            hwm_kprobe: nums("hwm-kprobe")?,
+            unit_costs: serde_json::from_str(one(console, "unit-costs")?)?,
             attach_bt: nums("attach-bpftrace")?,
             agent_start_ms: one(console, "agent-start")?
                 .split_whitespace()
@@ -245,6 +266,23 @@ impl Results {
             format!("{b:.0}"),
             ratio(a, b),
         );
+        let k = median(&self.attach_kprobe);
+        row(
+            "... with `--flavour kprobe`".into(),
+            format!("{k:.0}"),
+            format!("{b:.0}"),
+            ratio(k, b),
+        );
+        row(
+            "peak memory at attach, median: auto / kprobe (MB)".into(),
+            format!(
+                "{:.1} / {:.1}",
+                median(&self.hwm_auto) / 1024.0,
+                median(&self.hwm_kprobe) / 1024.0
+            ),
+            dash(),
+            dash(),
+        );
         for p in [50.0, 95.0, 99.0] {
             let (x, y) = (pct(&self.detect_ours, p), pct(&self.detect_bt, p));
             row(
@@ -272,7 +310,11 @@ impl Results {
         );
         row(
             "event -> reset start p50 / p99 (ms)".into(),
-            format!("{:.1} / {:.1}", pct(&self.to_reset, 50.0), pct(&self.to_reset, 99.0)),
+            format!(
+                "{:.1} / {:.1}",
+                pct(&self.to_reset, 50.0),
+                pct(&self.to_reset, 99.0)
+            ),
             dash(),
             dash(),
         );
@@ -282,7 +324,31 @@ impl Results {
                 self.floor_ms.map_or("?".into(), |f| format!("{f:.0}")),
                 self.resets
             ),
-            format!("{:.1} / {:.1}", pct(&self.beyond_floor, 50.0), pct(&self.beyond_floor, 99.0)),
+            format!(
+                "{:.1} / {:.1}",
+                pct(&self.beyond_floor, 50.0),
+                pct(&self.beyond_floor, 99.0)
+            ),
+            dash(),
+            dash(),
+        );
+        let u = |k: &str| {
+            let v = &self.unit_costs[k];
+            format!(
+                "{:.0} / {:.0}",
+                v[0].as_f64().unwrap_or(f64::NAN),
+                v[1].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        row(
+            "the guest's unit costs, p50 / p99 (µs): 1 ms sleep's overshoot; VFIO config read; BAR0 read"
+                .into(),
+            format!(
+                "{}; {}; {}",
+                u("sleep_overshoot_us"),
+                u("config_read_us"),
+                u("mmio_read_us")
+            ),
             dash(),
             dash(),
         );
@@ -309,7 +375,12 @@ impl Results {
                 x.2
             )
         };
-        row("RSS / peak after start".into(), r(self.rss_start), dash(), dash());
+        row(
+            "RSS / peak after start".into(),
+            r(self.rss_start),
+            dash(),
+            dash(),
+        );
         row(
             format!("RSS / peak after {:.0} s idle", self.idle.secs),
             r(self.rss_idle),
@@ -323,7 +394,10 @@ impl Results {
             dash(),
         );
         row(
-            format!("idle {:.0} s: CPU time, context switches (all threads)", self.idle.secs),
+            format!(
+                "idle {:.0} s: CPU time, context switches (all threads)",
+                self.idle.secs
+            ),
             format!("{:.0} ms, {}", self.idle.cpu_ms, self.idle.switches),
             dash(),
             dash(),
@@ -340,7 +414,11 @@ impl Results {
         let f = &self.flood;
         row(
             format!("non-target ({OTHER}) VFIO releases per second reached"),
-            f.rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
+            f.rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
             dash(),
             dash(),
         );
@@ -424,7 +502,7 @@ mod tests {
         let (wake, handoff) = detection(&v).unwrap();
         assert!((wake - 2.0).abs() < 1e-9 && (handoff - 0.1).abs() < 1e-9);
         assert!(detection(&serde_json::json!({"event": {}})).is_err());
-        let r = serde_json::json!({"card": {"reset_floor_us": 60_000}});
+        let r = serde_json::json!({"family": "wlan", "reset_floor_us": 60_000});
         assert_eq!(floor_ms(&r).unwrap(), 60.0);
         assert!(floor_ms(&serde_json::json!({})).is_err());
     }
