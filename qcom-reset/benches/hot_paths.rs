@@ -1,7 +1,13 @@
 //! The paths between an event and a written register: decoding a ring-buffer record, judging
 //! registers, running a whole sequence against the simulator (delays are virtual, so this is the
-//! engine's own cost), and the holder scan of /proc that precedes every write; and the start-up
+//! engine's own cost), a whole session on a fake host (`session`: inspect, lock, own, record,
+//! save, sequence, verify, restore; every wait virtual, so what is left is qcom-reset's own
+//! share of a reset), and the holder scan of /proc that precedes every write; and the start-up
 //! path (`startup`): parsing this host's vmlinux BTF and resolving the struct layouts.
+#[allow(dead_code)]
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +29,8 @@ fn record() -> Vec<u8> {
         Func::VfioPciCoreDisable as u8,
     ]);
     b[4] = 1; // needs_reset
+    let at = std::mem::offset_of!(Event, bdf);
+    b[at..at + 12].copy_from_slice(b"0000:03:00.0");
     b
 }
 
@@ -69,6 +77,19 @@ fn benches(c: &mut Criterion) {
             },
         );
     }
+
+    // The fake host's sysfs and run directory live in a temporary directory (tmpfs or disk,
+    // as the machine has it), the card is the in-process simulator.
+    let h = common::FakeHost::new();
+    h.add(common::FakeDevice::default());
+    let wlan = common::bdf("0000:03:00.0");
+    c.bench_function("session: a whole WLAN reset on a fake host", |b| {
+        b.iter(|| {
+            let card = common::sim(Family::Wlan, Faults::default());
+            let r = common::reset_with(&h, &qcom_reset::engine::Request::new(wlan), &card);
+            assert!(r.is_ok());
+        })
+    });
 
     let paths = vec![PathBuf::from("/dev/vfio/999")];
     c.bench_function("holder scan of this host's /proc", |b| {

@@ -180,7 +180,11 @@ impl Tracer {
             if let Some(item) = self.queue.pop_front() {
                 return Ok(item);
             }
-            if std::mem::take(&mut self.drops_due) {
+            if self.drops_due {
+                // On one thread: the agent takes the batch just handed over (and starts its
+                // resets) before the counters' map reads.
+                tokio::task::yield_now().await;
+                self.drops_due = false;
                 self.check_drops();
                 continue;
             }
