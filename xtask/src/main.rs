@@ -105,7 +105,8 @@ enum Cmd {
         verbose: bool,
     },
     /// Benchmarks in the VM lab against bpftrace in the same guest: attach time, detection
-    /// latency percentiles, reset overhead, memory and idle cost, four cards at once.
+    /// latency percentiles, reset overhead by phase, memory and idle cost, eight cards at once,
+    /// a non-target flood.
     BenchLab {
         #[arg(long, default_value = "6.1")]
         kernel: String,
@@ -118,6 +119,10 @@ enum Cmd {
         /// Print the table from a saved guest console (…/runs/<kernel>/bench.log) instead.
         #[arg(long, value_name = "LOG")]
         from_log: Option<PathBuf>,
+        /// Measure this static qcom-reset binary instead of the tree's (a "before": an older
+        /// commit built with `cargo build --release --target x86_64-unknown-linux-musl`).
+        #[arg(long, value_name = "BINARY")]
+        agent: Option<PathBuf>,
     },
     /// The WLAN loop scenario, narrated: how the product works without the hardware.
     Demo {
@@ -247,11 +252,13 @@ fn main() -> anyhow::Result<()> {
             releases,
             idle_s,
             from_log,
+            agent,
         } => vm::bench::bench_lab(&vm::bench::Options {
             kernel,
             releases,
             idle_s,
             from_log,
+            agent,
         }),
         Cmd::Mutants { files, suites } => mutants::run(&files, &suites),
         Cmd::Package { test } => package::run(test),

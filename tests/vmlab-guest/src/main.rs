@@ -2,6 +2,7 @@
 //! - `vfio-cycle BDF [HOLD_MS]` opens it through its VFIO group (container, type1 IOMMU, device
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
+//! - `wait-count FILE PATTERN N` returns once FILE has N lines containing PATTERN;
 //! - `unit-costs BDF` times a 1 ms sleep, a config read through VFIO and a BAR0 read, and
 //!   prints `VMLAB unit-costs {json}` (µs, p50 and p99);
 //! - `vfio-flood BDF SECONDS` opens and closes it as fast as it can for SECONDS and prints
@@ -29,7 +30,7 @@ use qcom_reset::backend::{Backend as _, VfioBackend};
 use qcom_reset::bdf::Bdf;
 use qcom_reset::sysfs::PciSysfs;
 
-const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | unit-costs BDF | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
+const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | unit-costs BDF | wait-count FILE PATTERN N | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
 fn ms(arg: Option<&String>) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(
@@ -119,6 +120,41 @@ fn until(pattern: &str, log: &str, cmd: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until FILE has at least N lines containing PATTERN (60 s at most), reading each byte
+/// once: a shell loop grepping a growing journal every few ms took a guest vCPU from the agent
+/// it measured.
+fn wait_count(file: &str, pattern: &str, n: usize) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let t = Instant::now();
+    let mut reader = loop {
+        match std::fs::File::open(file) {
+            Ok(f) => break BufReader::new(f),
+            Err(_) if t.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) => anyhow::bail!("{file}: {e}"),
+        }
+    };
+    let (mut seen, mut line) = (0, String::new());
+    while seen < n {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "{seen} of {n} lines with {pattern:?} in {file} after 60 s"
+        );
+        line.clear();
+        // A line without its newline yet is read again whole once it has one.
+        match reader.read_line(&mut line)? {
+            0 => std::thread::sleep(Duration::from_millis(2)),
+            len if !line.ends_with('\n') => {
+                reader.seek_relative(-(len as i64))?;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            _ => seen += usize::from(line.contains(pattern)),
+        }
+    }
+    Ok(())
+}
+
 /// Median and 99th percentile, in µs, of `n` timed runs of `f`.
 fn timed(n: usize, mut f: impl FnMut()) -> (f64, f64) {
     let mut v: Vec<f64> = (0..n)
@@ -176,6 +212,9 @@ fn main() -> anyhow::Result<()> {
             return sandbox::run(&args[2], &args[3], &args[4..]);
         }
         Some("until") if args.len() > 4 => return until(&args[2], &args[3], &args[4..]),
+        Some("wait-count") if args.len() > 4 => {
+            return wait_count(&args[2], &args[3], args[4].parse()?);
+        }
         Some("handover") if args.len() > 3 => return handover(&args[2], &args[3]),
         Some("card") if args.len() > 2 => {
             println!("VMLAB card-state {}", card_state(&args[2])?);

@@ -40,7 +40,7 @@ $BT -e 'kretprobe:vfio_pci_core_disable { printf("%llu\n", nsecs); }' 2>/dev/nul
 wait_for /tmp/bt.txt Attaching 60 || exit 1
 sleep 1
 actions() { n=$(grep -c '"type":"action"' /tmp/journal.jsonl 2>/dev/null); echo ${n:-0}; }
-until_actions() { i=0; while [ $(actions) -lt $1 ]; do i=$((i+1)); [ $i -gt 1500 ] && { echo "VMLAB no action $1"; tail -5 /tmp/agent.log; exit 1; }; sleep 0.02; done; }
+until_actions() { vmlab-guest wait-count /tmp/journal.jsonl '"type":"action"' $1 || { echo "VMLAB no action $1"; tail -5 /tmp/agent.log; exit 1; }; }
 for i in $(seq 1 @RELEASES@); do vmlab-guest vfio-cycle @WLAN@ > /dev/null; until_actions $i; done
 kill -INT $(pidof bpftrace) 2>/dev/null; sleep 1
 echo "VMLAB rss-after $(rss)"

@@ -51,6 +51,8 @@ pub struct Options {
     pub idle_s: u64,
     /// Re-read a saved guest console instead of booting.
     pub from_log: Option<std::path::PathBuf>,
+    /// The agent binary to measure instead of the tree's.
+    pub agent: Option<std::path::PathBuf>,
 }
 
 pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
@@ -74,7 +76,10 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
     let qemu = CardKind::VfioUser.qemu()?;
     let ird = guest_image_with(&k, &bins, &["virtio_pci", "9pnet_virtio", "9p"])?;
     ird.add_text("/init", scenarios::INIT, 0o755)?;
-    ird.add(&bins.qcom_reset, "/bin/qcom-reset")?;
+    ird.add(
+        o.agent.as_ref().unwrap_or(&bins.qcom_reset),
+        "/bin/qcom-reset",
+    )?;
     ird.add(&bins.guest, "/bin/vmlab-guest")?;
     ird.add_text("/scenario.sh", &script(o), 0o755)?;
     let dir = host::cache_dir().join("runs").join(&k.version);
@@ -82,7 +87,11 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
     let cpio = dir.join("bench.cpio");
     ird.write(&cpio)?;
     let (sims, args) = cards(&bins.sim, &dir)?;
-    let log = dir.join("bench.log");
+    let log = dir.join(if o.agent.is_some() {
+        "bench-agent.log"
+    } else {
+        "bench.log"
+    });
     let timeout = Duration::from_secs(900 + o.idle_s + 3 * o.releases as u64);
     println!(
         "bench-lab: {} on {}, {} releases, {} s idle (log {})",
@@ -185,6 +194,7 @@ mod tests {
             releases: 50,
             idle_s: 5,
             from_log: None,
+            agent: None,
         });
         // bpftrace's maps are `@name`; a placeholder is `@NAME@`.
         let left = s

@@ -128,16 +128,17 @@ pub fn floor_ms(report: &Value) -> anyhow::Result<f64> {
     Ok(us as f64 / 1000.0)
 }
 
-/// (return -> taken, taken -> decision) of a release event in the journal, in ms.
+/// (return -> taken, taken -> decision) of a release event in the journal, in ms. An agent from
+/// before the split (`--agent`) journals only the decision's stamp: all of it is the first.
 fn detection(v: &Value) -> anyhow::Result<(f64, f64)> {
     let done = v["event"]["ktime_ns"].as_u64().unwrap_or(0)
         + v["event"]["duration_ns"].as_u64().unwrap_or(0);
-    let taken = v["taken_mono_ns"].as_u64().context("taken_mono_ns")?;
     let got = v["received_mono_ns"].as_u64().context("received_mono_ns")?;
-    Ok((
-        taken.saturating_sub(done) as f64 / 1e6,
-        got.saturating_sub(taken) as f64 / 1e6,
-    ))
+    let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+    Ok(match v["taken_mono_ns"].as_u64() {
+        Some(taken) => (ms(taken, done), ms(got, taken)),
+        None => (ms(got, done), f64::NAN),
+    })
 }
 
 const PHASES: [&str; 5] = ["own", "guard", "sequence", "verify", "restore"];
@@ -187,9 +188,17 @@ impl Results {
                 })
             })
             .collect();
-        let beyond_floor = phases
+        // An agent without phases (`--agent`): its whole duration, to the ms.
+        let beyond_floor = wlan
             .iter()
-            .map(|p| p.iter().sum::<f64>() / 1000.0 - floor_ms.unwrap_or(f64::NAN))
+            .zip(&phases)
+            .map(|(a, p)| {
+                let total = match p.iter().sum::<f64>() {
+                    0.0 => a["report"]["duration_ms"].as_f64().unwrap_or(f64::NAN),
+                    us => us / 1000.0,
+                };
+                total - floor_ms.unwrap_or(f64::NAN)
+            })
             .collect();
         let detect_bt = section(console, "bpftrace")
             .iter()
@@ -226,7 +235,8 @@ impl Results {
             rss_after: rss(one(console, "rss-after")?)?,
             idle: Window::of(console, "idle-before", "idle-after")?,
             resets: wlan.len(),
-            detect_ours: loop_releases.iter().map(|(w, h)| w + h).collect(),
+            // `max` drops the NaN hand-off of an agent that journals one stamp.
+            detect_ours: loop_releases.iter().map(|(w, h)| w + h.max(0.0)).collect(),
             detect_wake: loop_releases.iter().map(|(w, _)| *w).collect(),
             detect_handoff: loop_releases.iter().map(|(_, h)| *h).collect(),
             detect_bt,
@@ -245,7 +255,7 @@ impl Results {
                 with_target: Window::of(console, "flood-with-before", "flood-with-after")?,
                 events: one(console, "flood-events")?.trim().parse()?,
                 lost: one(console, "lost")?.trim().parse()?,
-                detect: flood_release.0 + flood_release.1,
+                detect: flood_release.0 + flood_release.1.max(0.0),
             },
         })
     }
@@ -502,6 +512,10 @@ mod tests {
         let (wake, handoff) = detection(&v).unwrap();
         assert!((wake - 2.0).abs() < 1e-9 && (handoff - 0.1).abs() < 1e-9);
         assert!(detection(&serde_json::json!({"event": {}})).is_err());
+        let old = serde_json::json!({"received_mono_ns": 3_600_000u64,
+            "event": {"ktime_ns": 1_000_000u64, "duration_ns": 500_000u64}});
+        let (all, none) = detection(&old).unwrap();
+        assert!((all - 2.1).abs() < 1e-9 && none.is_nan());
         let r = serde_json::json!({"family": "wlan", "reset_floor_us": 60_000});
         assert_eq!(floor_ms(&r).unwrap(), 60.0);
         assert!(floor_ms(&serde_json::json!({})).is_err());
