@@ -1666,3 +1666,62 @@ async fn metrics_and_status_follow_every_verdict_and_session() {
     );
     r.stop().await;
 }
+
+/// A release of an experimental card not opted in is logged as left alone (the operator's hint
+/// to opt in), once; one of a device that is no target at all is not (mutants of the condition
+/// in `Agent::write_out` survived without this).
+#[tokio::test]
+async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
+    thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+    struct ThreadLog;
+    impl std::io::Write for ThreadLog {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            LOG.with(|l| l.borrow_mut().extend_from_slice(b));
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // The test's runtime is this thread, and so is the agent's item loop that logs.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| ThreadLog)
+        .with_ansi(false)
+        .try_init();
+    const QCN: &str = "0000:05:00.0";
+    const OTHER: &str = "0000:00:03.0";
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: QCN,
+        device: 0x1109,
+        group: Some("5"),
+        ..Default::default()
+    });
+    let mut r = start(&h, test_config(&h), &[]);
+    r.tx.send(release(QCN, 0x1109)).await.unwrap();
+    let mut other = trace_event(
+        Kind::Release,
+        Func::VfioPciCoreDisable,
+        OTHER,
+        0x1110,
+        0,
+        Some(KernelReset::None),
+    );
+    other.vendor = 0x1af4;
+    r.tx.send(Item::Event {
+        event: other,
+        taken_ns: 0,
+    })
+    .await
+    .unwrap();
+    r.quiet_for(Duration::from_millis(500)).await;
+    r.stop().await;
+    let log = LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap());
+    let left: Vec<&str> = log.lines().filter(|l| l.contains("left alone")).collect();
+    assert_eq!(left.len(), 1, "{log}");
+    assert!(
+        left[0].contains(QCN) && left[0].contains("experimental profile qcn9274 not opted in"),
+        "{}",
+        left[0]
+    );
+}

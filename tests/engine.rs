@@ -859,6 +859,45 @@ fn a_clean_reset_waits_the_cards_floor_and_no_more() {
     }
 }
 
+/// A link that stays down past the quick window is found at the kernel's 20 ms cadence: the
+/// waits exceed the floor by less than one poll.
+#[test]
+fn a_slow_link_costs_less_than_one_poll_beyond_the_floor() {
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::parse("link-down-ms=800").unwrap());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean);
+    let waited: u64 = r
+        .ops
+        .iter()
+        .map(|o| match o {
+            Delay { ms } => *ms,
+            _ => 0,
+        })
+        .sum();
+    let floor = card.with_model(|m| m.reset_floor()).as_millis() as u64;
+    assert!(
+        (floor..floor + 20).contains(&waited),
+        "waited {waited} ms, floor {floor} ms"
+    );
+}
+
+/// The report's phases account for its duration: they time consecutive stretches from the same
+/// start, so they add up to it within its rounding down to the ms.
+#[test]
+fn the_phases_add_up_to_the_duration() {
+    let h = wlan_host();
+    let card = sim(Family::Wlan, Faults::default());
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    let p = r.phases;
+    let sum_ms = (p.own_us + p.guard_us + p.sequence_us + p.verify_us + p.restore_us) / 1000;
+    assert!(
+        sum_ms <= r.duration_ms && r.duration_ms <= sum_ms + 1,
+        "{p:?} against {} ms",
+        r.duration_ms
+    );
+}
+
 /// A link that never comes back: the poll reads at 0, 1, ..., 100 ms after the deassert's 10 ms
 /// wait, then at 120, 140, ..., 5000 ms (v12's cadence): 101 + 245 reads, 5 s of waits, and it
 /// stops at its last read, with no wait after it.

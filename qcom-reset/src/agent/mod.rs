@@ -290,7 +290,10 @@ impl Shared {
             }
             _ => warn!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail),
         }
-        self.journal(&serde_json::json!({"type": "action", "action": &a}));
+        // CLOCK_MONOTONIC, as the events' stamps: an event's release to its action's end.
+        self.journal(&serde_json::json!({
+            "type": "action", "mono_ns": crate::probes::mono_ns(), "action": &a
+        }));
         let _ = self.actions.send(a);
     }
 

@@ -584,6 +584,15 @@ pub(crate) mod tests {
         );
     }
 
+    /// A kind's name (the metrics' `kind` label) is the schema's, for every kind.
+    #[test]
+    fn kind_names_are_the_schemas() {
+        for k in [Kind::Attempt, Kind::Release, Kind::Open] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+        assert_eq!(Kind::Release.name(), "release");
+    }
+
     /// The header bytes: kind and flavour are decoded exactly, unknown values refused.
     #[test]
     fn kinds_and_flavours_decode_exactly() {

@@ -710,6 +710,28 @@ mod tests {
         assert_ne!(m.read32(0, MHISTATUS), ALL_ONES);
     }
 
+    /// The floor follows the card's faults: a longer link drop, a slower firmware.
+    #[test]
+    fn the_floor_is_each_mandated_wait_or_the_firmwares_longer_time() {
+        let floor = |family, faults: &str| {
+            let m = Model::new(
+                family,
+                0x17cb,
+                0x1103,
+                SimState::Mission,
+                Faults::parse(faults).unwrap(),
+            );
+            m.reset_floor().as_millis()
+        };
+        assert_eq!(floor(Family::Wlan, ""), 10 + 40 + 10);
+        assert_eq!(floor(Family::Wlan, "link-down-ms=800"), 10 + 800 + 10);
+        // MHI reset completes 3 ms after the write, 50 ms later when slow: past its 10 ms wait.
+        assert_eq!(floor(Family::Wlan, "slow-ready-ms=50"), 10 + 40 + 53);
+        assert_eq!(floor(Family::Modem, ""), 2000);
+        // Link down 300 ms, READY 600 ms after it comes back, 2 s later when slow.
+        assert_eq!(floor(Family::Modem, "slow-ready-ms=2000"), 300 + 600 + 2000);
+    }
+
     #[test]
     fn fault_spec_parses_and_rejects() {
         let f = Faults::parse("stuck-syserr, link-down-ms=800,vanish-after-writes=2").unwrap();

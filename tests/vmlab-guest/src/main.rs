@@ -3,8 +3,8 @@
 //!   fd: the kernel runs vfio_pci_core_enable), keeps it open HOLD_MS, then closes it
 //!   (vfio_pci_core_disable);
 //! - `wait-count FILE PATTERN N` returns once FILE has N lines containing PATTERN;
-//! - `unit-costs BDF` times a 1 ms sleep, a config read through VFIO and a BAR0 read, and
-//!   prints `VMLAB unit-costs {json}` (µs, p50 and p99);
+//! - `unit-costs BDF` times a 1 ms sleep, a clock read, a config read through VFIO and a BAR0 read,
+//!   and prints `VMLAB unit-costs {json}` (µs, p50 and p99, and the clocksource);
 //! - `vfio-flood BDF SECONDS` opens and closes it as fast as it can for SECONDS and prints
 //!   `VMLAB flood-rate CYCLES NS`;
 //! - `vfio-use BDF HOLD_MS` does the same and maps and reads BAR0 in between, as QEMU does;
@@ -169,10 +169,17 @@ fn timed(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 /// What the guest charges for the operations a reset is made of, for bench-lab's breakdown:
-/// a 1 ms sleep's overshoot, a config-space read through VFIO, a BAR0 read (MHISTATUS, which
-/// reading never changes). One `VMLAB unit-costs {json}` line, µs.
+/// a 1 ms sleep's overshoot, a clock read (and the clocksource behind it), a config-space read
+/// through VFIO, a BAR0 read (MHISTATUS, which reading never changes). One `VMLAB unit-costs {json}` line, µs.
 fn unit_costs(bdf: Bdf) -> anyhow::Result<()> {
     let (sleep50, sleep99) = timed(200, || std::thread::sleep(Duration::from_millis(1)));
+    // What a clock read costs (the guest's clocksource may be emulated hardware under TCG).
+    let (clock50, clock99) = timed(200, || {
+        std::hint::black_box(monotonic_ns());
+    });
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
     let mut backend = open(bdf)?;
     let (cfg50, cfg99) = timed(200, || {
         let _ = backend.config_read16(qcom_reset::regs::PCI_COMMAND);
@@ -185,6 +192,8 @@ fn unit_costs(bdf: Bdf) -> anyhow::Result<()> {
         "VMLAB unit-costs {}",
         serde_json::json!({
             "sleep_overshoot_us": [sleep50 - 1000.0, sleep99 - 1000.0],
+            "clock_read_us": [clock50, clock99],
+            "clocksource": clocksource.trim(),
             "config_read_us": [cfg50, cfg99],
             "mmio_read_us": [mmio50, mmio99],
         })
