@@ -324,6 +324,10 @@ fn write_report(card: &Card, report: &Path) -> anyhow::Result<()> {
 }
 
 fn store(report: &Path, r: &serde_json::Value) -> anyhow::Result<()> {
+    // The reporter and the server's last word may store at once: one temporary file, one at a
+    // time (a rename of the other's already renamed file fails with ENOENT).
+    static STORING: Mutex<()> = Mutex::new(());
+    let _one = STORING.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = report.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(r)?)?;
     std::fs::rename(&tmp, report)?;
