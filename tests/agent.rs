@@ -857,7 +857,7 @@ fn only_a_device_specific_reset_is_trusted() {
     // A reset call inside a VFIO open or release: the bracket's own event answers it.
     for bracket in [Kind::Open, Kind::Release] {
         let mut inside = call(Func::PciTryResetFunction, 0);
-        inside.inside = Some(bracket.clone());
+        inside.inside = Some(bracket);
         assert_eq!(Trigger::of_event(&inside), Option::None, "{bracket:?}");
     }
     // An open that failed after its reset calls: no release will follow, the open answers.
@@ -1672,22 +1672,8 @@ async fn metrics_and_status_follow_every_verdict_and_session() {
 /// in `Agent::write_out` survived without this).
 #[tokio::test]
 async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
-    thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
-    struct ThreadLog;
-    impl std::io::Write for ThreadLog {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            LOG.with(|l| l.borrow_mut().extend_from_slice(b));
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     // The test's runtime is this thread, and so is the agent's item loop that logs.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| ThreadLog)
-        .with_ansi(false)
-        .try_init();
+    capture_logs();
     const QCN: &str = "0000:05:00.0";
     const OTHER: &str = "0000:00:03.0";
     let h = FakeHost::new();
@@ -1716,7 +1702,7 @@ async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
     .unwrap();
     r.quiet_for(Duration::from_millis(500)).await;
     r.stop().await;
-    let log = LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap());
+    let log = this_threads_log();
     let left: Vec<&str> = log.lines().filter(|l| l.contains("left alone")).collect();
     assert_eq!(left.len(), 1, "{log}");
     assert!(

@@ -831,6 +831,22 @@ fn a_device_rebound_during_the_session_is_not_written() {
     );
 }
 
+/// What a reset's sequence waited (ms), and the least the card needed (its simulator's floor).
+fn waits_and_floor(r: &engine::Report, card: &qcom_reset::sim::SimDevice) -> (u64, u64) {
+    let waited = r
+        .ops
+        .iter()
+        .map(|o| match o {
+            Delay { ms } => *ms,
+            _ => 0,
+        })
+        .sum();
+    (
+        waited,
+        card.with_model(|m| m.reset_floor()).as_millis() as u64,
+    )
+}
+
 /// The waits of a clean reset are the card's and nothing more: with the quick poll, the WLAN
 /// sequence waits exactly the simulator's floor (the mandated 10 ms steps and the link's own
 /// 40 ms down time), where the 20 ms cadence alone waited up to 19 ms more; the modem waits
@@ -846,15 +862,7 @@ fn a_clean_reset_waits_the_cards_floor_and_no_more() {
         let card = sim(family, Faults::default());
         let r = reset_with(&h, &Request::new(bdf(bdf_s)), &card).unwrap();
         assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean);
-        let waited: u64 = r
-            .ops
-            .iter()
-            .map(|o| match o {
-                Delay { ms } => *ms,
-                _ => 0,
-            })
-            .sum();
-        let floor = card.with_model(|m| m.reset_floor()).as_millis() as u64;
+        let (waited, floor) = waits_and_floor(&r, &card);
         assert_eq!((family, waited), (family, floor));
     }
 }
@@ -867,15 +875,7 @@ fn a_slow_link_costs_less_than_one_poll_beyond_the_floor() {
     let card = sim(Family::Wlan, Faults::parse("link-down-ms=800").unwrap());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean);
-    let waited: u64 = r
-        .ops
-        .iter()
-        .map(|o| match o {
-            Delay { ms } => *ms,
-            _ => 0,
-        })
-        .sum();
-    let floor = card.with_model(|m| m.reset_floor()).as_millis() as u64;
+    let (waited, floor) = waits_and_floor(&r, &card);
     assert!(
         (floor..floor + 20).contains(&waited),
         "waited {waited} ms, floor {floor} ms"
@@ -977,25 +977,11 @@ fn the_modem_dry_run_follows_a_ready_modem() {
 fn every_step_is_logged_with_bdf_and_sequence_version() {
     // One global subscriber writing into a per-thread buffer: a thread-local subscriber would
     // race the callsite interest cache of the tests running beside this one.
-    thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
-    struct ThreadLog;
-    impl std::io::Write for ThreadLog {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            LOG.with(|l| l.borrow_mut().extend_from_slice(b));
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| ThreadLog)
-        .with_ansi(false)
-        .try_init();
+    capture_logs();
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
     reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    let log = LOG.with(|l| String::from_utf8(l.borrow().clone()).unwrap());
+    let log = this_threads_log();
     for step in [
         "pre:",
         "reset: assert SoC global reset",

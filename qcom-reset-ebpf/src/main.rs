@@ -179,22 +179,14 @@ fn call_enter(func: Func, pdev: u64, probe: u64) {
     }
 }
 
-/// Whether submitting an event wakes the agent.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wake {
-    /// An attempt inside a VFIO open or release: its bracket's own event follows within the
-    /// same call and carries it, so waking the agent for it would only have the agent busy with
-    /// the attempt when the release that needs a reset arrives.
-    WithTheBracket,
-    /// Always, even when the agent has not been woken for records before this one (the
-    /// kernel's default wakes only a consumer that has read everything before).
-    Now,
-}
-
-/// Fills the fields every event carries and submits it.
+/// Fills the fields every event carries and submits it. An attempt inside a VFIO open or
+/// release (`bracket` set by `fill`) does not wake the agent: its bracket's own event follows
+/// within the same call and carries it, and waking the agent for the attempt would only have it
+/// busy when the release that needs a reset arrives. Every other event wakes it even when it was
+/// not woken for the records before (the kernel's default wakes only a consumer that has read
+/// everything before).
 #[inline(always)]
 fn emit(
-    wake: Wake,
     kind: EventKind,
     flavour: Flavour,
     func: u8,
@@ -209,6 +201,7 @@ fn emit(
     };
     let e = entry.as_mut_ptr();
     let (tid, tgid) = tid_tgid();
+    let in_bracket;
     // SAFETY: `e` is the ring buffer entry reserved above, sized for one Event and ours until
     // submitted; it is zeroed before any field is read. `pdev` as in `wanted`.
     unsafe {
@@ -231,10 +224,12 @@ fn emit(
             let _ = bpf_probe_read_kernel_str_bytes(name as *const u8, &mut e.bdf);
         }
         fill(e);
+        in_bracket = e.bracket != 0;
     }
-    entry.submit(match wake {
-        Wake::WithTheBracket => BPF_RB_NO_WAKEUP,
-        Wake::Now => BPF_RB_FORCE_WAKEUP,
+    entry.submit(if in_bracket {
+        BPF_RB_NO_WAKEUP
+    } else {
+        BPF_RB_FORCE_WAKEUP
     } as u64);
 }
 
@@ -275,13 +270,7 @@ fn call_exit(func: Func, flavour: Flavour, ret: i32) {
         }
         b.n_seen += 1;
     }
-    let wake = if bracket == 0 {
-        Wake::Now
-    } else {
-        Wake::WithTheBracket
-    };
     emit(
-        wake,
         EventKind::Attempt,
         flavour,
         func as u8,
@@ -351,7 +340,6 @@ fn bracket_exit(func: Func, ret: i32) {
         _ => None,
     };
     emit(
-        Wake::Now,
         kind,
         Flavour::Kprobe,
         func as u8,

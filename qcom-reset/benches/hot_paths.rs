@@ -4,7 +4,6 @@
 //! save, sequence, verify, restore; every wait virtual, so what is left is qcom-reset's own
 //! share of a reset), and the holder scan of /proc that precedes every write; and the start-up
 //! path (`startup`): parsing this host's vmlinux BTF and resolving the struct layouts.
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

@@ -331,3 +331,31 @@ pub fn bind_host_driver(root: &Path, bdf: &str, driver: &str) -> impl FnOnce() +
         symlink(&drv, &link).unwrap();
     }
 }
+
+thread_local!(static LOG: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+
+/// tracing's output, kept per thread: tests running at once each read their own.
+struct ThreadLog;
+
+impl std::io::Write for ThreadLog {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOG.with(|l| l.borrow_mut().extend_from_slice(b));
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends tracing's output (once per test binary) to a buffer per thread: [`this_threads_log`].
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| ThreadLog)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// What this thread logged since [`capture_logs`].
+pub fn this_threads_log() -> String {
+    LOG.with(|l| String::from_utf8_lossy(&l.borrow()).into_owned())
+}

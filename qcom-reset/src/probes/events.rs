@@ -429,7 +429,7 @@ pub(crate) mod tests {
         ))
         .unwrap();
         assert_eq!(
-            (e.kind.clone(), e.function, e.ret, e.errno),
+            (e.kind, e.function, e.ret, e.errno),
             (Kind::Attempt, Func::PciResetFunction, -25, Some("ENOTTY"))
         );
         assert_eq!(
