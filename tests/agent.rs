@@ -63,6 +63,20 @@ fn trace_event(
     }
 }
 
+/// A release of QEMU's ivshmem (1af4:1110): no Qualcomm card.
+fn ivshmem_release(bdf: &str, kernel: KernelReset) -> Item {
+    let mut event = trace_event(
+        Kind::Release,
+        Func::VfioPciCoreDisable,
+        bdf,
+        0x1110,
+        0,
+        Some(kernel),
+    );
+    event.vendor = 0x1af4;
+    Item::Event { event, taken_ns: 0 }
+}
+
 /// A release after which only the kernel's (useless) bus reset ran.
 fn release(bdf: &str, device: u16) -> Item {
     event(Kind::Release, bdf, device, 0, Some(KernelReset::Bus))
@@ -1174,21 +1188,9 @@ async fn a_held_profile_device_is_reset_when_its_holder_goes() {
         },
     );
     let mut r = start(&h, cfg, &[(IVSHMEM, card.clone())]);
-    let mut ev = trace_event(
-        Kind::Release,
-        Func::VfioPciCoreDisable,
-        IVSHMEM,
-        0x1110,
-        0,
-        Some(KernelReset::Bus),
-    );
-    ev.vendor = 0x1af4;
-    r.tx.send(Item::Event {
-        event: ev,
-        taken_ns: 0,
-    })
-    .await
-    .unwrap();
+    r.tx.send(ivshmem_release(IVSHMEM, KernelReset::Bus))
+        .await
+        .unwrap();
     assert_eq!(r.next().await.result, "skipped");
     h.unhold(779);
     let a = r.next().await;
@@ -1685,21 +1687,9 @@ async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
     });
     let mut r = start(&h, test_config(&h), &[]);
     r.tx.send(release(QCN, 0x1109)).await.unwrap();
-    let mut other = trace_event(
-        Kind::Release,
-        Func::VfioPciCoreDisable,
-        OTHER,
-        0x1110,
-        0,
-        Some(KernelReset::None),
-    );
-    other.vendor = 0x1af4;
-    r.tx.send(Item::Event {
-        event: other,
-        taken_ns: 0,
-    })
-    .await
-    .unwrap();
+    r.tx.send(ivshmem_release(OTHER, KernelReset::None))
+        .await
+        .unwrap();
     r.quiet_for(Duration::from_millis(500)).await;
     r.stop().await;
     let log = this_threads_log();
