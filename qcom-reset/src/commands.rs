@@ -124,8 +124,9 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
             for x in a {
                 match x.flavour {
                     Some(f) => println!(
-                        "attach  {:<30} {f}{}",
-                        x.function,
+                        "attach  {:<30} {}{}",
+                        x.function.symbol(),
+                        qcom_reset::probes::events::flavour_str(f),
                         x.note
                             .as_ref()
                             .map(|n| format!(" (after {n})"))
@@ -133,7 +134,7 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
                     ),
                     None => println!(
                         "attach  {:<30} NOT ATTACHED: {}",
-                        x.function,
+                        x.function.symbol(),
                         x.note.as_deref().unwrap_or("?")
                     ),
                 }

@@ -588,20 +588,23 @@ impl Agent {
                         (None, true) => None,
                         (None, false) => Some(false),
                     };
-                    self.shared.metrics.probe(x.function, attached);
+                    let function = x.function.symbol();
+                    self.shared.metrics.probe(function, attached);
                     self.shared.publish(|st| match attached {
                         Some(a) => {
-                            st.probes.insert(x.function.to_string(), a);
+                            st.probes.insert(function.to_string(), a);
                         }
                         None => {
-                            st.probes.remove(x.function);
+                            st.probes.remove(function);
                         }
                     });
                     match x.flavour {
-                        Some(f) => info!("probe {} attached ({f})", x.function),
+                        Some(f) => info!(
+                            "probe {function} attached ({})",
+                            crate::probes::events::flavour_str(f)
+                        ),
                         None => warn!(
-                            "probe {} not attached: {}",
-                            x.function,
+                            "probe {function} not attached: {}",
                             x.note.unwrap_or_default()
                         ),
                     }

@@ -12,7 +12,7 @@ use crate::bdf::{Bdf, BdfError};
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// A function as its kernel symbol (the schema's text); the value stays typed until then.
-fn symbol<S: Serializer>(f: &Func, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn symbol<S: Serializer>(f: &Func, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(f.symbol())
 }
 

@@ -33,9 +33,11 @@ pub enum FlavourChoice {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Attachment {
-    pub function: &'static str,
-    /// "fentry", "kprobe", or None when not attached (see `note`).
-    pub flavour: Option<&'static str>,
+    #[serde(serialize_with = "super::events::symbol")]
+    pub function: Func,
+    /// How it is attached, or None when it is not (see `note`).
+    #[serde(serialize_with = "flavour_or_null")]
+    pub flavour: Option<Flavour>,
     pub note: Option<String>,
     /// The function's module is not loaded: nothing calls it, so nothing is missed.
     pub unloaded: bool,
@@ -105,6 +107,14 @@ pub fn is_eperm(error: &str) -> bool {
 }
 
 /// Turns aya's attach errors into the reason an administrator can act on.
+/// `"kprobe"`, `"fentry"` or null, as the attach record has always said.
+fn flavour_or_null<S: serde::Serializer>(f: &Option<Flavour>, s: S) -> Result<S::Ok, S::Error> {
+    match f {
+        Some(f) => s.serialize_str(super::events::flavour_str(*f)),
+        None => s.serialize_none(),
+    }
+}
+
 fn explain(e: &dyn std::fmt::Display, flavour: &str) -> String {
     let s = e.to_string();
     if flavour == "kprobe" && !Path::new(KPROBE_PMU).exists() {
@@ -237,20 +247,20 @@ impl Probes {
             let mut flavour = None;
             if choice != FlavourChoice::Fentry {
                 match self.kprobe(f) {
-                    Ok(_) => flavour = Some("kprobe"),
+                    Ok(_) => flavour = Some(Flavour::Kprobe),
                     Err(e) => notes.push(format!("kprobe: {e}")),
                 }
             }
             if flavour.is_none() && choice != FlavourChoice::Kprobe {
                 let btf = btf.get_or_insert_with(|| aya::Btf::from_sys_fs().ok());
                 match btf.as_ref().map(|b| self.fentry(f, b)) {
-                    Some(Ok(())) => flavour = Some("fentry"),
+                    Some(Ok(())) => flavour = Some(Flavour::Fentry),
                     Some(Err(e)) => notes.push(format!("fentry: {e}")),
                     None => notes.push("fentry: no kernel BTF".into()),
                 }
             }
             self.attachments.push(Attachment {
-                function: f.symbol(),
+                function: f,
                 flavour,
                 note: (!notes.is_empty()).then(|| notes.join("; ")),
                 unloaded: false,
@@ -305,7 +315,7 @@ impl Probes {
                 }
                 Err(e) => Some(e),
             };
-            self.set_attachment(f, ok.then_some("kprobe"), note, false);
+            self.set_attachment(f, ok.then_some(Flavour::Kprobe), note, false);
         }
         self.vfio_links = Some(links);
     }
@@ -330,13 +340,13 @@ impl Probes {
     fn set_attachment(
         &mut self,
         f: Func,
-        flavour: Option<&'static str>,
+        flavour: Option<Flavour>,
         note: Option<String>,
         unloaded: bool,
     ) {
-        self.attachments.retain(|a| a.function != f.symbol());
+        self.attachments.retain(|a| a.function != f);
         self.attachments.push(Attachment {
-            function: f.symbol(),
+            function: f,
             flavour,
             note,
             unloaded,
@@ -409,5 +419,37 @@ impl Probes {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Typed inside, the attach record's text outside: the symbol, the flavour's name or null
+    /// (the lab's scenarios and the trace's readers match on these).
+    #[test]
+    fn an_attachment_is_written_as_the_attach_record_has_it() {
+        let on = Attachment {
+            function: Func::PciDevSpecificReset,
+            flavour: Some(Flavour::Fentry),
+            note: None,
+            unloaded: false,
+        };
+        let off = Attachment {
+            function: Func::VfioPciCoreDisable,
+            flavour: None,
+            note: Some("vfio_pci_core was unloaded".into()),
+            unloaded: true,
+        };
+        assert_eq!(
+            serde_json::to_value([on, off]).unwrap(),
+            serde_json::json!([
+                {"function": "pci_dev_specific_reset", "flavour": "fentry", "note": null,
+                 "unloaded": false},
+                {"function": "vfio_pci_core_disable", "flavour": null,
+                 "note": "vfio_pci_core was unloaded", "unloaded": true}
+            ])
+        );
     }
 }

@@ -82,7 +82,11 @@ impl Tracer {
             let why: Vec<String> = probes
                 .attachments
                 .iter()
-                .filter_map(|a| a.note.as_ref().map(|n| format!("{}: {n}", a.function)))
+                .filter_map(|a| {
+                    a.note
+                        .as_ref()
+                        .map(|n| format!("{}: {n}", a.function.symbol()))
+                })
                 .collect();
             anyhow::bail!(
                 "no probe could be attached; run `qcom-reset check` for the fix. First reason: {}",
