@@ -63,6 +63,20 @@ fn trace_event(
     }
 }
 
+/// A QCN9274 (17cb:1109), whose profile is experimental.
+const QCN: &str = "0000:05:00.0";
+
+fn qcn_host() -> FakeHost {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        bdf: QCN,
+        device: 0x1109,
+        group: Some("5"),
+        ..Default::default()
+    });
+    h
+}
+
 /// A release of QEMU's ivshmem (1af4:1110): no Qualcomm card.
 fn ivshmem_release(bdf: &str, kernel: KernelReset) -> Item {
     let mut event = trace_event(
@@ -1328,14 +1342,7 @@ async fn the_agent_recovers_a_killed_session_at_start() {
 
 #[tokio::test]
 async fn an_experimental_device_is_reset_only_when_opted_in() {
-    const QCN: &str = "0000:05:00.0";
-    let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: QCN,
-        device: 0x1109,
-        group: Some("5"),
-        ..Default::default()
-    });
+    let h = qcn_host();
     let card = SimDevice::new(qcom_reset::sim::Model::new(
         Family::Wlan,
         0x17cb,
@@ -1676,15 +1683,8 @@ async fn metrics_and_status_follow_every_verdict_and_session() {
 async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
     // The test's runtime is this thread, and so is the agent's item loop that logs.
     capture_logs();
-    const QCN: &str = "0000:05:00.0";
     const OTHER: &str = "0000:00:03.0";
-    let h = FakeHost::new();
-    h.add(FakeDevice {
-        bdf: QCN,
-        device: 0x1109,
-        group: Some("5"),
-        ..Default::default()
-    });
+    let h = qcn_host();
     let mut r = start(&h, test_config(&h), &[]);
     r.tx.send(release(QCN, 0x1109)).await.unwrap();
     r.tx.send(ivshmem_release(OTHER, KernelReset::None))
@@ -1700,4 +1700,27 @@ async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
         "{}",
         left[0]
     );
+}
+
+/// A session's start is written to the status file from the blocking pool, its end at once: an
+/// episode that ends at once (the kill switch) must not leave the card published busy,
+/// whichever of the two writes lands last (each writes the state as it is then).
+#[tokio::test]
+async fn an_episode_that_ends_at_once_leaves_the_card_not_busy() {
+    use qcom_reset::agent::status::AgentStatus;
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let cfg = test_config(&h);
+    std::fs::write(&cfg.kill_switch, "").unwrap();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let mut r = start(&h, cfg, &[(WLAN, wlan.clone())]);
+    r.tx.send(release(WLAN, 0x1103)).await.unwrap();
+    assert_eq!(r.next().await.result, "skipped");
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let st = AgentStatus::load(&h.host.run_dir).unwrap().unwrap();
+        assert!(!st.cards[&bdf(WLAN)].busy, "{:?}", st.cards[&bdf(WLAN)]);
+    }
+    assert_eq!(wlan.with_model(|m| m.writes.len()), 0);
+    r.stop().await;
 }

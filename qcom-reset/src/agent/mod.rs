@@ -414,6 +414,8 @@ struct Decided {
     event: TraceEvent,
     taken_ns: u64,
     received_ns: u64,
+    /// Whether the device is a target (read once, at the decision).
+    target: bool,
     trigger: Option<Trigger>,
 }
 
@@ -693,11 +695,13 @@ impl Agent {
     /// recovery.
     fn on_event(&mut self, event: TraceEvent, taken_ns: u64, at: Instant) {
         let received_ns = crate::probes::mono_ns();
-        let trigger = self.decide(&event, at);
+        let target = self.shared.is_target(event.bdf, event.vendor, event.device);
+        let trigger = target.then(|| self.decide(&event, at)).flatten();
         self.unwritten.push(Decided {
             event,
             taken_ns,
             received_ns,
+            target,
             trigger,
         });
     }
@@ -717,7 +721,7 @@ impl Agent {
             if d.trigger.is_some() {
                 info!(bdf = %e.bdf, "{}", e.line());
             } else if e.kind == Kind::Release
-                && !self.shared.is_target(e.bdf, e.vendor, e.device)
+                && !d.target
                 && let Some(p) = crate::devices::by_id(e.vendor, e.device)
             {
                 info!(bdf = %e.bdf, "released; experimental profile {} not opted in (experimental = [\"{}\"]): left alone", p.name, p.name);
@@ -725,11 +729,8 @@ impl Agent {
         }
     }
 
-    /// What a target's event asks for, dispatched at once; None for anything else.
+    /// What a target's event asks for, dispatched at once; None when it needs nothing.
     fn decide(&mut self, e: &TraceEvent, at: Instant) -> Option<Trigger> {
-        if !self.shared.is_target(e.bdf, e.vendor, e.device) {
-            return None;
-        }
         // Only an open that succeeded has a release to come; only a task that is debouncing
         // something needs to hear it.
         if e.kind == Kind::Open && e.comm != OWN_COMM && e.ret == 0 {
