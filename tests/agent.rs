@@ -11,8 +11,8 @@ use qcom_reset::agent::config::Config;
 use qcom_reset::agent::metrics::Metrics;
 use qcom_reset::agent::{Action, Agent, Trigger};
 use qcom_reset::bdf::Bdf;
-use qcom_reset::devices::Family;
-use qcom_reset::lock::DeviceLock;
+use qcom_reset::device::Family;
+use qcom_reset::host::lock::DeviceLock;
 use qcom_reset::probes::Item;
 use qcom_reset::probes::events::{KernelReset, Kind, TraceEvent};
 use qcom_reset::sim::{Faults, SimDevice, SimState};
@@ -1361,7 +1361,7 @@ async fn an_experimental_device_is_reset_only_when_opted_in() {
     r.stop().await;
 
     let cfg = Config {
-        experimental: qcom_reset::devices::OptIn(vec!["qcn9274".into()]),
+        experimental: qcom_reset::device::OptIn(vec!["qcn9274".into()]),
         ..test_config(&h)
     };
     let mut r = start(&h, cfg, &[(QCN, card.clone())]);
@@ -1432,7 +1432,7 @@ async fn our_own_vfio_release_is_not_answered() {
         0,
         Some(KernelReset::Bus),
     );
-    e.comm = qcom_reset::agent::OWN_COMM.into();
+    e.comm = qcom_reset::host::holders::OWN_COMM.into();
     r.tx.send(Item::Event {
         event: e,
         taken_ns: 0,
@@ -1505,7 +1505,11 @@ async fn ready_comes_after_the_start_up_resets_and_the_status_is_published() {
     assert_eq!(st.pid, std::process::id());
     for b in [WLAN, MODEM] {
         let c = &st.cards[&bdf(b)];
-        assert_eq!(c.health, Some(qcom_reset::verdict::Health::Clean), "{b}");
+        assert_eq!(
+            c.health,
+            Some(qcom_reset::device::verdict::Health::Clean),
+            "{b}"
+        );
         assert!(!c.busy && !c.gave_up, "{b}: {c:?}");
     }
     assert_eq!(st.line(), format!("{WLAN} clean, {MODEM} clean"));
@@ -1574,7 +1578,7 @@ async fn ready_waits_for_a_failing_start_up_reset_to_give_up() {
     let st = AgentStatus::load(&h.host.run_dir).unwrap().unwrap();
     let c = &st.cards[&bdf(WLAN)];
     assert!(c.gave_up && !c.busy, "{c:?}");
-    assert_eq!(c.health, Some(qcom_reset::verdict::Health::Crashed));
+    assert_eq!(c.health, Some(qcom_reset::device::verdict::Health::Crashed));
     r.stop().await;
 }
 
@@ -1603,7 +1607,10 @@ async fn an_open_unpublishes_the_verdict_until_the_release_is_answered() {
     assert!(card().detail.contains("not verified since"), "{:?}", card());
     r.tx.send(release(WLAN, 0x1103)).await.unwrap();
     assert_eq!(r.next().await.result, "clean");
-    assert_eq!(card().health, Some(qcom_reset::verdict::Health::Clean));
+    assert_eq!(
+        card().health,
+        Some(qcom_reset::device::verdict::Health::Clean)
+    );
     r.stop().await;
 }
 

@@ -29,7 +29,7 @@ fn text(o: &Output) -> (String, String) {
 #[test]
 fn help_lists_the_device_table() {
     let (out, _) = text(&qcom(None, &["--help"]));
-    for d in qcom_reset::devices::DEVICES {
+    for d in qcom_reset::device::DEVICES {
         assert!(
             out.contains(d.name) && out.contains(&format!("{:04x}:{:04x}", d.vendor, d.device)),
             "{out}"
@@ -341,7 +341,7 @@ fn agent_status(h: &FakeHost) -> qcom_reset::agent::status::AgentStatus {
     s
 }
 
-fn card(health: qcom_reset::verdict::Health) -> qcom_reset::agent::status::Card {
+fn card(health: qcom_reset::device::verdict::Health) -> qcom_reset::agent::status::Card {
     qcom_reset::agent::status::Card {
         health: Some(health),
         detail: "x".into(),
@@ -353,7 +353,7 @@ fn card(health: qcom_reset::verdict::Health) -> qcom_reset::agent::status::Card 
 /// 2 unknown, one line) and is read-only: no lock file, nothing written, no root needed.
 #[test]
 fn health_answers_from_the_agents_status_and_writes_nothing() {
-    use qcom_reset::verdict::Health;
+    use qcom_reset::device::verdict::Health;
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     let wlan: Bdf = "0000:03:00.0".parse().unwrap();

@@ -4,15 +4,15 @@ mod common;
 
 use common::*;
 use qcom_reset::Error;
-use qcom_reset::backend::Backend as _;
-use qcom_reset::devices::Family;
+use qcom_reset::access::Backend as _;
+use qcom_reset::device::Family;
+use qcom_reset::device::regio::Op::{self, Delay, Read, Write};
+use qcom_reset::device::regs::ALL_ONES;
+use qcom_reset::device::sequence::Outcome;
+use qcom_reset::device::verdict::Health;
 use qcom_reset::engine::{self, Method, Request};
-use qcom_reset::io::Op::{self, Delay, Read, Write};
-use qcom_reset::lock::DeviceLock;
-use qcom_reset::regs::ALL_ONES;
-use qcom_reset::sequence::Outcome;
+use qcom_reset::host::lock::DeviceLock;
 use qcom_reset::sim::{Faults, SimState};
-use qcom_reset::verdict::Health;
 
 const WLAN: &str = "0000:03:00.0";
 const OTHER: u32 = qcom_reset::sim::model::GLOBAL_RESET_OTHER_BITS;
@@ -515,7 +515,7 @@ fn a_failed_kernel_reset_falls_back_to_our_sequence() {
     assert_eq!(sim.with_model(|m| m.resets), 1);
     assert_eq!(
         r.verdict.map(|v| v.health),
-        Some(qcom_reset::verdict::Health::Clean)
+        Some(qcom_reset::device::verdict::Health::Clean)
     );
     assert_eq!(h.read(WLAN, "reset_method"), "device_specific");
 }
@@ -634,7 +634,7 @@ fn a_no_writes_status_says_why_instead_of_writing() {
     );
     assert_eq!(card.with_model(|m| m.cfg.command()), 0x0400);
     // The next owner (or an admin) enabled decoding: now it can be read without a write.
-    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0402).unwrap();
+    qcom_reset::access::Backend::config_write16(&mut card.clone(), 4, 0x0402).unwrap();
     let st = status(&h);
     assert_eq!(st.verdict.unwrap().health, Health::Crashed);
     assert_eq!(
@@ -767,7 +767,7 @@ fn a_vfio_device_whose_group_cannot_be_held_is_not_written() {
 /// The BAR must hold every register the sequence touches; one byte short is refused unwritten.
 #[test]
 fn a_bar_too_small_for_the_sequence_is_refused() {
-    let need = qcom_reset::sequence::bar_needed(Family::Wlan);
+    let need = qcom_reset::device::sequence::bar_needed(Family::Wlan);
     assert_eq!(
         need, 0x300c,
         "0x3008 is the last register the WLAN sequence touches"
@@ -1120,7 +1120,7 @@ fn the_device_is_woken_and_awaited_before_its_bar_is_touched() {
 /// no driver has no group to hold.
 #[test]
 fn ownership_holds_the_group_of_a_vfio_device_only() {
-    use qcom_reset::session::own::Ownership;
+    use qcom_reset::host::own::Ownership;
     let h = wlan_host();
     h.add(FakeDevice {
         bdf: "0000:05:00.0",
@@ -1153,7 +1153,7 @@ fn ownership_holds_the_group_of_a_vfio_device_only() {
 
 #[test]
 fn every_experimental_profile_is_refused_without_opt_in_and_resets_like_its_family_with_it() {
-    use qcom_reset::devices::{DEVICES, OptIn, Status};
+    use qcom_reset::device::{DEVICES, OptIn, Status};
     let golden = |family| {
         let h = match family {
             Family::Wlan => wlan_host(),

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use qcom_reset::lock::DeviceLock;
+use qcom_reset::host::lock::DeviceLock;
 
 const CARD: &str = "0000:03:00.0";
 

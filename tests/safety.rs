@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use common::*;
 use qcom_reset::Error;
-use qcom_reset::backend::Backend;
-use qcom_reset::devices::Family;
+use qcom_reset::access::Backend;
+use qcom_reset::device::Family;
+use qcom_reset::device::regio::RegisterIo;
 use qcom_reset::engine::{self, ReadMode, Request};
-use qcom_reset::io::RegisterIo;
-use qcom_reset::lock::DeviceLock;
+use qcom_reset::host::lock::DeviceLock;
 use qcom_reset::session::record::{self, Record};
 use qcom_reset::sim::{Faults, SimDevice, SimState};
 
@@ -294,11 +294,11 @@ fn a_card_on_no_driver_is_held_off_drivers_for_the_session() {
     .unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     let (during, recorded) = seen.lock().unwrap().clone().unwrap();
     assert_eq!(during.trim(), qcom_reset::session::HOLD_OVERRIDE);
-    assert_eq!(recorded, Some(qcom_reset::sysfs::Override::Unset));
+    assert_eq!(recorded, Some(qcom_reset::host::sysfs::Override::Unset));
     assert_eq!(h.read(WLAN, "driver_override"), "", "cleared again");
 }
 
@@ -445,7 +445,7 @@ fn two_cards_below_one_port_never_record_each_others_masks() {
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(port_regs(&h), (0x1038, 0));
 }
@@ -474,7 +474,7 @@ fn pciehp_poll_mode_is_refused_unless_allowed() {
     .unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
 }
 
@@ -619,7 +619,7 @@ fn a_rebind_before_the_first_write_is_caught_and_an_existing_override_comes_back
     .unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(
         seen.lock().unwrap().trim(),
@@ -641,7 +641,7 @@ fn an_override_set_by_someone_else_mid_session_is_left_alone() {
     .unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(h.read(WLAN, "driver_override"), "ath11k_pci");
 }
@@ -685,7 +685,7 @@ fn a_link_drop_seen_by_the_sequence_restores_every_word() {
     .unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     assert!(
         r.restored
@@ -726,10 +726,13 @@ fn decoding_lost_alone_is_repaired_too() {
         c.config_write16(4, 0x0400).unwrap(); // memory decoding off, BARs as they were
     })
     .unwrap();
-    assert_eq!(r.outcome, Some(qcom_reset::sequence::Outcome::Completed));
+    assert_eq!(
+        r.outcome,
+        Some(qcom_reset::device::sequence::Outcome::Completed)
+    );
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
 }
 
@@ -807,7 +810,7 @@ fn a_port_guard_that_cannot_write_refuses_unless_allowed() {
     let r = reset_with(&h, &allowed, &card).unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::Clean
+        qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(port_regs(&h), (0x1038, 0), "the port as it was");
 }
@@ -832,7 +835,7 @@ fn a_card_off_the_link_is_link_down_not_a_power_state_error() {
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::LinkDown
+        qcom_reset::device::verdict::Health::LinkDown
     );
     assert_eq!(
         card.with_model(|m| m.writes.len()),
@@ -880,7 +883,7 @@ fn link_down_through(
     .unwrap();
     assert_eq!(
         r.verdict.as_ref().map(|v| v.health),
-        Some(qcom_reset::verdict::Health::LinkDown)
+        Some(qcom_reset::device::verdict::Health::LinkDown)
     );
     r
 }
@@ -907,7 +910,7 @@ fn virtualized_ids_do_not_make_a_dead_link_look_alive() {
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &plain).unwrap();
     assert_eq!(
         r.verdict.unwrap().health,
-        qcom_reset::verdict::Health::LinkDown
+        qcom_reset::device::verdict::Health::LinkDown
     );
     let h = FakeHost::new();
     h.add(FakeDevice::default());
@@ -1165,8 +1168,8 @@ fn reset_with_verify_hook(
     let r = engine::reset(
         &h.host,
         &Request::new(bdf(at)),
-        &mut move |_, own: &qcom_reset::session::own::Ownership| {
-            // The VFIO backend takes a descriptor of the held group (backend::open).
+        &mut move |_, own: &qcom_reset::host::own::Ownership| {
+            // The VFIO backend takes a descriptor of the held group (access::open).
             if access == "vfio" {
                 drop(own.group_fd());
             }
@@ -1336,7 +1339,7 @@ impl Holder {
             comm: comm.into(),
         };
         let b = holder.busy.clone();
-        h.host.open_group = qcom_reset::session::own::GroupOpener::new(move |p| {
+        h.host.open_group = qcom_reset::host::own::GroupOpener::new(move |p| {
             if b.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(std::io::Error::from_raw_os_error(16)); // EBUSY
             }

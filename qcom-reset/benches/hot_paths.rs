@@ -11,12 +11,12 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use qcom_reset::devices::Family;
-use qcom_reset::io::Recorder;
+use qcom_reset::device::Family;
+use qcom_reset::device::regio::Recorder;
+use qcom_reset::device::sequence;
+use qcom_reset::device::verdict::{self, Expect, Registers};
 use qcom_reset::probes::events;
-use qcom_reset::sequence;
 use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
-use qcom_reset::verdict::{self, Expect, Registers};
 use qcom_reset_ebpf::{EVENT_ABI_VERSION, Event, EventKind, Flavour, Func};
 
 fn record() -> Vec<u8> {
@@ -68,7 +68,7 @@ fn benches(c: &mut Criterion) {
                         Model::new(family, 0x17cb, 0x1103, SimState::Crashed, Faults::default());
                     model.link_drop = qcom_reset::sim::LinkDrop::KeepsConfig;
                     let mut dev = SimDevice::new(model);
-                    qcom_reset::backend::Backend::config_write16(&mut dev, 4, 2).unwrap();
+                    qcom_reset::access::Backend::config_write16(&mut dev, 4, 2).unwrap();
                     let mut io = Recorder::new(verdict::FixedIds(dev.clone(), (0x17cb, 0x1103)));
                     sequence::run(family, &mut io, &mut |_| {});
                     verdict::verify(&expect(family), &mut io, 1 << 20)
@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
 
     let paths = vec![PathBuf::from("/dev/vfio/999")];
     c.bench_function("holder scan of this host's /proc", |b| {
-        b.iter(|| qcom_reset::holders::find(Path::new("/proc"), black_box(&paths), None))
+        b.iter(|| qcom_reset::host::holders::find(Path::new("/proc"), black_box(&paths), None))
     });
 }
 

@@ -7,8 +7,8 @@ use btf_rs::Btf;
 use qcom_reset_ebpf::{Flavour, VfioLayout};
 use serde::Serialize;
 
-use crate::backend::{LOCKDOWN_PATH, lockdown_mode};
-use crate::devices;
+use crate::access::{LOCKDOWN_PATH, lockdown_mode};
+use crate::device;
 use crate::engine::{self, Host};
 use crate::probes::layout::NeedsReset;
 use crate::probes::{self, layout, loader::KPROBE_PMU};
@@ -381,7 +381,7 @@ pub fn run(host: &Host) -> Vec<Check> {
         Ok(ts) if ts.is_empty() => out.push(Check::new(
             "devices",
             Level::Info,
-            format!("no target device present ({})", devices::profile_names()),
+            format!("no target device present ({})", device::profile_names()),
             None,
             false,
         )),

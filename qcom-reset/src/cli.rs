@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use qcom_reset::backend::Access;
+use qcom_reset::access::Access;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::probes::FlavourChoice;
 
@@ -11,7 +11,7 @@ use qcom_reset::probes::FlavourChoice;
     name = "qcom-reset",
     version,
     about = "Detects failed PCI resets of Qualcomm WCN6855/WCN7850 WLAN and SDX62/SDX65 modems released by VFIO, and resets them through their BAR registers",
-    after_long_help = format!("{}\n{}", qcom_reset::devices::help_table(), qcom_reset::exit::Exit::table())
+    after_long_help = format!("{}\n{}", qcom_reset::device::help_table(), qcom_reset::exit::Exit::table())
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -24,9 +24,9 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct HostArgs {
     /// Directory for per-device locks (shared by every qcom-reset process).
-    #[arg(long, global = true, default_value = qcom_reset::lock::DEFAULT_RUN_DIR, env = "QCOM_RESET_RUN_DIR")]
+    #[arg(long, global = true, default_value = qcom_reset::host::lock::DEFAULT_RUN_DIR, env = "QCOM_RESET_RUN_DIR")]
     pub run_dir: PathBuf,
-    #[arg(long, global = true, default_value = qcom_reset::sysfs::DEFAULT_ROOT, hide = true)]
+    #[arg(long, global = true, default_value = qcom_reset::host::sysfs::DEFAULT_ROOT, hide = true)]
     pub sysfs_root: PathBuf,
     #[arg(long, global = true, default_value = "/proc", hide = true)]
     pub proc_root: PathBuf,

@@ -2,16 +2,16 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use qcom_reset::access;
 use qcom_reset::agent::config::Config;
-use qcom_reset::backend;
 use qcom_reset::check::{self, Level};
-use qcom_reset::devices::{DEVICES, OptIn};
+use qcom_reset::device::verdict::Health;
+use qcom_reset::device::{DEVICES, OptIn};
 use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
 use qcom_reset::exit::Exit;
+use qcom_reset::host::sysfs::PciSysfs;
 use qcom_reset::probes::{self, Item, Tracer};
-use qcom_reset::sysfs::PciSysfs;
-use qcom_reset::verdict::Health;
-use qcom_reset::{Error, regs};
+use qcom_reset::{Error, device::regs};
 
 use crate::cli::{
     Cli, Command, HealthArgs, HostArgs, PowerCycleArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs,
@@ -216,13 +216,13 @@ fn nothing_to_do(bdf: qcom_reset::bdf::Bdf, why: &str, json: bool) {
 fn reset_and_report(
     host: &Host,
     req: &Request,
-    access: backend::Access,
+    access: access::Access,
     json: bool,
 ) -> anyhow::Result<Exit> {
     let report = engine::reset(
         host,
         req,
-        &mut |dev, own| backend::open(dev, access, own),
+        &mut |dev, own| access::open(dev, access, own),
         access.name(),
     )?;
     if json {
@@ -280,7 +280,7 @@ fn print_report(r: &Report) {
     );
 }
 
-fn registers_line(r: &qcom_reset::verdict::Registers) -> String {
+fn registers_line(r: &qcom_reset::device::verdict::Registers) -> String {
     let h = |v: Option<u32>| v.map_or("-".to_string(), |v| format!("{v:#010x}"));
     let mut s = format!(
         "config {:04x}:{:04x} MHICTRL={} MHISTATUS={} BHIOFF={} EXECENV={}",
@@ -318,10 +318,10 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     require_root()?;
     let access = a.device.access;
     let mut out: Vec<Status> = Vec::new();
-    let unread = (backend::opens_device(access) && !a.registers).then(|| {
+    let unread = (access::opens_device(access) && !a.registers).then(|| {
         format!(
             "{}; pass --registers to read them anyway",
-            backend::VFIO_OPEN_RESETS
+            access::VFIO_OPEN_RESETS
         )
     });
     for t in targets {
@@ -337,7 +337,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
             engine::status(
                 host,
                 t,
-                &mut |dev, own| backend::open(dev, access, own),
+                &mut |dev, own| access::open(dev, access, own),
                 engine::ReadMode::EnableAndRestore,
             )
             .with_context(|| format!("status of {bdf}"))?,
@@ -350,7 +350,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     if out.is_empty() {
         println!(
             "no target devices present (supported: {})",
-            qcom_reset::devices::profile_names()
+            qcom_reset::device::profile_names()
         );
     }
     for s in &out {
@@ -523,7 +523,7 @@ fn run_cmd(host: Host, a: RunArgs) -> anyhow::Result<Exit> {
         let agent = Agent::new(
             cfg,
             host,
-            std::sync::Arc::new(move |d, own| backend::open(d, access, own)),
+            std::sync::Arc::new(move |d, own| access::open(d, access, own)),
             m,
         )?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -643,8 +643,8 @@ fn opt_in(cfg: &Config, flag: bool) -> OptIn {
 
 /// "reviewed (upstream quirk: yes)" or "experimental, not opted in (...)", for `status`. A
 /// profile the configuration or `--profile` names for the device is opted in.
-fn profile_status(p: &qcom_reset::devices::DeviceProfile, opt_in: &OptIn, named: bool) -> String {
-    use qcom_reset::devices::Status as ProfileStatus;
+fn profile_status(p: &qcom_reset::device::DeviceProfile, opt_in: &OptIn, named: bool) -> String {
+    use qcom_reset::device::Status as ProfileStatus;
     let upstream = if p.upstream { "yes" } else { "no" };
     let quirk = p.quirk.map(|q| format!("; {q}")).unwrap_or_default();
     match p.status {

@@ -7,20 +7,20 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::backend::Backend;
+use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::devices::{self, DeviceProfile, Family, OptIn};
-use crate::holders::{self, Holder};
-use crate::io::{DryRun, Op, Recorder};
-use crate::lock::DeviceLock;
-use crate::regs::*;
-use crate::sequence::{self, Outcome};
+use crate::device::regio::{DryRun, Op, Recorder};
+use crate::device::regs::*;
+use crate::device::sequence::{self, Outcome};
+use crate::device::verdict::{self, Verdict};
+use crate::device::{self, DeviceProfile, Family, OptIn};
+use crate::host::holders::{self, Holder};
+use crate::host::lock::DeviceLock;
+use crate::host::own::Ownership;
+use crate::host::sysfs::{PciSysfs, SysfsDevice};
 pub use crate::session::Restored;
-use crate::session::own::Ownership;
 use crate::session::port::{self, PortRecord, PortState};
 use crate::session::{Guarded, Session, Writes};
-use crate::sysfs::{PciSysfs, SysfsDevice};
-use crate::verdict::{self, Verdict};
 use crate::{Error, Result};
 
 /// Where the engine finds the host's state; tests point every path at a tree of their own.
@@ -33,7 +33,7 @@ pub struct Host {
     pub run_dir: PathBuf,
     pub lock_wait: Duration,
     /// Opens VFIO group nodes (the real open outside tests).
-    pub open_group: crate::session::own::GroupOpener,
+    pub open_group: crate::host::own::GroupOpener,
 }
 
 impl Default for Host {
@@ -42,7 +42,7 @@ impl Default for Host {
             sysfs: PciSysfs::default(),
             dev_vfio: PathBuf::from("/dev/vfio"),
             proc_root: PathBuf::from("/proc"),
-            run_dir: PathBuf::from(crate::lock::DEFAULT_RUN_DIR),
+            run_dir: PathBuf::from(crate::host::lock::DEFAULT_RUN_DIR),
             lock_wait: Duration::from_secs(30),
             open_group: Default::default(),
         }
@@ -208,7 +208,7 @@ impl Target {
 pub fn inspect(host: &Host, bdf: Bdf, profile: Option<&str>, bar: Option<u8>) -> Result<Target> {
     let dev = host.sysfs.device(bdf)?;
     let (vendor, device) = dev.ids()?;
-    let profile = devices::resolve(vendor, device, profile, bar)?;
+    let profile = device::resolve(vendor, device, profile, bar)?;
     let paths = holders::device_paths(&dev)?;
     Ok(Target {
         bdf,
@@ -508,7 +508,7 @@ pub fn reset(
             || ops.iter().any(|o| {
                 matches!(
                     o,
-                    crate::io::Op::Read {
+                    crate::device::regio::Op::Read {
                         value: ALL_ONES,
                         ..
                     }
@@ -586,7 +586,7 @@ struct Live<'s, I> {
     bar: Guarded<I>,
 }
 
-impl<I: crate::io::RegisterIo> crate::io::RegisterIo for Live<'_, I> {
+impl<I: crate::device::regio::RegisterIo> crate::device::regio::RegisterIo for Live<'_, I> {
     fn read32(&mut self, offset: u32) -> u32 {
         if self.bar.lost.is_none() {
             self.bar.lost = self.session.taken();
@@ -615,7 +615,7 @@ impl<I: crate::io::RegisterIo> crate::io::RegisterIo for Live<'_, I> {
     }
 }
 
-impl<I: crate::io::RegisterIo> verdict::Card for Live<'_, I> {
+impl<I: crate::device::regio::RegisterIo> verdict::Card for Live<'_, I> {
     fn config_ids(&mut self) -> (u16, u16) {
         self.session.config_ids()
     }
@@ -886,7 +886,7 @@ pub fn targets(host: &Host, overrides: &[(Bdf, String, Option<u8>)]) -> Result<V
         let Ok((vendor, device)) = dev.ids() else {
             continue;
         };
-        if ov.is_none() && devices::by_id(vendor, device).is_none() {
+        if ov.is_none() && device::by_id(vendor, device).is_none() {
             continue;
         }
         match inspect(

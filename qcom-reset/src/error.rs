@@ -45,7 +45,7 @@ pub enum Error {
     NoSuchDevice(Bdf, PathBuf),
     #[error(
         "device {vendor:04x}:{device:04x} is not a qcom-reset target (supported: {}); pass --profile NAME to treat it as one",
-        crate::devices::profile_names()
+        crate::device::profile_names()
     )]
     NotTarget { vendor: u16, device: u16 },
     #[error(
@@ -76,7 +76,7 @@ pub enum Error {
     PowerCycle { bdf: Bdf, why: String },
     #[error("{bdf} cannot be power-cycled: {why}")]
     NoPowerCycle { bdf: Bdf, why: String },
-    #[error("unknown profile {0:?}; known profiles: {known}", known = crate::devices::profile_names())]
+    #[error("unknown profile {0:?}; known profiles: {known}", known = crate::device::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a
     // source would print it a second time in the error chain.

@@ -12,9 +12,9 @@ use serde::Serialize;
 use crate::agent::config::Config;
 use crate::agent::status::{AgentStatus, STALE_AFTER};
 use crate::bdf::Bdf;
+use crate::device::verdict::Health;
 use crate::engine::{self, Host, Target};
 use crate::exit::Condition;
-use crate::verdict::Health;
 
 pub const EXIT_HELP: &str = "Exit status (node-problem-detector's custom-plugin convention):
     0  every card is clean or in use by a VM, and the agent runs with its probes attached

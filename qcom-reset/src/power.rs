@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
 use crate::engine::{self, Host};
-use crate::lock::DeviceLock;
-use crate::session::own::Ownership;
+use crate::host::lock::DeviceLock;
+use crate::host::own::Ownership;
+use crate::host::sysfs::{PciSysfs, SysfsDevice};
 use crate::session::{port, record};
-use crate::sysfs::{PciSysfs, SysfsDevice};
 use crate::{Error, Result};
 
 /// How the slot's power is cut.
@@ -137,8 +137,10 @@ struct AutoprobeLock {
 impl AutoprobeLock {
     /// Waits up to `wait`; None while another qcom-reset still holds it then.
     fn acquire(run_dir: &Path, wait: Duration) -> Result<Option<AutoprobeLock>> {
-        Ok(crate::lock::exclusive(&run_dir.join(AUTOPROBE_LOCK), wait)?
-            .map(|f| AutoprobeLock { _file: f }))
+        Ok(
+            crate::host::lock::exclusive(&run_dir.join(AUTOPROBE_LOCK), wait)?
+                .map(|f| AutoprobeLock { _file: f }),
+        )
     }
 }
 

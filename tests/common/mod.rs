@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qcom_reset::backend::Backend;
+use qcom_reset::access::Backend;
 use qcom_reset::bdf::Bdf;
-use qcom_reset::devices::Family;
+use qcom_reset::device::Family;
+use qcom_reset::device::regio::RegisterIo;
 use qcom_reset::engine::{self, Host, Report, Request};
-use qcom_reset::io::RegisterIo;
+use qcom_reset::host::sysfs::PciSysfs;
 use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
-use qcom_reset::sysfs::PciSysfs;
 
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
@@ -208,7 +208,7 @@ pub fn leave_killed_session(h: &FakeHost, bdf_s: &str, card: &SimDevice, config:
     };
     qcom_reset::session::record::save(&h.host.run_dir, &record).unwrap();
     fs::write(h.host.sysfs.root.join(bdf_s).join("power/control"), "on").unwrap();
-    qcom_reset::backend::Backend::config_write16(&mut card.clone(), 4, 0x0406).unwrap();
+    qcom_reset::access::Backend::config_write16(&mut card.clone(), 4, 0x0406).unwrap();
 }
 
 /// A simulated device whose config writes and BAR mapping first run a hook (to observe or to
@@ -219,7 +219,7 @@ pub struct Hooked {
     pub on_map: Box<dyn FnMut() + Send>,
 }
 
-impl qcom_reset::backend::Backend for Hooked {
+impl qcom_reset::access::Backend for Hooked {
     fn name(&self) -> &'static str {
         "hooked"
     }
@@ -233,7 +233,7 @@ impl qcom_reset::backend::Backend for Hooked {
     fn map_bar(
         &mut self,
         bar: u8,
-    ) -> qcom_reset::Result<(Box<dyn qcom_reset::io::RegisterIo>, u64)> {
+    ) -> qcom_reset::Result<(Box<dyn qcom_reset::device::regio::RegisterIo>, u64)> {
         (self.on_map)();
         self.inner.map_bar(bar)
     }

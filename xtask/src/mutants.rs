@@ -11,15 +11,15 @@ pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
 const CORE: [&str; 11] = [
-    "qcom-reset/src/sequence.rs",
-    "qcom-reset/src/verdict.rs",
+    "qcom-reset/src/device/sequence.rs",
+    "qcom-reset/src/device/verdict.rs",
     "qcom-reset/src/engine.rs",
     "qcom-reset/src/session/mod.rs",
-    "qcom-reset/src/session/own.rs",
+    "qcom-reset/src/host/own.rs",
     "qcom-reset/src/session/port.rs",
     "qcom-reset/src/session/record.rs",
-    "qcom-reset/src/holders.rs",
-    "qcom-reset/src/lock.rs",
+    "qcom-reset/src/host/holders.rs",
+    "qcom-reset/src/host/lock.rs",
     "qcom-reset/src/agent/policy.rs",
     "qcom-reset/src/probes/events.rs",
 ];

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::devices::OptIn;
+use crate::device::OptIn;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Access;
+use crate::access::Access;
 use crate::bdf::Bdf;
 use crate::probes::FlavourChoice;
 
@@ -158,8 +158,8 @@ pub enum RescanResets {
 }
 
 impl RescanResets {
-    pub fn resets(self, h: crate::verdict::Health) -> bool {
-        use crate::verdict::Health::*;
+    pub fn resets(self, h: crate::device::verdict::Health) -> bool {
+        use crate::device::verdict::Health::*;
         match self {
             RescanResets::Unclean => h != Clean,
             RescanResets::UnhealthyOnly => matches!(h, Crashed | NotReady),
@@ -342,11 +342,11 @@ impl Config {
             addr.parse::<Bdf>()
                 .map_err(|e| format!("[devices.\"{addr}\"]: {e}"))?;
             if let Some(p) = &d.profile
-                && crate::devices::by_name(p).is_none()
+                && crate::device::by_name(p).is_none()
             {
                 return Err(format!(
                     "[devices.\"{addr}\"]: unknown profile {p:?}; known: {}",
-                    crate::devices::profile_names()
+                    crate::device::profile_names()
                 ));
             }
             if d.bar.is_some_and(|b| b > 5) {
@@ -356,11 +356,11 @@ impl Config {
         for (i, r) in self.device.iter().enumerate() {
             let at = format!("[[device]] #{} (ids = {:?})", i + 1, r.ids);
             r.parse_ids().map_err(|e| format!("{at}: {e}"))?;
-            if crate::devices::by_name(&r.profile).is_none() {
+            if crate::device::by_name(&r.profile).is_none() {
                 return Err(format!(
                     "{at}: unknown profile {:?}; known: {}",
                     r.profile,
-                    crate::devices::profile_names()
+                    crate::device::profile_names()
                 ));
             }
             if r.bar.is_some_and(|b| b > 5) {
@@ -371,7 +371,7 @@ impl Config {
         if !unknown.is_empty() {
             return Err(format!(
                 "experimental: {unknown:?} are not experimental profiles; use \"all\" or some of: {}",
-                crate::devices::experimental_names()
+                crate::device::experimental_names()
             ));
         }
         Ok(())
@@ -380,7 +380,7 @@ impl Config {
     /// A device the agent acts on: a table entry (experimental ones only when opted in), or one
     /// the configuration names a profile for.
     pub fn acts_on(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
-        crate::devices::by_id(vendor, device).is_some_and(|p| self.experimental.allows(p))
+        crate::device::by_id(vendor, device).is_some_and(|p| self.experimental.allows(p))
             || self
                 .device_with_ids(bdf, Some((vendor, device)))
                 .profile

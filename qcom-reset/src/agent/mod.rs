@@ -20,15 +20,16 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::backend::Backend;
+use crate::access::Backend;
 use crate::bdf::Bdf;
+use crate::device::verdict::Health;
 use crate::engine::Unread;
 use crate::engine::{self, Host, Request};
+use crate::host::holders::OWN_COMM;
+use crate::host::own::Ownership;
+use crate::host::sysfs::SysfsDevice;
 use crate::probes::Item;
 use crate::probes::events::{Kind, TraceEvent};
-use crate::session::own::Ownership;
-use crate::sysfs::SysfsDevice;
-use crate::verdict::Health;
 use config::Config;
 use metrics::Metrics;
 use policy::{Decision, Gate};
@@ -155,9 +156,6 @@ pub async fn forward(
         }
     }
 }
-
-/// The task name of every qcom-reset process (the kernel's `comm`, the binary's name).
-pub const OWN_COMM: &str = "qcom-reset";
 
 /// One thing the agent did or declined to do; journaled and broadcast.
 #[derive(Clone, Debug, Serialize)]
@@ -722,7 +720,7 @@ impl Agent {
                 info!(bdf = %e.bdf, "{}", e.line());
             } else if e.kind == Kind::Release
                 && !d.target
-                && let Some(p) = crate::devices::by_id(e.vendor, e.device)
+                && let Some(p) = crate::device::by_id(e.vendor, e.device)
             {
                 info!(bdf = %e.bdf, "released; experimental profile {} not opted in (experimental = [\"{}\"]): left alone", p.name, p.name);
             }
@@ -1173,7 +1171,8 @@ async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) ->
 /// under the device's lock, taken without waiting: a CLI session holding it is never told
 /// "held" by us, and its lock wait is the engine's to do (so that counts as free).
 fn group_free(host: &engine::Host, bdf: Bdf) -> bool {
-    let Ok(_lock) = crate::lock::DeviceLock::acquire(&host.run_dir, bdf, Duration::ZERO) else {
+    let Ok(_lock) = crate::host::lock::DeviceLock::acquire(&host.run_dir, bdf, Duration::ZERO)
+    else {
         return true;
     };
     let Ok(dev) = host.sysfs.device(bdf) else {
@@ -1224,14 +1223,14 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     } else {
         engine::ReadMode::EnableAndRestore
     };
-    if sh.cfg().observe_only && crate::backend::opens_device(sh.cfg().access) {
+    if sh.cfg().observe_only && crate::access::opens_device(sh.cfg().access) {
         return Verified::Done(action(
             bdf,
             trigger,
             "skipped",
             format!(
                 "not checked: {}; observe-only does not",
-                crate::backend::VFIO_OPEN_RESETS
+                crate::access::VFIO_OPEN_RESETS
             ),
         ));
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::verdict::Health;
+use crate::device::verdict::Health;
 
 /// How often an idle agent rewrites the file (and the metrics textfile's timestamp).
 pub const HEARTBEAT: Duration = Duration::from_secs(30);

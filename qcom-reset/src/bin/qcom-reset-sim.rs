@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use qcom_reset::devices;
+use qcom_reset::device;
 use qcom_reset::sim::{Faults, LinkDrop, Model, SimState, shm};
 
 #[derive(Parser)]
@@ -73,11 +73,11 @@ fn stopped() -> bool {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let p = devices::by_name(&a.profile).ok_or_else(|| {
+    let p = device::by_name(&a.profile).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown profile {:?}; known: {}",
             a.profile,
-            devices::profile_names()
+            device::profile_names()
         )
     })?;
     let faults = Faults::parse(&a.fault).map_err(anyhow::Error::msg)?;

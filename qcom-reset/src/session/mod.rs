@@ -3,7 +3,6 @@
 //! disk before the first write, wake it, then (the caller) reset and verify, and **restore**
 //! PCI_COMMAND, `power/control` and every config word the reset lost, on every path: errors,
 //! panics (drop) and, through the record, SIGKILL.
-pub mod own;
 pub mod port;
 pub mod record;
 
@@ -13,14 +12,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::backend::Backend;
+use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::io::RegisterIo;
-use crate::lock::DeviceLock;
-use crate::regs::*;
-use crate::sysfs::{Override, SysfsDevice};
+use crate::device::regio::RegisterIo;
+use crate::device::regs::*;
+use crate::host::lock::DeviceLock;
+use crate::host::own::Ownership;
+use crate::host::sysfs::{Override, SysfsDevice};
 use crate::{Error, GuardFailure, Result};
-use own::Ownership;
 use record::Record;
 
 /// The `driver_override` a session puts on its card: no driver has this name, so nothing binds
@@ -719,7 +718,7 @@ impl Session {
 /// with them; the card's own config and power state left with it.
 pub fn recover_absent(
     run_dir: &std::path::Path,
-    sysfs: &crate::sysfs::PciSysfs,
+    sysfs: &crate::host::sysfs::PciSysfs,
     bdf: Bdf,
 ) -> Result<Restored> {
     let path = record::path(run_dir, bdf);
@@ -946,7 +945,7 @@ const ALL_ONES16: u16 = 0xffff;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::Family;
+    use crate::device::Family;
     use crate::sim::{Faults, Model, SimDevice, SimState};
 
     /// A backend that logs its config writes.
@@ -966,7 +965,10 @@ mod tests {
             self.writes.push((o, v));
             self.inner.config_write16(o, v)
         }
-        fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
+        fn map_bar(
+            &mut self,
+            bar: u8,
+        ) -> crate::Result<(Box<dyn crate::device::regio::RegisterIo>, u64)> {
             self.inner.map_bar(bar)
         }
     }

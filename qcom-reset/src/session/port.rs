@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::sysfs::SysfsDevice;
+use crate::host::sysfs::SysfsDevice;
 
 const PCI_STATUS: u16 = 0x06;
 const PCI_STATUS_CAP_LIST: u16 = 0x10;

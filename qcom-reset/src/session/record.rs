@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::sysfs::Override;
+use crate::host::sysfs::Override;
 use crate::{Error, Result};
 
 /// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
@@ -278,7 +278,10 @@ mod tests {
             self.put(o as usize, v);
             Ok(())
         }
-        fn map_bar(&mut self, bar: u8) -> crate::Result<(Box<dyn crate::io::RegisterIo>, u64)> {
+        fn map_bar(
+            &mut self,
+            bar: u8,
+        ) -> crate::Result<(Box<dyn crate::device::regio::RegisterIo>, u64)> {
             Err(Error::NotOwned {
                 bdf: "0000:00:00.0".parse().unwrap(),
                 why: format!("no BAR{bar} in a config-only fake"),

@@ -4,8 +4,8 @@
 use serde::Serialize;
 
 use super::model::WriteRecord;
-use crate::devices::Family;
-use crate::regs::*;
+use crate::device::Family;
+use crate::device::regs::*;
 
 /// Allowed shortfall on a minimum delay, for the shared-memory server's polling latency.
 pub const SLACK_US: u64 = 500;

@@ -13,15 +13,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::Error;
-use crate::backend::Backend;
-use crate::io::RegisterIo;
+use crate::access::Backend;
+use crate::device::regio::RegisterIo;
 pub use model::{Faults, LinkDrop, Model, SimState};
 
 /// BAR sizes the simulator presents (WCN6855's BAR0 is 2 MiB; SDX modems show 4 KiB).
-pub const fn bar_len(family: crate::devices::Family) -> u64 {
+pub const fn bar_len(family: crate::device::Family) -> u64 {
     match family {
-        crate::devices::Family::Wlan => 2 << 20,
-        crate::devices::Family::Modem => 4096,
+        crate::device::Family::Wlan => 2 << 20,
+        crate::device::Family::Modem => 4096,
     }
 }
 

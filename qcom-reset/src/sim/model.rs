@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::config::SimConfig;
-use crate::devices::Family;
-use crate::regs::*;
+use crate::device::Family;
+use crate::device::regs::*;
 
 /// Faults to inject. Every field defaults to "off".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,7 +285,7 @@ impl Model {
                     + (MHI_RESET_US + self.slow()).max(MANDATED_US)
             }
             Family::Modem => (link(MODEM_LINK_DOWN_US) + MODEM_READY_US + self.slow())
-                .max(crate::sequence::MODEM_POST_RESET.as_micros() as u64),
+                .max(crate::device::sequence::MODEM_POST_RESET.as_micros() as u64),
         };
         std::time::Duration::from_micros(us)
     }

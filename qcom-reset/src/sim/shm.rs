@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::conformance::Conformance;
 use super::model::{BHI_BASE, Model, WriteRecord};
-use crate::regs::*;
+use crate::device::regs::*;
 
 const WRITABLE: [u32; 5] = [
     PCIE_SOC_GLOBAL_RESET,

@@ -18,7 +18,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
 use super::model::Model;
-use crate::regs::MHISTATUS;
+use crate::device::regs::MHISTATUS;
 
 /// PCI Express config space: the extended space reads as zero (no extended capabilities).
 const CONFIG_SIZE: u64 = 4096;
@@ -337,7 +337,7 @@ fn store(report: &Path, r: &serde_json::Value) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::Family;
+    use crate::device::Family;
     use crate::sim::SimState;
     use crate::sim::model::Faults;
 

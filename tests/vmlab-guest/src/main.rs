@@ -26,9 +26,9 @@ mod sandbox;
 
 use std::time::{Duration, Instant};
 
-use qcom_reset::backend::{Backend as _, VfioBackend};
+use qcom_reset::access::{Backend as _, VfioBackend};
 use qcom_reset::bdf::Bdf;
-use qcom_reset::sysfs::PciSysfs;
+use qcom_reset::host::sysfs::PciSysfs;
 
 const USAGE: &str = "usage: vmlab-guest vfio-cycle BDF [HOLD_MS] | vfio-flood BDF SECONDS | unit-costs BDF | wait-count FILE PATTERN N | vfio-use BDF HOLD_MS | vfio-graceful BDF HOLD_MS GROUP_MS | port-regs BDF | handover BDF DRIVER | card BDF | until PATTERN LOG CMD... | stamp | now | unit-sandbox FILE PROG ARGS...";
 
@@ -182,11 +182,11 @@ fn unit_costs(bdf: Bdf) -> anyhow::Result<()> {
             .unwrap_or_default();
     let mut backend = open(bdf)?;
     let (cfg50, cfg99) = timed(200, || {
-        let _ = backend.config_read16(qcom_reset::regs::PCI_COMMAND);
+        let _ = backend.config_read16(qcom_reset::device::regs::PCI_COMMAND);
     });
     let (mut bar, _) = backend.map_bar(0)?;
     let (mmio50, mmio99) = timed(200, || {
-        bar.read32(qcom_reset::regs::MHISTATUS);
+        bar.read32(qcom_reset::device::regs::MHISTATUS);
     });
     println!(
         "VMLAB unit-costs {}",

@@ -1,6 +1,11 @@
 //! The one device table: every supported device, its reset sequence and where that comes from.
 //! CLI help, docs/devices.md (checked by a test), the hook examples and the default eBPF target
 //! filter all derive from [`DEVICES`]; supporting a new device is one entry here.
+pub mod regio;
+pub mod regs;
+pub mod sequence;
+pub mod verdict;
+
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

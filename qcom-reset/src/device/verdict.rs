@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::devices::Family;
-use crate::io::RegisterIo;
-use crate::regs::*;
-use crate::sequence;
+use crate::device::Family;
+use crate::device::regio::RegisterIo;
+use crate::device::regs::*;
+use crate::device::sequence;
 
 /// Whether the next owner can use the card, not merely whether it answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -225,7 +225,7 @@ pub trait Card: RegisterIo {
     fn config_ids(&mut self) -> (u16, u16);
 }
 
-impl<I: Card> Card for crate::io::Recorder<I> {
+impl<I: Card> Card for crate::device::regio::Recorder<I> {
     fn config_ids(&mut self) -> (u16, u16) {
         self.inner.config_ids()
     }
@@ -283,7 +283,9 @@ mod tests {
     #[test]
     fn fixed_ids_pass_every_access_through() {
         let mut io = FixedIds(
-            crate::io::Recorder::new(crate::io::DryRun { assumed: |o| o + 1 }),
+            crate::device::regio::Recorder::new(crate::device::regio::DryRun {
+                assumed: |o| o + 1,
+            }),
             (1, 2),
         );
         assert_eq!(io.read32(4), 5);
@@ -293,15 +295,15 @@ mod tests {
         assert_eq!(
             io.0.ops,
             [
-                crate::io::Op::Read {
+                crate::device::regio::Op::Read {
                     offset: 4,
                     value: 5
                 },
-                crate::io::Op::Write {
+                crate::device::regio::Op::Write {
                     offset: 8,
                     value: 9
                 },
-                crate::io::Op::Delay { ms: 3 },
+                crate::device::regio::Op::Delay { ms: 3 },
             ]
         );
     }
@@ -367,7 +369,7 @@ mod tests {
                 verdict.detail
             );
         }
-        let mut io = crate::io::DryRun {
+        let mut io = crate::device::regio::DryRun {
             assumed: |_| panic!("a foreign device's BAR must not be read"),
         };
         let r = read_registers(&WLAN, 0x0000, 0x0000, &mut io, 0x1000);
@@ -446,7 +448,7 @@ mod tests {
     fn the_ee_is_read_only_inside_the_bar() {
         // BHIOFF 0x100: EXECENV at 0x128..0x12c must fit in the BAR.
         let read = |bar_len: u64| {
-            let mut io = crate::io::Recorder::new(crate::io::DryRun {
+            let mut io = crate::device::regio::Recorder::new(crate::device::regio::DryRun {
                 assumed: |off| match off {
                     BHIOFF => 0x100,
                     _ => 0,
@@ -456,7 +458,7 @@ mod tests {
         };
         assert_eq!(read(0x12c), Some(0), "the last 4 bytes of the BAR");
         assert_eq!(read(0x12b), None, "one byte short");
-        let mut io = crate::io::DryRun {
+        let mut io = crate::device::regio::DryRun {
             assumed: |off| if off == BHIOFF { ALL_ONES } else { 0 },
         };
         let r = read_registers(&WLAN, WLAN.vendor, WLAN.device, &mut io, 1 << 20);

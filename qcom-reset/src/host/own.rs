@@ -10,8 +10,8 @@ use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use crate::holders;
-use crate::sysfs::SysfsDevice;
+use crate::host::holders;
+use crate::host::sysfs::SysfsDevice;
 use crate::{Error, Result};
 
 /// How a group node is opened: for real, or by a test's stand-in (a fake /dev cannot answer
@@ -222,8 +222,7 @@ fn group_node(dev_vfio: &Path, group: &str) -> PathBuf {
 /// of the same IOMMU group) is told apart from a VM: it ends by itself.
 fn held(bdf: crate::bdf::Bdf, proc_root: &Path, paths: &[PathBuf], group: &Path) -> Error {
     let found = holders::find(proc_root, paths, None);
-    let ours =
-        |h: &&holders::Holder| h.pid == std::process::id() || h.comm == crate::agent::OWN_COMM;
+    let ours = |h: &&holders::Holder| h.pid == std::process::id() || h.comm == holders::OWN_COMM;
     if let Some(h) = found.iter().find(ours) {
         return Error::HeldBySession {
             bdf,

@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::sysfs::SysfsDevice;
+use crate::host::sysfs::SysfsDevice;
+
+/// The task name of every qcom-reset process (the kernel's `comm`, the binary's name).
+pub const OWN_COMM: &str = "qcom-reset";
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Holder {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::devices::Family;
-use crate::io::RegisterIo;
-use crate::regs::*;
+use crate::device::Family;
+use crate::device::regio::RegisterIo;
+use crate::device::regs::*;
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 /// The WLAN link-recovery poll: up to 5 s, every 20 ms after the first [`QUICK_WINDOW`] (v12's

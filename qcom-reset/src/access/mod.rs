@@ -1,6 +1,9 @@
 //! How config space and the register BAR are reached: sysfs (`config`, `resourceN` mmap) or the
 //! VFIO device fd. Under kernel lockdown sysfs config writes and BAR mmaps are refused
 //! (LOCKDOWN_PCI_ACCESS), while the VFIO regions are not, so `auto` picks VFIO there.
+pub mod mmio;
+pub mod revoke;
+
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -11,10 +14,11 @@ use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, opcode};
 use serde::Serialize;
 use vfio_bindings::bindings::vfio as uapi;
 
-use crate::io::{MmioBar, RegisterIo};
-use crate::session::own::Ownership;
-use crate::sysfs::SysfsDevice;
+use crate::device::regio::RegisterIo;
+use crate::host::own::Ownership;
+use crate::host::sysfs::SysfsDevice;
 use crate::{Error, bdf::Bdf};
+use mmio::MmioBar;
 
 /// Config space plus the register BAR of one PCI function.
 pub trait Backend: Send {
