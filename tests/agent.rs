@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use qcom_reset::agent::config::Config;
 use qcom_reset::agent::metrics::Metrics;
 use qcom_reset::agent::{Action, Agent, Trigger};
 use qcom_reset::bdf::Bdf;
+use qcom_reset::config::Config;
 use qcom_reset::device::Family;
 use qcom_reset::host::lock::DeviceLock;
 use qcom_reset::probes::Item;
@@ -146,14 +146,14 @@ fn start(h: &FakeHost, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
     start_on(h.host.clone(), cfg, sims)
 }
 
-fn start_on(host: qcom_reset::engine::Host, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
+fn start_on(host: qcom_reset::host::Host, cfg: Config, sims: &[(&str, SimDevice)]) -> Running {
     let map: HashMap<Bdf, SimDevice> = sims.iter().map(|(b, s)| (bdf(b), s.clone())).collect();
     let open: qcom_reset::agent::OpenFn = Arc::new(move |d, _| Ok(Box::new(map[&d.bdf].clone())));
     start_with(host, cfg, open)
 }
 
 fn start_with(
-    host: qcom_reset::engine::Host,
+    host: qcom_reset::host::Host,
     cfg: Config,
     open: qcom_reset::agent::OpenFn,
 ) -> Running {
@@ -161,7 +161,7 @@ fn start_with(
 }
 
 fn start_metered(
-    host: qcom_reset::engine::Host,
+    host: qcom_reset::host::Host,
     cfg: Config,
     open: qcom_reset::agent::OpenFn,
     metrics: Arc<Metrics>,
@@ -188,9 +188,9 @@ fn start_metered(
 /// Resets `card` before the agent starts (by the kernel, or an earlier run): it starts clean.
 fn reset_before(h: &FakeHost, at: &str, card: &SimDevice) {
     let c = card.clone();
-    qcom_reset::engine::reset(
+    qcom_reset::session::reset(
         &h.host,
-        &qcom_reset::engine::Request::new(bdf(at)),
+        &qcom_reset::session::Request::new(bdf(at)),
         &mut move |_, _| Ok(Box::new(c.clone())),
         "sim",
     )
@@ -275,7 +275,7 @@ async fn kill_switch_and_per_device_disable_stop_all_action() {
     let mut cfg = test_config(&h);
     cfg.devices.insert(
         MODEM.into(),
-        qcom_reset::agent::config::DeviceConfig {
+        qcom_reset::config::DeviceConfig {
             enabled: Some(false),
             ..Default::default()
         },
@@ -312,7 +312,7 @@ async fn a_reload_applies_to_the_next_event_and_a_bad_one_changes_nothing() {
     let mut new = test_config(&h);
     new.devices.insert(
         WLAN.into(),
-        qcom_reset::agent::config::DeviceConfig {
+        qcom_reset::config::DeviceConfig {
             enabled: Some(false),
             ..Default::default()
         },
@@ -1196,7 +1196,7 @@ async fn a_held_profile_device_is_reset_when_its_holder_goes() {
     let mut cfg = test_config(&h);
     cfg.devices.insert(
         IVSHMEM.into(),
-        qcom_reset::agent::config::DeviceConfig {
+        qcom_reset::config::DeviceConfig {
             profile: Some("wcn6855".into()),
             ..Default::default()
         },
@@ -1242,7 +1242,7 @@ async fn a_bind_to_vfio_pci_resets_after_the_settle_time_unless_held() {
     let modem = sim_in(Family::Modem, SimState::Stuck, Faults::default());
     let mut cfg = test_config(&h);
     cfg.bind_settle_ms = 300;
-    cfg.bind_reset = qcom_reset::agent::config::BindReset::Always;
+    cfg.bind_reset = qcom_reset::config::BindReset::Always;
     let mut r = start(&h, cfg.clone(), &[(MODEM, modem.clone())]);
     r.tx.send(Item::Bound(bdf(MODEM))).await.unwrap();
     let a = r.next().await;
@@ -1283,7 +1283,7 @@ async fn a_bind_to_vfio_pci_resets_after_the_settle_time_unless_held() {
 /// crashed one), "never" only reports.
 #[tokio::test]
 async fn rescan_resets_follows_the_configuration() {
-    use qcom_reset::agent::config::RescanResets;
+    use qcom_reset::config::RescanResets;
     for (policy, state, want, resets) in [
         (RescanResets::Unclean, SimState::Mission, "clean", 1),
         (
@@ -1542,7 +1542,7 @@ async fn no_bind_reset_where_it_is_off() {
     let modem = sim_in(Family::Modem, SimState::Stuck, Faults::default());
     let mut cfg = test_config(&h);
     cfg.bind_settle_ms = 100;
-    cfg.bind_reset = qcom_reset::agent::config::BindReset::Never;
+    cfg.bind_reset = qcom_reset::config::BindReset::Never;
     let mut r = start(&h, cfg, &[(MODEM, modem.clone())]);
     r.tx.send(Item::Bound(bdf(MODEM))).await.unwrap();
     r.quiet_for(Duration::from_millis(800)).await;

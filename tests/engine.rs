@@ -10,8 +10,8 @@ use qcom_reset::device::regio::Op::{self, Delay, Read, Write};
 use qcom_reset::device::regs::ALL_ONES;
 use qcom_reset::device::sequence::Outcome;
 use qcom_reset::device::verdict::Health;
-use qcom_reset::engine::{self, Method, Request};
 use qcom_reset::host::lock::DeviceLock;
+use qcom_reset::session::{self, Method, Request};
 use qcom_reset::sim::{Faults, SimState};
 
 const WLAN: &str = "0000:03:00.0";
@@ -35,7 +35,7 @@ fn writes(sim: &qcom_reset::sim::SimDevice) -> usize {
 }
 
 /// Every path ends with PCI_COMMAND back at its saved value and power/control back at "auto".
-fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r: &engine::Report) {
+fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r: &session::Report) {
     assert_eq!(
         h.read(bdf, "power/control"),
         "auto",
@@ -80,7 +80,7 @@ fn assert_healthy_after_one_conformant_reset(
     h: &FakeHost,
     bdf: &str,
     sim: &qcom_reset::sim::SimDevice,
-    r: &engine::Report,
+    r: &session::Report,
 ) {
     let v = r.verdict.as_ref().unwrap();
     assert_eq!(v.health, Health::Clean, "{}", v.detail);
@@ -278,11 +278,11 @@ fn every_left_state_is_reset_to_clean_and_lost_writes_are_not_clean() {
             Family::Modem => (modem_host(), MODEM),
         };
         let card = sim_in(family, state, Faults::default());
-        let before = engine::status(
+        let before = session::status(
             &h.host,
-            engine::inspect(&h.host, bdf(b), None, None).unwrap(),
+            session::inspect(&h.host, bdf(b), None, None).unwrap(),
             &mut |_, _| Ok(Box::new(card.clone())),
-            engine::ReadMode::EnableAndRestore,
+            session::ReadMode::EnableAndRestore,
         )
         .unwrap();
         assert_eq!(
@@ -538,13 +538,13 @@ fn a_device_stuck_outside_d0_is_refused_and_power_restored() {
 fn status_reads_registers_only_when_safe() {
     let h = wlan_host();
     let sim = sim(Family::Wlan, Faults::default());
-    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
     let s2 = sim.clone();
-    let st = engine::status(
+    let st = session::status(
         &h.host,
         t,
         &mut move |_, _| Ok(Box::new(s2.clone())),
-        engine::ReadMode::EnableAndRestore,
+        session::ReadMode::EnableAndRestore,
     )
     .unwrap();
     let v = st.verdict.unwrap();
@@ -560,12 +560,12 @@ fn status_reads_registers_only_when_safe() {
         SimState::Mission,
         Faults::parse("config-all-ones").unwrap(),
     );
-    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
-    let st = engine::status(
+    let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let st = session::status(
         &h.host,
         t,
         &mut move |_, _| Ok(Box::new(dead.clone())),
-        engine::ReadMode::EnableAndRestore,
+        session::ReadMode::EnableAndRestore,
     )
     .unwrap();
     let r = st.verdict.unwrap().registers;
@@ -576,17 +576,17 @@ fn status_reads_registers_only_when_safe() {
         "PCI_COMMAND restored after reading"
     );
     h.hold(77, "qemu", "/dev/vfio/12");
-    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
-    let st = engine::status(
+    let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let st = session::status(
         &h.host,
         t,
         &mut |_, _| panic!("must not open a held device"),
-        engine::ReadMode::EnableAndRestore,
+        session::ReadMode::EnableAndRestore,
     )
     .unwrap();
     assert!(st.verdict.is_none());
     assert!(
-        matches!(&st.skipped, Some(engine::Unread::Held(w)) if w.contains("pid 77")),
+        matches!(&st.skipped, Some(session::Unread::Held(w)) if w.contains("pid 77")),
         "held, typed as such: {:?}",
         st.skipped
     );
@@ -600,20 +600,20 @@ fn a_no_writes_status_says_why_instead_of_writing() {
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
     let status = |h: &FakeHost| {
-        let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+        let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
         let c = card.clone();
-        engine::status(
+        session::status(
             &h.host,
             t,
             &mut move |_, _| Ok(Box::new(c.clone())),
-            engine::ReadMode::NoWrites,
+            session::ReadMode::NoWrites,
         )
         .unwrap()
     };
     let st = status(&h);
     assert!(st.verdict.is_none());
     assert!(
-        matches!(&st.skipped, Some(engine::Unread::Refused(w)) if w.contains("power/control=on (it is auto)")),
+        matches!(&st.skipped, Some(session::Unread::Refused(w)) if w.contains("power/control=on (it is auto)")),
         "runtime PM may keep it in D3hot: {:?}",
         st.skipped
     );
@@ -628,7 +628,7 @@ fn a_no_writes_status_says_why_instead_of_writing() {
     .unwrap();
     let st = status(&h);
     assert!(
-        matches!(&st.skipped, Some(engine::Unread::Refused(w)) if w.contains("memory decoding (PCI_COMMAND=0x0400)")),
+        matches!(&st.skipped, Some(session::Unread::Refused(w)) if w.contains("memory decoding (PCI_COMMAND=0x0400)")),
         "vfio-pci leaves decoding off after a release: {:?}",
         st.skipped
     );
@@ -690,7 +690,7 @@ fn nothing_is_written_before_the_crash_record_exists() {
         unrecorded.clone(),
         h.host.run_dir.join(format!("{WLAN}.json")),
     );
-    let r = engine::reset(
+    let r = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
@@ -798,7 +798,7 @@ fn a_device_rebound_during_the_session_is_not_written() {
             .join(WLAN)
             .join("driver"),
     );
-    let e = engine::reset(
+    let e = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
@@ -832,7 +832,7 @@ fn a_device_rebound_during_the_session_is_not_written() {
 }
 
 /// What a reset's sequence waited (ms), and the least the card needed (its simulator's floor).
-fn waits_and_floor(r: &engine::Report, card: &qcom_reset::sim::SimDevice) -> (u64, u64) {
+fn waits_and_floor(r: &session::Report, card: &qcom_reset::sim::SimDevice) -> (u64, u64) {
     let waited = r
         .ops
         .iter()
@@ -1009,7 +1009,7 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
 
 #[test]
 fn each_regime_is_named_and_explained() {
-    use engine::Regime;
+    use session::Regime;
     let of = |m: &[&str]| Regime::of(Some(&m.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
     assert_eq!(Regime::of(None), Regime::NoKernelReset);
     assert_eq!(of(&[]), Regime::NoKernelReset);
@@ -1060,7 +1060,7 @@ fn targets_are_the_table_plus_the_overrides_each_with_its_profile() {
         ..Default::default()
     });
     h.add(FakeDevice::foreign("0000:05:00.0"));
-    let ts = engine::targets(&h.host, &[(bdf("0000:00:03.0"), "sdx65".into(), Some(2))]).unwrap();
+    let ts = session::targets(&h.host, &[(bdf("0000:00:03.0"), "sdx65".into(), Some(2))]).unwrap();
     let mut got: Vec<(String, &str, u8)> = ts
         .iter()
         .map(|t| (t.bdf.to_string(), t.profile.name, t.profile.bar))
@@ -1094,7 +1094,7 @@ fn the_device_is_woken_and_awaited_before_its_bar_is_touched() {
     // Memory decoding already on before the session: it must stay on, not be toggled off.
     card.clone().config_write16(4, 0x0406).unwrap();
     let (c, control) = (card.clone(), dev.join("power/control"));
-    let r = engine::reset(
+    let r = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {

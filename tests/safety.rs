@@ -13,9 +13,9 @@ use qcom_reset::Error;
 use qcom_reset::access::Backend;
 use qcom_reset::device::Family;
 use qcom_reset::device::regio::RegisterIo;
-use qcom_reset::engine::{self, ReadMode, Request};
 use qcom_reset::host::lock::DeviceLock;
 use qcom_reset::session::record::{self, Record};
+use qcom_reset::session::{self, ReadMode, Request};
 use qcom_reset::sim::{Faults, SimDevice, SimState};
 
 const WLAN: &str = "0000:03:00.0";
@@ -107,10 +107,10 @@ fn reset_changing_at_map(
     h: &FakeHost,
     card: &SimDevice,
     when_mapped: impl FnOnce() + Send + 'static,
-) -> qcom_reset::Result<engine::Report> {
+) -> qcom_reset::Result<session::Report> {
     let c = card.clone();
     let mut once = Some(when_mapped);
-    engine::reset(
+    session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
@@ -137,9 +137,9 @@ fn observe_only_keeps_a_killed_sessions_record() {
     h.add(FakeDevice::default());
     let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
     leave_killed_session(&h, WLAN, &card, vec![]);
-    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
     let c = card.clone();
-    let st = engine::status(
+    let st = session::status(
         &h.host,
         t,
         &mut move |_, _| Ok(Box::new(c.clone())),
@@ -197,7 +197,7 @@ fn a_record_waits_while_a_host_driver_has_the_card() {
     leave_killed_session(&h, WLAN, &card, vec![(0x12, 0xfe00)]);
     rebind(&h, WLAN, "ath11k_pci");
     let c = card.clone();
-    let done = engine::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
+    let done = session::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
     let [(b, Err(e))] = done.as_slice() else {
         panic!("{done:?}")
     };
@@ -274,7 +274,7 @@ fn a_card_on_no_driver_is_held_off_drivers_for_the_session() {
         h.host.sysfs.root.join(WLAN).join("driver_override"),
         h.host.run_dir.clone(),
     );
-    let r = engine::reset(
+    let r = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
@@ -324,7 +324,7 @@ fn a_card_taken_mid_sequence_gets_no_further_writes() {
         taken: taken.clone(),
         config_writes_after: after.clone(),
     });
-    let e = engine::reset(
+    let e = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
@@ -362,10 +362,10 @@ fn status_rechecks_the_driver_after_its_lock_wait() {
     h.add(FakeDevice::default());
     let card = sim_in(Family::Wlan, SimState::Mission, Faults::default());
     let lock = DeviceLock::acquire(&h.host.run_dir, bdf(WLAN), Duration::ZERO).unwrap();
-    let t = engine::inspect(&h.host, bdf(WLAN), None, None).unwrap();
+    let t = session::inspect(&h.host, bdf(WLAN), None, None).unwrap();
     let (host, c) = (h.host.clone(), card.clone());
     let status = std::thread::spawn(move || {
-        engine::status(
+        session::status(
             &host,
             t,
             &mut move |_, _| Ok(Box::new(c.clone())),
@@ -378,7 +378,7 @@ fn status_rechecks_the_driver_after_its_lock_wait() {
     let st = status.join().unwrap().unwrap();
     let why = st.skipped.expect("not read");
     assert!(
-        matches!(&why, engine::Unread::Refused(w) if w.contains("ath11k_pci")),
+        matches!(&why, session::Unread::Refused(w) if w.contains("ath11k_pci")),
         "{why}"
     );
     assert_eq!(config_writes(&card), 0);
@@ -392,7 +392,7 @@ fn one_unreadable_device_does_not_abort_the_rescan() {
     h.add(FakeDevice::default());
     let bad = h.add(FakeDevice::modem(MODEM));
     fs::create_dir(bad.join("reset_method")).unwrap(); // reads fail with EISDIR
-    let found = engine::targets(&h.host, &[]).unwrap();
+    let found = session::targets(&h.host, &[]).unwrap();
     assert_eq!(found.iter().map(|t| t.bdf).collect::<Vec<_>>(), [bdf(WLAN)]);
 }
 
@@ -422,7 +422,7 @@ fn the_reset_method_swap_is_recorded_and_a_failed_kernel_reset_falls_back() {
     fs::remove_file(&reset).unwrap();
     fs::create_dir(&reset).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.method, engine::Method::RegisterSequence);
+    assert_eq!(r.method, session::Method::RegisterSequence);
     assert_eq!(card.with_model(|m| m.resets), 1);
     assert_eq!(h.read(WLAN, "reset_method"), "bus device_specific");
     assert!(!record_path(&h, WLAN).exists());
@@ -496,7 +496,7 @@ fn a_killed_sessions_port_masks_come_back_whoever_has_the_card() {
             rebind(&h, WLAN, "ath11k_pci");
         }
         let c = card.clone();
-        let done = engine::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
+        let done = session::recover_pending(&h.host, &mut move |_, _| Ok(Box::new(c.clone())));
         assert_eq!(port_regs(&h).0, 0x1038, "gone={gone}: {done:?}");
         if gone {
             let restored = done[0].1.as_ref().unwrap();
@@ -562,7 +562,7 @@ fn a_modem_taken_during_its_wait_gets_no_verdict() {
         taken: Arc::new(Mutex::new(false)),
         config_writes_after: Arc::new(Mutex::new(0)),
     });
-    let e = engine::reset(
+    let e = session::reset(
         &h.host,
         &Request::new(bdf(MODEM)),
         &mut move |_, _| Ok(Box::new(backend.take().unwrap())),
@@ -591,7 +591,7 @@ fn a_rebind_before_the_first_write_is_caught_and_an_existing_override_comes_back
     fs::write(&ovr, "vfio-pci\n").unwrap();
     let card = sim(Family::Wlan, Faults::default());
     let (c, root) = (card.clone(), h.root().to_path_buf());
-    let e = engine::reset(
+    let e = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| {
@@ -873,8 +873,8 @@ impl Backend for VfioView {
 fn link_down_through(
     h: &FakeHost,
     view: impl Backend + Clone + 'static,
-) -> qcom_reset::engine::Report {
-    let r = engine::reset(
+) -> qcom_reset::session::Report {
+    let r = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| Ok(Box::new(view.clone())),
@@ -1025,7 +1025,7 @@ fn a_bar_write_that_fails_mid_repair_leaves_decoding_off() {
     card.clone().config_write16(0x12, 0xfe00).unwrap(); // BAR0 where the kernel put it
     let log = Arc::new(Mutex::new(Vec::new()));
     let view = StuckBar(card.clone(), log.clone());
-    let _ = engine::reset(
+    let _ = session::reset(
         &h.host,
         &Request::new(bdf(WLAN)),
         &mut move |_, _| Ok(Box::new(view.clone())),
@@ -1154,7 +1154,7 @@ fn reset_with_verify_hook(
     access: &'static str,
     (at, card): (&str, &SimDevice),
     on_read: impl FnOnce(&Seen, PathBuf) -> Box<dyn FnMut() + Send>,
-) -> (qcom_reset::Result<engine::Report>, Seen) {
+) -> (qcom_reset::Result<session::Report>, Seen) {
     let seen = Seen::default();
     let node = group_node(h, at);
     let mut backend = Some(VerifyHook {
@@ -1165,7 +1165,7 @@ fn reset_with_verify_hook(
         on_read: Some(on_read(&seen, node)),
         seen: seen.clone(),
     });
-    let r = engine::reset(
+    let r = session::reset(
         &h.host,
         &Request::new(bdf(at)),
         &mut move |_, own: &qcom_reset::host::own::Ownership| {

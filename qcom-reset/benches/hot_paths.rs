@@ -85,7 +85,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("session: a whole WLAN reset on a fake host", |b| {
         b.iter(|| {
             let card = common::sim(Family::Wlan, Faults::default());
-            let r = common::reset_with(&h, &qcom_reset::engine::Request::new(wlan), &card);
+            let r = common::reset_with(&h, &qcom_reset::session::Request::new(wlan), &card);
             assert!(r.is_ok());
         })
     });

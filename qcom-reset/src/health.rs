@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::agent::config::Config;
 use crate::agent::status::{AgentStatus, STALE_AFTER};
 use crate::bdf::Bdf;
+use crate::config::Config;
 use crate::device::verdict::Health;
-use crate::engine::{self, Host, Target};
 use crate::exit::Condition;
+use crate::host::Host;
+use crate::session::{self, Target};
 
 pub const EXIT_HELP: &str = "Exit status (node-problem-detector's custom-plugin convention):
     0  every card is clean or in use by a VM, and the agent runs with its probes attached
@@ -64,7 +65,7 @@ pub fn assess(host: &Host, cfg: &Config, only: &[Bdf], now_ms: u64) -> crate::Re
     let agent = agent_state(host, published.as_ref(), now_ms);
     let overrides = cfg.overrides(&host.sysfs.present_ids());
     let targets: Vec<Target> = if only.is_empty() {
-        engine::targets(host, &overrides)?
+        session::targets(host, &overrides)?
             .into_iter()
             .filter(|t| cfg.acts_on(t.bdf, t.vendor, t.device))
             .filter(|t| cfg.device(t.bdf).enabled != Some(false))
@@ -73,7 +74,7 @@ pub fn assess(host: &Host, cfg: &Config, only: &[Bdf], now_ms: u64) -> crate::Re
         only.iter()
             .map(|b| {
                 let o = overrides.iter().find(|o| o.0 == *b);
-                engine::inspect(host, *b, o.map(|o| o.1.as_str()), o.and_then(|o| o.2))
+                session::inspect(host, *b, o.map(|o| o.1.as_str()), o.and_then(|o| o.2))
             })
             .collect::<crate::Result<_>>()?
     };

@@ -2,13 +2,13 @@
 //! SDX62/SDX65 modems released by VFIO, and resets them through their BAR registers.
 pub mod access;
 pub mod bdf;
+pub mod config;
 pub mod device;
-pub mod engine;
 mod error;
 pub mod exit;
 pub mod health;
 pub mod host;
-pub mod power;
+
 pub mod session;
 pub mod signals;
 pub mod sim;
@@ -16,7 +16,6 @@ pub mod sim;
 pub use error::{Error, GuardFailure};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod agent;
-pub mod check;
 pub mod probes;
 
 #[cfg(test)]

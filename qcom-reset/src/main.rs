@@ -1,6 +1,4 @@
-mod cli;
-mod commands;
-mod man;
+mod cmd;
 
 use std::process::ExitCode;
 
@@ -8,19 +6,21 @@ use clap::Parser;
 use qcom_reset::exit::Exit;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cmd::cli::Cli::parse();
     let json = cli.command.json();
     init_logging();
     // Commands that write to a device finish their session (and its restore) before a
     // SIGINT/SIGTERM/SIGHUP takes effect; `run` and `trace` handle signals themselves.
     let writes = matches!(
         cli.command,
-        cli::Command::Reset(_) | cli::Command::Status(_) | cli::Command::PowerCycle(_)
+        cmd::cli::Command::Reset(_)
+            | cmd::cli::Command::Status(_)
+            | cmd::cli::Command::PowerCycle(_)
     );
     let (result, signal) = if writes {
-        qcom_reset::signals::deferring(|| commands::run(cli))
+        qcom_reset::signals::deferring(|| cmd::run(cli))
     } else {
-        (commands::run(cli), None)
+        (cmd::run(cli), None)
     };
     let code = match result {
         Ok(exit) => exit,
@@ -50,7 +50,7 @@ fn classify(e: &anyhow::Error) -> Exit {
     if let Some(e) = e.downcast_ref::<qcom_reset::Error>() {
         Exit::of(e)
     } else if e
-        .downcast_ref::<qcom_reset::agent::config::ConfigError>()
+        .downcast_ref::<qcom_reset::config::ConfigError>()
         .is_some()
     {
         Exit::Config

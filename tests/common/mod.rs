@@ -12,8 +12,9 @@ use qcom_reset::access::Backend;
 use qcom_reset::bdf::Bdf;
 use qcom_reset::device::Family;
 use qcom_reset::device::regio::RegisterIo;
-use qcom_reset::engine::{self, Host, Report, Request};
+use qcom_reset::host::Host;
 use qcom_reset::host::sysfs::PciSysfs;
+use qcom_reset::session::{self, Report, Request};
 use qcom_reset::sim::{Faults, Model, SimDevice, SimState};
 
 pub struct FakeHost {
@@ -182,7 +183,7 @@ pub fn bdf(s: &str) -> Bdf {
 /// Runs the engine against `sim` for the device at `req.bdf`.
 pub fn reset_with(h: &FakeHost, req: &Request, sim: &SimDevice) -> qcom_reset::Result<Report> {
     let s = sim.clone();
-    engine::reset(
+    session::reset(
         &h.host,
         req,
         &mut move |_, _| Ok(Box::new(s.clone())),

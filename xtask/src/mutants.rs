@@ -10,11 +10,16 @@ use crate::{cargo, toolchain, workspace_root};
 pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
-const CORE: [&str; 11] = [
+const CORE: [&str; 16] = [
     "qcom-reset/src/device/sequence.rs",
     "qcom-reset/src/device/verdict.rs",
-    "qcom-reset/src/engine.rs",
     "qcom-reset/src/session/mod.rs",
+    "qcom-reset/src/session/target.rs",
+    "qcom-reset/src/session/reset.rs",
+    "qcom-reset/src/session/kernel.rs",
+    "qcom-reset/src/session/plan.rs",
+    "qcom-reset/src/session/status.rs",
+    "qcom-reset/src/session/guard.rs",
     "qcom-reset/src/host/own.rs",
     "qcom-reset/src/session/port.rs",
     "qcom-reset/src/session/record.rs",

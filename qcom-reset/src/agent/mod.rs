@@ -3,7 +3,7 @@
 //! reset ran (a bind to vfio-pci, after a settle time); a bus reset's "success" is not a reset of these cards
 //! (domain.md §7). There is no polling loop: the start-up and lost-event rescans are the only
 //! sweeps, and a held device is re-checked only while a release waits for its holder.
-pub mod config;
+
 pub mod metrics;
 pub mod policy;
 pub mod state;
@@ -22,15 +22,16 @@ use tracing::{error, info, warn};
 
 use crate::access::Backend;
 use crate::bdf::Bdf;
+use crate::config::{self, Config};
 use crate::device::verdict::Health;
-use crate::engine::Unread;
-use crate::engine::{self, Host, Request};
+use crate::host::Host;
 use crate::host::holders::OWN_COMM;
 use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
 use crate::probes::Item;
 use crate::probes::events::{Kind, TraceEvent};
-use config::Config;
+use crate::session::Unread;
+use crate::session::{self, Request};
 use metrics::Metrics;
 use policy::{Decision, Gate};
 use state::State;
@@ -168,7 +169,7 @@ pub struct Action {
     pub result: String,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub report: Option<engine::Report>,
+    pub report: Option<session::Report>,
     /// Time from the event's arrival to the start of the reset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
@@ -324,7 +325,7 @@ impl Shared {
     }
 
     /// A target's description, for `device_info`.
-    fn describe(&self, t: &engine::Target) {
+    fn describe(&self, t: &session::Target) {
         self.metrics.device_info(metrics::DeviceInfo {
             bdf: t.bdf.to_string(),
             profile: t.profile.name.into(),
@@ -385,7 +386,7 @@ impl Shared {
     }
 
     /// The device's settings, `[[device]]` rules matched against its current IDs.
-    fn device_cfg(&self, bdf: Bdf) -> config::DeviceConfig {
+    fn device_cfg(&self, bdf: Bdf) -> crate::config::DeviceConfig {
         let ids = self.host.sysfs.device(bdf).and_then(|d| d.ids()).ok();
         self.cfg().device_with_ids(bdf, ids)
     }
@@ -653,12 +654,12 @@ impl Agent {
             return;
         }
         let host = &self.shared.host;
-        for said in crate::power::recover_pending(&host.sysfs, &host.run_dir) {
+        for said in crate::session::power::recover_pending(&host.sysfs, &host.run_dir) {
             warn!("{said}");
         }
         let (host, open) = (self.shared.host.clone(), self.shared.open.clone());
         let done = tokio::task::spawn_blocking(move || {
-            engine::recover_pending(&host, &mut |d, o| open(d, o))
+            session::recover_pending(&host, &mut |d, o| open(d, o))
         })
         .await
         .unwrap_or_default();
@@ -674,7 +675,7 @@ impl Agent {
 
     /// Which reset regime each target is in, and what that means for this host.
     fn log_regimes(&self) {
-        match engine::targets(&self.shared.host, &self.shared.overrides()) {
+        match session::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
                 for t in ts {
                     let r = t.regime();
@@ -753,7 +754,7 @@ impl Agent {
 
     /// Dispatches a check of every target; returns those it dispatched.
     fn rescan(&mut self, why: &str) -> Vec<Bdf> {
-        match engine::targets(&self.shared.host, &self.shared.overrides()) {
+        match session::targets(&self.shared.host, &self.shared.overrides()) {
             Ok(ts) => {
                 let (act, skip): (Vec<_>, Vec<_>) = ts
                     .into_iter()
@@ -1045,7 +1046,7 @@ async fn attempt(
     sh: &Arc<Shared>,
     bdf: Bdf,
     trigger: Trigger,
-    dev_cfg: &config::DeviceConfig,
+    dev_cfg: &crate::config::DeviceConfig,
 ) -> Action {
     let req = Request {
         bdf,
@@ -1060,7 +1061,7 @@ async fn attempt(
     };
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg().access.name());
     let result = tokio::task::spawn_blocking(move || {
-        engine::reset(&host, &req, &mut |d, o| open(d, o), access)
+        session::reset(&host, &req, &mut |d, o| open(d, o), access)
     })
     .await;
     let mut a = action(bdf, trigger, "error", "");
@@ -1101,7 +1102,7 @@ async fn attempt(
             sh.metrics.reset(&bdf.to_string(), "error");
             sh.record(bdf, false, "error");
         }
-        Ok(Ok(r)) if r.method == engine::Method::DryRun => {
+        Ok(Ok(r)) if r.method == session::Method::DryRun => {
             sh.metrics.reset(&bdf.to_string(), "dry-run");
             a.result = "dry-run".into();
             a.detail = format!(
@@ -1170,7 +1171,7 @@ async fn holder_gone(sh: &Arc<Shared>, bdf: Bdf, until: tokio::time::Instant) ->
 /// namespace is invisible there but still makes the group open fail. The probe open is made
 /// under the device's lock, taken without waiting: a CLI session holding it is never told
 /// "held" by us, and its lock wait is the engine's to do (so that counts as free).
-fn group_free(host: &engine::Host, bdf: Bdf) -> bool {
+fn group_free(host: &Host, bdf: Bdf) -> bool {
     let Ok(_lock) = crate::host::lock::DeviceLock::acquire(&host.run_dir, bdf, Duration::ZERO)
     else {
         return true;
@@ -1219,9 +1220,9 @@ enum Verified {
 async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
     let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
     let mode = if sh.cfg().observe_only {
-        engine::ReadMode::NoWrites
+        session::ReadMode::NoWrites
     } else {
-        engine::ReadMode::EnableAndRestore
+        session::ReadMode::EnableAndRestore
     };
     if sh.cfg().observe_only && crate::access::opens_device(sh.cfg().access) {
         return Verified::Done(action(
@@ -1235,8 +1236,8 @@ async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
         ));
     }
     let st = tokio::task::spawn_blocking(move || {
-        let t = engine::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
-        engine::status(&host, t, &mut |d, o| open(d, o), mode)
+        let t = session::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
+        session::status(&host, t, &mut |d, o| open(d, o), mode)
     })
     .await;
     let resets = |h: Health| match trigger {

@@ -52,7 +52,7 @@ qcom-reset(8), qcom-reset-run(8), qcom-reset-health(8), qcom-reset.toml(5), syst
 /usr/share/doc/qcom-reset/operations.md
 ";
 
-const CONFIG: &str = include_str!("../../dist/config.toml");
+const CONFIG: &str = include_str!("../../../dist/config.toml");
 
 /// qcom-reset.toml(5).
 pub fn write_config(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -1,19 +1,24 @@
-//! What each subcommand does with its arguments, and how it prints.
+//! The binary: what each subcommand does with its arguments and how it prints; the preflight
+//! checks; the man pages and completions.
+pub mod check;
+pub mod cli;
+mod man;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use qcom_reset::access;
-use qcom_reset::agent::config::Config;
-use qcom_reset::check::{self, Level};
+use qcom_reset::config::Config;
 use qcom_reset::device::verdict::Health;
 use qcom_reset::device::{DEVICES, OptIn};
-use qcom_reset::engine::{self, Host, Method, Report, Request, Status};
 use qcom_reset::exit::Exit;
+use qcom_reset::host::Host;
 use qcom_reset::host::sysfs::PciSysfs;
 use qcom_reset::probes::{self, Item, Tracer};
+use qcom_reset::session::{self, Method, Report, Request, Status};
 use qcom_reset::{Error, device::regs};
 
-use crate::cli::{
+use check::Level;
+use cli::{
     Cli, Command, HealthArgs, HostArgs, PowerCycleArgs, ResetArgs, RunArgs, StatusArgs, TraceArgs,
 };
 
@@ -181,7 +186,7 @@ fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
         allow_unguarded_link_drop: a.allow_unguarded_link_drop || cfg.allow_unguarded_link_drop,
     };
     // Refuse a missing or non-target device before asking for root: that answer is more useful.
-    match engine::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
+    match session::inspect(host, req.bdf, req.profile.as_deref(), req.bar) {
         Err(e @ Error::NotTarget { .. }) if a.only_targets => {
             nothing_to_do(req.bdf, &format!("not a target ({e})"), a.json);
             return Ok(Exit::Ok);
@@ -219,7 +224,7 @@ fn reset_and_report(
     access: access::Access,
     json: bool,
 ) -> anyhow::Result<Exit> {
-    let report = engine::reset(
+    let report = session::reset(
         host,
         req,
         &mut |dev, own| access::open(dev, access, own),
@@ -306,14 +311,14 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
         Some(b) => {
             let ids = host.sysfs.device(b).and_then(|d| d.ids()).ok();
             let by_config = cfg.device_with_ids(b, ids);
-            vec![engine::inspect(
+            vec![session::inspect(
                 host,
                 b,
                 a.device.profile.as_deref().or(by_config.profile.as_deref()),
                 a.device.bar.or(by_config.bar),
             )?]
         }
-        None => engine::targets(host, &cfg.overrides(&host.sysfs.present_ids()))?,
+        None => session::targets(host, &cfg.overrides(&host.sysfs.present_ids()))?,
     };
     require_root()?;
     let access = a.device.access;
@@ -327,18 +332,18 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     for t in targets {
         let bdf = t.bdf;
         if let Some(why) = &unread {
-            out.push(engine::unread_status(
+            out.push(session::unread_status(
                 t,
-                engine::Unread::Refused(why.clone()),
+                session::Unread::Refused(why.clone()),
             ));
             continue;
         }
         out.push(
-            engine::status(
+            session::status(
                 host,
                 t,
                 &mut |dev, own| access::open(dev, access, own),
-                engine::ReadMode::EnableAndRestore,
+                session::ReadMode::EnableAndRestore,
             )
             .with_context(|| format!("status of {bdf}"))?,
         );
@@ -369,7 +374,7 @@ fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
             "  profile: {}",
             profile_status(&t.profile, &cfg.experimental, named)
         );
-        match engine::upstream_port(t) {
+        match session::upstream_port(t) {
             Ok(p) => println!("  port: {}", p.summary()),
             Err(e) => println!("  port: unreadable ({e})"),
         }
@@ -586,11 +591,11 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
     std::fs::create_dir_all(&man)?;
     std::fs::create_dir_all(&completions)?;
     let cmd = Cli::command().version(env!("CARGO_PKG_VERSION"));
-    crate::man::write_config(&man)?;
-    crate::man::write(&man, &cmd, "qcom-reset")?;
+    man::write_config(&man)?;
+    man::write(&man, &cmd, "qcom-reset")?;
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("qcom-reset-{}", sub.get_name());
-        crate::man::write(&man, &sub.clone().name(name.clone()), &name)?;
+        man::write(&man, &sub.clone().name(name.clone()), &name)?;
     }
     for shell in [
         clap_complete::Shell::Bash,
@@ -605,7 +610,7 @@ fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
 }
 
 fn config_default_path() -> std::path::PathBuf {
-    std::path::PathBuf::from(qcom_reset::agent::config::DEFAULT_PATH)
+    std::path::PathBuf::from(qcom_reset::config::DEFAULT_PATH)
 }
 
 /// systemd's readiness protocol (Type=notify); a no-op outside systemd.
@@ -660,7 +665,7 @@ fn profile_status(p: &qcom_reset::device::DeviceProfile, opt_in: &OptIn, named: 
 }
 
 fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<Exit> {
-    use qcom_reset::power;
+    use qcom_reset::session::power;
     let cfg = device_config(a.device.config.clone())?;
     let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
     let by_config = cfg.device_with_ids(a.bdf, ids);
@@ -672,7 +677,7 @@ fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<Exit> {
         allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
         ..Request::new(a.bdf)
     };
-    let t = engine::inspect(host, a.bdf, req.profile.as_deref(), req.bar)?;
+    let t = session::inspect(host, a.bdf, req.profile.as_deref(), req.bar)?;
     // The reset after the cycle would refuse a profile not opted in: refuse before the power
     // is cut, not after.
     if !a.no_reset && req.profile.is_none() && !req.experimental.allows(&t.profile) {

@@ -7,12 +7,13 @@ use btf_rs::Btf;
 use qcom_reset_ebpf::{Flavour, VfioLayout};
 use serde::Serialize;
 
-use crate::access::{LOCKDOWN_PATH, lockdown_mode};
-use crate::device;
-use crate::engine::{self, Host};
-use crate::probes::layout::NeedsReset;
-use crate::probes::{self, layout, loader::KPROBE_PMU};
-use crate::session::port::PortState;
+use qcom_reset::access::{LOCKDOWN_PATH, lockdown_mode};
+use qcom_reset::device;
+use qcom_reset::host::Host;
+use qcom_reset::probes::layout::NeedsReset;
+use qcom_reset::probes::{self, layout, loader::KPROBE_PMU};
+use qcom_reset::session::port::PortState;
+use qcom_reset::session::{self};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -377,7 +378,7 @@ pub fn run(host: &Host) -> Vec<Check> {
         )),
     }
 
-    match engine::targets(host, &[]) {
+    match session::targets(host, &[]) {
         Ok(ts) if ts.is_empty() => out.push(Check::new(
             "devices",
             Level::Info,
@@ -419,7 +420,7 @@ pub fn run(host: &Host) -> Vec<Check> {
                     false,
                 ));
                 out.push(port_check(&t, lockdown.as_deref()));
-                out.push(match crate::power::plan(&host.sysfs, &t.dev, crate::power::Choice::Auto) {
+                out.push(match qcom_reset::session::power::plan(&host.sysfs, &t.dev, qcom_reset::session::power::Choice::Auto) {
                     Ok(p) => Check::new("power-cycle", Level::Info, format!("{}: a card off the link can be power-cycled ({:?}, `qcom-reset power-cycle`)", t.bdf, p.method), None, false),
                     Err(why) => Check::new("power-cycle", Level::Info, format!("{}: {why}", t.bdf), None, false),
                 });
@@ -438,15 +439,15 @@ pub fn run(host: &Host) -> Vec<Check> {
 
 /// The target's upstream port: what its link drop would trigger, and whether a reset can make
 /// that benign here (lockdown refuses the config writes that mask it).
-fn port_check(t: &engine::Target, lockdown: Option<&str>) -> Check {
-    let state = match engine::upstream_port(t) {
+fn port_check(t: &session::Target, lockdown: Option<&str>) -> Check {
+    let state = match session::upstream_port(t) {
         Ok(s) => s,
         Err(e) => return Check::new("port", Level::Warn, format!("{}: {e}", t.bdf), None, false),
     };
     port_verdict(t.bdf, &state, lockdown)
 }
 
-fn port_verdict(bdf: crate::bdf::Bdf, state: &PortState, lockdown: Option<&str>) -> Check {
+fn port_verdict(bdf: qcom_reset::bdf::Bdf, state: &PortState, lockdown: Option<&str>) -> Check {
     let line = format!("{bdf}: {}", state.summary());
     let locked = matches!(lockdown, Some("integrity" | "confidentiality"));
     if state.dpc_enabled {
@@ -539,7 +540,7 @@ mod tests {
 
     #[test]
     fn port_check_warns_where_a_reset_would_be_refused() {
-        let bdf: crate::bdf::Bdf = "0000:03:00.0".parse().unwrap();
+        let bdf: qcom_reset::bdf::Bdf = "0000:03:00.0".parse().unwrap();
         let port = Some("0000:00:1c.0".parse().unwrap());
         let guarded = PortState {
             port,

@@ -88,8 +88,8 @@ pub struct PowerCycleArgs {
     pub device: DeviceArgs,
     /// How to cut the power; `d3cold` also without firmware power resources (then only a
     /// remove/rescan).
-    #[arg(long, value_enum, default_value_t = qcom_reset::power::Choice::Auto)]
-    pub method: qcom_reset::power::Choice,
+    #[arg(long, value_enum, default_value_t = qcom_reset::session::power::Choice::Auto)]
+    pub method: qcom_reset::session::power::Choice,
     /// Print the plan and touch nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::engine::{self, Host};
+use crate::host::Host;
 use crate::host::lock::DeviceLock;
 use crate::host::own::Ownership;
 use crate::host::sysfs::{PciSysfs, SysfsDevice};
+use crate::session::{self};
 use crate::session::{port, record};
 use crate::{Error, Result};
 
@@ -292,7 +293,7 @@ pub fn run(
 /// The target checked again under the locks (no holder, vfio-pci or no driver, still alone
 /// below its port), and its VFIO group held.
 fn recheck(host: &Host, p: &Plan, profile: Option<&str>, bar: Option<u8>) -> Result<Ownership> {
-    let t = engine::inspect(host, p.target, profile, bar)?;
+    let t = session::inspect(host, p.target, profile, bar)?;
     if let Some(e) = t.refusal(false) {
         return Err(e);
     }

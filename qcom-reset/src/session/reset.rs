@@ -1,0 +1,418 @@
+//! A reset, vendor-reset style: pre / reset / verify / post for one device, each step logged
+//! with the BDF and the sequence version; post (unmap, restore PCI_COMMAND and power control,
+//! unlock) always runs, on errors and panics too.
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::bdf::Bdf;
+use crate::device::regio::{Op, Recorder};
+use crate::device::regs::*;
+use crate::device::sequence::{self, Outcome};
+use crate::device::verdict::{self, Verdict};
+use crate::device::{Family, OptIn};
+use crate::host::Host;
+use crate::host::lock::DeviceLock;
+use crate::{Error, Result};
+
+use super::guard::{Guarded, Restored, Session, Writes};
+use super::port::{self, PortRecord, PortState};
+use super::{Opener, Target, begin_session, inspect, kernel::kernel_reset, plan::dry_run};
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub bdf: Bdf,
+    pub profile: Option<String>,
+    pub bar: Option<u8>,
+    /// Reset even when bound to a driver other than vfio-pci (never when held).
+    pub force: bool,
+    pub dry_run: bool,
+    /// Use our register sequence even where the kernel has `device_specific`.
+    pub ignore_kernel_reset: bool,
+    /// Experimental profiles the caller opted into (an explicit `profile` is an opt-in too).
+    pub experimental: OptIn,
+    /// Reset even when DPC on the upstream port would contain the link drop.
+    pub allow_dpc: bool,
+    /// Reset even when the upstream port's link-drop reports cannot be masked (lockdown).
+    pub allow_unguarded_link_drop: bool,
+}
+
+impl Request {
+    pub fn new(bdf: Bdf) -> Self {
+        Request {
+            bdf,
+            profile: None,
+            bar: None,
+            force: false,
+            dry_run: false,
+            ignore_kernel_reset: false,
+            experimental: OptIn::default(),
+            allow_dpc: false,
+            allow_unguarded_link_drop: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Our replay of the reviewed register sequence through the BAR.
+    RegisterSequence,
+    /// The kernel's own `device_specific` reset through sysfs `reset`.
+    KernelDeviceSpecific,
+    /// Nothing touched; `plan` lists what would be done.
+    DryRun,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub bdf: Bdf,
+    pub profile: &'static str,
+    pub family: Family,
+    pub sequence_version: &'static str,
+    pub method: Method,
+    pub access: &'static str,
+    pub outcome: Option<Outcome>,
+    pub verdict: Option<Verdict>,
+    /// Register operations of the sequence, in order (for dry runs: those it would do).
+    pub ops: Vec<Op>,
+    /// Dry run: every step, register operations included.
+    pub plan: Vec<String>,
+    pub restored: Restored,
+    /// What a killed qcom-reset had left on this device and this run put back first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Restored>,
+    /// The upstream port as the reset found it (what was masked is in `restored.port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortState>,
+    pub duration_ms: u64,
+    /// Where `duration_ms` went.
+    pub phases: Phases,
+}
+
+/// Where a reset's time went, in µs: what the card needed (the sequence and its verification)
+/// against what qcom-reset added around it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Phases {
+    /// Owning the card: the VFIO group, the driver hold, the crash record, the saved config space.
+    pub own_us: u64,
+    /// The upstream port: its lock and state, masking its link-drop reports.
+    pub guard_us: u64,
+    /// The register sequence (or the kernel's reset), its delays included.
+    pub sequence_us: u64,
+    /// Verification, until the verdict.
+    pub verify_us: u64,
+    /// Putting back what the session changed.
+    pub restore_us: u64,
+}
+
+/// Times consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// µs since the last lap.
+    fn take(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.duration_since(self.0).as_micros() as u64;
+        self.0 = now;
+        us
+    }
+}
+
+fn step(bdf: Bdf, version: &str, what: &str) {
+    info!(bdf = %bdf, seq = version, "{what}");
+}
+
+/// Resets one device: refuses unsafe cases, then pre / reset / verify / post.
+pub fn reset(
+    host: &Host,
+    req: &Request,
+    open: &mut Opener<'_>,
+    access_name: &str,
+) -> Result<Report> {
+    let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+    if req.profile.is_none() && !req.experimental.allows(&t.profile) {
+        return Err(Error::Experimental {
+            bdf: t.bdf,
+            vendor: t.vendor,
+            device: t.device,
+            profile: t.profile.name,
+        });
+    }
+    if let Some(e) = t.refusal(req.force) {
+        return Err(e);
+    }
+    if req.dry_run {
+        return Ok(dry_run(&t, access_name));
+    }
+    let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    // A VM may have opened the device while we waited for the lock.
+    let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
+    if let Some(e) = t.refusal(req.force) {
+        return Err(e);
+    }
+    let started = Instant::now();
+    let mut lap = Lap(started);
+    let mut phases = Phases::default();
+    let p = t.profile;
+    let version = p.family.sequence_version();
+    step(
+        t.bdf,
+        version,
+        &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
+    );
+
+    let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
+    phases.own_us = lap.take();
+    let port = guard_link_drop(host, &mut session, &t, req)?;
+    phases.guard_us = lap.take();
+    let mut kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
+    if kernel {
+        step(
+            t.bdf,
+            version,
+            "reset: the kernel provides device_specific; using its reset instead of ours",
+        );
+        session.still_owned()?;
+        session.saw_link_drop();
+        // A kernel reset that failed (its WLAN link poll timing out, say) left the card as the
+        // kernel restored it: ours is the reset that is left.
+        match kernel_reset(&mut session, &t) {
+            Ok(()) => {}
+            Err(e @ Error::KernelReset { .. }) => {
+                warn!(bdf = %t.bdf, "{e}: falling back to qcom-reset's register sequence");
+                kernel = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let access = session.backend.name();
+    let mut ops = Vec::new();
+    let mut outcome = None;
+    let verdict = 'seq: {
+        let (vendor, device) = session.config_ids();
+        if vendor == 0xffff {
+            step(
+                t.bdf,
+                version,
+                "pre: config space reads all-ones; link down, no BAR writes",
+            );
+            break 'seq verdict::judge(
+                &t.expect(true),
+                &verdict::Registers {
+                    config_vendor: vendor,
+                    config_device: device,
+                    ..Default::default()
+                },
+            );
+        }
+        session.enable_memory()?;
+        let need = sequence::bar_needed(p.family);
+        let (bar, len) = session.backend.map_bar(p.bar)?;
+        if len < need {
+            return Err(Error::BarTooSmall {
+                bdf: t.bdf,
+                bar: p.bar,
+                len,
+                need,
+                family: p.family.name(),
+            });
+        }
+        session.still_owned()?;
+        let watch = session.watch();
+        let mut io = Recorder::new(Live {
+            session: &mut session,
+            bar: Guarded::new(bar, watch),
+        });
+        if !kernel {
+            let o = sequence::run(p.family, &mut io, &mut |s| {
+                step(t.bdf, version, &format!("reset: {s}"))
+            });
+            step(t.bdf, version, &format!("reset: {o:?}"));
+            outcome = Some(o);
+            ops = std::mem::take(&mut io.ops);
+        }
+        step(
+            t.bdf,
+            version,
+            &format!(
+                "verify: reading config space and MHI registers (every {} ms, up to {} ms)",
+                verdict::SETTLE_POLL.as_millis(),
+                verdict::settle_window(p.family).as_millis()
+            ),
+        );
+        // A SoC reset takes the link down, so the sequence reads all-ones at least once; without
+        // that evidence a modem found in AMSS never rebooted (e.g. our writes were lost).
+        let rebooted = kernel
+            || ops.iter().any(|o| {
+                matches!(
+                    o,
+                    crate::device::regio::Op::Read {
+                        value: ALL_ONES,
+                        ..
+                    }
+                )
+            });
+        if rebooted {
+            io.inner.session.saw_link_drop();
+        }
+        phases.sequence_us = lap.take();
+        // The verification only reads: once the card is settled a VM may open it meanwhile (a
+        // header repair takes the group back first). One that did keeps the card and gets no
+        // verdict of ours.
+        let verifying = io.inner.session.begin_verification();
+        let v = verdict::verify(&t.expect(rebooted), &mut io, len);
+        // Reads do not check the owner on their own: a card taken during the modem's wait or
+        // the verification gets no verdict from registers that are the new driver's.
+        let lost = io
+            .inner
+            .bar
+            .lost
+            .take()
+            .or_else(|| io.inner.session.watch().lost());
+        if let Some(l) = lost {
+            return Err(session.lost(l));
+        }
+        if verifying {
+            session.take_back()?;
+        }
+        v
+    };
+    step(
+        t.bdf,
+        version,
+        &format!("verdict: {} ({})", verdict.health, verdict.detail),
+    );
+    // Config space reading all-ones ends the look before any sequence: that look is the
+    // verification then.
+    phases.verify_us = lap.take();
+    let restored = session.restore();
+    phases.restore_us = lap.take();
+    step(
+        t.bdf,
+        version,
+        "post: BAR unmapped, PCI_COMMAND and power control restored",
+    );
+    Ok(Report {
+        bdf: t.bdf,
+        profile: p.name,
+        family: p.family,
+        sequence_version: version,
+        method: if kernel {
+            Method::KernelDeviceSpecific
+        } else {
+            Method::RegisterSequence
+        },
+        access,
+        outcome,
+        verdict: Some(verdict),
+        ops,
+        plan: Vec::new(),
+        restored,
+        recovered,
+        port: Some(port),
+        duration_ms: started.elapsed().as_millis() as u64,
+        phases,
+    })
+}
+
+/// The card while the sequence and its verification run: the BAR, every write checked against
+/// ownership ([`Guarded`]), and config space through the session. When MMIO reads all-ones
+/// while config space answers, the link is back but its drop reset the function: the session
+/// puts the header back and the read is made again (the reviewed sequence keeps its order).
+struct Live<'s, I> {
+    session: &'s mut Session,
+    bar: Guarded<I>,
+}
+
+impl<I: crate::device::regio::RegisterIo> crate::device::regio::RegisterIo for Live<'_, I> {
+    fn read32(&mut self, offset: u32) -> u32 {
+        if self.bar.lost.is_none() {
+            self.bar.lost = self.session.taken();
+        }
+        let v = self.bar.read32(offset);
+        // Another owner claimed the BAR: the kernel took the mapping (all-ones from now on).
+        if self.bar.revoked() && self.bar.lost.is_none() {
+            self.bar.lost = Some(self.session.claimed());
+        }
+        if self.bar.lost.is_some() {
+            return ALL_ONES;
+        }
+        if v == ALL_ONES && self.session.repair_header() {
+            return self.bar.read32(offset);
+        }
+        if v != ALL_ONES {
+            self.session.let_go_when_settled();
+        }
+        v
+    }
+    fn write32(&mut self, offset: u32, value: u32) {
+        self.bar.write32(offset, value)
+    }
+    fn delay(&mut self, d: Duration) {
+        self.bar.delay(d)
+    }
+}
+
+impl<I: crate::device::regio::RegisterIo> verdict::Card for Live<'_, I> {
+    fn config_ids(&mut self) -> (u16, u16) {
+        self.session.config_ids()
+    }
+}
+
+/// What the card's upstream port would do with the reset's link drop.
+pub fn upstream_port(t: &Target) -> Result<PortState> {
+    let Some(p) = port::upstream(&t.dev) else {
+        return Ok(PortState::default());
+    };
+    let path = p.path("config");
+    port::SysfsConfig::open(&path, false)
+        .and_then(|mut cfg| PortState::read(p.bdf, &mut cfg))
+        .map_err(|err| Error::SysfsRead { path, err })
+}
+
+/// pre: refuses a DPC port unless allowed, masks the port's hotplug and Surprise Down reports
+/// for the link drop (restored at post), or refuses where they cannot be masked (lockdown, or
+/// pciehp polling the slot) unless allowed. The port's lock comes first: a second target below
+/// the same port waits instead of reading, and recording, the first one's masked state.
+fn guard_link_drop(
+    host: &Host,
+    session: &mut Session,
+    t: &Target,
+    req: &Request,
+) -> Result<PortState> {
+    if let Some(p) = port::upstream(&t.dev) {
+        session.lock_port(p.bdf)?;
+    }
+    let state = upstream_port(t)?;
+    let version = t.profile.family.sequence_version();
+    step(t.bdf, version, &format!("pre: {}", state.summary()));
+    if let (Some(port), true, false) = (state.port, state.dpc_enabled, req.allow_dpc) {
+        return Err(Error::Dpc { bdf: t.bdf, port });
+    }
+    if state.slot_control.is_some()
+        && port::pciehp_polls(&host.sysfs.sys_root())
+        && !req.allow_unguarded_link_drop
+    {
+        return Err(Error::PciehpPolls { bdf: t.bdf });
+    }
+    let Some(rec) = PortRecord::plan(&state) else {
+        return Ok(state);
+    };
+    match session.guard_port(rec) {
+        Ok(()) => {
+            step(
+                t.bdf,
+                version,
+                "pre: upstream port's link-drop reports masked",
+            );
+            Ok(state)
+        }
+        Err(e) if req.allow_unguarded_link_drop => {
+            warn!(bdf = %t.bdf, "{e}; going on unguarded (allow_unguarded_link_drop)");
+            Ok(state)
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,143 @@
+//! A card's state without resetting it: registers read only when nothing else owns the card,
+//! and, observe-only, only when reading writes nothing.
+use serde::Serialize;
+
+use super::guard::Writes;
+use super::{Opener, Target, begin_session, inspect};
+use crate::device::regs::*;
+use crate::device::verdict::{self, Verdict};
+use crate::host::Host;
+use crate::host::lock::DeviceLock;
+use crate::{Error, Result};
+
+use super::target::Regime;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub target: Target,
+    pub kernel_device_specific: bool,
+    pub regime: Regime,
+    pub verdict: Option<Verdict>,
+    /// Why the registers were not read.
+    pub skipped: Option<Unread>,
+}
+
+/// Why a device's registers were not read (serialized as the sentence alone).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Unread {
+    /// Something holds the device (a VM's QEMU, another session): its letting go ends this.
+    Held(String),
+    /// Reading is not for us now: a host driver has it, observe-only cannot wake it, access
+    /// through VFIO would reset it.
+    Refused(String),
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unread::Held(why) | Unread::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+impl Unread {
+    /// A refusal as the reason: held when something holds the device.
+    fn of(e: &Error) -> Unread {
+        match e {
+            Error::Held { .. } | Error::HeldBySession { .. } => Unread::Held(e.to_string()),
+            _ => Unread::Refused(e.to_string()),
+        }
+    }
+}
+
+/// Whether reading a device's registers may change its state on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Wake it (power/control on) and enable memory decoding, restoring both afterwards.
+    EnableAndRestore,
+    /// Write nothing at all (observe-only): read only if it is already awake and decoding.
+    NoWrites,
+}
+
+/// A device's state without its registers, and why they were not read.
+pub fn unread_status(t: Target, why: Unread) -> Status {
+    Status {
+        regime: t.regime(),
+        kernel_device_specific: t.kernel_has_device_specific(),
+        target: t,
+        verdict: None,
+        skipped: Some(why),
+    }
+}
+
+/// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
+pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
+    let skipped = unread_status;
+    if let Some(e) = t.refusal(false) {
+        return Ok(skipped(t, Unread::of(&e)));
+    }
+    if mode == ReadMode::NoWrites
+        && let Some(p) = t.power_control.clone().filter(|p| p != "on")
+    {
+        return Ok(skipped(
+            t,
+            Unread::Refused(format!(
+                "reading needs power/control=on (it is {p}) and observe-only writes nothing"
+            )),
+        ));
+    }
+    let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    // The wait may have been long: a VM may have opened the card or a host driver taken it.
+    let t = inspect(host, t.bdf, Some(t.profile.name), Some(t.profile.bar))?;
+    if let Some(e) = t.refusal(false) {
+        return Ok(skipped(t, Unread::of(&e)));
+    }
+    // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
+    let writes = match mode {
+        ReadMode::EnableAndRestore => Writes::Allowed,
+        ReadMode::NoWrites => Writes::None,
+    };
+    let mut session = match begin_session(host, &t.dev, open, writes) {
+        Ok((s, _)) => s,
+        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => {
+            return Ok(skipped(t, Unread::of(&e)));
+        }
+        Err(e) => return Err(e),
+    };
+    let (vendor, device) = session.config_ids();
+    let mut regs = verdict::Registers {
+        config_vendor: vendor,
+        config_device: device,
+        ..Default::default()
+    };
+    if (vendor, device) == (t.vendor, t.device) {
+        if mode == ReadMode::NoWrites {
+            let cmd = session.backend.config_read16(PCI_COMMAND).unwrap_or(0);
+            if cmd & PCI_COMMAND_MEMORY == 0 {
+                drop(session);
+                return Ok(skipped(
+                    t,
+                    Unread::Refused(format!(
+                        "reading needs memory decoding (PCI_COMMAND={cmd:#06x}) and observe-only writes nothing"
+                    )),
+                ));
+            }
+        } else {
+            session.enable_memory()?;
+        }
+        let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
+        regs = verdict::read_registers(&t.expect(false), vendor, device, bar.as_mut(), len);
+    }
+    session.restore();
+    drop(session);
+    let verdict = verdict::judge(&t.expect(false), &regs);
+    Ok(Status {
+        regime: t.regime(),
+        kernel_device_specific: t.kernel_has_device_specific(),
+        target: t,
+        verdict: Some(verdict),
+        skipped: None,
+    })
+}
