@@ -10,7 +10,7 @@ use crate::{cargo, toolchain, workspace_root};
 pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
-const CORE: [&str; 16] = [
+const CORE: [&str; 18] = [
     "qcom-reset/src/device/sequence.rs",
     "qcom-reset/src/device/verdict.rs",
     "qcom-reset/src/session/mod.rs",
@@ -20,6 +20,8 @@ const CORE: [&str; 16] = [
     "qcom-reset/src/session/plan.rs",
     "qcom-reset/src/session/status.rs",
     "qcom-reset/src/session/guard.rs",
+    "qcom-reset/src/session/owner.rs",
+    "qcom-reset/src/session/restore.rs",
     "qcom-reset/src/host/own.rs",
     "qcom-reset/src/session/port.rs",
     "qcom-reset/src/session/record.rs",

@@ -3,11 +3,13 @@
 //! on every path. The public entry points are here; each step has its file.
 pub mod guard;
 mod kernel;
+mod owner;
 mod plan;
 pub mod port;
 pub mod power;
 pub mod record;
 mod reset;
+mod restore;
 mod status;
 mod target;
 
@@ -19,8 +21,9 @@ use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
 use crate::{Error, Result};
 
-pub use guard::{HOLD_OVERRIDE, Lost, Restored};
+pub use guard::{HOLD_OVERRIDE, Restored};
 use guard::{Session, Writes};
+pub use owner::Lost;
 pub use reset::{Method, Phases, Report, Request, reset, upstream_port};
 pub use status::{ReadMode, Status, Unread, status, unread_status};
 pub use target::{Regime, Target, inspect, targets};
@@ -43,7 +46,7 @@ fn recover_one(host: &Host, bdf: Bdf, open: &mut Opener<'_>) -> Result<Restored>
     let dev = match host.sysfs.device(bdf) {
         Ok(d) => d,
         Err(Error::NoSuchDevice(..)) => {
-            return guard::recover_absent(&host.run_dir, &host.sysfs, bdf);
+            return restore::recover_absent(&host.run_dir, &host.sysfs, bdf);
         }
         Err(e) => return Err(e),
     };

@@ -16,7 +16,8 @@ use crate::host::Host;
 use crate::host::lock::DeviceLock;
 use crate::{Error, Result};
 
-use super::guard::{Guarded, Restored, Session, Writes};
+use super::guard::{Restored, Session, Writes};
+use super::owner::Guarded;
 use super::port::{self, PortRecord, PortState};
 use super::{Opener, Target, begin_session, inspect, kernel::kernel_reset, plan::dry_run};
 

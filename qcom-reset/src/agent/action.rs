@@ -1,0 +1,253 @@
+//! What the agent did about a trigger: one run of a session (a reset, or a verification that
+//! resets only if needed), as the action journaled and broadcast.
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tracing::info;
+
+use super::shared::*;
+use super::trigger::*;
+use crate::bdf::Bdf;
+use crate::device::verdict::Health;
+use crate::session::Unread;
+use crate::session::{self, Request};
+
+/// One thing the agent did or declined to do; journaled and broadcast.
+#[derive(Clone, Debug, Serialize)]
+pub struct Action {
+    pub ts_ms: u64,
+    pub bdf: Bdf,
+    pub trigger: Trigger,
+    /// A verdict ("clean", "stale", "crashed", "not-ready", "link-down", "wrong-identity"), or
+    /// "error", "taken", "dry-run", "skipped", "nothing-to-do"
+    pub result: String,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<session::Report>,
+    /// Time from the event's arrival to the start of the reset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(super) fn action(
+    bdf: Bdf,
+    trigger: Trigger,
+    result: &str,
+    detail: impl Into<String>,
+) -> Action {
+    Action {
+        ts_ms: now_ms(),
+        bdf,
+        trigger,
+        result: result.into(),
+        detail: detail.into(),
+        report: None,
+        latency_ms: None,
+    }
+}
+
+/// One run of the engine, as an action: a verdict, "error", "taken", "dry-run", "skipped" (refused,
+/// nothing written) or "held" (refused because something holds the device or its lock).
+pub(super) async fn attempt(
+    sh: &Arc<Shared>,
+    bdf: Bdf,
+    trigger: Trigger,
+    dev_cfg: &crate::config::DeviceConfig,
+) -> Action {
+    let req = Request {
+        bdf,
+        profile: dev_cfg.profile.clone(),
+        bar: dev_cfg.bar,
+        force: false,
+        dry_run: sh.cfg().observe_only,
+        ignore_kernel_reset: sh.cfg().act_with_kernel_reset,
+        experimental: sh.cfg().experimental.clone(),
+        allow_dpc: sh.cfg().allow_dpc,
+        allow_unguarded_link_drop: sh.cfg().allow_unguarded_link_drop,
+    };
+    let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg().access.name());
+    let result = tokio::task::spawn_blocking(move || {
+        session::reset(&host, &req, &mut |d, o| open(d, o), access)
+    })
+    .await;
+    let mut a = action(bdf, trigger, "error", "");
+    match result {
+        Err(join) => {
+            a.detail = format!("reset task failed: {join}");
+            sh.metrics.reset(&bdf.to_string(), "error");
+            sh.record(bdf, false, "error");
+        }
+        Ok(Err(e)) if is_refusal(&e) => {
+            sh.metrics.skipped("refused");
+            let held = matches!(
+                e,
+                crate::Error::Held { .. }
+                    | crate::Error::HeldBySession { .. }
+                    | crate::Error::Busy { .. }
+            );
+            a.result = if held { "held" } else { "skipped" }.into();
+            a.detail = format!("not written: {e}");
+        }
+        // A host driver took the card mid-session (libvirt's managed reattach), or a VM opened
+        // it while the verification had let its group go: not the card failing, and no longer
+        // ours to retry (the VM's release is an episode of its own). A card that left the bus
+        // or came back as a new device is still a failed attempt (a reset that drops it off
+        // the bus every time must back off and give up).
+        Ok(Err(
+            e @ crate::Error::Taken {
+                by: crate::session::Lost::Driver(_) | crate::session::Lost::Opened(_),
+                ..
+            },
+        )) => {
+            sh.metrics.reset(&bdf.to_string(), "taken");
+            a.result = "taken".into();
+            a.detail = e.to_string();
+        }
+        Ok(Err(e)) => {
+            a.detail = e.to_string();
+            sh.metrics.reset(&bdf.to_string(), "error");
+            sh.record(bdf, false, "error");
+        }
+        Ok(Ok(r)) if r.method == session::Method::DryRun => {
+            sh.metrics.reset(&bdf.to_string(), "dry-run");
+            a.result = "dry-run".into();
+            a.detail = format!(
+                "observe-only: would run {} ({} register operations)",
+                r.sequence_version,
+                r.ops.len()
+            );
+            a.report = Some(r);
+        }
+        Ok(Ok(r)) => {
+            let v = r.verdict.clone().expect("a real reset has a verdict");
+            sh.metrics.reset(&bdf.to_string(), &v.health.to_string());
+            sh.metrics.duration(Duration::from_millis(r.duration_ms));
+            sh.verdict(bdf, v.health, &v.detail);
+            sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
+            a.result = v.health.to_string();
+            a.detail = format!(
+                "{} in {} ms: {}",
+                r.sequence_version, r.duration_ms, v.detail
+            );
+            a.report = Some(r);
+        }
+    }
+    a
+}
+
+/// Refusals are not failed attempts: nothing was written.
+pub(super) fn is_refusal(e: &crate::Error) -> bool {
+    use crate::Error::*;
+    matches!(
+        e,
+        Held { .. }
+            | HeldBySession { .. }
+            | RecordWaits { .. }
+            | PciehpPolls { .. }
+            | WrongDriver { .. }
+            | NotTarget { .. }
+            | NoSuchDevice(..)
+            | Busy { .. }
+            | UnknownProfile(_)
+            | Experimental { .. }
+            | Dpc { .. }
+            | PortGuard { .. }
+    )
+}
+
+/// What the health check before acting on a weak trigger found.
+pub(super) enum Verified {
+    /// The device must be reset.
+    Reset,
+    /// The action that ends the episode: clean, a verdict the rescan policy leaves alone, not
+    /// checkable.
+    Done(Action),
+    /// Not checked because something holds the device (result "held").
+    Held(Action),
+}
+
+pub(super) async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
+    let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
+    let mode = if sh.cfg().observe_only {
+        session::ReadMode::NoWrites
+    } else {
+        session::ReadMode::EnableAndRestore
+    };
+    if sh.cfg().observe_only && crate::access::opens_device(sh.cfg().access) {
+        return Verified::Done(action(
+            bdf,
+            trigger,
+            "skipped",
+            format!(
+                "not checked: {}; observe-only does not",
+                crate::access::VFIO_OPEN_RESETS
+            ),
+        ));
+    }
+    let st = tokio::task::spawn_blocking(move || {
+        let t = session::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
+        session::status(&host, t, &mut |d, o| open(d, o), mode)
+    })
+    .await;
+    let resets = |h: Health| match trigger {
+        Trigger::Rescan => sh.cfg().rescan_resets.resets(h),
+        _ => h != Health::Clean,
+    };
+    match st {
+        Ok(Ok(s)) => match (s.verdict, s.skipped) {
+            (Some(v), _) if v.health == Health::Clean => Verified::Done({
+                sh.verdict(bdf, v.health, &v.detail);
+                action(
+                    bdf,
+                    trigger,
+                    "nothing-to-do",
+                    format!("clean: {}", v.detail),
+                )
+            }),
+            (Some(v), _) if !resets(v.health) => Verified::Done({
+                sh.verdict(bdf, v.health, &v.detail);
+                action(
+                    bdf,
+                    trigger,
+                    "nothing-to-do",
+                    format!(
+                        "{} left alone (rescan_resets = {:?}): {}",
+                        v.health,
+                        sh.cfg().rescan_resets,
+                        v.detail
+                    ),
+                )
+            }),
+            (Some(v), _) => {
+                info!(bdf = %bdf, "{} ({}); resetting", v.health, v.detail);
+                Verified::Reset
+            }
+            (None, Some(Unread::Held(why))) => {
+                Verified::Held(action(bdf, trigger, "held", format!("not checked: {why}")))
+            }
+            (None, why) => Verified::Done(action(
+                bdf,
+                trigger,
+                "skipped",
+                format!(
+                    "not checked: {}",
+                    why.map(|w| w.to_string()).unwrap_or_default()
+                ),
+            )),
+        },
+        Ok(Err(e)) => Verified::Done(action(bdf, trigger, "skipped", format!("not checked: {e}"))),
+        Err(e) => Verified::Done(action(
+            bdf,
+            trigger,
+            "error",
+            format!("status task failed: {e}"),
+        )),
+    }
+}
