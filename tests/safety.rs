@@ -853,14 +853,14 @@ impl Backend for VfioView {
     fn name(&self) -> &'static str {
         "vfio"
     }
-    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
         match o {
             0 => Ok(0x17cb),
             2 => Ok(0x1103),
             _ => self.0.config_read16(o),
         }
     }
-    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+    fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
         self.0.config_write16(o, v)
     }
     fn map_bar(&mut self, bar: u8) -> qcom_reset::Result<(Box<dyn RegisterIo>, u64)> {
@@ -934,11 +934,11 @@ impl Backend for DeafBar {
     fn name(&self) -> &'static str {
         "vfio"
     }
-    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
         self.0.config_read16(o)
     }
-    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
-        if o == u64::from(qcom_reset::sim::config::LNKCTL) {
+    fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
+        if o == qcom_reset::sim::config::LNKCTL {
             return Ok(());
         }
         self.0.config_write16(o, v)
@@ -970,7 +970,7 @@ fn all_ones_mmio_with_the_header_intact_repairs_nothing() {
         let h = FakeHost::new();
         h.add(FakeDevice::default());
         let card = sim(Family::Wlan, Faults::default());
-        let lnkctl = u64::from(qcom_reset::sim::config::LNKCTL);
+        let lnkctl = qcom_reset::sim::config::LNKCTL;
         let mut c = card.clone();
         if aspm {
             let v = c.config_read16(lnkctl).unwrap();
@@ -995,16 +995,16 @@ fn all_ones_mmio_with_the_header_intact_repairs_nothing() {
 /// A card whose BAR0 register refuses the restore (a write error mid-repair): decoding is never
 /// turned on over a half-restored BAR, neither by the repair nor after it.
 #[derive(Clone)]
-struct StuckBar(SimDevice, Arc<Mutex<Vec<(u64, u16, bool)>>>);
+struct StuckBar(SimDevice, Arc<Mutex<Vec<(u16, u16, bool)>>>);
 
 impl Backend for StuckBar {
     fn name(&self) -> &'static str {
         "simulator"
     }
-    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
         self.0.config_read16(o)
     }
-    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+    fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
         let refused = o == 0x12;
         self.1.lock().unwrap().push((o, v, refused));
         if refused {
@@ -1105,10 +1105,10 @@ impl Backend for VerifyHook {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
         self.inner.config_read16(o)
     }
-    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+    fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
         self.seen
             .writes_held
             .lock()

@@ -8,6 +8,7 @@ mod error;
 pub mod exit;
 pub mod health;
 pub mod host;
+pub mod pci;
 
 pub mod session;
 pub mod signals;

@@ -224,10 +224,10 @@ impl qcom_reset::access::Backend for Hooked {
     fn name(&self) -> &'static str {
         "hooked"
     }
-    fn config_read16(&mut self, offset: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, offset: u16) -> std::io::Result<u16> {
         self.inner.config_read16(offset)
     }
-    fn config_write16(&mut self, offset: u64, value: u16) -> std::io::Result<()> {
+    fn config_write16(&mut self, offset: u16, value: u16) -> std::io::Result<()> {
         (self.on_config_write)();
         self.inner.config_write16(offset, value)
     }
@@ -293,10 +293,10 @@ impl Backend for HandOverCard {
     fn name(&self) -> &'static str {
         "hand-over"
     }
-    fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+    fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
         self.inner.config_read16(o)
     }
-    fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+    fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
         if *self.taken.lock().unwrap() {
             *self.config_writes_after.lock().unwrap() += 1;
         }

@@ -17,14 +17,15 @@ use vfio_bindings::bindings::vfio as uapi;
 use crate::device::regio::RegisterIo;
 use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
+use crate::pci::{ConfigSpace as _, SysfsConfig};
 use crate::{Error, bdf::Bdf};
 use mmio::MmioBar;
 
 /// Config space plus the register BAR of one PCI function.
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
-    fn config_read16(&mut self, offset: u64) -> io::Result<u16>;
-    fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()>;
+    fn config_read16(&mut self, offset: u16) -> io::Result<u16>;
+    fn config_write16(&mut self, offset: u16, value: u16) -> io::Result<()>;
     /// Maps BAR `bar`; returns the accessor and the BAR's length.
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error>;
 }
@@ -89,16 +90,13 @@ pub fn open(dev: &SysfsDevice, access: Access, own: &Ownership) -> Result<Box<dy
 
 pub struct SysfsBackend {
     dev: SysfsDevice,
-    config: File,
+    config: SysfsConfig,
 }
 
 impl SysfsBackend {
     pub fn open(dev: &SysfsDevice) -> Result<Self, Error> {
         let path = dev.path("config");
-        let config = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
+        let config = SysfsConfig::open(&path, true)
             .map_err(|source| Error::SysfsWrite { path, err: source })?;
         Ok(SysfsBackend {
             dev: dev.clone(),
@@ -107,21 +105,15 @@ impl SysfsBackend {
     }
 }
 
-fn read16_at(f: &File, off: u64) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    f.read_exact_at(&mut b, off)?;
-    Ok(u16::from_le_bytes(b))
-}
-
 impl Backend for SysfsBackend {
     fn name(&self) -> &'static str {
         "sysfs"
     }
-    fn config_read16(&mut self, offset: u64) -> io::Result<u16> {
-        read16_at(&self.config, offset)
+    fn config_read16(&mut self, offset: u16) -> io::Result<u16> {
+        self.config.read16(offset)
     }
-    fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()> {
-        self.config.write_all_at(&value.to_le_bytes(), offset)
+    fn config_write16(&mut self, offset: u16, value: u16) -> io::Result<()> {
+        self.config.write16(offset, value)
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
         let bdf = self.dev.bdf;
@@ -358,12 +350,15 @@ impl Backend for VfioBackend {
     fn name(&self) -> &'static str {
         "vfio"
     }
-    fn config_read16(&mut self, offset: u64) -> io::Result<u16> {
-        read16_at(&self.device, self.config_offset + offset)
-    }
-    fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()> {
+    fn config_read16(&mut self, offset: u16) -> io::Result<u16> {
+        let mut b = [0u8; 2];
         self.device
-            .write_all_at(&value.to_le_bytes(), self.config_offset + offset)
+            .read_exact_at(&mut b, self.config_offset + u64::from(offset))?;
+        Ok(u16::from_le_bytes(b))
+    }
+    fn config_write16(&mut self, offset: u16, value: u16) -> io::Result<()> {
+        self.device
+            .write_all_at(&value.to_le_bytes(), self.config_offset + u64::from(offset))
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
         let map_err = |why: String| Error::Map {

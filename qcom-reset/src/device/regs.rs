@@ -69,13 +69,3 @@ pub fn ee_name(ee: u32) -> &'static str {
         _ => "INVALID",
     }
 }
-
-/// PCI config space.
-pub const PCI_VENDOR_ID: u64 = 0x00;
-pub const PCI_DEVICE_ID: u64 = 0x02;
-pub const PCI_COMMAND: u64 = 0x04;
-pub const PCI_STATUS: u64 = 0x06;
-/// The class code's upper word (base class, subclass).
-pub const PCI_CLASS_DEVICE: u64 = 0x0a;
-pub const PCI_COMMAND_MEMORY: u16 = 0x0002;
-pub const PCI_COMMAND_MASTER: u16 = 0x0004;

@@ -16,10 +16,10 @@ use super::record::{self, Record};
 use super::restore::*;
 use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::device::regs::*;
 use crate::host::lock::DeviceLock;
 use crate::host::own::Ownership;
 use crate::host::sysfs::{Override, SysfsDevice};
+use crate::pci::*;
 use crate::{Error, GuardFailure, Result};
 
 /// The `driver_override` a session puts on its card: no driver has this name, so nothing binds

@@ -5,85 +5,17 @@
 //! masks those reports for the duration, clears what latched, and restores the port's registers
 //! on every path (the crash record carries them). A port with DPC enabled would contain the link
 //! drop by disabling the link: refused unless allowed.
-use std::fs::File;
-use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
 use crate::host::sysfs::SysfsDevice;
+use crate::pci::*;
 
-const PCI_STATUS: u16 = 0x06;
-const PCI_STATUS_CAP_LIST: u16 = 0x10;
-const PCI_CAPABILITY_LIST: u16 = 0x34;
-const PCI_CAP_ID_EXP: u8 = 0x10;
-const PCI_EXP_FLAGS: u16 = 0x02;
-const PCI_EXP_FLAGS_SLOT: u16 = 0x0100;
-const PCI_EXP_SLTCAP: u16 = 0x14;
-const PCI_EXP_SLTCAP_HPC: u32 = 0x40;
-/// No Command Completed Support: the slot does not report completion of Slot Control writes.
-const PCI_EXP_SLTCAP_NCCS: u32 = 0x0004_0000;
-const PCI_EXP_SLTSTA_CC: u16 = 0x0010;
-const PCI_EXP_SLTCTL_CCIE: u16 = 0x0010;
-const PCI_EXP_SLTCTL: u16 = 0x18;
-/// Presence Detect Changed and Data Link Layer State Changed event enables.
-const PCI_EXP_SLTCTL_PDCE: u16 = 0x0008;
-const PCI_EXP_SLTCTL_DLLSCE: u16 = 0x1000;
-const PCI_EXP_SLTSTA: u16 = 0x1a;
-const PCI_EXP_SLTSTA_PDC: u16 = 0x0008;
-const PCI_EXP_SLTSTA_DLLSC: u16 = 0x0100;
 /// The two event enables a link drop would fire, and their latched status bits.
 const SLTCTL_LINK_EVENTS: u16 = PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE;
 const SLTSTA_LINK_EVENTS: u16 = PCI_EXP_SLTSTA_PDC | PCI_EXP_SLTSTA_DLLSC;
-const EXT_CAP_START: u16 = 0x100;
-const PCI_EXT_CAP_ID_ERR: u16 = 0x0001;
-const PCI_EXT_CAP_ID_DPC: u16 = 0x001d;
-const PCI_ERR_UNCOR_STATUS: u16 = 0x04;
-const PCI_ERR_UNCOR_MASK: u16 = 0x08;
-const PCI_ERR_UNC_SURPDN: u32 = 0x20;
-const PCI_EXP_DPC_CTL: u16 = 0x06;
-const PCI_EXP_DPC_CTL_EN_MASK: u16 = 0x0003;
-
-/// Config space of the port, 16- and 32-bit little-endian accesses.
-pub trait ConfigSpace {
-    fn read16(&mut self, off: u16) -> std::io::Result<u16>;
-    fn read32(&mut self, off: u16) -> std::io::Result<u32>;
-    fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()>;
-    fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()>;
-}
-
-/// sysfs `config` of the port (the kernel serialises these accesses with its own).
-pub struct SysfsConfig(File);
-
-impl SysfsConfig {
-    pub fn open(path: &Path, write: bool) -> std::io::Result<SysfsConfig> {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .map(SysfsConfig)
-    }
-}
-
-impl ConfigSpace for SysfsConfig {
-    fn read16(&mut self, off: u16) -> std::io::Result<u16> {
-        let mut b = [0u8; 2];
-        self.0.read_exact_at(&mut b, off as u64)?;
-        Ok(u16::from_le_bytes(b))
-    }
-    fn read32(&mut self, off: u16) -> std::io::Result<u32> {
-        let mut b = [0u8; 4];
-        self.0.read_exact_at(&mut b, off as u64)?;
-        Ok(u32::from_le_bytes(b))
-    }
-    fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
-        self.0.write_all_at(&v.to_le_bytes(), off as u64)
-    }
-    fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()> {
-        self.0.write_all_at(&v.to_le_bytes(), off as u64)
-    }
-}
 
 /// The bridge directly above `dev` in the sysfs device tree, if it is a PCI device (a card on
 /// the root bus has none).
@@ -392,54 +324,6 @@ impl std::fmt::Display for PortIds {
 pub fn pciehp_polls(sys: &Path) -> bool {
     std::fs::read_to_string(sys.join("module/pciehp/parameters/pciehp_poll_mode"))
         .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
-}
-
-/// Offset of the PCI Express capability (at most 48 list entries), through any config-space
-/// reader: the port's sysfs config here, the target's backend for the crash record.
-pub fn pcie_capability(
-    read16: &mut dyn FnMut(u16) -> std::io::Result<u16>,
-) -> std::io::Result<Option<u16>> {
-    let status = read16(PCI_STATUS)?;
-    if status == 0xffff || status & PCI_STATUS_CAP_LIST == 0 {
-        return Ok(None);
-    }
-    let mut pos = read16(PCI_CAPABILITY_LIST)? & 0xfc;
-    for _ in 0..48 {
-        if pos < 0x40 {
-            return Ok(None);
-        }
-        let hdr = read16(pos)?;
-        if hdr as u8 == PCI_CAP_ID_EXP {
-            return Ok(Some(pos));
-        }
-        pos = (hdr >> 8) & 0xfc;
-    }
-    Ok(None)
-}
-
-fn capability(cfg: &mut dyn ConfigSpace) -> std::io::Result<Option<u16>> {
-    pcie_capability(&mut |off| cfg.read16(off))
-}
-
-/// Offset of extended capability `id` (at most 96 entries); None where there is none. A PCI
-/// Express function has 4 KiB of config space, so a short read there is an error (sysfs gives
-/// unprivileged readers only the header), not "no such capability".
-fn ext_capability(cfg: &mut dyn ConfigSpace, id: u16) -> std::io::Result<Option<u16>> {
-    let mut pos = EXT_CAP_START;
-    for _ in 0..96 {
-        let hdr = cfg.read32(pos)?;
-        if hdr == 0 || hdr == u32::MAX {
-            return Ok(None);
-        }
-        if hdr as u16 == id {
-            return Ok(Some(pos));
-        }
-        pos = (hdr >> 20) as u16 & 0xffc;
-        if pos < EXT_CAP_START {
-            return Ok(None);
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::access::Backend;
 use crate::bdf::Bdf;
 use crate::host::sysfs::Override;
+use crate::pci::*;
 use crate::{Error, Result};
 
 /// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
@@ -22,10 +23,6 @@ const HEADER_WORDS: [u16; 14] = [
 /// PCIe capability registers restored like the kernel does: Device Control, Link Control,
 /// Device Control 2, Link Control 2 (offsets inside the capability).
 const PCIE_WORDS: [u16; 4] = [0x08, PCI_EXP_LNKCTL, 0x28, 0x30];
-const PCI_EXP_LNKCTL: u16 = 0x10;
-/// Link Control's ASPM enables: saved cleared, so a restore never turns ASPM on before L1
-/// substates are configured (the kernel restores them last); the next driver sets them.
-const PCI_EXP_LNKCTL_ASPMC: u16 = 0x0003;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -92,7 +89,7 @@ pub fn snapshot(backend: &mut dyn Backend) -> Vec<(u16, u16)> {
     words
         .into_iter()
         .filter_map(|off| {
-            let v = backend.config_read16(off as u64).ok()?;
+            let v = backend.config_read16(off).ok()?;
             let v = if Some(off) == lnkctl {
                 v & !PCI_EXP_LNKCTL_ASPMC
             } else {
@@ -145,7 +142,7 @@ pub fn fill_lost_bars(words: &mut [(u16, u16)], resources: &[(u64, u64)]) -> Vec
 
 /// Offset of the PCI Express capability of the device behind `backend`.
 fn pcie_capability(backend: &mut dyn Backend) -> Option<u16> {
-    super::port::pcie_capability(&mut |off| backend.config_read16(off as u64))
+    crate::pci::pcie_capability(&mut |off| backend.config_read16(off))
         .ok()
         .flatten()
 }
@@ -270,11 +267,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "config"
         }
-        fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
             let o = o as usize;
             Ok(u16::from_le_bytes([self.0[o], self.0[o + 1]]))
         }
-        fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
             self.put(o as usize, v);
             Ok(())
         }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::bdf::Bdf;
-use crate::device::regio::{Op, Recorder};
+use crate::device::regio::{Op, Recorder, RegisterIo};
 use crate::device::regs::*;
 use crate::device::sequence::{self, Outcome};
 use crate::device::verdict::{self, Verdict};
@@ -153,6 +153,19 @@ pub fn reset(
     if let Some(e) = t.refusal(req.force) {
         return Err(e);
     }
+    run(host, req, &t, open)
+}
+
+/// What the sequence and its verification found.
+struct Done {
+    outcome: Option<Outcome>,
+    verdict: Verdict,
+    ops: Vec<Op>,
+}
+
+/// The session of a reset, its lock held and the card re-inspected: own, guard the port,
+/// reset (the kernel's or ours), verify, restore; each phase timed.
+fn run(host: &Host, req: &Request, t: &Target, open: &mut Opener<'_>) -> Result<Report> {
     let started = Instant::now();
     let mut lap = Lap(started);
     let mut phases = Phases::default();
@@ -163,127 +176,18 @@ pub fn reset(
         version,
         &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
     );
-
     let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
     phases.own_us = lap.take();
-    let port = guard_link_drop(host, &mut session, &t, req)?;
+    let port = guard_link_drop(host, &mut session, t, req)?;
     phases.guard_us = lap.take();
-    let mut kernel = t.kernel_has_device_specific() && !req.ignore_kernel_reset;
-    if kernel {
-        step(
-            t.bdf,
-            version,
-            "reset: the kernel provides device_specific; using its reset instead of ours",
-        );
-        session.still_owned()?;
-        session.saw_link_drop();
-        // A kernel reset that failed (its WLAN link poll timing out, say) left the card as the
-        // kernel restored it: ours is the reset that is left.
-        match kernel_reset(&mut session, &t) {
-            Ok(()) => {}
-            Err(e @ Error::KernelReset { .. }) => {
-                warn!(bdf = %t.bdf, "{e}: falling back to qcom-reset's register sequence");
-                kernel = false;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let kernel =
+        t.kernel_has_device_specific() && !req.ignore_kernel_reset && try_kernel(&mut session, t)?;
     let access = session.backend.name();
-    let mut ops = Vec::new();
-    let mut outcome = None;
-    let verdict = 'seq: {
-        let (vendor, device) = session.config_ids();
-        if vendor == 0xffff {
-            step(
-                t.bdf,
-                version,
-                "pre: config space reads all-ones; link down, no BAR writes",
-            );
-            break 'seq verdict::judge(
-                &t.expect(true),
-                &verdict::Registers {
-                    config_vendor: vendor,
-                    config_device: device,
-                    ..Default::default()
-                },
-            );
-        }
-        session.enable_memory()?;
-        let need = sequence::bar_needed(p.family);
-        let (bar, len) = session.backend.map_bar(p.bar)?;
-        if len < need {
-            return Err(Error::BarTooSmall {
-                bdf: t.bdf,
-                bar: p.bar,
-                len,
-                need,
-                family: p.family.name(),
-            });
-        }
-        session.still_owned()?;
-        let watch = session.watch();
-        let mut io = Recorder::new(Live {
-            session: &mut session,
-            bar: Guarded::new(bar, watch),
-        });
-        if !kernel {
-            let o = sequence::run(p.family, &mut io, &mut |s| {
-                step(t.bdf, version, &format!("reset: {s}"))
-            });
-            step(t.bdf, version, &format!("reset: {o:?}"));
-            outcome = Some(o);
-            ops = std::mem::take(&mut io.ops);
-        }
-        step(
-            t.bdf,
-            version,
-            &format!(
-                "verify: reading config space and MHI registers (every {} ms, up to {} ms)",
-                verdict::SETTLE_POLL.as_millis(),
-                verdict::settle_window(p.family).as_millis()
-            ),
-        );
-        // A SoC reset takes the link down, so the sequence reads all-ones at least once; without
-        // that evidence a modem found in AMSS never rebooted (e.g. our writes were lost).
-        let rebooted = kernel
-            || ops.iter().any(|o| {
-                matches!(
-                    o,
-                    crate::device::regio::Op::Read {
-                        value: ALL_ONES,
-                        ..
-                    }
-                )
-            });
-        if rebooted {
-            io.inner.session.saw_link_drop();
-        }
-        phases.sequence_us = lap.take();
-        // The verification only reads: once the card is settled a VM may open it meanwhile (a
-        // header repair takes the group back first). One that did keeps the card and gets no
-        // verdict of ours.
-        let verifying = io.inner.session.begin_verification();
-        let v = verdict::verify(&t.expect(rebooted), &mut io, len);
-        // Reads do not check the owner on their own: a card taken during the modem's wait or
-        // the verification gets no verdict from registers that are the new driver's.
-        let lost = io
-            .inner
-            .bar
-            .lost
-            .take()
-            .or_else(|| io.inner.session.watch().lost());
-        if let Some(l) = lost {
-            return Err(session.lost(l));
-        }
-        if verifying {
-            session.take_back()?;
-        }
-        v
-    };
+    let done = reset_and_verify(&mut session, t, kernel, &mut lap, &mut phases)?;
     step(
         t.bdf,
         version,
-        &format!("verdict: {} ({})", verdict.health, verdict.detail),
+        &format!("verdict: {} ({})", done.verdict.health, done.verdict.detail),
     );
     // Config space reading all-ones ends the look before any sequence: that look is the
     // verification then.
@@ -306,9 +210,9 @@ pub fn reset(
             Method::RegisterSequence
         },
         access,
-        outcome,
-        verdict: Some(verdict),
-        ops,
+        outcome: done.outcome,
+        verdict: Some(done.verdict),
+        ops: done.ops,
         plan: Vec::new(),
         restored,
         recovered,
@@ -316,6 +220,157 @@ pub fn reset(
         duration_ms: started.elapsed().as_millis() as u64,
         phases,
     })
+}
+
+/// The kernel's `device_specific` reset; true when it ran. One that failed (its WLAN link poll
+/// timing out, say) left the card as the kernel restored it: ours is the reset that is left.
+fn try_kernel(session: &mut Session, t: &Target) -> Result<bool> {
+    step(
+        t.bdf,
+        t.profile.family.sequence_version(),
+        "reset: the kernel provides device_specific; using its reset instead of ours",
+    );
+    session.still_owned()?;
+    session.saw_link_drop();
+    match kernel_reset(session, t) {
+        Ok(()) => Ok(true),
+        Err(e @ Error::KernelReset { .. }) => {
+            warn!(bdf = %t.bdf, "{e}: falling back to qcom-reset's register sequence");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Our sequence (unless the kernel reset the card) and the verification, through the BAR.
+/// A card whose config space reads all-ones is judged link-down without a BAR access.
+fn reset_and_verify(
+    session: &mut Session,
+    t: &Target,
+    kernel: bool,
+    lap: &mut Lap,
+    phases: &mut Phases,
+) -> Result<Done> {
+    let (vendor, device) = session.config_ids();
+    if vendor == 0xffff {
+        step(
+            t.bdf,
+            t.profile.family.sequence_version(),
+            "pre: config space reads all-ones; link down, no BAR writes",
+        );
+        let regs = verdict::Registers {
+            config_vendor: vendor,
+            config_device: device,
+            ..Default::default()
+        };
+        let verdict = verdict::judge(&t.expect(true), &regs);
+        return Ok(Done {
+            outcome: None,
+            verdict,
+            ops: Vec::new(),
+        });
+    }
+    let (bar, len) = map_bar(session, t)?;
+    let watch = session.watch();
+    let mut io = Recorder::new(Live {
+        session,
+        bar: Guarded::new(bar, watch),
+    });
+    let (outcome, ops) = if kernel {
+        (None, Vec::new())
+    } else {
+        let (o, ops) = run_sequence(&mut io, t);
+        (Some(o), ops)
+    };
+    // A SoC reset takes the link down, so the sequence reads all-ones at least once; without
+    // that evidence a modem found in AMSS never rebooted (e.g. our writes were lost).
+    let rebooted = kernel
+        || ops.iter().any(|o| {
+            matches!(
+                o,
+                Op::Read {
+                    value: ALL_ONES,
+                    ..
+                }
+            )
+        });
+    if rebooted {
+        io.inner.session.saw_link_drop();
+    }
+    phases.sequence_us = lap.take();
+    let verdict = verify(io, t, rebooted, len)?;
+    Ok(Done {
+        outcome,
+        verdict,
+        ops,
+    })
+}
+
+/// Memory decoding on, the BAR mapped and checked to hold the sequence's registers.
+fn map_bar(session: &mut Session, t: &Target) -> Result<(Box<dyn RegisterIo>, u64)> {
+    let p = t.profile;
+    session.enable_memory()?;
+    let need = sequence::bar_needed(p.family);
+    let (bar, len) = session.backend.map_bar(p.bar)?;
+    if len < need {
+        return Err(Error::BarTooSmall {
+            bdf: t.bdf,
+            bar: p.bar,
+            len,
+            need,
+            family: p.family.name(),
+        });
+    }
+    session.still_owned()?;
+    Ok((bar, len))
+}
+
+/// The reviewed register sequence; its outcome and register operations.
+fn run_sequence<I: RegisterIo>(io: &mut Recorder<I>, t: &Target) -> (Outcome, Vec<Op>) {
+    let version = t.profile.family.sequence_version();
+    let o = sequence::run(t.profile.family, io, &mut |s| {
+        step(t.bdf, version, &format!("reset: {s}"))
+    });
+    step(t.bdf, version, &format!("reset: {o:?}"));
+    (o, std::mem::take(&mut io.ops))
+}
+
+/// Reads the card until it settles or its window ends. The verification only reads: once the
+/// card is settled a VM may open it meanwhile (a header repair takes the group back first). One
+/// that did keeps the card and gets no verdict of ours.
+fn verify(
+    mut io: Recorder<Live<'_, Box<dyn RegisterIo>>>,
+    t: &Target,
+    rebooted: bool,
+    len: u64,
+) -> Result<Verdict> {
+    step(
+        t.bdf,
+        t.profile.family.sequence_version(),
+        &format!(
+            "verify: reading config space and MHI registers (every {} ms, up to {} ms)",
+            verdict::SETTLE_POLL.as_millis(),
+            verdict::settle_window(t.profile.family).as_millis()
+        ),
+    );
+    let verifying = io.inner.session.begin_verification();
+    let v = verdict::verify(&t.expect(rebooted), &mut io, len);
+    // Reads do not check the owner on their own: a card taken during the modem's wait or
+    // the verification gets no verdict from registers that are the new driver's.
+    let lost = io
+        .inner
+        .bar
+        .lost
+        .take()
+        .or_else(|| io.inner.session.watch().lost());
+    let session = io.inner.session;
+    if let Some(l) = lost {
+        return Err(session.lost(l));
+    }
+    if verifying {
+        session.take_back()?;
+    }
+    Ok(v)
 }
 
 /// The card while the sequence and its verification run: the BAR, every write checked against
@@ -327,7 +382,7 @@ struct Live<'s, I> {
     bar: Guarded<I>,
 }
 
-impl<I: crate::device::regio::RegisterIo> crate::device::regio::RegisterIo for Live<'_, I> {
+impl<I: RegisterIo> RegisterIo for Live<'_, I> {
     fn read32(&mut self, offset: u32) -> u32 {
         if self.bar.lost.is_none() {
             self.bar.lost = self.session.taken();
@@ -356,7 +411,7 @@ impl<I: crate::device::regio::RegisterIo> crate::device::regio::RegisterIo for L
     }
 }
 
-impl<I: crate::device::regio::RegisterIo> verdict::Card for Live<'_, I> {
+impl<I: RegisterIo> verdict::Card for Live<'_, I> {
     fn config_ids(&mut self) -> (u16, u16) {
         self.session.config_ids()
     }
@@ -368,7 +423,7 @@ pub fn upstream_port(t: &Target) -> Result<PortState> {
         return Ok(PortState::default());
     };
     let path = p.path("config");
-    port::SysfsConfig::open(&path, false)
+    crate::pci::SysfsConfig::open(&path, false)
         .and_then(|mut cfg| PortState::read(p.bdf, &mut cfg))
         .map_err(|err| Error::SysfsRead { path, err })
 }

@@ -10,9 +10,9 @@ use super::port;
 use super::record::{self, Record};
 use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::device::regs::*;
 use crate::host::lock::DeviceLock;
 use crate::host::sysfs::{Override, SysfsDevice};
+use crate::pci::*;
 use crate::{Error, GuardFailure, Result};
 
 impl Session {
@@ -301,7 +301,7 @@ pub(super) fn differing(
     words
         .into_iter()
         .filter_map(|(off, want)| {
-            let now = backend.config_read16(off as u64).ok()?;
+            let now = backend.config_read16(off).ok()?;
             (now != want).then_some((off, now, want))
         })
         .collect()
@@ -324,11 +324,11 @@ pub(super) fn write_back(
         }
     }
     for (off, now, want) in differ {
-        if let Err(e) = backend.config_write16(off as u64, want) {
+        if let Err(e) = backend.config_write16(off, want) {
             r.errors.push(format!("config {off:#04x}: {e}"));
             continue;
         }
-        match backend.config_read16(off as u64) {
+        match backend.config_read16(off) {
             Ok(v) if v == want => r
                 .config
                 .push(format!("{off:#04x}: {now:#06x} -> {want:#06x}")),
@@ -353,11 +353,11 @@ pub(super) fn write_back(
 pub(super) fn port_config(
     dev: &SysfsDevice,
     want: Bdf,
-) -> std::result::Result<port::SysfsConfig, GuardFailure> {
+) -> std::result::Result<crate::pci::SysfsConfig, GuardFailure> {
     let p = port::upstream(dev)
         .filter(|p| p.bdf == want)
         .ok_or(GuardFailure::NotAbove)?;
-    port::SysfsConfig::open(&p.path("config"), true).map_err(GuardFailure::Io)
+    crate::pci::SysfsConfig::open(&p.path("config"), true).map_err(GuardFailure::Io)
 }
 
 /// Restores the port by its recorded address, checked by its IDs: the card below it may have
@@ -367,8 +367,8 @@ pub(super) fn restore_port(
     p: &port::PortRecord,
 ) -> std::result::Result<Vec<String>, String> {
     let path = dev.sibling(p.port).path("config");
-    let mut cfg =
-        port::SysfsConfig::open(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cfg = crate::pci::SysfsConfig::open(&path, true)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     p.same_port(&mut cfg)?;
     p.restore(&mut cfg)
 }
@@ -386,17 +386,17 @@ mod tests {
     /// A backend that logs its config writes.
     struct Logged {
         inner: SimDevice,
-        writes: Vec<(u64, u16)>,
+        writes: Vec<(u16, u16)>,
     }
 
     impl Backend for Logged {
         fn name(&self) -> &'static str {
             "logged"
         }
-        fn config_read16(&mut self, o: u64) -> std::io::Result<u16> {
+        fn config_read16(&mut self, o: u16) -> std::io::Result<u16> {
             self.inner.config_read16(o)
         }
-        fn config_write16(&mut self, o: u64, v: u16) -> std::io::Result<()> {
+        fn config_write16(&mut self, o: u16, v: u16) -> std::io::Result<()> {
             self.writes.push((o, v));
             self.inner.config_write16(o, v)
         }
@@ -494,7 +494,7 @@ mod tests {
         ];
         let mut r = Restored::default();
         restore_config(&mut c, &b, Words::All, &mut r);
-        let order: Vec<u64> = c.writes.iter().map(|&(o, _)| o).collect();
+        let order: Vec<u16> = c.writes.iter().map(|&(o, _)| o).collect();
         assert_eq!(order, [4, 0x58, 0x60, 0x78, 0x12, 4], "{:?}", r);
     }
 

@@ -4,10 +4,10 @@ use serde::Serialize;
 
 use super::guard::Writes;
 use super::{Opener, Target, begin_session, inspect};
-use crate::device::regs::*;
 use crate::device::verdict::{self, Verdict};
 use crate::host::Host;
 use crate::host::lock::DeviceLock;
+use crate::pci::*;
 use crate::{Error, Result};
 
 use super::target::Regime;

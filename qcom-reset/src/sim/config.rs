@@ -4,7 +4,7 @@
 //! 0, BARs unassigned, Device Control at MPS 128 / MRRS 512, Link Control 2 at the top speed):
 //! what a real endpoint does on DL_Down, and what made "restore what reads 0" wrong.
 use crate::device::Family;
-use crate::device::regs::{PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use crate::pci::{PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 
 /// Where the capabilities sit: PM, then PCI Express, then MSI (a WCN6855's list order).
 pub const PM_CAP: u16 = 0x40;

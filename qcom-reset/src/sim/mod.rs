@@ -83,12 +83,12 @@ impl Backend for SimDevice {
     fn name(&self) -> &'static str {
         "simulator"
     }
-    fn config_read16(&mut self, offset: u64) -> io::Result<u16> {
+    fn config_read16(&mut self, offset: u16) -> io::Result<u16> {
         let mut s = self.lock();
         let now = s.now_us;
         Ok(s.model.config_read16(now, offset))
     }
-    fn config_write16(&mut self, offset: u64, value: u16) -> io::Result<()> {
+    fn config_write16(&mut self, offset: u16, value: u16) -> io::Result<()> {
         let mut s = self.lock();
         let now = s.now_us;
         s.model.config_write16(now, offset, value);

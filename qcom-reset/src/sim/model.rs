@@ -342,22 +342,22 @@ impl Model {
         self.cfg.function_reset();
     }
 
-    pub fn config_read16(&mut self, now: u64, offset: u64) -> u16 {
+    pub fn config_read16(&mut self, now: u64, offset: u16) -> u16 {
         self.advance(now);
         if !self.link_up(now) {
             return 0xffff;
         }
-        self.cfg.read16(offset.min(0xffff) as u16)
+        self.cfg.read16(offset)
     }
 
-    pub fn config_write16(&mut self, now: u64, offset: u64, value: u16) {
+    pub fn config_write16(&mut self, now: u64, offset: u16, value: u16) {
         self.config_writes += 1;
         self.advance(now);
         if !self.link_up(now) {
             return;
         }
         let from = self.cfg.power_state();
-        self.cfg.write16(offset.min(0xffff) as u16, value);
+        self.cfg.write16(offset, value);
         let to = self.cfg.power_state();
         if to != from {
             self.power.push(PowerChange {
@@ -482,6 +482,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::*;
 
     fn mem_on(m: &mut Model) {
         m.config_write16(0, PCI_COMMAND, PCI_COMMAND_MEMORY);

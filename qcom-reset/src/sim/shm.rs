@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::conformance::Conformance;
 use super::model::{BHI_BASE, Model, WriteRecord};
 use crate::device::regs::*;
+use crate::pci::*;
 
 const WRITABLE: [u32; 5] = [
     PCIE_SOC_GLOBAL_RESET,
