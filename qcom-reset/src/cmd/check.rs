@@ -13,7 +13,7 @@ use qcom_reset::host::Host;
 use qcom_reset::probes::layout::NeedsReset;
 use qcom_reset::probes::{self, layout, loader::KPROBE_PMU};
 use qcom_reset::session::port::PortState;
-use qcom_reset::session::{self};
+use qcom_reset::session::{self, power};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,6 +50,29 @@ impl Check {
             fix: fix.map(str::to_string),
             blocks_tracing: blocks,
         }
+    }
+
+    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+        Check::new(name, Level::Pass, detail, None, false)
+    }
+    fn warn(name: &'static str, detail: impl Into<String>) -> Check {
+        Check::new(name, Level::Warn, detail, None, false)
+    }
+    fn fail(name: &'static str, detail: impl Into<String>) -> Check {
+        Check::new(name, Level::Fail, detail, None, false)
+    }
+    fn info(name: &'static str, detail: impl Into<String>) -> Check {
+        Check::new(name, Level::Info, detail, None, false)
+    }
+    /// What to do about it.
+    fn fix(mut self, fix: &str) -> Check {
+        self.fix = Some(fix.to_string());
+        self
+    }
+    /// A failure here stops tracing.
+    fn blocking(mut self) -> Check {
+        self.blocks_tracing = true;
+        self
     }
 
     pub fn line(&self) -> String {
@@ -131,15 +154,9 @@ pub fn kernel_too_old(release: &str) -> Option<Check> {
     kernel_version(release)
         .is_some_and(|v| v < OLDEST_SUPPORTED)
         .then(|| {
-            Check::new(
-                "vfio",
-                Level::Fail,
-                format!(
+            Check::fail("vfio", format!(
                     "kernel {release} has no vfio_pci_core (it arrived in 5.15): releases cannot be seen"
-                ),
-                Some("run a 5.15 or newer kernel (e.g. Debian 12's 6.1)"),
-                true,
-            )
+                )).fix("run a 5.15 or newer kernel (e.g. Debian 12's 6.1)").blocking()
         })
 }
 
@@ -149,27 +166,16 @@ fn vfio_check(release: &str, vfio: Vfio) -> Check {
         return old;
     }
     match vfio {
-        Vfio::Module(_) => Check::new(
+        Vfio::Module(_) => Check::pass("vfio", "vfio_pci_core loaded (module)"),
+        Vfio::BuiltIn(_) => Check::pass(
             "vfio",
-            Level::Pass,
-            "vfio_pci_core loaded (module)",
-            None,
-            false,
-        ),
-        Vfio::BuiltIn(_) => Check::new(
-            "vfio",
-            Level::Pass,
             "vfio_pci_core built into the kernel: its layout comes from vmlinux BTF",
-            None,
-            false,
         ),
-        Vfio::NotLoaded => Check::new(
+        Vfio::NotLoaded => Check::warn(
             "vfio",
-            Level::Warn,
             "vfio_pci_core not loaded: the release probes attach when it loads",
-            Some("modprobe vfio-pci"),
-            false,
-        ),
+        )
+        .fix("modprobe vfio-pci"),
     }
 }
 
@@ -184,257 +190,234 @@ fn needs_reset_check(vfio: Vfio) -> Option<Check> {
         NeedsReset::Bit { .. } => " (kernels ≈6.5–7.1 without the June 2026 stable fix)",
         _ => "",
     };
-    Some(Check::new(
+    Some(Check::info(
         "needs_reset",
-        Level::Info,
         format!(
             "release summaries read vfio_pci_core_device.needs_reset as {source}{era}; reported only, the decision rests on pci_dev_specific_reset"
         ),
-        None,
-        false,
     ))
 }
 
+/// Every preflight check, in the order `check` prints them.
 pub fn run(host: &Host) -> Vec<Check> {
-    let mut out = Vec::new();
     let root = rustix::process::geteuid().is_root();
-    out.push(if root {
-        Check::new("root", Level::Pass, "running as root", None, true)
-    } else {
-        Check::new(
-            "root",
-            Level::Fail,
-            "not root: loading eBPF and BAR access need CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN",
-            Some("run with sudo"),
-            true,
-        )
-    });
-
     let btf = Path::new(layout::VMLINUX_BTF);
     let vmlinux = layout::load_vmlinux(btf);
-    let btf_ok = match vmlinux
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(layout::pci_dev)
-    {
-        Ok(l) => {
-            out.push(Check::new(
-                "btf",
-                Level::Pass,
-                format!(
-                    "{} (pci_dev.vendor@{}, dev.kobj.name@{})",
-                    btf.display(),
-                    l.vendor,
-                    l.name
-                ),
-                None,
-                true,
-            ));
-            true
-        }
-        Err(e) => {
-            out.push(Check::new(
-                "btf",
-                Level::Fail,
-                e.to_string(),
-                Some("boot a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
-                true,
-            ));
-            false
-        }
-    };
-
+    let btf_check = btf_check(btf, vmlinux.as_ref().map_err(Clone::clone));
+    let btf_ok = btf_check.level == Level::Pass;
     let lockdown = lockdown_mode(Path::new(LOCKDOWN_PATH));
-    out.push(match lockdown.as_deref() {
-        Some("confidentiality") => Check::new("lockdown", Level::Fail, "lockdown=confidentiality blocks kprobes and bpf_probe_read_kernel", Some("boot with lockdown=integrity or without Secure Boot lockdown"), true),
-        Some("integrity") => Check::new("lockdown", Level::Warn, "lockdown=integrity: tracing works; sysfs BAR mmap and config writes are refused, resets use the VFIO region (--access auto)", None, false),
-        Some(m) => Check::new("lockdown", Level::Pass, format!("lockdown={m}"), None, false),
-        None => Check::new("lockdown", Level::Warn, "unknown: securityfs is not mounted, so the lockdown mode cannot be read; resets default to sysfs access", Some("mount -t securityfs securityfs /sys/kernel/security"), false),
-    });
-
-    // Attachability: kprobes need the kprobe PMU (or tracefs kprobe_events); fentry is tried
-    // for real through the verifier, since only the kernel knows whether it allows it.
     let kprobes = Path::new(KPROBE_PMU).exists();
-    let kp_check = if kprobes {
-        Check::new(
-            "kprobes",
-            Level::Pass,
-            format!("{KPROBE_PMU} present"),
-            None,
-            false,
-        )
-    } else {
-        Check::new(
-            "kprobes",
-            Level::Fail,
-            format!(
-                "no {KPROBE_PMU}: this kernel was built without CONFIG_KPROBES, kprobes cannot attach"
-            ),
-            Some("use a distro kernel (CONFIG_KPROBES=y), or rely on fentry"),
-            false,
-        )
-    };
-    let fentry = if root && btf_ok {
-        match probes::Probes::open(&probes::Options::default()) {
-            Ok(mut p) => {
-                let r = p.verify(Flavour::Fentry);
-                match r.iter().find(|(_, r)| r.is_err()) {
-                    None => Check::new(
-                        "fentry",
-                        Level::Pass,
-                        format!("{} fentry/fexit programs load", r.len()),
-                        None,
-                        false,
-                    ),
-                    Some((name, Err(e))) if probes::loader::is_eperm(e) => Check::new(
-                        "fentry",
-                        Level::Fail,
-                        format!(
-                            "the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"
-                        ),
-                        Some(
-                            "use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)",
-                        ),
-                        false,
-                    ),
-                    Some((name, Err(e))) => {
-                        Check::new("fentry", Level::Fail, format!("{name}: {e}"), None, false)
-                    }
-                    Some(_) => unreachable!("find returned an error entry"),
-                }
-            }
-            Err(e) => Check::new(
-                "fentry",
-                Level::Fail,
-                format!("cannot load the eBPF object: {e:#}"),
-                None,
-                false,
-            ),
-        }
-    } else {
-        Check::new(
-            "fentry",
-            Level::Info,
-            "not tried (needs root and BTF)",
-            None,
-            false,
-        )
-    };
-    let attachable = kprobes || fentry.level == Level::Pass;
-    out.push(kp_check);
-    out.push(fentry);
-    out.push(if attachable {
-        Check::new("attach", Level::Pass, if kprobes { "probes can attach (kprobe flavour available)" } else { "probes can attach (fentry only; the VFIO brackets need kprobes)" }, None, true)
-    } else {
-        Check::new("attach", Level::Fail, "no probe flavour can attach here: no kprobes and fentry refused", Some("run on a kernel with CONFIG_KPROBES=y; `cargo xtask vm-test` proves the probes on Debian kernels"), true)
-    });
-
+    let fentry = fentry_check(root && btf_ok);
+    let attach = attach_check(kprobes, fentry.level == Level::Pass);
     let vfio = Vfio::probe(vmlinux.as_ref().ok());
-    out.push(vfio_check(
-        &rustix::system::uname().release().to_string_lossy(),
-        vfio,
-    ));
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut out = vec![
+        root_check(root),
+        btf_check,
+        lockdown_check(lockdown.as_deref()),
+        kprobes_check(kprobes),
+        fentry,
+        attach,
+        vfio_check(&release, vfio),
+    ];
     out.extend(needs_reset_check(vfio));
+    out.push(symbols_check(kallsyms().as_deref(), vfio));
+    out.extend(device_checks(host, lockdown.as_deref()));
+    out
+}
 
-    match kallsyms().filter(|k| {
+fn root_check(root: bool) -> Check {
+    if root {
+        return Check::pass("root", "running as root").blocking();
+    }
+    Check::fail(
+        "root",
+        "not root: loading eBPF and BAR access need CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN",
+    )
+    .fix("run with sudo")
+    .blocking()
+}
+
+fn btf_check(btf: &Path, vmlinux: Result<&Btf, layout::LayoutError>) -> Check {
+    match vmlinux.and_then(layout::pci_dev) {
+        Ok(l) => Check::pass(
+            "btf",
+            format!(
+                "{} (pci_dev.vendor@{}, dev.kobj.name@{})",
+                btf.display(),
+                l.vendor,
+                l.name
+            ),
+        )
+        .blocking(),
+        Err(e) => Check::fail("btf", e.to_string())
+            .fix("boot a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+            .blocking(),
+    }
+}
+
+fn lockdown_check(mode: Option<&str>) -> Check {
+    match mode {
+        Some("confidentiality") => Check::fail(
+            "lockdown",
+            "lockdown=confidentiality blocks kprobes and bpf_probe_read_kernel",
+        )
+        .fix("boot with lockdown=integrity or without Secure Boot lockdown")
+        .blocking(),
+        Some("integrity") => Check::warn(
+            "lockdown",
+            "lockdown=integrity: tracing works; sysfs BAR mmap and config writes are refused, resets use the VFIO region (--access auto)",
+        ),
+        Some(m) => Check::pass("lockdown", format!("lockdown={m}")),
+        None => Check::warn(
+            "lockdown",
+            "unknown: securityfs is not mounted, so the lockdown mode cannot be read; resets default to sysfs access",
+        )
+        .fix("mount -t securityfs securityfs /sys/kernel/security"),
+    }
+}
+
+/// Kprobes need the kprobe PMU (or tracefs kprobe_events).
+fn kprobes_check(kprobes: bool) -> Check {
+    if kprobes {
+        return Check::pass("kprobes", format!("{KPROBE_PMU} present"));
+    }
+    Check::fail(
+        "kprobes",
+        format!(
+            "no {KPROBE_PMU}: this kernel was built without CONFIG_KPROBES, kprobes cannot attach"
+        ),
+    )
+    .fix("use a distro kernel (CONFIG_KPROBES=y), or rely on fentry")
+}
+
+/// fentry is tried for real through the verifier, since only the kernel knows whether it
+/// allows it.
+fn fentry_check(can_try: bool) -> Check {
+    if !can_try {
+        return Check::info("fentry", "not tried (needs root and BTF)");
+    }
+    let mut p = match probes::Probes::open(&probes::Options::default()) {
+        Ok(p) => p,
+        Err(e) => return Check::fail("fentry", format!("cannot load the eBPF object: {e:#}")),
+    };
+    let r = p.verify(Flavour::Fentry);
+    match r.iter().find_map(|(name, r)| r.as_ref().err().map(|e| (name, e))) {
+        None => Check::pass("fentry", format!("{} fentry/fexit programs load", r.len())),
+        Some((name, e)) if probes::loader::is_eperm(e) => Check::fail(
+            "fentry",
+            format!(
+                "the kernel refuses fentry/fexit programs (EPERM loading {name}); kprobes are the only way"
+            ),
+        )
+        .fix("use a kernel that allows BPF tracing programs (no BPF LSM or lockdown denying them)"),
+        Some((name, e)) => Check::fail("fentry", format!("{name}: {e}")),
+    }
+}
+
+fn attach_check(kprobes: bool, fentry: bool) -> Check {
+    if kprobes {
+        Check::pass("attach", "probes can attach (kprobe flavour available)").blocking()
+    } else if fentry {
+        Check::pass(
+            "attach",
+            "probes can attach (fentry only; the VFIO brackets need kprobes)",
+        )
+        .blocking()
+    } else {
+        Check::fail(
+            "attach",
+            "no probe flavour can attach here: no kprobes and fentry refused",
+        )
+        .fix("run on a kernel with CONFIG_KPROBES=y; `cargo xtask vm-test` proves the probes on Debian kernels")
+        .blocking()
+    }
+}
+
+/// Every probed function in /proc/kallsyms (those of vfio_pci_core only while it is there).
+fn symbols_check(kallsyms: Option<&str>, vfio: Vfio) -> Check {
+    let Some(k) = kallsyms.filter(|k| {
         k.lines()
             .next()
             .is_some_and(|l| !l.starts_with("0000000000000000"))
-    }) {
-        Some(k) => {
-            let missing: Vec<&str> = qcom_reset_ebpf::Func::ALL
-                .iter()
-                .filter(|f| !f.in_vfio_module() || vfio.present())
-                .map(|f| f.symbol())
-                .filter(|s| !has_symbol(&k, s))
-                .collect();
-            out.push(if missing.is_empty() {
-                Check::new(
-                    "symbols",
-                    Level::Pass,
-                    "every probed function is in /proc/kallsyms",
-                    None,
-                    false,
-                )
-            } else {
-                Check::new(
-                    "symbols",
-                    Level::Warn,
-                    format!(
-                        "not in /proc/kallsyms (inlined or absent, those probes are skipped): {}",
-                        missing.join(" ")
-                    ),
-                    None,
-                    false,
-                )
-            });
-        }
-        None => out.push(Check::new(
+    }) else {
+        return Check::info(
             "symbols",
-            Level::Info,
             "/proc/kallsyms unreadable or hidden; symbols checked at attach time",
-            None,
-            false,
-        )),
+        );
+    };
+    let missing: Vec<&str> = qcom_reset_ebpf::Func::ALL
+        .iter()
+        .filter(|f| !f.in_vfio_module() || vfio.present())
+        .map(|f| f.symbol())
+        .filter(|s| !has_symbol(k, s))
+        .collect();
+    if missing.is_empty() {
+        return Check::pass("symbols", "every probed function is in /proc/kallsyms");
     }
+    Check::warn(
+        "symbols",
+        format!(
+            "not in /proc/kallsyms (inlined or absent, those probes are skipped): {}",
+            missing.join(" ")
+        ),
+    )
+}
 
+/// One block per target present: what it is, the kernel's regime, its port, its power cycle.
+fn device_checks(host: &Host, lockdown: Option<&str>) -> Vec<Check> {
     match session::targets(host, &[]) {
-        Ok(ts) if ts.is_empty() => out.push(Check::new(
+        Ok(ts) if ts.is_empty() => vec![Check::info(
             "devices",
-            Level::Info,
             format!("no target device present ({})", device::profile_names()),
-            None,
-            false,
-        )),
-        Ok(ts) => {
-            for t in ts {
-                let methods = t.reset_methods.as_ref().map_or("none".to_string(), |m| {
-                    if m.is_empty() {
-                        "none".into()
-                    } else {
-                        m.join(" ")
-                    }
-                });
-                out.push(Check::new(
-                    "device",
-                    Level::Info,
-                    format!(
-                        "{} {} ({:04x}:{:04x}) driver={} iommu_group={} reset_method={}",
-                        t.bdf,
-                        t.profile.name,
-                        t.vendor,
-                        t.device,
-                        t.driver.as_deref().unwrap_or("none"),
-                        t.iommu_group.as_deref().unwrap_or("none"),
-                        methods
-                    ),
-                    None,
-                    false,
-                ));
+        )],
+        Ok(ts) => ts
+            .iter()
+            .flat_map(|t| {
                 let r = t.regime();
-                out.push(Check::new(
-                    "regime",
-                    Level::Info,
-                    format!("{}: {r}: {}", t.bdf, r.meaning()),
-                    None,
-                    false,
-                ));
-                out.push(port_check(&t, lockdown.as_deref()));
-                out.push(match qcom_reset::session::power::plan(&host.sysfs, &t.dev, qcom_reset::session::power::Choice::Auto) {
-                    Ok(p) => Check::new("power-cycle", Level::Info, format!("{}: a card off the link can be power-cycled ({:?}, `qcom-reset power-cycle`)", t.bdf, p.method), None, false),
-                    Err(why) => Check::new("power-cycle", Level::Info, format!("{}: {why}", t.bdf), None, false),
-                });
-            }
-        }
-        Err(e) => out.push(Check::new(
-            "devices",
-            Level::Warn,
-            e.to_string(),
-            None,
-            false,
-        )),
+                [
+                    Check::info("device", device_line(t)),
+                    Check::info("regime", format!("{}: {r}: {}", t.bdf, r.meaning())),
+                    port_check(t, lockdown),
+                    power_cycle_check(host, t),
+                ]
+            })
+            .collect(),
+        Err(e) => vec![Check::warn("devices", e.to_string())],
     }
-    out
+}
+
+fn device_line(t: &session::Target) -> String {
+    let methods = match t.reset_methods.as_deref() {
+        Some(m) if !m.is_empty() => m.join(" "),
+        _ => "none".into(),
+    };
+    format!(
+        "{} {} ({:04x}:{:04x}) driver={} iommu_group={} reset_method={}",
+        t.bdf,
+        t.profile.name,
+        t.vendor,
+        t.device,
+        t.driver.as_deref().unwrap_or("none"),
+        t.iommu_group.as_deref().unwrap_or("none"),
+        methods
+    )
+}
+
+fn power_cycle_check(host: &Host, t: &session::Target) -> Check {
+    match power::plan(&host.sysfs, &t.dev, power::Choice::Auto) {
+        Ok(p) => Check::info(
+            "power-cycle",
+            format!(
+                "{}: a card off the link can be power-cycled ({:?}, `qcom-reset power-cycle`)",
+                t.bdf, p.method
+            ),
+        ),
+        Err(why) => Check::info("power-cycle", format!("{}: {why}", t.bdf)),
+    }
 }
 
 /// The target's upstream port: what its link drop would trigger, and whether a reset can make
@@ -442,7 +425,7 @@ pub fn run(host: &Host) -> Vec<Check> {
 fn port_check(t: &session::Target, lockdown: Option<&str>) -> Check {
     let state = match session::upstream_port(t) {
         Ok(s) => s,
-        Err(e) => return Check::new("port", Level::Warn, format!("{}: {e}", t.bdf), None, false),
+        Err(e) => return Check::warn("port", format!("{}: {e}", t.bdf)),
     };
     port_verdict(t.bdf, &state, lockdown)
 }
@@ -451,25 +434,18 @@ fn port_verdict(bdf: qcom_reset::bdf::Bdf, state: &PortState, lockdown: Option<&
     let line = format!("{bdf}: {}", state.summary());
     let locked = matches!(lockdown, Some("integrity" | "confidentiality"));
     if state.dpc_enabled {
-        Check::new(
-            "port",
-            Level::Warn,
-            line,
-            Some("set allow_dpc = true to reset anyway (DPC then contains the link drop)"),
-            false,
-        )
+        Check::warn("port", line)
+            .fix("set allow_dpc = true to reset anyway (DPC then contains the link drop)")
     } else if state.needs_guard() && locked {
-        Check::new(
+        Check::warn(
             "port",
-            Level::Warn,
             format!(
                 "{line}; lockdown refuses the config writes that mask them, so resets are refused"
             ),
-            Some("boot without lockdown, or set allow_unguarded_link_drop = true"),
-            false,
         )
+        .fix("boot without lockdown, or set allow_unguarded_link_drop = true")
     } else {
-        Check::new("port", Level::Info, line, None, false)
+        Check::info("port", line)
     }
 }
 

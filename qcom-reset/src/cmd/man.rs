@@ -127,6 +127,38 @@ fn roff(text: &str) -> String {
     }
 }
 
+/// Man pages (clap_mangen: qcom-reset.8 and qcom-reset-SUBCOMMAND.8) and bash/zsh/fish
+/// completions (clap_complete), as the .deb installs them.
+pub(super) fn generate_assets(dir: &std::path::Path) -> anyhow::Result<Exit> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = super::cli::Cli::command().version(env!("CARGO_PKG_VERSION"));
+    write_config(&man)?;
+    write(&man, &cmd, "qcom-reset")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("qcom-reset-{}", sub.get_name());
+        write(&man, &sub.clone().name(name.clone()), &name)?;
+    }
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(
+            shell,
+            &mut super::cli::Cli::command(),
+            "qcom-reset",
+            &completions,
+        )
+        .with_context(|| format!("writing {shell} completions"))?;
+    }
+    println!("{}", dir.display());
+    Ok(Exit::Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
