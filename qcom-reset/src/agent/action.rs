@@ -61,22 +61,38 @@ pub(super) async fn attempt(
     trigger: Trigger,
     dev_cfg: &crate::config::DeviceConfig,
 ) -> Action {
-    let req = Request {
-        bdf,
-        profile: dev_cfg.profile.clone(),
-        bar: dev_cfg.bar,
-        force: false,
-        dry_run: sh.cfg().observe_only,
-        ignore_kernel_reset: sh.cfg().act_with_kernel_reset,
-        experimental: sh.cfg().experimental.clone(),
-        allow_dpc: sh.cfg().allow_dpc,
-        allow_unguarded_link_drop: sh.cfg().allow_unguarded_link_drop,
-    };
+    let req = request(sh, bdf, dev_cfg);
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg().access.name());
     let result = tokio::task::spawn_blocking(move || {
         session::reset(&host, &req, &mut |d, o| open(d, o), access)
     })
     .await;
+    classify(sh, bdf, trigger, result)
+}
+
+/// The reset the agent's configuration asks for.
+fn request(sh: &Shared, bdf: Bdf, dev_cfg: &crate::config::DeviceConfig) -> Request {
+    let cfg = sh.cfg();
+    Request {
+        bdf,
+        profile: dev_cfg.profile.clone(),
+        bar: dev_cfg.bar,
+        force: false,
+        dry_run: cfg.observe_only,
+        ignore_kernel_reset: cfg.act_with_kernel_reset,
+        experimental: cfg.experimental.clone(),
+        allow_dpc: cfg.allow_dpc,
+        allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,
+    }
+}
+
+/// A reset's outcome as the action journaled, counted and recorded.
+fn classify(
+    sh: &Shared,
+    bdf: Bdf,
+    trigger: Trigger,
+    result: Result<crate::Result<session::Report>, tokio::task::JoinError>,
+) -> Action {
     let mut a = action(bdf, trigger, "error", "");
     match result {
         Err(join) => {
@@ -115,31 +131,36 @@ pub(super) async fn attempt(
             sh.metrics.reset(&bdf.to_string(), "error");
             sh.record(bdf, false, "error");
         }
-        Ok(Ok(r)) if r.method == session::Method::DryRun => {
-            sh.metrics.reset(&bdf.to_string(), "dry-run");
-            a.result = "dry-run".into();
-            a.detail = format!(
-                "observe-only: would run {} ({} register operations)",
-                r.sequence_version,
-                r.ops.len()
-            );
-            a.report = Some(r);
-        }
-        Ok(Ok(r)) => {
-            let v = r.verdict.clone().expect("a real reset has a verdict");
-            sh.metrics.reset(&bdf.to_string(), &v.health.to_string());
-            sh.metrics.duration(Duration::from_millis(r.duration_ms));
-            sh.verdict(bdf, v.health, &v.detail);
-            sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
-            a.result = v.health.to_string();
-            a.detail = format!(
-                "{} in {} ms: {}",
-                r.sequence_version, r.duration_ms, v.detail
-            );
-            a.report = Some(r);
-        }
+        Ok(Ok(r)) => reported(sh, &mut a, r),
     }
     a
+}
+
+/// A reset that ran (or, observe-only, would have): its verdict.
+fn reported(sh: &Shared, a: &mut Action, r: session::Report) {
+    let bdf = a.bdf;
+    if r.method == session::Method::DryRun {
+        sh.metrics.reset(&bdf.to_string(), "dry-run");
+        a.result = "dry-run".into();
+        a.detail = format!(
+            "observe-only: would run {} ({} register operations)",
+            r.sequence_version,
+            r.ops.len()
+        );
+        a.report = Some(r);
+        return;
+    }
+    let v = r.verdict.clone().expect("a real reset has a verdict");
+    sh.metrics.reset(&bdf.to_string(), &v.health.to_string());
+    sh.metrics.duration(Duration::from_millis(r.duration_ms));
+    sh.verdict(bdf, v.health, &v.detail);
+    sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
+    a.result = v.health.to_string();
+    a.detail = format!(
+        "{} in {} ms: {}",
+        r.sequence_version, r.duration_ms, v.detail
+    );
+    a.report = Some(r);
 }
 
 /// Refusals are not failed attempts: nothing was written.

@@ -104,6 +104,16 @@ pub struct Metrics {
     write_lock: Mutex<()>,
 }
 
+/// A new metric of its default value, registered under `name`.
+fn register<M>(r: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new(None)
@@ -112,70 +122,59 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new(textfile: Option<PathBuf>) -> Metrics {
-        let mut registry = Registry::with_prefix("qcom_reset");
-        let events = Family::<Kind, Counter>::default();
-        let resets = Family::<Result, Counter>::default();
-        let skipped = Family::<Reason, Counter>::default();
-        let dropped = Counter::default();
-        let latency = Histogram::new(BUCKETS);
-        let duration = Histogram::new(DURATION_BUCKETS);
-        registry.register("events", "Probe events received, by kind", events.clone());
-        registry.register(
+        let mut r = Registry::with_prefix("qcom_reset");
+        let events: Family<Kind, Counter> =
+            register(&mut r, "events", "Probe events received, by kind");
+        let resets = register(
+            &mut r,
             "resets",
             "Reset attempts, by result (clean, stale, crashed, not-ready, link-down, wrong-identity, error, dry-run, taken)",
-            resets.clone(),
         );
-        registry.register(
-            "skipped",
-            "Triggers not acted on, by reason",
-            skipped.clone(),
-        );
-        registry.register(
+        let skipped: Family<Reason, Counter> =
+            register(&mut r, "skipped", "Triggers not acted on, by reason");
+        let dropped = register(
+            &mut r,
             "ringbuf_dropped_events",
             "Events lost in the kernel ring buffer",
-            dropped.clone(),
         );
-        registry.register(
+        let latency = Histogram::new(BUCKETS);
+        r.register(
             "event_to_action_seconds",
             "Time from receiving an event to starting the reset",
             latency.clone(),
         );
-        registry.register(
+        let duration = Histogram::new(DURATION_BUCKETS);
+        r.register(
             "reset_duration_seconds",
             "Duration of each reset, verification included",
             duration.clone(),
         );
-        let clean = Family::<Device, Gauge>::default();
-        let gave_up = Family::<Device, Gauge>::default();
-        let info = Family::<DeviceInfo, Gauge>::default();
-        let probes = Family::<Probe, Gauge>::default();
-        let build = Family::<Build, Gauge>::default();
-        let heartbeat = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register(
+        let clean = register(
+            &mut r,
             "device_clean",
             "1 when the device's last verdict was clean (the next owner can use it), else 0",
-            clean.clone(),
         );
-        registry.register(
+        let gave_up = register(
+            &mut r,
             "device_gave_up",
             "1 while the agent has given up on the device (max_attempts failed; cool-down)",
-            gave_up.clone(),
         );
-        registry.register(
+        let info = register(
+            &mut r,
             "device_info",
             "Each target card: its profile, model, reset regime and driver (value 1)",
-            info.clone(),
         );
-        registry.register(
+        let probes = register(
+            &mut r,
             "probe_attached",
             "1 when the probe on this kernel function is attached, 0 when not (the agent is blind to it)",
-            probes.clone(),
         );
-        registry.register("build_info", "The agent's version (value 1)", build.clone());
-        registry.register(
+        let build: Family<Build, Gauge> =
+            register(&mut r, "build_info", "The agent's version (value 1)");
+        let heartbeat = register(
+            &mut r,
             "last_update_timestamp_seconds",
             "When the agent last wrote these metrics (Unix time; refreshed at least every 30 s)",
-            heartbeat.clone(),
         );
         // Every known label value from 0: `increase()` ignores a series' first sample, so a
         // counter born at 1 would hide the first failure of its kind from alerts.
@@ -193,7 +192,7 @@ impl Metrics {
             })
             .set(1);
         Metrics {
-            registry,
+            registry: r,
             clean,
             gave_up,
             info,

@@ -115,32 +115,10 @@ pub(super) async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Ins
         if *sh.shutdown.borrow() {
             return began;
         }
-        let gate = Gate {
-            kill_switch_on: sh.cfg().kill_switch.exists(),
-            enabled: dev_cfg.enabled != Some(false),
-        };
-        match policy::decide(&sh.cfg(), &gate, &sh.history(bdf), now_ms()) {
-            Decision::Skip(why) => {
-                sh.metrics.skipped(if gate.kill_switch_on {
-                    "kill-switch"
-                } else {
-                    "policy"
-                });
-                if sh.history(bdf).failures >= sh.cfg().max_attempts {
-                    sh.gave_up(bdf);
-                }
-                sh.act(action(bdf, trigger, "skipped", why));
-                return began;
-            }
-            Decision::Wait(d) => {
-                info!(bdf = %bdf, "backing off {} ms before the next attempt", d.as_millis());
-                let mut sd = sh.shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => continue,
-                    _ = sd.changed() => return began,
-                }
-            }
-            Decision::Act => {}
+        match gate(sh, bdf, trigger, &dev_cfg).await {
+            Gated::Act => {}
+            Gated::Again => continue,
+            Gated::Stop => return began,
         }
         began = Instant::now();
         // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
@@ -184,6 +162,52 @@ pub(super) async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Ins
         if done {
             return began;
         }
+    }
+}
+
+/// What the policy lets an attempt do.
+enum Gated {
+    Act,
+    /// A back-off ended: ask again.
+    Again,
+    /// Skipped (journaled), or shutdown during a back-off.
+    Stop,
+}
+
+/// The kill switch, the device's `enabled`, and the policy's back-off and give-up, before an
+/// attempt.
+async fn gate(
+    sh: &Arc<Shared>,
+    bdf: Bdf,
+    trigger: Trigger,
+    dev_cfg: &crate::config::DeviceConfig,
+) -> Gated {
+    let gate = Gate {
+        kill_switch_on: sh.cfg().kill_switch.exists(),
+        enabled: dev_cfg.enabled != Some(false),
+    };
+    match policy::decide(&sh.cfg(), &gate, &sh.history(bdf), now_ms()) {
+        Decision::Skip(why) => {
+            sh.metrics.skipped(if gate.kill_switch_on {
+                "kill-switch"
+            } else {
+                "policy"
+            });
+            if sh.history(bdf).failures >= sh.cfg().max_attempts {
+                sh.gave_up(bdf);
+            }
+            sh.act(action(bdf, trigger, "skipped", why));
+            Gated::Stop
+        }
+        Decision::Wait(d) => {
+            info!(bdf = %bdf, "backing off {} ms before the next attempt", d.as_millis());
+            let mut sd = sh.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(d) => Gated::Again,
+                _ = sd.changed() => Gated::Stop,
+            }
+        }
+        Decision::Act => Gated::Act,
     }
 }
 

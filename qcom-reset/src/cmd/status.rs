@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use qcom_reset::access;
 use qcom_reset::exit::Exit;
 use qcom_reset::host::Host;
-use qcom_reset::session::{self, Status};
+use qcom_reset::session::{self, Status, Target};
 
 use super::cli::{HealthArgs, StatusArgs};
 use super::reset::registers_line;
@@ -26,14 +26,42 @@ pub(super) fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
         None => session::targets(host, &cfg.overrides(&host.sysfs.present_ids()))?,
     };
     require_root()?;
+    let out = read_all(host, &a, targets)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(Exit::Ok);
+    }
+    if out.is_empty() {
+        println!(
+            "no target devices present (supported: {})",
+            qcom_reset::device::profile_names()
+        );
+    }
+    for s in &out {
+        let named = a.device.profile.is_some()
+            || cfg
+                .device_with_ids(s.target.bdf, Some((s.target.vendor, s.target.device)))
+                .profile
+                .is_some();
+        print_status(
+            s,
+            &profile_status(&s.target.profile, &cfg.experimental, named),
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+/// Each target's status; its registers only where reading them cannot reset it (through VFIO
+/// only with `--registers`).
+fn read_all(host: &Host, a: &StatusArgs, targets: Vec<Target>) -> anyhow::Result<Vec<Status>> {
     let access = a.device.access;
-    let mut out: Vec<Status> = Vec::new();
     let unread = (access::opens_device(access) && !a.registers).then(|| {
         format!(
             "{}; pass --registers to read them anyway",
             access::VFIO_OPEN_RESETS
         )
     });
+    let mut out = Vec::new();
     for t in targets {
         let bdf = t.bdf;
         if let Some(why) = &unread {
@@ -53,71 +81,55 @@ pub(super) fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
             .with_context(|| format!("status of {bdf}"))?,
         );
     }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(Exit::Ok);
-    }
-    if out.is_empty() {
-        println!(
-            "no target devices present (supported: {})",
-            qcom_reset::device::profile_names()
-        );
-    }
-    for s in &out {
-        let t = &s.target;
-        let holders: Vec<String> = t.holders.iter().map(|h| h.to_string()).collect();
-        println!(
-            "{} {} ({:04x}:{:04x}, {})",
-            t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
-        );
-        let named = a.device.profile.is_some()
-            || cfg
-                .device_with_ids(t.bdf, Some((t.vendor, t.device)))
-                .profile
-                .is_some();
-        println!(
-            "  profile: {}",
-            profile_status(&t.profile, &cfg.experimental, named)
-        );
-        match session::upstream_port(t) {
-            Ok(p) => println!("  port: {}", p.summary()),
-            Err(e) => println!("  port: unreadable ({e})"),
-        }
-        println!(
-            "  driver: {}  iommu_group: {}  holder: {}",
-            t.driver.as_deref().unwrap_or("none"),
-            t.iommu_group.as_deref().unwrap_or("none"),
-            if holders.is_empty() {
-                "none".into()
-            } else {
-                holders.join(", ")
-            }
-        );
-        println!(
-            "  power: {} (control {})  reset_method: {}{}",
-            t.power_state.as_deref().unwrap_or("?"),
-            t.power_control.as_deref().unwrap_or("?"),
-            t.reset_methods
-                .as_ref()
-                .map_or("none".into(), |m| m.join(" ")),
-            if s.kernel_device_specific {
-                " (kernel has device_specific)"
-            } else {
-                ""
-            }
-        );
-        println!("  regime: {}: {}", s.regime, s.regime.meaning());
-        match (&s.verdict, &s.skipped) {
-            (Some(v), _) => {
-                println!("  verdict: {} ({})", v.health, v.detail);
-                println!("  registers: {}", registers_line(&v.registers));
-            }
-            (None, Some(why)) => println!("  registers not read: {why}"),
-            (None, None) => {}
-        }
-    }
-    Ok(Exit::Ok)
+    Ok(out)
 }
+
+fn print_status(s: &Status, profile: &str) {
+    let t = &s.target;
+    let holders: Vec<String> = t.holders.iter().map(|h| h.to_string()).collect();
+    println!(
+        "{} {} ({:04x}:{:04x}, {})",
+        t.bdf, t.profile.name, t.vendor, t.device, t.profile.model
+    );
+    println!("  profile: {profile}");
+    match session::upstream_port(t) {
+        Ok(p) => println!("  port: {}", p.summary()),
+        Err(e) => println!("  port: unreadable ({e})"),
+    }
+    println!(
+        "  driver: {}  iommu_group: {}  holder: {}",
+        t.driver.as_deref().unwrap_or("none"),
+        t.iommu_group.as_deref().unwrap_or("none"),
+        if holders.is_empty() {
+            "none".into()
+        } else {
+            holders.join(", ")
+        }
+    );
+    println!(
+        "  power: {} (control {})  reset_method: {}{}",
+        t.power_state.as_deref().unwrap_or("?"),
+        t.power_control.as_deref().unwrap_or("?"),
+        t.reset_methods
+            .as_ref()
+            .map_or("none".into(), |m| m.join(" ")),
+        if s.kernel_device_specific {
+            " (kernel has device_specific)"
+        } else {
+            ""
+        }
+    );
+    println!("  regime: {}: {}", s.regime, s.regime.meaning());
+    match (&s.verdict, &s.skipped) {
+        (Some(v), _) => {
+            println!("  verdict: {} ({})", v.health, v.detail);
+            println!("  registers: {}", registers_line(&v.registers));
+        }
+        (None, Some(why)) => println!("  registers not read: {why}"),
+        (None, None) => {}
+    }
+}
+
 /// Read-only: the agent's published status and sysfs, never a lock, a group or a write.
 pub(super) fn health_cmd(host: &Host, a: HealthArgs) -> anyhow::Result<Exit> {
     let now = std::time::SystemTime::now()

@@ -197,27 +197,13 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     if abi != EVENT_ABI_VERSION {
         return Err(DecodeError::Abi(abi));
     }
-    let kind = match b.get_u8() {
-        k if k == EventKind::Attempt as u8 => Kind::Attempt,
-        k if k == EventKind::Release as u8 => Kind::Release,
-        k if k == EventKind::Open as u8 => Kind::Open,
-        k => return Err(DecodeError::Unknown("kind", k)),
-    };
-    let flavour = match b.get_u8() {
-        f if f == Flavour::Kprobe as u8 => Flavour::Kprobe,
-        f if f == Flavour::Fentry as u8 => Flavour::Fentry,
-        f => return Err(DecodeError::Unknown("flavour", f)),
-    };
+    let kind = kind(b.get_u8())?;
+    let flavour = flavour(b.get_u8())?;
     let function = func(b.get_u8())?;
     let needs_reset = b.get_u8();
     let n_attempts = b.get_u8() as usize;
     let n_seen = b.get_u8();
-    let inside = match b.get_u8() {
-        0 => None,
-        f if f == Func::VfioPciCoreEnable as u8 => Some(Kind::Open),
-        f if f == Func::VfioPciCoreDisable as u8 => Some(Kind::Release),
-        f => return Err(DecodeError::Unknown("bracket", f)),
-    };
+    let inside = bracket(b.get_u8())?;
     let ret = b.get_i32_le();
     let vendor = b.get_u16_le();
     let device = b.get_u16_le();
@@ -229,16 +215,7 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     b.advance(COMM_LEN);
     let bdf: Bdf = cstr(&b[..BDF_LEN]).parse()?;
     b.advance(BDF_LEN);
-    let mut attempts = Vec::new();
-    for i in 0..MAX_ATTEMPTS {
-        let f = b.get_u8();
-        b.advance(3);
-        let r = b.get_i32_le();
-        let d = b.get_u64_le();
-        if i < n_attempts {
-            attempts.push((func(f)?, r, d));
-        }
-    }
+    let attempts = attempts(&mut b, n_attempts)?;
     let mut ev = TraceEvent {
         schema: SCHEMA_VERSION,
         kind,
@@ -264,16 +241,67 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     if ev.kind == Kind::Attempt {
         ev.inside = inside;
     } else {
+        ev.summarize(attempts, n_seen, needs_reset);
+    }
+    Ok(ev)
+}
+
+fn kind(k: u8) -> Result<Kind, DecodeError> {
+    match k {
+        k if k == EventKind::Attempt as u8 => Ok(Kind::Attempt),
+        k if k == EventKind::Release as u8 => Ok(Kind::Release),
+        k if k == EventKind::Open as u8 => Ok(Kind::Open),
+        k => Err(DecodeError::Unknown("kind", k)),
+    }
+}
+
+fn flavour(f: u8) -> Result<Flavour, DecodeError> {
+    match f {
+        f if f == Flavour::Kprobe as u8 => Ok(Flavour::Kprobe),
+        f if f == Flavour::Fentry as u8 => Ok(Flavour::Fentry),
+        f => Err(DecodeError::Unknown("flavour", f)),
+    }
+}
+
+/// The VFIO open or release an attempt ran inside, if any.
+fn bracket(f: u8) -> Result<Option<Kind>, DecodeError> {
+    match f {
+        0 => Ok(None),
+        f if f == Func::VfioPciCoreEnable as u8 => Ok(Some(Kind::Open)),
+        f if f == Func::VfioPciCoreDisable as u8 => Ok(Some(Kind::Release)),
+        f => Err(DecodeError::Unknown("bracket", f)),
+    }
+}
+
+/// The bracket's attempt slots: all are read (the record's size is fixed), the first `n` kept.
+fn attempts(b: &mut &[u8], n: usize) -> Result<Vec<(Func, i32, u64)>, DecodeError> {
+    let mut attempts = Vec::new();
+    for i in 0..MAX_ATTEMPTS {
+        let f = b.get_u8();
+        b.advance(3);
+        let r = b.get_i32_le();
+        let d = b.get_u64_le();
+        if i < n {
+            attempts.push((func(f)?, r, d));
+        }
+    }
+    Ok(attempts)
+}
+
+impl TraceEvent {
+    /// An open's or release's summary of the reset attempts inside it: which reset counts, and
+    /// what vfio-pci's `needs_reset` said (releases only).
+    fn summarize(&mut self, attempts: Vec<(Func, i32, u64)>, n_seen: u8, needs_reset: u8) {
         let kernel = KernelReset::from_attempts(
             attempts
                 .iter()
                 .filter(|(_, r, _)| *r == 0)
                 .map(|(f, _, _)| *f),
         );
-        ev.kernel_reset = Some(kernel);
-        ev.left_unreset = Some(kernel != KernelReset::DeviceSpecific);
-        ev.attempts_seen = Some(n_seen);
-        ev.attempts = Some(
+        self.kernel_reset = Some(kernel);
+        self.left_unreset = Some(kernel != KernelReset::DeviceSpecific);
+        self.attempts_seen = Some(n_seen);
+        self.attempts = Some(
             attempts
                 .into_iter()
                 .map(|(f, r, d)| AttemptOut {
@@ -284,10 +312,9 @@ pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
                 })
                 .collect(),
         );
-        ev.needs_reset = (ev.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN)
+        self.needs_reset = (self.kind == Kind::Release && needs_reset != NEEDS_RESET_UNKNOWN)
             .then_some(needs_reset != 0);
     }
-    Ok(ev)
 }
 
 impl TraceEvent {

@@ -75,8 +75,52 @@ impl Record {
     }
 }
 
+/// What a crash record is of: both kinds live in the run directory, one file per device,
+/// written and read by the one store below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A session's baseline: config words, power control, the port, the driver override.
+    Session,
+    /// A power cycle's: how the card was taken off the bus, to bring it back.
+    PowerCycle,
+}
+
+impl Kind {
+    fn suffix(self) -> &'static str {
+        match self {
+            Kind::Session => ".json",
+            Kind::PowerCycle => ".power.json",
+        }
+    }
+
+    pub fn path(self, run_dir: &Path, bdf: Bdf) -> PathBuf {
+        run_dir.join(format!("{bdf}{}", self.suffix()))
+    }
+
+    /// Devices with a record of this kind in `run_dir` (left by sessions or cycles that died).
+    /// A power-cycle record's name ends in `.json` too, but its stem is no address.
+    pub fn pending(self, run_dir: &Path) -> Vec<Bdf> {
+        let Ok(rd) = std::fs::read_dir(run_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Bdf> = rd
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(self.suffix())?.parse().ok()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn remove(self, run_dir: &Path, bdf: Bdf) {
+        let _ = std::fs::remove_file(self.path(run_dir, bdf));
+    }
+}
+
+/// A session record's path.
 pub fn path(run_dir: &Path, bdf: Bdf) -> PathBuf {
-    run_dir.join(format!("{bdf}.json"))
+    Kind::Session.path(run_dir, bdf)
 }
 
 /// Reads the words to save; all-ones words (link down) are not saved.
@@ -232,22 +276,12 @@ pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
 }
 
 pub fn remove(run_dir: &Path, bdf: Bdf) {
-    let _ = std::fs::remove_file(path(run_dir, bdf));
+    Kind::Session.remove(run_dir, bdf);
 }
 
-/// Devices with a record in `run_dir` (left by sessions that died).
+/// Devices with a session record in `run_dir` (left by sessions that died).
 pub fn pending(run_dir: &Path) -> Vec<Bdf> {
-    let Ok(rd) = std::fs::read_dir(run_dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<Bdf> = rd
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".json")?.parse().ok()
-        })
-        .collect();
-    out.sort();
-    out
+    Kind::Session.pending(run_dir)
 }
 
 #[cfg(test)]
