@@ -11,13 +11,14 @@ mod trace;
 use std::time::Duration;
 
 use qcom_reset::Error;
-use qcom_reset::config::Config;
+use qcom_reset::bdf::Bdf;
+use qcom_reset::config::{Config, DeviceConfig};
 use qcom_reset::device::OptIn;
 use qcom_reset::exit::Exit;
 use qcom_reset::host::Host;
 use qcom_reset::host::sysfs::PciSysfs;
 
-use cli::{Cli, Command, HostArgs};
+use cli::{Cli, Command, DeviceArgs, HostArgs};
 
 pub fn host(a: &HostArgs) -> Host {
     Host {
@@ -79,6 +80,12 @@ fn device_config(path: Option<std::path::PathBuf>) -> anyhow::Result<Config> {
         &path.unwrap_or_else(config_default_path),
         explicit,
     )?)
+}
+
+/// The device's profile and BAR: the command line's over the configuration's.
+fn resolve(host: &Host, cfg: &Config, bdf: Bdf, a: &DeviceArgs) -> DeviceConfig {
+    let ids = host.sysfs.device(bdf).and_then(|d| d.ids()).ok();
+    cfg.resolve(bdf, ids, a.profile.as_deref(), a.bar)
 }
 
 /// The experimental profiles a one-shot command may use: all with `--experimental`, else the

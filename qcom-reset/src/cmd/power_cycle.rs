@@ -12,11 +12,10 @@ use super::*;
 pub(super) fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<Exit> {
     use qcom_reset::session::power;
     let cfg = device_config(a.device.config.clone())?;
-    let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
-    let by_config = cfg.device_with_ids(a.bdf, ids);
+    let dev = resolve(host, &cfg, a.bdf, &a.device);
     let req = Request {
-        profile: a.device.profile.clone().or(by_config.profile),
-        bar: a.device.bar.or(by_config.bar),
+        profile: dev.profile,
+        bar: dev.bar,
         experimental: opt_in(&cfg, a.experimental),
         allow_dpc: cfg.allow_dpc,
         allow_unguarded_link_drop: cfg.allow_unguarded_link_drop,

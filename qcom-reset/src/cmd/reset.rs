@@ -12,12 +12,11 @@ use super::*;
 
 pub(super) fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;
-    let ids = host.sysfs.device(a.bdf).and_then(|d| d.ids()).ok();
-    let by_config = cfg.device_with_ids(a.bdf, ids);
+    let dev = resolve(host, &cfg, a.bdf, &a.device);
     let req = Request {
         bdf: a.bdf,
-        profile: a.device.profile.clone().or(by_config.profile),
-        bar: a.device.bar.or(by_config.bar),
+        profile: dev.profile,
+        bar: dev.bar,
         force: a.force,
         dry_run: a.dry_run,
         ignore_kernel_reset: a.ignore_kernel_reset,

@@ -14,14 +14,8 @@ pub(super) fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;
     let targets = match a.bdf {
         Some(b) => {
-            let ids = host.sysfs.device(b).and_then(|d| d.ids()).ok();
-            let by_config = cfg.device_with_ids(b, ids);
-            vec![session::inspect(
-                host,
-                b,
-                a.device.profile.as_deref().or(by_config.profile.as_deref()),
-                a.device.bar.or(by_config.bar),
-            )?]
+            let dev = resolve(host, &cfg, b, &a.device);
+            vec![session::inspect(host, b, dev.profile.as_deref(), dev.bar)?]
         }
         None => session::targets(host, &cfg.overrides(&host.sysfs.present_ids()))?,
     };

@@ -5,6 +5,7 @@
 //! so a guest write landing between the two steps of one iteration (a server descheduled for
 //! milliseconds on a loaded host) is never overwritten: the next iteration picks it up.
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -60,39 +61,76 @@ pub fn serve(
     report: &Path,
     stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
-    let needed = MODELLED.iter().max().expect("registers are modelled") + 4;
-    anyhow::ensure!(
-        size >= needed as u64,
-        "the shared memory must be at least {needed:#x} bytes (the register map)"
-    );
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    if file.metadata()?.len() < size {
-        file.set_len(size)?;
-    }
-    let map = memmap2::MmapOptions::new()
-        .len(size as usize)
-        .map_raw(&file)?;
-    // SAFETY: every offset passed is a modelled register, below `needed` <= `size`.
-    let reg = |off: u32| unsafe { map.as_mut_ptr().add(off as usize).cast::<u32>() };
+    let regs = Registers::map(path, size)?;
     // The ivshmem BAR is the device's register BAR; its config space is QEMU's, so memory
     // decode is modelled as on and a link drop keeps it.
     model.link_drop = super::model::LinkDrop::KeepsConfig;
-    model.cfg.write16(PCI_COMMAND as u16, PCI_COMMAND_MEMORY);
+    model.cfg.write16(PCI_COMMAND, PCI_COMMAND_MEMORY);
     let start = Instant::now();
     // What the memory holds now counts as published: nothing the guest wrote yet.
-    // SAFETY: an aligned read of a register inside the mapping.
-    let mut published = MODELLED.map(|off| unsafe { std::ptr::read_volatile(reg(off)) });
+    let mut published = MODELLED.map(|off| regs.read(off));
     let mut last_state = None;
     while !stop() {
         let now = start.elapsed().as_micros() as u64;
+        regs.take_writes(&mut model, &mut published, now);
+        regs.publish(&mut model, &mut published, now);
+        let state = (
+            model.writes.len(),
+            model.read32(now, MHISTATUS),
+            model.link_up(now),
+        );
+        if last_state != Some(state) {
+            last_state = Some(state);
+            write_report(&model, state.1, state.2, report)?;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
+/// The shared memory, holding the modelled registers at their BAR offsets.
+struct Registers(memmap2::MmapRaw);
+
+impl Registers {
+    fn map(path: &Path, size: u64) -> anyhow::Result<Registers> {
+        let needed = MODELLED.iter().max().expect("registers are modelled") + 4;
+        anyhow::ensure!(
+            size >= needed as u64,
+            "the shared memory must be at least {needed:#x} bytes (the register map)"
+        );
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if file.metadata()?.len() < size {
+            file.set_len(size)?;
+        }
+        let map = memmap2::MmapOptions::new()
+            .len(size as usize)
+            .map_raw(&file)?;
+        Ok(Registers(map))
+    }
+
+    /// A modelled register's cell. The guest side does plain aligned 32-bit accesses through
+    /// QEMU.
+    fn cell(&self, off: u32) -> &AtomicU32 {
+        debug_assert!(MODELLED.contains(&off));
+        // SAFETY: every offset passed is a modelled register: a multiple of 4 below `needed`
+        // <= the mapping's size (checked in `map`), so the pointer is aligned and inside the
+        // mapping, which lives as long as `self`.
+        unsafe { AtomicU32::from_ptr(self.0.as_mut_ptr().add(off as usize).cast::<u32>()) }
+    }
+
+    fn read(&self, off: u32) -> u32 {
+        self.cell(off).load(Ordering::SeqCst)
+    }
+
+    /// The guest's writes: a writable register that differs from what was last published.
+    fn take_writes(&self, model: &mut Model, published: &mut [u32; 10], now: u64) {
         for off in WRITABLE {
-            // SAFETY: an aligned read of a register inside the mapping.
-            let cur = unsafe { std::ptr::read_volatile(reg(off)) };
+            let cur = self.read(off);
             let i = MODELLED
                 .iter()
                 .position(|o| *o == off)
@@ -102,42 +140,40 @@ pub fn serve(
                 published[i] = cur;
             }
         }
+    }
+
+    /// The model's registers, each only where the guest has not written since it was last
+    /// published (that write is taken next time).
+    fn publish(&self, model: &mut Model, published: &mut [u32; 10], now: u64) {
         for (i, off) in MODELLED.iter().enumerate() {
             let v = model.read32(now, *off);
-            // SAFETY: register offsets are multiples of 4 inside the mapping, which outlives
-            // this loop; the guest side does plain aligned 32-bit accesses through QEMU.
-            let cell = unsafe { std::sync::atomic::AtomicU32::from_ptr(reg(*off)) };
-            let swapped = cell.compare_exchange(
+            let swapped = self.cell(*off).compare_exchange(
                 published[i],
                 v,
-                std::sync::atomic::Ordering::SeqCst,
-                std::sync::atomic::Ordering::SeqCst,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             );
             if swapped.is_ok() {
                 published[i] = v;
             }
         }
-        let mhistatus = model.read32(now, MHISTATUS);
-        let link_up = model.link_up(now);
-        let state = (model.writes.len(), mhistatus, link_up);
-        if last_state != Some(state) {
-            last_state = Some(state);
-            let r = Report {
-                family: model.family.name(),
-                resets: model.resets,
-                missed: model.missed,
-                writes: &model.writes,
-                conformance: model.conformance(),
-                mhistatus,
-                link_up,
-                beyond_model: &model.beyond,
-                reset_floor_us: model.reset_floor().as_micros() as u64,
-            };
-            let tmp = report.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&r)?)?;
-            std::fs::rename(&tmp, report)?;
-        }
-        std::thread::sleep(Duration::from_micros(100));
     }
+}
+
+fn write_report(model: &Model, mhistatus: u32, link_up: bool, report: &Path) -> anyhow::Result<()> {
+    let r = Report {
+        family: model.family.name(),
+        resets: model.resets,
+        missed: model.missed,
+        writes: &model.writes,
+        conformance: model.conformance(),
+        mhistatus,
+        link_up,
+        beyond_model: &model.beyond,
+        reset_floor_us: model.reset_floor().as_micros() as u64,
+    };
+    let tmp = report.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&r)?)?;
+    std::fs::rename(&tmp, report)?;
     Ok(())
 }

@@ -11,6 +11,12 @@ use crate::access::Access;
 use crate::bdf::Bdf;
 use crate::probes::FlavourChoice;
 
+mod load;
+mod reload;
+
+pub use load::ConfigError;
+pub use reload::Reload;
+
 pub const DEFAULT_PATH: &str = "/etc/qcom-reset/config.toml";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -210,173 +216,7 @@ impl Default for Config {
     }
 }
 
-/// `conf.d/*.toml` beside the configuration file, in name order, dot files left out (none
-/// when the directory is missing).
-fn drop_ins(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let dir = path.parent().unwrap_or(Path::new(".")).join("conf.d");
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(ConfigError::Read { path: dir, err }),
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        // Editors' and configuration tools' temporaries (`.#x.toml`, `.ansible_tmp…`).
-        .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Merges a drop-in into what came before: tables merge key by key, arrays of tables
-/// (`[[device]]`) add, everything else is replaced.
-fn merge(into: &mut toml::Table, from: toml::Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (Some(toml::Value::Array(a)), toml::Value::Array(b))
-                if !b.is_empty() && b.iter().all(toml::Value::is_table) =>
-            {
-                a.extend(b)
-            }
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {err}")]
-    Read { path: PathBuf, err: std::io::Error },
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
-
 impl Config {
-    /// Loads `path` and the drop-ins of `conf.d/*.toml` beside it (name order; a later file's
-    /// keys replace earlier ones, its `[devices."…"]` tables merge, its `[[device]]` rules
-    /// add). A missing file at the default path means all defaults; each file must be valid on
-    /// its own, so an error names the file, line and column.
-    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|err| ConfigError::Read {
-                path: p.to_path_buf(),
-                err,
-            })
-        };
-        let main = match read(path) {
-            Ok(t) => Some(t),
-            Err(ConfigError::Read { err, .. })
-                if err.kind() == std::io::ErrorKind::NotFound && !explicit =>
-            {
-                None
-            }
-            Err(e) => return Err(e),
-        };
-        let mut files = Vec::new();
-        if let Some(t) = main {
-            files.push((path.to_path_buf(), t));
-        }
-        for p in drop_ins(path)? {
-            let t = read(&p)?;
-            files.push((p, t));
-        }
-        match files.as_slice() {
-            [] => Ok(Config::default()),
-            [(p, t)] => Config::parse(t, p),
-            _ => {
-                let mut merged = toml::Table::new();
-                for (p, t) in &files {
-                    Config::parse(t, p)?;
-                    merge(&mut merged, toml::from_str(t).expect("parsed above"));
-                }
-                let last = &files.last().expect("two or more").0;
-                let cfg = Config::deserialize(merged).map_err(|e| ConfigError::Invalid {
-                    path: last.clone(),
-                    message: format!("with the drop-ins merged: {e}"),
-                })?;
-                cfg.validate().map_err(|message| ConfigError::Invalid {
-                    path: last.clone(),
-                    message,
-                })?;
-                Ok(cfg)
-            }
-        }
-    }
-
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().replace('\n', " "),
-            }
-        })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(cfg)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.max_attempts == 0 {
-            return Err("max_attempts must be at least 1 (use observe_only to never act)".into());
-        }
-        for (addr, d) in &self.devices {
-            addr.parse::<Bdf>()
-                .map_err(|e| format!("[devices.\"{addr}\"]: {e}"))?;
-            if let Some(p) = &d.profile
-                && crate::device::by_name(p).is_none()
-            {
-                return Err(format!(
-                    "[devices.\"{addr}\"]: unknown profile {p:?}; known: {}",
-                    crate::device::profile_names()
-                ));
-            }
-            if d.bar.is_some_and(|b| b > 5) {
-                return Err(format!("[devices.\"{addr}\"]: bar must be 0-5"));
-            }
-        }
-        for (i, r) in self.device.iter().enumerate() {
-            let at = format!("[[device]] #{} (ids = {:?})", i + 1, r.ids);
-            r.parse_ids().map_err(|e| format!("{at}: {e}"))?;
-            if crate::device::by_name(&r.profile).is_none() {
-                return Err(format!(
-                    "{at}: unknown profile {:?}; known: {}",
-                    r.profile,
-                    crate::device::profile_names()
-                ));
-            }
-            if r.bar.is_some_and(|b| b > 5) {
-                return Err(format!("{at}: bar must be 0-5"));
-            }
-        }
-        let unknown = self.experimental.unknown();
-        if !unknown.is_empty() {
-            return Err(format!(
-                "experimental: {unknown:?} are not experimental profiles; use \"all\" or some of: {}",
-                crate::device::experimental_names()
-            ));
-        }
-        Ok(())
-    }
-
     /// A device the agent acts on: a table entry (experimental ones only when opted in), or one
     /// the configuration names a profile for.
     pub fn acts_on(&self, bdf: Bdf, vendor: u16, device: u16) -> bool {
@@ -413,6 +253,23 @@ impl Config {
                 bar: r.bar,
             },
             None => DeviceConfig::default(),
+        }
+    }
+
+    /// A one-shot command's device settings: `--profile` and `--bar` over the configuration's
+    /// (its `[devices."BDF"]` entry, else the first `[[device]]` rule matching the IDs).
+    pub fn resolve(
+        &self,
+        bdf: Bdf,
+        ids: Option<(u16, u16)>,
+        profile: Option<&str>,
+        bar: Option<u8>,
+    ) -> DeviceConfig {
+        let by_config = self.device_with_ids(bdf, ids);
+        DeviceConfig {
+            enabled: by_config.enabled,
+            profile: profile.map(str::to_string).or(by_config.profile),
+            bar: bar.or(by_config.bar),
         }
     }
 
@@ -458,93 +315,6 @@ impl Config {
     pub fn debounce(&self) -> Duration {
         Duration::from_millis(self.debounce_ms)
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
-    (line, column)
-}
-
-/// What a reload (SIGHUP, `systemctl reload qcom-reset`) did: the configuration the agent now
-/// runs with, the keys that changed, and those left as they were until a restart.
-#[derive(Debug)]
-pub struct Reload {
-    pub cfg: Config,
-    pub applied: Vec<String>,
-    pub at_restart: Vec<String>,
-}
-
-impl Config {
-    /// Applies `new` onto this running configuration. The keys that shape what was set up at
-    /// start stay as they are until a restart: the probes' flavour and in-kernel ID filter
-    /// (`[[device]]` rules, a device's `profile`/`bar`), the BAR access, the journal, state and
-    /// metrics files and listener, and observe-only (the agent's mode, which `health` reports).
-    /// Everything else (timings, attempts, rescans, bind resets, opt-ins, a device's `enabled`)
-    /// applies to the next decision; a session in flight finishes with what it started with.
-    pub fn reload(&self, mut new: Config) -> Reload {
-        let mut at_restart = Vec::new();
-        macro_rules! keep {
-            ($($field:ident),*) => {$(
-                if new.$field != self.$field {
-                    at_restart.push(stringify!($field).to_string());
-                    new.$field = self.$field.clone();
-                }
-            )*};
-        }
-        keep!(
-            observe_only,
-            journal,
-            state_file,
-            metrics_port,
-            metrics_listen,
-            metrics_textfile
-        );
-        keep!(flavour, access, device);
-        for (bdf, d) in new.devices.iter_mut() {
-            let old = self.devices.get(bdf).cloned().unwrap_or_default();
-            if (d.profile.as_ref(), d.bar) != (old.profile.as_ref(), old.bar) {
-                at_restart.push(format!("devices.\"{bdf}\" profile/bar"));
-                (d.profile, d.bar) = (old.profile, old.bar);
-            }
-        }
-        for (bdf, old) in &self.devices {
-            if !new.devices.contains_key(bdf) && (old.profile.is_some() || old.bar.is_some()) {
-                at_restart.push(format!("devices.\"{bdf}\" profile/bar"));
-                new.devices.insert(
-                    bdf.clone(),
-                    DeviceConfig {
-                        enabled: None,
-                        ..old.clone()
-                    },
-                );
-            }
-        }
-        let applied = changed_keys(self, &new);
-        Reload {
-            cfg: new,
-            applied,
-            at_restart,
-        }
-    }
-}
-
-/// The top-level keys whose values differ.
-fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
-    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (
-        serde_json::to_value(a).expect("a config serializes"),
-        serde_json::to_value(b).expect("a config serializes"),
-    ) else {
-        unreachable!("a config is a table")
-    };
-    a.iter()
-        .filter(|(k, v)| b.get(*k) != Some(v))
-        .map(|(k, _)| k.clone())
-        .collect()
 }
 
 #[cfg(test)]
