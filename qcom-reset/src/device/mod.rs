@@ -1,6 +1,7 @@
 //! The one device table: every supported device, its reset sequence and where that comes from.
 //! CLI help, docs/devices.md (checked by a test), the hook examples and the default eBPF target
 //! filter all derive from [`DEVICES`]; supporting a new device is one entry here.
+pub mod family;
 pub mod regio;
 pub mod regs;
 pub mod sequence;
@@ -13,23 +14,6 @@ use serde::Serialize;
 pub enum Family {
     Wlan,
     Modem,
-}
-
-impl Family {
-    /// Version of our copy of the reviewed upstream sequence; logged with every step.
-    pub const fn sequence_version(self) -> &'static str {
-        match self {
-            Family::Wlan => "wlan-soc-global-reset/v12",
-            Family::Modem => "modem-mhi-soc-reset/v12",
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Family::Wlan => "wlan",
-            Family::Modem => "modem",
-        }
-    }
 }
 
 /// How far a profile is vetted.

@@ -59,10 +59,7 @@ pub const MODEM_POST_RESET: Duration = Duration::from_millis(2000);
 /// Highest register offset (exclusive) each sequence and its verification touch; the BAR must
 /// be at least this large.
 pub const fn bar_needed(family: Family) -> u64 {
-    match family {
-        Family::Wlan => PCIE_SOC_GLOBAL_RESET as u64 + 4,
-        Family::Modem => 0x200,
-    }
+    family.spec().bar_needed
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -78,13 +75,10 @@ pub enum Outcome {
 
 /// Runs the family's sequence; `step` is called with a short name before each step, for logs.
 pub fn run(family: Family, io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
-    match family {
-        Family::Wlan => wlan(io, step),
-        Family::Modem => modem(io, step),
-    }
+    (family.spec().run)(io, step)
 }
 
-fn wlan(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
+pub(super) fn wlan(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     step("read PCIE_SOC_GLOBAL_RESET");
     let v = io.read32(PCIE_SOC_GLOBAL_RESET);
     if v == ALL_ONES {
@@ -118,7 +112,7 @@ fn wlan(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     Outcome::Completed
 }
 
-fn modem(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
+pub(super) fn modem(io: &mut dyn RegisterIo, step: &mut dyn FnMut(&str)) -> Outcome {
     step("read MHISTATUS");
     if io.read32(MHISTATUS) == ALL_ONES {
         return Outcome::LinkDownBefore;

@@ -75,16 +75,7 @@ pub struct Expect {
 }
 
 pub const fn expected_after_reset(family: Family) -> &'static str {
-    match family {
-        // The SoC global reset reboots into the primary boot loader; the MHI reset clears the
-        // SYSERR latched across it (ath11k_mhi_set_mhictrl_reset).
-        Family::Wlan => "MHICTRL.RESET clear, SYSERR clear, MHI state RESET or READY, EE PBL",
-        // After MHI_SOC_RESET_REQ the modem boots and raises READY for the host
-        // (mhi_pci_generic reset_done accepts PBL/SBL/EDL/PTHRU; AMSS only right after our reset).
-        Family::Modem => {
-            "SYSERR clear, MHI state READY, EE PBL/SBL/EDL/PTHRU (AMSS only right after our reset)"
-        }
-    }
+    family.spec().expected
 }
 
 fn bhi_readable(bhioff: u32, bar_len: u64) -> bool {
@@ -187,14 +178,7 @@ pub fn judge(expect: &Expect, r: &Registers) -> Verdict {
     if ctrl & MHICTRL_RESET != 0 {
         return v(Health::NotReady, what);
     }
-    let clean = match family {
-        Family::Wlan => ee == EE_PBL && (state == MHI_STATE_RESET || state == MHI_STATE_READY),
-        Family::Modem => {
-            ready
-                && state == MHI_STATE_READY
-                && [EE_PBL, EE_SBL, EE_EDL, EE_PTHRU, EE_AMSS].contains(&ee)
-        }
-    };
+    let clean = (family.spec().is_clean)(ready, state, ee);
     v(
         if clean {
             Health::Clean
@@ -211,11 +195,7 @@ fn ee_name_is_invalid(ee: u32) -> bool {
 
 /// How long verification waits for the device to settle, polling every 25 ms like the MHI host.
 pub const fn settle_window(family: Family) -> Duration {
-    match family {
-        Family::Wlan => Duration::from_millis(1000),
-        // SDX65's MHI config times out READY after 8 s.
-        Family::Modem => Duration::from_millis(8000),
-    }
+    family.spec().settle_window
 }
 pub const SETTLE_POLL: Duration = Duration::from_millis(25);
 

@@ -59,10 +59,7 @@ impl SimConfig {
             due: Vec::new(),
             order_problems: Vec::new(),
         };
-        let class: u16 = match family {
-            Family::Wlan => 0x0280,  // network controller, other
-            Family::Modem => 0xff00, // unassigned class, as the SDX parts report
-        };
+        let class = family.spec().sim.class;
         for (off, value) in [
             (0x00, vendor),
             (0x02, device),

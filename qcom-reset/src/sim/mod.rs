@@ -19,10 +19,7 @@ pub use model::{Faults, LinkDrop, Model, SimState};
 
 /// BAR sizes the simulator presents (WCN6855's BAR0 is 2 MiB; SDX modems show 4 KiB).
 pub const fn bar_len(family: crate::device::Family) -> u64 {
-    match family {
-        crate::device::Family::Wlan => 2 << 20,
-        crate::device::Family::Modem => 4096,
-    }
+    family.spec().sim.bar_len
 }
 
 struct State {

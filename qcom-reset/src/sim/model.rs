@@ -191,10 +191,7 @@ impl Model {
         let link_down_until = if faults.config_all_ones { u64::MAX } else { 0 };
         let global_reset = GLOBAL_RESET_OTHER_BITS | faults.reset_asserted as u32;
         let asserted_at = faults.reset_asserted.then_some(0);
-        let mission_ee = match family {
-            Family::Wlan => EE_WFW,
-            Family::Modem => EE_AMSS,
-        };
+        let mission_ee = family.spec().sim.mission_ee;
         let (mhictrl, mhi_state, ee, syserr, ready) = match state {
             SimState::Mission => (
                 (MHI_STATE_M0 as u32) << 8,
