@@ -802,6 +802,50 @@ async fn startup_rescan_resets_only_unclean_targets() {
     r.stop().await;
 }
 
+/// A weak trigger's check and the reset its verdict calls for are one session: the card is
+/// opened (owned, its record written, its lock taken) once, so nothing can take it between the
+/// verdict and the reset, and a clean card is opened once and left alone.
+#[tokio::test]
+async fn a_weak_trigger_checks_and_resets_in_one_session() {
+    let h = two_device_host();
+    let wlan = sim(Family::Wlan, Faults::default());
+    let modem = sim(Family::Modem, Faults::default());
+    reset_before(&h, MODEM, &modem);
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    let opened: Arc<std::sync::Mutex<Vec<Bdf>>> = Arc::default();
+    let sims: HashMap<Bdf, SimDevice> =
+        [(bdf(WLAN), wlan.clone()), (bdf(MODEM), modem.clone())].into();
+    let seen = opened.clone();
+    let open: qcom_reset::agent::OpenFn = Arc::new(move |d, _| {
+        seen.lock().unwrap().push(d.bdf);
+        Ok(Box::new(sims[&d.bdf].clone()))
+    });
+    let mut r = start_with(h.host.clone(), cfg, open);
+    let (a, b) = (r.next().await, r.next().await);
+    let mut got = [(a.bdf, a.result), (b.bdf, b.result)];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (bdf(WLAN), "clean".to_string()),
+            (bdf(MODEM), "nothing-to-do".to_string())
+        ]
+    );
+    let count = |at: &str| {
+        opened
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| **b == bdf(at))
+            .count()
+    };
+    assert_eq!(count(WLAN), 1, "checked and reset in one session");
+    assert_eq!(count(MODEM), 1, "checked once, left alone");
+    assert_eq!(wlan.with_model(|m| m.resets), 1);
+    r.stop().await;
+}
+
 /// `act_with_kernel_reset` is about the kernel's resets only: a start-up rescan still verifies
 /// first and leaves a clean card alone.
 #[tokio::test]

@@ -1249,3 +1249,38 @@ fn both_link_drop_behaviours_end_clean_with_the_reviewed_trace() {
         assert_eq!(card.with_model(|m| m.config_writes), expected, "{drop:?}");
     }
 }
+
+/// A check-then-reset told to stop after its verdict (the agent's shutdown during the check's
+/// lock wait) begins no reset and puts back what the check changed; one whose verdict calls for
+/// none leaves the card as it found it.
+#[test]
+fn a_check_resets_only_when_its_verdict_calls_for_it_and_not_once_stopped() {
+    let check = |resets: bool, stop: bool| {
+        let h = wlan_host();
+        let card = sim(Family::Wlan, Faults::default());
+        let c = card.clone();
+        let got = session::check_then_reset(
+            &h.host,
+            &Request::new(bdf(WLAN)),
+            &mut move |_, _| Ok(Box::new(c.clone())),
+            "sim",
+            &|_| resets,
+            &|| stop,
+        )
+        .unwrap();
+        assert_eq!(h.read(WLAN, "power/control"), "auto");
+        (got, card.with_model(|m| m.resets), writes(&card))
+    };
+    let (got, resets, bar_writes) = check(true, true);
+    assert!(matches!(got, session::Checked::Stopped(_)), "{got:?}");
+    assert_eq!((resets, bar_writes), (0, 0), "no reset once stopped");
+    let (got, resets, bar_writes) = check(false, false);
+    assert!(matches!(got, session::Checked::Left(_)), "{got:?}");
+    assert_eq!((resets, bar_writes), (0, 0), "left alone");
+    let (got, resets, _) = check(true, false);
+    let session::Checked::Reset(r) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(r.verdict.map(|v| v.health), Some(Health::Clean));
+    assert_eq!(resets, 1);
+}

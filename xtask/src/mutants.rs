@@ -10,11 +10,12 @@ use crate::{cargo, toolchain, workspace_root};
 pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
-const CORE: [&str; 19] = [
+const CORE: [&str; 20] = [
     "qcom-reset/src/device/family.rs",
     "qcom-reset/src/device/sequence.rs",
     "qcom-reset/src/device/verdict.rs",
     "qcom-reset/src/session/mod.rs",
+    "qcom-reset/src/session/check.rs",
     "qcom-reset/src/session/target.rs",
     "qcom-reset/src/session/reset.rs",
     "qcom-reset/src/session/kernel.rs",

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tracing::info;
 
 use super::shared::*;
 use super::trigger::*;
@@ -183,24 +182,25 @@ pub(super) fn is_refusal(e: &crate::Error) -> bool {
     )
 }
 
-/// What the health check before acting on a weak trigger found.
+/// What a weak trigger's check-then-reset came to.
 pub(super) enum Verified {
-    /// The device must be reset.
-    Reset,
     /// The action that ends the episode: clean, a verdict the rescan policy leaves alone, not
-    /// checkable.
+    /// checkable, stopped by shutdown.
     Done(Action),
     /// Not checked because something holds the device (result "held").
     Held(Action),
+    /// The verdict called for a reset and the same session ran it: its action, as an attempt's.
+    Attempted(Action),
 }
 
-pub(super) async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) -> Verified {
-    let (host, open, dev_cfg) = (sh.host.clone(), sh.open.clone(), sh.device_cfg(bdf));
-    let mode = if sh.cfg().observe_only {
-        session::ReadMode::NoWrites
-    } else {
-        session::ReadMode::EnableAndRestore
-    };
+/// Checks the card and resets it in the same session when its verdict calls for it (for a
+/// rescan, `rescan_resets` decides; otherwise anything but clean).
+pub(super) async fn check_then_reset(
+    sh: &Arc<Shared>,
+    bdf: Bdf,
+    trigger: Trigger,
+    dev_cfg: &crate::config::DeviceConfig,
+) -> Verified {
     if sh.cfg().observe_only && crate::access::opens_device(sh.cfg().access) {
         return Verified::Done(action(
             bdf,
@@ -212,63 +212,78 @@ pub(super) async fn verify_only(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger) ->
             ),
         ));
     }
-    let st = tokio::task::spawn_blocking(move || {
-        let t = session::inspect(&host, bdf, dev_cfg.profile.as_deref(), dev_cfg.bar)?;
-        session::status(&host, t, &mut |d, o| open(d, o), mode)
+    let req = request(sh, bdf, dev_cfg);
+    let cfg = sh.cfg();
+    let (host, open, access) = (sh.host.clone(), sh.open.clone(), cfg.access.name());
+    let shutdown = sh.shutdown.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let resets = |h: Health| match trigger {
+            Trigger::Rescan => cfg.rescan_resets.resets(h),
+            _ => h != Health::Clean,
+        };
+        // The check may have taken its whole lock wait: no reset begins after SIGTERM.
+        let stop = || *shutdown.borrow();
+        session::check_then_reset(&host, &req, &mut |d, o| open(d, o), access, &resets, &stop)
     })
     .await;
-    let resets = |h: Health| match trigger {
-        Trigger::Rescan => sh.cfg().rescan_resets.resets(h),
-        _ => h != Health::Clean,
-    };
-    match st {
-        Ok(Ok(s)) => match (s.verdict, s.skipped) {
-            (Some(v), _) if v.health == Health::Clean => Verified::Done({
-                sh.verdict(bdf, v.health, &v.detail);
-                action(
-                    bdf,
-                    trigger,
-                    "nothing-to-do",
-                    format!("clean: {}", v.detail),
-                )
-            }),
-            (Some(v), _) if !resets(v.health) => Verified::Done({
-                sh.verdict(bdf, v.health, &v.detail);
-                action(
-                    bdf,
-                    trigger,
-                    "nothing-to-do",
-                    format!(
-                        "{} left alone (rescan_resets = {:?}): {}",
-                        v.health,
-                        sh.cfg().rescan_resets,
-                        v.detail
-                    ),
-                )
-            }),
-            (Some(v), _) => {
-                info!(bdf = %bdf, "{} ({}); resetting", v.health, v.detail);
-                Verified::Reset
-            }
-            (None, Some(Unread::Held(why))) => {
-                Verified::Held(action(bdf, trigger, "held", format!("not checked: {why}")))
-            }
-            (None, why) => Verified::Done(action(
-                bdf,
-                trigger,
-                "skipped",
-                format!(
-                    "not checked: {}",
-                    why.map(|w| w.to_string()).unwrap_or_default()
-                ),
-            )),
-        },
-        Ok(Err(e)) => Verified::Done(action(bdf, trigger, "skipped", format!("not checked: {e}"))),
+    match result {
+        Ok(Ok(session::Checked::Left(s))) => left(sh, bdf, trigger, s),
+        Ok(Ok(session::Checked::Stopped(_))) => {
+            Verified::Done(action(bdf, trigger, "skipped", "shutting down: not reset"))
+        }
+        Ok(Ok(session::Checked::NotChecked(e))) => {
+            Verified::Done(action(bdf, trigger, "skipped", format!("not checked: {e}")))
+        }
+        Ok(Ok(session::Checked::Reset(r))) => {
+            Verified::Attempted(classify(sh, bdf, trigger, Ok(Ok(r))))
+        }
+        Ok(Err(e)) => Verified::Attempted(classify(sh, bdf, trigger, Ok(Err(e)))),
         Err(e) => Verified::Done(action(
             bdf,
             trigger,
             "error",
             format!("status task failed: {e}"),
+        )),
+    }
+}
+
+/// A check that did not reset: the verdict it left alone, or why it could not read.
+fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified {
+    match (s.verdict, s.skipped) {
+        (Some(v), _) if v.health == Health::Clean => Verified::Done({
+            sh.verdict(bdf, v.health, &v.detail);
+            action(
+                bdf,
+                trigger,
+                "nothing-to-do",
+                format!("clean: {}", v.detail),
+            )
+        }),
+        (Some(v), _) => Verified::Done({
+            sh.verdict(bdf, v.health, &v.detail);
+            action(
+                bdf,
+                trigger,
+                "nothing-to-do",
+                format!(
+                    "{} left alone (rescan_resets = {:?}): {}",
+                    v.health,
+                    sh.cfg().rescan_resets,
+                    v.detail
+                ),
+            )
+        }),
+        (None, Some(Unread::Held(why))) => {
+            Verified::Held(action(bdf, trigger, "held", format!("not checked: {why}")))
+        }
+        (None, why) => Verified::Done(action(
+            bdf,
+            trigger,
+            "skipped",
+            format!(
+                "not checked: {}",
+                why.map(|w| w.to_string()).unwrap_or_default()
+            ),
         )),
     }
 }

@@ -124,9 +124,12 @@ pub(super) async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Ins
         // `act_with_kernel_reset`: the kernel's reset at release is followed by ours.
         let verifies =
             trigger.verifies_first() && !(trigger.kernel_reset() && sh.cfg().act_with_kernel_reset);
-        if first && verifies {
-            match verify_only(sh, bdf, trigger).await {
-                Verified::Reset => {}
+        // From the event to the session that resets (a check that resets only when it must
+        // included): counted for resets only.
+        let latency = first.then(|| at.elapsed());
+        let mut a = if first && verifies {
+            match check_then_reset(sh, bdf, trigger, &dev_cfg).await {
+                Verified::Attempted(a) => a,
                 Verified::Done(a) => {
                     sh.act(a);
                     return began;
@@ -138,18 +141,13 @@ pub(super) async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Ins
                     return began;
                 }
             }
-        }
-        // The check above may have taken its whole lock wait: no session starts after SIGTERM.
-        if *sh.shutdown.borrow() {
-            sh.act(action(bdf, trigger, "skipped", "shutting down: not reset"));
-            return began;
-        }
-        let latency = first.then(|| at.elapsed());
+        } else {
+            attempt(sh, bdf, trigger, &dev_cfg).await
+        };
+        first = false;
         if let Some(l) = latency {
             sh.metrics.latency(l);
         }
-        first = false;
-        let mut a = attempt(sh, bdf, trigger, &dev_cfg).await;
         a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
         if a.result == "held" {
             if wait_out_holder(sh, a, &mut waiting, held_until).await {

@@ -1,6 +1,7 @@
 //! A session on one card: own it (its lock, its VFIO group, drivers held off), save what it will
 //! touch in a crash record, guard the upstream port, reset, verify and restore what it touched
 //! on every path. The public entry points are here; each step has its file.
+mod check;
 pub mod guard;
 mod kernel;
 mod owner;
@@ -21,6 +22,7 @@ use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
 use crate::{Error, Result};
 
+pub use check::{Checked, check_then_reset};
 pub use guard::{HOLD_OVERRIDE, Restored};
 use guard::{Session, Writes};
 pub use owner::Lost;

@@ -133,14 +133,7 @@ pub fn reset(
     access_name: &str,
 ) -> Result<Report> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
-    if req.profile.is_none() && !req.experimental.allows(&t.profile) {
-        return Err(Error::Experimental {
-            bdf: t.bdf,
-            vendor: t.vendor,
-            device: t.device,
-            profile: t.profile.name,
-        });
-    }
+    opted_in(req, &t)?;
     if let Some(e) = t.refusal(req.force) {
         return Err(e);
     }
@@ -156,6 +149,20 @@ pub fn reset(
     run(host, req, &t, open)
 }
 
+/// An experimental profile is reset only when the request opts in (naming the profile is an
+/// opt-in too).
+pub(super) fn opted_in(req: &Request, t: &Target) -> Result<()> {
+    if req.profile.is_none() && !req.experimental.allows(&t.profile) {
+        return Err(Error::Experimental {
+            bdf: t.bdf,
+            vendor: t.vendor,
+            device: t.device,
+            profile: t.profile.name,
+        });
+    }
+    Ok(())
+}
+
 /// What the sequence and its verification found.
 struct Done {
     outcome: Option<Outcome>,
@@ -167,16 +174,33 @@ struct Done {
 /// reset (the kernel's or ours), verify, restore; each phase timed.
 fn run(host: &Host, req: &Request, t: &Target, open: &mut Opener<'_>) -> Result<Report> {
     let started = Instant::now();
+    pre(t);
+    let (session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
+    run_owned(host, req, t, session, recovered, started)
+}
+
+pub(super) fn pre(t: &Target) {
+    let p = t.profile;
+    step(
+        t.bdf,
+        p.family.sequence_version(),
+        &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
+    );
+}
+
+/// The reset in a session begun at `started` (owning the card counts from there).
+pub(super) fn run_owned(
+    host: &Host,
+    req: &Request,
+    t: &Target,
+    mut session: Session,
+    recovered: Option<Restored>,
+    started: Instant,
+) -> Result<Report> {
     let mut lap = Lap(started);
     let mut phases = Phases::default();
     let p = t.profile;
     let version = p.family.sequence_version();
-    step(
-        t.bdf,
-        version,
-        &format!("pre: {} ({}), BAR{}", p.name, p.model, p.bar),
-    );
-    let (mut session, recovered) = begin_session(host, &t.dev, open, Writes::Allowed)?;
     phases.own_us = lap.take();
     let port = guard_link_drop(host, &mut session, t, req)?;
     phases.guard_us = lap.take();

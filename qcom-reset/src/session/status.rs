@@ -2,7 +2,7 @@
 //! and, observe-only, only when reading writes nothing.
 use serde::Serialize;
 
-use super::guard::Writes;
+use super::guard::{Restored, Session, Writes};
 use super::{Opener, Target, begin_session, inspect};
 use crate::device::verdict::{self, Verdict};
 use crate::host::Host;
@@ -74,38 +74,82 @@ pub fn unread_status(t: Target, why: Unread) -> Status {
 
 /// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
 pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
-    let skipped = unread_status;
+    let (t, _lock, mut session) = match own(host, t, open, mode)? {
+        Owned::Yes(o) => (o.target, o.lock, o.session),
+        Owned::No(status) => return Ok(status),
+    };
+    let regs = match read_owned(&mut session, &t, mode)? {
+        Ok(regs) => regs,
+        Err(why) => {
+            drop(session);
+            return Ok(unread_status(t, why));
+        }
+    };
+    session.restore();
+    drop(session);
+    Ok(judged(t, &regs))
+}
+
+/// A card owned for reading (and, by a check-then-reset, for its reset).
+pub(super) struct Own {
+    pub target: Target,
+    pub lock: DeviceLock,
+    pub session: Session,
+    pub recovered: Option<Restored>,
+}
+
+pub(super) enum Owned {
+    Yes(Own),
+    /// Not owned, and why: the status that says so.
+    No(Status),
+}
+
+/// Owns a card for reading: not while anything holds it or a host driver has it; observe-only
+/// only when reading writes nothing. The card is inspected again after the lock wait.
+pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Owned> {
+    let skipped = |t, why| Ok(Owned::No(unread_status(t, why)));
     if let Some(e) = t.refusal(false) {
-        return Ok(skipped(t, Unread::of(&e)));
+        return skipped(t, Unread::of(&e));
     }
     if mode == ReadMode::NoWrites
         && let Some(p) = t.power_control.clone().filter(|p| p != "on")
     {
-        return Ok(skipped(
+        return skipped(
             t,
             Unread::Refused(format!(
                 "reading needs power/control=on (it is {p}) and observe-only writes nothing"
             )),
-        ));
+        );
     }
-    let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    let lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
     // The wait may have been long: a VM may have opened the card or a host driver taken it.
     let t = inspect(host, t.bdf, Some(t.profile.name), Some(t.profile.bar))?;
     if let Some(e) = t.refusal(false) {
-        return Ok(skipped(t, Unread::of(&e)));
+        return skipped(t, Unread::of(&e));
     }
     // Owned after the lock: a VM that opened the device meanwhile makes this fail with Held.
     let writes = match mode {
         ReadMode::EnableAndRestore => Writes::Allowed,
         ReadMode::NoWrites => Writes::None,
     };
-    let mut session = match begin_session(host, &t.dev, open, writes) {
-        Ok((s, _)) => s,
-        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => {
-            return Ok(skipped(t, Unread::of(&e)));
-        }
-        Err(e) => return Err(e),
-    };
+    match begin_session(host, &t.dev, open, writes) {
+        Ok((session, recovered)) => Ok(Owned::Yes(Own {
+            target: t,
+            lock,
+            session,
+            recovered,
+        })),
+        Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => skipped(t, Unread::of(&e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The card's registers in a session that owns it; what keeps them unread otherwise.
+pub(super) fn read_owned(
+    session: &mut Session,
+    t: &Target,
+    mode: ReadMode,
+) -> Result<std::result::Result<verdict::Registers, Unread>> {
     let (vendor, device) = session.config_ids();
     let mut regs = verdict::Registers {
         config_vendor: vendor,
@@ -116,13 +160,9 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
         if mode == ReadMode::NoWrites {
             let cmd = session.backend.config_read16(PCI_COMMAND).unwrap_or(0);
             if cmd & PCI_COMMAND_MEMORY == 0 {
-                drop(session);
-                return Ok(skipped(
-                    t,
-                    Unread::Refused(format!(
-                        "reading needs memory decoding (PCI_COMMAND={cmd:#06x}) and observe-only writes nothing"
-                    )),
-                ));
+                return Ok(Err(Unread::Refused(format!(
+                    "reading needs memory decoding (PCI_COMMAND={cmd:#06x}) and observe-only writes nothing"
+                ))));
             }
         } else {
             session.enable_memory()?;
@@ -130,14 +170,17 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
         let (mut bar, len) = session.backend.map_bar(t.profile.bar)?;
         regs = verdict::read_registers(&t.expect(false), vendor, device, bar.as_mut(), len);
     }
-    session.restore();
-    drop(session);
-    let verdict = verdict::judge(&t.expect(false), &regs);
-    Ok(Status {
+    Ok(Ok(regs))
+}
+
+/// A status with the verdict on `regs`.
+pub(super) fn judged(t: Target, regs: &verdict::Registers) -> Status {
+    let verdict = verdict::judge(&t.expect(false), regs);
+    Status {
         regime: t.regime(),
         kernel_device_specific: t.kernel_has_device_specific(),
         target: t,
         verdict: Some(verdict),
         skipped: None,
-    })
+    }
 }
