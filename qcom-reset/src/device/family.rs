@@ -9,12 +9,15 @@ use super::regio::RegisterIo;
 use super::regs::*;
 use super::sequence::{self, Outcome};
 
+/// A reset sequence: register accesses, `step` told before each step (for logs).
+pub type SequenceFn = fn(&mut dyn RegisterIo, &mut dyn FnMut(&str)) -> Outcome;
+
 pub struct FamilySpec {
     pub name: &'static str,
     /// Version of our copy of the reviewed upstream sequence; logged with every step.
     pub sequence_version: &'static str,
     /// The reviewed register sequence.
-    pub run: fn(&mut dyn RegisterIo, &mut dyn FnMut(&str)) -> Outcome,
+    pub run: SequenceFn,
     /// Highest register offset (exclusive) the sequence and its verification touch; the BAR
     /// must be at least this large.
     pub bar_needed: u64,

@@ -81,8 +81,8 @@ fn read_first(
 ) -> Result<std::result::Result<(Own, Registers, Instant), Checked>> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
     let mut own = match own(host, t, open, mode)? {
-        Owned::Yes(o) => o,
-        Owned::No(status) => return Ok(Err(Checked::Left(status))),
+        Owned::Yes(o) => *o,
+        Owned::No(status) => return Ok(Err(Checked::Left(*status))),
     };
     let started = Instant::now();
     match read_owned(&mut own.session, &own.target, mode)? {

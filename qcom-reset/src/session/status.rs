@@ -75,8 +75,11 @@ pub fn unread_status(t: Target, why: Unread) -> Status {
 /// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
 pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
     let (t, _lock, mut session) = match own(host, t, open, mode)? {
-        Owned::Yes(o) => (o.target, o.lock, o.session),
-        Owned::No(status) => return Ok(status),
+        Owned::Yes(o) => {
+            let o = *o;
+            (o.target, o.lock, o.session)
+        }
+        Owned::No(status) => return Ok(*status),
     };
     let regs = match read_owned(&mut session, &t, mode)? {
         Ok(regs) => regs,
@@ -99,15 +102,15 @@ pub(super) struct Own {
 }
 
 pub(super) enum Owned {
-    Yes(Own),
+    Yes(Box<Own>),
     /// Not owned, and why: the status that says so.
-    No(Status),
+    No(Box<Status>),
 }
 
 /// Owns a card for reading: not while anything holds it or a host driver has it; observe-only
 /// only when reading writes nothing. The card is inspected again after the lock wait.
 pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Owned> {
-    let skipped = |t, why| Ok(Owned::No(unread_status(t, why)));
+    let skipped = |t, why| Ok(Owned::No(Box::new(unread_status(t, why))));
     if let Some(e) = t.refusal(false) {
         return skipped(t, Unread::of(&e));
     }
@@ -133,12 +136,12 @@ pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode)
         ReadMode::NoWrites => Writes::None,
     };
     match begin_session(host, &t.dev, open, writes) {
-        Ok((session, recovered)) => Ok(Owned::Yes(Own {
+        Ok((session, recovered)) => Ok(Owned::Yes(Box::new(Own {
             target: t,
             lock,
             session,
             recovered,
-        })),
+        }))),
         Err(e @ (Error::Held { .. } | Error::HeldBySession { .. })) => skipped(t, Unread::of(&e)),
         Err(e) => Err(e),
     }
