@@ -335,8 +335,7 @@ fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::I
 /// The image for the `driver-judge*` scenarios: with the next owner's drivers this kernel has
 /// (ath1xk brings mac80211 and cfg80211: 7 MB more to unpack, which the other boots are spared).
 fn judge_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::Initramfs> {
-    let drivers: Vec<&str> = Scenario::ALL
-        .iter()
+    let drivers: Vec<&str> = Scenario::all()
         .filter_map(|s| s.judge())
         .filter(|j| initramfs::has_module(k, j.module))
         .flat_map(|j| j.needs.iter().copied().chain([j.module]))
@@ -381,7 +380,7 @@ pub fn vm_test(
         kernels.to_vec()
     };
     let scenarios = if scenarios.is_empty() {
-        Scenario::ALL.to_vec()
+        Scenario::all().collect()
     } else {
         scenarios.to_vec()
     };

@@ -1,0 +1,112 @@
+//! The host's assertions on what a scenario's guest printed and the simulator reported; each
+//! scenario's are in the file of its kind, the line readers they share here.
+mod host;
+mod judge;
+mod loops;
+mod probes;
+mod safety;
+
+use anyhow::ensure;
+pub(crate) use host::*;
+pub(crate) use judge::*;
+pub(crate) use loops::*;
+pub(crate) use probes::*;
+pub(crate) use safety::*;
+use serde_json::Value;
+
+use super::*;
+
+pub(crate) fn json_lines(console: &str, name: &str) -> Vec<Value> {
+    section(console, name)
+        .into_iter()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
+}
+pub(crate) fn events<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> {
+    lines.iter().filter(move |v| v["kind"] == kind)
+}
+pub(crate) fn attempts(v: &Value) -> Vec<(String, i64)> {
+    v["attempts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    (
+                        x["function"].as_str().unwrap_or("").to_string(),
+                        x["ret"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+pub(crate) fn actions(console: &str) -> Vec<Value> {
+    json_lines(console, "journal")
+        .into_iter()
+        .filter(|v| v["type"] == "action")
+        .map(|v| v["action"].clone())
+        .collect()
+}
+/// The single sim-report expectation every loop shares: family, conformance, write count.
+pub(crate) fn check_sim(sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<()> {
+    let sim = sim.context("no simulator report")?;
+    ensure!(
+        sim["family"] == family,
+        "simulated family {}",
+        sim["family"]
+    );
+    ensure!(
+        writes == 0 || sim["conformance"]["ok"] == true,
+        "the simulator saw a wrong sequence: {}",
+        sim["conformance"]
+    );
+    ensure!(
+        sim["writes"].as_array().map(Vec::len) == Some(writes),
+        "expected {writes} write(s): {}",
+        sim["writes"]
+    );
+    Ok(())
+}
+/// The JSON of the guest's `VMLAB {tag} {json}` line.
+pub(crate) fn vmlab_json(console: &str, tag: &str) -> anyhow::Result<Value> {
+    let text = console
+        .lines()
+        .find_map(|l| l.split(&format!("VMLAB {tag} ")).nth(1))
+        .with_context(|| format!("the guest printed no {tag} line"))?;
+    serde_json::from_str(text.trim()).with_context(|| format!("{tag}: {text}"))
+}
+/// The first stamped agent log line holding `pattern`, and its CLOCK_MONOTONIC ns.
+pub(crate) fn stamped<'a>(log: &[&'a str], pattern: &str) -> anyhow::Result<(&'a str, u64)> {
+    log.iter()
+        .find(|l| l.contains(pattern))
+        .and_then(|l| Some((*l, l.rsplit(' ').next()?.trim().parse().ok()?)))
+        .with_context(|| format!("no stamped agent line with {pattern:?}"))
+}
+/// One kprobe hit of the `trace` section: the task's comm, its time (ns), event and device.
+pub(crate) struct Hit {
+    comm: String,
+    ns: u64,
+    event: String,
+    dev: String,
+}
+pub(crate) fn hits(console: &str) -> Vec<Hit> {
+    section(console, "trace")
+        .iter()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            // "  qcom-reset-152  [001] .....  35.123456: config: (pci_write_config+0x0/..) dev=\"..\" .."
+            let (task, rest) = l.split_once(" [")?;
+            let comm = task.trim().rsplit_once('-')?.0.to_string();
+            let mut words = rest.split_whitespace();
+            let ts = words.find_map(|w| w.strip_suffix(':')?.parse::<f64>().ok())?;
+            let event = words.next()?.trim_end_matches(':').to_string();
+            let dev = rest.split("dev=\"").nth(1)?.split('"').next()?.to_string();
+            Some(Hit {
+                comm,
+                ns: (ts * 1e9) as u64,
+                event,
+                dev,
+            })
+        })
+        .collect()
+}
