@@ -228,82 +228,13 @@ fn version_key(name: &str) -> Vec<u64> {
 }
 
 pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
-    let base = Apt::new("bookworm", BASE_SUITES)?;
-    base.update()?;
-    let (apt, package) = match resolve(&base, wanted)? {
-        Some(p) => (base, p),
-        None => {
-            let all: Vec<&str> = BASE_SUITES.iter().chain(EXTRA_SUITES).copied().collect();
-            let wide = Apt::new("wide", &all)?;
-            wide.update()?;
-            let p = resolve(&wide, wanted)?.with_context(|| {
-                format!(
-                    "no Debian kernel package matches {wanted:?} in bullseye, bookworm, trixie or sid (or a kernel the lab builds: --kernel builtin-vfio, --kernel devspecific)"
-                )
-            })?;
-            (wide, p)
-        }
-    };
+    let (apt, package) = find_package(wanted)?;
     let version = package.trim_start_matches("linux-image-").to_string();
     let kdir = cache_dir().join("kernels").join(&version);
     let vmlinux = kdir.join("vmlinux");
     if !vmlinux.exists() {
-        // From 7.x Debian splits the image into linux-binary-* (vmlinuz) and linux-modules-*.
-        let parts: Vec<String> = [
-            package.clone(),
-            format!("linux-binary-{version}"),
-            format!("linux-modules-{version}"),
-        ]
-        .into_iter()
-        .filter(|p| {
-            apt.cmd("apt-cache")
-                .args(["show", "--no-all-versions", p])
-                .output()
-                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
-        })
-        .collect();
-        eprintln!(
-            "xtask: fetching {} (about 100 MB, a minute or two; cached after)",
-            parts.join(" ")
-        );
-        let debs = cache_dir().join("debs");
-        std::fs::create_dir_all(&debs)?;
         let root = kdir.join("root");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root)?;
-        for part in &parts {
-            run(apt
-                .cmd("apt-get")
-                .args(["download", "-qq", part])
-                .current_dir(&debs))?;
-            let deb = std::fs::read_dir(&debs)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(&format!("{part}_")) && n.ends_with(".deb"))
-                })
-                .with_context(|| format!("downloaded {part} .deb not found"))?;
-            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-        }
-        // Kernels from trixie on ship modules under /usr/lib (merged /usr); depmod and modprobe
-        // -d look under lib/.
-        if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
-            std::fs::create_dir_all(root.join("lib"))?;
-            std::os::unix::fs::symlink("../usr/lib/modules", root.join("lib/modules"))?;
-        }
-        // 7.x packages ship only the binary indexes; depmod warns for each missing text one.
-        let mods = root.join("lib/modules").join(&version);
-        for f in [
-            "modules.order",
-            "modules.builtin",
-            "modules.builtin.modinfo",
-        ] {
-            if !mods.join(f).exists() {
-                std::fs::write(mods.join(f), "")?;
-            }
-        }
-        run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
+        unpack(&apt, &package, &version, &root)?;
         // /boot up to 6.x; the modules directory from 7.x.
         let vmlinuz = [
             format!("boot/vmlinuz-{version}"),
@@ -323,6 +254,84 @@ pub fn fetch_kernel(wanted: &str) -> anyhow::Result<Kernel> {
         vfio_builtin: false,
         device_specific: false,
     })
+}
+
+/// The newest kernel package matching `wanted`: bookworm first, then every suite.
+fn find_package(wanted: &str) -> anyhow::Result<(Apt, String)> {
+    let base = Apt::new("bookworm", BASE_SUITES)?;
+    base.update()?;
+    if let Some(p) = resolve(&base, wanted)? {
+        return Ok((base, p));
+    }
+    let all: Vec<&str> = BASE_SUITES.iter().chain(EXTRA_SUITES).copied().collect();
+    let wide = Apt::new("wide", &all)?;
+    wide.update()?;
+    let p = resolve(&wide, wanted)?.with_context(|| {
+        format!(
+            "no Debian kernel package matches {wanted:?} in bullseye, bookworm, trixie or sid (or a kernel the lab builds: --kernel builtin-vfio, --kernel devspecific)"
+        )
+    })?;
+    Ok((wide, p))
+}
+
+/// The kernel's packages unpacked into `root`, its modules indexed.
+fn unpack(apt: &Apt, package: &str, version: &str, root: &Path) -> anyhow::Result<()> {
+    // From 7.x Debian splits the image into linux-binary-* (vmlinuz) and linux-modules-*.
+    let parts: Vec<String> = [
+        package.to_string(),
+        format!("linux-binary-{version}"),
+        format!("linux-modules-{version}"),
+    ]
+    .into_iter()
+    .filter(|p| {
+        apt.cmd("apt-cache")
+            .args(["show", "--no-all-versions", p])
+            .output()
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    })
+    .collect();
+    eprintln!(
+        "xtask: fetching {} (about 100 MB, a minute or two; cached after)",
+        parts.join(" ")
+    );
+    let debs = cache_dir().join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root)?;
+    for part in &parts {
+        run(apt
+            .cmd("apt-get")
+            .args(["download", "-qq", part])
+            .current_dir(&debs))?;
+        let deb = std::fs::read_dir(&debs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{part}_")) && n.ends_with(".deb"))
+            })
+            .with_context(|| format!("downloaded {part} .deb not found"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+    }
+    // Kernels from trixie on ship modules under /usr/lib (merged /usr); depmod and modprobe
+    // -d look under lib/.
+    if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
+        std::fs::create_dir_all(root.join("lib"))?;
+        std::os::unix::fs::symlink("../usr/lib/modules", root.join("lib/modules"))?;
+    }
+    // 7.x packages ship only the binary indexes; depmod warns for each missing text one.
+    let mods = root.join("lib/modules").join(version);
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        if !mods.join(f).exists() {
+            std::fs::write(mods.join(f), "")?;
+        }
+    }
+    run(Command::new("depmod").arg("-b").arg(root).arg(version))?;
+    Ok(())
 }
 
 /// The uncompressed ELF inside a bzImage (xz on 6.1, zstd on 6.12+), for PVH boot: it skips

@@ -68,44 +68,68 @@ pub fn boot(
     echo: bool,
 ) -> anyhow::Result<Boot> {
     let start = Instant::now();
-    let mut child = qemu
-        .command()
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2",
-        ])
-        .args([
-            "-bios",
-            "qboot.rom",
-            "-vga",
-            "none",
-            "-nic",
-            "none",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(vmlinux)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on",
-        ])
-        .args(["-device", qemu.iommu()])
-        // Native PCIe hotplug on the root port, as on hosts: pciehp drives the slot (its
-        // events are what the port guard masks), and QEMU's slot plug reports the card
-        // present and its link active. With ACPI hotplug QEMU never sets Data Link Layer Link
-        // Active, so the kernel's wait after a bus reset fails for a card with a PM capability.
-        .args([
-            "-global",
-            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
-        ])
-        .args(extra)
+    let mut child = command(qemu, vmlinux, initrd, extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
+    let lines = lines_of(&mut child);
+    let console = collect(&mut child, &lines, start + timeout, echo);
+    let _ = child.wait();
+    std::fs::write(log, &console)?;
+    let rc = console
+        .lines()
+        .filter_map(|l| l.split("VMLAB-RC=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .next_back();
+    Ok(Boot {
+        console,
+        rc,
+        wall: start.elapsed(),
+    })
+}
+
+/// The lab's machine: q35 under TCG, qboot, no display or network, the kernel and initramfs
+/// given, the IOMMU, then the scenario's devices.
+fn command(qemu: &Qemu, vmlinux: &Path, initrd: &Path, extra: &[String]) -> std::process::Command {
+    let mut cmd = qemu.command();
+    cmd.args([
+        "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2",
+    ])
+    .args([
+        "-bios",
+        "qboot.rom",
+        "-vga",
+        "none",
+        "-nic",
+        "none",
+        "-nographic",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(vmlinux)
+    .arg("-initrd")
+    .arg(initrd)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=3 intel_iommu=on",
+    ])
+    .args(["-device", qemu.iommu()])
+    // Native PCIe hotplug on the root port, as on hosts: pciehp drives the slot (its events
+    // are what the port guard masks), and QEMU's slot plug reports the card present and its
+    // link active. With ACPI hotplug QEMU never sets Data Link Layer Link Active, so the
+    // kernel's wait after a bus reset fails for a card with a PM capability.
+    .args([
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+    ])
+    .args(extra);
+    cmd
+}
+
+/// QEMU's stdout and stderr (prefixed `qemu: `), line by line, from two reader threads.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = mpsc::channel::<String>();
@@ -120,8 +144,17 @@ pub fn boot(
             let _ = tx2.send(format!("qemu: {l}"));
         }
     });
+    rx
+}
+
+/// The console until QEMU exits, or until `deadline`, when it is killed.
+fn collect(
+    child: &mut std::process::Child,
+    rx: &mpsc::Receiver<String>,
+    deadline: Instant,
+    echo: bool,
+) -> String {
     let mut console = String::new();
-    let deadline = start + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(Duration::from_millis(200))) {
@@ -143,18 +176,7 @@ pub fn boot(
             }
         }
     }
-    let _ = child.wait();
-    std::fs::write(log, &console)?;
-    let rc = console
-        .lines()
-        .filter_map(|l| l.split("VMLAB-RC=").nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .next_back();
-    Ok(Boot {
-        console,
-        rc,
-        wall: start.elapsed(),
-    })
+    console
 }
 
 /// The lines the guest printed between `VMLAB-BEGIN name` and `VMLAB-END name`.

@@ -5,6 +5,41 @@ use serde_json::Value;
 use super::super::*;
 use super::*;
 
+/// What a loop expects on a kernel with the device-specific reset: the scenarios about the
+/// agent's own reset make the SoC miss the kernel's two.
+fn regime_of(run: &Run) -> KernelRegime {
+    let stale = run
+        .scenario
+        .faults(true)
+        .is_some_and(|f| f.contains("resets-missed"));
+    match (stale, run.scenario) {
+        (true, _) => KernelRegime::STALE,
+        (false, Scenario::Container) => KernelRegime::VERIFIED_THROUGH_VFIO,
+        (false, _) => KernelRegime::VERIFIED,
+    }
+}
+
+/// Behind the root port the reset masked the port's link-drop reports and put them back (the
+/// loops read the port before and after; other scenarios reuse the loop's check without).
+fn port_guarded(run: &Run, console: &str, a: &Value) -> anyhow::Result<()> {
+    if run.topology != Topology::RootPort || !console.contains("VMLAB-BEGIN port") {
+        return Ok(());
+    }
+    let ports = port_states(console, "port");
+    ensure!(
+        ports.len() == 2 && ports[0] == ports[1],
+        "the port before and after the reset differ: {ports:?}"
+    );
+    let restored = &a["report"]["restored"]["port"];
+    ensure!(
+        a["report"]["port"]["port"] == ports[0]["port"]
+            && restored.as_array().is_some_and(|r| !r.is_empty()),
+        "the reset did not guard the port {}: restored {restored}",
+        ports[0]["port"]
+    );
+    Ok(())
+}
+
 pub(crate) fn check_loop(
     run: &Run,
     console: &str,
@@ -13,17 +48,7 @@ pub(crate) fn check_loop(
     writes: usize,
 ) -> anyhow::Result<Vec<String>> {
     if expected_kernel_reset(run, console)?.0 == "device-specific" {
-        // The scenarios about the agent's own reset make the SoC miss the kernel's two.
-        let stale = run
-            .scenario
-            .faults(true)
-            .is_some_and(|f| f.contains("resets-missed"));
-        let want = match (stale, run.scenario) {
-            (true, _) => KernelRegime::STALE,
-            (false, Scenario::Container) => KernelRegime::VERIFIED_THROUGH_VFIO,
-            (false, _) => KernelRegime::VERIFIED,
-        };
-        return check_kernel_regime(run, console, sim, want);
+        return check_kernel_regime(run, console, sim, regime_of(run));
     }
     let journal = json_lines(console, "journal");
     let acts = actions(console);
@@ -67,22 +92,7 @@ pub(crate) fn check_loop(
         received >= done_ns,
         "event received ({received}) before the release returned ({done_ns})?"
     );
-    // Behind the root port the reset masked the port's link-drop reports and put them back
-    // (the loops read the port before and after; other scenarios reuse this check without).
-    if run.topology == Topology::RootPort && console.contains("VMLAB-BEGIN port") {
-        let ports = port_states(console, "port");
-        ensure!(
-            ports.len() == 2 && ports[0] == ports[1],
-            "the port before and after the reset differ: {ports:?}"
-        );
-        let restored = &a["report"]["restored"]["port"];
-        ensure!(
-            a["report"]["port"]["port"] == ports[0]["port"]
-                && restored.as_array().is_some_and(|r| !r.is_empty()),
-            "the reset did not guard the port {}: restored {restored}",
-            ports[0]["port"]
-        );
-    }
+    port_guarded(run, console, a)?;
     let detect_ms = (received - done_ns) as f64 / 1e6;
     let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
     let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
@@ -220,16 +230,7 @@ pub(crate) fn check_kernel_regime(
         log.contains("regime=kernel-device-specific"),
         "the agent did not start in the kernel-device-specific regime:\n{log}"
     );
-    if run.scenario == Scenario::ActWithKernel {
-        for view in ["check", "status"] {
-            let out = section(console, view).join("\n");
-            ensure!(
-                out.lines()
-                    .any(|l| l.contains("regime") && l.contains("kernel-device-specific")),
-                "`qcom-reset {view}` does not name the kernel-device-specific regime:\n{out}"
-            );
-        }
-    }
+    regime_views(run, console)?;
     let journal = json_lines(console, "journal");
     let ev = journal
         .iter()
@@ -252,8 +253,43 @@ pub(crate) fn check_kernel_regime(
             "the kernel's reset must time out at open and the agent fall back to its own:\n{log}"
         );
     }
+    verified_stale(run, &log, &want)?;
+    let a = &one_action(console, &want)?;
+    sequences(sim, &want)?;
+    Ok([
+        note,
+        Some(format!(
+            "release: kernel_reset={} -> {} {}",
+            ev["event"]["kernel_reset"], a["result"], a["detail"]
+        )),
+        Some(format!(
+            "simulator: {} reset sequence(s), {} of the kernel's broken off by its link poll, the rest conformant with the reviewed one; {} ignored by the SoC",
+            want.sequences, want.broken_off, want.missed
+        )),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// `act-with-kernel` also checks `check` and `status` name the regime.
+fn regime_views(run: &Run, console: &str) -> anyhow::Result<()> {
+    if run.scenario == Scenario::ActWithKernel {
+        for view in ["check", "status"] {
+            let out = section(console, view).join("\n");
+            ensure!(
+                out.lines()
+                    .any(|l| l.contains("regime") && l.contains("kernel-device-specific")),
+                "`qcom-reset {view}` does not name the kernel-device-specific regime:\n{out}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's resets missed: the verification finds what the VM left, crashed or not.
+fn verified_stale(run: &Run, log: &str, want: &KernelRegime) -> anyhow::Result<()> {
     if want.missed > 0 {
-        // The kernel's resets missed: the verification finds what the VM left, crashed or not.
         let found = if run.state == "crashed" {
             "crashed"
         } else {
@@ -265,9 +301,14 @@ pub(crate) fn check_kernel_regime(
             "the verification did not find the card {found}:\n{log}"
         );
     }
+    Ok(())
+}
+
+/// The agent's one action after the release, as the regime expects.
+fn one_action(console: &str, want: &KernelRegime) -> anyhow::Result<Value> {
     let acts = actions(console);
     ensure!(acts.len() == 1, "expected one action, got {acts:?}");
-    let a = &acts[0];
+    let a = acts[0].clone();
     ensure!(
         a["trigger"] == want.trigger && a["result"] == want.result,
         "expected {} -> {}: {a}",
@@ -288,6 +329,12 @@ pub(crate) fn check_kernel_regime(
         a["report"]["method"],
         want.method
     );
+    Ok(a)
+}
+
+/// The simulator's count of sequences: the kernel's broken off, the SoC's missed, the rest
+/// conformant with the reviewed one.
+fn sequences(sim: Option<&Value>, want: &KernelRegime) -> anyhow::Result<()> {
     let sim = sim.context("no simulator report")?;
     let c = &sim["conformance"];
     let writes = sim["writes"].as_array().cloned().unwrap_or_default();
@@ -317,20 +364,7 @@ pub(crate) fn check_kernel_regime(
     if want.broken_off == 0 {
         ensure!(c["sequences"] == want.sequences, "conformance {c}");
     }
-    Ok([
-        note,
-        Some(format!(
-            "release: kernel_reset={} -> {} {}",
-            ev["event"]["kernel_reset"], a["result"], a["detail"]
-        )),
-        Some(format!(
-            "simulator: {} reset sequence(s), {} of the kernel's broken off by its link poll, the rest conformant with the reviewed one; {} ignored by the SoC",
-            want.sequences, want.broken_off, want.missed
-        )),
-    ]
-    .into_iter()
-    .flatten()
-    .collect())
+    Ok(())
 }
 /// The kernel's own successful device-specific resets inside the VFIO opens and releases the
 /// journal recorded: on a kernel with the quirk, their writes are the simulator's too.

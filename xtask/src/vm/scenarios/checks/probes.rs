@@ -6,10 +6,27 @@ use serde_json::Value;
 use super::super::*;
 use super::*;
 
+/// The edu behind the root port: its function and bus resets, its VFIO opens and releases.
+const RP: &str = "0000:01:00.0";
+
 pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     let auto = json_lines(console, "trace-fentry");
-    let attaches: Vec<&Value> = events(&auto, "attach").collect();
+    attached(console, &auto, &mut notes)?;
+    resets_and_opens(&auto, RP)?;
+    releases(&auto, RP, &mut notes)?;
+    auto_flavour(console, RP, &mut notes)?;
+    Ok(notes)
+}
+
+fn on(v: &Value, f: &str, bdf: &str) -> bool {
+    v["function"] == f && v["bdf"] == bdf
+}
+
+/// `--flavour fentry`: fentry/fexit on the reset functions, kprobes on the VFIO brackets (at
+/// start when VFIO is built in, when the module loads otherwise).
+fn attached(console: &str, auto: &[Value], notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let attaches: Vec<&Value> = events(auto, "attach").collect();
     let attach = *attaches.last().context("no attach record in trace --all")?;
     // Built in, the brackets attach at start (and say why); a module attaches them when it loads.
     let builtin = console.contains("VMLAB vfio-module=0");
@@ -48,21 +65,24 @@ pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
     notes.push(
         "--flavour fentry: fentry/fexit on the reset functions; kprobes on vfio_pci_core".into(),
     );
-    let rp = "0000:01:00.0";
-    let on = |v: &Value, f: &str, bdf: &str| v["function"] == f && v["bdf"] == bdf;
-    let sysfs_ok = events(&auto, "attempt")
+    Ok(())
+}
+
+/// A sysfs reset, the -ENOTTY once `reset_method` is empty, and each open's reset attempt.
+fn resets_and_opens(auto: &[Value], rp: &str) -> anyhow::Result<()> {
+    let sysfs_ok = events(auto, "attempt")
         .any(|v| on(v, "pci_reset_function", rp) && v["ret"] == 0 && v["flavour"] == "fentry");
     ensure!(
         sysfs_ok,
         "no successful sysfs pci_reset_function (fentry) on {rp}"
     );
-    let enotty = events(&auto, "attempt")
+    let enotty = events(auto, "attempt")
         .any(|v| on(v, "pci_reset_function", rp) && v["ret"] == -25 && v["errno"] == "ENOTTY");
     ensure!(
         enotty,
         "no pci_reset_function -ENOTTY after emptying reset_method"
     );
-    let opens: Vec<&Value> = events(&auto, "open").filter(|v| v["bdf"] == rp).collect();
+    let opens: Vec<&Value> = events(auto, "open").filter(|v| v["bdf"] == rp).collect();
     ensure!(
         opens.len() == 2,
         "expected 2 VFIO opens of {rp}, got {}",
@@ -78,9 +98,13 @@ pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "open 2 attempts: {}",
         opens[1]
     );
-    let rels: Vec<&Value> = events(&auto, "release")
-        .filter(|v| v["bdf"] == rp)
-        .collect();
+    Ok(())
+}
+
+/// Releases behind the port (the bus reset named and not trusted) and on the root bus (no
+/// reset at all).
+fn releases(auto: &[Value], rp: &str, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    let rels: Vec<&Value> = events(auto, "release").filter(|v| v["bdf"] == rp).collect();
     ensure!(
         rels.len() == 2,
         "expected 2 releases of {rp}, got {}",
@@ -123,7 +147,7 @@ pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "release 2 without the bus reset: {}",
         rels[1]
     );
-    let root_rel = events(&auto, "release")
+    let root_rel = events(auto, "release")
         .find(|v| v["bdf"] != rp)
         .context("no release of the root-bus edu")?;
     ensure!(
@@ -136,7 +160,11 @@ pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "release without any reset method: kernel_reset=none, attempts {:?}",
         attempts(root_rel)
     ));
-    // `auto` takes kprobes wherever the kernel has them.
+    Ok(())
+}
+
+/// `auto` takes kprobes wherever the kernel has them.
+fn auto_flavour(console: &str, rp: &str, notes: &mut Vec<String>) -> anyhow::Result<()> {
     let kp = json_lines(console, "trace-auto");
     let kattach = events(&kp, "attach")
         .next()
@@ -153,5 +181,5 @@ pub(crate) fn check_probes(console: &str) -> anyhow::Result<Vec<String>> {
         "the auto flavour's kprobes saw no sysfs reset"
     );
     notes.push("auto: every probe attached as kprobe and fired".into());
-    Ok(notes)
+    Ok(())
 }
