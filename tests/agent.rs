@@ -756,15 +756,21 @@ async fn observe_only_rescan_writes_nothing_and_says_why() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn startup_rescan_resets_only_unclean_targets() {
+/// Two cards and a start-up rescan: the WLAN as a killed VM left it, the modem reset before the
+/// agent started (healthy).
+fn rescan_host() -> (FakeHost, SimDevice, SimDevice, Config) {
     let h = two_device_host();
     let wlan = sim(Family::Wlan, Faults::default());
     let modem = sim(Family::Modem, Faults::default());
-    // Bring the modem to health first, as if it had been reset before the agent started.
     reset_before(&h, MODEM, &modem);
     let mut cfg = test_config(&h);
     cfg.rescan = true;
+    (h, wlan, modem, cfg)
+}
+
+#[tokio::test]
+async fn startup_rescan_resets_only_unclean_targets() {
+    let (h, wlan, modem, cfg) = rescan_host();
     let mut r = start(&h, cfg, &[(WLAN, wlan.clone()), (MODEM, modem.clone())]);
     let mut got: Vec<(String, String, Trigger)> = Vec::new();
     for _ in 0..2 {
@@ -807,12 +813,7 @@ async fn startup_rescan_resets_only_unclean_targets() {
 /// verdict and the reset, and a clean card is opened once and left alone.
 #[tokio::test]
 async fn a_weak_trigger_checks_and_resets_in_one_session() {
-    let h = two_device_host();
-    let wlan = sim(Family::Wlan, Faults::default());
-    let modem = sim(Family::Modem, Faults::default());
-    reset_before(&h, MODEM, &modem);
-    let mut cfg = test_config(&h);
-    cfg.rescan = true;
+    let (h, wlan, modem, cfg) = rescan_host();
     let opened: Arc<std::sync::Mutex<Vec<Bdf>>> = Arc::default();
     let sims: HashMap<Bdf, SimDevice> =
         [(bdf(WLAN), wlan.clone()), (bdf(MODEM), modem.clone())].into();

@@ -205,37 +205,8 @@ fn main() -> anyhow::Result<()> {
             println!("{}", bin.display());
             Ok(())
         }
-        Cmd::Run { args } => {
-            let bin = build_release()?;
-            let args = if args.is_empty() {
-                vec!["run".to_string()]
-            } else {
-                args
-            };
-            let mut cmd = if is_root() {
-                Command::new(&bin)
-            } else {
-                eprintln!("xtask: qcom-reset needs root; re-running under sudo");
-                let mut c = Command::new("sudo");
-                c.arg("-E").arg(&bin);
-                c
-            };
-            let status = cmd
-                .args(&args)
-                .status()
-                .with_context(|| format!("running {}", bin.display()))?;
-            std::process::exit(status.code().unwrap_or(1));
-        }
-        Cmd::Test { args } => {
-            toolchain::ensure_ebpf()?;
-            // The simulator's vfio-user server (the VM lab's card) is tested with the rest.
-            toolchain::run(
-                cargo()
-                    .args(["test", "--features", "qcom-reset/vfio-user"])
-                    .args(&args),
-            )?;
-            monitoring::run()
-        }
+        Cmd::Run { args } => run(args),
+        Cmd::Test { args } => test(&args),
         Cmd::Monitoring => monitoring::run(),
         Cmd::Repo { out, key_id } => fleet::repo::run(out, key_id),
         Cmd::Fleet => fleet::run(),
@@ -263,39 +234,78 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mutants { files, suites } => mutants::run(&files, &suites),
         Cmd::Package { test } => package::run(test),
         Cmd::Licenses => licenses::check(),
-        Cmd::Clippy => {
-            toolchain::ensure_ebpf()?;
-            toolchain::run(cargo().args([
+        Cmd::Clippy => clippy(),
+    }
+}
+
+/// `cargo xtask run`: the release build, run as root (through sudo when not), `run` by default.
+fn run(args: Vec<String>) -> anyhow::Result<()> {
+    let bin = build_release()?;
+    let args = if args.is_empty() {
+        vec!["run".to_string()]
+    } else {
+        args
+    };
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: qcom-reset needs root; re-running under sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    let status = cmd
+        .args(&args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// `cargo xtask test`: every crate's tests with the simulator's vfio-user server, then the
+/// monitoring checks.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    toolchain::ensure_ebpf()?;
+    // The simulator's vfio-user server (the VM lab's card) is tested with the rest.
+    toolchain::run(
+        cargo()
+            .args(["test", "--features", "qcom-reset/vfio-user"])
+            .args(args),
+    )?;
+    monitoring::run()
+}
+
+/// `cargo xtask clippy`: the userspace crates, then the eBPF crate on its own.
+fn clippy() -> anyhow::Result<()> {
+    toolchain::ensure_ebpf()?;
+    toolchain::run(cargo().args([
+        "clippy",
+        "--all-targets",
+        "--features",
+        "qcom-reset/vfio-user",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
+    toolchain::run(
+        toolchain::toolchain_cargo(toolchain::EBPF_NIGHTLY)
+            .current_dir(workspace_root())
+            .args([
                 "clippy",
-                "--all-targets",
-                "--features",
-                "qcom-reset/vfio-user",
+                "--package",
+                "qcom-reset-ebpf",
+                "--bins",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
                 "--",
                 "-D",
                 "warnings",
-            ]))?;
-            // Separately, so the `user` feature (aya, std) never unifies into the eBPF build.
-            toolchain::run(
-                toolchain::toolchain_cargo(toolchain::EBPF_NIGHTLY)
-                    .current_dir(workspace_root())
-                    .args([
-                        "clippy",
-                        "--package",
-                        "qcom-reset-ebpf",
-                        "--bins",
-                        "--target",
-                        "bpfel-unknown-none",
-                        "-Z",
-                        "build-std=core",
-                        "--",
-                        "-D",
-                        "warnings",
-                    ])
-                    .env(
-                        "CARGO_ENCODED_RUSTFLAGS",
-                        "--cfg=bpf_target_arch=\"x86_64\"",
-                    ),
-            )
-        }
-    }
+            ])
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                "--cfg=bpf_target_arch=\"x86_64\"",
+            ),
+    )
 }

@@ -711,8 +711,31 @@ fn scrape_through_node_exporter(sample: &Path, tmp: &Path) -> anyhow::Result<Str
     // std::fs::copy keeps the mode: a 0600 sample stays unreadable to node_exporter's user.
     std::fs::copy(sample, &file).with_context(|| format!("copying {}", sample.display()))?;
     let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
-
     let port = free_port()?;
+    let (mut exporter, user) = start_exporter(&dir, tmp, port, mode)?;
+    let body = scrape(&mut exporter, port)?;
+    let log = exporter.log();
+    drop(exporter);
+    let problems = problems(&body, mode, &user, &log);
+    ensure!(
+        problems.is_empty(),
+        "through node_exporter (as {user}):\n{}",
+        problems.join("\n")
+    );
+    Ok(format!(
+        "node_textfile_scrape_error 0 and {} families typed as agreed, read as {user} (mode {mode:o})",
+        AGENT_METRICS.len()
+    ))
+}
+
+/// node_exporter with only its textfile collector on `dir`, as its own user when root (the
+/// name of whom it runs as is returned).
+fn start_exporter(
+    dir: &Path,
+    tmp: &Path,
+    port: u16,
+    mode: u32,
+) -> anyhow::Result<(NodeExporter, String)> {
     let log = tmp.join("node_exporter.log");
     let out = std::fs::File::create(&log)?;
     let mut cmd = Command::new(NODE_EXPORTER);
@@ -751,13 +774,18 @@ fn scrape_through_node_exporter(sample: &Path, tmp: &Path) -> anyhow::Result<Str
             Ok(())
         });
     }
-    let mut exporter = NodeExporter {
+    let exporter = NodeExporter {
         child: cmd
             .spawn()
             .with_context(|| format!("starting {NODE_EXPORTER}"))?,
         log,
     };
 
+    Ok((exporter, user))
+}
+
+/// `/metrics`, once node_exporter answers (10 s at most).
+fn scrape(exporter: &mut NodeExporter, port: u16) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
         if let Some(status) = exporter.child.try_wait()? {
@@ -774,9 +802,12 @@ fn scrape_through_node_exporter(sample: &Path, tmp: &Path) -> anyhow::Result<Str
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    let log = exporter.log();
-    drop(exporter);
+    Ok(body)
+}
 
+/// What is wrong with the scrape: a textfile error, the file not read, a family missing,
+/// mistyped or outside the contract.
+fn problems(body: &str, mode: u32, user: &str, log: &str) -> Vec<String> {
     let mut problems = Vec::new();
     if !body.lines().any(|l| l == "node_textfile_scrape_error 0") {
         let line = body
@@ -811,15 +842,7 @@ fn scrape_through_node_exporter(sample: &Path, tmp: &Path) -> anyhow::Result<Str
             problems.push(format!("{name} arrives as {kind}: not in the contract"));
         }
     }
-    ensure!(
-        problems.is_empty(),
-        "through node_exporter (as {user}):\n{}",
-        problems.join("\n")
-    );
-    Ok(format!(
-        "node_textfile_scrape_error 0 and {} families typed as agreed, read as {user} (mode {mode:o})",
-        AGENT_METRICS.len()
-    ))
+    problems
 }
 
 #[cfg(test)]

@@ -448,6 +448,24 @@ pub fn demo(kernel: &str, card: CardKind) -> anyhow::Result<()> {
     let k = self::kernel(kernel)?;
     let ird = guest_image(&k, &bins)?;
     let lab = Lab::new(card)?;
+    explain(&k, card);
+    println!("== Booting and running (about 10-20 s under TCG)");
+    let run = Run {
+        scenario: Scenario::LoopWlan,
+        topology: Topology::RootPort,
+        state: "mission",
+    };
+    let o = run_scenario(&lab, &k, &ird, &run, &bins, false)?;
+    show(&o);
+    println!("\n== Verdict");
+    for n in o.notes {
+        println!("  {n}");
+    }
+    Ok(())
+}
+
+/// What the demo simulates, before it boots.
+fn explain(k: &host::Kernel, card: CardKind) {
     println!("\n== What is simulated");
     println!("A Debian {} kernel boots under QEMU.", k.version);
     match card {
@@ -473,13 +491,10 @@ pub fn demo(kernel: &str, card: CardKind) -> anyhow::Result<()> {
     println!("the `bus` reset and secondary-bus-reset it at release, returning success; the");
     println!("simulated firmware, like the real one, does not notice. 7.2 and later (and stable");
     println!("kernels with the Sep 2026 backport) avoid the bus reset for these IDs altogether.\n");
-    println!("== Booting and running (about 10-20 s under TCG)");
-    let run = Run {
-        scenario: Scenario::LoopWlan,
-        topology: Topology::RootPort,
-        state: "mission",
-    };
-    let o = run_scenario(&lab, &k, &ird, &run, &bins, false)?;
+}
+
+/// What the guest, the probes, the agent and the simulated card saw.
+fn show(o: &Outcome) {
     println!("\n== The card, as the guest sees it");
     for l in o
         .console
@@ -522,9 +537,4 @@ pub fn demo(kernel: &str, card: CardKind) -> anyhow::Result<()> {
             sim["conformance"]
         );
     }
-    println!("\n== Verdict");
-    for n in o.notes {
-        println!("  {n}");
-    }
-    Ok(())
 }

@@ -205,46 +205,10 @@ impl Results {
             })
             .map(|v| &v["action"])
             .collect();
-        let phases: Vec<[f64; 5]> = wlan
-            .iter()
-            .map(|a| {
-                PHASES.map(|p| {
-                    a["report"]["phases"][format!("{p}_us")]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                })
-            })
-            .collect();
-        // An agent without phases (`--agent`): its whole duration, to the ms.
-        let beyond_floor = wlan
-            .iter()
-            .zip(&phases)
-            .map(|(a, p)| {
-                let total = match p.iter().sum::<f64>() {
-                    0.0 => a["report"]["duration_ms"].as_f64().unwrap_or(f64::NAN),
-                    us => us / 1000.0,
-                };
-                total - floor_ms.unwrap_or(f64::NAN)
-            })
-            .collect();
-        let detect_bt = section(console, "bpftrace")
-            .iter()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                let at: u64 = it.next()?.parse().ok()?;
-                let got: u64 = it.next()?.parse().ok()?;
-                Some(got.saturating_sub(at) as f64 / 1e6)
-            })
-            .collect();
-        let rates = tagged(console, "flood-rate")
-            .iter()
-            .filter_map(|s| {
-                let mut it = s.split_whitespace();
-                let n: f64 = it.next()?.parse().ok()?;
-                let ns: f64 = it.next()?.parse().ok()?;
-                Some(n / (ns / 1e9))
-            })
-            .collect();
+        let phases = phases(&wlan);
+        let beyond_floor = beyond_floor(&wlan, &phases, floor_ms);
+        let detect_bt = bpftrace_detection(console);
+        let rates = flood_rates(console);
         Ok(Results {
             attach_ours: nums("attach-ours")?,
             attach_kprobe: nums("attach-kprobe")?,
@@ -289,29 +253,35 @@ impl Results {
     }
 
     pub fn table(&self, kernel: &str, o: &Options) -> String {
-        let mut t = format!(
+        let mut t = Table(format!(
             "\n`cargo xtask bench-lab --kernel {} --releases {} --idle {}` (guest kernel {kernel}, QEMU/TCG, 2 vCPUs, vfio-user cards)\n\n| measure | qcom-reset | peer (bpftrace) | ratio |\n|---|---|---|---|\n",
             o.kernel, o.releases, o.idle_s
-        );
-        let mut row = |m: String, ours: String, peer: String, ratio: String| {
-            t.push_str(&format!("| {m} | {ours} | {peer} | {ratio} |\n"));
-        };
-        let dash = || "-".to_string();
+        ));
+        self.attach_rows(&mut t);
+        self.detection_rows(&mut t);
+        self.reset_rows(&mut t);
+        self.cost_rows(&mut t);
+        self.scale_rows(&mut t);
+        t.0
+    }
+
+    /// Loading and attaching, against bpftrace's; peak memory.
+    fn attach_rows(&self, t: &mut Table) {
         let (a, b) = (median(&self.attach_ours), median(&self.attach_bt));
-        row(
+        t.row(
             format!("load + attach, median of {} (ms)", self.attach_ours.len()),
             format!("{a:.0}"),
             format!("{b:.0}"),
             ratio(a, b),
         );
         let k = median(&self.attach_kprobe);
-        row(
+        t.row(
             "... with `--flavour kprobe`".into(),
             format!("{k:.0}"),
             format!("{b:.0}"),
             ratio(k, b),
         );
-        row(
+        t.row(
             "peak memory at attach, median: auto / kprobe (MB)".into(),
             format!(
                 "{:.1} / {:.1}",
@@ -321,9 +291,13 @@ impl Results {
             dash(),
             dash(),
         );
+    }
+
+    /// Release returned → the agent has it, against bpftrace's, and where that time goes.
+    fn detection_rows(&self, t: &mut Table) {
         for p in [50.0, 95.0, 99.0] {
             let (x, y) = (pct(&self.detect_ours, p), pct(&self.detect_bt, p));
-            row(
+            t.row(
                 format!(
                     "detection p{p}: release returned -> agent has it (ms; {} / {} releases)",
                     self.detect_ours.len(),
@@ -334,7 +308,7 @@ impl Results {
                 ratio(x, y),
             );
         }
-        row(
+        t.row(
             "... of which ring-buffer wake-up / hand-off to the decision, p50 / p99 (ms)".into(),
             format!(
                 "{:.2} / {:.2}, {:.3} / {:.3}",
@@ -346,7 +320,7 @@ impl Results {
             dash(),
             dash(),
         );
-        row(
+        t.row(
             "event -> reset start p50 / p99 (ms)".into(),
             format!(
                 "{:.1} / {:.1}",
@@ -356,7 +330,11 @@ impl Results {
             dash(),
             dash(),
         );
-        row(
+    }
+
+    /// The reset beyond the card's floor, the guest's unit costs, each phase.
+    fn reset_rows(&self, t: &mut Table) {
+        t.row(
             format!(
                 "WLAN reset beyond the card's floor ({} ms), p50 / p99 (ms; {} resets)",
                 self.floor_ms.map_or("?".into(), |f| format!("{f:.0}")),
@@ -378,7 +356,7 @@ impl Results {
                 v[1].as_f64().unwrap_or(f64::NAN)
             )
         };
-        row(
+        t.row(
             "the guest's unit costs, p50 / p99 (µs): 1 ms sleep's overshoot; clock read (clocksource); VFIO config read; BAR0 read"
                 .into(),
             format!(
@@ -394,14 +372,18 @@ impl Results {
         );
         for (i, name) in PHASES.iter().enumerate() {
             let v: Vec<f64> = self.phases.iter().map(|p| p[i] / 1000.0).collect();
-            row(
+            t.row(
                 format!("... phase {name}, p50 / p99 (ms)"),
                 format!("{:.2} / {:.2}", pct(&v, 50.0), pct(&v, 99.0)),
                 dash(),
                 dash(),
             );
         }
-        row(
+    }
+
+    /// Start-up, memory, and what idling costs.
+    fn cost_rows(&self, t: &mut Table) {
+        t.row(
             "agent start -> \"agent running\" (ms)".into(),
             format!("{:.0}", self.agent_start_ms),
             dash(),
@@ -415,25 +397,25 @@ impl Results {
                 x.2
             )
         };
-        row(
+        t.row(
             "RSS / peak after start".into(),
             r(self.rss_start),
             dash(),
             dash(),
         );
-        row(
+        t.row(
             format!("RSS / peak after {:.0} s idle", self.idle.secs),
             r(self.rss_idle),
             dash(),
             dash(),
         );
-        row(
+        t.row(
             format!("RSS / peak after {} resets", self.resets),
             r(self.rss_after),
             dash(),
             dash(),
         );
-        row(
+        t.row(
             format!(
                 "idle {:.0} s: CPU time, context switches (all threads)",
                 self.idle.secs
@@ -442,7 +424,11 @@ impl Results {
             dash(),
             dash(),
         );
-        row(
+    }
+
+    /// Eight modems at once, and a flood of non-target releases.
+    fn scale_rows(&self, t: &mut Table) {
+        t.row(
             format!(
                 "{} modems released together vs 1 (ms, 2 s mandated each)",
                 MODEMS.len()
@@ -453,7 +439,7 @@ impl Results {
         );
         if let Some((one, all)) = self.recovery.split_first().filter(|(_, a)| !a.is_empty()) {
             let worst = all.iter().copied().fold(f64::MIN, f64::max);
-            row(
+            t.row(
                 "each modem's release -> its clean action: alone vs the slowest of the eight (ms)"
                     .into(),
                 format!("{worst:.0} vs {one:.0}"),
@@ -462,7 +448,7 @@ impl Results {
             );
         }
         let f = &self.flood;
-        row(
+        t.row(
             format!("non-target ({OTHER}) VFIO releases per second reached"),
             f.rates
                 .iter()
@@ -472,7 +458,7 @@ impl Results {
             dash(),
             dash(),
         );
-        row(
+        t.row(
             "agent CPU during the releases: alone / with a target release (% of one CPU)".into(),
             format!(
                 "{:.2} / {:.2} ({:.0} / {:.0} ms over {:.0} s)",
@@ -485,15 +471,82 @@ impl Results {
             dash(),
             dash(),
         );
-        row(
+        t.row(
             "non-target events reaching the agent, lost events, target release detected in (ms)"
                 .into(),
             format!("{}, {}, {:.2}", f.events, f.lost, f.detect),
             dash(),
             dash(),
         );
-        t
     }
+}
+
+/// Each clean WLAN reset's phases, in µs.
+fn phases(wlan: &[&Value]) -> Vec<[f64; 5]> {
+    wlan.iter()
+        .map(|a| {
+            PHASES.map(|p| {
+                a["report"]["phases"][format!("{p}_us")]
+                    .as_f64()
+                    .unwrap_or(0.0)
+            })
+        })
+        .collect()
+}
+
+/// Each reset beyond the card's floor, in ms; an agent without phases (`--agent`): its whole
+/// duration, to the ms.
+fn beyond_floor(wlan: &[&Value], phases: &[[f64; 5]], floor_ms: Option<f64>) -> Vec<f64> {
+    wlan.iter()
+        .zip(phases)
+        .map(|(a, p)| {
+            let total = match p.iter().sum::<f64>() {
+                0.0 => a["report"]["duration_ms"].as_f64().unwrap_or(f64::NAN),
+                us => us / 1000.0,
+            };
+            total - floor_ms.unwrap_or(f64::NAN)
+        })
+        .collect()
+}
+
+/// bpftrace's detection of each release: its stamp minus the release's, in ms.
+fn bpftrace_detection(console: &str) -> Vec<f64> {
+    section(console, "bpftrace")
+        .iter()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let at: u64 = it.next()?.parse().ok()?;
+            let got: u64 = it.next()?.parse().ok()?;
+            Some(got.saturating_sub(at) as f64 / 1e6)
+        })
+        .collect()
+}
+
+/// The non-target releases per second each flood reached.
+fn flood_rates(console: &str) -> Vec<f64> {
+    tagged(console, "flood-rate")
+        .iter()
+        .filter_map(|s| {
+            let mut it = s.split_whitespace();
+            let n: f64 = it.next()?.parse().ok()?;
+            let ns: f64 = it.next()?.parse().ok()?;
+            Some(n / (ns / 1e9))
+        })
+        .collect()
+}
+
+/// The results table, a row at a time.
+struct Table(String);
+
+impl Table {
+    fn row(&mut self, m: String, ours: String, peer: String, ratio: String) {
+        self.0
+            .push_str(&format!("| {m} | {ours} | {peer} | {ratio} |\n"));
+    }
+}
+
+fn dash() -> String {
+    "-".to_string()
 }
 
 fn ratio(a: f64, b: f64) -> String {
