@@ -775,7 +775,7 @@ async fn startup_rescan_resets_only_unclean_targets() {
     let mut got: Vec<(String, String, Trigger)> = Vec::new();
     for _ in 0..2 {
         let a = r.next().await;
-        got.push((a.bdf.to_string(), a.result, a.trigger));
+        got.push((a.bdf.to_string(), a.result.to_string(), a.trigger));
     }
     got.sort();
     assert_eq!(
@@ -824,7 +824,7 @@ async fn a_weak_trigger_checks_and_resets_in_one_session() {
     });
     let mut r = start_with(h.host.clone(), cfg, open);
     let (a, b) = (r.next().await, r.next().await);
-    let mut got = [(a.bdf, a.result), (b.bdf, b.result)];
+    let mut got = [(a.bdf, a.result.to_string()), (b.bdf, b.result.to_string())];
     got.sort();
     assert_eq!(
         got,
@@ -1532,7 +1532,7 @@ async fn ready_comes_after_the_start_up_resets_and_the_status_is_published() {
     let mut done: Vec<(String, String)> = (0..2)
         .map(|_| {
             let a = r.actions.try_recv().expect("acted before ready");
-            (a.bdf.to_string(), a.result)
+            (a.bdf.to_string(), a.result.to_string())
         })
         .collect();
     done.sort();

@@ -18,15 +18,76 @@ pub struct Action {
     pub ts_ms: u64,
     pub bdf: Bdf,
     pub trigger: Trigger,
-    /// A verdict ("clean", "stale", "crashed", "not-ready", "link-down", "wrong-identity"), or
-    /// "error", "taken", "dry-run", "skipped", "nothing-to-do"
-    pub result: String,
+    pub result: ActionResult,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<session::Report>,
     /// Time from the event's arrival to the start of the reset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
+}
+
+/// What an action came to; journaled as its name ("clean", "held", …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionResult {
+    /// A reset's verdict ("clean", "stale", "crashed", "not-ready", "link-down",
+    /// "wrong-identity").
+    Verdict(Health),
+    /// A check found nothing to reset.
+    NothingToDo,
+    /// Observe-only: the reset that would have run.
+    DryRun,
+    /// Refused or not checked, nothing written.
+    Skipped,
+    /// Refused because something holds the device or its lock.
+    Held,
+    /// A host driver or a VM took the card mid-session.
+    Taken,
+    Error,
+}
+
+impl ActionResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionResult::Verdict(h) => h.name(),
+            ActionResult::NothingToDo => "nothing-to-do",
+            ActionResult::DryRun => "dry-run",
+            ActionResult::Skipped => "skipped",
+            ActionResult::Held => "held",
+            ActionResult::Taken => "taken",
+            ActionResult::Error => "error",
+        }
+    }
+
+    /// Whether the episode ends with it: the card is clean, or there is nothing more this
+    /// trigger may do.
+    pub fn ends_episode(self) -> bool {
+        matches!(
+            self,
+            ActionResult::Verdict(Health::Clean)
+                | ActionResult::Skipped
+                | ActionResult::DryRun
+                | ActionResult::Taken
+        )
+    }
+}
+
+impl std::fmt::Display for ActionResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ActionResult {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ActionResult {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -38,14 +99,14 @@ pub(super) fn now_ms() -> u64 {
 pub(super) fn action(
     bdf: Bdf,
     trigger: Trigger,
-    result: &str,
+    result: ActionResult,
     detail: impl Into<String>,
 ) -> Action {
     Action {
         ts_ms: now_ms(),
         bdf,
         trigger,
-        result: result.into(),
+        result,
         detail: detail.into(),
         report: None,
         latency_ms: None,
@@ -92,7 +153,7 @@ fn classify(
     trigger: Trigger,
     result: Result<crate::Result<session::Report>, tokio::task::JoinError>,
 ) -> Action {
-    let mut a = action(bdf, trigger, "error", "");
+    let mut a = action(bdf, trigger, ActionResult::Error, "");
     match result {
         Err(join) => {
             a.detail = format!("reset task failed: {join}");
@@ -107,7 +168,11 @@ fn classify(
                     | crate::Error::HeldBySession { .. }
                     | crate::Error::Busy { .. }
             );
-            a.result = if held { "held" } else { "skipped" }.into();
+            a.result = if held {
+                ActionResult::Held
+            } else {
+                ActionResult::Skipped
+            };
             a.detail = format!("not written: {e}");
         }
         // A host driver took the card mid-session (libvirt's managed reattach), or a VM opened
@@ -122,7 +187,7 @@ fn classify(
             },
         )) => {
             sh.metrics.reset(&bdf.to_string(), "taken");
-            a.result = "taken".into();
+            a.result = ActionResult::Taken;
             a.detail = e.to_string();
         }
         Ok(Err(e)) => {
@@ -140,7 +205,7 @@ fn reported(sh: &Shared, a: &mut Action, r: session::Report) {
     let bdf = a.bdf;
     if r.method == session::Method::DryRun {
         sh.metrics.reset(&bdf.to_string(), "dry-run");
-        a.result = "dry-run".into();
+        a.result = ActionResult::DryRun;
         a.detail = format!(
             "observe-only: would run {} ({} register operations)",
             r.sequence_version,
@@ -154,7 +219,7 @@ fn reported(sh: &Shared, a: &mut Action, r: session::Report) {
     sh.metrics.duration(Duration::from_millis(r.duration_ms));
     sh.verdict(bdf, v.health, &v.detail);
     sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
-    a.result = v.health.to_string();
+    a.result = ActionResult::Verdict(v.health);
     a.detail = format!(
         "{} in {} ms: {}",
         r.sequence_version, r.duration_ms, v.detail
@@ -205,7 +270,7 @@ pub(super) async fn check_then_reset(
         return Verified::Done(action(
             bdf,
             trigger,
-            "skipped",
+            ActionResult::Skipped,
             format!(
                 "not checked: {}; observe-only does not",
                 crate::access::VFIO_OPEN_RESETS
@@ -228,12 +293,18 @@ pub(super) async fn check_then_reset(
     .await;
     match result {
         Ok(Ok(session::Checked::Left(s))) => left(sh, bdf, trigger, s),
-        Ok(Ok(session::Checked::Stopped(_))) => {
-            Verified::Done(action(bdf, trigger, "skipped", "shutting down: not reset"))
-        }
-        Ok(Ok(session::Checked::NotChecked(e))) => {
-            Verified::Done(action(bdf, trigger, "skipped", format!("not checked: {e}")))
-        }
+        Ok(Ok(session::Checked::Stopped(_))) => Verified::Done(action(
+            bdf,
+            trigger,
+            ActionResult::Skipped,
+            "shutting down: not reset",
+        )),
+        Ok(Ok(session::Checked::NotChecked(e))) => Verified::Done(action(
+            bdf,
+            trigger,
+            ActionResult::Skipped,
+            format!("not checked: {e}"),
+        )),
         Ok(Ok(session::Checked::Reset(r))) => {
             Verified::Attempted(classify(sh, bdf, trigger, Ok(Ok(r))))
         }
@@ -241,7 +312,7 @@ pub(super) async fn check_then_reset(
         Err(e) => Verified::Done(action(
             bdf,
             trigger,
-            "error",
+            ActionResult::Error,
             format!("status task failed: {e}"),
         )),
     }
@@ -255,7 +326,7 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
             action(
                 bdf,
                 trigger,
-                "nothing-to-do",
+                ActionResult::NothingToDo,
                 format!("clean: {}", v.detail),
             )
         }),
@@ -264,7 +335,7 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
             action(
                 bdf,
                 trigger,
-                "nothing-to-do",
+                ActionResult::NothingToDo,
                 format!(
                     "{} left alone (rescan_resets = {:?}): {}",
                     v.health,
@@ -273,13 +344,16 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
                 ),
             )
         }),
-        (None, Some(Unread::Held(why))) => {
-            Verified::Held(action(bdf, trigger, "held", format!("not checked: {why}")))
-        }
+        (None, Some(Unread::Held(why))) => Verified::Held(action(
+            bdf,
+            trigger,
+            ActionResult::Held,
+            format!("not checked: {why}"),
+        )),
         (None, why) => Verified::Done(action(
             bdf,
             trigger,
-            "skipped",
+            ActionResult::Skipped,
             format!(
                 "not checked: {}",
                 why.map(|w| w.to_string()).unwrap_or_default()

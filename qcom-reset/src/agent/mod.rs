@@ -36,8 +36,8 @@ use metrics::Metrics;
 use state::State;
 use status::AgentStatus;
 
-pub use action::Action;
 use action::now_ms;
+pub use action::{Action, ActionResult};
 pub use shared::Reloader;
 use shared::Shared;
 use shared::binds_reset;

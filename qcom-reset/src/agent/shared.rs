@@ -122,8 +122,10 @@ impl Shared {
     }
 
     pub(super) fn act(&self, a: Action) {
-        match a.result.as_str() {
-            "clean" | "nothing-to-do" | "dry-run" => {
+        match a.result {
+            ActionResult::Verdict(Health::Clean)
+            | ActionResult::NothingToDo
+            | ActionResult::DryRun => {
                 info!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail)
             }
             _ => warn!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail),

@@ -149,13 +149,13 @@ pub(super) async fn handle(sh: &Arc<Shared>, bdf: Bdf, trigger: Trigger, at: Ins
             sh.metrics.latency(l);
         }
         a.latency_ms = latency.map(|l| l.as_secs_f64() * 1000.0);
-        if a.result == "held" {
+        if a.result == ActionResult::Held {
             if wait_out_holder(sh, a, &mut waiting, held_until).await {
                 continue;
             }
             return began;
         }
-        let done = matches!(a.result.as_str(), "clean" | "skipped" | "dry-run" | "taken");
+        let done = a.result.ends_episode();
         sh.act(a);
         if done {
             return began;
@@ -194,7 +194,7 @@ async fn gate(
             if sh.history(bdf).failures >= sh.cfg().max_attempts {
                 sh.gave_up(bdf);
             }
-            sh.act(action(bdf, trigger, "skipped", why));
+            sh.act(action(bdf, trigger, ActionResult::Skipped, why));
             Gated::Stop
         }
         Decision::Wait(d) => {
@@ -223,7 +223,7 @@ pub(super) async fn wait_out_holder(
     let (bdf, trigger) = (a.bdf, a.trigger);
     let waits = trigger.waits_for_holder();
     if !*waiting {
-        a.result = "skipped".into();
+        a.result = ActionResult::Skipped;
         a.detail = if waits {
             format!(
                 "{}; waiting up to {} s for it to let go",
@@ -257,7 +257,7 @@ pub(super) fn still_held(sh: &Shared, bdf: Bdf, trigger: Trigger, wait: HolderWa
         HolderWait::Shutdown => "shutting down while it was held: not reset".to_string(),
         _ => format!("still held after {} s: not reset", sh.cfg().held_wait_s),
     };
-    action(bdf, trigger, "skipped", detail)
+    action(bdf, trigger, ActionResult::Skipped, detail)
 }
 
 /// How a wait for a device's holder ended.

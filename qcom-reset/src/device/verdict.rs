@@ -28,16 +28,22 @@ pub enum Health {
     WrongIdentity,
 }
 
-impl std::fmt::Display for Health {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Health {
+    pub const fn name(self) -> &'static str {
+        match self {
             Health::Clean => "clean",
             Health::Stale => "stale",
             Health::Crashed => "crashed",
             Health::NotReady => "not-ready",
             Health::LinkDown => "link-down",
             Health::WrongIdentity => "wrong-identity",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

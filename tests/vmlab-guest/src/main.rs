@@ -182,7 +182,7 @@ fn unit_costs(bdf: Bdf) -> anyhow::Result<()> {
             .unwrap_or_default();
     let mut backend = open(bdf)?;
     let (cfg50, cfg99) = timed(200, || {
-        let _ = backend.config_read16(qcom_reset::device::regs::PCI_COMMAND);
+        let _ = backend.config_read16(qcom_reset::pci::PCI_COMMAND);
     });
     let (mut bar, _) = backend.map_bar(0)?;
     let (mmio50, mmio99) = timed(200, || {
@@ -279,7 +279,8 @@ fn main() -> anyhow::Result<()> {
             println!("vmlab-guest: closed the group of {bdf}");
         }
         Some("port-regs") => {
-            use qcom_reset::session::port::{PortState, SysfsConfig, upstream};
+            use qcom_reset::pci::SysfsConfig;
+            use qcom_reset::session::port::{PortState, upstream};
             let dev = PciSysfs::default().device(bdf)?;
             let port =
                 upstream(&dev).ok_or_else(|| anyhow::anyhow!("{bdf} has no upstream port"))?;
