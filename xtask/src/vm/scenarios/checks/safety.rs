@@ -6,6 +6,18 @@ use serde_json::Value;
 use super::super::*;
 use super::*;
 
+/// How a WLAN card's release ends: the agent's reset (3 writes), or, where the kernel reset it
+/// at open and release (7.4's device-specific reset, 3 writes each), the verification of that
+/// reset. (kernel resets, trigger, result, the agent's writes)
+fn wlan_release_end(console: &str) -> (usize, &'static str, &'static str, usize) {
+    let kernel = kernel_device_specific_resets(console);
+    if kernel > 0 {
+        (kernel, "kernel-reset", "nothing-to-do", 0)
+    } else {
+        (kernel, "release", "clean", 3)
+    }
+}
+
 pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let cli = section(console, "cli").join("\n");
     ensure!(
@@ -15,12 +27,7 @@ pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<V
     // The open's own reset calls are explained by the open: nothing to answer while the VM
     // holds the card, and its release is answered once: reset, or, where the kernel reset it
     // at open and release (7.4's device-specific reset), verified.
-    let kernel = kernel_device_specific_resets(console);
-    let (trigger, result, ours) = if kernel > 0 {
-        ("kernel-reset", "nothing-to-do", 0)
-    } else {
-        ("release", "clean", 3)
-    };
+    let (kernel, trigger, result, ours) = wlan_release_end(console);
     let acts = actions(console);
     ensure!(
         acts.len() == 1 && acts[0]["trigger"] == trigger && acts[0]["result"] == result,
@@ -126,12 +133,7 @@ pub(crate) fn check_fault_after_kernel(
 pub(crate) fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     // Where the kernel reset the card as the device closed (7.4), the wait is for the
     // verification of that reset, which finds it clean and writes nothing.
-    let kernel = kernel_device_specific_resets(console);
-    let (trigger, result, ours) = if kernel > 0 {
-        ("kernel-reset", "nothing-to-do", 0)
-    } else {
-        ("release", "clean", 3)
-    };
+    let (kernel, trigger, result, ours) = wlan_release_end(console);
     let acts = actions(console);
     let done: Vec<&Value> = acts.iter().filter(|a| a["result"] == result).collect();
     ensure!(done.len() == 1, "expected one {result}: {acts:?}");
