@@ -1,5 +1,6 @@
 //! The host's assertions on what a scenario's guest printed and the simulator reported; each
 //! scenario's are in the file of its kind, the line readers they share here.
+mod handover;
 mod host;
 mod judge;
 mod loops;
@@ -7,6 +8,7 @@ mod probes;
 mod safety;
 
 use anyhow::ensure;
+pub(crate) use handover::*;
 pub(crate) use host::*;
 pub(crate) use judge::*;
 pub(crate) use loops::*;
