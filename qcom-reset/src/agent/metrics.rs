@@ -104,6 +104,28 @@ pub struct Metrics {
     write_lock: Mutex<()>,
 }
 
+/// Every known label value from 0: `increase()` ignores a series' first sample, so a counter
+/// born at 1 would hide the first failure of its kind from alerts. The version, once.
+fn born(
+    events: &Family<Kind, Counter>,
+    skipped: &Family<Reason, Counter>,
+    build: &Family<Build, Gauge>,
+) {
+    for kind in ["attempt", "release", "open"] {
+        let _ = events.get_or_create(&Kind { kind: kind.into() });
+    }
+    for reason in ["kill-switch", "policy", "refused"] {
+        let _ = skipped.get_or_create(&Reason {
+            reason: reason.into(),
+        });
+    }
+    build
+        .get_or_create(&Build {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .set(1);
+}
+
 /// A new metric of its default value, registered under `name`.
 fn register<M>(r: &mut Registry, name: &str, help: &str) -> M
 where
@@ -176,21 +198,7 @@ impl Metrics {
             "last_update_timestamp_seconds",
             "When the agent last wrote these metrics (Unix time; refreshed at least every 30 s)",
         );
-        // Every known label value from 0: `increase()` ignores a series' first sample, so a
-        // counter born at 1 would hide the first failure of its kind from alerts.
-        for kind in ["attempt", "release", "open"] {
-            let _ = events.get_or_create(&Kind { kind: kind.into() });
-        }
-        for reason in ["kill-switch", "policy", "refused"] {
-            let _ = skipped.get_or_create(&Reason {
-                reason: reason.into(),
-            });
-        }
-        build
-            .get_or_create(&Build {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
+        born(&events, &skipped, &build);
         Metrics {
             registry: r,
             clean,

@@ -22,32 +22,7 @@ pub fn check(repo: &Repo) -> anyhow::Result<()> {
     let root = DebianRoot::new()?;
     // The repository's server, as the role's hosts reach it.
     root.copy_in(&repo.dir, REPO_IN_ROOT)?;
-    let play = |check: bool| -> anyhow::Result<Recap> {
-        let mut cmd = Command::new("ansible-playbook");
-        cmd.arg("-i")
-            .arg(format!("{},", root.root.display()))
-            .args(["-c", "community.general.chroot"])
-            .arg(workspace_root().join("dist/ansible/tests/chroot.yml"))
-            .env(
-                "ANSIBLE_ROLES_PATH",
-                workspace_root().join("dist/ansible/roles"),
-            )
-            .env("ANSIBLE_NOCOLOR", "1")
-            .env("ANSIBLE_HOST_KEY_CHECKING", "0")
-            .env("QCOM_RESET_TEST_KEYRING", repo.dir.join(KEYRING));
-        if check {
-            cmd.arg("--check");
-        }
-        let out = cmd.output().context("running ansible-playbook")?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        ensure!(
-            out.status.success(),
-            "ansible-playbook{} failed:\n{text}{}",
-            if check { " --check" } else { "" },
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Recap::of(&text)
-    };
+    let play = |check: bool| play(&root, repo, check);
     let dry = play(true)?;
     ensure!(
         !root.path("/usr/bin/qcom-reset").exists(),
@@ -58,6 +33,54 @@ pub fn check(repo: &Repo) -> anyhow::Result<()> {
         first.changed > 0,
         "the first run changed nothing: {first:?}"
     );
+    applied(&root)?;
+    let again = play(false)?;
+    ensure!(
+        again.changed == 0,
+        "the second run changed something: {again:?}"
+    );
+    let check = play(true)?;
+    ensure!(
+        check.changed == 0,
+        "--check after the run would change something: {check:?}"
+    );
+    println!(
+        "fleet: Ansible role: --check on a fresh host changed nothing, applied ({} changed), re-applied and --check with 0 changed",
+        first.changed
+    );
+    Ok(())
+}
+
+/// One run of the role's test play over the root's chroot, `--check` or for real.
+fn play(root: &DebianRoot, repo: &Repo, check: bool) -> anyhow::Result<Recap> {
+    let mut cmd = Command::new("ansible-playbook");
+    cmd.arg("-i")
+        .arg(format!("{},", root.root.display()))
+        .args(["-c", "community.general.chroot"])
+        .arg(workspace_root().join("dist/ansible/tests/chroot.yml"))
+        .env(
+            "ANSIBLE_ROLES_PATH",
+            workspace_root().join("dist/ansible/roles"),
+        )
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("ANSIBLE_HOST_KEY_CHECKING", "0")
+        .env("QCOM_RESET_TEST_KEYRING", repo.dir.join(KEYRING));
+    if check {
+        cmd.arg("--check");
+    }
+    let out = cmd.output().context("running ansible-playbook")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "ansible-playbook{} failed:\n{text}{}",
+        if check { " --check" } else { "" },
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Recap::of(&text)
+}
+
+/// What the role applied: its drop-in, which the agent accepts, and the hook settings.
+fn applied(root: &DebianRoot) -> anyhow::Result<()> {
     let dropin = std::fs::read_to_string(root.path("/etc/qcom-reset/conf.d/50-ansible.toml"))?;
     for want in [
         "debounce_ms = 300",
@@ -75,20 +98,6 @@ pub fn check(repo: &Repo) -> anyhow::Result<()> {
     ensure!(
         defaults.contains("\nQCOM_RESET_PRESTART=never"),
         "{defaults}"
-    );
-    let again = play(false)?;
-    ensure!(
-        again.changed == 0,
-        "the second run changed something: {again:?}"
-    );
-    let check = play(true)?;
-    ensure!(
-        check.changed == 0,
-        "--check after the run would change something: {check:?}"
-    );
-    println!(
-        "fleet: Ansible role: --check on a fresh host changed nothing, applied ({} changed), re-applied and --check with 0 changed",
-        first.changed
     );
     Ok(())
 }

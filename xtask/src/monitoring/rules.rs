@@ -210,7 +210,7 @@ pub(super) fn metric_names(text: &str) -> anyhow::Result<BTreeSet<String>> {
     }
     ensure!(
         unknown.is_empty(),
-        "not in the metric contract (xtask/src/monitoring.rs, docs/operations.md): {unknown:?}"
+        "not in the metric contract (xtask/src/monitoring/mod.rs, docs/operations.md): {unknown:?}"
     );
     Ok(used)
 }

@@ -95,6 +95,21 @@ pub(super) fn parse_sample_line(line: &str) -> anyhow::Result<Sample> {
 /// nothing outside the contract; the counters' label values all present; 0/1 gauges 0 or 1; the
 /// heartbeat a unix time in seconds.
 pub(super) fn check_sample(text: &str) -> anyhow::Result<String> {
+    let (types, samples) = parse_sample(text)?;
+    let mut problems = Vec::new();
+    families(&types, &samples, &mut problems);
+    values(&samples, &mut problems);
+    born(&samples, &mut problems);
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(format!(
+        "{} families, {} series",
+        AGENT_METRICS.len(),
+        samples.len()
+    ))
+}
+
+/// The textfile's `# TYPE` lines and its samples.
+fn parse_sample(text: &str) -> anyhow::Result<(BTreeMap<String, String>, Vec<Sample>)> {
     let mut types = BTreeMap::new();
     let mut samples = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -107,7 +122,11 @@ pub(super) fn check_sample(text: &str) -> anyhow::Result<String> {
             samples.push(parse_sample_line(line)?);
         }
     }
-    let mut problems = Vec::new();
+    Ok((types, samples))
+}
+
+/// Every family of the contract, typed and labelled as agreed, with a sample.
+fn families(types: &BTreeMap<String, String>, samples: &[Sample], problems: &mut Vec<String>) {
     for (family, kind, label_names) in AGENT_METRICS {
         match types.get(*family).map(String::as_str) {
             Some(k) if k == kind.as_str() => {}
@@ -134,10 +153,14 @@ pub(super) fn check_sample(text: &str) -> anyhow::Result<String> {
             }
         }
     }
-    for s in &samples {
+}
+
+/// Each sample in the contract, and its value in range.
+fn values(samples: &[Sample], problems: &mut Vec<String>) {
+    for s in samples {
         if !AGENT_METRICS.iter().any(|m| m.0 == family_of(&s.name)) {
             problems.push(format!(
-                "{}: not in the contract (add it to xtask/src/monitoring.rs and docs/operations.md)",
+                "{}: not in the contract (add it to xtask/src/monitoring/mod.rs and docs/operations.md)",
                 s.name
             ));
         }
@@ -159,6 +182,10 @@ pub(super) fn check_sample(text: &str) -> anyhow::Result<String> {
             problems.push(format!("{}: {}, not unix seconds", s.name, s.value));
         }
     }
+}
+
+/// Every counter value there from the start, at 0.
+fn born(samples: &[Sample], problems: &mut Vec<String>) {
     for (family, label, values) in COUNTER_VALUES {
         for v in *values {
             if !samples
@@ -171,10 +198,4 @@ pub(super) fn check_sample(text: &str) -> anyhow::Result<String> {
             }
         }
     }
-    ensure!(problems.is_empty(), "{}", problems.join("\n"));
-    Ok(format!(
-        "{} families, {} series",
-        AGENT_METRICS.len(),
-        samples.len()
-    ))
 }
