@@ -824,6 +824,12 @@ async fn a_weak_trigger_checks_and_resets_in_one_session() {
     });
     let mut r = start_with(h.host.clone(), cfg, open);
     let (a, b) = (r.next().await, r.next().await);
+    let modem_said = if a.bdf == bdf(MODEM) {
+        &a.detail
+    } else {
+        &b.detail
+    };
+    assert!(modem_said.starts_with("clean: "), "{modem_said}");
     let mut got = [(a.bdf, a.result.to_string()), (b.bdf, b.result.to_string())];
     got.sort();
     assert_eq!(
@@ -1352,6 +1358,11 @@ async fn rescan_resets_follows_the_configuration() {
             (a.trigger, a.result.as_str()),
             (Trigger::Rescan, want),
             "{policy:?} {state:?}: {}",
+            a.detail
+        );
+        assert!(
+            want != "nothing-to-do" || a.detail.contains("left alone"),
+            "a verdict the policy leaves alone says so: {}",
             a.detail
         );
         assert_eq!(

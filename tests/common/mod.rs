@@ -180,7 +180,7 @@ pub fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
 }
 
-/// Runs the engine against `sim` for the device at `req.bdf`.
+/// Runs a reset against `sim` for the device at `req.bdf`.
 pub fn reset_with(h: &FakeHost, req: &Request, sim: &SimDevice) -> qcom_reset::Result<Report> {
     let s = sim.clone();
     session::reset(

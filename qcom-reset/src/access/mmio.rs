@@ -30,7 +30,7 @@ impl MmioBar {
 impl RegisterIo for MmioBar {
     fn read32(&mut self, offset: u32) -> u32 {
         // Out-of-range reads look like a dead link, the one answer the sequences already handle;
-        // the engine checks the BAR size against the sequence before mapping, so this is a guard.
+        // the session checks the BAR size against the sequence before mapping, so this is a guard.
         match self.ptr(offset) {
             // SAFETY: `p` is 4-aligned and inside the live mapping (`ptr`); the mapping is MMIO,
             // read once, volatile; a revoked page reads all-ones instead of faulting (`revoke`).
@@ -58,7 +58,7 @@ mod tests {
     use crate::device::regio::Recorder;
 
     /// A BAR mapping the kernel takes away (here: its file truncated, the same SIGBUS) reads
-    /// all-ones and says it was revoked, through every wrapper the engine puts around it.
+    /// all-ones and says it was revoked, through every wrapper a session puts around it.
     #[test]
     fn a_revoked_mmio_bar_reads_all_ones_and_says_so_through_its_wrappers() {
         let file = tempfile::tempfile().unwrap();

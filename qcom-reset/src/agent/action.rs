@@ -113,7 +113,7 @@ pub(super) fn action(
     }
 }
 
-/// One run of the engine, as an action: a verdict, "error", "taken", "dry-run", "skipped" (refused,
+/// One reset session, as an action: a verdict, "error", "taken", "dry-run", "skipped" (refused,
 /// nothing written) or "held" (refused because something holds the device or its lock).
 pub(super) async fn attempt(
     sh: &Arc<Shared>,
@@ -359,5 +359,38 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
                 why.map(|w| w.to_string()).unwrap_or_default()
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result is journaled under its name and compares equal to that name only; the clean
+    /// verdict and the results that leave nothing more to do end an episode.
+    #[test]
+    fn a_result_is_its_name_and_says_whether_the_episode_ends() {
+        assert_eq!(
+            ActionResult::Verdict(Health::NotReady).as_str(),
+            "not-ready"
+        );
+        assert!(ActionResult::Skipped == "skipped");
+        assert!(!(ActionResult::Skipped == "held"));
+        assert_eq!(
+            serde_json::to_string(&ActionResult::NothingToDo).unwrap(),
+            "\"nothing-to-do\""
+        );
+        for (r, ends) in [
+            (ActionResult::Verdict(Health::Clean), true),
+            (ActionResult::Verdict(Health::Stale), false),
+            (ActionResult::Skipped, true),
+            (ActionResult::DryRun, true),
+            (ActionResult::Taken, true),
+            (ActionResult::Held, false),
+            (ActionResult::Error, false),
+            (ActionResult::NothingToDo, false),
+        ] {
+            assert_eq!(r.ends_episode(), ends, "{r}");
+        }
     }
 }

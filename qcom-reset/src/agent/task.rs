@@ -297,7 +297,7 @@ pub(super) async fn holder_gone(
 /// The kernel's word on whether the group is free, not the /proc scan: a holder in another PID
 /// namespace is invisible there but still makes the group open fail. The probe open is made
 /// under the device's lock, taken without waiting: a CLI session holding it is never told
-/// "held" by us, and its lock wait is the engine's to do (so that counts as free).
+/// "held" by us, and its lock wait is the session's to do (so that counts as free).
 pub(super) fn group_free(host: &Host, bdf: Bdf) -> bool {
     let Ok(_lock) = crate::host::lock::DeviceLock::acquire(&host.run_dir, bdf, Duration::ZERO)
     else {

@@ -199,7 +199,21 @@ fn ee_name_is_invalid(ee: u32) -> bool {
     ee_name(ee) == "INVALID"
 }
 
-/// How long verification waits for the device to settle, polling every 25 ms like the MHI host.
+/// The verification's schedule in words, for the real run's log and the dry run's plan alike:
+/// the reads [`crate::device::sequence::poll`] makes.
+pub fn verify_schedule(family: Family) -> String {
+    use crate::device::sequence::{QUICK_POLL, QUICK_WINDOW};
+    format!(
+        "a read every {} ms for {} ms, then every {} ms, up to {} ms",
+        QUICK_POLL.as_millis(),
+        QUICK_WINDOW.as_millis(),
+        SETTLE_POLL.as_millis(),
+        settle_window(family).as_millis()
+    )
+}
+
+/// How long verification waits for the device to settle; after the first 100 ms it polls
+/// every 25 ms like the MHI host.
 pub const fn settle_window(family: Family) -> Duration {
     family.spec().settle_window
 }

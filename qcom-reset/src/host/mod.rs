@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sysfs::PciSysfs;
 
-/// Where the engine finds the host's state; tests point every path at a tree of their own.
+/// Where sessions find the host's state; tests point every path at a tree of their own.
 #[derive(Clone, Debug)]
 pub struct Host {
     pub sysfs: PciSysfs,

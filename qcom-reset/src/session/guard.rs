@@ -1,4 +1,4 @@
-//! One device session, in the order the engine runs it: **own** the device (its VFIO group held
+//! One device session, in the order a reset runs it: **own** the device (its VFIO group held
 //! open, [`own`]), **recover** what a killed session left ([`record`]), **save** the baseline to
 //! disk before the first write, wake it, then (the caller) reset and verify, and **restore**
 //! PCI_COMMAND, `power/control` and every config word the reset lost, on every path: errors,

@@ -151,7 +151,7 @@ impl Session {
         self.taken.clone().or_else(|| self.watch.lost())
     }
 
-    /// Starts the verification: it only reads (every 25 ms, up to 8 s), so the VFIO group is let
+    /// Starts the verification: it only reads (up to 8 s), so the VFIO group is let
     /// go once a BAR read answers ([`Session::let_go_when_settled`]), and a VM
     /// starting meanwhile is not refused with EBUSY. Not when the access goes through VFIO
     /// ([`Ownership::can_let_go`]). True when the group may be let go; [`Session::take_back`]

@@ -45,9 +45,8 @@ pub(super) fn dry_run(t: &Target, access: &str) -> Report {
     if !t.kernel_has_device_specific() {
         plan.extend(ops.iter().map(|o| o.to_string()));
         plan.push(format!(
-            "verify: poll MHISTATUS/MHICTRL/EE every {} ms for up to {} ms",
-            verdict::SETTLE_POLL.as_millis(),
-            verdict::settle_window(p.family).as_millis()
+            "verify: poll MHISTATUS/MHICTRL/EE ({})",
+            verdict::verify_schedule(p.family)
         ));
         plan.push(format!("unmap BAR{}", p.bar));
         plan.push(format!("config ({access}) PCI_COMMAND <- saved"));

@@ -372,9 +372,8 @@ fn verify(
         t.bdf,
         t.profile.family.sequence_version(),
         &format!(
-            "verify: reading config space and MHI registers (every {} ms, up to {} ms)",
-            verdict::SETTLE_POLL.as_millis(),
-            verdict::settle_window(t.profile.family).as_millis()
+            "verify: reading config space and MHI registers ({})",
+            verdict::verify_schedule(t.profile.family)
         ),
     );
     let verifying = io.inner.session.begin_verification();
