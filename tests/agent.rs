@@ -1787,3 +1787,36 @@ async fn an_episode_that_ends_at_once_leaves_the_card_not_busy() {
     assert_eq!(wlan.with_model(|m| m.writes.len()), 0);
     r.stop().await;
 }
+
+/// A check-then-reset whose reset panics (here: the card's BAR mapping, the second one of the
+/// session) is a failed attempt, as a release's reset would be: journaled as the reset task's,
+/// counted, and recorded for the back-off; a panic before the verdict is the check's alone.
+#[tokio::test]
+async fn a_panicking_reset_after_a_check_is_a_failed_attempt() {
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = sim(Family::Wlan, Faults::default());
+    let inner = card.clone();
+    let open: qcom_reset::agent::OpenFn = Arc::new(move |_, _| {
+        let mut maps = 0;
+        Ok(Box::new(Hooked {
+            inner: inner.clone(),
+            on_config_write: Box::new(|| {}),
+            on_map: Box::new(move || {
+                maps += 1;
+                assert!(maps < 2, "the reset's BAR mapping fails");
+            }),
+        }))
+    });
+    let mut cfg = test_config(&h);
+    cfg.rescan = true;
+    cfg.max_attempts = 1;
+    let state = cfg.state_file.clone();
+    let mut r = start_with(h.host.clone(), cfg, open);
+    let a = r.next().await;
+    assert_eq!((a.trigger, a.result.as_str()), (Trigger::Rescan, "error"));
+    assert!(a.detail.starts_with("reset task failed"), "{}", a.detail);
+    r.stop().await;
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(kept["devices"][WLAN]["failures"], 1, "{kept}");
+}

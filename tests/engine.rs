@@ -1284,3 +1284,28 @@ fn a_check_resets_only_when_its_verdict_calls_for_it_and_not_once_stopped() {
     assert_eq!(r.verdict.map(|v| v.health), Some(Health::Clean));
     assert_eq!(resets, 1);
 }
+
+/// An experimental sibling (a Quectel SDX6x under its own ID, profile `sdx65`) is checked but
+/// not reset without an opt-in: after the lock wait the card is inspected again by its IDs, not
+/// by the name of the profile the first inspection found (whose reference row is reviewed).
+#[test]
+fn a_check_resets_an_experimental_sibling_only_when_opted_in() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        vendor: 0x1eac,
+        device: 0x1004,
+        ..FakeDevice::modem(MODEM)
+    });
+    let card = sim(Family::Modem, Faults::default());
+    let c = card.clone();
+    let got = session::check_then_reset(
+        &h.host,
+        &Request::new(bdf(MODEM)),
+        &mut move |_, _| Ok(Box::new(c.clone())),
+        "sim",
+        &|_| true,
+        &|| false,
+    );
+    assert!(matches!(got, Err(Error::Experimental { .. })), "{got:?}");
+    assert_eq!(card.with_model(|m| m.resets), 0, "not reset");
+}

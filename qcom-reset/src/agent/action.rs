@@ -22,7 +22,8 @@ pub struct Action {
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<session::Report>,
-    /// Time from the event's arrival to the start of the reset.
+    /// Time from the event's arrival to the start of the session that resets (for a trigger
+    /// that verifies first, the check that then resets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
 }
@@ -281,23 +282,39 @@ pub(super) async fn check_then_reset(
     let cfg = sh.cfg();
     let (host, open, access) = (sh.host.clone(), sh.open.clone(), cfg.access.name());
     let shutdown = sh.shutdown.clone();
+    // Set once the verdict called for a reset and it may begin: a panic after that is the
+    // reset's (a failed attempt), before it the check's.
+    let began = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reset_began = began.clone();
     let result = tokio::task::spawn_blocking(move || {
         let resets = |h: Health| match trigger {
             Trigger::Rescan => cfg.rescan_resets.resets(h),
             _ => h != Health::Clean,
         };
         // The check may have taken its whole lock wait: no reset begins after SIGTERM.
-        let stop = || *shutdown.borrow();
+        let stop = || {
+            let stop = *shutdown.borrow();
+            reset_began.store(!stop, std::sync::atomic::Ordering::SeqCst);
+            stop
+        };
         session::check_then_reset(&host, &req, &mut |d, o| open(d, o), access, &resets, &stop)
     })
     .await;
+    if began.load(std::sync::atomic::Ordering::SeqCst)
+        && let Err(join) = result
+    {
+        return Verified::Attempted(classify(sh, bdf, trigger, Err(join)));
+    }
     match result {
         Ok(Ok(session::Checked::Left(s))) => left(sh, bdf, trigger, s),
-        Ok(Ok(session::Checked::Stopped(_))) => Verified::Done(action(
+        Ok(Ok(session::Checked::Stopped(s))) => Verified::Done(action(
             bdf,
             trigger,
             ActionResult::Skipped,
-            "shutting down: not reset",
+            match s.verdict {
+                Some(v) => format!("shutting down: not reset ({}: {})", v.health, v.detail),
+                None => "shutting down: not reset".into(),
+            },
         )),
         Ok(Ok(session::Checked::NotChecked(e))) => Verified::Done(action(
             bdf,

@@ -28,7 +28,8 @@ pub enum Checked {
 
 /// Reads a card and resets it in the same session when `resets` says its health needs it.
 /// `req.dry_run` reads without writing (observe-only) and plans the reset instead. An error is
-/// the reset's; the check's own is [`Checked::NotChecked`].
+/// the reset's; the check's own is [`Checked::NotChecked`]. `stop` is asked once, right before
+/// the reset (or its plan) begins.
 pub fn check_then_reset(
     host: &Host,
     req: &Request,
@@ -48,6 +49,7 @@ pub fn check_then_reset(
         Err(e) => return Ok(Checked::NotChecked(e)),
     };
     let Own {
+        since: _,
         target: t,
         lock: _lock,
         mut session,
@@ -80,11 +82,12 @@ fn read_first(
     mode: ReadMode,
 ) -> Result<std::result::Result<(Own, Registers, Instant), Checked>> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
-    let mut own = match own(host, t, open, mode)? {
+    let again = (req.profile.as_deref(), req.bar);
+    let mut own = match own(host, t, open, mode, again)? {
         Owned::Yes(o) => *o,
         Owned::No(status) => return Ok(Err(Checked::Left(*status))),
     };
-    let started = Instant::now();
+    let started = own.since;
     match read_owned(&mut own.session, &own.target, mode)? {
         Ok(regs) => Ok(Ok((own, regs, started))),
         Err(why) => Ok(Err(Checked::Left(unread_status(own.target, why)))),

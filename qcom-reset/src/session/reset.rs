@@ -96,7 +96,8 @@ pub struct Report {
 /// against what qcom-reset added around it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Phases {
-    /// Owning the card: the VFIO group, the driver hold, the crash record, the saved config space.
+    /// Owning the card: the VFIO group, the driver hold, the crash record, the saved config space
+    /// (in a check that then resets, the check's reads too).
     pub own_us: u64,
     /// The upstream port: its lock and state, masking its link-drop reports.
     pub guard_us: u64,

@@ -74,7 +74,8 @@ pub fn unread_status(t: Target, why: Unread) -> Status {
 
 /// Reads a device's state; registers only when it is safe (not held, vfio-pci or no driver).
 pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Status> {
-    let (t, _lock, mut session) = match own(host, t, open, mode)? {
+    let again = (Some(t.profile.name), Some(t.profile.bar));
+    let (t, _lock, mut session) = match own(host, t, open, mode, again)? {
         Owned::Yes(o) => {
             let o = *o;
             (o.target, o.lock, o.session)
@@ -95,6 +96,8 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
 
 /// A card owned for reading (and, by a check-then-reset, for its reset).
 pub(super) struct Own {
+    /// When owning began, its lock taken: a reset in this session counts its time from here.
+    pub since: std::time::Instant,
     pub target: Target,
     pub lock: DeviceLock,
     pub session: Session,
@@ -108,8 +111,16 @@ pub(super) enum Owned {
 }
 
 /// Owns a card for reading: not while anything holds it or a host driver has it; observe-only
-/// only when reading writes nothing. The card is inspected again after the lock wait.
-pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> Result<Owned> {
+/// only when reading writes nothing. The card is inspected again after the lock wait, with
+/// `again`'s profile and BAR: a status keeps the profile it found, a check that may reset asks
+/// for the card's own by its IDs (the name's first row may be another device's).
+pub(super) fn own(
+    host: &Host,
+    t: Target,
+    open: &mut Opener<'_>,
+    mode: ReadMode,
+    again: (Option<&str>, Option<u8>),
+) -> Result<Owned> {
     let skipped = |t, why| Ok(Owned::No(Box::new(unread_status(t, why))));
     if let Some(e) = t.refusal(false) {
         return skipped(t, Unread::of(&e));
@@ -125,8 +136,9 @@ pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode)
         );
     }
     let lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
+    let since = std::time::Instant::now();
     // The wait may have been long: a VM may have opened the card or a host driver taken it.
-    let t = inspect(host, t.bdf, Some(t.profile.name), Some(t.profile.bar))?;
+    let t = inspect(host, t.bdf, again.0, again.1)?;
     if let Some(e) = t.refusal(false) {
         return skipped(t, Unread::of(&e));
     }
@@ -137,6 +149,7 @@ pub(super) fn own(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode)
     };
     match begin_session(host, &t.dev, open, writes) {
         Ok((session, recovered)) => Ok(Owned::Yes(Box::new(Own {
+            since,
             target: t,
             lock,
             session,
