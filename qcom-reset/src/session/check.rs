@@ -2,8 +2,6 @@
 //! wait, owned once, its crash record written once; the registers are read and judged, and the
 //! reset (when the caller's rule asks for one) runs in that same ownership, so nothing else can
 //! take the card between the verdict and the reset.
-use std::time::Instant;
-
 use tracing::info;
 
 use super::reset::{opted_in, pre, run_owned};
@@ -43,13 +41,13 @@ pub fn check_then_reset(
     } else {
         ReadMode::EnableAndRestore
     };
-    let (own, regs, started) = match read_first(host, req, open, mode) {
+    let (own, regs) = match read_first(host, req, open, mode) {
         Ok(Ok(read)) => read,
         Ok(Err(left)) => return Ok(left),
         Err(e) => return Ok(Checked::NotChecked(e)),
     };
     let Own {
-        since: _,
+        since,
         target: t,
         lock: _lock,
         mut session,
@@ -71,7 +69,7 @@ pub fn check_then_reset(
         return Ok(Checked::Reset(dry_run(&t, access_name)));
     }
     pre(&t);
-    run_owned(host, req, &t, session, recovered, started).map(Checked::Reset)
+    run_owned(host, req, &t, session, recovered, since).map(Checked::Reset)
 }
 
 /// The card owned and its registers read, or what ended the check before a verdict.
@@ -80,16 +78,15 @@ fn read_first(
     req: &Request,
     open: &mut Opener<'_>,
     mode: ReadMode,
-) -> Result<std::result::Result<(Own, Registers, Instant), Checked>> {
+) -> Result<std::result::Result<(Own, Registers), Checked>> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
     let again = (req.profile.as_deref(), req.bar);
     let mut own = match own(host, t, open, mode, again)? {
         Owned::Yes(o) => *o,
         Owned::No(status) => return Ok(Err(Checked::Left(*status))),
     };
-    let started = own.since;
     match read_owned(&mut own.session, &own.target, mode)? {
-        Ok(regs) => Ok(Ok((own, regs, started))),
+        Ok(regs) => Ok(Ok((own, regs))),
         Err(why) => Ok(Err(Checked::Left(unread_status(own.target, why)))),
     }
 }
