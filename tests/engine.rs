@@ -759,6 +759,14 @@ fn a_vfio_device_whose_group_cannot_be_held_is_not_written() {
         matches!(e, Error::NotOwned { .. }) && e.to_string().contains("cannot open"),
         "{e}"
     );
+    assert!(
+        matches!(
+            &e,
+            Error::NotOwned { why: qcom_reset::NotOwnable::Open { err, .. }, .. }
+                if err.raw_os_error() == Some(libc::EISDIR)
+        ),
+        "the OS error is kept: {e:?}"
+    );
     assert_eq!(writes(&card), 0);
     assert_eq!(card.with_model(|m| m.cfg.command()), 0x0400);
     assert_eq!(h.read(WLAN, "power/control"), "auto");

@@ -249,11 +249,28 @@ fn a_corrupt_record_is_refused_naming_the_file() {
         matches!(e, Error::BadRecord { .. }) && e.to_string().contains("0000:03:00.0.json"),
         "{e}"
     );
+    assert!(
+        matches!(
+            e,
+            Error::BadRecord {
+                why: qcom_reset::RecordDefect::ConfigOffset(0x04),
+                ..
+            }
+        ),
+        "the defect is kept typed: {e:?}"
+    );
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
     // Unparsable: the same line, never a silent skip.
     fs::write(record_path(&h, WLAN), "{\"bdf\":").unwrap();
     let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
     assert!(matches!(e, Error::BadRecord { .. }), "{e}");
+    assert!(
+        matches!(
+            &e,
+            Error::BadRecord { why: qcom_reset::RecordDefect::Json(j), .. } if j.is_eof()
+        ),
+        "the parser's error is kept: {e:?}"
+    );
 }
 
 /// Item 6: a card on no driver (start-up rescan) has no group to hold: for the whole session

@@ -14,7 +14,7 @@ pub struct Bdf {
     pub function: u8,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "malformed PCI address {input:?}: {why}; expected DDDD:BB:DD.F or BB:DD.F as shown by `lspci -D`, e.g. 0000:03:00.0"
 )]

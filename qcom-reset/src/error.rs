@@ -37,6 +37,171 @@ impl std::fmt::Display for GuardFailure {
     }
 }
 
+/// Why a BAR (or, for VFIO, the device itself) could not be mapped. The OS error is kept.
+#[derive(Debug)]
+pub enum MapFailure {
+    /// VFIO access needs the device bound to vfio-pci.
+    NotVfioPci,
+    NoIommuGroup,
+    /// The kernel's resource table has no address for the BAR.
+    Unassigned,
+    /// The VFIO region is empty or cannot be mmapped.
+    NotMappable,
+    /// The SIGBUS guard's table of mapped BARs is full.
+    TooManyMaps,
+    UnknownApi,
+    NoType1,
+    /// Some device of the IOMMU group is bound to a host driver.
+    NotViable,
+    /// A step that failed with an OS error.
+    Os {
+        step: MapStep,
+        err: std::io::Error,
+    },
+}
+
+/// The step of a mapping that an OS error came from.
+#[derive(Debug)]
+pub enum MapStep {
+    /// A second descriptor of the group the session holds.
+    DupGroup,
+    /// `/dev/vfio/N`.
+    OpenGroup(PathBuf),
+    /// `/dev/vfio/vfio`.
+    OpenContainer,
+    /// A sysfs `resourceN` file.
+    OpenResource(PathBuf),
+    /// The mmap of a sysfs `resourceN` file of `len` bytes.
+    MmapResource { path: PathBuf, len: u64 },
+    /// The mmap of a VFIO region.
+    MmapRegion,
+    /// A VFIO ioctl, by its uAPI name.
+    Ioctl(&'static str),
+}
+
+impl std::fmt::Display for MapFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use MapFailure::*;
+        f.write_str(match self {
+            NotVfioPci => "the device must be bound to vfio-pci for VFIO access",
+            NoIommuGroup => "the device has no IOMMU group; VFIO needs an IOMMU",
+            Unassigned => "the BAR is not assigned (resource table)",
+            NotMappable => "the region is empty or not mappable",
+            TooManyMaps => "too many BARs mapped at once to guard this one",
+            UnknownApi => "unknown VFIO API version",
+            NoType1 => "no type1 IOMMU backend; modprobe vfio_iommu_type1",
+            NotViable => "its IOMMU group is not viable: bind every device in it to vfio-pci",
+            Os { step, err } => return os_failure(f, step, err),
+        })
+    }
+}
+
+/// An OS error during a mapping, with the one fix that fits its step.
+fn os_failure(
+    f: &mut std::fmt::Formatter<'_>,
+    step: &MapStep,
+    err: &std::io::Error,
+) -> std::fmt::Result {
+    match (step, err.raw_os_error()) {
+        (MapStep::MmapResource { .. }, Some(libc::EPERM)) => {
+            f.write_str("refused by kernel lockdown (LOCKDOWN_PCI_ACCESS); use --access vfio")
+        }
+        (MapStep::MmapResource { len, .. }, Some(libc::EINVAL)) => write!(
+            f,
+            "mmap of {len} bytes refused (EINVAL): a driver claimed the region exclusively (iomem=strict) or the size does not fit the BAR; bind the device to vfio-pci with no VM holding it, or use --access vfio"
+        ),
+        (MapStep::DupGroup, _) => write!(f, "duplicating the held group: {err}"),
+        (MapStep::OpenGroup(p), _) => write!(
+            f,
+            "open {}: {err} (EBUSY: someone else holds the group)",
+            p.display()
+        ),
+        (MapStep::OpenContainer, _) => {
+            write!(f, "open /dev/vfio/vfio: {err} (is the vfio module loaded?)")
+        }
+        (MapStep::OpenResource(p), _) => write!(f, "open {}: {err}", p.display()),
+        (MapStep::MmapResource { path, .. }, _) => write!(f, "mmap {}: {err}", path.display()),
+        (MapStep::MmapRegion, _) => write!(f, "mmap: {err}"),
+        (MapStep::Ioctl(name), _) => write!(f, "{name}: {err}"),
+    }
+}
+
+/// Why the VFIO group of a card bound to vfio-pci could not be held (EBUSY, a holder, is
+/// `Error::Held`).
+#[derive(Debug)]
+pub enum NotOwnable {
+    NoIommuGroup,
+    /// The group node does not exist.
+    NoGroupNode(PathBuf),
+    Open {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for NotOwnable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotOwnable::NoIommuGroup => {
+                f.write_str("it is bound to vfio-pci but has no IOMMU group")
+            }
+            NotOwnable::NoGroupNode(p) => write!(
+                f,
+                "{} does not exist (is /dev mounted and vfio loaded?)",
+                p.display()
+            ),
+            NotOwnable::Open { path, err } => write!(f, "cannot open {}: {err}", path.display()),
+        }
+    }
+}
+
+/// What is wrong with a record that was read: it does not parse, or it names a register a
+/// restore must not write.
+#[derive(Debug)]
+pub enum RecordDefect {
+    Json(serde_json::Error),
+    /// A config-space offset that is not a restorable 16-bit register.
+    ConfigOffset(u16),
+    Port(PortDefect),
+}
+
+/// An upstream port's saved offsets that cannot be its registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortDefect {
+    /// Slot Control outside the PCIe capability's range.
+    SlotControl(u16),
+    /// The AER capability outside extended config space, or unaligned.
+    Aer(u16),
+}
+
+impl std::fmt::Display for RecordDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordDefect::Json(e) => write!(f, "{e}"),
+            RecordDefect::ConfigOffset(off) => {
+                write!(f, "config offset {off:#x} is not a restorable register")
+            }
+            RecordDefect::Port(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+impl std::fmt::Display for PortDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortDefect::SlotControl(at) => {
+                write!(f, "Slot Control offset {at:#x} is outside a capability")
+            }
+            PortDefect::Aer(at) => {
+                write!(
+                    f,
+                    "AER capability offset {at:#x} is not an extended capability"
+                )
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -73,9 +238,15 @@ pub enum Error {
     #[error(
         "power cycle of {bdf} failed: {why}; what took the card away was undone where it could be (slot power on, port awake, rescan). Fix: check `lspci -s {bdf}`; if the card is missing, `echo 1 > /sys/bus/pci/rescan`, else run the reset alone (`qcom-reset reset {bdf}`)"
     )]
-    PowerCycle { bdf: Bdf, why: String },
+    PowerCycle {
+        bdf: Bdf,
+        why: Box<crate::session::power::CycleFailure>,
+    },
     #[error("{bdf} cannot be power-cycled: {why}")]
-    NoPowerCycle { bdf: Bdf, why: String },
+    NoPowerCycle {
+        bdf: Bdf,
+        why: crate::session::power::NoCycle,
+    },
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::device::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a
@@ -99,22 +270,27 @@ pub enum Error {
     )]
     Taken { bdf: Bdf, by: crate::session::Lost },
     #[error("{bdf} cannot be owned for a reset: {why}; not written")]
-    NotOwned { bdf: Bdf, why: String },
+    NotOwned { bdf: Bdf, why: NotOwnable },
     #[error(
         "the crash record {path} is unreadable ({why}); check the device by hand, then remove the file"
     )]
-    BadRecord { path: PathBuf, why: String },
+    BadRecord { path: PathBuf, why: RecordDefect },
+    #[error(
+        "the agent's status {path} is unreadable ({why}); restart the agent (`systemctl restart qcom-reset`)"
+    )]
+    AgentStatus { path: PathBuf, why: RecordDefect },
     #[error(
         "cannot write the record {path}: {err}; free space or remount the run directory read-write (--run-dir points elsewhere); nothing was written to the device"
     )]
     RecordWrite { path: PathBuf, err: std::io::Error },
     #[error(
-        "a killed qcom-reset left state to restore on {bdf} ({path}), but {why}; it is left for a later run. Fix: bind the card to vfio-pci (or unbind it), then run `qcom-reset reset {bdf}` or restart the agent"
+        "a killed qcom-reset left state to restore on {bdf} ({path}), but it is bound to {driver} now and its state belongs to that driver; it is left for a later run. Fix: bind the card to vfio-pci (or unbind it), then run `qcom-reset reset {bdf}` or restart the agent"
     )]
     RecordWaits {
         bdf: Bdf,
         path: PathBuf,
-        why: String,
+        /// The host driver the card is bound to.
+        driver: String,
     },
     #[error(
         "a killed qcom-reset's state on {bdf} could not all be put back ({left}); nothing more is written. Fix: restore it by hand from {path}, then remove that file"
@@ -151,7 +327,7 @@ pub enum Error {
         bdf: Bdf,
         bar: u8,
         via: &'static str,
-        why: String,
+        why: MapFailure,
     },
     #[error(
         "this command needs root (CAP_SYS_ADMIN for config space and BAR access); run it with sudo"
@@ -244,6 +420,51 @@ mod tests {
             err: std::io::Error::from_raw_os_error(libc::EIO),
         };
         assert!(!other.to_string().contains("lockdown"), "{other}");
+    }
+
+    #[test]
+    fn a_mapping_failure_keeps_its_os_error_and_names_the_fix_for_its_step() {
+        let mmap = |errno| MapFailure::Os {
+            step: MapStep::MmapResource {
+                path: "/sys/bus/pci/devices/0000:03:00.0/resource0".into(),
+                len: 0x20_0000,
+            },
+            err: std::io::Error::from_raw_os_error(errno),
+        };
+        let text = mmap(libc::EPERM).to_string();
+        assert!(
+            text.contains("lockdown") && text.contains("--access vfio"),
+            "{text}"
+        );
+        let text = mmap(libc::EINVAL).to_string();
+        assert!(
+            text.contains("2097152 bytes") && text.contains("iomem=strict"),
+            "{text}"
+        );
+        let text = mmap(libc::ENOMEM).to_string();
+        assert!(
+            text.contains("resource0") && !text.contains("lockdown"),
+            "{text}"
+        );
+        let e = Error::Map {
+            bdf: "0000:03:00.0".parse().unwrap(),
+            bar: 0,
+            via: "vfio",
+            why: MapFailure::Os {
+                step: MapStep::Ioctl("VFIO_GROUP_GET_DEVICE_FD"),
+                err: std::io::Error::from_raw_os_error(libc::EBUSY),
+            },
+        };
+        let text = e.to_string();
+        assert!(text.contains("VFIO_GROUP_GET_DEVICE_FD"), "{text}");
+        let Error::Map {
+            why: MapFailure::Os { err, .. },
+            ..
+        } = e
+        else {
+            unreachable!()
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
     }
 
     #[test]

@@ -58,10 +58,7 @@ pub struct CardHealth {
 
 /// The health of `only` (every card the agent acts on under `cfg` when empty) as of `now_ms`.
 pub fn assess(host: &Host, cfg: &Config, only: &[Bdf], now_ms: u64) -> crate::Result<Answer> {
-    let published = AgentStatus::load(&host.run_dir).map_err(|e| crate::Error::BadRecord {
-        path: e.path,
-        why: e.why,
-    })?;
+    let published = AgentStatus::load(&host.run_dir)?;
     let agent = agent_state(host, published.as_ref(), now_ms);
     let overrides = cfg.overrides(&host.sysfs.present_ids());
     let targets: Vec<Target> = if only.is_empty() {

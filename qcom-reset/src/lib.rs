@@ -14,7 +14,7 @@ pub mod session;
 pub mod signals;
 pub mod sim;
 
-pub use error::{Error, GuardFailure};
+pub use error::{Error, GuardFailure, MapFailure, MapStep, NotOwnable, PortDefect, RecordDefect};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod agent;
 pub mod probes;

@@ -8,13 +8,14 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, opcode};
 use serde::Serialize;
 use vfio_bindings::bindings::vfio as uapi;
 
 use crate::device::regio::RegisterIo;
+use crate::error::{MapFailure, MapStep};
 use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
 use crate::pci::{ConfigSpace as _, SysfsConfig};
@@ -83,8 +84,8 @@ pub fn open(dev: &SysfsDevice, access: Access, own: &Ownership) -> Result<Box<dy
     let fail = vfio_fail(dev.bdf);
     let group = own
         .group_fd()
-        .ok_or_else(|| fail("the device must be bound to vfio-pci for VFIO access".into()))?
-        .map_err(|e| fail(format!("duplicating the held group: {e}")))?;
+        .ok_or_else(|| fail(MapFailure::NotVfioPci))?
+        .map_err(|err| fail(os(MapStep::DupGroup, err)))?;
     Ok(Box::new(VfioBackend::with_group(dev, group)?))
 }
 
@@ -117,7 +118,7 @@ impl Backend for SysfsBackend {
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
         let bdf = self.dev.bdf;
-        let map_err = |why: String| Error::Map {
+        let map_err = |why| Error::Map {
             bdf,
             bar,
             via: "sysfs",
@@ -125,27 +126,19 @@ impl Backend for SysfsBackend {
         };
         let len = self.dev.bar_len(bar)?;
         if len == 0 {
-            return Err(map_err(format!(
-                "BAR{bar} is not assigned (resource table)"
-            )));
+            return Err(map_err(MapFailure::Unassigned));
         }
         let path = self.dev.path(&format!("resource{bar}"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| map_err(format!("open {}: {e}", path.display())))?;
-        let map = memmap2::MmapOptions::new().len(len as usize).map_raw(&file).map_err(|e| {
-            map_err(match e.raw_os_error() {
-                Some(libc::EPERM) => "refused by kernel lockdown (LOCKDOWN_PCI_ACCESS); use --access vfio".into(),
-                Some(libc::EINVAL) => format!(
-                    "mmap of {len} bytes refused (EINVAL): a driver claimed the region exclusively (iomem=strict) or the size does not fit the BAR; bind the device to vfio-pci with no VM holding it, or use --access vfio"
-                ),
-                _ => format!("mmap {}: {e}", path.display()),
-            })
-        })?;
-        let bar = MmioBar::new(map)
-            .ok_or_else(|| map_err("too many BARs mapped at once to guard this one".into()))?;
+            .map_err(|err| map_err(os(MapStep::OpenResource(path.clone()), err)))?;
+        let map = memmap2::MmapOptions::new()
+            .len(len as usize)
+            .map_raw(&file)
+            .map_err(|err| map_err(os(MapStep::MmapResource { path, len }, err)))?;
+        let bar = MmioBar::new(map).ok_or_else(|| map_err(MapFailure::TooManyMaps))?;
         Ok((Box::new(bar), len))
     }
 }
@@ -230,17 +223,13 @@ impl VfioBackend {
         let fail = vfio_fail(dev.bdf);
         let group = dev
             .iommu_group()?
-            .ok_or_else(|| fail("the device has no IOMMU group; VFIO needs an IOMMU".into()))?;
-        let gpath = format!("/dev/vfio/{group}");
+            .ok_or_else(|| fail(MapFailure::NoIommuGroup))?;
+        let gpath = PathBuf::from(format!("/dev/vfio/{group}"));
         let groupf = File::options()
             .read(true)
             .write(true)
             .open(&gpath)
-            .map_err(|e| {
-                fail(format!(
-                    "open {gpath}: {e} (EBUSY: someone else holds the group)"
-                ))
-            })?;
+            .map_err(|err| fail(os(MapStep::OpenGroup(gpath.clone()), err)))?;
         Self::with_group(dev, groupf.into())
     }
 
@@ -249,56 +238,48 @@ impl VfioBackend {
         let bdf = dev.bdf;
         let fail = vfio_fail(bdf);
         if dev.driver()?.as_deref() != Some("vfio-pci") {
-            return Err(fail(
-                "the device must be bound to vfio-pci for VFIO access".into(),
-            ));
+            return Err(fail(MapFailure::NotVfioPci));
         }
         let groupf = File::from(group);
         let container = File::options()
             .read(true)
             .write(true)
             .open("/dev/vfio/vfio")
-            .map_err(|e| {
-                fail(format!(
-                    "open /dev/vfio/vfio: {e} (is the vfio module loaded?)"
-                ))
-            })?;
-        if int(&container, VFIO_GET_API_VERSION, 0).map_err(|e| fail(e.to_string()))?
+            .map_err(|err| fail(os(MapStep::OpenContainer, err)))?;
+        let ioctl_fail = |name| move |err| fail(os(MapStep::Ioctl(name), err));
+        if int(&container, VFIO_GET_API_VERSION, 0).map_err(ioctl_fail("VFIO_GET_API_VERSION"))?
             != uapi::VFIO_API_VERSION as i32
         {
-            return Err(fail("unknown VFIO API version".into()));
+            return Err(fail(MapFailure::UnknownApi));
         }
         if int(&container, VFIO_CHECK_EXTENSION, uapi::VFIO_TYPE1_IOMMU)
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(ioctl_fail("VFIO_CHECK_EXTENSION"))?
             == 0
         {
-            return Err(fail(
-                "no type1 IOMMU backend; modprobe vfio_iommu_type1".into(),
-            ));
+            return Err(fail(MapFailure::NoType1));
         }
         let mut st = uapi::vfio_group_status {
             argsz: size_of::<uapi::vfio_group_status>() as u32,
             flags: 0,
         };
         ioctl(&groupf, VFIO_GROUP_GET_STATUS, Arg::Struct(&mut st))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(ioctl_fail("VFIO_GROUP_GET_STATUS"))?;
         if st.flags & uapi::VFIO_GROUP_FLAGS_VIABLE == 0 {
-            return Err(fail(
-                "its IOMMU group is not viable: bind every device in it to vfio-pci".into(),
-            ));
+            return Err(fail(MapFailure::NotViable));
         }
         // The group takes a pointer to the container's fd.
         let mut cfd = container.as_raw_fd();
         ioctl(&groupf, VFIO_GROUP_SET_CONTAINER, Arg::Struct(&mut cfd))
-            .map_err(|e| fail(e.to_string()))?;
-        int(&container, VFIO_SET_IOMMU, uapi::VFIO_TYPE1_IOMMU).map_err(|e| fail(e.to_string()))?;
+            .map_err(ioctl_fail("VFIO_GROUP_SET_CONTAINER"))?;
+        int(&container, VFIO_SET_IOMMU, uapi::VFIO_TYPE1_IOMMU)
+            .map_err(ioctl_fail("VFIO_SET_IOMMU"))?;
         let name = std::ffi::CString::new(bdf.to_string()).expect("no NUL in a BDF");
         let dfd = ioctl::<()>(&groupf, VFIO_GROUP_GET_DEVICE_FD, Arg::Name(&name))
-            .map_err(|e| fail(format!("get device fd: {e}")))?;
+            .map_err(ioctl_fail("VFIO_GROUP_GET_DEVICE_FD"))?;
         // SAFETY: the ioctl returned a new fd that nothing else owns.
         let device = unsafe { File::from_raw_fd(dfd) };
         let config = region_info(&device, uapi::VFIO_PCI_CONFIG_REGION_INDEX)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(ioctl_fail("VFIO_DEVICE_GET_REGION_INFO"))?;
         Ok(VfioBackend {
             bdf,
             _container: container.into(),
@@ -327,7 +308,11 @@ impl VfioBackend {
     }
 }
 
-fn vfio_fail(bdf: Bdf) -> impl Fn(String) -> Error {
+fn os(step: MapStep, err: io::Error) -> MapFailure {
+    MapFailure::Os { step, err }
+}
+
+fn vfio_fail(bdf: Bdf) -> impl Fn(MapFailure) -> Error + Copy {
     move |why| Error::Map {
         bdf,
         bar: 0,
@@ -361,23 +346,23 @@ impl Backend for VfioBackend {
             .write_all_at(&value.to_le_bytes(), self.config_offset + u64::from(offset))
     }
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error> {
-        let map_err = |why: String| Error::Map {
+        let map_err = |why| Error::Map {
             bdf: self.bdf,
             bar,
             via: "vfio",
             why,
         };
-        let info = region_info(&self.device, bar as u32).map_err(|e| map_err(e.to_string()))?;
+        let info = region_info(&self.device, bar as u32)
+            .map_err(|err| map_err(os(MapStep::Ioctl("VFIO_DEVICE_GET_REGION_INFO"), err)))?;
         if info.size == 0 || info.flags & uapi::VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(map_err("the region is empty or not mappable".into()));
+            return Err(map_err(MapFailure::NotMappable));
         }
         let map = memmap2::MmapOptions::new()
             .offset(info.offset)
             .len(info.size as usize)
             .map_raw(&self.device)
-            .map_err(|e| map_err(format!("mmap: {e}")))?;
-        let bar = MmioBar::new(map)
-            .ok_or_else(|| map_err("too many BARs mapped at once to guard this one".into()))?;
+            .map_err(|err| map_err(os(MapStep::MmapRegion, err)))?;
+        let bar = MmioBar::new(map).ok_or_else(|| map_err(MapFailure::TooManyMaps))?;
         Ok((Box::new(bar), info.size))
     }
 }

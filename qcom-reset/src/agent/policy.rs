@@ -23,7 +23,31 @@ pub enum Decision {
     Act,
     /// Try again after this long (backoff).
     Wait(Duration),
-    Skip(String),
+    Skip(Skip),
+}
+
+/// Why the agent does not act on a card now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// The kill switch file is present.
+    KillSwitch(std::path::PathBuf),
+    /// `enabled = false` for the card.
+    Disabled,
+    /// `max_attempts` failures in a row; the cool-down has `left_s` seconds to go.
+    GaveUp { failures: u32, left_s: u64 },
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::KillSwitch(p) => write!(f, "kill switch {} is present", p.display()),
+            Skip::Disabled => f.write_str("disabled in the configuration"),
+            Skip::GaveUp { failures, left_s } => write!(
+                f,
+                "gave up after {failures} failed attempts; cool-down ends in {left_s} s"
+            ),
+        }
+    }
 }
 
 pub struct Gate {
@@ -33,13 +57,10 @@ pub struct Gate {
 
 pub fn decide(cfg: &Config, gate: &Gate, h: &History, now_ms: u64) -> Decision {
     if gate.kill_switch_on {
-        return Decision::Skip(format!(
-            "kill switch {} is present",
-            cfg.kill_switch.display()
-        ));
+        return Decision::Skip(Skip::KillSwitch(cfg.kill_switch.clone()));
     }
     if !gate.enabled {
-        return Decision::Skip("disabled in the configuration".into());
+        return Decision::Skip(Skip::Disabled);
     }
     let Some(last) = h.last_attempt_ms else {
         return Decision::Act;
@@ -50,11 +71,10 @@ pub fn decide(cfg: &Config, gate: &Gate, h: &History, now_ms: u64) -> Decision {
         return if since >= cooldown {
             Decision::Act
         } else {
-            Decision::Skip(format!(
-                "gave up after {} failed attempts; cool-down ends in {} s",
-                h.failures,
-                (cooldown - since).div_ceil(1000)
-            ))
+            Decision::Skip(Skip::GaveUp {
+                failures: h.failures,
+                left_s: (cooldown - since).div_ceil(1000),
+            })
         };
     }
     if h.failures == 0 {
@@ -116,6 +136,7 @@ mod tests {
         let Decision::Skip(why) = decide(&c, &OPEN, &h, 4000) else {
             panic!()
         };
+        let why = why.to_string();
         assert!(
             why.contains("gave up after 3") && why.contains("59 s"),
             "{why}"
@@ -142,7 +163,7 @@ mod tests {
             &h,
             0,
         );
-        assert!(matches!(d, Decision::Skip(w) if w.contains("kill switch")));
+        assert!(matches!(d, Decision::Skip(w) if w.to_string().contains("kill switch")));
         let d = decide(
             &c,
             &Gate {
@@ -152,6 +173,6 @@ mod tests {
             &h,
             0,
         );
-        assert!(matches!(d, Decision::Skip(w) if w.contains("disabled")));
+        assert!(matches!(d, Decision::Skip(w) if w.to_string().contains("disabled")));
     }
 }

@@ -15,7 +15,32 @@ pub struct State {
 #[error("state file {path}: {why}; fix or remove it (the agent then starts with no history)")]
 pub struct StateError {
     pub path: PathBuf,
-    pub why: String,
+    pub why: StateFailure,
+}
+
+/// What went wrong with the state file.
+#[derive(Debug)]
+pub enum StateFailure {
+    Read(std::io::Error),
+    /// It does not parse and cannot be moved aside either.
+    Aside {
+        parse: serde_json::Error,
+        rename: std::io::Error,
+    },
+    /// The record store's write failed.
+    Save(Box<crate::Error>),
+}
+
+impl std::fmt::Display for StateFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateFailure::Read(e) => write!(f, "{e}"),
+            StateFailure::Aside { parse, rename } => {
+                write!(f, "{parse}, and it cannot be moved aside: {rename}")
+            }
+            StateFailure::Save(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl State {
@@ -24,7 +49,7 @@ impl State {
     /// from starting, in a restart loop, on every host it runs on. An unreadable file is still
     /// an error: its contents are unknown.
     pub fn load(path: &Path) -> Result<State, StateError> {
-        let err = |why: String| StateError {
+        let err = |why| StateError {
             path: path.into(),
             why,
         };
@@ -33,8 +58,9 @@ impl State {
                 Ok(s) => Ok(s),
                 Err(e) => {
                     let aside = path.with_extension("corrupt");
-                    std::fs::rename(path, &aside)
-                        .map_err(|r| err(format!("{e}, and it cannot be moved aside: {r}")))?;
+                    if let Err(rename) = std::fs::rename(path, &aside) {
+                        return Err(err(StateFailure::Aside { parse: e, rename }));
+                    }
                     tracing::warn!(
                         "state file {} is corrupt ({e}); moved to {}, starting with no history",
                         path.display(),
@@ -44,7 +70,7 @@ impl State {
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(err(e.to_string())),
+            Err(e) => Err(err(StateFailure::Read(e))),
         }
     }
 
@@ -52,7 +78,7 @@ impl State {
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         crate::session::record::store(path, self).map_err(|e| StateError {
             path: path.into(),
-            why: e.to_string(),
+            why: StateFailure::Save(Box::new(e)),
         })
     }
 }

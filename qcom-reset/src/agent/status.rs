@@ -45,27 +45,16 @@ pub struct Card {
     pub busy: bool,
 }
 
-/// Why the published status cannot be read.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the agent's status {path} is unreadable ({why}); restart the agent (`systemctl restart qcom-reset`)"
-)]
-pub struct Unreadable {
-    pub path: PathBuf,
-    pub why: String,
-}
-
 impl AgentStatus {
     pub fn path(run_dir: &Path) -> PathBuf {
         run_dir.join("agent.json")
     }
 
     /// The published status; none when no agent runs (or it stopped cleanly).
-    pub fn load(run_dir: &Path) -> Result<Option<AgentStatus>, Unreadable> {
-        let path = Self::path(run_dir);
-        crate::session::record::fetch(&path).map_err(|e| Unreadable {
-            path,
-            why: e.to_string(),
+    pub fn load(run_dir: &Path) -> crate::Result<Option<AgentStatus>> {
+        crate::session::record::fetch(&Self::path(run_dir)).map_err(|e| match e {
+            crate::Error::BadRecord { path, why } => crate::Error::AgentStatus { path, why },
+            e => e,
         })
     }
 

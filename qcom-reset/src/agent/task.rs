@@ -186,15 +186,14 @@ async fn gate(
     };
     match policy::decide(&sh.cfg(), &gate, &sh.history(bdf), now_ms()) {
         Decision::Skip(why) => {
-            sh.metrics.skipped(if gate.kill_switch_on {
-                "kill-switch"
-            } else {
-                "policy"
+            sh.metrics.skipped(match why {
+                policy::Skip::KillSwitch(_) => "kill-switch",
+                policy::Skip::Disabled | policy::Skip::GaveUp { .. } => "policy",
             });
             if sh.history(bdf).failures >= sh.cfg().max_attempts {
                 sh.gave_up(bdf);
             }
-            sh.act(action(bdf, trigger, ActionResult::Skipped, why));
+            sh.act(action(bdf, trigger, ActionResult::Skipped, why.to_string()));
             Gated::Stop
         }
         Decision::Wait(d) => {

@@ -203,7 +203,7 @@ pub fn run(host: &Host) -> Vec<Check> {
     let root = rustix::process::geteuid().is_root();
     let btf = Path::new(layout::VMLINUX_BTF);
     let vmlinux = layout::load_vmlinux(btf);
-    let btf_check = btf_check(btf, vmlinux.as_ref().map_err(Clone::clone));
+    let btf_check = btf_check(btf, vmlinux.as_ref());
     let btf_ok = btf_check.level == Level::Pass;
     let lockdown = lockdown_mode(Path::new(LOCKDOWN_PATH));
     let kprobes = Path::new(KPROBE_PMU).exists();
@@ -241,8 +241,9 @@ fn root_check(root: bool) -> Check {
     .blocking()
 }
 
-fn btf_check(btf: &Path, vmlinux: Result<&Btf, layout::LayoutError>) -> Check {
-    match vmlinux.and_then(layout::pci_dev) {
+fn btf_check(btf: &Path, vmlinux: Result<&Btf, &layout::LayoutError>) -> Check {
+    let offsets = vmlinux.map(|b| layout::pci_dev(b).map_err(|e| e.to_string()));
+    match offsets.map_err(|e| e.to_string()).and_then(|o| o) {
         Ok(l) => Check::pass(
             "btf",
             format!(

@@ -106,7 +106,7 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
         }
         (Item::Bad(why), true) => println!(
             "{}",
-            serde_json::json!({"kind": "bad-record", "error": why})
+            serde_json::json!({"kind": "bad-record", "error": why.to_string()})
         ),
         (Item::Bad(why), false) => println!("bad     {why}"),
         (Item::Bound(bdf), true) => println!(

@@ -10,6 +10,7 @@ use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use crate::error::NotOwnable;
 use crate::host::holders;
 use crate::host::sysfs::SysfsDevice;
 use crate::{Error, Result};
@@ -84,7 +85,7 @@ impl Ownership {
         let Some(group) = dev.iommu_group()? else {
             return Err(Error::NotOwned {
                 bdf: dev.bdf,
-                why: "it is bound to vfio-pci but has no IOMMU group".into(),
+                why: NotOwnable::NoIommuGroup,
             });
         };
         let mut g = Group {
@@ -176,11 +177,11 @@ impl Group {
                         holders::device_paths(&self.dev).unwrap_or_else(|_| vec![path.clone()]);
                     held(bdf, &self.proc_root, &paths, path)
                 }
-                Refusal::Missing => not_owned(format!(
-                    "{} does not exist (is /dev mounted and vfio loaded?)",
-                    path.display()
-                )),
-                Refusal::Other => not_owned(format!("cannot open {}: {e}", path.display())),
+                Refusal::Missing => not_owned(NotOwnable::NoGroupNode(path.clone())),
+                Refusal::Other => not_owned(NotOwnable::Open {
+                    path: path.clone(),
+                    err: e,
+                }),
             }),
         }
     }

@@ -144,7 +144,7 @@ impl KernelReset {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error(
         "event of {0} bytes, expected {1}: the eBPF object and the agent are from different builds"

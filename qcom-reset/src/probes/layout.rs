@@ -1,6 +1,6 @@
 //! Kernel struct member offsets from BTF. Rust eBPF has no CO-RE relocations yet, so these are
 //! resolved here at load time and handed to the programs, never compiled in for one kernel.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, Type};
 use qcom_reset_ebpf::{OFFSET_MISSING, VfioLayout};
@@ -8,14 +8,17 @@ use qcom_reset_ebpf::{OFFSET_MISSING, VfioLayout};
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const VFIO_MODULE: &str = "vfio_pci_core";
 
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error(
-        "the kernel exposes no BTF ({0} missing); qcom-reset needs CONFIG_DEBUG_INFO_BTF=y (every current distro kernel has it)"
+        "the kernel exposes no BTF ({} missing); qcom-reset needs CONFIG_DEBUG_INFO_BTF=y (every current distro kernel has it)", .0.display()
     )]
-    NoBtf(String),
-    #[error("cannot parse BTF {path}: {why}")]
-    Parse { path: String, why: String },
+    NoBtf(PathBuf),
+    #[error("cannot parse BTF {}: {err}", path.display())]
+    Parse { path: PathBuf, err: btf_rs::Error },
+    #[error("cannot copy BTF {} to memory to map it: {err}", path.display())]
+    Copy { path: PathBuf, err: std::io::Error },
+    /// The struct or member, as `struct name.member`.
     #[error(
         "BTF has no {0}; this kernel's layout is not supported, please report it with `uname -r`"
     )]
@@ -35,17 +38,19 @@ pub struct PciDevLayout {
 /// startup`). Kernels whose sysfs BTF cannot be mapped get an in-memory copy mapped instead.
 pub fn load_vmlinux(path: &Path) -> Result<Btf, LayoutError> {
     if !path.exists() {
-        return Err(LayoutError::NoBtf(path.display().to_string()));
+        return Err(LayoutError::NoBtf(path.to_path_buf()));
     }
-    let parse_err = |e: &dyn std::fmt::Display| LayoutError::Parse {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    };
     if let Ok(btf) = Btf::from_file_with_backend(path, btf_rs::Backend::Mmap) {
         return Ok(btf);
     }
-    let copy = mapped_copy(path).map_err(|e| parse_err(&e))?;
-    Btf::from_file_with_backend(&copy.1, btf_rs::Backend::Mmap).map_err(|e| parse_err(&e))
+    let copy = mapped_copy(path).map_err(|err| LayoutError::Copy {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    Btf::from_file_with_backend(&copy.1, btf_rs::Backend::Mmap).map_err(|err| LayoutError::Parse {
+        path: path.to_path_buf(),
+        err,
+    })
 }
 
 /// The file's bytes in a memfd (its fd kept open alongside the /proc path that maps it).
@@ -63,9 +68,9 @@ fn mapped_copy(path: &Path) -> std::io::Result<(std::fs::File, std::path::PathBu
 
 /// Module BTF is split BTF on top of vmlinux's.
 pub fn load_module(path: &Path, base: &Btf) -> Result<Btf, LayoutError> {
-    Btf::from_split_file(path, base).map_err(|e| LayoutError::Parse {
-        path: path.display().to_string(),
-        why: e.to_string(),
+    Btf::from_split_file(path, base).map_err(|err| LayoutError::Parse {
+        path: path.to_path_buf(),
+        err,
     })
 }
 

@@ -289,7 +289,8 @@ impl Probes {
     }
 
     fn attach_vfio(&mut self) {
-        let layout = self.vfio_layout().and_then(|l| {
+        // The attachment table shows why a probe is not attached, as a sentence.
+        let layout = self.vfio_layout().map_err(|e| e.to_string()).and_then(|l| {
             tracing::info!(
                 "vfio_pci_core_device: pdev at byte {}, needs_reset {}",
                 l.pdev,
@@ -353,15 +354,14 @@ impl Probes {
         });
     }
 
-    fn vfio_layout(&self) -> Result<VfioLayout, String> {
+    fn vfio_layout(&self) -> Result<VfioLayout, layout::LayoutError> {
         if let Some(l) = self.vfio_builtin {
             return Ok(l);
         }
-        let vmlinux =
-            layout::load_vmlinux(Path::new(layout::VMLINUX_BTF)).map_err(|e| e.to_string())?;
+        let vmlinux = layout::load_vmlinux(Path::new(layout::VMLINUX_BTF))?;
         let path = Path::new(MODULE_BTF_DIR).join(layout::VFIO_MODULE);
-        let btf = layout::load_module(&path, &vmlinux).map_err(|e| e.to_string())?;
-        layout::vfio(&btf).map_err(|e| e.to_string())
+        let btf = layout::load_module(&path, &vmlinux)?;
+        layout::vfio(&btf)
     }
 
     /// (ring buffer drops, bracket-table drops) summed over CPUs.

@@ -31,7 +31,7 @@ pub enum Item {
     /// The attachment table changed (the vfio_pci_core module appeared).
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
-    Bad(String),
+    Bad(events::DecodeError),
     /// Kernel uevents were lost (socket overflow): a bind may have been missed.
     UeventsLost,
     /// The kernel bound this device to vfio-pci (a `bind` uevent).
@@ -199,7 +199,7 @@ impl Tracer {
                     while let Some(rec) = guard.get_inner_mut().next() {
                         self.queue.push_back(match events::decode(&rec) {
                             Ok(event) => Item::Event { event, taken_ns },
-                            Err(e) => Item::Bad(e.to_string()),
+                            Err(e) => Item::Bad(e),
                         });
                     }
                     guard.clear_ready();

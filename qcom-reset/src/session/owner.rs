@@ -75,13 +75,8 @@ impl OwnerWatch {
     }
 
     /// A killed session's record goes back only onto a card nothing else drives.
-    pub(super) fn recoverable(&self) -> std::result::Result<(), String> {
-        match self.driver.as_deref() {
-            None | Some("vfio-pci") => Ok(()),
-            Some(d) => Err(format!(
-                "it is bound to {d} now and its state belongs to that driver"
-            )),
-        }
+    pub(super) fn host_driver(&self) -> Option<&str> {
+        self.driver.as_deref().filter(|d| *d != "vfio-pci")
     }
 }
 

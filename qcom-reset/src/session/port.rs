@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
+use crate::error::PortDefect;
 use crate::host::sysfs::SysfsDevice;
 use crate::pci::*;
 
@@ -267,20 +268,16 @@ impl PortRecord {
 
     /// Record offsets a corrupt or hand-edited record could get wrong (an underflow or a write
     /// into another register); checked when a record is loaded.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PortDefect> {
         if let Some((at, _)) = self.slot_control
             && !(0x40 + PCI_EXP_SLTCTL..0x100).contains(&at)
         {
-            return Err(format!(
-                "Slot Control offset {at:#x} is outside a capability"
-            ));
+            return Err(PortDefect::SlotControl(at));
         }
         if let Some((aer, _)) = self.aer_mask
             && (!(EXT_CAP_START..0x1000 - 0x10).contains(&aer) || !aer.is_multiple_of(4))
         {
-            return Err(format!(
-                "AER capability offset {aer:#x} is not an extended capability"
-            ));
+            return Err(PortDefect::Aer(aer));
         }
         Ok(())
     }

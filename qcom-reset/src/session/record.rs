@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::Backend;
 use crate::bdf::Bdf;
+use crate::error::RecordDefect;
 use crate::host::sysfs::Override;
 use crate::pci::*;
 use crate::{Error, Result};
@@ -55,17 +56,17 @@ pub struct Record {
 impl Record {
     /// Offsets a record may name: even, inside config space, and never the IDs, PCI_COMMAND or
     /// the status and class registers (nothing a restore writes lives there).
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), RecordDefect> {
         if let Some(&(off, _)) = self
             .config
             .iter()
             .find(|(off, _)| !off.is_multiple_of(2) || *off < 0x0c || *off >= 0x1000)
         {
-            return Err(format!(
-                "config offset {off:#x} is not a restorable register"
-            ));
+            return Err(RecordDefect::ConfigOffset(off));
         }
-        self.port.as_ref().map_or(Ok(()), |p| p.validate())
+        self.port
+            .as_ref()
+            .map_or(Ok(()), |p| p.validate().map_err(RecordDefect::Port))
     }
 
     /// Whether the record's BAR words may go back: the kernel's resource table still shows the
@@ -255,7 +256,7 @@ pub fn fetch<T: DeserializeOwned>(p: &Path) -> Result<Option<T>> {
             .map(Some)
             .map_err(|e| Error::BadRecord {
                 path: p.to_path_buf(),
-                why: e.to_string(),
+                why: RecordDefect::Json(e),
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::SysfsRead {
@@ -313,9 +314,11 @@ mod tests {
             &mut self,
             bar: u8,
         ) -> crate::Result<(Box<dyn crate::device::regio::RegisterIo>, u64)> {
-            Err(Error::NotOwned {
+            Err(Error::Map {
                 bdf: "0000:00:00.0".parse().unwrap(),
-                why: format!("no BAR{bar} in a config-only fake"),
+                bar,
+                via: "a config-only fake",
+                why: crate::error::MapFailure::Unassigned,
             })
         }
     }

@@ -58,11 +58,11 @@ impl Session {
         // The port first, whoever has the card now: its masked hotplug events and Surprise Down
         // hide every later unplug and link failure of the slot.
         let port = self.recover_port(&mut rec)?;
-        if let Err(why) = self.watch.recoverable() {
+        if let Some(driver) = self.watch.host_driver() {
             return Err(Error::RecordWaits {
                 bdf: self.bdf,
                 path,
-                why,
+                driver: driver.to_string(),
             });
         }
         if rec.driver_override.is_none() {

@@ -50,20 +50,19 @@ pub(super) fn away_and_back(
         wait_for("the function to come back", plan.timing.enumerate, || {
             target.dir.exists()
         })
-        .map_err(|why| failed(plan, why))
     });
-    cycled.map_err(|e| {
-        let said = bring_back(sysfs, rec, plan.target, &plan.timing).join("; ");
-        step(format!("brought back after the error: {said}"));
-        failed(plan, format!("{e}; brought back: {said}"))
+    cycled.map_err(|failure| {
+        let said = bring_back(sysfs, rec, plan.target, &plan.timing);
+        step(format!("brought back after the error: {}", said.join("; ")));
+        Error::PowerCycle {
+            bdf: plan.target,
+            why: Box::new(CycleFailure {
+                restoring: None,
+                failures: vec![failure],
+                brought_back: Some(said),
+            }),
+        }
     })
-}
-
-pub(super) fn failed(plan: &Plan, why: String) -> Error {
-    Error::PowerCycle {
-        bdf: plan.target,
-        why,
-    }
 }
 
 /// Waits for the function to go, then lets its VFIO group go. Held until now: removal
@@ -76,11 +75,10 @@ pub(super) fn gone(
     target: &SysfsDevice,
     own: Ownership,
     step: &mut dyn FnMut(String),
-) -> Result<()> {
+) -> std::result::Result<(), Failure> {
     wait_for("the function to go", plan.timing.enumerate, || {
         !target.dir.exists()
-    })
-    .map_err(|why| failed(plan, why))?;
+    })?;
     drop(own);
     step(format!("{} removed", plan.target));
     Ok(())
@@ -92,7 +90,7 @@ pub(super) fn slot_back(
     port: &SysfsDevice,
     target: &SysfsDevice,
     step: &mut dyn FnMut(String),
-) -> Result<()> {
+) -> std::result::Result<(), Failure> {
     step(format!(
         "slot {} stays off for {:?}, then power on; pciehp has {:?} to enumerate",
         slot.display(),
@@ -118,7 +116,7 @@ pub(super) fn d3cold_back(
     power_resources: bool,
     port: &SysfsDevice,
     step: &mut dyn FnMut(String),
-) -> Result<()> {
+) -> std::result::Result<(), Failure> {
     step(format!(
         "letting port {} suspend; waiting up to {:?} for D3cold",
         plan.port, plan.timing.port
@@ -145,8 +143,7 @@ pub(super) fn d3cold_back(
     port.write("power/control", "on")?;
     wait_for("the port to wake", plan.timing.port, || {
         in_state(port, "D0")
-    })
-    .map_err(|why| failed(plan, why))?;
+    })?;
     port.write("rescan", "1")?;
     step(format!("port {} in D0, rescanned", plan.port));
     Ok(())
@@ -179,7 +176,7 @@ pub(super) fn bring_back(
         said.push(
             match wait_for("port in D0", timing.port, || in_state(&port, "D0")) {
                 Ok(()) => "port in D0".into(),
-                Err(e) => e,
+                Err(e) => e.to_string(),
             },
         );
         said.push(outcome("port rescan", port.write("rescan", "1")));
@@ -190,7 +187,7 @@ pub(super) fn bring_back(
             target.dir.exists()
         }) {
             Ok(()) => "the function is back".into(),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         },
     );
     said
@@ -204,7 +201,7 @@ pub(super) fn restore(
     bdf: Bdf,
     rec: &PowerRecord,
     timing: &Timing,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Vec<Failure>> {
     let mut errors = Vec::new();
     let target = device(sysfs, bdf);
     if target.dir.exists()
@@ -220,19 +217,19 @@ pub(super) fn restore(
             if let Some(v) = value
                 && let Err(e) = port.write(attr, v)
             {
-                errors.push(e.to_string());
+                errors.push(e.into());
             }
         }
     }
     if let Some(a) = &rec.autoprobe
         && let Err(e) = write(&bus_file(sysfs, "drivers_autoprobe"), a)
     {
-        errors.push(e.to_string());
+        errors.push(e.into());
     }
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(errors)
     }
 }
 
@@ -245,13 +242,13 @@ pub(super) fn rebind(
     dev: &SysfsDevice,
     rec: &PowerRecord,
     timing: &Timing,
-) -> std::result::Result<(), String> {
-    let unbound = dev.driver().map_err(|e| e.to_string())?.is_none();
+) -> std::result::Result<(), Failure> {
+    let unbound = dev.driver()?.is_none();
     let bind = unbound && rec.driver.as_deref() == Some("vfio-pci");
     let bound = if bind {
         dev.write("driver_override", "vfio-pci")
             .and_then(|()| write(&bus_file(sysfs, "drivers_probe"), &dev.bdf.to_string()))
-            .map_err(|e| e.to_string())
+            .map_err(Failure::from)
             .and_then(|()| {
                 wait_for("vfio-pci to bind it", timing.bind, || {
                     dev.driver().ok().flatten().as_deref() == Some("vfio-pci")
@@ -265,7 +262,7 @@ pub(super) fn rebind(
         (None, true) => dev.write("driver_override", "\n"),
         (None, false) => Ok(()),
     };
-    bound.and(put.map_err(|e| e.to_string()))
+    bound.and(put.map_err(Failure::from))
 }
 
 pub(super) fn remove(run_dir: &Path, bdf: Bdf) {

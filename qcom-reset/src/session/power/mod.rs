@@ -9,6 +9,7 @@
 //! SIGKILL, by the agent's next start or the next power cycle. `drivers_autoprobe` is bus-wide:
 //! every change of it is serialized by the host-wide `autoprobe.lock`.
 mod back;
+mod failure;
 mod recover;
 
 use std::fs::File;
@@ -26,6 +27,7 @@ use crate::session::{self};
 use crate::session::{port, record};
 use crate::{Error, Result};
 use back::*;
+pub use failure::{CycleFailure, Failure, NoCycle};
 use recover::recover_all;
 pub use recover::recover_pending;
 
@@ -172,37 +174,30 @@ pub fn plan(
     sysfs: &PciSysfs,
     dev: &SysfsDevice,
     choice: Choice,
-) -> std::result::Result<Plan, String> {
-    let port =
-        port::upstream(dev).ok_or("on the root bus: there is no port whose power could be cut")?;
-    let others: Vec<String> = std::fs::read_dir(&port.dir)
-        .map_err(|e| format!("{}: {e}", port.dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.parse::<Bdf>().is_ok_and(|b| b != dev.bdf))
+) -> std::result::Result<Plan, NoCycle> {
+    let port = port::upstream(dev).ok_or(NoCycle::RootBus)?;
+    let mut others: Vec<Bdf> = std::fs::read_dir(&port.dir)
+        .map_err(|err| NoCycle::PortUnreadable {
+            dir: port.dir.clone(),
+            err,
+        })?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.parse().ok())
+        .filter(|b| *b != dev.bdf)
         .collect();
+    others.sort();
     if !others.is_empty() {
-        return Err(format!(
-            "{} is not alone below its port {}: {} would lose power too; never power-cycled",
-            dev.bdf,
-            port.bdf,
-            others.join(" ")
-        ));
+        return Err(NoCycle::NotAlone {
+            port: port.bdf,
+            others,
+        });
     }
     let slot = find_slot(sysfs, dev.bdf);
     let power_resources = port.path("firmware_node/power_resources_D3hot").exists();
     let method = match (choice, slot) {
         (Choice::Auto | Choice::Slot, Some(s)) => Method::Slot(s),
-        (Choice::Slot, None) => {
-            return Err(format!(
-                "no hotplug slot with power control for {}",
-                dev.bdf
-            ));
-        }
+        (Choice::Slot, None) => return Err(NoCycle::NoSlot),
         (Choice::Auto, None) if !power_resources => {
-            return Err(format!(
-                "no slot power control and no ACPI power resources (_PR3) for port {}: this host cannot cut the slot's power from user space; power-cycle the host",
-                port.bdf
-            ));
+            return Err(NoCycle::NoPowerControl { port: port.bdf });
         }
         (Choice::Auto | Choice::D3cold, _) => Method::D3cold { power_resources },
     };
@@ -244,14 +239,14 @@ fn read(path: &Path) -> Option<String> {
 }
 
 fn wait_for(
-    what: &str,
+    what: &'static str,
     limit: Duration,
     mut done: impl FnMut() -> bool,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Failure> {
     let start = Instant::now();
     while !done() {
         if start.elapsed() >= limit {
-            return Err(format!("{what}: not within {limit:?}"));
+            return Err(Failure::Timeout { what, limit });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -277,10 +272,7 @@ pub fn run(
     let Some(autoprobe) = AutoprobeLock::acquire(&host.run_dir, host.lock_wait)? else {
         return Err(Error::NoPowerCycle {
             bdf: plan.target,
-            why: format!(
-                "another power cycle holds {} (drivers_autoprobe is bus-wide: one cycle at a time); wait for it to finish",
-                host.run_dir.join(AUTOPROBE_LOCK).display()
-            ),
+            why: NoCycle::AnotherCycle(host.run_dir.join(AUTOPROBE_LOCK)),
         });
     };
     let mut steps = Vec::new();
@@ -337,12 +329,16 @@ fn cycle(
     let back = restore(sysfs, plan.target, &rec, &plan.timing);
     match &back {
         Ok(()) => remove(run_dir, plan.target),
-        Err(e) => step(format!("restore: {e}")),
+        Err(failures) => step(format!("restore: {}", failure::joined(failures))),
     }
     cycled?;
-    back.map_err(|why| Error::PowerCycle {
+    back.map_err(|failures| Error::PowerCycle {
         bdf: plan.target,
-        why,
+        why: Box::new(CycleFailure {
+            restoring: None,
+            failures,
+            brought_back: None,
+        }),
     })?;
     step(format!(
         "{} is back; binding, autoprobe and port power restored",
@@ -384,7 +380,7 @@ mod tests {
     #[test]
     fn plans_only_where_the_host_can_cut_power_and_the_card_is_alone() {
         let (t, sysfs, dev) = tree();
-        let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err();
+        let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err().to_string();
         assert!(
             e.contains("no ACPI power resources") && e.contains("power-cycle the host"),
             "{e}"
@@ -419,7 +415,7 @@ mod tests {
         );
         // A second function below the port: never.
         std::fs::create_dir_all(t.path().join("real/0000:00:1c.0/0000:03:00.1")).unwrap();
-        let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err();
+        let e = plan(&sysfs, &dev, Choice::Auto).unwrap_err().to_string();
         assert!(e.contains("not alone") && e.contains("0000:03:00.1"), "{e}");
     }
 

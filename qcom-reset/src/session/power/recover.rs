@@ -57,10 +57,10 @@ pub(super) fn recover_all(
             recover(sysfs, run_dir, autoprobe, bdf, bdf == target).map_err(|e| {
                 Error::NoPowerCycle {
                     bdf: target,
-                    why: format!(
-                        "{} (left by a killed power cycle) must be restored first, drivers_autoprobe may be 0 from it: {e}",
-                        record_path(run_dir, bdf).display()
-                    ),
+                    why: NoCycle::Leftover {
+                        path: record_path(run_dir, bdf),
+                        err: Box::new(e),
+                    },
                 }
             })
         })
@@ -87,21 +87,22 @@ pub(super) fn recover(
         return Ok(format!("{bdf}: {} was restored meanwhile", path.display()));
     };
     let timing = Timing::default();
-    let brought = if device(sysfs, bdf).dir.exists() {
-        String::new()
-    } else {
-        format!(
-            "; brought back: {}",
-            bring_back(sysfs, &rec, bdf, &timing).join("; ")
-        )
-    };
-    restore(sysfs, bdf, &rec, &timing).map_err(|why| Error::PowerCycle {
+    let brought_back =
+        (!device(sysfs, bdf).dir.exists()).then(|| bring_back(sysfs, &rec, bdf, &timing));
+    let said = brought_back.as_ref().map_or(String::new(), |b| {
+        format!("; brought back: {}", b.join("; "))
+    });
+    restore(sysfs, bdf, &rec, &timing).map_err(|failures| Error::PowerCycle {
         bdf,
-        why: format!("restoring {}: {why}{brought}", path.display()),
+        why: Box::new(CycleFailure {
+            restoring: Some(path.clone()),
+            failures,
+            brought_back,
+        }),
     })?;
     remove(run_dir, bdf);
     Ok(format!(
-        "{bdf}: restored what a killed power cycle left in {}: {rec:?}{brought}",
+        "{bdf}: restored what a killed power cycle left in {}: {rec:?}{said}",
         path.display()
     ))
 }
