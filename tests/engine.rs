@@ -41,10 +41,17 @@ fn assert_restored(h: &FakeHost, bdf: &str, sim: &qcom_reset::sim::SimDevice, r:
         "auto",
         "power/control restored"
     );
-    assert_eq!(r.restored.power_control.as_deref(), Some("auto"));
-    assert!(r.restored.errors.is_empty(), "{:?}", r.restored.errors);
-    if r.restored.command.is_some() {
-        assert_eq!(r.restored.command, Some(0x0400));
+    assert_eq!(
+        r.reset().unwrap().restored.power_control.as_deref(),
+        Some("auto")
+    );
+    assert!(
+        r.reset().unwrap().restored.errors.is_empty(),
+        "{:?}",
+        r.reset().unwrap().restored.errors
+    );
+    if r.reset().unwrap().restored.command.is_some() {
+        assert_eq!(r.reset().unwrap().restored.command, Some(0x0400));
         // A device that is off the bus drops config writes; the restore was still issued.
         if sim.link_up_now() {
             assert_eq!(
@@ -82,7 +89,7 @@ fn assert_healthy_after_one_conformant_reset(
     sim: &qcom_reset::sim::SimDevice,
     r: &session::Report,
 ) {
-    let v = r.verdict.as_ref().unwrap();
+    let v = r.verdict().unwrap();
     assert_eq!(v.health, Health::Clean, "{}", v.detail);
     assert_eq!(sim.with_model(|m| m.resets), 1);
     assert!(sim.with_model(|m| m.conformance()).ok);
@@ -149,7 +156,7 @@ fn wlan_golden_trace_and_healthy_verdict() {
     ]);
     assert_eq!(r.ops, golden);
     assert_eq!(
-        (r.method, r.outcome, r.sequence_version),
+        (r.method(), r.outcome(), r.sequence_version),
         (
             Method::RegisterSequence,
             Some(Outcome::Completed),
@@ -158,7 +165,7 @@ fn wlan_golden_trace_and_healthy_verdict() {
     );
     assert_healthy_after_one_conformant_reset(&h, WLAN, &sim, &r);
     assert_eq!(
-        r.verdict.unwrap().registers.execenv,
+        r.verdict().unwrap().registers.execenv,
         Some(0),
         "rebooted into PBL"
     );
@@ -229,9 +236,9 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
         };
         let sim = sim(family, faults);
         let r = reset_with(&h, &Request::new(bdf(b)), &sim).unwrap();
-        let v = r.verdict.as_ref().unwrap();
+        let v = r.verdict().unwrap();
         assert_eq!(
-            (r.outcome, v.health),
+            (r.outcome(), v.health),
             (outcome, health),
             "{family:?} {spec}: {}",
             v.detail
@@ -286,7 +293,7 @@ fn every_left_state_is_reset_to_clean_and_lost_writes_are_not_clean() {
         )
         .unwrap();
         assert_eq!(
-            before.verdict.unwrap().health,
+            before.verdict().unwrap().health,
             deaf_health,
             "{family:?} {state:?} before"
         );
@@ -302,7 +309,7 @@ fn every_left_state_is_reset_to_clean_and_lost_writes_are_not_clean() {
         );
         let r = reset_with(&h, &Request::new(bdf(b)), &deaf).unwrap();
         assert_eq!(
-            r.verdict.unwrap().health,
+            r.verdict().unwrap().health,
             deaf_health,
             "{family:?} {state:?} with lost writes"
         );
@@ -369,7 +376,7 @@ fn refuses_non_targets_missing_devices_and_foreign_drivers() {
     let mut forced = Request::new(bdf(WLAN));
     forced.force = true;
     let r = reset_with(&h, &forced, &sim).unwrap();
-    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
     let mut bad = Request::new(bdf(WLAN));
     bad.profile = Some("nosuch".into());
     assert!(matches!(
@@ -403,11 +410,11 @@ fn profile_override_makes_any_device_a_target_with_its_bar() {
     req.bar = Some(2);
     let r = reset_with(&h, &req, &card(0x1af4, 0x1110)).unwrap();
     assert_eq!((r.profile, r.family), ("sdx65", Family::Modem));
-    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
     // A device that answers with other IDs than sysfs showed is never judged clean, nor
     // are its registers read for a verdict.
     let r = reset_with(&h, &req, &card(0x17cb, 0x0308)).unwrap();
-    let v = r.verdict.unwrap();
+    let v = r.verdict().unwrap();
     assert_eq!(v.health, Health::WrongIdentity, "{}", v.detail);
     assert_eq!(v.registers.mhistatus, None);
 }
@@ -419,7 +426,7 @@ fn dry_run_prints_every_operation_and_touches_nothing() {
     let mut req = Request::new(bdf(WLAN));
     req.dry_run = true;
     let r = reset_with(&h, &req, &sim).unwrap();
-    assert_eq!(r.method, Method::DryRun);
+    assert_eq!(r.method(), Method::DryRun);
     assert_eq!(writes(&sim), 0);
     assert_eq!(
         sim.elapsed().as_micros(),
@@ -440,7 +447,7 @@ fn dry_run_prints_every_operation_and_touches_nothing() {
             value: 0
         })
     );
-    let plan = r.plan.join("\n");
+    let plan = r.plan().join("\n");
     for want in [
         "sysfs power/control <- on",
         "PCI_COMMAND <- saved | MEMORY",
@@ -476,7 +483,7 @@ fn steps_aside_where_the_kernel_has_device_specific() {
     });
     let sim = sim(Family::Wlan, Faults::default());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap();
-    assert_eq!(r.method, Method::KernelDeviceSpecific);
+    assert_eq!(r.method(), Method::KernelDeviceSpecific);
     assert_eq!(writes(&sim), 0, "no register writes of ours");
     assert!(r.ops.is_empty());
     assert_eq!(
@@ -489,11 +496,11 @@ fn steps_aside_where_the_kernel_has_device_specific() {
         "bus device_specific",
         "method order restored"
     );
-    assert!(r.verdict.is_some(), "the device is still verified");
+    assert!(r.verdict().is_some(), "the device is still verified");
     let mut ours = Request::new(bdf(WLAN));
     ours.ignore_kernel_reset = true;
     let r = reset_with(&h, &ours, &sim).unwrap();
-    assert_eq!(r.method, Method::RegisterSequence);
+    assert_eq!(r.method(), Method::RegisterSequence);
 }
 
 /// The kernel's device-specific reset can fail (the WLAN link poll times out when the SoC
@@ -511,10 +518,10 @@ fn a_failed_kernel_reset_falls_back_to_our_sequence() {
     std::fs::create_dir(dev.join("reset")).unwrap();
     let sim = sim(Family::Wlan, Faults::default());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &sim).unwrap();
-    assert_eq!(r.method, Method::RegisterSequence);
+    assert_eq!(r.method(), Method::RegisterSequence);
     assert_eq!(sim.with_model(|m| m.resets), 1);
     assert_eq!(
-        r.verdict.map(|v| v.health),
+        r.verdict().map(|v| v.health),
         Some(qcom_reset::device::verdict::Health::Clean)
     );
     assert_eq!(h.read(WLAN, "reset_method"), "device_specific");
@@ -547,7 +554,7 @@ fn status_reads_registers_only_when_safe() {
         session::ReadMode::EnableAndRestore,
     )
     .unwrap();
-    let v = st.verdict.unwrap();
+    let v = st.verdict().unwrap();
     assert_eq!(
         v.health,
         Health::Crashed,
@@ -568,7 +575,7 @@ fn status_reads_registers_only_when_safe() {
         session::ReadMode::EnableAndRestore,
     )
     .unwrap();
-    let r = st.verdict.unwrap().registers;
+    let r = st.verdict().unwrap().registers;
     assert_eq!((r.config_vendor, r.config_device), (0xffff, 0xffff));
     assert_eq!(
         sim.with_model(|m| m.cfg.command()),
@@ -584,11 +591,11 @@ fn status_reads_registers_only_when_safe() {
         session::ReadMode::EnableAndRestore,
     )
     .unwrap();
-    assert!(st.verdict.is_none());
+    assert!(st.verdict().is_none());
     assert!(
-        matches!(&st.skipped, Some(session::Unread::Held(w)) if w.contains("pid 77")),
+        matches!(&st.unread(), Some(session::Unread::Held(w)) if w.contains("pid 77")),
         "held, typed as such: {:?}",
-        st.skipped
+        st.unread()
     );
     assert_eq!(writes(&sim), 0);
 }
@@ -611,11 +618,11 @@ fn a_no_writes_status_says_why_instead_of_writing() {
         .unwrap()
     };
     let st = status(&h);
-    assert!(st.verdict.is_none());
+    assert!(st.verdict().is_none());
     assert!(
-        matches!(&st.skipped, Some(session::Unread::Refused(w)) if w.contains("power/control=on (it is auto)")),
+        matches!(&st.unread(), Some(session::Unread::Refused(w)) if w.contains("power/control=on (it is auto)")),
         "runtime PM may keep it in D3hot: {:?}",
-        st.skipped
+        st.unread()
     );
     assert_eq!(h.read(WLAN, "power/control"), "auto");
     std::fs::write(
@@ -628,15 +635,15 @@ fn a_no_writes_status_says_why_instead_of_writing() {
     .unwrap();
     let st = status(&h);
     assert!(
-        matches!(&st.skipped, Some(session::Unread::Refused(w)) if w.contains("memory decoding (PCI_COMMAND=0x0400)")),
+        matches!(&st.unread(), Some(session::Unread::Refused(w)) if w.contains("memory decoding (PCI_COMMAND=0x0400)")),
         "vfio-pci leaves decoding off after a release: {:?}",
-        st.skipped
+        st.unread()
     );
     assert_eq!(card.with_model(|m| m.cfg.command()), 0x0400);
     // The next owner (or an admin) enabled decoding: now it can be read without a write.
     qcom_reset::access::Backend::config_write16(&mut card.clone(), 4, 0x0402).unwrap();
     let st = status(&h);
-    assert_eq!(st.verdict.unwrap().health, Health::Crashed);
+    assert_eq!(st.verdict().unwrap().health, Health::Crashed);
     assert_eq!(
         card.with_model(|m| (m.cfg.command(), m.writes.len())),
         (0x0402, 0)
@@ -657,12 +664,8 @@ fn config_words_the_reset_lost_are_restored_and_reported() {
     ] {
         let card = sim_in(family, SimState::Mission, Faults::default());
         let r = reset_with(&h, &Request::new(bdf(b)), &card).unwrap();
-        assert_eq!(
-            r.verdict.as_ref().unwrap().health,
-            Health::Clean,
-            "{family:?}"
-        );
-        let restored = r.restored.config.join(", ");
+        assert_eq!(r.verdict().unwrap().health, Health::Clean, "{family:?}");
+        let restored = r.reset().unwrap().restored.config.join(", ");
         for word in [
             "0x58: 0x2810 -> 0x2830",
             "0x80: 0x0003 -> 0x0002",
@@ -708,7 +711,7 @@ fn nothing_is_written_before_the_crash_record_exists() {
         "record-first",
     )
     .unwrap();
-    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
     assert_eq!(
         unrecorded.load(std::sync::atomic::Ordering::SeqCst),
         // The record is removed only after the restore: every write is covered, its own too.
@@ -728,6 +731,8 @@ fn a_killed_session_is_recovered_before_the_next_baseline() {
     card.clone().config_write16(0x12, 0).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     let rec = r
+        .reset()
+        .unwrap()
         .recovered
         .clone()
         .expect("the dead session's record was used");
@@ -737,7 +742,7 @@ fn a_killed_session_is_recovered_before_the_next_baseline() {
     );
     assert_eq!(rec.config, ["0x12: 0x0000 -> 0xfe00"]);
     // The new baseline was the recovered state, not what the killed session left.
-    assert_eq!(r.restored.command, Some(0x0400));
+    assert_eq!(r.reset().unwrap().restored.command, Some(0x0400));
     assert_restored(&h, WLAN, &card, &r);
 }
 
@@ -787,7 +792,7 @@ fn a_bar_too_small_for_the_sequence_is_refused() {
     assert_eq!(writes(&short), 0);
     let exact = sim(Family::Wlan, Faults::default()).with_bar_len(need);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &exact).unwrap();
-    assert_eq!(r.verdict.unwrap().health, Health::Clean);
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
 }
 
 /// Holding the group does not stop an unbind from vfio-pci (libvirt reattaching the host
@@ -869,7 +874,7 @@ fn a_clean_reset_waits_the_cards_floor_and_no_more() {
         };
         let card = sim(family, Faults::default());
         let r = reset_with(&h, &Request::new(bdf(bdf_s)), &card).unwrap();
-        assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean);
+        assert_eq!(r.verdict().unwrap().health, Health::Clean);
         let (waited, floor) = waits_and_floor(&r, &card);
         assert_eq!((family, waited), (family, floor));
     }
@@ -882,7 +887,7 @@ fn a_slow_link_costs_less_than_one_poll_beyond_the_floor() {
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::parse("link-down-ms=800").unwrap());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.verdict.as_ref().unwrap().health, Health::Clean);
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
     let (waited, floor) = waits_and_floor(&r, &card);
     assert!(
         (floor..floor + 20).contains(&waited),
@@ -897,12 +902,12 @@ fn the_phases_add_up_to_the_duration() {
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::default());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    let p = r.phases;
+    let p = r.reset().unwrap().phases;
     let sum_ms = (p.own_us + p.guard_us + p.sequence_us + p.verify_us + p.restore_us) / 1000;
     assert!(
-        sum_ms <= r.duration_ms && r.duration_ms <= sum_ms + 1,
+        sum_ms <= r.reset().unwrap().duration_ms && r.reset().unwrap().duration_ms <= sum_ms + 1,
         "{p:?} against {} ms",
-        r.duration_ms
+        r.reset().unwrap().duration_ms
     );
     // The crash record written and removed: file system calls, never a µs or less.
     assert!(p.own_us > 1 && p.restore_us > 1, "{p:?}");
@@ -916,7 +921,7 @@ fn the_link_poll_covers_exactly_the_reviewed_window() {
     let h = wlan_host();
     let card = sim(Family::Wlan, Faults::parse("never-returns").unwrap());
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.outcome, Some(Outcome::LinkTimeout));
+    assert_eq!(r.outcome(), Some(Outcome::LinkTimeout));
     // The poll starts after the deassert's read-back and its 10 ms wait.
     let start = r
         .ops
@@ -1119,8 +1124,8 @@ fn the_device_is_woken_and_awaited_before_its_bar_is_touched() {
     )
     .unwrap();
     waker.join().unwrap();
-    assert_eq!(r.verdict.unwrap().health, Health::Clean);
-    assert_eq!(r.restored.command, Some(0x0406));
+    assert_eq!(r.verdict().unwrap().health, Health::Clean);
+    assert_eq!(r.reset().unwrap().restored.command, Some(0x0406));
     assert_eq!(h.read(WLAN, "power/control"), "auto");
 }
 
@@ -1289,7 +1294,7 @@ fn a_check_resets_only_when_its_verdict_calls_for_it_and_not_once_stopped() {
     let session::Checked::Reset(r) = got else {
         panic!("{got:?}")
     };
-    assert_eq!(r.verdict.map(|v| v.health), Some(Health::Clean));
+    assert_eq!(r.verdict().map(|v| v.health), Some(Health::Clean));
     assert_eq!(resets, 1);
 }
 

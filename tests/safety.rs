@@ -146,7 +146,7 @@ fn observe_only_keeps_a_killed_sessions_record() {
         ReadMode::NoWrites,
     )
     .unwrap();
-    assert!(st.verdict.is_some(), "{:?}", st.skipped);
+    assert!(st.verdict().is_some(), "{:?}", st.unread());
     assert!(record_path(&h, WLAN).exists(), "the record stays");
     assert_eq!(
         config_writes(&card),
@@ -310,7 +310,7 @@ fn a_card_on_no_driver_is_held_off_drivers_for_the_session() {
     )
     .unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     let (during, recorded) = seen.lock().unwrap().clone().unwrap();
@@ -393,7 +393,7 @@ fn status_rechecks_the_driver_after_its_lock_wait() {
     rebind(&h, WLAN, "ath11k_pci");
     drop(lock);
     let st = status.join().unwrap().unwrap();
-    let why = st.skipped.expect("not read");
+    let why = st.unread().cloned().expect("not read");
     assert!(
         matches!(&why, session::Unread::Refused(w) if w.contains("ath11k_pci")),
         "{why}"
@@ -439,7 +439,7 @@ fn the_reset_method_swap_is_recorded_and_a_failed_kernel_reset_falls_back() {
     fs::remove_file(&reset).unwrap();
     fs::create_dir(&reset).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.method, session::Method::RegisterSequence);
+    assert_eq!(r.method(), session::Method::RegisterSequence);
     assert_eq!(card.with_model(|m| m.resets), 1);
     assert_eq!(h.read(WLAN, "reset_method"), "bus device_specific");
     assert!(!record_path(&h, WLAN).exists());
@@ -461,7 +461,7 @@ fn two_cards_below_one_port_never_record_each_others_masks() {
     drop(port_lock);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(port_regs(&h), (0x1038, 0));
@@ -490,7 +490,7 @@ fn pciehp_poll_mode_is_refused_unless_allowed() {
     )
     .unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
 }
@@ -635,7 +635,7 @@ fn a_rebind_before_the_first_write_is_caught_and_an_existing_override_comes_back
     })
     .unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(
@@ -657,7 +657,7 @@ fn an_override_set_by_someone_else_mid_session_is_left_alone() {
     })
     .unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(h.read(WLAN, "driver_override"), "ath11k_pci");
@@ -674,7 +674,7 @@ fn a_killed_sessions_hold_is_never_taken_for_the_original() {
     let ovr = h.host.sysfs.root.join(WLAN).join("driver_override");
     fs::write(&ovr, format!("{}\n", qcom_reset::session::HOLD_OVERRIDE)).unwrap();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert!(r.recovered.is_some());
+    assert!(r.reset().unwrap().recovered.is_some());
     assert_eq!(h.read(WLAN, "driver_override"), "");
 }
 
@@ -701,16 +701,18 @@ fn a_link_drop_seen_by_the_sequence_restores_every_word() {
     })
     .unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     assert!(
-        r.restored
+        r.reset()
+            .unwrap()
+            .restored
             .config
             .iter()
             .any(|w| w == "0x3c: 0x0105 -> 0x010b"),
         "{:?}",
-        r.restored
+        r.reset().unwrap().restored
     );
     assert_eq!(card.with_model(|m| m.cfg.read16(0x3c)), 0x010b);
     // The test's two writes; enable memory (decoding kept on: no repair needed); post: decoding
@@ -727,7 +729,10 @@ fn the_recovered_port_is_reported() {
     record_masked_port(&h);
     mask_port(&h);
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
-    assert_eq!(r.recovered.unwrap().port, ["0000:00:1c.0 SltCtl 0x1038"]);
+    assert_eq!(
+        r.reset().unwrap().recovered.clone().unwrap().port,
+        ["0000:00:1c.0 SltCtl 0x1038"]
+    );
     assert_eq!(port_regs(&h).0, 0x1038);
 }
 
@@ -744,11 +749,11 @@ fn decoding_lost_alone_is_repaired_too() {
     })
     .unwrap();
     assert_eq!(
-        r.outcome,
+        r.outcome(),
         Some(qcom_reset::device::sequence::Outcome::Completed)
     );
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
 }
@@ -826,7 +831,7 @@ fn a_port_guard_that_cannot_write_refuses_unless_allowed() {
     };
     let r = reset_with(&h, &allowed, &card).unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::Clean
     );
     assert_eq!(port_regs(&h), (0x1038, 0), "the port as it was");
@@ -851,7 +856,7 @@ fn a_card_off_the_link_is_link_down_not_a_power_state_error() {
     );
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::LinkDown
     );
     assert_eq!(
@@ -899,7 +904,7 @@ fn link_down_through(
     )
     .unwrap();
     assert_eq!(
-        r.verdict.as_ref().map(|v| v.health),
+        r.verdict().map(|v| v.health),
         Some(qcom_reset::device::verdict::Health::LinkDown)
     );
     r
@@ -926,7 +931,7 @@ fn virtualized_ids_do_not_make_a_dead_link_look_alive() {
     let plain = dead();
     let r = reset_with(&h, &Request::new(bdf(WLAN)), &plain).unwrap();
     assert_eq!(
-        r.verdict.unwrap().health,
+        r.verdict().unwrap().health,
         qcom_reset::device::verdict::Health::LinkDown
     );
     let h = FakeHost::new();
@@ -937,7 +942,7 @@ fn virtualized_ids_do_not_make_a_dead_link_look_alive() {
         card.with_model(|m| m.config_writes),
         plain.with_model(|m| m.config_writes),
         "no header repair into a dead link ({} words reported restored)",
-        r.restored.config.len()
+        r.reset().unwrap().restored.config.len()
     );
 }
 
@@ -995,7 +1000,10 @@ fn all_ones_mmio_with_the_header_intact_repairs_nothing() {
         }
         let before = card.with_model(|m| m.config_writes);
         let r = link_down_through(&h, DeafBar(card.clone()));
-        (card.with_model(|m| m.config_writes) - before, r.restored)
+        (
+            card.with_model(|m| m.config_writes) - before,
+            r.reset().unwrap().restored.clone(),
+        )
     };
     let (plain, _) = config_writes(false);
     let (aspm, restored) = config_writes(true);
@@ -1231,19 +1239,19 @@ fn the_group_is_let_go_once_the_card_is_settled_and_held_for_every_write() {
             !writes.is_empty() && writes.iter().all(|held| *held),
             "{at}: a config write without the group: {writes:?}"
         );
-        assert_eq!(r.verdict.unwrap().health.to_string(), "clean");
+        assert_eq!(r.verdict().unwrap().health.to_string(), "clean");
         assert!(
-            r.restored.command.is_some(),
+            r.reset().unwrap().restored.command.is_some(),
             "PCI_COMMAND restored: {:?}",
-            r.restored
+            r.reset().unwrap().restored
         );
         assert!(!holds(&group_node(&h, at)), "let go at the end");
         assert!(!record_path(&h, at).exists());
         if at == MODEM {
             assert!(
-                !r.restored.config.is_empty(),
+                !r.reset().unwrap().restored.config.is_empty(),
                 "the header was repaired: {:?}",
-                r.restored
+                r.reset().unwrap().restored
             );
         }
     }
@@ -1459,8 +1467,12 @@ fn a_sibling_session_holding_the_group_is_waited_for_up_to_the_lock_wait() {
         })
     });
     let r = r.unwrap();
-    assert_eq!(r.verdict.unwrap().health.to_string(), "clean");
-    assert!(r.restored.command.is_some(), "{:?}", r.restored);
+    assert_eq!(r.verdict().unwrap().health.to_string(), "clean");
+    assert!(
+        r.reset().unwrap().restored.command.is_some(),
+        "{:?}",
+        r.reset().unwrap().restored
+    );
     // A sibling that never lets go.
     let started = std::time::Instant::now();
     let s = sibling.clone();

@@ -204,7 +204,7 @@ fn classify(
 /// A reset that ran (or, observe-only, would have): its verdict.
 fn reported(sh: &Shared, a: &mut Action, r: session::Report) {
     let bdf = a.bdf;
-    if r.method == session::Method::DryRun {
+    let Some(done) = r.reset() else {
         sh.metrics.reset(&bdf.to_string(), "dry-run");
         a.result = ActionResult::DryRun;
         a.detail = format!(
@@ -214,16 +214,16 @@ fn reported(sh: &Shared, a: &mut Action, r: session::Report) {
         );
         a.report = Some(r);
         return;
-    }
-    let v = r.verdict.clone().expect("a real reset has a verdict");
+    };
+    let v = &done.verdict;
     sh.metrics.reset(&bdf.to_string(), &v.health.to_string());
-    sh.metrics.duration(Duration::from_millis(r.duration_ms));
+    sh.metrics.duration(Duration::from_millis(done.duration_ms));
     sh.verdict(bdf, v.health, &v.detail);
     sh.record(bdf, v.health == Health::Clean, &v.health.to_string());
     a.result = ActionResult::Verdict(v.health);
     a.detail = format!(
         "{} in {} ms: {}",
-        r.sequence_version, r.duration_ms, v.detail
+        r.sequence_version, done.duration_ms, v.detail
     );
     a.report = Some(r);
 }
@@ -311,9 +311,11 @@ pub(super) async fn check_then_reset(
             bdf,
             trigger,
             ActionResult::Skipped,
-            match s.verdict {
-                Some(v) => format!("shutting down: not reset ({}: {})", v.health, v.detail),
-                None => "shutting down: not reset".into(),
+            match s.reading {
+                session::Reading::Judged(v) => {
+                    format!("shutting down: not reset ({}: {})", v.health, v.detail)
+                }
+                session::Reading::Unread(_) => "shutting down: not reset".into(),
             },
         )),
         Ok(Ok(session::Checked::NotChecked(e))) => Verified::Done(action(
@@ -337,8 +339,8 @@ pub(super) async fn check_then_reset(
 
 /// A check that did not reset: the verdict it left alone, or why it could not read.
 fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified {
-    match (s.verdict, s.skipped) {
-        (Some(v), _) if v.health == Health::Clean => Verified::Done({
+    match s.reading {
+        session::Reading::Judged(v) if v.health == Health::Clean => Verified::Done({
             sh.verdict(bdf, v.health, &v.detail);
             action(
                 bdf,
@@ -347,7 +349,7 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
                 format!("clean: {}", v.detail),
             )
         }),
-        (Some(v), _) => Verified::Done({
+        session::Reading::Judged(v) => Verified::Done({
             sh.verdict(bdf, v.health, &v.detail);
             action(
                 bdf,
@@ -361,20 +363,17 @@ fn left(sh: &Shared, bdf: Bdf, trigger: Trigger, s: session::Status) -> Verified
                 ),
             )
         }),
-        (None, Some(Unread::Held(why))) => Verified::Held(action(
+        session::Reading::Unread(Unread::Held(why)) => Verified::Held(action(
             bdf,
             trigger,
             ActionResult::Held,
             format!("not checked: {why}"),
         )),
-        (None, why) => Verified::Done(action(
+        session::Reading::Unread(why) => Verified::Done(action(
             bdf,
             trigger,
             ActionResult::Skipped,
-            format!(
-                "not checked: {}",
-                why.map(|w| w.to_string()).unwrap_or_default()
-            ),
+            format!("not checked: {why}"),
         )),
     }
 }

@@ -4,7 +4,7 @@ use qcom_reset::access;
 use qcom_reset::device::verdict::Health;
 use qcom_reset::exit::Exit;
 use qcom_reset::host::Host;
-use qcom_reset::session::{self, Method, Report, Request};
+use qcom_reset::session::{self, Ran, Report, Request};
 use qcom_reset::{Error, device::regs};
 
 use super::cli::ResetArgs;
@@ -72,13 +72,13 @@ pub(super) fn reset_and_report(
     } else {
         print_report(&report);
     }
-    Ok(match &report.verdict {
+    Ok(match report.verdict() {
         Some(v) if v.health != Health::Clean => Exit::NotClean,
         _ => Exit::Ok,
     })
 }
 fn print_report(r: &Report) {
-    if r.method == Method::DryRun {
+    let Ran::Reset(done) = &r.ran else {
         println!(
             "dry run: {} as {} ({}), sequence {}; nothing will be touched",
             r.bdf,
@@ -86,28 +86,28 @@ fn print_report(r: &Report) {
             r.family.name(),
             r.sequence_version
         );
-        for (i, p) in r.plan.iter().enumerate() {
+        for (i, p) in r.plan().iter().enumerate() {
             println!("  {:>2}. {p}", i + 1);
         }
         return;
-    }
-    let how = match r.method {
-        Method::KernelDeviceSpecific => "the kernel's device_specific reset".to_string(),
-        _ => format!("register sequence {} via {}", r.sequence_version, r.access),
+    };
+    let how = if done.kernel {
+        "the kernel's device_specific reset".to_string()
+    } else {
+        format!("register sequence {} via {}", r.sequence_version, r.access)
     };
     println!(
         "{} {}: reset with {how} in {} ms",
-        r.bdf, r.profile, r.duration_ms
+        r.bdf, r.profile, done.duration_ms
     );
-    if let Some(o) = &r.outcome {
+    if let Some(o) = &done.outcome {
         println!("  sequence: {o:?}, {} register operations", r.ops.len());
     }
-    if let Some(v) = &r.verdict {
-        println!("  verdict: {} ({})", v.health, v.detail);
-        println!("  clean means: {}", v.expected);
-        println!("  registers: {}", registers_line(&v.registers));
-    }
-    let rs = &r.restored;
+    let v = &done.verdict;
+    println!("  verdict: {} ({})", v.health, v.detail);
+    println!("  clean means: {}", v.expected);
+    println!("  registers: {}", registers_line(&v.registers));
+    let rs = &done.restored;
     println!(
         "  restored: PCI_COMMAND={} power/control={}{}",
         rs.command

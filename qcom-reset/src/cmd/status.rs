@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use qcom_reset::access;
 use qcom_reset::exit::Exit;
 use qcom_reset::host::Host;
-use qcom_reset::session::{self, Status, Target};
+use qcom_reset::session::{self, Reading, Status, Target};
 
 use super::cli::{HealthArgs, StatusArgs};
 use super::reset::registers_line;
@@ -114,13 +114,12 @@ fn print_status(s: &Status, profile: &str) {
         }
     );
     println!("  regime: {}: {}", s.regime, s.regime.meaning());
-    match (&s.verdict, &s.skipped) {
-        (Some(v), _) => {
+    match &s.reading {
+        Reading::Judged(v) => {
             println!("  verdict: {} ({})", v.health, v.detail);
             println!("  registers: {}", registers_line(&v.registers));
         }
-        (None, Some(why)) => println!("  registers not read: {why}"),
-        (None, None) => {}
+        Reading::Unread(why) => println!("  registers not read: {why}"),
     }
 }
 

@@ -8,7 +8,7 @@ use super::reset::{opted_in, pre, run_owned};
 use super::status::{Own, Owned, judged, own, read_owned};
 use super::{Opener, ReadMode, Report, Request, Status, inspect, plan::dry_run, unread_status};
 use crate::Result;
-use crate::device::verdict::{Health, Registers};
+use crate::device::verdict::{self, Health, Registers};
 use crate::host::Host;
 
 /// What a check-then-reset did.
@@ -53,8 +53,8 @@ pub fn check_then_reset(
         mut session,
         recovered,
     } = own;
-    let status = judged(t.clone(), &regs);
-    let v = status.verdict.as_ref().expect("judged");
+    let v = verdict::judge(&t.expect(false), &regs);
+    let status = judged(t.clone(), v.clone());
     if !resets(v.health) {
         session.restore();
         return Ok(Checked::Left(status));

@@ -9,6 +9,7 @@ mod plan;
 pub mod port;
 pub mod power;
 pub mod record;
+mod report;
 mod reset;
 mod restore;
 mod status;
@@ -26,8 +27,9 @@ pub use check::{Checked, check_then_reset};
 pub use guard::{HOLD_OVERRIDE, Restored};
 use guard::{Session, Writes};
 pub use owner::Lost;
-pub use reset::{Method, Phases, Report, Request, reset, upstream_port};
-pub use status::{ReadMode, Status, Unread, status, unread_status};
+pub use report::{Method, Phases, Ran, Report, Reset};
+pub use reset::{Request, reset, upstream_port};
+pub use status::{ReadMode, Reading, Status, Unread, status, unread_status};
 pub use target::{Regime, Target, inspect, targets};
 
 /// Opens config space and the BAR of a device the session owns (sysfs or VFIO through the held

@@ -5,7 +5,8 @@ use crate::device::regs::*;
 use crate::device::{sequence, verdict};
 
 use super::port::PortRecord;
-use super::{Method, Phases, Report, Restored, Target, upstream_port};
+use super::report::{Ran, Report};
+use super::{Target, upstream_port};
 
 /// Values a healthy device would return, so a dry run follows the success path.
 fn healthy_read(offset: u32) -> u32 {
@@ -81,16 +82,9 @@ pub(super) fn dry_run(t: &Target, access: &str) -> Report {
         profile: p.name,
         family: p.family,
         sequence_version: p.family.sequence_version(),
-        method: Method::DryRun,
         access: "none",
-        outcome: Some(outcome),
-        verdict: None,
         ops,
-        plan,
-        restored: Restored::default(),
-        recovered: None,
         port,
-        duration_ms: 0,
-        phases: Phases::default(),
+        ran: Ran::DryRun { outcome, plan },
     }
 }

@@ -3,15 +3,14 @@
 //! unlock) always runs, on errors and panics too.
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::bdf::Bdf;
+use crate::device::OptIn;
 use crate::device::regio::{Op, Recorder, RegisterIo};
 use crate::device::regs::*;
 use crate::device::sequence::{self, Outcome};
 use crate::device::verdict::{self, Verdict};
-use crate::device::{Family, OptIn};
 use crate::host::Host;
 use crate::host::lock::DeviceLock;
 use crate::{Error, Result};
@@ -19,6 +18,7 @@ use crate::{Error, Result};
 use super::guard::{Restored, Session, Writes};
 use super::owner::Guarded;
 use super::port::{self, PortRecord, PortState};
+use super::report::{Phases, Ran, Report, Reset};
 use super::{Opener, Target, begin_session, inspect, kernel::kernel_reset, plan::dry_run};
 
 #[derive(Clone, Debug)]
@@ -53,60 +53,6 @@ impl Request {
             allow_unguarded_link_drop: false,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// Our replay of the reviewed register sequence through the BAR.
-    RegisterSequence,
-    /// The kernel's own `device_specific` reset through sysfs `reset`.
-    KernelDeviceSpecific,
-    /// Nothing touched; `plan` lists what would be done.
-    DryRun,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub bdf: Bdf,
-    pub profile: &'static str,
-    pub family: Family,
-    pub sequence_version: &'static str,
-    pub method: Method,
-    pub access: &'static str,
-    pub outcome: Option<Outcome>,
-    pub verdict: Option<Verdict>,
-    /// Register operations of the sequence, in order (for dry runs: those it would do).
-    pub ops: Vec<Op>,
-    /// Dry run: every step, register operations included.
-    pub plan: Vec<String>,
-    pub restored: Restored,
-    /// What a killed qcom-reset had left on this device and this run put back first.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recovered: Option<Restored>,
-    /// The upstream port as the reset found it (what was masked is in `restored.port`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<PortState>,
-    pub duration_ms: u64,
-    /// Where `duration_ms` went.
-    pub phases: Phases,
-}
-
-/// Where a reset's time went, in µs: what the card needed (the sequence and its verification)
-/// against what qcom-reset added around it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Phases {
-    /// Owning the card: the VFIO group, the driver hold, the crash record, the saved config space
-    /// (in a check that then resets, the check's reads too).
-    pub own_us: u64,
-    /// The upstream port: its lock and state, masking its link-drop reports.
-    pub guard_us: u64,
-    /// The register sequence (or the kernel's reset), its delays included.
-    pub sequence_us: u64,
-    /// Verification, until the verdict.
-    pub verify_us: u64,
-    /// Putting back what the session changed.
-    pub restore_us: u64,
 }
 
 /// Times consecutive phases.
@@ -229,21 +175,18 @@ pub(super) fn run_owned(
         profile: p.name,
         family: p.family,
         sequence_version: version,
-        method: if kernel {
-            Method::KernelDeviceSpecific
-        } else {
-            Method::RegisterSequence
-        },
         access,
-        outcome: done.outcome,
-        verdict: Some(done.verdict),
         ops: done.ops,
-        plan: Vec::new(),
-        restored,
-        recovered,
         port: Some(port),
-        duration_ms: started.elapsed().as_millis() as u64,
-        phases,
+        ran: Ran::Reset(Box::new(Reset {
+            kernel,
+            outcome: done.outcome,
+            verdict: done.verdict,
+            restored,
+            recovered,
+            duration_ms: started.elapsed().as_millis() as u64,
+            phases,
+        })),
     })
 }
 

@@ -18,9 +18,49 @@ pub struct Status {
     pub target: Target,
     pub kernel_device_specific: bool,
     pub regime: Regime,
-    pub verdict: Option<Verdict>,
-    /// Why the registers were not read.
-    pub skipped: Option<Unread>,
+    /// The verdict, or why the registers were not read (serialized as `verdict` and `skipped`,
+    /// one of them null).
+    #[serde(flatten)]
+    pub reading: Reading,
+}
+
+/// What a status read came to.
+#[derive(Clone, Debug)]
+pub enum Reading {
+    Judged(Verdict),
+    Unread(Unread),
+}
+
+impl Serialize for Reading {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let (verdict, skipped) = match self {
+            Reading::Judged(v) => (Some(v), None),
+            Reading::Unread(u) => (None, Some(u)),
+        };
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("verdict", &verdict)?;
+        m.serialize_entry("skipped", &skipped)?;
+        m.end()
+    }
+}
+
+impl Status {
+    /// The verdict, when the registers were read.
+    pub fn verdict(&self) -> Option<&Verdict> {
+        match &self.reading {
+            Reading::Judged(v) => Some(v),
+            Reading::Unread(_) => None,
+        }
+    }
+
+    /// Why the registers were not read, when they were not.
+    pub fn unread(&self) -> Option<&Unread> {
+        match &self.reading {
+            Reading::Judged(_) => None,
+            Reading::Unread(u) => Some(u),
+        }
+    }
 }
 
 /// Why a device's registers were not read (serialized as the sentence alone).
@@ -67,8 +107,7 @@ pub fn unread_status(t: Target, why: Unread) -> Status {
         regime: t.regime(),
         kernel_device_specific: t.kernel_has_device_specific(),
         target: t,
-        verdict: None,
-        skipped: Some(why),
+        reading: Reading::Unread(why),
     }
 }
 
@@ -91,7 +130,8 @@ pub fn status(host: &Host, t: Target, open: &mut Opener<'_>, mode: ReadMode) -> 
     };
     session.restore();
     drop(session);
-    Ok(judged(t, &regs))
+    let verdict = verdict::judge(&t.expect(false), &regs);
+    Ok(judged(t, verdict))
 }
 
 /// A card owned for reading (and, by a check-then-reset, for its reset).
@@ -189,14 +229,37 @@ pub(super) fn read_owned(
     Ok(Ok(regs))
 }
 
-/// A status with the verdict on `regs`.
-pub(super) fn judged(t: Target, regs: &verdict::Registers) -> Status {
-    let verdict = verdict::judge(&t.expect(false), regs);
+/// A status with its verdict.
+pub(super) fn judged(t: Target, verdict: Verdict) -> Status {
     Status {
         regime: t.regime(),
         kernel_device_specific: t.kernel_has_device_specific(),
         target: t,
-        verdict: Some(verdict),
-        skipped: None,
+        reading: Reading::Judged(verdict),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::verdict::{Health, Registers};
+
+    /// `status --json`, the journal and the lab read `verdict` and `skipped`, one of them null.
+    #[test]
+    fn a_reading_serializes_as_a_verdict_or_a_reason_the_other_null() {
+        let unread = Reading::Unread(Unread::Held("held by pid 7 (qemu)".into()));
+        assert_eq!(
+            serde_json::to_value(&unread).unwrap(),
+            serde_json::json!({"verdict": null, "skipped": "held by pid 7 (qemu)"})
+        );
+        let judged = Reading::Judged(Verdict {
+            health: Health::Clean,
+            expected: "MHI READY",
+            detail: "ready".into(),
+            registers: Registers::default(),
+        });
+        let v = serde_json::to_value(&judged).unwrap();
+        assert_eq!(v["skipped"], serde_json::Value::Null);
+        assert_eq!(v["verdict"]["health"], "clean", "{v}");
     }
 }
