@@ -5,12 +5,16 @@ use std::str::FromStr;
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
+/// A PCI function's address: domain, bus, device, function.
 #[serde(into = "String", try_from = "String")]
 pub struct Bdf {
     /// Up to 32 bits: Intel VMD puts its devices in domains from 0x10000 (`10000:e1:00.0`).
     pub domain: u32,
+    /// The bus.
     pub bus: u8,
+    /// The device (slot).
     pub device: u8,
+    /// The function.
     pub function: u8,
 }
 
@@ -18,8 +22,11 @@ pub struct Bdf {
 #[error(
     "malformed PCI address {input:?}: {why}; expected DDDD:BB:DD.F or BB:DD.F as shown by `lspci -D`, e.g. 0000:03:00.0"
 )]
+/// A PCI address that does not parse.
 pub struct BdfError {
+    /// What was given.
     pub input: String,
+    /// What is wrong with it.
     pub why: &'static str,
 }
 

@@ -8,6 +8,7 @@ use crate::bdf::{Bdf, BdfError};
 pub enum GuardFailure {
     /// The port is not (or no longer) the bridge above the card.
     NotAbove,
+    /// An OS error reading or writing the port's config space.
     Io(std::io::Error),
 }
 
@@ -42,6 +43,7 @@ impl std::fmt::Display for GuardFailure {
 pub enum MapFailure {
     /// VFIO access needs the device bound to vfio-pci.
     NotVfioPci,
+    /// The device has no IOMMU group.
     NoIommuGroup,
     /// The kernel's resource table has no address for the BAR.
     Unassigned,
@@ -49,13 +51,17 @@ pub enum MapFailure {
     NotMappable,
     /// The SIGBUS guard's table of mapped BARs is full.
     TooManyMaps,
+    /// `/dev/vfio/vfio` speaks another VFIO API version.
     UnknownApi,
+    /// The kernel has no type1 IOMMU backend.
     NoType1,
     /// Some device of the IOMMU group is bound to a host driver.
     NotViable,
     /// A step that failed with an OS error.
     Os {
+        /// The step.
         step: MapStep,
+        /// Its OS error.
         err: std::io::Error,
     },
 }
@@ -72,7 +78,12 @@ pub enum MapStep {
     /// A sysfs `resourceN` file.
     OpenResource(PathBuf),
     /// The mmap of a sysfs `resourceN` file of `len` bytes.
-    MmapResource { path: PathBuf, len: u64 },
+    MmapResource {
+        /// The `resourceN` file.
+        path: PathBuf,
+        /// The bytes asked for.
+        len: u64,
+    },
     /// The mmap of a VFIO region.
     MmapRegion,
     /// A VFIO ioctl, by its uAPI name.
@@ -130,11 +141,15 @@ fn os_failure(
 /// `Error::Held`).
 #[derive(Debug)]
 pub enum NotOwnable {
+    /// The card is on vfio-pci but has no IOMMU group.
     NoIommuGroup,
     /// The group node does not exist.
     NoGroupNode(PathBuf),
+    /// The group node cannot be opened (other than EBUSY).
     Open {
+        /// The group node.
         path: PathBuf,
+        /// The OS error.
         err: std::io::Error,
     },
 }
@@ -159,9 +174,11 @@ impl std::fmt::Display for NotOwnable {
 /// restore must not write.
 #[derive(Debug)]
 pub enum RecordDefect {
+    /// The file is not the JSON a record is.
     Json(serde_json::Error),
     /// A config-space offset that is not a restorable 16-bit register.
     ConfigOffset(u16),
+    /// An upstream port's saved offsets are impossible.
     Port(PortDefect),
 }
 
@@ -202,141 +219,280 @@ impl std::fmt::Display for PortDefect {
     }
 }
 
+/// Every refusal and failure of the library; each message names the cause and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A malformed PCI address.
     #[error(transparent)]
     Bdf(#[from] BdfError),
+    /// No device at the address (its sysfs directory is missing).
     #[error("no PCI device {0} (no {1}); list devices with `lspci -D` or `qcom-reset status`")]
     NoSuchDevice(Bdf, PathBuf),
+    /// A device no profile matches.
     #[error(
         "device {vendor:04x}:{device:04x} is not a qcom-reset target (supported: {}); pass --profile NAME to treat it as one",
         crate::device::profile_names()
     )]
-    NotTarget { vendor: u16, device: u16 },
+    NotTarget {
+        /// The PCI vendor ID.
+        vendor: u16,
+        /// The PCI device ID.
+        device: u16,
+    },
+    /// A device whose profile is experimental and not opted in.
     #[error(
         "{bdf} ({vendor:04x}:{device:04x}) matches the experimental profile {profile}; opt in with experimental = [\"{profile}\"] in the config or --experimental"
     )]
     Experimental {
+        /// The card.
         bdf: Bdf,
+        /// The PCI vendor ID.
         vendor: u16,
+        /// The PCI device ID.
         device: u16,
+        /// The profile's name.
         profile: &'static str,
     },
+    /// The upstream port's link-drop reports cannot be masked.
     #[error(
         "cannot mask the link-drop reports (hotplug events, AER Surprise Down) of the port {port} above {bdf}: {why}; the reset's link drop would look like a hot-unplug or a fatal error there. Fix: {}, or accept it with allow_unguarded_link_drop = true (--allow-unguarded-link-drop)",
         why.fix()
     )]
     PortGuard {
+        /// The card.
         bdf: Bdf,
+        /// The upstream port (the bridge above the card).
         port: Bdf,
+        /// What went wrong.
         why: GuardFailure,
     },
+    /// DPC on the upstream port would contain the reset as a fatal error.
     #[error(
         "DPC is enabled on the port {port} above {bdf}: the reset's link drop would be contained by disabling the link; accept that with allow_dpc = true (--allow-dpc)"
     )]
-    Dpc { bdf: Bdf, port: Bdf },
+    Dpc {
+        /// The card.
+        bdf: Bdf,
+        /// The upstream port (the bridge above the card).
+        port: Bdf,
+    },
+    /// A power cycle that failed once it began.
     #[error(
         "power cycle of {bdf} failed: {why}; what took the card away was undone where it could be (slot power on, port awake, rescan). Fix: check `lspci -s {bdf}`; if the card is missing, `echo 1 > /sys/bus/pci/rescan`, else run the reset alone (`qcom-reset reset {bdf}`)"
     )]
     PowerCycle {
+        /// The card.
         bdf: Bdf,
+        /// What went wrong.
         why: Box<crate::session::power::CycleFailure>,
     },
+    /// A power cycle this host or card cannot have; nothing was changed.
     #[error("{bdf} cannot be power-cycled: {why}")]
     NoPowerCycle {
+        /// The card.
         bdf: Bdf,
+        /// What went wrong.
         why: crate::session::power::NoCycle,
     },
+    /// A `--profile` name that is not in the device table.
     #[error("unknown profile {0:?}; known profiles: {known}", known = crate::device::profile_names())]
     UnknownProfile(String),
     // The io::Error fields are not `source`: their text is already in the message, and a
     // source would print it a second time in the error chain.
+    /// A sysfs (or run directory) file that cannot be read.
     #[error("cannot read {path}: {err}{}", read_fix(err))]
-    SysfsRead { path: PathBuf, err: std::io::Error },
+    SysfsRead {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// A sysfs file that cannot be written.
     #[error("cannot write {path}: {err}{}", write_fix(path, err))]
-    SysfsWrite { path: PathBuf, err: std::io::Error },
+    SysfsWrite {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// Another process (a VM) holds the device.
     #[error(
         "{bdf} is held by {holder}; stop or detach the VM first, the device must be released before a reset"
     )]
-    Held { bdf: Bdf, holder: String },
+    Held {
+        /// The card.
+        bdf: Bdf,
+        /// Who holds it (pid and command).
+        holder: String,
+    },
+    /// Another qcom-reset session holds the device.
     #[error("{bdf} is in use by another qcom-reset ({holder}); wait for it to finish")]
-    HeldBySession { bdf: Bdf, holder: String },
+    HeldBySession {
+        /// The card.
+        bdf: Bdf,
+        /// Who holds it (pid and command).
+        holder: String,
+    },
+    /// A host driver is bound and `--force` was not given.
     #[error(
         "{bdf} is bound to driver {driver}; bind it to vfio-pci (or unbind it) first, or pass --force to reset under that driver"
     )]
-    WrongDriver { bdf: Bdf, driver: String },
+    WrongDriver {
+        /// The card.
+        bdf: Bdf,
+        /// The driver's name.
+        driver: String,
+    },
+    /// The card stopped being ours during the reset.
     #[error(
         "{bdf} was taken by {by} during the reset: nothing more was written to it, its config space is the new owner's. Fix: once it is back on vfio-pci, `qcom-reset status {bdf}` says whether it needs a reset"
     )]
-    Taken { bdf: Bdf, by: crate::session::Lost },
+    Taken {
+        /// The card.
+        bdf: Bdf,
+        /// Who took it.
+        by: crate::session::Lost,
+    },
+    /// The VFIO group of a card on vfio-pci cannot be held.
     #[error("{bdf} cannot be owned for a reset: {why}; not written")]
-    NotOwned { bdf: Bdf, why: NotOwnable },
+    NotOwned {
+        /// The card.
+        bdf: Bdf,
+        /// What went wrong.
+        why: NotOwnable,
+    },
+    /// A crash record that does not parse or names impossible registers.
     #[error(
         "the crash record {path} is unreadable ({why}); check the device by hand, then remove the file"
     )]
-    BadRecord { path: PathBuf, why: RecordDefect },
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: RecordDefect,
+    },
+    /// The agent's published status does not parse.
     #[error(
         "the agent's status {path} is unreadable ({why}); restart the agent (`systemctl restart qcom-reset`)"
     )]
-    AgentStatus { path: PathBuf, why: RecordDefect },
+    AgentStatus {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: RecordDefect,
+    },
+    /// The crash record cannot be written; nothing was written to the device.
     #[error(
         "cannot write the record {path}: {err}; free space or remount the run directory read-write (--run-dir points elsewhere); nothing was written to the device"
     )]
-    RecordWrite { path: PathBuf, err: std::io::Error },
+    RecordWrite {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// A killed session's record waits: a host driver has the card now.
     #[error(
         "a killed qcom-reset left state to restore on {bdf} ({path}), but it is bound to {driver} now and its state belongs to that driver; it is left for a later run. Fix: bind the card to vfio-pci (or unbind it), then run `qcom-reset reset {bdf}` or restart the agent"
     )]
     RecordWaits {
+        /// The card.
         bdf: Bdf,
+        /// The file.
         path: PathBuf,
         /// The host driver the card is bound to.
+        /// The driver's name.
         driver: String,
     },
+    /// A killed session's state could not all be put back.
     #[error(
         "a killed qcom-reset's state on {bdf} could not all be put back ({left}); nothing more is written. Fix: restore it by hand from {path}, then remove that file"
     )]
     RecoveryIncomplete {
+        /// The card.
         bdf: Bdf,
+        /// The file.
         path: PathBuf,
+        /// What could not be put back.
         left: String,
     },
+    /// pciehp polls the slot, so masks cannot hide the link drop.
     #[error(
         "pciehp polls the slot above {bdf} (pciehp_poll_mode=1): it acts on the reset's link drop whatever the masks say and would remove the card. Fix: boot without pciehp.pciehp_poll_mode, or accept it with allow_unguarded_link_drop = true"
     )]
-    PciehpPolls { bdf: Bdf },
+    PciehpPolls {
+        /// The card.
+        bdf: Bdf,
+    },
+    /// Another qcom-reset holds the device's lock.
     #[error("another qcom-reset holds the lock on {bdf} ({path}); wait for it to finish")]
-    Busy { bdf: Bdf, path: PathBuf },
+    Busy {
+        /// The card.
+        bdf: Bdf,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The lock file cannot be created.
     #[error("cannot create the lock {path}: {err}{}", lock_fix(err))]
-    Lock { path: PathBuf, err: std::io::Error },
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// The card does not reach D0 for register access.
     #[error(
         "{bdf} stays in power state {state} with power/control=on; it must be in D0 for register access. Fix: check the upstream port's power state (`lspci -vv`); a card stuck in D3cold needs `qcom-reset power-cycle {bdf}`"
     )]
-    NotD0 { bdf: Bdf, state: String },
+    NotD0 {
+        /// The card.
+        bdf: Bdf,
+        /// The power state sysfs reports.
+        state: String,
+    },
+    /// The BAR is smaller than the sequence reaches.
     #[error(
         "BAR{bar} of {bdf} is {len} bytes but the {family} sequence needs {need}; wrong --profile or --bar?"
     )]
     BarTooSmall {
+        /// The card.
         bdf: Bdf,
+        /// The BAR's index.
         bar: u8,
+        /// The BAR's size in bytes.
         len: u64,
+        /// The bytes the sequence reaches.
         need: u64,
+        /// The family's name.
         family: &'static str,
     },
+    /// The BAR cannot be mapped.
     #[error("cannot map BAR{bar} of {bdf} through {via}: {why}")]
     Map {
+        /// The card.
         bdf: Bdf,
+        /// The BAR's index.
         bar: u8,
+        /// The access path (sysfs, vfio).
         via: &'static str,
+        /// What went wrong.
         why: MapFailure,
     },
+    /// Config space and BAR access need root.
     #[error(
         "this command needs root (CAP_SYS_ADMIN for config space and BAR access); run it with sudo"
     )]
     NotRoot,
+    /// The kernel's own `device_specific` reset failed.
     #[error(
         "the kernel's own reset of {bdf} failed: {err}; see the kernel log (`dmesg`), or use qcom-reset's register sequence instead with --ignore-kernel-reset"
     )]
-    KernelReset { bdf: Bdf, err: std::io::Error },
+    KernelReset {
+        /// The card.
+        bdf: Bdf,
+        /// The OS error.
+        err: std::io::Error,
+    },
 }
 
 fn is_root() -> bool {

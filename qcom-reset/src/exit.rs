@@ -34,6 +34,7 @@ pub enum Exit {
 pub const SIGNALLED: &str = "interrupted by signal N (the device was restored first)";
 
 impl Exit {
+    /// Every exit status, for `--help` and the man page.
     pub const ALL: [Exit; 9] = [
         Exit::Ok,
         Exit::Error,
@@ -78,6 +79,7 @@ impl Exit {
         }
     }
 
+    /// What the status means, in a sentence.
     pub fn meaning(self) -> &'static str {
         match self {
             Exit::Ok => "the card is clean, or there was nothing to do",

@@ -17,6 +17,7 @@ use crate::exit::Condition;
 use crate::host::Host;
 use crate::session::{self, Target};
 
+/// What `health`'s exit statuses mean, for `--help`.
 pub const EXIT_HELP: &str = "Exit status (node-problem-detector's custom-plugin convention):
     0  every card is clean or in use by a VM, and the agent runs with its probes attached
     1  a problem: a card is not clean (or off the link), or the agent gave up on it
@@ -24,18 +25,26 @@ pub const EXIT_HELP: &str = "Exit status (node-problem-detector's custom-plugin 
        card yet; or health could not be read
 One line of message on stdout (NPD shows it); --json gives the whole answer.";
 
+/// What `health` answers: the worst condition, the agent's, and each card's.
 #[derive(Clone, Debug, Serialize)]
 pub struct Answer {
+    /// The worst of the agent's and the cards' conditions.
     pub condition: Condition,
+    /// The agent's state.
     pub agent: Agent,
+    /// Each card's health.
     pub cards: BTreeMap<Bdf, CardHealth>,
 }
 
+/// The agent's state, as its published status shows it.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum Agent {
+    /// Running and publishing.
     Running {
+        /// Its process.
         pid: u32,
+        /// Its start-up checks are done.
         ready: bool,
         /// Probes that are not attached (the agent does not see those calls).
         not_attached: Vec<String>,
@@ -43,12 +52,20 @@ pub enum Agent {
     /// No agent publishes its status (not running, or stopped cleanly).
     NotRunning,
     /// The last status is older than `STALE_AFTER`, or its process is gone.
-    Stale { pid: u32, age_s: u64 },
+    Stale {
+        /// Its process.
+        pid: u32,
+        /// How old its last status is, in s.
+        age_s: u64,
+    },
 }
 
+/// One card's health.
 #[derive(Clone, Debug, Serialize)]
 pub struct CardHealth {
+    /// Its condition.
     pub condition: Condition,
+    /// Its profile.
     pub profile: &'static str,
     /// What decided the condition, in words.
     pub why: String,

@@ -1,5 +1,6 @@
 //! qcom-reset: detects failed or missing PCI resets of Qualcomm WCN6855/WCN7850 WLAN and
 //! SDX62/SDX65 modems released by VFIO, and resets them through their BAR registers.
+#![warn(missing_docs)]
 pub mod access;
 pub mod bdf;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod signals;
 pub mod sim;
 
 pub use error::{Error, GuardFailure, MapFailure, MapStep, NotOwnable, PortDefect, RecordDefect};
+/// The library's result: its error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod agent;
 pub mod probes;

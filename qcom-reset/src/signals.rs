@@ -28,6 +28,7 @@ pub struct Deferred {
 }
 
 impl Deferred {
+    /// Defers the signals until the value is dropped.
     pub fn install() -> Deferred {
         let previous = SIGNALS
             .iter()

@@ -24,8 +24,11 @@ use mmio::MmioBar;
 
 /// Config space plus the register BAR of one PCI function.
 pub trait Backend: Send {
+    /// The path's name, for reports (`sysfs`, `vfio`).
     fn name(&self) -> &'static str;
+    /// Reads a 16-bit config register.
     fn config_read16(&mut self, offset: u16) -> io::Result<u16>;
+    /// Writes a 16-bit config register.
     fn config_write16(&mut self, offset: u16, value: u16) -> io::Result<()>;
     /// Maps BAR `bar`; returns the accessor and the BAR's length.
     fn map_bar(&mut self, bar: u8) -> Result<(Box<dyn RegisterIo>, u64), Error>;
@@ -34,6 +37,7 @@ pub trait Backend: Send {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
 )]
+/// How registers are reached (`--access`).
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     /// sysfs unless the kernel is locked down, then VFIO.
@@ -46,6 +50,7 @@ pub enum Access {
 }
 
 impl Access {
+    /// Its name, as `--access` takes it.
     pub const fn name(self) -> &'static str {
         match self {
             Access::Auto => "auto",
@@ -63,6 +68,7 @@ pub fn lockdown_mode(path: &Path) -> Option<String> {
     Some(s[start..end].to_string())
 }
 
+/// Where the kernel shows its lockdown mode.
 pub const LOCKDOWN_PATH: &str = "/sys/kernel/security/lockdown";
 
 /// Whether `access` reaches the device through its VFIO device fd. That open is not passive:
@@ -89,12 +95,14 @@ pub fn open(dev: &SysfsDevice, access: Access, own: &Ownership) -> Result<Box<dy
     Ok(Box::new(VfioBackend::with_group(dev, group)?))
 }
 
+/// Config space and BARs through sysfs (`config`, `resourceN`).
 pub struct SysfsBackend {
     dev: SysfsDevice,
     config: SysfsConfig,
 }
 
 impl SysfsBackend {
+    /// Opens the device's `config` for reading and writing.
     pub fn open(dev: &SysfsDevice) -> Result<Self, Error> {
         let path = dev.path("config");
         let config = SysfsConfig::open(&path, true)

@@ -15,11 +15,17 @@ use crate::session::{self, Request};
 /// One thing the agent did or declined to do; journaled and broadcast.
 #[derive(Clone, Debug, Serialize)]
 pub struct Action {
+    /// Unix time, ms.
     pub ts_ms: u64,
+    /// The card.
     pub bdf: Bdf,
+    /// What called for it.
     pub trigger: Trigger,
+    /// What it came to.
     pub result: ActionResult,
+    /// The sentence the journal shows.
     pub detail: String,
+    /// The reset's report, when one ran (or, observe-only, would have).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<session::Report>,
     /// Time from the event's arrival to the start of the session that resets (for a trigger
@@ -44,10 +50,12 @@ pub enum ActionResult {
     Held,
     /// A host driver or a VM took the card mid-session.
     Taken,
+    /// The session failed (the error is in `detail`).
     Error,
 }
 
 impl ActionResult {
+    /// The result's name, as the journal and metrics write it.
     pub fn as_str(self) -> &'static str {
         match self {
             ActionResult::Verdict(h) => h.name(),

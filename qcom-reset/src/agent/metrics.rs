@@ -65,10 +65,15 @@ struct Device {
 /// `device_info`'s labels: what a dashboard joins the per-card series with.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceInfo {
+    /// The card's address.
     pub bdf: String,
+    /// Its profile.
     pub profile: String,
+    /// Its part's name.
     pub model: String,
+    /// Its reset regime.
     pub regime: String,
+    /// Its driver.
     pub driver: String,
 }
 
@@ -82,6 +87,7 @@ struct Probe {
     function: String,
 }
 
+/// The agent's Prometheus metrics: served on the metrics port and, optionally, written for node_exporter.
 pub struct Metrics {
     registry: Registry,
     events: Family<Kind, Counter>,
@@ -143,6 +149,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every series; `textfile` is node_exporter's file to rewrite, if any.
     pub fn new(textfile: Option<PathBuf>) -> Metrics {
         let mut r = Registry::with_prefix("qcom_reset");
         let events: Family<Kind, Counter> =
@@ -219,6 +226,7 @@ impl Metrics {
         }
     }
 
+    /// Counts a probe event of `kind`.
     pub fn event(&self, kind: &str) {
         self.events.get_or_create(&Kind { kind: kind.into() }).inc();
         self.changed();
@@ -241,6 +249,7 @@ impl Metrics {
         self.changed();
     }
 
+    /// Counts an action skipped for `reason`.
     pub fn skipped(&self, reason: &str) {
         self.skipped
             .get_or_create(&Reason {
@@ -267,6 +276,7 @@ impl Metrics {
         self.changed();
     }
 
+    /// Marks `bdf` as given up (until its cool-down ends).
     pub fn gave_up(&self, bdf: &str) {
         self.gave_up
             .get_or_create(&Device { bdf: bdf.into() })
@@ -316,6 +326,7 @@ impl Metrics {
         self.changed();
     }
 
+    /// Observes the time from a release to the reset's start.
     pub fn latency(&self, d: Duration) {
         self.latency.observe(d.as_secs_f64());
         self.changed();

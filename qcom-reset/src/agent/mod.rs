@@ -44,11 +44,13 @@ use shared::binds_reset;
 use task::{Msg, device_task};
 pub use trigger::Trigger;
 
+/// How the agent opens a card's registers (tests give a simulator).
 pub type OpenFn =
     Arc<dyn Fn(&SysfsDevice, &Ownership) -> crate::Result<Box<dyn Backend>> + Send + Sync>;
 
 /// Where the agent's items come from: the probes in production, a script in tests.
 pub trait ItemSource {
+    /// The next item: an event, drops, an attachment change.
     fn next(&mut self) -> impl Future<Output = anyhow::Result<Item>>;
 }
 
@@ -81,6 +83,7 @@ pub async fn forward(
     }
 }
 
+/// The auto-remediation agent: one task per card, fed by the probes.
 pub struct Agent {
     shared: Arc<Shared>,
     devices: HashMap<Bdf, mpsc::UnboundedSender<Msg>>,
@@ -112,10 +115,12 @@ const STARTUP_BOUND: Duration = Duration::from_secs(50);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
 
 impl Agent {
+    /// A handle that reloads the configuration (SIGHUP).
     pub fn reloader(&self) -> Reloader {
         Reloader(self.shared.clone())
     }
 
+    /// An agent with `cfg`, acting through `open`.
     pub fn new(
         cfg: Config,
         host: Host,

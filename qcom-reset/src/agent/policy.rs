@@ -14,15 +14,20 @@ pub struct History {
     pub failures: u32,
     /// Unix time of the last attempt, in ms.
     pub last_attempt_ms: Option<u64>,
+    /// The last verdict's name.
     pub last_verdict: Option<String>,
+    /// Attempts ever.
     pub total_attempts: u64,
 }
 
+/// Whether the agent acts on a card now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
+    /// Go ahead.
     Act,
     /// Try again after this long (backoff).
     Wait(Duration),
+    /// Not now, and why.
     Skip(Skip),
 }
 
@@ -34,7 +39,12 @@ pub enum Skip {
     /// `enabled = false` for the card.
     Disabled,
     /// `max_attempts` failures in a row; the cool-down has `left_s` seconds to go.
-    GaveUp { failures: u32, left_s: u64 },
+    GaveUp {
+        /// Failures in a row.
+        failures: u32,
+        /// Seconds left.
+        left_s: u64,
+    },
 }
 
 impl std::fmt::Display for Skip {
@@ -50,11 +60,15 @@ impl std::fmt::Display for Skip {
     }
 }
 
+/// What stops every action, whatever the history.
 pub struct Gate {
+    /// The kill switch file is present.
     pub kill_switch_on: bool,
+    /// The card is enabled in the configuration.
     pub enabled: bool,
 }
 
+/// Whether to act on a card with history `h` at `now_ms`.
 pub fn decide(cfg: &Config, gate: &Gate, h: &History, now_ms: u64) -> Decision {
     if gate.kill_switch_on {
         return Decision::Skip(Skip::KillSwitch(cfg.kill_switch.clone()));

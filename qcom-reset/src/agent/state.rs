@@ -6,25 +6,33 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::History;
 
+/// The agent's state file: each card's attempt history.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    /// History by card address.
     pub devices: BTreeMap<String, History>,
 }
 
+/// The state file cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 #[error("state file {path}: {why}; fix or remove it (the agent then starts with no history)")]
 pub struct StateError {
+    /// The state file.
     pub path: PathBuf,
+    /// What went wrong.
     pub why: StateFailure,
 }
 
 /// What went wrong with the state file.
 #[derive(Debug)]
 pub enum StateFailure {
+    /// It cannot be read.
     Read(std::io::Error),
     /// It does not parse and cannot be moved aside either.
     Aside {
+        /// The parser's error.
         parse: serde_json::Error,
+        /// Why the rename failed.
         rename: std::io::Error,
     },
     /// The record store's write failed.

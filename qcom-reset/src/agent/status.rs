@@ -16,18 +16,24 @@ pub const HEARTBEAT: Duration = Duration::from_secs(30);
 /// A heartbeat older than this means the agent is gone (three missed beats).
 pub const STALE_AFTER: Duration = Duration::from_secs(90);
 
+/// What the agent publishes in `<run_dir>/agent.json` for `health` and `status`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
+    /// The agent's pid.
     pub pid: u32,
+    /// Its version.
     pub version: String,
+    /// It writes nothing (`--observe-only`).
     pub observe_only: bool,
     /// Unix time, ms.
     pub started_ms: u64,
+    /// Unix time of the last rewrite, ms.
     pub heartbeat_ms: u64,
     /// The start-up recovery and checks are done (systemd was told READY=1).
     pub ready: bool,
     /// Each probe's function and whether it is attached.
     pub probes: BTreeMap<String, bool>,
+    /// Each card's last word.
     pub cards: BTreeMap<Bdf, Card>,
 }
 
@@ -36,6 +42,7 @@ pub struct AgentStatus {
 pub struct Card {
     /// The last verdict (a check or a reset); none before the first.
     pub health: Option<Health>,
+    /// Why, in a sentence.
     pub detail: String,
     /// Unix time of the verdict, ms.
     pub ts_ms: u64,
@@ -46,6 +53,7 @@ pub struct Card {
 }
 
 impl AgentStatus {
+    /// The file, in `run_dir`.
     pub fn path(run_dir: &Path) -> PathBuf {
         run_dir.join("agent.json")
     }

@@ -48,19 +48,37 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// It cannot be read.
     #[error("cannot read {path}: {err}")]
-    Read { path: PathBuf, err: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+    /// It is not valid TOML for the configuration.
     #[error("{path}:{line}:{column}: {message}")]
     Parse {
+        /// The file.
         path: PathBuf,
+        /// The line, from 1.
         line: usize,
+        /// The column, from 1.
         column: usize,
+        /// The parser's message.
         message: String,
     },
+    /// A value is out of range or inconsistent.
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl Config {
@@ -115,6 +133,7 @@ impl Config {
         }
     }
 
+    /// Parses `text`, the contents of `path`, and checks it.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));

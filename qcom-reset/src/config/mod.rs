@@ -17,8 +17,10 @@ mod reload;
 pub use load::ConfigError;
 pub use reload::Reload;
 
+/// Where the agent reads its configuration.
 pub const DEFAULT_PATH: &str = "/etc/qcom-reset/config.toml";
 
+/// The agent's configuration (`config.toml`); every field has a default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -64,7 +66,9 @@ pub struct Config {
     /// The same metrics for node_exporter's textfile collector ("" = off), e.g.
     /// /var/lib/prometheus/node-exporter/qcom_reset.prom; rewritten atomically on every change.
     pub metrics_textfile: PathBuf,
+    /// Which probe flavour to attach with.
     pub flavour: FlavourChoice,
+    /// How registers are reached.
     pub access: Access,
     /// Experimental profiles (siblings of the reviewed parts) to use: names or `["all"]`.
     pub experimental: OptIn,
@@ -86,7 +90,9 @@ pub struct Config {
 pub struct IdRule {
     /// "vvvv:dddd", several separated by spaces or commas.
     pub ids: String,
+    /// The profile the matching devices are treated as.
     pub profile: String,
+    /// Their register BAR, when not the profile's.
     pub bar: Option<u8>,
 }
 
@@ -124,7 +130,9 @@ pub enum BindReset {
     /// Not where qcom-reset's libvirt hook is installed (`LIBVIRT_HOOK` with a libvirt daemon
     /// beside it), else always.
     Auto,
+    /// After every bind.
     Always,
+    /// Never after a bind.
     Never,
 }
 
@@ -164,6 +172,7 @@ pub enum RescanResets {
 }
 
 impl RescanResets {
+    /// Whether a card found in `h` at a rescan is reset.
     pub fn resets(self, h: crate::device::verdict::Health) -> bool {
         use crate::device::verdict::Health::*;
         match self {
@@ -174,6 +183,7 @@ impl RescanResets {
     }
 }
 
+/// Per-device settings (`[devices."0000:03:00.0"]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
@@ -273,6 +283,7 @@ impl Config {
         }
     }
 
+    /// The settings of `bdf` (defaults when it has none).
     pub fn device(&self, bdf: Bdf) -> DeviceConfig {
         self.devices
             .get(&bdf.to_string())
@@ -304,14 +315,17 @@ impl Config {
         out
     }
 
+    /// How long a bind settles before the card is looked at.
     pub fn bind_settle(&self) -> Duration {
         Duration::from_millis(self.bind_settle_ms)
     }
 
+    /// How long the agent waits for a holder to let go.
     pub fn held_wait(&self) -> Duration {
         Duration::from_secs(self.held_wait_s)
     }
 
+    /// How long events are gathered before the agent acts.
     pub fn debounce(&self) -> Duration {
         Duration::from_millis(self.debounce_ms)
     }

@@ -6,8 +6,11 @@ use super::{Config, DeviceConfig};
 /// runs with, the keys that changed, and those left as they were until a restart.
 #[derive(Debug)]
 pub struct Reload {
+    /// The configuration the agent runs with now.
     pub cfg: Config,
+    /// The keys whose change took effect.
     pub applied: Vec<String>,
+    /// The keys whose change waits for a restart.
     pub at_restart: Vec<String>,
 }
 

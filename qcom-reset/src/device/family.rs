@@ -12,7 +12,9 @@ use super::sequence::{self, Outcome};
 /// A reset sequence: register accesses, `step` told before each step (for logs).
 pub type SequenceFn = fn(&mut dyn RegisterIo, &mut dyn FnMut(&str)) -> Outcome;
 
+/// Everything one reset family is: its sequence, what clean means, what the simulator plays.
 pub struct FamilySpec {
+    /// The family's name.
     pub name: &'static str,
     /// Version of our copy of the reviewed upstream sequence; logged with every step.
     pub sequence_version: &'static str,
@@ -41,6 +43,7 @@ pub struct SimSpec {
     pub mission_ee: u32,
 }
 
+/// WCN6855/WCN7850: ath11k/ath12k's SoC global reset.
 pub const WLAN: FamilySpec = FamilySpec {
     name: "wlan",
     sequence_version: "wlan-soc-global-reset/v12",
@@ -58,6 +61,7 @@ pub const WLAN: FamilySpec = FamilySpec {
     },
 };
 
+/// SDX62/SDX65: the MHI SoC reset.
 pub const MODEM: FamilySpec = FamilySpec {
     name: "modem",
     sequence_version: "modem-mhi-soc-reset/v12",
@@ -94,6 +98,7 @@ impl Family {
         self.spec().sequence_version
     }
 
+    /// The family's name.
     pub const fn name(self) -> &'static str {
         self.spec().name
     }

@@ -9,10 +9,13 @@ pub mod verdict;
 
 use serde::Serialize;
 
+/// How a card is reset and judged: one record each in `family.rs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
+    /// WCN6855/WCN7850 WLAN (ath11k/ath12k's SoC global reset).
     Wlan,
+    /// SDX modems (MHI SoC reset).
     Modem,
 }
 
@@ -29,6 +32,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The family's name.
     pub const fn name(self) -> &'static str {
         match self {
             Status::Reviewed => "reviewed",
@@ -37,18 +41,24 @@ impl Status {
     }
 }
 
+/// One row of the device table: an ID and how it is reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct DeviceProfile {
     /// Short name accepted by `--profile`; shared by every ID with the same SoC and reset.
     pub name: &'static str,
+    /// The PCI vendor ID.
     pub vendor: u16,
+    /// The PCI device ID.
     pub device: u16,
+    /// The part's name.
     pub model: &'static str,
+    /// Its reset family.
     pub family: Family,
     /// BAR holding the MHI and SoC registers.
     pub bar: u8,
     /// Upstream function whose steps the sequence replays.
     pub source: &'static str,
+    /// Reviewed or experimental.
     pub status: Status,
     /// Whether the upstream quirk (~7.4) covers this ID: there the kernel resets it itself.
     pub upstream: bool,
@@ -56,6 +66,7 @@ pub struct DeviceProfile {
     pub quirk: Option<&'static str>,
 }
 
+/// Qualcomm's PCI vendor ID.
 pub const QCOM_VENDOR: u16 = 0x17cb;
 const QUECTEL: u16 = 0x1eac;
 const FOXCONN: u16 = 0x105b;
@@ -243,6 +254,7 @@ pub const DEVICES: &[DeviceProfile] = &[
 pub struct OptIn(pub Vec<String>);
 
 impl OptIn {
+    /// Every experimental profile.
     pub fn all() -> OptIn {
         OptIn(vec!["all".into()])
     }
@@ -271,12 +283,14 @@ impl OptIn {
     }
 }
 
+/// The row for these IDs.
 pub fn by_id(vendor: u16, device: u16) -> Option<&'static DeviceProfile> {
     DEVICES
         .iter()
         .find(|d| d.vendor == vendor && d.device == device)
 }
 
+/// The first row with this profile name.
 pub fn by_name(name: &str) -> Option<&'static DeviceProfile> {
     DEVICES.iter().find(|d| d.name.eq_ignore_ascii_case(name))
 }

@@ -8,9 +8,25 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
-    Read { offset: u32, value: u32 },
-    Write { offset: u32, value: u32 },
-    Delay { ms: u64 },
+    /// A read and what it gave.
+    Read {
+        /// The register.
+        offset: u32,
+        /// The value read.
+        value: u32,
+    },
+    /// A write.
+    Write {
+        /// The register.
+        offset: u32,
+        /// The value written.
+        value: u32,
+    },
+    /// A delay.
+    Delay {
+        /// How long, in ms.
+        ms: u64,
+    },
 }
 
 impl std::fmt::Display for Op {
@@ -25,8 +41,11 @@ impl std::fmt::Display for Op {
 
 /// 32-bit register access plus the delays between accesses (virtual in the simulator).
 pub trait RegisterIo: Send {
+    /// Reads a 32-bit register.
     fn read32(&mut self, offset: u32) -> u32;
+    /// Writes a 32-bit register.
     fn write32(&mut self, offset: u32, value: u32);
+    /// Waits `d` (the sequence's own delays).
     fn delay(&mut self, d: Duration);
     /// Whether the kernel took the mapping away (another owner claimed the BAR): every read
     /// since gave all-ones, and no write reached the card ([`revoke`]).
@@ -52,11 +71,14 @@ impl RegisterIo for Box<dyn RegisterIo> {
 
 /// Wraps any [`RegisterIo`] and keeps the ordered list of operations.
 pub struct Recorder<I> {
+    /// The wrapped access.
     pub inner: I,
+    /// Every operation, in order.
     pub ops: Vec<Op>,
 }
 
 impl<I: RegisterIo> Recorder<I> {
+    /// Wraps `inner` with an empty list.
     pub fn new(inner: I) -> Self {
         Recorder {
             inner,
@@ -89,6 +111,7 @@ impl<I: RegisterIo> RegisterIo for Recorder<I> {
 /// Touches nothing and does not sleep. Reads return `assumed`, the value a healthy device would
 /// give, so the dry run walks the success path and prints every operation it would do.
 pub struct DryRun {
+    /// What a read of each register returns.
     pub assumed: fn(u32) -> u32,
 }
 

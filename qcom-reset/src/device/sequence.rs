@@ -16,6 +16,7 @@ const MS: fn(u64) -> Duration = Duration::from_millis;
 /// The WLAN link-recovery poll: up to 5 s, every 20 ms after the first [`QUICK_WINDOW`] (v12's
 /// cadence).
 pub const WLAN_LINK_POLL: Duration = Duration::from_millis(20);
+/// How long the WLAN link may take to come back (upstream: 5 s, then -ETIMEDOUT).
 pub const WLAN_LINK_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Waits start by polling every [`QUICK_POLL`] for this long: the cards come back within it
@@ -23,6 +24,7 @@ pub const WLAN_LINK_TIMEOUT: Duration = Duration::from_millis(5000);
 /// reset. After it, the kernel's own cadence: a card still booting gets no more reads than the
 /// quirk or the MHI host would make.
 pub const QUICK_WINDOW: Duration = Duration::from_millis(100);
+/// The poll interval inside [`QUICK_WINDOW`].
 pub const QUICK_POLL: Duration = Duration::from_millis(1);
 
 /// Polls `ready` until it answers true or `timeout` has been waited, reading at 0, 1, ..., 100
@@ -62,6 +64,7 @@ pub const fn bar_needed(family: Family) -> u64 {
     family.spec().bar_needed
 }
 
+/// How a sequence ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {

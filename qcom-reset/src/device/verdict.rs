@@ -29,6 +29,7 @@ pub enum Health {
 }
 
 impl Health {
+    /// The health's name, as journals and metrics write it.
     pub const fn name(self) -> &'static str {
         match self {
             Health::Clean => "clean",
@@ -50,20 +51,30 @@ impl std::fmt::Display for Health {
 /// Raw values behind a verdict; `None` where the register was not read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Registers {
+    /// The vendor ID config space answered with.
     pub config_vendor: u16,
+    /// The device ID config space answered with.
     pub config_device: u16,
+    /// MHICTRL.
     pub mhictrl: Option<u32>,
+    /// MHISTATUS.
     pub mhistatus: Option<u32>,
+    /// BHIOFF.
     pub bhioff: Option<u32>,
+    /// BHI EXECENV.
     pub execenv: Option<u32>,
 }
 
+/// A card's health after a reset (or a look), with what it was judged on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
+    /// The health.
     pub health: Health,
     /// What `clean` means for this family.
     pub expected: &'static str,
+    /// Why, in a sentence.
     pub detail: String,
+    /// The registers read.
     pub registers: Registers,
 }
 
@@ -71,15 +82,18 @@ pub struct Verdict {
 /// host driver bound (vfio-pci or none), so a running session there is always a stale one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expect {
+    /// The card's family.
     pub family: Family,
     /// The IDs the target had when it was chosen (sysfs).
     pub vendor: u16,
+    /// The device ID.
     pub device: u16,
     /// Right after a reset that was seen to take effect (the link dropped), a modem may already
     /// have booted on into AMSS by itself.
     pub after_our_reset: bool,
 }
 
+/// What `clean` means for `family`, as a sentence.
 pub const fn expected_after_reset(family: Family) -> &'static str {
     family.spec().expected
 }
@@ -125,6 +139,7 @@ fn session_state(state: u8) -> bool {
     (MHI_STATE_M0..=MHI_STATE_M3 + 1).contains(&state)
 }
 
+/// Judges `r` against `expect`.
 pub fn judge(expect: &Expect, r: &Registers) -> Verdict {
     let family = expect.family;
     let v = |health, detail: String| Verdict {
@@ -217,11 +232,13 @@ pub fn verify_schedule(family: Family) -> String {
 pub const fn settle_window(family: Family) -> Duration {
     family.spec().settle_window
 }
+/// How often verification polls after its first 100 ms.
 pub const SETTLE_POLL: Duration = Duration::from_millis(25);
 
 /// What verification reads: the BAR, and the IDs config space answers with (all-ones: the
 /// card is off the bus).
 pub trait Card: RegisterIo {
+    /// The IDs config space answers with (all-ones: off the bus).
     fn config_ids(&mut self) -> (u16, u16);
 }
 

@@ -9,10 +9,14 @@ use crate::host::sysfs::SysfsDevice;
 /// The task name of every qcom-reset process (the kernel's `comm`, the binary's name).
 pub const OWN_COMM: &str = "qcom-reset";
 
+/// A process that holds one of a device's VFIO nodes open.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Holder {
+    /// Its pid.
     pub pid: u32,
+    /// Its command name.
     pub comm: String,
+    /// The node it holds.
     pub path: String,
 }
 
@@ -35,6 +39,7 @@ pub fn device_paths(dev: &SysfsDevice) -> crate::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// The processes (but `ignore_pid`) holding any of `paths` open, from `proc_root`'s fd tables.
 pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec<Holder> {
     let mut out = Vec::new();
     let Ok(procs) = fs::read_dir(proc_root) else {

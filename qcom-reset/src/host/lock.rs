@@ -10,11 +10,14 @@ use rustix::fs::{FlockOperation, flock};
 use crate::Error;
 use crate::bdf::Bdf;
 
+/// Where locks and crash records live.
 pub const DEFAULT_RUN_DIR: &str = "/run/qcom-reset";
 
+/// A device's lock (`<run_dir>/<BDF>.lock`), held while the value lives.
 #[derive(Debug)]
 pub struct DeviceLock {
     _file: File,
+    /// The lock file.
     pub path: PathBuf,
 }
 

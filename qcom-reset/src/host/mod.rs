@@ -13,11 +13,15 @@ use sysfs::PciSysfs;
 /// Where sessions find the host's state; tests point every path at a tree of their own.
 #[derive(Clone, Debug)]
 pub struct Host {
+    /// The PCI devices' sysfs.
     pub sysfs: PciSysfs,
     /// Where the VFIO group nodes are (`/dev/vfio`).
     pub dev_vfio: PathBuf,
+    /// Where processes are named from (`/proc`).
     pub proc_root: PathBuf,
+    /// Where locks and crash records live (`/run/qcom-reset`).
     pub run_dir: PathBuf,
+    /// How long a session waits for a device's lock.
     pub lock_wait: Duration,
     /// Opens VFIO group nodes (the real open outside tests).
     pub open_group: crate::host::own::GroupOpener,

@@ -23,6 +23,7 @@ pub struct GroupOpener(std::sync::Arc<OpenFn>);
 type OpenFn = dyn Fn(&Path) -> std::io::Result<File> + Send + Sync;
 
 impl GroupOpener {
+    /// Opens group nodes with `open` (tests give a fake).
     pub fn new(open: impl Fn(&Path) -> std::io::Result<File> + Send + Sync + 'static) -> Self {
         GroupOpener(std::sync::Arc::new(open))
     }

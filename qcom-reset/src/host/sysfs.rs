@@ -7,10 +7,13 @@ use std::path::{Path, PathBuf};
 use crate::Error;
 use crate::bdf::Bdf;
 
+/// Where sysfs lists PCI devices.
 pub const DEFAULT_ROOT: &str = "/sys/bus/pci/devices";
 
+/// The PCI devices' sysfs directory (a fake one in tests).
 #[derive(Clone, Debug)]
 pub struct PciSysfs {
+    /// `/sys/bus/pci/devices`, or a test's stand-in.
     pub root: PathBuf,
 }
 
@@ -23,6 +26,7 @@ impl Default for PciSysfs {
 }
 
 impl PciSysfs {
+    /// The device at `bdf`; an error when it is not there.
     pub fn device(&self, bdf: Bdf) -> Result<SysfsDevice, Error> {
         let dir = self.root.join(bdf.to_string());
         match fs::metadata(&dir) {
@@ -78,6 +82,7 @@ impl PciSysfs {
 pub enum Override {
     /// "(null)": any matching driver may bind.
     Unset,
+    /// Only this driver may bind.
     Driver(String),
 }
 
@@ -98,9 +103,12 @@ impl Override {
     }
 }
 
+/// One PCI function's sysfs directory.
 #[derive(Clone, Debug)]
 pub struct SysfsDevice {
+    /// Its address.
     pub bdf: Bdf,
+    /// Its directory.
     pub dir: PathBuf,
 }
 
@@ -143,6 +151,7 @@ fn parse_hex16(path: &Path, s: &str) -> Result<u16, Error> {
 }
 
 impl SysfsDevice {
+    /// The path of one of its attributes.
     pub fn path(&self, attr: &str) -> PathBuf {
         self.dir.join(attr)
     }
@@ -157,10 +166,12 @@ impl SysfsDevice {
         ))
     }
 
+    /// The bound driver's name.
     pub fn driver(&self) -> Result<Option<String>, Error> {
         link_name(&self.path("driver"))
     }
 
+    /// Its IOMMU group's number.
     pub fn iommu_group(&self) -> Result<Option<String>, Error> {
         link_name(&self.path("iommu_group"))
     }
@@ -171,10 +182,12 @@ impl SysfsDevice {
             .map(|s| s.split_whitespace().map(str::to_string).collect()))
     }
 
+    /// `power/control`: `on` or `auto`.
     pub fn power_control(&self) -> Result<Option<String>, Error> {
         read_opt(&self.path("power/control"))
     }
 
+    /// `power_state` (D0, D3hot, D3cold, unknown).
     pub fn power_state(&self) -> Result<Option<String>, Error> {
         read_opt(&self.path("power_state"))
     }
@@ -258,6 +271,7 @@ impl SysfsDevice {
         self.dir.exists()
     }
 
+    /// Writes one of its attributes.
     pub fn write(&self, attr: &str, value: &str) -> Result<(), Error> {
         let p = self.path(attr);
         fs::write(&p, value).map_err(|source| Error::SysfsWrite {

@@ -26,6 +26,7 @@ fn flavour_name<S: Serializer>(f: &Flavour, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(flavour_str(*f))
 }
 
+/// How a probe flavour is written in traces and the attachment table.
 pub fn flavour_str(f: Flavour) -> &'static str {
     match f {
         Flavour::Kprobe => "kprobe",
@@ -33,20 +34,29 @@ pub fn flavour_str(f: Flavour) -> &'static str {
     }
 }
 
+/// A reset attempt as `trace --json` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AttemptOut {
+    /// The kernel function.
     #[serde(serialize_with = "symbol")]
     pub function: Func,
+    /// Its return value.
     pub ret: i32,
+    /// The return value's errno name, when it is one.
     pub errno: Option<&'static str>,
+    /// How long the call took.
     pub duration_ns: u64,
 }
 
+/// What a trace event is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    /// A reset call returned.
     Attempt,
+    /// vfio-pci let the device go (`vfio_pci_core_disable`).
     Release,
+    /// vfio-pci opened the device for a user (`vfio_pci_core_enable`).
     Open,
 }
 
@@ -61,26 +71,40 @@ impl Kind {
     }
 }
 
+/// One probe record, decoded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TraceEvent {
+    /// The event layout's version.
     pub schema: u32,
+    /// What happened.
     pub kind: Kind,
+    /// The probe that saw it.
     #[serde(serialize_with = "flavour_name")]
     pub flavour: Flavour,
+    /// The kernel function.
     #[serde(serialize_with = "symbol")]
     pub function: Func,
+    /// The device.
     pub bdf: Bdf,
+    /// Its vendor ID.
     #[serde(serialize_with = "hex4")]
     pub vendor: u16,
+    /// Its device ID.
     #[serde(serialize_with = "hex4")]
     pub device: u16,
+    /// The function's return value.
     pub ret: i32,
+    /// The return value's errno name, when it is one.
     pub errno: Option<&'static str>,
+    /// How long the call took.
     pub duration_ns: u64,
     /// CLOCK_MONOTONIC of the function's entry (bpf_ktime_get_ns).
     pub ktime_ns: u64,
+    /// The calling thread.
     pub pid: u32,
+    /// The calling process.
     pub tgid: u32,
+    /// The calling process's command name.
     pub comm: String,
     /// Release/open only: the reset calls made inside it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +158,7 @@ impl KernelReset {
         }
     }
 
+    /// The kernel function's name.
     pub fn name(self) -> &'static str {
         match self {
             KernelReset::DeviceSpecific => "device_specific",
@@ -144,22 +169,28 @@ impl KernelReset {
     }
 }
 
+/// A probe record that cannot be decoded.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error(
         "event of {0} bytes, expected {1}: the eBPF object and the agent are from different builds"
     )]
+    /// The record has another size than this build's event.
     Size(usize, usize),
     #[error(
         "event ABI {0}, expected {EVENT_ABI_VERSION}: the eBPF object and the agent are from different builds"
     )]
+    /// The record has another ABI version.
     Abi(u8),
+    /// A field holds a value this build does not know.
     #[error("unknown {0} {1} in event")]
     Unknown(&'static str, u8),
+    /// The record's device address is malformed.
     #[error("the event's device address: {0}")]
     Bdf(#[from] BdfError),
 }
 
+/// The errno name of a negative return value, for the errnos resets return.
 pub fn errno_name(ret: i32) -> Option<&'static str> {
     Some(match -ret {
         1 => "EPERM",
@@ -189,6 +220,7 @@ fn resets_device(f: Func) -> bool {
     !matches!(f, Func::VfioPciCoreEnable | Func::VfioPciCoreDisable)
 }
 
+/// Decodes one ring-buffer record.
 pub fn decode(mut b: &[u8]) -> Result<TraceEvent, DecodeError> {
     if b.len() != size_of::<Event>() {
         return Err(DecodeError::Size(b.len(), size_of::<Event>()));

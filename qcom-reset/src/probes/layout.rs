@@ -5,19 +5,35 @@ use std::path::{Path, PathBuf};
 use btf_rs::{Btf, Type};
 use qcom_reset_ebpf::{OFFSET_MISSING, VfioLayout};
 
+/// vmlinux's BTF, as sysfs exposes it.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The module whose struct layout the VFIO probes read.
 pub const VFIO_MODULE: &str = "vfio_pci_core";
 
+/// Why a kernel struct's layout cannot be known.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error(
         "the kernel exposes no BTF ({} missing); qcom-reset needs CONFIG_DEBUG_INFO_BTF=y (every current distro kernel has it)", .0.display()
     )]
+    /// The kernel exposes no BTF.
     NoBtf(PathBuf),
+    /// A BTF file that does not parse.
     #[error("cannot parse BTF {}: {err}", path.display())]
-    Parse { path: PathBuf, err: btf_rs::Error },
+    Parse {
+        /// The BTF file.
+        path: PathBuf,
+        /// The parser's error.
+        err: btf_rs::Error,
+    },
+    /// A BTF file that cannot be mapped or copied.
     #[error("cannot copy BTF {} to memory to map it: {err}", path.display())]
-    Copy { path: PathBuf, err: std::io::Error },
+    Copy {
+        /// The BTF file.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
     /// The struct or member, as `struct name.member`.
     #[error(
         "BTF has no {0}; this kernel's layout is not supported, please report it with `uname -r`"
@@ -25,9 +41,12 @@ pub enum LayoutError {
     Missing(String),
 }
 
+/// Where `struct pci_dev`'s fields the probes read sit, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PciDevLayout {
+    /// `vendor`.
     pub vendor: u32,
+    /// `device`.
     pub device: u32,
     /// `dev.kobj.name`
     pub name: u32,
@@ -106,11 +125,14 @@ fn as_struct(btf: &Btf, mut t: Type) -> Option<btf_rs::Struct> {
 /// Where a member sits: its bit offset inside `struct root` and, for a bitfield, its width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberBits {
+    /// Bits from the start of the struct.
     pub bit_offset: u32,
+    /// A bitfield's width in bits.
     pub bitfield: Option<u32>,
 }
 
 impl MemberBits {
+    /// The byte the member starts in.
     pub fn byte(self) -> u32 {
         self.bit_offset / 8
     }
@@ -156,6 +178,7 @@ pub fn member_offset(btf: &Btf, root: &str, path: &[&str]) -> Result<u32, Layout
     Ok(m.byte())
 }
 
+/// `struct pci_dev`'s offsets from `btf`.
 pub fn pci_dev(btf: &Btf) -> Result<PciDevLayout, LayoutError> {
     Ok(PciDevLayout {
         vendor: member_offset(btf, "pci_dev", &["vendor"])?,
@@ -168,9 +191,17 @@ pub fn pci_dev(btf: &Btf) -> Result<PciDevLayout, LayoutError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NeedsReset {
     /// A plain `bool` (≤6.4, and kernels with the June 2026 stable fix).
-    Bool { byte: u32 },
+    Bool {
+        /// The byte offset.
+        byte: u32,
+    },
     /// A 1-bit bitfield (≈6.5 to 7.0/7.1 without the fix: Ubuntu 24.04, Proxmox 8/9).
-    Bit { byte: u32, bit: u8 },
+    Bit {
+        /// The byte offset.
+        byte: u32,
+        /// The bit in that byte.
+        bit: u8,
+    },
     /// Not in the BTF, or a shape no kernel has had: reported as unknown.
     Unreadable,
 }
@@ -196,6 +227,7 @@ impl NeedsReset {
         }
     }
 
+    /// How a layout the programs were given stores it.
     pub fn of(l: &VfioLayout) -> NeedsReset {
         match (l.needs_reset, l.needs_reset_mask) {
             (OFFSET_MISSING, _) | (_, 0) => NeedsReset::Unreadable,

@@ -15,6 +15,7 @@ use super::layout;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qcom-reset"));
 
+/// Where the kernel lists the kprobe PMU (kprobes are available).
 pub const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 const MODULE_DIR: &str = "/sys/module";
 const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
@@ -22,34 +23,43 @@ const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
 )]
+/// Which probe flavour to attach with.
 #[serde(rename_all = "lowercase")]
 pub enum FlavourChoice {
     /// kprobe/kretprobe where the kernel has kprobes, else fentry/fexit, per function.
     #[default]
     Auto,
+    /// kprobe/kretprobe only.
     Kprobe,
+    /// fentry/fexit only.
     Fentry,
 }
 
+/// Whether one kernel function is probed, and how.
 #[derive(Clone, Debug, Serialize)]
 pub struct Attachment {
+    /// The function.
     #[serde(serialize_with = "super::events::symbol")]
     pub function: Func,
     /// How it is attached, or None when it is not (see `note`).
     #[serde(serialize_with = "flavour_or_null")]
     pub flavour: Option<Flavour>,
+    /// Why it is attached the way it is, or not at all.
     pub note: Option<String>,
     /// The function's module is not loaded: nothing calls it, so nothing is missed.
     pub unloaded: bool,
 }
 
+/// What the probes report.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
+    /// Every device, not only targets.
     pub trace_all: bool,
     /// (vendor, device) pairs to report; ignored with `trace_all`.
     pub targets: Vec<(u16, u16)>,
     /// Events caused by this process are not reported (the agent's own VFIO accesses).
     pub ignore: Option<NsTgid>,
+    /// The probe flavour to attach with.
     pub flavour: FlavourChoice,
 }
 
@@ -57,8 +67,11 @@ pub struct Options {
 /// container getpid() differs from the kernel's TGID; the pair (namespace, TGID) does not.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NsTgid {
+    /// The TGID inside its PID namespace.
     pub tgid: u32,
+    /// The namespace's device.
     pub pidns_dev: u64,
+    /// The namespace's inode.
     pub pidns_ino: u64,
 }
 
@@ -86,6 +99,7 @@ fn vfio_module_state() -> Option<String> {
     .map(|s| s.trim().to_string())
 }
 
+/// The loaded eBPF programs and what is attached.
 pub struct Probes {
     ebpf: Ebpf,
     /// The VFIO bracket links, while attached: (program name, link).
@@ -94,6 +108,7 @@ pub struct Probes {
     /// its struct is in vmlinux BTF and it never loads or unloads. The parsed BTF itself is
     /// not kept (tens of MB): a module load parses it again.
     vfio_builtin: Option<VfioLayout>,
+    /// Every probed function and how.
     pub attachments: Vec<Attachment>,
 }
 
@@ -376,12 +391,14 @@ impl Probes {
         (sum(DROPS_RINGBUF), sum(DROPS_BRACKETS))
     }
 
+    /// The ring buffer the programs write events to.
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         Ok(RingBuf::try_from(
             self.ebpf.take_map("EVENTS").context("EVENTS map")?,
         )?)
     }
 
+    /// The programs' log output, for aya-log.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }

@@ -22,12 +22,23 @@ pub fn mono_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// What the tracer hands on.
 #[derive(Clone, Debug)]
 pub enum Item {
     /// A record, and when its batch was taken from the ring buffer ([`mono_ns`]).
-    Event { event: TraceEvent, taken_ns: u64 },
+    Event {
+        /// The event.
+        event: TraceEvent,
+        /// When its batch was taken.
+        taken_ns: u64,
+    },
     /// New ring-buffer or bracket-table drops since the last report (totals in the fields).
-    Drops { ringbuf: u64, brackets: u64 },
+    Drops {
+        /// Ring-buffer drops in total.
+        ringbuf: u64,
+        /// Bracket-table drops in total.
+        brackets: u64,
+    },
     /// The attachment table changed (the vfio_pci_core module appeared).
     Attached(Vec<Attachment>),
     /// A record that could not be decoded.
@@ -42,6 +53,7 @@ pub enum Item {
 /// and the drop counters are looked at instead.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
+/// The probes, their ring buffer and uevents, as one stream of items.
 pub struct Tracer {
     probes: Probes,
     events: AsyncFd<RingBuf<MapData>>,

@@ -22,11 +22,13 @@ pub enum Uevent {
     VfioBind(Bdf),
     /// A module was loaded (its sysfs and BTF exist by now).
     ModuleAdded(String),
+    /// A module was unloaded.
     ModuleRemoved(String),
     /// The socket overflowed (ENOBUFS): some uevents were lost; state must be re-checked.
     Lost,
 }
 
+/// What a kernel uevent message means to us, if anything.
 pub fn parse(msg: &[u8]) -> Option<Uevent> {
     let header = std::str::from_utf8(msg.split(|b| *b == 0).next()?).ok()?;
     let module = |prefix: &str| header.strip_prefix(prefix).map(str::to_string);
@@ -61,6 +63,7 @@ fn vfio_bind(msg: &[u8]) -> Option<Bdf> {
     slot.filter(|_| pci && vfio)
 }
 
+/// The kernel uevent socket.
 pub struct Uevents {
     fd: AsyncFd<OwnedFd>,
 }

@@ -31,7 +31,9 @@ pub const HOLD_OVERRIDE: &str = "qcom-reset-session";
 /// What a session put back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Restored {
+    /// PCI_COMMAND as put back.
     pub command: Option<u16>,
+    /// `power/control` as put back.
     pub power_control: Option<String>,
     /// Config words put back after the link dropped (e.g. its BARs after the WLAN global
     /// reset), as "offset: now -> restored".
@@ -46,6 +48,7 @@ pub struct Restored {
     /// Who took the card during the session: nothing more was written to it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub taken_by: Option<String>,
+    /// What could not be put back.
     pub errors: Vec<String>,
 }
 
@@ -60,8 +63,10 @@ pub enum Writes {
 
 /// Config space, power and the BAR for the duration of a sequence; restores on drop.
 pub struct Session {
+    /// The card.
     pub bdf: Bdf,
     pub(super) dev: SysfsDevice,
+    /// How its registers are reached.
     pub backend: Box<dyn Backend>,
     pub(super) run_dir: PathBuf,
     pub(super) lock_wait: Duration,

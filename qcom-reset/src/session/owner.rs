@@ -22,6 +22,7 @@ pub enum Lost {
     Driver(Option<String>),
     /// A VM (or another VFIO user) opened it while the verification had let its group go.
     Opened(String),
+    /// Its driver cannot be read.
     Unreadable(String),
 }
 

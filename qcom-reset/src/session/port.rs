@@ -33,6 +33,7 @@ pub fn upstream(dev: &SysfsDevice) -> Option<SysfsDevice> {
 /// What the port would do with a link drop, read without writing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PortState {
+    /// The port above the card (none on the root bus).
     pub port: Option<Bdf>,
     /// Vendor, device and class (base and sub) of the port, to find it again by address.
     #[serde(skip)]
@@ -43,11 +44,14 @@ pub struct PortState {
     /// Offset of Slot Control when the slot is hotplug capable.
     #[serde(skip)]
     pub slot_control_at: Option<u16>,
+    /// Slot Control as read.
     pub slot_control: Option<u16>,
     /// Presence/link change events enabled: a link drop would be a hot-unplug.
     pub hotplug_events: bool,
+    /// Offset of the AER capability.
     #[serde(skip)]
     pub aer_at: Option<u16>,
+    /// AER's Uncorrectable Error Mask as read.
     pub aer_uncor_mask: Option<u32>,
     /// Surprise Down reported: a link drop would be an uncorrectable AER error.
     pub surprise_down_unmasked: bool,
@@ -56,6 +60,7 @@ pub struct PortState {
 }
 
 impl PortState {
+    /// Reads the port at `port` through `cfg`, writing nothing.
     pub fn read(port: Bdf, cfg: &mut dyn ConfigSpace) -> std::io::Result<PortState> {
         let mut s = PortState {
             port: Some(port),
@@ -136,6 +141,7 @@ impl PortState {
 /// SIGKILL, from the crash record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRecord {
+    /// The port.
     pub port: Bdf,
     /// The port's identity when it was masked: a restore by address checks it is still the
     /// same bridge (a re-enumerated bus may put another one there).
@@ -289,13 +295,16 @@ const COMMAND_COMPLETED_WAIT: std::time::Duration = std::time::Duration::from_mi
 /// A bridge's identity in config space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortIds {
+    /// The port's vendor ID.
     pub vendor: u16,
+    /// The port's device ID.
     pub device: u16,
     /// Base class and subclass (0x0604: PCI-to-PCI bridge).
     pub class: u16,
 }
 
 impl PortIds {
+    /// Reads the identity through `cfg`.
     pub fn read(cfg: &mut dyn ConfigSpace) -> std::io::Result<PortIds> {
         Ok(PortIds {
             vendor: cfg.read16(0x00)?,
@@ -323,14 +332,18 @@ pub fn pciehp_polls(sys: &Path) -> bool {
         .is_ok_and(|v| matches!(v.trim(), "Y" | "1"))
 }
 
+/// A port's config space in memory, for the unit tests of the guard and the record.
 #[cfg(test)]
 pub mod fake {
     use super::ConfigSpace;
 
     /// 4 KiB of config space in memory; write-1-to-clear is not modelled, writes are logged.
     pub struct FakeConfig {
+        /// The 4 KiB.
         pub bytes: Vec<u8>,
+        /// Every write, as (offset, value).
         pub writes: Vec<(u16, u32)>,
+        /// Writes fail with EPERM (a locked-down host).
         pub read_only: bool,
     }
 
@@ -357,18 +370,22 @@ pub mod fake {
             c
         }
 
+        /// Sets a 16-bit register without logging it.
         pub fn put16(&mut self, off: u16, v: u16) {
             self.bytes[off as usize..off as usize + 2].copy_from_slice(&v.to_le_bytes());
         }
 
+        /// Sets a 32-bit register without logging it.
         pub fn put32(&mut self, off: u16, v: u32) {
             self.bytes[off as usize..off as usize + 4].copy_from_slice(&v.to_le_bytes());
         }
 
+        /// A 16-bit register.
         pub fn get16(&self, off: u16) -> u16 {
             u16::from_le_bytes([self.bytes[off as usize], self.bytes[off as usize + 1]])
         }
 
+        /// A 32-bit register.
         pub fn get32(&self, off: u16) -> u32 {
             let o = off as usize;
             u32::from_le_bytes(self.bytes[o..o + 4].try_into().unwrap())

@@ -25,8 +25,10 @@ const HEADER_WORDS: [u16; 14] = [
 /// Device Control 2, Link Control 2 (offsets inside the capability).
 const PCIE_WORDS: [u16; 4] = [0x08, PCI_EXP_LNKCTL, 0x28, 0x30];
 
+/// A session's crash record: what it changed, to put back after a SIGKILL.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The card.
     pub bdf: Bdf,
     /// The process that wrote it, for the log of whoever restores it.
     pub pid: u32,
@@ -94,6 +96,7 @@ impl Kind {
         }
     }
 
+    /// The record's file for `bdf`.
     pub fn path(self, run_dir: &Path, bdf: Bdf) -> PathBuf {
         run_dir.join(format!("{bdf}{}", self.suffix()))
     }
@@ -114,6 +117,7 @@ impl Kind {
         out
     }
 
+    /// Removes `bdf`'s record of this kind, if any.
     pub fn remove(self, run_dir: &Path, bdf: Bdf) {
         let _ = std::fs::remove_file(self.path(run_dir, bdf));
     }
@@ -276,6 +280,7 @@ pub fn load(run_dir: &Path, bdf: Bdf) -> Result<Option<Record>> {
     Ok(rec)
 }
 
+/// Removes `bdf`'s session record, if any.
 pub fn remove(run_dir: &Path, bdf: Bdf) {
     Kind::Session.remove(run_dir, bdf);
 }

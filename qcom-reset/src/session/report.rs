@@ -23,28 +23,38 @@ pub enum Method {
     DryRun,
 }
 
+/// What one reset of one card did, or (a dry run) would do.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The card.
     pub bdf: Bdf,
+    /// The profile it was reset as.
     pub profile: &'static str,
+    /// Its reset family.
     pub family: Family,
+    /// The sequence's version.
     pub sequence_version: &'static str,
+    /// How the registers were reached: sysfs, vfio, or none (a dry run).
     pub access: &'static str,
     /// Register operations of the sequence, in order (for dry runs: those it would do).
     pub ops: Vec<Op>,
     /// The upstream port as the reset found it (what was masked is in `restored.port`).
     pub port: Option<PortState>,
+    /// Whether it was reset, and what came of it.
     pub ran: Ran,
 }
 
 /// Whether the card was reset.
 #[derive(Clone, Debug)]
 pub enum Ran {
+    /// It was reset and verified.
     Reset(Box<Reset>),
     /// Nothing touched: the sequence's outcome against a card that answers as a healthy one
     /// would, and every step.
     DryRun {
+        /// How the sequence ended against the pretend card.
         outcome: Outcome,
+        /// Every step, register operations included.
         plan: Vec<String>,
     },
 }
@@ -56,10 +66,13 @@ pub struct Reset {
     pub kernel: bool,
     /// How our sequence ended; none when the kernel reset the card or it was off the link.
     pub outcome: Option<Outcome>,
+    /// The verification's verdict.
     pub verdict: Verdict,
+    /// What the session put back.
     pub restored: Restored,
     /// What a killed qcom-reset had left on this device and this run put back first.
     pub recovered: Option<Restored>,
+    /// From the lock to the restore, in ms.
     pub duration_ms: u64,
     /// Where `duration_ms` went.
     pub phases: Phases,
@@ -83,6 +96,7 @@ pub struct Phases {
 }
 
 impl Report {
+    /// How the card was reset, as `method` says it.
     pub fn method(&self) -> Method {
         match &self.ran {
             Ran::Reset(r) if r.kernel => Method::KernelDeviceSpecific,
@@ -99,10 +113,12 @@ impl Report {
         }
     }
 
+    /// The verdict, when a reset ran.
     pub fn verdict(&self) -> Option<&Verdict> {
         self.reset().map(|r| &r.verdict)
     }
 
+    /// How the sequence ended (a dry run's: against the pretend card).
     pub fn outcome(&self) -> Option<Outcome> {
         match &self.ran {
             Ran::Reset(r) => r.outcome,

@@ -21,13 +21,18 @@ use super::port::{self, PortRecord, PortState};
 use super::report::{Phases, Ran, Report, Reset};
 use super::{Opener, Target, begin_session, inspect, kernel::kernel_reset, plan::dry_run};
 
+/// What to reset, and how far to go.
 #[derive(Clone, Debug)]
 pub struct Request {
+    /// The card.
     pub bdf: Bdf,
+    /// Treat it as this profile.
     pub profile: Option<String>,
+    /// Use this BAR.
     pub bar: Option<u8>,
     /// Reset even when bound to a driver other than vfio-pci (never when held).
     pub force: bool,
+    /// Write nothing: list what would be done.
     pub dry_run: bool,
     /// Use our register sequence even where the kernel has `device_specific`.
     pub ignore_kernel_reset: bool,
@@ -40,6 +45,7 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request for `bdf` with every default.
     pub fn new(bdf: Bdf) -> Self {
         Request {
             bdf,

@@ -12,11 +12,15 @@ use crate::{Error, Result};
 
 use super::target::Regime;
 
+/// A card's state without resetting it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
+    /// What the host shows about it.
     #[serde(flatten)]
     pub target: Target,
+    /// The kernel has `device_specific` for it.
     pub kernel_device_specific: bool,
+    /// Its reset regime.
     pub regime: Regime,
     /// The verdict, or why the registers were not read (serialized as `verdict` and `skipped`,
     /// one of them null).
@@ -27,7 +31,9 @@ pub struct Status {
 /// What a status read came to.
 #[derive(Clone, Debug)]
 pub enum Reading {
+    /// The registers were read and judged.
     Judged(Verdict),
+    /// They were not read, and why.
     Unread(Unread),
 }
 

@@ -26,6 +26,7 @@ pub enum Regime {
 }
 
 impl Regime {
+    /// The regime a device's `reset_method` list puts it in.
     pub fn of(methods: Option<&[String]>) -> Regime {
         let methods = methods.unwrap_or_default();
         let has = |m: &str| methods.iter().any(|x| x == m);
@@ -76,17 +77,28 @@ impl std::fmt::Display for Regime {
 /// What the host shows about a target device, without touching it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
+    /// The card's address.
     pub bdf: Bdf,
+    /// Its sysfs directory.
     #[serde(skip)]
     pub dev: SysfsDevice,
+    /// Its vendor ID (sysfs).
     pub vendor: u16,
+    /// Its device ID (sysfs).
     pub device: u16,
+    /// The profile it is treated as.
     pub profile: DeviceProfile,
+    /// The driver bound to it.
     pub driver: Option<String>,
+    /// Its IOMMU group.
     pub iommu_group: Option<String>,
+    /// Processes that hold its VFIO nodes open.
     pub holders: Vec<Holder>,
+    /// The kernel's `reset_method` list (none on kernels without the file).
     pub reset_methods: Option<Vec<String>>,
+    /// Its power state (sysfs `power_state`).
     pub power_state: Option<String>,
+    /// Its runtime PM setting (sysfs `power/control`).
     pub power_control: Option<String>,
 }
 
@@ -106,6 +118,7 @@ impl Target {
         self.regime() == Regime::KernelDeviceSpecific
     }
 
+    /// The regime its `reset_method` puts it in.
     pub fn regime(&self) -> Regime {
         Regime::of(self.reset_methods.as_deref())
     }
@@ -129,6 +142,7 @@ impl Target {
     }
 }
 
+/// What the host shows about `bdf` as `profile` (its own by its IDs when none) and `bar`.
 pub fn inspect(host: &Host, bdf: Bdf, profile: Option<&str>, bar: Option<u8>) -> Result<Target> {
     let dev = host.sysfs.device(bdf)?;
     let (vendor, device) = dev.ids()?;

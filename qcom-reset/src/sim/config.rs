@@ -8,12 +8,17 @@ use crate::pci::{PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 
 /// Where the capabilities sit: PM, then PCI Express, then MSI (a WCN6855's list order).
 pub const PM_CAP: u16 = 0x40;
+/// The PCI Express capability.
 pub const PCIE_CAP: u16 = 0x50;
+/// The MSI capability.
 pub const MSI_CAP: u16 = 0x90;
 /// PCIe registers a restore must bring back (offsets in config space).
 pub const DEVCTL: u16 = PCIE_CAP + 0x08;
+/// Link Control.
 pub const LNKCTL: u16 = PCIE_CAP + 0x10;
+/// Device Control 2.
 pub const DEVCTL2: u16 = PCIE_CAP + 0x28;
+/// Link Control 2.
 pub const LNKCTL2: u16 = PCIE_CAP + 0x30;
 /// BAR0's address as the kernel assigned it; MMIO decodes only there.
 pub const BAR0_ADDRESS: u32 = 0xfe00_0000;
@@ -24,6 +29,7 @@ const BAR_TYPE_64: u16 = 0x0004;
 
 const WORDS: usize = 128;
 
+/// The simulated card's config space, with real reset values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimConfig {
     words: [u16; WORDS],
@@ -165,6 +171,7 @@ impl SimConfig {
         }
     }
 
+    /// A 16-bit register.
     pub fn read16(&self, off: u16) -> u16 {
         self.words.get(off as usize / 2).copied().unwrap_or(0)
     }
@@ -180,6 +187,7 @@ impl SimConfig {
         self.words[i] = (self.words[i] & !self.rw[i]) | (value & self.rw[i]);
     }
 
+    /// PCI_COMMAND.
     pub fn command(&self) -> u16 {
         self.read16(0x04)
     }

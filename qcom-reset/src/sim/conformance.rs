@@ -10,9 +10,12 @@ use crate::device::regs::*;
 /// Allowed shortfall on a minimum delay, for the shared-memory server's polling latency.
 pub const SLACK_US: u64 = 500;
 
+/// Whether the writes the card saw follow the reviewed sequence.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conformance {
+    /// They do.
     pub ok: bool,
+    /// Where they do not, in words.
     pub problems: Vec<String>,
     /// Complete sequences received one after the other: one per reset, whoever ran it (the
     /// agent, or a kernel with the device-specific reset at every VFIO open and release).

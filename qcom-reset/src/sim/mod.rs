@@ -35,6 +35,7 @@ pub struct SimDevice {
 }
 
 impl SimDevice {
+    /// A function playing `model`.
     pub fn new(model: Model) -> Self {
         SimDevice {
             state: Arc::new(Mutex::new(State {
@@ -71,6 +72,7 @@ impl SimDevice {
         s.model.link_up(s.now_us)
     }
 
+    /// The virtual time elapsed.
     pub fn elapsed(&self) -> Duration {
         Duration::from_micros(self.lock().now_us)
     }

@@ -68,6 +68,7 @@ impl Faults {
         Ok(f)
     }
 
+    /// Every fault's name, for `--faults` errors and help.
     pub const NAMES: &'static str = "stuck-syserr, never-returns, config-all-ones, writes-ignored, reset-asserted, boots-to-amss, \
          link-down-ms=N, slow-ready-ms=N, vanish-after-writes=N, resets-missed=N";
 }
@@ -109,6 +110,7 @@ pub enum LinkDrop {
     /// QEMU's, not the simulator's).
     KeepsConfig,
 }
+/// Where the simulated card's BHI registers start in its BAR (BHIOFF reads this).
 pub const BHI_BASE: u32 = 0x100;
 /// ath11k/ath12k's register window (`ATH1xK_PCI_WINDOW_REG_ADDRESS`): the upper bits of an
 /// offset beyond 512 KiB select which 512 KiB the BAR shows at `WINDOW_START`.
@@ -123,10 +125,14 @@ const TCSR_SOC_HW_VERSION_WCN6855: u32 = 0x224;
 const TCSR_SOC_HW_VERSION_WCN7850: u32 = 0x1b0_0000;
 const SOC_HW_VERSION_2_0: u32 = 0x200;
 
+/// One BAR write the card received.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WriteRecord {
+    /// When, in µs of simulated time.
     pub at_us: u64,
+    /// The register.
     pub offset: u32,
+    /// The value written.
     pub value: u32,
 }
 
@@ -134,18 +140,28 @@ pub struct WriteRecord {
 /// the idle card to sleep, a session waking it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PowerChange {
+    /// When, in µs of simulated time.
     pub at_us: u64,
+    /// The power state before.
     pub from: u8,
+    /// The power state after.
     pub to: u8,
 }
 
+/// The simulated card: its SoC state machine, config space and link.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// The reset family it behaves as.
     pub family: Family,
+    /// Its vendor ID in config space.
     pub vendor: u16,
+    /// Its device ID in config space.
     pub device: u16,
+    /// How it misbehaves.
     pub faults: Faults,
+    /// Its config space.
     pub cfg: SimConfig,
+    /// What a link drop does to its config space.
     pub link_drop: LinkDrop,
     /// Config writes received (also those a downed link dropped).
     pub config_writes: usize,
@@ -177,6 +193,7 @@ pub struct Model {
     pub resets: u32,
     /// Reset requests the SoC ignored (`resets-missed`).
     pub missed: u32,
+    /// Every BAR write received, in order.
     pub writes: Vec<WriteRecord>,
     /// The register window ath11k/ath12k selected.
     window: u32,
@@ -237,6 +254,7 @@ impl Model {
         }
     }
 
+    /// Whether the link is up at `now` (µs).
     pub fn link_up(&self, now: u64) -> bool {
         !self.vanished && now >= self.link_down_until
     }
@@ -339,6 +357,7 @@ impl Model {
         self.cfg.function_reset();
     }
 
+    /// A config-space read at `now` (all-ones while the link is down).
     pub fn config_read16(&mut self, now: u64, offset: u16) -> u16 {
         self.advance(now);
         if !self.link_up(now) {
@@ -347,6 +366,7 @@ impl Model {
         self.cfg.read16(offset)
     }
 
+    /// A config-space write at `now` (dropped while the link is down).
     pub fn config_write16(&mut self, now: u64, offset: u16, value: u16) {
         self.config_writes += 1;
         self.advance(now);
@@ -373,6 +393,7 @@ impl Model {
         c
     }
 
+    /// A BAR read at `now`.
     pub fn read32(&mut self, now: u64, offset: u32) -> u32 {
         self.advance(now);
         if !self.link_up(now) || !self.cfg.decodes() {
@@ -419,6 +440,7 @@ impl Model {
         })
     }
 
+    /// A BAR write at `now`: the SoC acts on it.
     pub fn write32(&mut self, now: u64, offset: u32, value: u32) {
         self.advance(now);
         if !self.link_up(now) || !self.cfg.decodes() {

@@ -35,15 +35,22 @@ const MODELLED: [u32; 10] = [
     BHI_BASE + BHI_EXECENV,
 ];
 
+/// What the simulated card saw, for the VM lab's checks.
 #[derive(Serialize)]
 pub struct Report<'a> {
+    /// Its family.
     pub family: &'static str,
+    /// Resets it acted on.
     pub resets: u32,
     /// Well-formed reset requests the SoC ignored (the `resets-missed` fault).
     pub missed: u32,
+    /// Every BAR write.
     pub writes: &'a [WriteRecord],
+    /// Whether the writes follow the reviewed sequence.
     pub conformance: Conformance,
+    /// MHISTATUS now.
     pub mhistatus: u32,
+    /// Whether the link is up now.
     pub link_up: bool,
     /// Offsets read that the model does not know (answered 0), in order.
     pub beyond_model: &'a std::collections::BTreeSet<u32>,

@@ -26,6 +26,7 @@ const CONFIG_SIZE: u64 = 4096;
 /// A reset that reached the card from outside the register BAR.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelReset {
+    /// When, in µs of simulated time.
     pub at_us: u64,
     /// What carried it: `device-reset` (VFIO_USER_DEVICE_RESET: a bus reset above the card,
     /// or a system reset).
@@ -46,6 +47,7 @@ pub struct Card {
 /// The shared-memory server's report, with what only a whole PCI function can see.
 #[derive(Serialize)]
 pub struct Report<'a> {
+    /// What the card saw.
     #[serde(flatten)]
     pub card: super::shm::Report<'a>,
     /// Config-space writes received (the guest's restores, QEMU's BAR programming).
@@ -60,6 +62,7 @@ pub struct Report<'a> {
 }
 
 impl Card {
+    /// A card playing `model`.
     pub fn new(mut model: Model) -> Arc<Card> {
         // QEMU keeps the BAR registers itself and maps BAR0 where the guest put it.
         model.cfg.bars_emulated();

@@ -8,28 +8,36 @@ use crate::bdf::Bdf;
 /// Why a card cannot be power-cycled here; nothing was changed.
 #[derive(Debug)]
 pub enum NoCycle {
+    /// The card is on the root bus: no port above it.
     RootBus,
     /// The port's sysfs directory cannot be listed (for its other functions).
     PortUnreadable {
+        /// The port's directory.
         dir: PathBuf,
+        /// The OS error.
         err: std::io::Error,
     },
     /// Other functions below the port would lose power with the card.
     NotAlone {
+        /// The port.
         port: Bdf,
+        /// The other functions.
         others: Vec<Bdf>,
     },
     /// `--method slot` without a hotplug slot that has a `power` file.
     NoSlot,
     /// Neither a slot's power nor the port's ACPI power resources.
     NoPowerControl {
+        /// The port.
         port: Bdf,
     },
     /// Another cycle holds the host-wide autoprobe lock.
     AnotherCycle(PathBuf),
     /// A killed cycle's record that cannot be restored first.
     Leftover {
+        /// The record.
         path: PathBuf,
+        /// Why it cannot be restored.
         err: Box<Error>,
     },
 }
@@ -72,7 +80,12 @@ impl std::fmt::Display for NoCycle {
 #[derive(Debug)]
 pub enum Failure {
     /// A wait that ran out.
-    Timeout { what: &'static str, limit: Duration },
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        limit: Duration,
+    },
     /// A sysfs read or write.
     Sysfs(Box<Error>),
 }
@@ -98,6 +111,7 @@ impl std::fmt::Display for Failure {
 pub struct CycleFailure {
     /// The record being restored, when it is a killed cycle's.
     pub restoring: Option<PathBuf>,
+    /// Each step that failed.
     pub failures: Vec<Failure>,
     /// The bring-back's steps, when it ran.
     pub brought_back: Option<Vec<String>>,

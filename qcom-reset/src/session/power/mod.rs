@@ -39,7 +39,10 @@ pub enum Method {
     Slot(PathBuf),
     /// Remove, port to D3cold through runtime PM, wake, rescan. `power_resources`: the port has
     /// ACPI `_PR3`, so D3cold really removes power; without it this is a remove/rescan only.
-    D3cold { power_resources: bool },
+    D3cold {
+        /// The port has ACPI power resources.
+        power_resources: bool,
+    },
 }
 
 impl Method {
@@ -52,10 +55,12 @@ impl Method {
     }
 }
 
+/// Which way to cut the power (`--method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
     /// The slot's power file if there is one, else D3cold where firmware has power resources.
     Auto,
+    /// The hotplug slot's `power` file only.
     Slot,
     /// Also without `_PR3` (then only a remove/rescan: the VM lab's root port).
     D3cold,
@@ -86,11 +91,16 @@ impl Default for Timing {
     }
 }
 
+/// How this card is power-cycled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Plan {
+    /// The card.
     pub target: Bdf,
+    /// Its upstream port.
     pub port: Bdf,
+    /// How.
     pub method: Method,
+    /// How long each step may take.
     #[serde(skip)]
     pub timing: Timing,
 }
@@ -99,11 +109,15 @@ pub struct Plan {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PowerRecord {
+    /// The port whose power settings change.
     pub port: Option<Bdf>,
     /// The slot whose power is cut (None: the function is removed instead).
     pub slot: Option<PathBuf>,
+    /// `drivers_autoprobe` as it was.
     pub autoprobe: Option<String>,
+    /// The port's `power/control` as it was.
     pub port_power_control: Option<String>,
+    /// The port's `d3cold_allowed` as it was.
     pub port_d3cold_allowed: Option<String>,
     /// The driver the card was bound to: vfio-pci or none, the only ones a cycle accepts.
     pub driver: Option<String>,
