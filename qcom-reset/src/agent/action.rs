@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::shared::*;
-use super::trigger::*;
+use super::shared::Shared;
+use super::trigger::Trigger;
 use crate::bdf::Bdf;
 use crate::device::verdict::Health;
 use crate::session::Unread;

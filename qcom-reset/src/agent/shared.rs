@@ -9,7 +9,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
 use super::OpenFn;
-use super::action::*;
+use super::action::{Action, ActionResult, now_ms};
 use super::metrics::{self, Metrics};
 use super::policy::{self};
 use super::state::State;

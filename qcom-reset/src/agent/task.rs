@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::action::*;
+use super::action::{Action, ActionResult, Verified, action, attempt, check_then_reset, now_ms};
 use super::policy::{self, Decision, Gate};
-use super::shared::*;
-use super::trigger::*;
+use super::shared::Shared;
+use super::trigger::Trigger;
 use crate::bdf::Bdf;
 use crate::host::Host;
 use crate::host::own::Ownership;

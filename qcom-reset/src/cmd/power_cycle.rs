@@ -7,7 +7,7 @@ use qcom_reset::session::{self, Request};
 
 use super::cli::PowerCycleArgs;
 use super::reset::reset_and_report;
-use super::*;
+use super::{device_config, opt_in, require_root, resolve};
 
 pub(super) fn power_cycle_cmd(host: &Host, a: PowerCycleArgs) -> anyhow::Result<Exit> {
     use qcom_reset::session::power;

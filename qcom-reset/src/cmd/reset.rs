@@ -8,7 +8,7 @@ use qcom_reset::session::{self, Ran, Report, Request};
 use qcom_reset::{Error, device::regs};
 
 use super::cli::ResetArgs;
-use super::*;
+use super::{device_config, opt_in, require_root, resolve};
 
 pub(super) fn reset_cmd(host: &Host, a: ResetArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::check::{self, Level};
 use super::cli::RunArgs;
-use super::*;
+use super::{config_default_path, kernel_release, require_root, sd_notify};
 
 impl RunArgs {
     /// `run`'s flags over the file's values.

@@ -8,7 +8,7 @@ use qcom_reset::session::{self, Reading, Status, Target};
 
 use super::cli::{HealthArgs, StatusArgs};
 use super::reset::registers_line;
-use super::*;
+use super::{device_config, profile_status, require_root, resolve};
 
 pub(super) fn status_cmd(host: &Host, a: StatusArgs) -> anyhow::Result<Exit> {
     let cfg = device_config(a.device.config.clone())?;

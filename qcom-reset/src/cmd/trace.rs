@@ -7,7 +7,7 @@ use qcom_reset::probes::{self, Item, Tracer};
 
 use super::check::{self, Level};
 use super::cli::TraceArgs;
-use super::*;
+use super::kernel_release;
 
 pub(super) fn check_cmd(host: &Host, json: bool) -> anyhow::Result<Exit> {
     let checks = check::run(host);

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::warn;
 
-use super::owner::*;
+use super::owner::{Lost, OwnerWatch};
 use super::port;
 use super::record::{self, Record};
-use super::restore::*;
+use super::restore::{ALL_ONES16, differing, original_override, port_config, write_back};
 use crate::access::Backend;
 use crate::bdf::Bdf;
 use crate::host::lock::DeviceLock;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::guard::*;
+use super::guard::Session;
 use crate::device::regio::RegisterIo;
 use crate::device::regs::*;
 use crate::host::sysfs::SysfsDevice;

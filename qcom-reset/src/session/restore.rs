@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::guard::*;
-use super::owner::*;
+use super::guard::{HOLD_OVERRIDE, Restored, Session};
+use super::owner::Lost;
 use super::port;
 use super::record::{self, Record};
 use crate::access::Backend;

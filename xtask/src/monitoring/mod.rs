@@ -3,9 +3,6 @@
 //! textfile the agent writes, read by a real node_exporter running as an unprivileged user, as
 //! Debian's prometheus-node-exporter does. Installs promtool (Debian `prometheus`) and
 //! node_exporter (`prometheus-node-exporter`) when missing.
-use std::io::{Read as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -18,9 +15,9 @@ mod node_exporter;
 mod rules;
 mod sample;
 
-use node_exporter::*;
-use rules::*;
-use sample::*;
+use node_exporter::scrape_through_node_exporter;
+use rules::{check_alerts, check_dashboard, metric_names, promtool, recorded_names};
+use sample::{agent_sample, check_sample};
 
 const RULES: &str = "dist/prometheus/qcom-reset.rules.yml";
 const RULES_TEST: &str = "dist/prometheus/qcom-reset.rules.test.yml";
@@ -271,6 +268,8 @@ mod tests {
         assert!(super::recorded_names(rules, r#"{"expr": "qcom_reset_device_clean"}"#).is_err());
     }
 
+    use super::rules::slug;
+    use super::sample::parse_sample_line;
     use super::*;
 
     #[test]

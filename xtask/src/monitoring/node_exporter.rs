@@ -1,12 +1,15 @@
 //! The agent's textfile read by a real node_exporter, as its own unprivileged user.
 use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 
-use super::*;
+use super::{AGENT_METRICS, NODE_EXPORTER, is_root};
 
 /// node_exporter, killed and reaped when dropped (every exit path of the check), and killed by
 /// the kernel should xtask itself die (PR_SET_PDEATHSIG).

@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 
-use super::*;
+use super::{AGENT_METRICS, Kind, NODE_EXPORTER_METRICS, NOT_METRICS, PROMTOOL, RULES, RUNBOOK};
 
 /// Runs promtool; its last line is the detail, its whole output the error.
 pub(super) fn promtool(cmd: &mut Command) -> anyhow::Result<String> {

@@ -2,11 +2,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 
 use crate::{cargo, toolchain};
 
-use super::*;
+use super::rules::family_of;
+use super::{AGENT_METRICS, COUNTER_VALUES, Kind, SAMPLE_ENV, SAMPLE_REQUIRED, SAMPLE_TEST};
 
 /// The textfile the agent wrote: SAMPLE_ENV's file when it exists, else the one the agent's
 /// textfile test writes (run here with SAMPLE_ENV set).

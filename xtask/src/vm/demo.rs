@@ -1,5 +1,8 @@
 //! `cargo xtask demo`: one loop-wlan run, told step by step for a newcomer.
-use super::*;
+use super::{
+    CardKind, Lab, Outcome, Run, Scenario, Topology, build, guest_image, host, kernel, qemu,
+    run_scenario,
+};
 
 /// The WLAN loop, narrated for someone without the hardware.
 pub fn demo(kernel: &str, card: CardKind) -> anyhow::Result<()> {

@@ -7,7 +7,10 @@ use crate::host::own::Ownership;
 use crate::host::sysfs::{PciSysfs, SysfsDevice};
 use crate::session::record;
 
-use super::*;
+use super::{
+    CycleFailure, Error, Failure, Method, Plan, PowerRecord, Result, Timing, bus_file, device,
+    in_state, read, wait_for, write,
+};
 
 /// Cuts the slot's power (or removes the function), then brings the function back. Once it was
 /// told to go, an error first brings it back (best effort); the error says both.

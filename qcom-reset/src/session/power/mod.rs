@@ -26,7 +26,7 @@ use crate::host::sysfs::{PciSysfs, SysfsDevice};
 use crate::session::{self};
 use crate::session::{port, record};
 use crate::{Error, Result};
-use back::*;
+use back::{away_and_back, bring_back, remove, restore};
 pub use failure::{CycleFailure, Failure, NoCycle};
 use recover::recover_all;
 pub use recover::recover_pending;

@@ -8,7 +8,11 @@ use crate::host::lock::DeviceLock;
 use crate::host::sysfs::PciSysfs;
 use crate::session::record;
 
-use super::*;
+use super::back::{bring_back, remove, restore};
+use super::{
+    AUTOPROBE_LOCK, AutoprobeLock, CycleFailure, Error, NoCycle, PowerRecord, Result, Timing,
+    device, record_path,
+};
 
 /// Restores what killed power cycles left, at the agent's start: under the autoprobe lock and
 /// each device's lock, neither waited for (a holder is a running qcom-reset: what it holds is

@@ -1,5 +1,23 @@
 //! The catalogue: one record per scenario, in the order a full run boots them.
-use super::*;
+use super::checks::handover::check_handover;
+use super::checks::host::{
+    check_by_id, check_container, check_linkdrop, check_port, check_power, check_preflight,
+};
+use super::checks::judge::{check_driver_judge, check_wlan_judge};
+use super::checks::loops::{KernelRegime, check_kernel_regime, check_loop};
+use super::checks::probes::check_probes;
+use super::checks::safety::{
+    check_bind, check_fault, check_graceful, check_held, check_kill, check_observe, check_own,
+    check_reload,
+};
+use super::guest::{
+    PREFLIGHT, PROBES, REGIME_VIEWS, agent_loop, bind, by_id, container, driver_judge, graceful,
+    handover, held, kill, linkdrop, observe, own, port, power, reload,
+};
+use super::{
+    ATH11K_JUDGE, ATH12K_JUDGE, BY_ID_SIBLING, Check, LinkDropRule, MHI_JUDGE, Place, Scenario,
+    Spec,
+};
 
 const MISSION: &[&str] = &["mission"];
 const KILLED: &[&str] = &["mission", "crashed"];

@@ -1,6 +1,6 @@
 //! The guest's side: its init, the shell library every scenario sources, and each scenario's
 //! script, built from the fragments in `guest/`.
-use super::*;
+use super::Judge;
 
 pub const INIT: &str = include_str!("guest/init.sh");
 

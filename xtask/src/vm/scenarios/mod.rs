@@ -1,17 +1,13 @@
 //! The VM-lab scenarios: the guest script each runs and the assertions the host makes on what it
 //! printed (and, for the loops, on the simulator's own report). Every scenario asserts.
-use anyhow::Context as _;
 use serde_json::Value;
-
-use super::qemu::section;
 
 mod catalogue;
 mod checks;
 mod guest;
 
 pub use catalogue::SCENARIOS;
-use checks::*;
-use guest::*;
+use guest::MHI_ENDS;
 pub use guest::{INIT, LIB, card_env};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,6 +1,6 @@
 //! The results as the table docs/performance.md carries: each measure, qcom-reset's value,
 //! bpftrace's where it has one, and their ratio.
-use super::*;
+use super::{MODEMS, OTHER, Options, PHASES, Results, median, pct};
 
 impl Results {
     pub fn table(&self, kernel: &str, o: &Options) -> String {

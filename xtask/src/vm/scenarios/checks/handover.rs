@@ -1,10 +1,10 @@
 //! A host driver takes the card mid-reset (libvirt's managed reattach): from then on the
 //! session writes nothing to it and says it was taken.
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::{Hit, actions, hits, stamped, vmlab_json};
+use crate::vm::qemu::section;
 
 pub(crate) fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     let card = console

@@ -1,10 +1,12 @@
 //! What the host around the card sees: a rule by ID, the link drop, a container, the port,
 //! the power cycle, the preflight.
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::loops::{check_loop, kernel_device_specific_resets};
+use super::{actions, check_sim, json_lines};
+use crate::vm::qemu::section;
+use crate::vm::scenarios::Run;
 
 pub(crate) fn check_by_id(
     run: &Run,

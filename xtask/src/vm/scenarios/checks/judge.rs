@@ -1,9 +1,11 @@
 //! The next owner's drivers judging the card, and the golden traces they are judged against.
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::actions;
+use super::host::guest_kernel;
+use crate::vm::qemu::section;
+use crate::vm::scenarios::{Judge, MHI_ENDS, Run};
 
 /// The driver's verdict on the card as the VM left it (the users' failures: it never reaches
 /// its firmware download) and after qcom-reset's reset (it does, and stops at the missing file).

@@ -1,9 +1,11 @@
 //! The detect → reset → verify loops, and the kernel's own regimes (7.4's device_specific).
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::host::port_states;
+use super::{actions, attempts, check_sim, json_lines};
+use crate::vm::qemu::section;
+use crate::vm::scenarios::{Run, Scenario, Topology};
 
 /// What a loop expects on a kernel with the device-specific reset: the scenarios about the
 /// agent's own reset make the SoC miss the kernel's two.

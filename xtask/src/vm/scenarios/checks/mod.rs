@@ -1,22 +1,16 @@
 //! The host's assertions on what a scenario's guest printed and the simulator reported; each
 //! scenario's are in the file of its kind, the line readers they share here.
-mod handover;
-mod host;
-mod judge;
-mod loops;
-mod probes;
-mod safety;
+pub(super) mod handover;
+pub(super) mod host;
+pub(super) mod judge;
+pub(super) mod loops;
+pub(super) mod probes;
+pub(super) mod safety;
 
-use anyhow::ensure;
-pub(crate) use handover::*;
-pub(crate) use host::*;
-pub(crate) use judge::*;
-pub(crate) use loops::*;
-pub(crate) use probes::*;
-pub(crate) use safety::*;
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::*;
+use crate::vm::qemu::section;
 
 pub(crate) fn json_lines(console: &str, name: &str) -> Vec<Value> {
     section(console, name)

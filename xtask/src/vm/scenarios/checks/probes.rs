@@ -1,10 +1,9 @@
 //! The probes scenario: both flavours see sysfs resets, VFIO opens and releases, bus resets
 //! named as such.
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::{attempts, events, json_lines};
 
 /// The edu behind the root port: its function and bus resets, its VFIO opens and releases.
 const RP: &str = "0000:01:00.0";

@@ -1,10 +1,12 @@
 //! Never harm the host: held cards, faults, graceful stops, binds, observe-only, ownership,
 //! SIGKILL, hand-over to a host driver, a reloaded vfio-pci.
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::super::*;
-use super::*;
+use super::host::port_states;
+use super::loops::kernel_device_specific_resets;
+use super::{actions, check_sim, json_lines};
+use crate::vm::qemu::section;
 
 /// How a WLAN card's release ends: the agent's reset (3 writes), or, where the kernel reset it
 /// at open and release (7.4's device-specific reset, 3 writes each), the verification of that
