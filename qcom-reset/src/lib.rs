@@ -15,7 +15,11 @@ pub mod session;
 pub mod signals;
 pub mod sim;
 
-pub use error::{Error, GuardFailure, MapFailure, MapStep, NotOwnable, PortDefect, RecordDefect};
+pub use access::failure::{MapFailure, MapStep};
+pub use error::{Error, GuardFailure};
+pub use host::own::NotOwnable;
+pub use session::port::PortDefect;
+pub use session::record::RecordDefect;
 /// The library's result: its error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub mod agent;

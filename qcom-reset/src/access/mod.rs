@@ -1,6 +1,7 @@
 //! How config space and the register BAR are reached: sysfs (`config`, `resourceN` mmap) or the
 //! VFIO device fd. Under kernel lockdown sysfs config writes and BAR mmaps are refused
 //! (LOCKDOWN_PCI_ACCESS), while the VFIO regions are not, so `auto` picks VFIO there.
+pub mod failure;
 pub mod mmio;
 pub mod revoke;
 
@@ -15,11 +16,11 @@ use serde::Serialize;
 use vfio_bindings::bindings::vfio as uapi;
 
 use crate::device::regio::RegisterIo;
-use crate::error::{MapFailure, MapStep};
 use crate::host::own::Ownership;
 use crate::host::sysfs::SysfsDevice;
 use crate::pci::{ConfigSpace as _, SysfsConfig};
 use crate::{Error, bdf::Bdf};
+use failure::{MapFailure, MapStep};
 use mmio::MmioBar;
 
 /// Config space plus the register BAR of one PCI function.

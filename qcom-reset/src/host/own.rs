@@ -10,10 +10,42 @@ use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use crate::error::NotOwnable;
 use crate::host::holders;
 use crate::host::sysfs::SysfsDevice;
 use crate::{Error, Result};
+
+/// Why the VFIO group of a card bound to vfio-pci could not be held (EBUSY, a holder, is
+/// `Error::Held`).
+#[derive(Debug)]
+pub enum NotOwnable {
+    /// The card is on vfio-pci but has no IOMMU group.
+    NoIommuGroup,
+    /// The group node does not exist.
+    NoGroupNode(PathBuf),
+    /// The group node cannot be opened (other than EBUSY).
+    Open {
+        /// The group node.
+        path: PathBuf,
+        /// The OS error.
+        err: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for NotOwnable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotOwnable::NoIommuGroup => {
+                f.write_str("it is bound to vfio-pci but has no IOMMU group")
+            }
+            NotOwnable::NoGroupNode(p) => write!(
+                f,
+                "{} does not exist (is /dev mounted and vfio loaded?)",
+                p.display()
+            ),
+            NotOwnable::Open { path, err } => write!(f, "cannot open {}: {err}", path.display()),
+        }
+    }
+}
 
 /// How a group node is opened: for real, or by a test's stand-in (a fake /dev cannot answer
 /// the kernel's EBUSY).

@@ -10,9 +10,33 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::bdf::Bdf;
-use crate::error::PortDefect;
 use crate::host::sysfs::SysfsDevice;
 use crate::pci::*;
+
+/// An upstream port's saved offsets that cannot be its registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortDefect {
+    /// Slot Control outside the PCIe capability's range.
+    SlotControl(u16),
+    /// The AER capability outside extended config space, or unaligned.
+    Aer(u16),
+}
+
+impl std::fmt::Display for PortDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortDefect::SlotControl(at) => {
+                write!(f, "Slot Control offset {at:#x} is outside a capability")
+            }
+            PortDefect::Aer(at) => {
+                write!(
+                    f,
+                    "AER capability offset {at:#x} is not an extended capability"
+                )
+            }
+        }
+    }
+}
 
 /// The two event enables a link drop would fire, and their latched status bits.
 const SLTCTL_LINK_EVENTS: u16 = PCI_EXP_SLTCTL_PDCE | PCI_EXP_SLTCTL_DLLSCE;

@@ -10,10 +10,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::Backend;
 use crate::bdf::Bdf;
-use crate::error::RecordDefect;
 use crate::host::sysfs::Override;
 use crate::pci::*;
 use crate::{Error, Result};
+
+use super::port::PortDefect;
+
+/// What is wrong with a record that was read: it does not parse, or it names a register a
+/// restore must not write.
+#[derive(Debug)]
+pub enum RecordDefect {
+    /// The file is not the JSON a record is.
+    Json(serde_json::Error),
+    /// A config-space offset that is not a restorable 16-bit register.
+    ConfigOffset(u16),
+    /// An upstream port's saved offsets are impossible.
+    Port(PortDefect),
+}
+
+impl std::fmt::Display for RecordDefect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordDefect::Json(e) => write!(f, "{e}"),
+            RecordDefect::ConfigOffset(off) => {
+                write!(f, "config offset {off:#x} is not a restorable register")
+            }
+            RecordDefect::Port(d) => write!(f, "{d}"),
+        }
+    }
+}
 
 /// Config-space words a reset can lose and the kernel's `pci_restore_state` would put back:
 /// cache line size and latency timer, the six BARs, interrupt line/pin.
@@ -323,7 +348,7 @@ mod tests {
                 bdf: "0000:00:00.0".parse().unwrap(),
                 bar,
                 via: "a config-only fake",
-                why: crate::error::MapFailure::Unassigned,
+                why: crate::access::failure::MapFailure::Unassigned,
             })
         }
     }
