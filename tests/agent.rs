@@ -1744,9 +1744,9 @@ async fn metrics_and_status_follow_every_verdict_and_session() {
 /// in `Agent::write_out` survived without this).
 #[tokio::test]
 async fn a_release_left_alone_is_logged_only_for_an_experimental_card() {
+    const OTHER: &str = "0000:00:03.0";
     // The test's runtime is this thread, and so is the agent's item loop that logs.
     capture_logs();
-    const OTHER: &str = "0000:00:03.0";
     let h = qcn_host();
     let mut r = start(&h, test_config(&h), &[]);
     r.tx.send(release(QCN, 0x1109)).await.unwrap();

@@ -92,7 +92,7 @@ fn assert_healthy_after_one_conformant_reset(
     let v = r.verdict().unwrap();
     assert_eq!(v.health, Health::Clean, "{}", v.detail);
     assert_eq!(sim.with_model(|m| m.resets), 1);
-    assert!(sim.with_model(|m| m.conformance()).ok);
+    assert!(sim.with_model(qcom_reset::sim::Model::conformance).ok);
     assert_restored(h, bdf, sim, r);
 }
 
@@ -245,7 +245,7 @@ fn every_fault_ends_in_the_right_verdict_with_state_restored() {
         );
         assert_eq!(writes(&sim), n_writes, "{family:?} {spec}");
         if health == Health::Clean {
-            let c = sim.with_model(|m| m.conformance());
+            let c = sim.with_model(qcom_reset::sim::Model::conformance);
             assert!(c.ok, "{family:?} {spec}: {:?}", c.problems);
         }
         assert_restored(&h, b, &sim, &r);
@@ -856,7 +856,8 @@ fn waits_and_floor(r: &session::Report, card: &qcom_reset::sim::SimDevice) -> (u
         .sum();
     (
         waited,
-        card.with_model(|m| m.reset_floor()).as_millis() as u64,
+        card.with_model(qcom_reset::sim::Model::reset_floor)
+            .as_millis() as u64,
     )
 }
 
@@ -1023,7 +1024,13 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
 #[test]
 fn each_regime_is_named_and_explained() {
     use session::Regime;
-    let of = |m: &[&str]| Regime::of(Some(&m.iter().map(|s| s.to_string()).collect::<Vec<_>>()));
+    let of = |m: &[&str]| {
+        Regime::of(Some(
+            &m.iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>(),
+        ))
+    };
     assert_eq!(Regime::of(None), Regime::NoKernelReset);
     assert_eq!(of(&[]), Regime::NoKernelReset);
     assert_eq!(of(&["bus"]), Regime::KernelBusReset);

@@ -12,12 +12,10 @@ const CARD: &str = "0000:03:00.0";
 
 /// Whether `pid` has `path` open.
 fn has_open(pid: u32, path: &std::path::Path) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .any(|l| l == path)
-        })
-        .unwrap_or(false)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|rd| {
+        rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|l| l == path)
+    })
 }
 
 /// A VM that starts while `power-cycle` waits for the device lock: the command inspected the

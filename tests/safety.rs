@@ -120,7 +120,7 @@ fn reset_changing_at_map(
                 on_config_write: Box::new(|| {}),
                 on_map: Box::new(move || {
                     if let Some(f) = f.take() {
-                        f()
+                        f();
                     }
                 }),
             }))
@@ -979,7 +979,7 @@ impl RegisterIo for AllOnes {
     }
     fn write32(&mut self, _offset: u32, _value: u32) {}
     fn delay(&mut self, d: Duration) {
-        self.0.delay(d)
+        self.0.delay(d);
     }
 }
 
@@ -1094,11 +1094,11 @@ impl RegisterIo for AtVerify {
     fn write32(&mut self, offset: u32, value: u32) {
         self.writes += 1;
         self.delayed = false;
-        self.inner.write32(offset, value)
+        self.inner.write32(offset, value);
     }
     fn delay(&mut self, d: Duration) {
         self.delayed = true;
-        self.inner.delay(d)
+        self.inner.delay(d);
     }
     fn revoked(&self) -> bool {
         self.revoked.load(std::sync::atomic::Ordering::SeqCst)

@@ -112,7 +112,7 @@ unsafe fn read_at<T>(base: u64, off: u32) -> Option<T> {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe path.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T).ok() }
 }
 
 /// Whether the current task belongs to the agent, compared in the agent's PID namespace. The
@@ -226,11 +226,11 @@ fn emit(
         fill(e);
         in_bracket = e.bracket != 0;
     }
-    entry.submit(if in_bracket {
+    entry.submit(u64::from(if in_bracket {
         BPF_RB_NO_WAKEUP
     } else {
         BPF_RB_FORCE_WAKEUP
-    } as u64);
+    }));
 }
 
 #[inline(always)]
@@ -347,9 +347,7 @@ fn bracket_exit(func: Func, ret: i32) {
         ret,
         b.start_ns,
         |e| {
-            e.needs_reset = needs_reset
-                .map(|v| (v != 0) as u8)
-                .unwrap_or(NEEDS_RESET_UNKNOWN);
+            e.needs_reset = needs_reset.map_or(NEEDS_RESET_UNKNOWN, |v| u8::from(v != 0));
             e.n_attempts = b.n_attempts as u8;
             e.n_seen = b.n_seen.min(255) as u8;
             e.attempts = b.attempts;

@@ -36,7 +36,7 @@ fn record() -> Vec<u8> {
 fn benches(c: &mut Criterion) {
     let rec = record();
     c.bench_function("decode a release record", |b| {
-        b.iter(|| events::decode(black_box(&rec)).unwrap())
+        b.iter(|| events::decode(black_box(&rec)).unwrap());
     });
 
     let regs = Registers {
@@ -54,7 +54,7 @@ fn benches(c: &mut Criterion) {
         after_our_reset: true,
     };
     c.bench_function("judge registers", |b| {
-        b.iter(|| verdict::judge(&expect(Family::Wlan), black_box(&regs)))
+        b.iter(|| verdict::judge(&expect(Family::Wlan), black_box(&regs)));
     });
 
     for family in [Family::Wlan, Family::Modem] {
@@ -72,7 +72,7 @@ fn benches(c: &mut Criterion) {
                     let mut io = Recorder::new(verdict::FixedIds(dev.clone(), (0x17cb, 0x1103)));
                     sequence::run(family, &mut io, &mut |_| {});
                     verdict::verify(&expect(family), &mut io, 1 << 20)
-                })
+                });
             },
         );
     }
@@ -87,12 +87,12 @@ fn benches(c: &mut Criterion) {
             let card = common::sim(Family::Wlan, Faults::default());
             let r = common::reset_with(&h, &qcom_reset::session::Request::new(wlan), &card);
             assert!(r.is_ok());
-        })
+        });
     });
 
     let paths = vec![PathBuf::from("/dev/vfio/999")];
     c.bench_function("holder scan of this host's /proc", |b| {
-        b.iter(|| qcom_reset::host::holders::find(Path::new("/proc"), black_box(&paths), None))
+        b.iter(|| qcom_reset::host::holders::find(Path::new("/proc"), black_box(&paths), None));
     });
 }
 
@@ -106,7 +106,7 @@ fn startup(c: &mut Criterion) {
     let mut g = c.benchmark_group("startup");
     g.sample_size(10);
     g.bench_function("parse vmlinux BTF (btf-rs)", |b| {
-        b.iter(|| qcom_reset::probes::layout::load_vmlinux(black_box(vmlinux)).unwrap())
+        b.iter(|| qcom_reset::probes::layout::load_vmlinux(black_box(vmlinux)).unwrap());
     });
     g.bench_function("parse vmlinux BTF (btf-rs, mmap backend)", |b| {
         b.iter(|| {
@@ -114,14 +114,14 @@ fn startup(c: &mut Criterion) {
                 btf_rs::Btf::from_file_with_backend(black_box(vmlinux), btf_rs::Backend::Mmap)
                     .unwrap();
             qcom_reset::probes::layout::pci_dev(&btf).unwrap()
-        })
+        });
     });
     g.bench_function("parse vmlinux BTF (aya)", |b| {
-        b.iter(|| aya::Btf::from_sys_fs().unwrap())
+        b.iter(|| aya::Btf::from_sys_fs().unwrap());
     });
     let btf = qcom_reset::probes::layout::load_vmlinux(vmlinux).unwrap();
     g.bench_function("resolve struct pci_dev offsets", |b| {
-        b.iter(|| qcom_reset::probes::layout::pci_dev(black_box(&btf)).unwrap())
+        b.iter(|| qcom_reset::probes::layout::pci_dev(black_box(&btf)).unwrap());
     });
     g.finish();
 }

@@ -103,19 +103,19 @@ impl SysfsConfig {
 impl ConfigSpace for SysfsConfig {
     fn read16(&mut self, off: u16) -> std::io::Result<u16> {
         let mut b = [0u8; 2];
-        self.0.read_exact_at(&mut b, off as u64)?;
+        self.0.read_exact_at(&mut b, u64::from(off))?;
         Ok(u16::from_le_bytes(b))
     }
     fn read32(&mut self, off: u16) -> std::io::Result<u32> {
         let mut b = [0u8; 4];
-        self.0.read_exact_at(&mut b, off as u64)?;
+        self.0.read_exact_at(&mut b, u64::from(off))?;
         Ok(u32::from_le_bytes(b))
     }
     fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
-        self.0.write_all_at(&v.to_le_bytes(), off as u64)
+        self.0.write_all_at(&v.to_le_bytes(), u64::from(off))
     }
     fn write32(&mut self, off: u16, v: u32) -> std::io::Result<()> {
-        self.0.write_all_at(&v.to_le_bytes(), off as u64)
+        self.0.write_all_at(&v.to_le_bytes(), u64::from(off))
     }
 }
 

@@ -274,11 +274,11 @@ impl RegisterIo for HandOver {
         if self.writes == self.after
             && let Some(t) = self.take.take()
         {
-            t()
+            t();
         }
     }
     fn delay(&mut self, d: Duration) {
-        self.inner.delay(d)
+        self.inner.delay(d);
     }
 }
 

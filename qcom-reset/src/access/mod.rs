@@ -361,7 +361,7 @@ impl Backend for VfioBackend {
             via: "vfio",
             why,
         };
-        let info = region_info(&self.device, bar as u32)
+        let info = region_info(&self.device, u32::from(bar))
             .map_err(|err| map_err(os(MapStep::Ioctl("VFIO_DEVICE_GET_REGION_INFO"), err)))?;
         if info.size == 0 || info.flags & uapi::VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(map_err(MapFailure::NotMappable));

@@ -269,7 +269,7 @@ impl Metrics {
     /// The device's latest verdict; a clean one also ends any give-up.
     pub fn verdict(&self, bdf: &str, clean: bool) {
         let d = Device { bdf: bdf.into() };
-        self.clean.get_or_create(&d).set(clean as i64);
+        self.clean.get_or_create(&d).set(i64::from(clean));
         if clean {
             self.gave_up.get_or_create(&d).set(0);
         }
@@ -286,7 +286,10 @@ impl Metrics {
 
     /// A card's current description; a changed one replaces the old series.
     pub fn device_info(&self, info: DeviceInfo) {
-        let mut of = self.info_of.lock().unwrap_or_else(|p| p.into_inner());
+        let mut of = self
+            .info_of
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if of.get(&info.bdf) == Some(&info) {
             return;
         }
@@ -317,7 +320,7 @@ impl Metrics {
         };
         match attached {
             Some(a) => {
-                self.probes.get_or_create(&p).set(a as i64);
+                self.probes.get_or_create(&p).set(i64::from(a));
             }
             None => {
                 self.probes.remove(&p);
@@ -359,7 +362,10 @@ impl Metrics {
         let Some(path) = &self.textfile else {
             return;
         };
-        let _one_writer = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_writer = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let text = self.render_classic();
         let written = crate::session::record::write_atomically(
             path,

@@ -357,7 +357,7 @@ impl Agent {
         for (bdf, r) in done {
             match r {
                 Ok(r) => {
-                    info!(bdf = %bdf, "recovered after a killed session: PCI_COMMAND {:?}, power/control {:?}", r.command, r.power_control)
+                    info!(bdf = %bdf, "recovered after a killed session: PCI_COMMAND {:?}, power/control {:?}", r.command, r.power_control);
                 }
                 Err(e) => warn!(bdf = %bdf, "a killed session's record could not be restored: {e}"),
             }

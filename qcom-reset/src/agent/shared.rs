@@ -66,7 +66,7 @@ impl Reloader {
             .0
             .status
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .ready;
         if ready {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
@@ -89,7 +89,9 @@ impl Reloader {
         let r = sh.cfg().reload(new);
         sh.binds_reset
             .store(binds_reset(&r.cfg), std::sync::atomic::Ordering::Relaxed);
-        *sh.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r.cfg.clone());
+        *sh.cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(r.cfg.clone());
         if r.applied.is_empty() {
             info!("configuration reloaded: nothing changed");
         } else {
@@ -107,14 +109,17 @@ impl Reloader {
 
 impl Shared {
     pub(super) fn cfg(&self) -> Arc<Config> {
-        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cfg
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub(super) fn journal(&self, record: &impl Serialize) {
         if let Some(j) = &self.journal {
             let mut line = serde_json::to_vec(record).expect("records serialize");
             line.push(b'\n');
-            let mut f = j.lock().unwrap_or_else(|p| p.into_inner());
+            let mut f = j.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Err(e) = f.write_all(&line) {
                 warn!("journal write failed: {e}");
             }
@@ -126,7 +131,7 @@ impl Shared {
             ActionResult::Verdict(Health::Clean)
             | ActionResult::NothingToDo
             | ActionResult::DryRun => {
-                info!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail)
+                info!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail);
             }
             _ => warn!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail),
         }
@@ -139,14 +144,22 @@ impl Shared {
 
     /// Changes the published status, then writes it out and tells systemd.
     pub(super) fn publish(&self, change: impl FnOnce(&mut AgentStatus)) {
-        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        change(
+            &mut self
+                .status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         self.write_status();
     }
 
     /// Writes the status as it is now (a late write writes the latest state, never an older
     /// one) and tells systemd.
     pub(super) fn write_status(&self) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.heartbeat_ms = now_ms();
         if let Err(e) = st.save(&self.host.run_dir) {
             warn!("agent status: {e}");
@@ -199,7 +212,7 @@ impl Shared {
         }
         self.status
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .cards
             .entry(bdf)
             .or_default()
@@ -209,12 +222,18 @@ impl Shared {
     }
 
     pub(super) fn history(&self, bdf: Bdf) -> policy::History {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.devices.get(&bdf.to_string()).cloned().unwrap_or_default()
     }
 
     pub(super) fn record(&self, bdf: Bdf, clean: bool, verdict: &str) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let h = s.devices.entry(bdf.to_string()).or_default();
         policy::record(&self.cfg(), h, clean, verdict, now_ms());
         if let Err(e) = s.save(&self.cfg().state_file) {

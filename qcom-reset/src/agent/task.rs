@@ -99,7 +99,7 @@ pub(super) fn absorb(m: Msg, (trigger, at): (&mut Trigger, &mut Instant), explai
                     | Trigger::KernelResetCall
                     | Trigger::KernelReset
                     | Trigger::FailedOpen
-            )
+            );
         }
     }
 }

@@ -243,7 +243,10 @@ fn root_check(root: bool) -> Check {
 
 fn btf_check(btf: &Path, vmlinux: Result<&Btf, &layout::LayoutError>) -> Check {
     let offsets = vmlinux.map(|b| layout::pci_dev(b).map_err(|e| e.to_string()));
-    match offsets.map_err(|e| e.to_string()).and_then(|o| o) {
+    match offsets
+        .map_err(std::string::ToString::to_string)
+        .and_then(|o| o)
+    {
         Ok(l) => Check::pass(
             "btf",
             format!(

@@ -80,7 +80,11 @@ fn read_all(host: &Host, a: &StatusArgs, targets: Vec<Target>) -> anyhow::Result
 
 fn print_status(s: &Status, profile: &str) {
     let t = &s.target;
-    let holders: Vec<String> = t.holders.iter().map(|h| h.to_string()).collect();
+    let holders: Vec<String> = t
+        .holders
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect();
     println!(
         "{} {} ({:04x}:{:04x}, {})",
         t.bdf, t.profile.name, t.vendor, t.device, t.profile.model

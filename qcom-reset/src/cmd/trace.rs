@@ -102,7 +102,7 @@ fn print_item(item: &Item, json: bool) -> anyhow::Result<()> {
         (Item::Drops { ringbuf, brackets }, false) => {
             println!(
                 "drops   ring buffer {ringbuf}, in-flight tables {brackets} (events were lost)"
-            )
+            );
         }
         (Item::Bad(why), true) => println!(
             "{}",

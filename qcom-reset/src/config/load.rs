@@ -39,7 +39,7 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
             (Some(toml::Value::Array(a)), toml::Value::Array(b))
                 if !b.is_empty() && b.iter().all(toml::Value::is_table) =>
             {
-                a.extend(b)
+                a.extend(b);
             }
             (_, v) => {
                 into.insert(k, v);

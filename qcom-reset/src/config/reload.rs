@@ -40,7 +40,7 @@ impl Config {
             metrics_textfile
         );
         keep!(flavour, access, device);
-        for (bdf, d) in new.devices.iter_mut() {
+        for (bdf, d) in &mut new.devices {
             let old = self.devices.get(bdf).cloned().unwrap_or_default();
             if (d.profile.as_ref(), d.bar) != (old.profile.as_ref(), old.bar) {
                 at_restart.push(format!("devices.\"{bdf}\" profile/bar"));

@@ -59,10 +59,10 @@ impl RegisterIo for Box<dyn RegisterIo> {
         (**self).read32(offset)
     }
     fn write32(&mut self, offset: u32, value: u32) {
-        (**self).write32(offset, value)
+        (**self).write32(offset, value);
     }
     fn delay(&mut self, d: Duration) {
-        (**self).delay(d)
+        (**self).delay(d);
     }
     fn revoked(&self) -> bool {
         (**self).revoked()

@@ -99,7 +99,7 @@ pub const fn expected_after_reset(family: Family) -> &'static str {
 }
 
 fn bhi_readable(bhioff: u32, bar_len: u64) -> bool {
-    bhioff != ALL_ONES && (bhioff as u64 + BHI_EXECENV as u64 + 4) <= bar_len
+    bhioff != ALL_ONES && (u64::from(bhioff) + u64::from(BHI_EXECENV) + 4) <= bar_len
 }
 
 /// Reads everything a verdict needs; the BAR only when config space answers with the target's
@@ -178,9 +178,9 @@ pub fn judge(expect: &Expect, r: &Registers) -> Verdict {
     let what = format!(
         "MHI state {}, SYSERR {}, READY {}, MHICTRL.RESET {}, EE {}",
         mhi_state_name(state),
-        (status & MHISTATUS_SYSERR != 0) as u8,
-        ready as u8,
-        (ctrl & MHICTRL_RESET != 0) as u8,
+        u8::from(status & MHISTATUS_SYSERR != 0),
+        u8::from(ready),
+        u8::from(ctrl & MHICTRL_RESET != 0),
         ee.map_or("unreadable", ee_name)
     );
     if status & MHISTATUS_SYSERR != 0 || state == MHI_STATE_SYS_ERR || ee == Some(EE_RDDM) {
@@ -256,10 +256,10 @@ impl<I: RegisterIo> RegisterIo for FixedIds<I> {
         self.0.read32(offset)
     }
     fn write32(&mut self, offset: u32, value: u32) {
-        self.0.write32(offset, value)
+        self.0.write32(offset, value);
     }
     fn delay(&mut self, d: Duration) {
-        self.0.delay(d)
+        self.0.delay(d);
     }
 }
 
@@ -354,7 +354,7 @@ mod tests {
     }
 
     fn st(state: u8, bits: u32) -> u32 {
-        (state as u32) << 8 | bits
+        u32::from(state) << 8 | bits
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec
     let Ok(procs) = fs::read_dir(proc_root) else {
         return out;
     };
-    for p in procs.filter_map(|e| e.ok()) {
+    for p in procs.filter_map(std::result::Result::ok) {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
@@ -56,7 +56,7 @@ pub fn find(proc_root: &Path, paths: &[PathBuf], ignore_pid: Option<u32>) -> Vec
         let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
             continue;
         };
-        for fd in fds.filter_map(|e| e.ok()) {
+        for fd in fds.filter_map(std::result::Result::ok) {
             let Ok(target) = fs::read_link(fd.path()) else {
                 continue;
             };

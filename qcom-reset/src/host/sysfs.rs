@@ -65,7 +65,7 @@ impl PciSysfs {
             err: source,
         })?;
         let mut out: Vec<SysfsDevice> = rd
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .filter_map(|e| {
                 let bdf = e.file_name().to_str()?.parse().ok()?;
                 Some(SysfsDevice { bdf, dir: e.path() })

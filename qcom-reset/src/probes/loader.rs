@@ -169,7 +169,7 @@ impl Probes {
         }
         let vmlinux = layout::load_vmlinux(Path::new(layout::VMLINUX_BTF))?;
         let pci = layout::pci_dev(&vmlinux)?;
-        let trace_all = opts.trace_all as u32;
+        let trace_all = u32::from(opts.trace_all);
         let me = opts.ignore.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global("PCI_DEV_VENDOR_OFF", &pci.vendor, true)
@@ -387,7 +387,7 @@ impl Probes {
         let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
             return (0, 0);
         };
-        let sum = |i| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let sum = |i| arr.get(&i, 0).map_or(0, |v| v.iter().sum());
         (sum(DROPS_RINGBUF), sum(DROPS_BRACKETS))
     }
 

@@ -102,7 +102,7 @@ impl Tracer {
                 .collect();
             anyhow::bail!(
                 "no probe could be attached; run `qcom-reset check` for the fix. First reason: {}",
-                why.first().map(String::as_str).unwrap_or("unknown")
+                why.first().map_or("unknown", String::as_str)
             );
         }
         // SAFETY: as for the logger above.

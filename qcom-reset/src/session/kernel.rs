@@ -38,7 +38,11 @@ mod tests {
 
     #[test]
     fn device_specific_is_made_first_only_when_it_is_not() {
-        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let m = |v: &[&str]| {
+            v.iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             method_swap(&m(&["bus", "device_specific"])),
             Some("bus device_specific".into())

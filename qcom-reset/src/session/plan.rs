@@ -44,7 +44,7 @@ pub(super) fn dry_run(t: &Target, access: &str) -> Report {
     let outcome = sequence::run(p.family, &mut io, &mut |_| {});
     let ops = io.ops;
     if !t.kernel_has_device_specific() {
-        plan.extend(ops.iter().map(|o| o.to_string()));
+        plan.extend(ops.iter().map(std::string::ToString::to_string));
         plan.push(format!(
             "verify: poll MHISTATUS/MHICTRL/EE ({})",
             verdict::verify_schedule(p.family)

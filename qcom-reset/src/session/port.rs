@@ -432,7 +432,7 @@ pub mod fake {
         }
         fn write16(&mut self, off: u16, v: u16) -> std::io::Result<()> {
             self.refuse()?;
-            self.writes.push((off, v as u32));
+            self.writes.push((off, u32::from(v)));
             self.put16(off, v);
             Ok(())
         }
@@ -578,7 +578,7 @@ mod tests {
         rec.apply(&mut c).unwrap();
         assert_eq!(
             c.writes[..2],
-            [(0x58, 0x0020), (0x5a, PCI_EXP_SLTSTA_CC as u32)],
+            [(0x58, 0x0020), (0x5a, u32::from(PCI_EXP_SLTSTA_CC))],
             "{:?}",
             c.writes
         );

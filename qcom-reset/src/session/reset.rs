@@ -303,7 +303,7 @@ fn map_bar(session: &mut Session, t: &Target) -> Result<(Box<dyn RegisterIo>, u6
 fn run_sequence<I: RegisterIo>(io: &mut Recorder<I>, t: &Target) -> (Outcome, Vec<Op>) {
     let version = t.profile.family.sequence_version();
     let o = sequence::run(t.profile.family, io, &mut |s| {
-        step(t.bdf, version, &format!("reset: {s}"))
+        step(t.bdf, version, &format!("reset: {s}"));
     });
     step(t.bdf, version, &format!("reset: {o:?}"));
     (o, std::mem::take(&mut io.ops))
@@ -377,10 +377,10 @@ impl<I: RegisterIo> RegisterIo for Live<'_, I> {
         v
     }
     fn write32(&mut self, offset: u32, value: u32) {
-        self.bar.write32(offset, value)
+        self.bar.write32(offset, value);
     }
     fn delay(&mut self, d: Duration) {
-        self.bar.delay(d)
+        self.bar.delay(d);
     }
 }
 

@@ -495,7 +495,7 @@ mod tests {
         let mut r = Restored::default();
         restore_config(&mut c, &b, Words::All, &mut r);
         let order: Vec<u16> = c.writes.iter().map(|&(o, _)| o).collect();
-        assert_eq!(order, [4, 0x58, 0x60, 0x78, 0x12, 4], "{:?}", r);
+        assert_eq!(order, [4, 0x58, 0x60, 0x78, 0x12, 4], "{r:?}");
     }
 
     /// Without a link drop config space is the session's baseline but for PCI_COMMAND: only

@@ -206,7 +206,7 @@ impl SimConfig {
     /// maps (QEMU's mapping, where the BARs are QEMU's). In D3hot a function answers config
     /// cycles only (PCI PM 1.2, 5.4.1); with `NoSoftRst+` the way back to D0 keeps its state.
     pub fn decodes(&self) -> bool {
-        let bar0 = (self.read16(0x12) as u32) << 16 | (self.read16(0x10) as u32 & 0xfff0);
+        let bar0 = u32::from(self.read16(0x12)) << 16 | (u32::from(self.read16(0x10)) & 0xfff0);
         let placed = self.home.is_none_or(|home| bar0 == home);
         let d0 = self.power_state() == 0;
         d0 && self.command() & PCI_COMMAND_MEMORY != 0 && placed

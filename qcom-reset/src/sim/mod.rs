@@ -53,7 +53,9 @@ impl SimDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Inspect the model (for assertions).
@@ -108,7 +110,7 @@ impl RegisterIo for SimDevice {
     fn write32(&mut self, offset: u32, value: u32) {
         let mut s = self.lock();
         let now = s.now_us;
-        s.model.write32(now, offset, value)
+        s.model.write32(now, offset, value);
     }
     fn delay(&mut self, d: Duration) {
         self.lock().now_us += d.as_micros() as u64;

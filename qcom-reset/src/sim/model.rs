@@ -206,12 +206,12 @@ impl Model {
     /// A device in the state a previous owner left it in.
     pub fn new(family: Family, vendor: u16, device: u16, state: SimState, faults: Faults) -> Model {
         let link_down_until = if faults.config_all_ones { u64::MAX } else { 0 };
-        let global_reset = GLOBAL_RESET_OTHER_BITS | faults.reset_asserted as u32;
+        let global_reset = GLOBAL_RESET_OTHER_BITS | u32::from(faults.reset_asserted);
         let asserted_at = faults.reset_asserted.then_some(0);
         let mission_ee = family.spec().sim.mission_ee;
         let (mhictrl, mhi_state, ee, syserr, ready) = match state {
             SimState::Mission => (
-                (MHI_STATE_M0 as u32) << 8,
+                u32::from(MHI_STATE_M0) << 8,
                 MHI_STATE_M0,
                 mission_ee,
                 false,
@@ -424,7 +424,7 @@ impl Model {
             BHIOFF => BHI_BASE,
             MHICTRL => self.mhictrl,
             MHISTATUS => {
-                (self.mhi_state as u32) << 8
+                u32::from(self.mhi_state) << 8
                     | if self.syserr { MHISTATUS_SYSERR } else { 0 }
                     | if self.ready { MHISTATUS_READY } else { 0 }
             }
@@ -471,7 +471,7 @@ impl Model {
                 match (value & GLOBAL_RESET_V != 0, was) {
                     (true, None) => self.asserted_at = Some(now),
                     (false, Some(t)) if now - t >= MIN_ASSERT_US => {
-                        self.reboot(now, WLAN_LINK_DOWN_US)
+                        self.reboot(now, WLAN_LINK_DOWN_US);
                     }
                     (false, Some(_)) => self.asserted_at = None,
                     _ => {}

@@ -102,7 +102,7 @@ impl Registers {
     fn map(path: &Path, size: u64) -> anyhow::Result<Registers> {
         let needed = MODELLED.iter().max().expect("registers are modelled") + 4;
         anyhow::ensure!(
-            size >= needed as u64,
+            size >= u64::from(needed),
             "the shared memory must be at least {needed:#x} bytes (the register map)"
         );
         let file = std::fs::OpenOptions::new()

@@ -87,7 +87,9 @@ impl Card {
     }
 
     fn quiet_model(&self) -> MutexGuard<'_, Model> {
-        self.model.lock().unwrap_or_else(|p| p.into_inner())
+        self.model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The report as of now.
@@ -330,7 +332,9 @@ fn store(report: &Path, r: &serde_json::Value) -> anyhow::Result<()> {
     // The reporter and the server's last word may store at once: one temporary file, one at a
     // time (a rename of the other's already renamed file fails with ENOENT).
     static STORING: Mutex<()> = Mutex::new(());
-    let _one = STORING.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = STORING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let tmp = report.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(r)?)?;
     std::fs::rename(&tmp, report)?;
@@ -445,7 +449,7 @@ mod tests {
     fn runtime_pm_d3hot_and_the_wake_up_are_reported_and_d3hot_answers_config_only() {
         let c = card(Family::Modem, 0x0308);
         let mut b = Backend(c.clone());
-        let pmcsr = (crate::sim::config::PM_CAP + 4) as u64;
+        let pmcsr = u64::from(crate::sim::config::PM_CAP + 4);
         b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &[0x02, 0x04])
             .unwrap();
         b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, pmcsr, &[0x03, 0x00])

@@ -130,7 +130,7 @@ fn wait_count(file: &str, pattern: &str, n: usize) -> anyhow::Result<()> {
         match std::fs::File::open(file) {
             Ok(f) => break BufReader::new(f),
             Err(_) if t.elapsed() < Duration::from_secs(60) => {
-                std::thread::sleep(Duration::from_millis(2))
+                std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) => anyhow::bail!("{file}: {e}"),
         }

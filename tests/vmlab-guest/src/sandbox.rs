@@ -27,7 +27,7 @@ fn parse(text: &str) -> anyhow::Result<Sandbox> {
             // Names of other architectures' syscalls (the groups are arch-independent).
             Some(("syscall", name)) => {
                 if let Ok(n) = syscalls::Sysno::from_str(name) {
-                    syscalls.push(n.id() as i64);
+                    syscalls.push(i64::from(n.id()));
                 }
             }
             Some(("cap", name)) => {

@@ -158,7 +158,7 @@ fn build(spec: &Spec, dir: &Path) -> anyhow::Result<()> {
     );
     let jobs = format!(
         "-j{}",
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
     );
     eprintln!(
         "xtask: building {} {} ({}; about 15 minutes, cached after)",

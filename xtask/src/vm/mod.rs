@@ -338,7 +338,7 @@ fn guest_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::I
 /// (ath1xk brings mac80211 and cfg80211: 7 MB more to unpack, which the other boots are spared).
 fn judge_image(k: &host::Kernel, bins: &Binaries) -> anyhow::Result<initramfs::Initramfs> {
     let drivers: Vec<&str> = Scenario::all()
-        .filter_map(|s| s.judge())
+        .filter_map(scenarios::Scenario::judge)
         .filter(|j| initramfs::has_module(k, j.module))
         .flat_map(|j| j.needs.iter().copied().chain([j.module]))
         .collect();

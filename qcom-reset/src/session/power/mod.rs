@@ -518,7 +518,7 @@ mod tests {
     impl Drop for Kernel {
         fn drop(&mut self) {
             self.stop.store(true, Ordering::SeqCst);
-            let _ = self.thread.take().map(|t| t.join());
+            let _ = self.thread.take().map(std::thread::JoinHandle::join);
         }
     }
 

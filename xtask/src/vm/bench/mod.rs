@@ -102,7 +102,7 @@ pub fn bench_lab(o: &Options) -> anyhow::Result<()> {
         log.display()
     );
     let boot = qemu::boot(&qemu, &k.vmlinux, &cpio, &args, timeout, &log, false)?;
-    let reports: Vec<_> = sims.into_iter().map(|s| s.finish()).collect();
+    let reports: Vec<_> = sims.into_iter().map(super::Sim::finish).collect();
     if boot.rc != Some(0) {
         let tail: Vec<&str> = boot.console.lines().rev().take(30).collect();
         bail!(

@@ -397,7 +397,11 @@ impl Scenario {
 
     /// QEMU devices besides intel-iommu (the card is added by the runner).
     pub fn devices(self) -> Vec<String> {
-        self.spec().devices.iter().map(|d| d.to_string()).collect()
+        self.spec()
+            .devices
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect()
     }
 
     pub fn script(self) -> String {

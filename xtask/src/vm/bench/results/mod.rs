@@ -119,7 +119,7 @@ fn rss(s: &str) -> anyhow::Result<(u64, u64, u64)> {
 fn cpu(s: &str) -> anyhow::Result<(u64, u64, u64)> {
     let n: Vec<u64> = s
         .split_whitespace()
-        .map(|x| x.parse())
+        .map(str::parse)
         .collect::<Result<_, _>>()?;
     ensure!(n.len() == 4, "cpu sample {s:?}");
     Ok((n[0] + n[1], n[2], n[3]))
@@ -319,7 +319,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
+    s.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
     s[rank.min(s.len()) - 1]
 }

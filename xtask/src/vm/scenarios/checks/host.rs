@@ -196,7 +196,7 @@ pub(crate) fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         .context(format!("no clean reset: {acts:?}"))?;
     let restored = &a["report"]["restored"]["port"];
     ensure!(
-        restored.as_array().map(Vec::len) == Some(hp as usize + sd as usize),
+        restored.as_array().map(Vec::len) == Some(usize::from(hp) + usize::from(sd)),
         "the report lists each port register put back: {restored}"
     );
     check_sim(sim, "modem", 1 + kernel_device_specific_resets(console))?;
