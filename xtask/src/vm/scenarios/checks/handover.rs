@@ -3,7 +3,8 @@
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::{Hit, actions, hits, stamped, vmlab_json};
+use super::journal::{self, actions};
+use super::{Hit, hits, stamped, vmlab_json};
 use crate::vm::qemu::section;
 
 pub(crate) fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
@@ -199,24 +200,24 @@ pub(crate) fn taken_and_cleaned(
                 log.join("\n")
             )
         })?;
-    let acts = actions(console);
+    let acts = actions(console)?;
     ensure!(acts.len() == 1, "expected one action: {acts:?}");
     // Taken mid-session: no verdict from registers that are the new driver's.
     ensure!(
-        acts[0]["result"] == "taken"
-            && acts[0]["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains(&format!("was taken by {taker} during the reset"))),
-        "the action does not say the card was taken: {}",
+        acts[0].result == journal::Outcome::Taken
+            && acts[0]
+                .detail
+                .contains(&format!("was taken by {taker} during the reset")),
+        "the action does not say the card was taken: {:?}",
         acts[0]
     );
-    let restored = &acts[0]["report"]["restored"];
-    if !restored.is_null() {
+    if let Some(r) = &acts[0].report {
+        let restored = &r.restored;
         ensure!(
-            restored["taken_by"] == taker
-                && restored["command"].is_null()
-                && restored["power_control"].is_null(),
-            "the report puts something back onto the taken card: {restored}"
+            restored.taken_by.as_deref() == Some(taker)
+                && restored.command.is_none()
+                && restored.power_control.is_none(),
+            "the report puts something back onto the taken card: {restored:?}"
         );
     }
     // The helper looks for the record when the handover has ended: if the session ended first
@@ -232,11 +233,12 @@ pub(crate) fn taken_and_cleaned(
     // "<time>  WARN <target>: <message> <stamp>": the message.
     let said = line.rsplit_once(' ').map_or(*line, |(l, _)| l);
     let said = said.split(": ").skip(1).collect::<Vec<_>>().join(": ");
+    let restored = acts[0].report.as_ref().map(|r| &r.restored);
     Ok(vec![
         format!("agent: {}", said.trim()),
         format!(
-            "action {} ({}), restored {restored}; crash record removed",
-            acts[0]["result"], acts[0]["detail"]
+            "action {:?} ({}), restored {restored:?}; crash record removed",
+            acts[0].result, acts[0].detail
         ),
     ])
 }

@@ -3,8 +3,9 @@
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+use super::journal::{self, actions};
 use super::loops::{check_loop, kernel_device_specific_resets};
-use super::{actions, check_sim, json_lines};
+use super::{check_sim, json_lines};
 use crate::vm::qemu::section;
 use crate::vm::scenarios::Run;
 
@@ -21,11 +22,12 @@ pub(crate) fn check_by_id(
         "status must show the card as the experimental sdx55 it was configured as:\n{status}"
     );
     let mut notes = check_loop(run, console, sim, "modem", 1)?;
-    let profile = actions(console)
+    let acts = actions(console)?;
+    let profile = acts
         .first()
-        .map(|a| a["report"]["profile"].clone())
-        .unwrap_or_default();
-    ensure!(profile == "sdx55", "reset as profile {profile}");
+        .and_then(|a| a.report.as_ref())
+        .map(|r| r.profile.as_str());
+    ensure!(profile == Some("sdx55"), "reset as profile {profile:?}");
     notes.insert(
         0,
         "a [[device]] rule on an ID the table lacks -> experimental sdx55: reset, clean".into(),
@@ -42,9 +44,9 @@ pub(crate) fn check_linkdrop(
     // The kernel's own reset (sysfs `reset`, on a kernel with the device-specific one) blocks
     // config space for its whole length (pci_dev_lock's pci_cfg_access_lock: sysfs reads
     // wait), so userspace never sees the drop; the agent's register sequence does not.
-    let by_kernel = actions(console)
+    let by_kernel = actions(console)?
         .first()
-        .is_some_and(|a| a["report"]["method"] == "kernel-device-specific");
+        .is_some_and(|a| a.method() == Some(journal::Method::KernelDeviceSpecific));
     ensure!(
         down.is_empty() == by_kernel,
         "the guest's config reads during the modem's link drop (all-ones expected: {}): {watch:?}",
@@ -189,15 +191,15 @@ pub(crate) fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         sltctl(after) == sltctl(before) && mask(after) == mask(before),
         "after the reset the port is as before: {before} vs {after}"
     );
-    let acts = actions(console);
+    let acts = actions(console)?;
     let a = acts
         .iter()
-        .find(|a| a["result"] == "clean")
+        .find(|a| a.result == journal::Outcome::Clean)
         .context(format!("no clean reset: {acts:?}"))?;
-    let restored = &a["report"]["restored"]["port"];
+    let restored = &a.report()?.restored.port;
     ensure!(
-        restored.as_array().map(Vec::len) == Some(usize::from(hp) + usize::from(sd)),
-        "the report lists each port register put back: {restored}"
+        restored.len() == usize::from(hp) + usize::from(sd),
+        "the report lists each port register put back: {restored:?}"
     );
     check_sim(sim, "modem", 1 + kernel_device_specific_resets(console))?;
     let hex = |v: Option<u64>| v.map_or("none".into(), |v| format!("{v:#x}"));
@@ -210,7 +212,7 @@ pub(crate) fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<V
             hex(mask(before)),
             hex(mask(during))
         ),
-        format!("after: as before; restored {restored}"),
+        format!("after: as before; restored {restored:?}"),
     ])
 }
 pub(crate) fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {

@@ -2,8 +2,8 @@
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::actions;
 use super::host::guest_kernel;
+use super::journal::{self, actions};
 use crate::vm::qemu::section;
 use crate::vm::scenarios::{Judge, MHI_ENDS, Run};
 
@@ -50,9 +50,10 @@ pub(crate) fn check_driver_judge(
             "the driver neither gave up nor powered up: {before:?}"
         ),
     }
-    let acts = actions(console);
+    let acts = actions(console)?;
     ensure!(
-        acts.first().is_some_and(|a| a["result"] == "clean"),
+        acts.first()
+            .is_some_and(|a| a.result == journal::Outcome::Clean),
         "the agent's reset: {acts:?}"
     );
     ensure!(

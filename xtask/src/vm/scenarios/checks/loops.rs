@@ -3,7 +3,8 @@ use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
 use super::host::port_states;
-use super::{actions, attempts, check_sim, json_lines};
+use super::journal::{self, actions};
+use super::{attempts, check_sim, json_lines};
 use crate::vm::qemu::section;
 use crate::vm::scenarios::{Run, Scenario, Topology};
 
@@ -23,7 +24,7 @@ fn regime_of(run: &Run) -> KernelRegime {
 
 /// Behind the root port the reset masked the port's link-drop reports and put them back (the
 /// loops read the port before and after; other scenarios reuse the loop's check without).
-fn port_guarded(run: &Run, console: &str, a: &Value) -> anyhow::Result<()> {
+fn port_guarded(run: &Run, console: &str, a: &journal::Action) -> anyhow::Result<()> {
     if run.topology != Topology::RootPort || !console.contains("VMLAB-BEGIN port") {
         return Ok(());
     }
@@ -32,11 +33,12 @@ fn port_guarded(run: &Run, console: &str, a: &Value) -> anyhow::Result<()> {
         ports.len() == 2 && ports[0] == ports[1],
         "the port before and after the reset differ: {ports:?}"
     );
-    let restored = &a["report"]["restored"]["port"];
+    let report = a.report()?;
+    let restored = &report.restored.port;
+    let port = report.port.as_ref().and_then(|p| p.port.as_deref());
     ensure!(
-        a["report"]["port"]["port"] == ports[0]["port"]
-            && restored.as_array().is_some_and(|r| !r.is_empty()),
-        "the reset did not guard the port {}: restored {restored}",
+        port.is_some() && port == ports[0]["port"].as_str() && !restored.is_empty(),
+        "the reset did not guard the port {}: restored {restored:?}",
         ports[0]["port"]
     );
     Ok(())
@@ -53,11 +55,11 @@ pub(crate) fn check_loop(
         return check_kernel_regime(run, console, sim, regime_of(run));
     }
     let journal = json_lines(console, "journal");
-    let acts = actions(console);
+    let acts = actions(console)?;
     let a = acts.first().context("the agent took no action")?;
     ensure!(
-        a["trigger"] == "release" && a["result"] == "clean",
-        "first action: {a}"
+        a.trigger == journal::Trigger::Release && a.result == journal::Outcome::Clean,
+        "first action: {a:?}"
     );
     ensure!(
         acts.len() == 1,
@@ -96,8 +98,8 @@ pub(crate) fn check_loop(
     );
     port_guarded(run, console, a)?;
     let detect_ms = (received - done_ns) as f64 / 1e6;
-    let act_ms = a["latency_ms"].as_f64().unwrap_or(f64::NAN);
-    let reset_ms = a["report"]["duration_ms"].as_u64().unwrap_or(0);
+    let act_ms = a.latency_ms.unwrap_or(f64::NAN);
+    let reset_ms = a.report()?.duration_ms;
     Ok([
         quirk,
         power,
@@ -105,7 +107,7 @@ pub(crate) fn check_loop(
             "release: kernel_reset={} needs_reset={} -> reset anyway",
             ev["event"]["kernel_reset"], ev["event"]["needs_reset"]
         )),
-        Some(format!("verdict {}: {}", a["result"], a["detail"])),
+        Some(format!("verdict {:?}: {}", a.result, a.detail)),
         Some(format!(
             "detection {detect_ms:.1} ms (release returned -> agent), event -> reset start {act_ms:.1} ms, reset+verify {reset_ms} ms, total {:.0} ms",
             detect_ms + act_ms + reset_ms as f64
@@ -122,7 +124,7 @@ pub(crate) fn check_loop(
 /// the card sleeps again. None for the ivshmem card (no PM capability, no power report).
 pub(crate) fn check_runtime_pm(
     sim: Option<&Value>,
-    action: &Value,
+    action: &journal::Action,
 ) -> anyhow::Result<Option<String>> {
     let Some(power) = sim.and_then(|s| s["power"].as_array()) else {
         return Ok(None);
@@ -148,10 +150,10 @@ pub(crate) fn check_runtime_pm(
         "runtime PM: the card was not woken from D3hot right before the first register write \
          (its last change before it: {woke:?}; all: {power:?})"
     );
+    let restored = &action.report()?.restored;
     ensure!(
-        action["report"]["restored"]["power_control"] == "auto",
-        "runtime PM: the session did not record and restore power/control=auto: {}",
-        action["report"]["restored"]
+        restored.power_control.as_deref() == Some("auto"),
+        "runtime PM: the session did not record and restore power/control=auto: {restored:?}"
     );
     let slept = power
         .iter()
@@ -261,8 +263,8 @@ pub(crate) fn check_kernel_regime(
     Ok([
         note,
         Some(format!(
-            "release: kernel_reset={} -> {} {}",
-            ev["event"]["kernel_reset"], a["result"], a["detail"]
+            "release: kernel_reset={} -> {:?} {}",
+            ev["event"]["kernel_reset"], a.result, a.detail
         )),
         Some(format!(
             "simulator: {} reset sequence(s), {} of the kernel's broken off by its link poll, the rest conformant with the reviewed one; {} ignored by the SoC",
@@ -307,28 +309,26 @@ fn verified_stale(run: &Run, log: &str, want: &KernelRegime) -> anyhow::Result<(
 }
 
 /// The agent's one action after the release, as the regime expects.
-fn one_action(console: &str, want: &KernelRegime) -> anyhow::Result<Value> {
-    let acts = actions(console);
+fn one_action(console: &str, want: &KernelRegime) -> anyhow::Result<journal::Action> {
+    let acts = actions(console)?;
     ensure!(acts.len() == 1, "expected one action, got {acts:?}");
     let a = acts[0].clone();
     ensure!(
-        a["trigger"] == want.trigger && a["result"] == want.result,
-        "expected {} -> {}: {a}",
+        a.trigger == want.trigger && a.result == want.result,
+        "expected {:?} -> {:?}: {a:?}",
         want.trigger,
         want.result
     );
     if want.method.is_none() {
         ensure!(
-            a["detail"]
-                .as_str()
-                .is_some_and(|d| d.starts_with("clean:")),
-            "the verification must find the card clean: {a}"
+            a.detail.starts_with("clean:"),
+            "the verification must find the card clean: {a:?}"
         );
     }
     ensure!(
-        a["report"]["method"].as_str() == want.method,
-        "reset by {} (expected {:?})",
-        a["report"]["method"],
+        a.method() == want.method,
+        "reset by {:?} (expected {:?})",
+        a.method(),
         want.method
     );
     Ok(a)
@@ -383,10 +383,10 @@ pub struct KernelRegime {
     /// What the release summary names: the kernel's reset at release, if it succeeded.
     release: &'static str,
     /// The agent's one action after the release: its trigger and result.
-    trigger: &'static str,
-    result: &'static str,
+    trigger: journal::Trigger,
+    result: journal::Outcome,
     /// How it reset, if it did (`report.method`).
-    method: Option<&'static str>,
+    method: Option<journal::Method>,
     /// Conformant sequences the card received: the kernel's at open and release, plus one of
     /// the agent's (through the kernel's `device_specific`, or its own register sequence).
     sequences: u64,
@@ -401,8 +401,8 @@ impl KernelRegime {
     /// The kernel reset the card at open and release; the agent verified it and wrote nothing.
     pub(crate) const VERIFIED: KernelRegime = KernelRegime {
         release: "device-specific",
-        trigger: "kernel-reset",
-        result: "nothing-to-do",
+        trigger: journal::Trigger::KernelReset,
+        result: journal::Outcome::NothingToDo,
         method: None,
         sequences: 2,
         missed: 0,
@@ -418,9 +418,9 @@ impl KernelRegime {
     /// kernel's `device_specific` (sysfs `reset`), which took.
     pub(crate) const STALE: KernelRegime = KernelRegime {
         release: "device-specific",
-        trigger: "kernel-reset",
-        result: "clean",
-        method: Some("kernel-device-specific"),
+        trigger: journal::Trigger::KernelReset,
+        result: journal::Outcome::Clean,
+        method: Some(journal::Method::KernelDeviceSpecific),
         sequences: 3,
         missed: 2,
         broken_off: 0,
@@ -430,9 +430,9 @@ impl KernelRegime {
     /// third) reset the card.
     pub(crate) const TIMEOUT: KernelRegime = KernelRegime {
         release: "none",
-        trigger: "release",
-        result: "clean",
-        method: Some("register-sequence"),
+        trigger: journal::Trigger::Release,
+        result: journal::Outcome::Clean,
+        method: Some(journal::Method::RegisterSequence),
         sequences: 3,
         missed: 0,
         broken_off: 2,
@@ -440,9 +440,9 @@ impl KernelRegime {
     /// `act_with_kernel_reset = true`: the agent's own sequence after the kernel's.
     pub(crate) const ACT_WITH_KERNEL: KernelRegime = KernelRegime {
         release: "device-specific",
-        trigger: "kernel-reset",
-        result: "clean",
-        method: Some("register-sequence"),
+        trigger: journal::Trigger::KernelReset,
+        result: journal::Outcome::Clean,
+        method: Some(journal::Method::RegisterSequence),
         sequences: 3,
         missed: 0,
         broken_off: 0,

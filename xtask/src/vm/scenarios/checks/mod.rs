@@ -2,6 +2,7 @@
 //! scenario's are in the file of its kind, the line readers they share here.
 pub(super) mod handover;
 pub(super) mod host;
+pub(super) mod journal;
 pub(super) mod judge;
 pub(super) mod loops;
 pub(super) mod probes;
@@ -35,13 +36,6 @@ pub(crate) fn attempts(v: &Value) -> Vec<(String, i64)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-pub(crate) fn actions(console: &str) -> Vec<Value> {
-    json_lines(console, "journal")
-        .into_iter()
-        .filter(|v| v["type"] == "action")
-        .map(|v| v["action"].clone())
-        .collect()
 }
 /// The single sim-report expectation every loop shares: family, conformance, write count.
 pub(crate) fn check_sim(sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<()> {

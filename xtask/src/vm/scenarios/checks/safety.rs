@@ -4,19 +4,30 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::host::port_states;
+use super::journal::{self, actions};
 use super::loops::kernel_device_specific_resets;
-use super::{actions, check_sim, json_lines};
+use super::{check_sim, json_lines};
 use crate::vm::qemu::section;
 
 /// How a WLAN card's release ends: the agent's reset (3 writes), or, where the kernel reset it
 /// at open and release (7.4's device-specific reset, 3 writes each), the verification of that
 /// reset. (kernel resets, trigger, result, the agent's writes)
-fn wlan_release_end(console: &str) -> (usize, &'static str, &'static str, usize) {
+fn wlan_release_end(console: &str) -> (usize, journal::Trigger, journal::Outcome, usize) {
     let kernel = kernel_device_specific_resets(console);
     if kernel > 0 {
-        (kernel, "kernel-reset", "nothing-to-do", 0)
+        (
+            kernel,
+            journal::Trigger::KernelReset,
+            journal::Outcome::NothingToDo,
+            0,
+        )
     } else {
-        (kernel, "release", "clean", 3)
+        (
+            kernel,
+            journal::Trigger::Release,
+            journal::Outcome::Clean,
+            3,
+        )
     }
 }
 
@@ -30,10 +41,10 @@ pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<V
     // holds the card, and its release is answered once: reset, or, where the kernel reset it
     // at open and release (7.4's device-specific reset), verified.
     let (kernel, trigger, result, ours) = wlan_release_end(console);
-    let acts = actions(console);
+    let acts = actions(console)?;
     ensure!(
-        acts.len() == 1 && acts[0]["trigger"] == trigger && acts[0]["result"] == result,
-        "expected one action, the release's {trigger} -> {result}: {acts:?}"
+        acts.len() == 1 && acts[0].trigger == trigger && acts[0].result == result,
+        "expected one action, the release's {trigger:?} -> {result:?}: {acts:?}"
     );
     check_sim(sim, "wlan", ours + 3 * kernel)?;
     let refusal = cli
@@ -42,23 +53,22 @@ pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         .unwrap_or("");
     Ok(vec![
         format!("while held: the CLI refused ({refusal}); the agent did nothing"),
-        format!("after the release: {trigger} -> {result}; the kernel's own resets: {kernel}"),
+        format!("after the release: {trigger:?} -> {result:?}; the kernel's own resets: {kernel}"),
     ])
 }
 pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
-    let acts = actions(console);
-    let results: Vec<&str> = acts.iter().filter_map(|a| a["result"].as_str()).collect();
+    let acts = actions(console)?;
+    let results: Vec<journal::Outcome> = acts.iter().map(|a| a.result).collect();
     ensure!(
-        results == ["link-down", "link-down", "skipped"],
+        results
+            == [
+                journal::Outcome::LinkDown,
+                journal::Outcome::LinkDown,
+                journal::Outcome::Skipped
+            ],
         "actions: {results:?}"
     );
-    ensure!(
-        acts[2]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("gave up after 2")),
-        "{}",
-        acts[2]
-    );
+    ensure!(acts[2].detail.contains("gave up after 2"), "{:?}", acts[2]);
     // On a kernel with the device-specific reset, that reset at the VM's open is the one that
     // takes the link (its poll times out): the agent finds config space all-ones from its first
     // read, so it saves, writes and restores nothing.
@@ -68,8 +78,11 @@ pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<
     if kernel_took_link {
         return check_fault_after_kernel(&acts, console, sim);
     }
-    let restored = acts[0]["report"]["restored"]["command"]
-        .as_u64()
+    let restored = acts[0]
+        .report()?
+        .restored
+        .command
+        .map(u64::from)
         .context("PCI_COMMAND not restored")?;
     let now = console
         .lines()
@@ -96,24 +109,20 @@ pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<
         );
     }
     Ok(vec![format!(
-        "2 attempts, both link-down, then: {}; PCI_COMMAND restored to {restored:#06x}, reads {now:#06x}",
-        acts[2]["detail"]
+        "2 attempts, both link-down, then: {:?}; PCI_COMMAND restored to {restored:#06x}, reads {now:#06x}",
+        acts[2].detail
     )])
 }
 pub(crate) fn check_fault_after_kernel(
-    acts: &[Value],
+    acts: &[journal::Action],
     console: &str,
     sim: Option<&Value>,
 ) -> anyhow::Result<Vec<String>> {
     for a in &acts[..2] {
-        let r = &a["report"];
+        let r = a.report()?;
         ensure!(
-            r["ops"].as_array().is_some_and(Vec::is_empty)
-                && r["restored"]["command"].is_null()
-                && r["restored"]["config"]
-                    .as_array()
-                    .is_some_and(Vec::is_empty),
-            "a card gone before the session started gets no write and no restore: {a}"
+            r.ops.is_empty() && r.restored.command.is_none() && r.restored.config.is_empty(),
+            "a card gone before the session started gets no write and no restore: {a:?}"
         );
     }
     ensure!(
@@ -128,52 +137,51 @@ pub(crate) fn check_fault_after_kernel(
         "the kernel's global reset (assert, deassert) and nothing after: {sim}"
     );
     Ok(vec![format!(
-        "the kernel's reset at open took the link for good (-ETIMEDOUT); 2 attempts found it down, wrote nothing, then: {}",
-        acts[2]["detail"]
+        "the kernel's reset at open took the link for good (-ETIMEDOUT); 2 attempts found it down, wrote nothing, then: {:?}",
+        acts[2].detail
     )])
 }
 pub(crate) fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
     // Where the kernel reset the card as the device closed (7.4), the wait is for the
     // verification of that reset, which finds it clean and writes nothing.
     let (kernel, trigger, result, ours) = wlan_release_end(console);
-    let acts = actions(console);
-    let done: Vec<&Value> = acts.iter().filter(|a| a["result"] == result).collect();
-    ensure!(done.len() == 1, "expected one {result}: {acts:?}");
-    ensure!(done[0]["trigger"] == trigger, "{}", done[0]);
+    let acts = actions(console)?;
+    let done: Vec<&journal::Action> = acts.iter().filter(|a| a.result == result).collect();
+    ensure!(done.len() == 1, "expected one {result:?}: {acts:?}");
+    ensure!(done[0].trigger == trigger, "{:?}", done[0]);
     let waiting = acts
         .iter()
         .find(|a| {
-            a["trigger"] == trigger
-                && a["result"] == "skipped"
-                && a["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.contains("held by pid") && d.contains("waiting up to"))
+            a.trigger == trigger
+                && a.result == journal::Outcome::Skipped
+                && a.detail.contains("held by pid")
+                && a.detail.contains("waiting up to")
         })
-        .with_context(|| format!("the {trigger} did not wait for the group: {acts:?}"))?;
+        .with_context(|| format!("the {trigger:?} did not wait for the group: {acts:?}"))?;
     ensure!(
         acts.len() == 2,
         "expected the wait and its answer: {acts:?}"
     );
-    let waited = done[0]["ts_ms"].as_u64().unwrap_or(0) - waiting["ts_ms"].as_u64().unwrap_or(0);
+    let waited = done[0].ts_ms.saturating_sub(waiting.ts_ms);
     ensure!(
         waited >= 2000,
-        "{result} {waited} ms after the refusal: before the group was closed?"
+        "{result:?} {waited} ms after the refusal: before the group was closed?"
     );
     check_sim(sim, "wlan", ours + 3 * kernel)?;
     Ok(vec![
-        format!("device closed, group kept: {}", waiting["detail"]),
+        format!("device closed, group kept: {:?}", waiting.detail),
         format!(
-            "group closed: {trigger} -> {result} {waited} ms later; the kernel's own resets: {kernel}"
+            "group closed: {trigger:?} -> {result:?} {waited} ms later; the kernel's own resets: {kernel}"
         ),
     ])
 }
 pub(crate) fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
-    let acts = actions(console);
+    let acts = actions(console)?;
     ensure!(acts.len() == 1, "expected one action: {acts:?}");
     let a = &acts[0];
     ensure!(
-        a["trigger"] == "bind" && a["result"] == "clean",
-        "action: {a}"
+        a.trigger == journal::Trigger::Bind && a.result == journal::Outcome::Clean,
+        "action: {a:?}"
     );
     let opened = json_lines(console, "journal")
         .iter()
@@ -182,20 +190,20 @@ pub(crate) fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<V
     // Where the kernel has the device-specific reset, the agent asks for it instead of its own.
     let log = section(console, "agent-log").join("\n");
     let method = if log.contains("regime=kernel-device-specific") {
-        "kernel-device-specific"
+        journal::Method::KernelDeviceSpecific
     } else {
-        "register-sequence"
+        journal::Method::RegisterSequence
     };
     ensure!(
-        a["report"]["method"] == method,
-        "reset by {}, not {method}",
-        a["report"]["method"]
+        a.method() == Some(method),
+        "reset by {:?}, not {method:?}",
+        a.method()
     );
     check_sim(sim, "modem", 1)?;
     Ok(vec![format!(
         "bound to vfio-pci -> reset in {:.1} ms, before any open: {}",
-        a["latency_ms"].as_f64().unwrap_or(f64::NAN),
-        a["detail"]
+        a.latency_ms.unwrap_or(f64::NAN),
+        a.detail
     )])
 }
 pub(crate) fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
@@ -212,21 +220,20 @@ pub(crate) fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Resul
         before == after,
         "the observe-only rescan changed the device: {before} -> {after}"
     );
-    let acts = actions(console);
-    let results: Vec<(&str, &str)> = acts
-        .iter()
-        .filter_map(|a| Some((a["trigger"].as_str()?, a["result"].as_str()?)))
-        .collect();
+    let acts = actions(console)?;
+    let results: Vec<(journal::Trigger, journal::Outcome)> =
+        acts.iter().map(|a| (a.trigger, a.result)).collect();
     // Where the kernel resets the card at open and release (7.4), the release is one to
     // verify, which observe-only cannot do on a runtime-suspended card: skipped, not woken.
     let kernel = kernel_device_specific_resets(console);
     let release = if kernel > 0 {
-        ("kernel-reset", "skipped")
+        (journal::Trigger::KernelReset, journal::Outcome::Skipped)
     } else {
-        ("release", "dry-run")
+        (journal::Trigger::Release, journal::Outcome::DryRun)
     };
     ensure!(
-        results.contains(&("rescan", "skipped")) && results.contains(&release),
+        results.contains(&(journal::Trigger::Rescan, journal::Outcome::Skipped))
+            && results.contains(&release),
         "actions: {acts:?}"
     );
     check_sim(sim, "wlan", 3 * kernel)?;
@@ -256,34 +263,32 @@ pub(crate) fn check_own(console: &str, sim: Option<&Value>) -> anyhow::Result<Ve
         vm2.contains("vm2-rc=0"),
         "a VM starting during the verification was refused: {vm2}"
     );
-    let acts = actions(console);
-    let results: Vec<&str> = acts.iter().filter_map(|a| a["result"].as_str()).collect();
+    let acts = actions(console)?;
+    let results: Vec<journal::Outcome> = acts.iter().map(|a| a.result).collect();
     let taken = acts
         .iter()
-        .find(|a| a["result"] == "taken")
+        .find(|a| a.result == journal::Outcome::Taken)
         .with_context(|| format!("the reset was not reported taken by the VM: {results:?}"))?;
     // Named by the kernel's EBUSY when the group was taken back, after the VM's BAR mapping
     // revoked the session's own (Debian's CONFIG_IO_STRICT_DEVMEM): no SIGBUS death.
-    ensure!(
-        taken["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("vmlab-guest")),
-        "taken: {taken}"
-    );
+    ensure!(taken.detail.contains("vmlab-guest"), "taken: {taken:?}");
     // Then the VM's own release is an episode of its own: reset (or, where the kernel resets
     // at release, verified) clean.
-    let after = results.iter().skip_while(|r| **r != "taken").skip(1);
+    let after = results
+        .iter()
+        .skip_while(|r| **r != journal::Outcome::Taken)
+        .skip(1);
     ensure!(
         after
             .clone()
-            .any(|r| matches!(*r, "clean" | "nothing-to-do")),
+            .any(|r| matches!(r, journal::Outcome::Clean | journal::Outcome::NothingToDo)),
         "the VM's release was not answered: {results:?}"
     );
     // One sequence (or in-session kernel reset) per reset of ours, taken or clean; on a kernel
     // with the device-specific reset the SoC missed its first two (the scenario's fault).
     let ours = results
         .iter()
-        .filter(|r| matches!(**r, "taken" | "clean"))
+        .filter(|r| matches!(r, journal::Outcome::Taken | journal::Outcome::Clean))
         .count();
     check_sim(sim, "modem", ours + kernel_device_specific_resets(console))?;
     let log = section(console, "agent-log").join("\n");
@@ -362,10 +367,13 @@ pub(crate) fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result
         log.contains("vfio_pci_core was unloaded") && attached >= 2,
         "the VFIO probes were not re-attached after the reload:\n{log}"
     );
-    let acts = actions(console);
-    let clean: Vec<&Value> = acts.iter().filter(|a| a["result"] == "clean").collect();
+    let acts = actions(console)?;
+    let clean: Vec<&journal::Action> = acts
+        .iter()
+        .filter(|a| a.result == journal::Outcome::Clean)
+        .collect();
     ensure!(
-        clean.len() == 1 && clean[0]["trigger"] == "release",
+        clean.len() == 1 && clean[0].trigger == journal::Trigger::Release,
         "actions after the reload: {acts:?}"
     );
     check_sim(sim, "wlan", 3)?;
