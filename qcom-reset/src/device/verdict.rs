@@ -486,6 +486,20 @@ mod tests {
         );
     }
 
+    /// The schedule the log and the dry run state is the poll the test below counts: every
+    /// 1 ms for 100 ms, then every 25 ms, for the family's whole window.
+    #[test]
+    fn the_schedule_in_words_is_the_poll() {
+        assert_eq!(
+            verify_schedule(Family::Wlan),
+            "a read every 1 ms for 100 ms, then every 25 ms, up to 1000 ms"
+        );
+        assert_eq!(
+            verify_schedule(Family::Modem),
+            "a read every 1 ms for 100 ms, then every 25 ms, up to 8000 ms"
+        );
+    }
+
     /// A device that never becomes clean is polled for exactly the settle window, every ms for
     /// the first 100 ms (101 reads, 0..=100) and then every 25 ms (36 reads, 125..=1000): 137
     /// reads of WLAN MHISTATUS over 1000 ms, and no wait after the last one.
