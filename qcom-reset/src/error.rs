@@ -223,7 +223,6 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// The host driver the card is bound to.
-        /// The driver's name.
         driver: String,
     },
     /// A killed session's state could not all be put back.

@@ -34,7 +34,7 @@ pub enum Exit {
 pub const SIGNALLED: &str = "interrupted by signal N (the device was restored first)";
 
 impl Exit {
-    /// Every exit status, for `--help` and the man page.
+    /// Every fixed exit status, for `--help` and the man page (`health`'s own are apart).
     pub const ALL: [Exit; 9] = [
         Exit::Ok,
         Exit::Error,

@@ -276,7 +276,7 @@ impl Metrics {
         self.changed();
     }
 
-    /// Marks `bdf` as given up (until its cool-down ends).
+    /// Marks `bdf` as given up (until a clean verdict clears it).
     pub fn gave_up(&self, bdf: &str) {
         self.gave_up
             .get_or_create(&Device { bdf: bdf.into() })
@@ -329,7 +329,7 @@ impl Metrics {
         self.changed();
     }
 
-    /// Observes the time from a release to the reset's start.
+    /// Observes the time from an event's arrival to its action's start (any trigger).
     pub fn latency(&self, d: Duration) {
         self.latency.observe(d.as_secs_f64());
         self.changed();

@@ -61,7 +61,7 @@ pub const WLAN: FamilySpec = FamilySpec {
     },
 };
 
-/// SDX62/SDX65: the MHI SoC reset.
+/// The SDX modems (SDX62/SDX65, and the SDX24/SDX55 profiles): the MHI SoC reset.
 pub const MODEM: FamilySpec = FamilySpec {
     name: "modem",
     sequence_version: "modem-mhi-soc-reset/v12",

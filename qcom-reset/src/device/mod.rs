@@ -32,7 +32,7 @@ pub enum Status {
 }
 
 impl Status {
-    /// The family's name.
+    /// The status's name, as the table and `status` write it.
     pub const fn name(self) -> &'static str {
         match self {
             Status::Reviewed => "reviewed",

@@ -71,7 +71,7 @@ pub const EE_PBL: u32 = 0;
 pub const EE_SBL: u32 = 1;
 /// Execution environment: mission mode.
 pub const EE_AMSS: u32 = 2;
-/// Execution environment: RAM dump download.
+/// Execution environment: RAM dump debug mode (the crash dump; judged crashed).
 pub const EE_RDDM: u32 = 3;
 /// Execution environment: WLAN firmware.
 pub const EE_WFW: u32 = 4;
