@@ -259,6 +259,11 @@ fn a_corrupt_record_is_refused_naming_the_file() {
         ),
         "the defect is kept typed: {e:?}"
     );
+    assert!(
+        e.to_string()
+            .contains("(config offset 0x4 is not a restorable register)"),
+        "the line names the defect: {e}"
+    );
     assert_eq!(card.with_model(|m| m.writes.len()), 0);
     // Unparsable: the same line, never a silent skip.
     fs::write(record_path(&h, WLAN), "{\"bdf\":").unwrap();

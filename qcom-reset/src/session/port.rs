@@ -622,15 +622,23 @@ mod tests {
                 slot_control: Some((at, 0)),
                 ..rec.clone()
             };
-            assert!(bad.validate().is_err(), "{at:#x}");
+            assert_eq!(
+                bad.validate().map_err(|d| d.to_string()),
+                Err(format!(
+                    "Slot Control offset {at:#x} is outside a capability"
+                ))
+            );
         }
         for aer in [0x102, 0xff8] {
             let bad = PortRecord {
                 aer_mask: Some((aer, 0)),
                 ..rec.clone()
             };
-            assert!(
-                bad.validate().is_err(),
+            assert_eq!(
+                bad.validate().map_err(|d| d.to_string()),
+                Err(format!(
+                    "AER capability offset {aer:#x} is not an extended capability"
+                )),
                 "{aer:#x}: the mask would lie outside config space"
             );
         }
