@@ -998,6 +998,7 @@ fn every_step_is_logged_with_bdf_and_sequence_version() {
     let log = this_threads_log();
     for step in [
         "pre:",
+        "pre: wcn6855 (",
         "reset: assert SoC global reset",
         "verify:",
         "verdict: clean",
