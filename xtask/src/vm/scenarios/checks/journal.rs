@@ -1,6 +1,9 @@
 //! The journal's action records as the checks read them (docs/operations.md, "The journal"):
 //! typed, so a renamed trigger or result, or a report without a field a check needs, fails the
-//! parse naming the line instead of comparing with null.
+//! parse naming the line instead of comparing with null. The names are written out here, apart
+//! from the library's `Trigger`, `ActionResult` and `Health`, on purpose: the lab checks the
+//! journal as its readers see it, so a rename in the library fails here instead of changing both
+//! sides at once.
 use anyhow::Context as _;
 use serde::Deserialize;
 
