@@ -447,7 +447,8 @@ fn dry_run_prints_every_operation_and_touches_nothing() {
             value: 0
         })
     );
-    let plan = r.plan().join("\n");
+    let plan: Vec<String> = r.plan().iter().map(ToString::to_string).collect();
+    let plan = plan.join("\n");
     for want in [
         "sysfs power/control <- on",
         "PCI_COMMAND <- saved | MEMORY",

@@ -1493,3 +1493,114 @@ fn a_sibling_session_holding_the_group_is_waited_for_up_to_the_lock_wait() {
     );
     sibling.let_go();
 }
+
+/// The dry run plans the steps the real run then takes, in its order: the same session steps
+/// (the register operations aside, which a healthy pretend card answers otherwise) and writes
+/// the same registers in the same order. Cases: behind a guarded port on vfio-pci, a killed session's record left,
+/// the kernel's `device_specific` made first, a modem whose runtime PM is already off.
+#[test]
+fn a_dry_run_plans_the_steps_the_real_run_takes() {
+    let port_host = || host_behind_port(FakeDevice::default());
+    let killed = || {
+        let h = FakeHost::new();
+        h.add(FakeDevice::default());
+        let card = sim(Family::Wlan, Faults::default());
+        leave_killed_session(&h, WLAN, &card, Vec::new());
+        (h, card)
+    };
+    let kernel = || {
+        let h = FakeHost::new();
+        h.add(FakeDevice {
+            reset_method: Some("bus device_specific"),
+            ..Default::default()
+        });
+        h
+    };
+    let modem_on = || {
+        let h = FakeHost::new();
+        h.add(FakeDevice::modem(MODEM));
+        fs::write(h.host.sysfs.root.join(MODEM).join("power/control"), "on").unwrap();
+        h
+    };
+    let (killed_host, killed_card) = killed();
+    let cases: Vec<(&str, FakeHost, SimDevice, &str)> = vec![
+        (
+            "port",
+            port_host(),
+            sim(Family::Wlan, Faults::default()),
+            WLAN,
+        ),
+        ("killed", killed_host, killed_card, WLAN),
+        (
+            "kernel",
+            kernel(),
+            sim(Family::Wlan, Faults::default()),
+            WLAN,
+        ),
+        (
+            "modem",
+            modem_on(),
+            sim(Family::Modem, Faults::default()),
+            MODEM,
+        ),
+    ];
+    for (name, h, card, at) in cases {
+        let via = card.name();
+        let reset = |dry_run| {
+            let c = card.clone();
+            let req = Request {
+                dry_run,
+                ..Request::new(bdf(at))
+            };
+            session::reset(&h.host, &req, &mut move |_, _| Ok(Box::new(c.clone())), via)
+        };
+        let plan = reset(true).unwrap();
+        let ran = reset(false).unwrap();
+        let taken = &ran.reset().unwrap().steps;
+        let planned: Vec<_> = plan
+            .plan()
+            .iter()
+            .filter(|s| !matches!(s, session::Step::Register(_)))
+            .cloned()
+            .collect();
+        let bdf = bdf(at);
+        assert_eq!(planned.first(), Some(&session::Step::Lock(bdf)), "{name}");
+        assert_eq!(planned.last(), Some(&session::Step::Unlock(bdf)), "{name}");
+        assert_eq!(&planned[1..planned.len() - 1], &taken[..], "{name}");
+        // The registers written, in order: a read-modify-write keeps the bits the card holds,
+        // which the pretend card of the plan holds at 0.
+        let writes = |ops: &[qcom_reset::device::regio::Op]| -> Vec<u32> {
+            ops.iter()
+                .filter_map(|o| match o {
+                    qcom_reset::device::regio::Op::Write { offset, .. } => Some(*offset),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(writes(&plan.ops), writes(&ran.ops), "{name}");
+        assert!(!taken.is_empty(), "{name}");
+    }
+}
+
+/// A dry run refuses what the real run would refuse: a port whose reaction to the link drop
+/// the request does not allow, a crash record it cannot read.
+#[test]
+fn a_dry_run_refuses_what_the_real_run_refuses() {
+    let h = host_behind_port(FakeDevice::default());
+    let param = h.root().join("sys/module/pciehp/parameters");
+    fs::create_dir_all(&param).unwrap();
+    fs::write(param.join("pciehp_poll_mode"), "Y\n").unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let dry = Request {
+        dry_run: true,
+        ..Request::new(bdf(WLAN))
+    };
+    let e = reset_with(&h, &dry, &card).unwrap_err();
+    assert!(matches!(e, Error::PciehpPolls { .. }), "{e}");
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    fs::write(record_path(&h, WLAN), "{ torn").unwrap();
+    let e = reset_with(&h, &dry, &card).unwrap_err();
+    assert!(matches!(e, Error::BadRecord { .. }), "{e}");
+    assert_eq!(config_writes(&card), 0);
+}

@@ -182,7 +182,8 @@ pub struct ResetArgs {
     pub bdf: Bdf,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Print every operation (register offset, value, delay) and touch nothing.
+    /// Print every step the reset would take, register operations (offset, value, delay)
+    /// included, and touch nothing; refused where the reset would be.
     #[arg(long)]
     pub dry_run: bool,
     /// For hook scripts: a device that is not a target is a no-op (exit 0), not an error.

@@ -32,7 +32,7 @@ pub fn check_then_reset(
     host: &Host,
     req: &Request,
     open: &mut Opener<'_>,
-    access_name: &str,
+    access_name: &'static str,
     resets: &dyn Fn(Health) -> bool,
     stop: &dyn Fn() -> bool,
 ) -> Result<Checked> {
@@ -66,7 +66,7 @@ pub fn check_then_reset(
         return Ok(Checked::Stopped(status));
     }
     if req.dry_run {
-        return Ok(Checked::Reset(dry_run(&t, access_name)));
+        return dry_run(host, req, &t, access_name).map(Checked::Reset);
     }
     pre(&t);
     run_owned(host, req, &t, session, recovered, since).map(Checked::Reset)

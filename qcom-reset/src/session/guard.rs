@@ -14,6 +14,7 @@ use super::owner::{Lost, OwnerWatch};
 use super::port;
 use super::record::{self, Record};
 use super::restore::{ALL_ONES16, differing, original_override, port_config, write_back};
+use super::step::Step;
 use crate::access::Backend;
 use crate::bdf::Bdf;
 use crate::host::lock::DeviceLock;
@@ -83,6 +84,8 @@ pub struct Session {
     /// [`Session::take_back`]): the group is let go while the card is settled.
     pub(super) verifying: bool,
     pub(super) said_let_go: bool,
+    /// The steps taken, in order, for the report.
+    pub(super) steps: Vec<Step>,
     /// The upstream port's lock while its reports are masked: two targets below one port never
     /// record each other's masked state.
     pub(super) _port_lock: Option<DeviceLock>,
@@ -116,23 +119,30 @@ impl Session {
             taken: None,
             verifying: false,
             said_let_go: false,
+            steps: Vec::new(),
             _port_lock: None,
             own,
         };
         if writes == Writes::None {
             return Ok((s, None));
         }
+        if s.own.group_path().is_some() {
+            s.took(Step::HoldGroup);
+        }
         // Rebound between the ownership check and now: not one write.
         s.still_owned()?;
         let (recovered, original) = s.recover()?;
         s.save_baseline(original)?;
-        s.hold_off_drivers()?;
+        if s.hold_off_drivers()? {
+            s.took(Step::HoldOffDrivers);
+        }
         // vfio-pci lets an unused device idle in D3hot, where MMIO reads all-ones.
         if s.baseline
             .as_ref()
             .is_some_and(|b| b.power_control.is_some())
         {
             s.dev.write("power/control", "on")?;
+            s.took(Step::PowerOn);
         }
         s.wait_d0()?;
         Ok((s, recovered))
@@ -171,16 +181,25 @@ impl Session {
         };
         record::save(&self.run_dir, &baseline)?;
         self.baseline = Some(baseline);
+        self.took(Step::SaveRecord);
         Ok(())
     }
 
     /// Sets [`HOLD_OVERRIDE`] once the original is on disk (in the baseline or the record
-    /// being recovered).
-    pub(super) fn hold_off_drivers(&self) -> Result<()> {
+    /// being recovered). False on a kernel without `driver_override` (before 3.16).
+    pub(super) fn hold_off_drivers(&self) -> Result<bool> {
         match self.dev.driver_override()? {
-            None => Ok(()), // a kernel without driver_override (before 3.16)
-            Some(_) => self.dev.write("driver_override", HOLD_OVERRIDE),
+            None => Ok(false),
+            Some(_) => self
+                .dev
+                .write("driver_override", HOLD_OVERRIDE)
+                .map(|()| true),
         }
+    }
+
+    /// Records a step taken, for the report.
+    pub(super) fn took(&mut self, step: Step) {
+        self.steps.push(step);
     }
 
     /// Waits for D0, except for a card off the link: its PMCSR reads all-ones, which the
@@ -297,7 +316,9 @@ impl Session {
             .map_err(|source| Error::SysfsWrite {
                 path: self.dev.path("config"),
                 err: source,
-            })
+            })?;
+        self.took(Step::EnableMemory(self.backend.name()));
+        Ok(())
     }
 
     /// Takes the upstream port's lock for the rest of the session, before its state is read
@@ -305,6 +326,7 @@ impl Session {
     pub fn lock_port(&mut self, port: Bdf) -> Result<()> {
         if self._port_lock.is_none() {
             self._port_lock = Some(DeviceLock::acquire(&self.run_dir, port, self.lock_wait)?);
+            self.took(Step::LockPort(port));
         }
         Ok(())
     }
@@ -327,7 +349,9 @@ impl Session {
         b.port = Some(rec.clone());
         record::save(&self.run_dir, b)?;
         rec.apply(&mut cfg)
-            .map_err(|e| guard_failure(GuardFailure::Io(e)))
+            .map_err(|e| guard_failure(GuardFailure::Io(e)))?;
+        self.took(Step::mask(&rec));
+        Ok(())
     }
 
     /// Makes `device_specific` the only reset method for one kernel reset, the list it had
@@ -338,7 +362,9 @@ impl Session {
         };
         b.reset_method = Some(methods);
         record::save(&self.run_dir, b)?;
-        self.dev.write("reset_method", "device_specific")
+        self.dev.write("reset_method", "device_specific")?;
+        self.took(Step::OnlyDeviceSpecific);
+        Ok(())
     }
 
     /// Puts the swapped list back and takes it out of the record.
@@ -350,6 +376,8 @@ impl Session {
             return Ok(());
         };
         self.dev.write("reset_method", &m)?;
-        record::save(&self.run_dir, b)
+        record::save(&self.run_dir, b)?;
+        self.took(Step::PutBackMethods(m));
+        Ok(())
     }
 }

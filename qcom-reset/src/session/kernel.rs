@@ -4,6 +4,7 @@ use tracing::warn;
 
 use super::Target;
 use super::guard::Session;
+use super::step::Step;
 use crate::{Error, Result};
 
 /// Runs the kernel's `device_specific` reset, making it the method used for this one reset
@@ -17,6 +18,9 @@ pub(super) fn kernel_reset(session: &mut Session, t: &Target) -> Result<()> {
         Error::SysfsWrite { err, .. } => Error::KernelReset { bdf: t.bdf, err },
         e => e,
     });
+    if r.is_ok() {
+        session.took(Step::KernelReset);
+    }
     match (r, session.unswap_reset_method()) {
         (Err(e), Err(back)) => {
             warn!(bdf = %t.bdf, "reset_method not put back yet: {back}");
@@ -28,7 +32,7 @@ pub(super) fn kernel_reset(session: &mut Session, t: &Target) -> Result<()> {
 
 /// When `device_specific` is not the first method, the kernel would try the others first: the
 /// list to put back after making it the only one for this reset.
-fn method_swap(methods: &[String]) -> Option<String> {
+pub(super) fn method_swap(methods: &[String]) -> Option<String> {
     (methods.first().map(String::as_str) != Some("device_specific")).then(|| methods.join(" "))
 }
 

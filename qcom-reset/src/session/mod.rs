@@ -13,6 +13,7 @@ mod report;
 mod reset;
 mod restore;
 mod status;
+pub mod step;
 mod target;
 
 use crate::access::Backend;
@@ -30,6 +31,7 @@ pub use owner::Lost;
 pub use report::{Method, Phases, Ran, Report, Reset};
 pub use reset::{Request, reset, upstream_port};
 pub use status::{ReadMode, Reading, Status, Unread, status, unread_status};
+pub use step::Step;
 pub use target::{Regime, Target, inspect, targets};
 
 /// Opens config space and the BAR of a device the session owns (sysfs or VFIO through the held

@@ -1,11 +1,18 @@
-//! The dry run: the steps a reset would take, the register operations from the same sequence
-//! code run against a card that answers as a healthy one would.
+//! The dry run: the steps a reset would take, in the order and the words of the steps the real
+//! run records ([`Step`]), each decided by the condition the real run decides it by; the
+//! register operations come from the same sequence code run against a card that answers as a
+//! healthy one would. It reads what the real run reads first and refuses what it would refuse.
 use crate::device::regio::{DryRun, Recorder};
 use crate::device::regs::*;
-use crate::device::{sequence, verdict};
+use crate::device::sequence;
+use crate::host::Host;
+use crate::{Result, session::record};
 
-use super::port::PortRecord;
+use super::kernel::method_swap;
+use super::port::{PortRecord, PortState};
 use super::report::{Ran, Report};
+use super::reset::{Request, port_refusal, uses_kernel_reset};
+use super::step::Step;
 use super::{Target, upstream_port};
 
 /// Values a healthy device would return, so a dry run follows the success path.
@@ -19,72 +26,109 @@ fn healthy_read(offset: u32) -> u32 {
 /// MHISTATUS of a device in MHI READY with the READY bit set.
 const READY_STATUS: u32 = (MHI_STATE_READY as u32) << 8 | MHISTATUS_READY;
 
-pub(super) fn dry_run(t: &Target, access: &str) -> Report {
+/// What a reset of `t` through `via` would do, writing nothing.
+pub(super) fn dry_run(host: &Host, req: &Request, t: &Target, via: &'static str) -> Result<Report> {
     let p = &t.profile;
-    let mut plan = vec![format!("lock {}", t.bdf)];
-    if t.kernel_has_device_specific() {
-        plan.push(
-            "kernel has device_specific: sysfs reset_method <- device_specific (if not first)"
-                .into(),
-        );
-        plan.push("sysfs reset <- 1".into());
+    let port = upstream_port(t)?;
+    port_refusal(host, req, t, &port)?;
+    let kernel = uses_kernel_reset(t, req);
+    let (outcome, ops) = if kernel {
+        (None, Vec::new())
     } else {
-        if t.power_control.as_deref().is_some_and(|c| c != "on") {
-            plan.push("sysfs power/control <- on".into());
-        }
-        plan.push(format!(
-            "config ({access}) read vendor; stop with link-down if 0xffff"
-        ));
-        plan.push(format!("config ({access}) PCI_COMMAND <- saved | MEMORY"));
-        plan.push(format!("map BAR{} via {access}", p.bar));
-    }
-    let mut io = Recorder::new(DryRun {
-        assumed: healthy_read,
-    });
-    let outcome = sequence::run(p.family, &mut io, &mut |_| {});
-    let ops = io.ops;
-    if !t.kernel_has_device_specific() {
-        plan.extend(ops.iter().map(std::string::ToString::to_string));
-        plan.push(format!(
-            "verify: poll MHISTATUS/MHICTRL/EE ({})",
-            verdict::verify_schedule(p.family)
-        ));
-        plan.push(format!("unmap BAR{}", p.bar));
-        plan.push(format!("config ({access}) PCI_COMMAND <- saved"));
-        if let Some(c) = t.power_control.as_deref().filter(|c| *c != "on") {
-            plan.push(format!("sysfs power/control <- {c}"));
-        }
-    }
-    let port = match upstream_port(t) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            plan.insert(
-                0,
-                format!("upstream port unreadable ({e}): what it would mask is unknown"),
-            );
-            None
-        }
+        let mut io = Recorder::new(DryRun {
+            assumed: healthy_read,
+        });
+        (Some(sequence::run(p.family, &mut io, &mut |_| {})), io.ops)
     };
-    if let Some(rec) = port.as_ref().and_then(PortRecord::plan) {
-        plan.insert(
-            0,
-            format!(
-                "upstream port {}: mask hotplug events {} / AER Surprise Down {} (restored at post)",
-                rec.port,
-                rec.slot_control.is_some(),
-                rec.aer_mask.is_some()
-            ),
-        );
+    let left = record::load(&host.run_dir, t.bdf)?;
+    let power = woken_from(t, left.as_ref());
+    let mut plan = vec![Step::Lock(t.bdf)];
+    plan.extend(own(t, left.is_some(), power.is_some())?);
+    plan.extend(guard(&port));
+    if kernel {
+        plan.extend(kernel_reset(t));
     }
-    plan.push(format!("unlock {}", t.bdf));
-    Report {
+    plan.extend([
+        Step::ReadIds(via),
+        Step::EnableMemory(via),
+        Step::MapBar { bar: p.bar, via },
+    ]);
+    plan.extend(ops.iter().copied().map(Step::Register));
+    plan.extend([Step::Verify(p.family), Step::Unmap(p.bar)]);
+    plan.extend(restore(t, &port, via, power)?);
+    plan.push(Step::Unlock(t.bdf));
+    Ok(Report {
         bdf: t.bdf,
         profile: p.name,
         family: p.family,
         sequence_version: p.family.sequence_version(),
         access: "none",
         ops,
-        port,
+        port: Some(port),
         ran: Ran::DryRun { outcome, plan },
+    })
+}
+
+/// [`Session::begin`](super::guard::Session::begin)'s steps: the group held (a card on
+/// vfio-pci), a killed session's record put back, the baseline recorded, drivers held off (a
+/// kernel with `driver_override`), the card woken (unless runtime PM is off already).
+fn own(t: &Target, recover: bool, wake: bool) -> Result<Vec<Step>> {
+    let hold = t.dev.driver_override()?.is_some();
+    Ok([
+        (t.driver.as_deref() == Some("vfio-pci")).then_some(Step::HoldGroup),
+        recover.then_some(Step::Recover),
+        Some(Step::SaveRecord),
+        hold.then_some(Step::HoldOffDrivers),
+        wake.then_some(Step::PowerOn),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The `power/control` the session finds, when it sets it to `on` (and puts it back at post):
+/// the card's, or the one a killed session's record puts back first.
+fn woken_from(t: &Target, left: Option<&record::Record>) -> Option<String> {
+    left.and_then(|r| r.power_control.clone())
+        .or_else(|| t.power_control.clone())
+        .filter(|c| c != "on")
+}
+
+/// The upstream port's lock, and its link-drop reports masked when they are on.
+fn guard(port: &PortState) -> impl Iterator<Item = Step> {
+    let lock = port.port.map(Step::LockPort);
+    let mask = PortRecord::plan(port).map(|rec| Step::mask(&rec));
+    lock.into_iter().chain(mask)
+}
+
+/// The kernel's reset, `device_specific` made the only method around it when it is not first.
+fn kernel_reset(t: &Target) -> Vec<Step> {
+    let swap = method_swap(t.reset_methods.as_deref().unwrap_or_default());
+    let mut steps = Vec::new();
+    if swap.is_some() {
+        steps.push(Step::OnlyDeviceSpecific);
     }
+    steps.push(Step::KernelReset);
+    steps.extend(swap.map(Step::PutBackMethods));
+    steps
+}
+
+/// Post: config space, the port's masks, `power/control`, the `driver_override`.
+fn restore(
+    t: &Target,
+    port: &PortState,
+    via: &'static str,
+    power: Option<String>,
+) -> Result<Vec<Step>> {
+    let masked = PortRecord::plan(port).map(|rec| Step::RestorePort(rec.port));
+    let release = t.dev.driver_override()?.is_some();
+    Ok([
+        Some(Step::RestoreConfig(via)),
+        masked,
+        power.map(Step::RestorePower),
+        release.then_some(Step::ReleaseDrivers),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
 }

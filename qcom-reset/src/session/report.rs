@@ -10,6 +10,7 @@ use crate::device::verdict::Verdict;
 
 use super::guard::Restored;
 use super::port::PortState;
+use super::step::Step;
 
 /// How the card was reset, as `method` says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -52,10 +53,10 @@ pub enum Ran {
     /// Nothing touched: the sequence's outcome against a card that answers as a healthy one
     /// would, and every step.
     DryRun {
-        /// How the sequence ended against the pretend card.
-        outcome: Outcome,
-        /// Every step, register operations included.
-        plan: Vec<String>,
+        /// How the sequence ended against the pretend card (none where the kernel would reset).
+        outcome: Option<Outcome>,
+        /// Every step it would take, register operations included.
+        plan: Vec<Step>,
     },
 }
 
@@ -76,6 +77,8 @@ pub struct Reset {
     pub duration_ms: u64,
     /// Where `duration_ms` went.
     pub phases: Phases,
+    /// Every step the session took, in the dry run's words; the register operations are `ops`.
+    pub steps: Vec<Step>,
 }
 
 /// Where a reset's time went, in µs: what the card needed (the sequence and its verification)
@@ -122,12 +125,12 @@ impl Report {
     pub fn outcome(&self) -> Option<Outcome> {
         match &self.ran {
             Ran::Reset(r) => r.outcome,
-            Ran::DryRun { outcome, .. } => Some(*outcome),
+            Ran::DryRun { outcome, .. } => *outcome,
         }
     }
 
     /// A dry run's steps (none for a reset that ran).
-    pub fn plan(&self) -> &[String] {
+    pub fn plan(&self) -> &[Step] {
         match &self.ran {
             Ran::Reset(_) => &[],
             Ran::DryRun { plan, .. } => plan,
@@ -141,11 +144,17 @@ impl Serialize for Report {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let none = Restored::default();
-        let (restored, recovered, duration_ms, phases) = match &self.ran {
-            Ran::Reset(r) => (&r.restored, r.recovered.as_ref(), r.duration_ms, r.phases),
-            Ran::DryRun { .. } => (&none, None, 0, Phases::default()),
+        let (restored, recovered, duration_ms, phases, steps) = match &self.ran {
+            Ran::Reset(r) => (
+                &r.restored,
+                r.recovered.as_ref(),
+                r.duration_ms,
+                r.phases,
+                &r.steps[..],
+            ),
+            Ran::DryRun { .. } => (&none, None, 0, Phases::default(), &[][..]),
         };
-        let mut st = s.serialize_struct("Report", 15)?;
+        let mut st = s.serialize_struct("Report", 16)?;
         st.serialize_field("bdf", &self.bdf)?;
         st.serialize_field("profile", self.profile)?;
         st.serialize_field("family", &self.family)?;
@@ -156,6 +165,7 @@ impl Serialize for Report {
         st.serialize_field("verdict", &self.verdict())?;
         st.serialize_field("ops", &self.ops)?;
         st.serialize_field("plan", self.plan())?;
+        st.serialize_field("steps", steps)?;
         st.serialize_field("restored", restored)?;
         match recovered {
             Some(r) => st.serialize_field("recovered", r)?,
@@ -193,8 +203,8 @@ mod tests {
     #[test]
     fn both_kinds_serialize_to_the_one_flat_shape() {
         let dry = serde_json::to_value(report(Ran::DryRun {
-            outcome: Outcome::Completed,
-            plan: vec!["lock 0000:03:00.0".into()],
+            outcome: Some(Outcome::Completed),
+            plan: vec![Step::Lock("0000:03:00.0".parse().unwrap())],
         }))
         .unwrap();
         assert_eq!(dry["method"], "dry-run");
@@ -215,6 +225,7 @@ mod tests {
             recovered: Some(Restored::default()),
             duration_ms: 42,
             phases: Phases::default(),
+            steps: vec![Step::KernelReset],
         })));
         assert_eq!(done.method(), Method::KernelDeviceSpecific);
         let json = serde_json::to_value(&done).unwrap();
@@ -224,6 +235,7 @@ mod tests {
         assert_eq!(json["plan"], serde_json::json!([]));
         assert!(json.get("recovered").is_some(), "{json}");
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 14, "{keys:?}");
+        assert_eq!(json["steps"], serde_json::json!(["sysfs reset <- 1"]));
+        assert_eq!(keys.len(), 15, "{keys:?}");
     }
 }

@@ -19,6 +19,7 @@ use super::guard::{Restored, Session, Writes};
 use super::owner::Guarded;
 use super::port::{self, PortRecord, PortState};
 use super::report::{Phases, Ran, Report, Reset};
+use super::step::Step;
 use super::{Opener, Target, begin_session, inspect, kernel::kernel_reset, plan::dry_run};
 
 /// What to reset, and how far to go.
@@ -83,7 +84,7 @@ pub fn reset(
     host: &Host,
     req: &Request,
     open: &mut Opener<'_>,
-    access_name: &str,
+    access_name: &'static str,
 ) -> Result<Report> {
     let t = inspect(host, req.bdf, req.profile.as_deref(), req.bar)?;
     opted_in(req, &t)?;
@@ -91,7 +92,7 @@ pub fn reset(
         return Err(e);
     }
     if req.dry_run {
-        return Ok(dry_run(&t, access_name));
+        return dry_run(host, req, &t, access_name);
     }
     let _lock = DeviceLock::acquire(&host.run_dir, t.bdf, host.lock_wait)?;
     // A VM may have opened the device while we waited for the lock.
@@ -157,8 +158,7 @@ pub(super) fn run_owned(
     phases.own_us = lap.take();
     let port = guard_link_drop(host, &mut session, t, req)?;
     phases.guard_us = lap.take();
-    let kernel =
-        t.kernel_has_device_specific() && !req.ignore_kernel_reset && try_kernel(&mut session, t)?;
+    let kernel = uses_kernel_reset(t, req) && try_kernel(&mut session, t)?;
     let access = session.backend.name();
     let done = reset_and_verify(&mut session, t, kernel, &mut lap, &mut phases)?;
     step(
@@ -170,6 +170,7 @@ pub(super) fn run_owned(
     // verification then.
     phases.verify_us = lap.take();
     let restored = session.restore();
+    let steps = std::mem::take(&mut session.steps);
     phases.restore_us = lap.take();
     step(
         t.bdf,
@@ -192,8 +193,14 @@ pub(super) fn run_owned(
             recovered,
             duration_ms: started.elapsed().as_millis() as u64,
             phases,
+            steps,
         })),
     })
+}
+
+/// Whether the kernel's `device_specific` reset is tried before ours.
+pub(super) fn uses_kernel_reset(t: &Target, req: &Request) -> bool {
+    t.kernel_has_device_specific() && !req.ignore_kernel_reset
 }
 
 /// The kernel's `device_specific` reset; true when it ran. One that failed (its WLAN link poll
@@ -226,6 +233,7 @@ fn reset_and_verify(
     phases: &mut Phases,
 ) -> Result<Done> {
     let (vendor, device) = session.config_ids();
+    session.took(Step::ReadIds(session.backend.name()));
     if vendor == 0xffff {
         step(
             t.bdf,
@@ -296,6 +304,8 @@ fn map_bar(session: &mut Session, t: &Target) -> Result<(Box<dyn RegisterIo>, u6
         });
     }
     session.still_owned()?;
+    let via = session.backend.name();
+    session.took(Step::MapBar { bar: p.bar, via });
     Ok((bar, len))
 }
 
@@ -326,6 +336,7 @@ fn verify(
             verdict::verify_schedule(t.profile.family)
         ),
     );
+    io.inner.session.took(Step::Verify(t.profile.family));
     let verifying = io.inner.session.begin_verification();
     let v = verdict::verify(&t.expect(rebooted), &mut io, len);
     // Reads do not check the owner on their own: a card taken during the modem's wait or
@@ -336,7 +347,9 @@ fn verify(
         .lost
         .take()
         .or_else(|| io.inner.session.watch().lost());
-    let session = io.inner.session;
+    let Live { session, bar } = io.inner;
+    drop(bar);
+    session.took(Step::Unmap(t.profile.bar));
     if let Some(l) = lost {
         return Err(session.lost(l));
     }
@@ -401,6 +414,26 @@ pub fn upstream_port(t: &Target) -> Result<PortState> {
         .map_err(|err| Error::SysfsRead { path, err })
 }
 
+/// A port whose reaction to the link drop the request does not allow: DPC would contain it, or
+/// pciehp polls the slot (its hotplug events cannot be masked).
+pub(super) fn port_refusal(
+    host: &Host,
+    req: &Request,
+    t: &Target,
+    state: &PortState,
+) -> Result<()> {
+    if let (Some(port), true, false) = (state.port, state.dpc_enabled, req.allow_dpc) {
+        return Err(Error::Dpc { bdf: t.bdf, port });
+    }
+    if state.slot_control.is_some()
+        && port::pciehp_polls(&host.sysfs.sys_root())
+        && !req.allow_unguarded_link_drop
+    {
+        return Err(Error::PciehpPolls { bdf: t.bdf });
+    }
+    Ok(())
+}
+
 /// pre: refuses a DPC port unless allowed, masks the port's hotplug and Surprise Down reports
 /// for the link drop (restored at post), or refuses where they cannot be masked (lockdown, or
 /// pciehp polling the slot) unless allowed. The port's lock comes first: a second target below
@@ -417,15 +450,7 @@ fn guard_link_drop(
     let state = upstream_port(t)?;
     let version = t.profile.family.sequence_version();
     step(t.bdf, version, &format!("pre: {}", state.summary()));
-    if let (Some(port), true, false) = (state.port, state.dpc_enabled, req.allow_dpc) {
-        return Err(Error::Dpc { bdf: t.bdf, port });
-    }
-    if state.slot_control.is_some()
-        && port::pciehp_polls(&host.sysfs.sys_root())
-        && !req.allow_unguarded_link_drop
-    {
-        return Err(Error::PciehpPolls { bdf: t.bdf });
-    }
+    port_refusal(host, req, t, &state)?;
     let Some(rec) = PortRecord::plan(&state) else {
         return Ok(state);
     };

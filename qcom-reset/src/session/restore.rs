@@ -8,6 +8,7 @@ use super::guard::{HOLD_OVERRIDE, Restored, Session};
 use super::owner::Lost;
 use super::port;
 use super::record::{self, Record};
+use super::step::Step;
 use crate::access::Backend;
 use crate::bdf::Bdf;
 use crate::host::lock::DeviceLock;
@@ -36,7 +37,8 @@ impl Session {
             // keeps the card as it is.
             let _ = self.take_back();
             let lost = self.lost_to();
-            put_back(&self.dev, self.backend.as_mut(), lost, &b, mode, &mut r);
+            let steps = put_back(&self.dev, self.backend.as_mut(), lost, &b, mode, &mut r);
+            self.steps.extend(steps);
             report(self.bdf, &r);
             if r.errors.is_empty() {
                 record::remove(&self.run_dir, self.bdf);
@@ -112,6 +114,7 @@ impl Session {
                 left: r.errors.join("; "),
             });
         }
+        self.took(Step::Recover);
         Ok((Some(r), Some(rec.driver_override)))
     }
 }
@@ -207,6 +210,7 @@ pub(super) enum Words {
 /// Restores a record in the kernel's order: config words and PCI_COMMAND (unless a new driver
 /// has the card: its config space is its own), the upstream port by its recorded address (the
 /// card may be gone), then `power/control`, then the `driver_override` the session replaced.
+/// Returns the steps it took.
 pub(super) fn put_back(
     dev: &SysfsDevice,
     backend: &mut dyn Backend,
@@ -214,9 +218,13 @@ pub(super) fn put_back(
     b: &Record,
     mode: Words,
     r: &mut Restored,
-) {
+) -> Vec<Step> {
+    let mut steps = Vec::new();
     match &lost {
-        None => restore_config(backend, b, mode, r),
+        None => {
+            restore_config(backend, b, mode, r);
+            steps.push(Step::RestoreConfig(backend.name()));
+        }
         Some(l) => {
             let left = match l {
                 Lost::Opened(_) => "its config space is left to it",
@@ -231,6 +239,7 @@ pub(super) fn put_back(
             Ok(done) => r.port = done,
             Err(e) => r.errors.push(format!("upstream port: {e}")),
         }
+        steps.push(Step::RestorePort(p.port));
     }
     // vfio-pci holds a runtime-PM reference while a VFIO user has the card open: its
     // power/control policy is still the host's to put back. A driver's card is the driver's.
@@ -241,8 +250,13 @@ pub(super) fn put_back(
             Ok(()) => r.power_control = Some(p.clone()),
             Err(e) => r.errors.push(e.to_string()),
         }
+        steps.push(Step::RestorePower(p.clone()));
+    }
+    if b.driver_override.is_some() {
+        steps.push(Step::ReleaseDrivers);
     }
     release_drivers(dev, b, r);
+    steps
 }
 
 /// Puts the recorded `driver_override` back, unless someone set another one since (libvirt's
