@@ -40,8 +40,8 @@ use status::AgentStatus;
 use action::now_ms;
 pub use action::{Action, ActionResult};
 pub use shared::Reloader;
-use shared::Shared;
 use shared::binds_reset;
+use shared::{JournalLine, Shared};
 use startup::{startup_done, watchdog_interval};
 use task::{Msg, device_task};
 pub use trigger::Trigger;
@@ -401,13 +401,12 @@ impl Agent {
         for d in std::mem::take(&mut self.unwritten) {
             let e = &d.event;
             self.shared.metrics.event(e.kind.name());
-            // Both stamps are CLOCK_MONOTONIC, the clock of the event's ktime_ns: from the
-            // kernel's return to `taken_mono_ns` is the ring buffer's wake-up, from there to
-            // `received_mono_ns` the agent's hand-off to the decision.
-            self.shared.journal(&serde_json::json!({
-                "type": "event", "ts_ms": now_ms(), "taken_mono_ns": d.taken_ns,
-                "received_mono_ns": d.received_ns, "event": e
-            }));
+            self.shared.journal(&JournalLine::Event {
+                ts_ms: now_ms(),
+                taken_mono_ns: d.taken_ns,
+                received_mono_ns: d.received_ns,
+                event: e,
+            });
             if d.trigger.is_some() {
                 info!(bdf = %e.bdf, "{}", e.line());
             } else if e.kind == Kind::Release

@@ -20,6 +20,23 @@ use crate::device::verdict::Health;
 use crate::host::Host;
 use crate::session::{self};
 
+/// One line of the journal (docs/operations.md, "The journal"). The stamps are CLOCK_MONOTONIC,
+/// the clock of an event's `ktime_ns`.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(super) enum JournalLine<'a> {
+    /// A probe event: from the kernel's return to `taken_mono_ns` is the ring buffer's wake-up,
+    /// from there to `received_mono_ns` the agent's hand-off to the decision.
+    Event {
+        ts_ms: u64,
+        taken_mono_ns: u64,
+        received_mono_ns: u64,
+        event: &'a crate::probes::TraceEvent,
+    },
+    /// An action, stamped when it ended: an event's release to its action's end.
+    Action { mono_ns: u64, action: &'a Action },
+}
+
 pub(super) struct Shared {
     /// Swapped whole by a reload (`cfg()` gives the current one; a session in flight keeps the
     /// request it was started with).
@@ -115,7 +132,7 @@ impl Shared {
             .clone()
     }
 
-    pub(super) fn journal(&self, record: &impl Serialize) {
+    pub(super) fn journal(&self, record: &JournalLine<'_>) {
         if let Some(j) = &self.journal {
             let mut line = serde_json::to_vec(record).expect("records serialize");
             line.push(b'\n');
@@ -135,10 +152,10 @@ impl Shared {
             }
             _ => warn!(bdf = %a.bdf, trigger = ?a.trigger, "{}: {}", a.result, a.detail),
         }
-        // CLOCK_MONOTONIC, as the events' stamps: an event's release to its action's end.
-        self.journal(&serde_json::json!({
-            "type": "action", "mono_ns": crate::probes::mono_ns(), "action": &a
-        }));
+        self.journal(&JournalLine::Action {
+            mono_ns: crate::probes::mono_ns(),
+            action: &a,
+        });
         let _ = self.actions.send(a);
     }
 
