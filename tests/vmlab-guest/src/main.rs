@@ -58,7 +58,7 @@ fn monotonic_ns() -> u64 {
 /// The card as a host driver's owner would check it: driver, `driver_override`, PCI_COMMAND,
 /// `power/control`, the whole config space and whether a crash record exists. Read with plain
 /// file reads, not qcom-reset's own sysfs code: this is the observer of the code under test.
-fn card_state(bdf: &str) -> anyhow::Result<serde_json::Value> {
+fn card_state(bdf: &str) -> anyhow::Result<CardState> {
     let dev = std::path::Path::new("/sys/bus/pci/devices").join(bdf);
     let text = |attr: &str| std::fs::read_to_string(dev.join(attr)).map(|s| s.trim().to_string());
     let driver = std::fs::read_link(dev.join("driver"))
@@ -71,14 +71,43 @@ fn card_state(bdf: &str) -> anyhow::Result<serde_json::Value> {
         config.len()
     );
     let hex: String = config.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(serde_json::json!({
-        "driver": driver,
-        "driver_override": text("driver_override")?,
-        "command": u16::from_le_bytes([config[4], config[5]]),
-        "power_control": text("power/control")?,
-        "config": hex,
-        "record": std::path::Path::new(&format!("/run/qcom-reset/{bdf}.json")).exists(),
-    }))
+    Ok(CardState {
+        driver,
+        driver_override: text("driver_override")?,
+        command: u16::from_le_bytes([config[4], config[5]]),
+        power_control: text("power/control")?,
+        config: hex,
+        record: std::path::Path::new(&format!("/run/qcom-reset/{bdf}.json")).exists(),
+    })
+}
+
+/// A card as sysfs shows it (`VMLAB card-state {json}`; the lab's `records::CardState`).
+#[derive(serde::Serialize)]
+struct CardState {
+    /// The bound driver.
+    driver: Option<String>,
+    /// `driver_override` as read.
+    driver_override: String,
+    /// PCI_COMMAND.
+    command: u16,
+    /// `power/control`.
+    power_control: String,
+    /// Config space, hex.
+    config: String,
+    /// A crash record for the card exists.
+    record: bool,
+}
+
+/// `VMLAB handover {json}`: CLOCK_MONOTONIC ns at the handover's start and end, and the card
+/// right after.
+#[derive(serde::Serialize)]
+struct Handover {
+    /// Before the override was written.
+    start_ns: u64,
+    /// After the reprobe.
+    end_ns: u64,
+    /// The card right after.
+    card: CardState,
 }
 
 /// libvirt's managed reattach: the override replaced first (a session's own override keeps every
@@ -93,8 +122,12 @@ fn handover(bdf: &str, driver: &str) -> anyhow::Result<()> {
     }
     std::fs::write("/sys/bus/pci/drivers_probe", bdf)?;
     let end = monotonic_ns();
-    let line = serde_json::json!({ "start_ns": start, "end_ns": end, "card": card_state(bdf)? });
-    println!("VMLAB handover {line}");
+    let line = Handover {
+        start_ns: start,
+        end_ns: end,
+        card: card_state(bdf)?,
+    };
+    println!("VMLAB handover {}", serde_json::to_string(&line)?);
     Ok(())
 }
 
@@ -226,7 +259,10 @@ fn main() -> anyhow::Result<()> {
         }
         Some("handover") if args.len() > 3 => return handover(&args[2], &args[3]),
         Some("card") if args.len() > 2 => {
-            println!("VMLAB card-state {}", card_state(&args[2])?);
+            println!(
+                "VMLAB card-state {}",
+                serde_json::to_string(&card_state(&args[2])?)?
+            );
             return Ok(());
         }
         _ => {}

@@ -81,22 +81,24 @@ fn show(o: &Outcome) {
     }
     if let Some(sim) = &o.sim {
         println!("\n== What the simulated card received (host side)");
-        let writes = sim["writes"].as_array().cloned().unwrap_or_default();
-        let t0 = writes
-            .first()
-            .and_then(|w| w["at_us"].as_u64())
-            .unwrap_or(0);
-        for w in &writes {
+        let t0 = sim.writes.first().map_or(0, |w| w.at_us);
+        for w in &sim.writes {
             println!(
                 "  +{:>7.1} ms  write {:#06x} <- {:#x}",
-                (w["at_us"].as_u64().unwrap_or(0) - t0) as f64 / 1000.0,
-                w["offset"].as_u64().unwrap_or(0),
-                w["value"].as_u64().unwrap_or(0)
+                (w.at_us - t0) as f64 / 1000.0,
+                w.offset,
+                w.value
             );
         }
+        let c = &sim.conformance;
         println!(
-            "  conformance with the reviewed upstream sequence: {}",
-            sim["conformance"]
+            "  conformance with the reviewed upstream sequence: {} ({} sequence(s)){}",
+            if c.ok { "ok" } else { "NOT ok" },
+            c.sequences,
+            c.problems
+                .iter()
+                .map(|p| format!("\n    {p}"))
+                .collect::<String>()
         );
     }
 }

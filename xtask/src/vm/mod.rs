@@ -6,6 +6,7 @@ mod demo;
 mod host;
 mod initramfs;
 mod qemu;
+mod records;
 pub mod sandbox;
 pub mod scenarios;
 
@@ -207,7 +208,7 @@ pub struct Outcome {
     pub notes: Vec<String>,
     pub wall: Duration,
     pub console: String,
-    pub sim: Option<serde_json::Value>,
+    pub sim: Option<records::SimReport>,
 }
 
 /// The lab's card and the QEMU that can present it.
@@ -294,10 +295,13 @@ fn run_scenario(
         &log,
         echo,
     );
-    let sim_report = match sim {
-        Some(s) => s.finish().ok(),
-        None => None,
-    };
+    let sim_report = sim.and_then(|s| {
+        let read = s.finish().and_then(|v| {
+            serde_json::from_value::<records::SimReport>(v).context("the simulator's report")
+        });
+        // The checks then say there is no report; the reason is here.
+        read.map_err(|e| eprintln!("xtask: {e:#}")).ok()
+    });
     let boot = boot?;
     if boot.rc.is_none() && !boot.console.contains("Linux version") {
         return Err(NeverBooted { log }.into());

@@ -1,10 +1,11 @@
 //! The VM-lab scenarios: the guest script each runs and the assertions the host makes on what it
 //! printed (and, for the loops, on the simulator's own report). Every scenario asserts.
-use serde_json::Value;
 
 mod catalogue;
 mod checks;
 mod guest;
+
+use crate::vm::records::SimReport;
 
 pub use catalogue::SCENARIOS;
 use guest::MHI_ENDS;
@@ -244,7 +245,7 @@ pub enum LinkDropRule {
 }
 
 /// What a scenario's checks take: the run, the guest console, the simulator's report.
-pub type Check = fn(&Run, &str, Option<&Value>) -> anyhow::Result<Vec<String>>;
+pub type Check = fn(&Run, &str, Option<&SimReport>) -> anyhow::Result<Vec<String>>;
 
 /// One scenario, as data: its boots, the card and its faults, the guest script and the host's
 /// checks. [`SCENARIOS`] has one record each, in the order a full run boots them.
@@ -412,7 +413,7 @@ impl Scenario {
         self,
         run: &Run,
         console: &str,
-        sim: Option<&Value>,
+        sim: Option<&SimReport>,
     ) -> anyhow::Result<Vec<String>> {
         (self.spec().check)(run, console, sim)
     }

@@ -1,29 +1,29 @@
 //! A host driver takes the card mid-reset (libvirt's managed reattach): from then on the
 //! session writes nothing to it and says it was taken.
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
 
 use super::journal::{self, actions};
-use super::{Hit, hits, stamped, vmlab_json};
+use super::{Hit, hits, stamped};
 use crate::vm::qemu::section;
+use crate::vm::records::{CardState, Handover, SimReport, Write, crash_record, vmlab_json};
 
-pub(crate) fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_handover(
+    console: &str,
+    sim: Option<&SimReport>,
+) -> anyhow::Result<Vec<String>> {
     let card = console
         .lines()
         .find_map(|l| l.split("VMLAB card at ").nth(1))
         .and_then(|l| l.split([' ', ',']).next())
         .context("the guest did not name the card")?
         .to_string();
-    let h = vmlab_json(console, "handover")?;
-    let after = &h["card"];
+    let h: Handover = vmlab_json(console, "handover")?;
+    let after = &h.card;
     ensure!(
-        after["driver"] == "uio_pci_generic",
-        "the handover did not bind uio_pci_generic, nothing was tested: {after}"
+        after.driver.as_deref() == Some("uio_pci_generic"),
+        "the handover did not bind uio_pci_generic, nothing was tested: {after:?}"
     );
-    let (start, end) = (
-        h["start_ns"].as_u64().context("no start_ns")?,
-        h["end_ns"].as_u64().context("no end_ns")?,
-    );
+    let (start, end) = (h.start_ns, h.end_ns);
     let log = section(console, "agent-log");
     // The SoC reset request: the agent's own, or (on a kernel with the device-specific reset)
     // the kernel's it asks for.
@@ -67,26 +67,19 @@ pub(crate) fn check_handover(console: &str, sim: Option<&Value>) -> anyhow::Resu
 /// the SoC reset request, measured from the agent's log line right after that write (a stamp a
 /// little late, so the handover is placed a little early: the check errs strict).
 pub(crate) fn no_bar_write_after(
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
     since_request_ns: u64,
 ) -> anyhow::Result<String> {
     let sim = sim.context("no simulator report")?;
-    ensure!(
-        sim["family"] == "modem",
-        "simulated family {}",
-        sim["family"]
-    );
-    let writes = sim["writes"].as_array().cloned().unwrap_or_default();
-    let at = |w: &Value| w["at_us"].as_u64().unwrap_or(0);
+    ensure!(sim.family == "modem", "simulated family {}", sim.family);
+    let writes = &sim.writes;
+    let at = |w: &Write| w.at_us;
     // The last request is the session's (before it, a kernel's at the VM's open and release).
-    let request = writes
-        .iter()
-        .rfind(|w| w["offset"] == 0xb0)
-        .context(format!(
-            "the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"
-        ))?;
+    let request = writes.iter().rfind(|w| w.offset == 0xb0).context(format!(
+        "the simulator saw no MHI_SOC_RESET_REQ: {writes:?}"
+    ))?;
     let handover_us = at(request) + since_request_ns / 1000;
-    let late: Vec<&Value> = writes.iter().filter(|w| at(w) >= handover_us).collect();
+    let late: Vec<&Write> = writes.iter().filter(|w| at(w) >= handover_us).collect();
     ensure!(
         late.is_empty(),
         "BAR write(s) after the handover (at {handover_us} us on the simulator's clock): {late:?}"
@@ -138,19 +131,22 @@ pub(crate) fn no_write_traced_after(
 }
 
 /// What uio_pci_generic found right after the bind is what it has at the end.
-pub(crate) fn state_kept(after: &Value, end: &Value) -> anyhow::Result<String> {
-    for key in ["driver", "driver_override", "command", "power_control"] {
-        ensure!(
-            after[key] == end[key],
-            "{key} changed after the handover: {} -> {}",
-            after[key],
-            end[key]
-        );
-    }
-    let (a, e) = (
-        after["config"].as_str().unwrap_or(""),
-        end["config"].as_str().unwrap_or(""),
+pub(crate) fn state_kept(after: &CardState, end: &CardState) -> anyhow::Result<String> {
+    let sysfs = |c: &CardState| {
+        (
+            c.driver.clone(),
+            c.driver_override.clone(),
+            c.command,
+            c.power_control.clone(),
+        )
+    };
+    ensure!(
+        sysfs(after) == sysfs(end),
+        "driver, driver_override, PCI_COMMAND or power/control changed after the handover: {:?} -> {:?}",
+        sysfs(after),
+        sysfs(end)
     );
+    let (a, e) = (after.config.as_str(), end.config.as_str());
     let changed: Vec<String> = (0..a.len().min(e.len()) / 2)
         .filter(|i| a[2 * i..2 * i + 2] != e[2 * i..2 * i + 2])
         .map(|i| {
@@ -166,11 +162,11 @@ pub(crate) fn state_kept(after: &Value, end: &Value) -> anyhow::Result<String> {
         "config space changed after the handover: {changed:?}"
     );
     Ok(format!(
-        "card after the handover and at the end: driver {}, override {}, PCI_COMMAND {:#06x}, power/control {}, all {} config bytes identical",
-        end["driver"],
-        end["driver_override"],
-        end["command"].as_u64().unwrap_or(0),
-        end["power_control"],
+        "card after the handover and at the end: driver {:?}, override {}, PCI_COMMAND {:#06x}, power/control {}, all {} config bytes identical",
+        end.driver,
+        end.driver_override,
+        end.command,
+        end.power_control,
         a.len() / 2
     ))
 }
@@ -179,7 +175,7 @@ pub(crate) fn state_kept(after: &Value, end: &Value) -> anyhow::Result<String> {
 /// record (there during the session) is gone.
 pub(crate) fn taken_and_cleaned(
     console: &str,
-    after: &Value,
+    after: &CardState,
     session_outlived_handover: bool,
 ) -> anyhow::Result<Vec<String>> {
     let log = section(console, "agent-log");
@@ -223,8 +219,8 @@ pub(crate) fn taken_and_cleaned(
     // The helper looks for the record when the handover has ended: if the session ended first
     // (the kernel's reset path), it has rightly removed it by then.
     ensure!(
-        after["record"] == true || !session_outlived_handover,
-        "no crash record during the session: {after}"
+        after.record || !session_outlived_handover,
+        "no crash record during the session: {after:?}"
     );
     ensure!(
         !console.contains("VMLAB record still there"),
@@ -246,10 +242,9 @@ pub(crate) fn taken_and_cleaned(
 /// What a restore would have written onto the taken card: the session's record, as the guest
 /// read it right after the handover (the session may already have removed it).
 pub(crate) fn not_put_back(console: &str) -> Option<String> {
-    let rec: Value = serde_json::from_str(section(console, "record").join("").trim()).ok()?;
+    let rec = crash_record(console, "record").ok()?;
     Some(format!(
-        "not put back onto it (the session's record): PCI_COMMAND {:#06x}, power/control {}",
-        rec["command"].as_u64()?,
-        rec["power_control"]
+        "not put back onto it (the session's record): PCI_COMMAND {:#06x}, power/control {:?}",
+        rec.command?, rec.power_control
     ))
 }

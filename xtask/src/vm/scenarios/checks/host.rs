@@ -1,18 +1,18 @@
 //! What the host around the card sees: a rule by ID, the link drop, a container, the port,
 //! the power cycle, the preflight.
 use anyhow::{Context as _, bail, ensure};
-use serde_json::Value;
 
+use super::check_sim;
 use super::journal::{self, actions};
 use super::loops::{check_loop, kernel_device_specific_resets};
-use super::{check_sim, json_lines};
 use crate::vm::qemu::section;
+use crate::vm::records::{Conformance, PortReading, SimReport, journal_events, port_readings};
 use crate::vm::scenarios::Run;
 
 pub(crate) fn check_by_id(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<Vec<String>> {
     let status = section(console, "status").join("\n");
     ensure!(
@@ -37,7 +37,7 @@ pub(crate) fn check_by_id(
 pub(crate) fn check_linkdrop(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<Vec<String>> {
     let watch = section(console, "watch");
     let down: Vec<&&str> = watch.iter().filter(|l| l.starts_with("ffff")).collect();
@@ -83,7 +83,7 @@ pub(crate) fn check_linkdrop(
 pub(crate) fn check_container(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<Vec<String>> {
     let ids = console
         .lines()
@@ -93,14 +93,14 @@ pub(crate) fn check_container(
         ids.trim_end().ends_with(" 1"),
         "the agent is not pid 1 of its own namespace: {ids}"
     );
-    let host_pid: u64 = ids
+    let host_pid: u32 = ids
         .split_whitespace()
         .find_map(|w| w.strip_prefix("host-pid="))
         .and_then(|p| p.parse().ok())
         .context("no host-pid")?;
-    let own: Vec<Value> = json_lines(console, "journal")
+    let own: Vec<_> = journal_events(console)?
         .into_iter()
-        .filter(|v| v["type"] == "event" && v["event"]["tgid"].as_u64() == Some(host_pid))
+        .filter(|j| j.event.tgid == host_pid)
         .collect();
     ensure!(
         own.is_empty(),
@@ -122,33 +122,33 @@ pub(crate) fn check_container(
 /// restore-order check flags that; it is accepted here only when every problem is Device
 /// Control's and the card ended with the value it had.
 pub(crate) fn vfio_mps_exception(
-    sim: Option<&Value>,
-) -> anyhow::Result<(Option<Value>, Option<String>)> {
+    sim: Option<&SimReport>,
+) -> anyhow::Result<(Option<SimReport>, Option<String>)> {
     let Some(sim) = sim else {
         return Ok((None, None));
     };
-    let problems = sim["conformance"]["problems"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let devctl_only = problems.iter().all(|p| {
-        p.as_str()
-            .is_some_and(|p| p.starts_with("decoding enabled before Device Control "))
-    });
-    if sim["conformance"]["ok"] == true || !devctl_only {
+    let problems = &sim.conformance.problems;
+    let devctl_only = problems
+        .iter()
+        .all(|p| p.starts_with("decoding enabled before Device Control "));
+    if sim.conformance.ok || !devctl_only {
         return Ok((Some(sim.clone()), None));
     }
     let was = problems[0]
-        .as_str()
-        .and_then(|p| p.split(", was ").nth(1))
-        .and_then(|w| u64::from_str_radix(w.get(2..6)?, 16).ok());
+        .split(", was ")
+        .nth(1)
+        .and_then(|w| u16::from_str_radix(w.get(2..6)?, 16).ok());
     ensure!(
-        was.is_some() && sim["devctl"].as_u64() == was,
-        "Device Control was not restored after the session's VFIO close: {} (was {was:?})",
-        sim["devctl"]
+        was.is_some() && sim.devctl == was,
+        "Device Control was not restored after the session's VFIO close: {:?} (was {was:?})",
+        sim.devctl
     );
     let mut ok = sim.clone();
-    ok["conformance"] = serde_json::json!({ "ok": true, "problems": [] });
+    ok.conformance = Conformance {
+        ok: true,
+        problems: Vec::new(),
+        ..sim.conformance.clone()
+    };
     Ok((
         Some(ok),
         Some(format!(
@@ -157,39 +157,42 @@ pub(crate) fn vfio_mps_exception(
         )),
     ))
 }
-/// The `VMLAB port {json}` lines of a `port` section: before, during, after.
-pub(crate) fn port_states(console: &str, name: &str) -> Vec<Value> {
-    section(console, name)
-        .iter()
-        .filter_map(|l| l.split("VMLAB port ").nth(1))
-        .filter_map(|j| serde_json::from_str(j).ok())
-        .collect()
+/// `power-cycle --json`, as far as the check reads it: the verdict of the reset after it.
+#[derive(Debug, serde::Deserialize)]
+struct CycleReport {
+    verdict: Option<Verdict>,
 }
-pub(crate) const SLTCTL_PDCE_DLLSCE: u64 = 0x1008;
-pub(crate) const AER_SURPDN: u64 = 0x20;
-pub(crate) fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
-    let states = port_states(console, "port");
+
+/// A verdict's health.
+#[derive(Debug, serde::Deserialize)]
+struct Verdict {
+    health: journal::Outcome,
+}
+
+pub(crate) const SLTCTL_PDCE_DLLSCE: u16 = 0x1008;
+pub(crate) const AER_SURPDN: u32 = 0x20;
+pub(crate) fn check_port(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
+    let states = port_readings(console, "port")?;
     let [before, during, after] = &states[..] else {
         bail!("expected 3 port readings, got {states:?}");
     };
-    let sltctl = |v: &Value| v["slot_control"].as_u64();
-    let mask = |v: &Value| v["aer_uncor_mask"].as_u64();
+    let sltctl = |v: &PortReading| v.slot_control;
+    let mask = |v: &PortReading| v.aer_uncor_mask;
     // Whatever the port reports a link drop through is masked during the reset, nothing else.
-    let hp = before["hotplug_events"] == true;
-    let sd = before["surprise_down_unmasked"] == true;
+    let (hp, sd) = (before.hotplug_events, before.surprise_down_unmasked);
     ensure!(
         hp || sd,
-        "QEMU's root port reports nothing to guard: {before}"
+        "QEMU's root port reports nothing to guard: {before:?}"
     );
     let want_ctl = sltctl(before).map(|c| if hp { c & !SLTCTL_PDCE_DLLSCE } else { c });
     let want_mask = mask(before).map(|m| if sd { m | AER_SURPDN } else { m });
     ensure!(
         sltctl(during) == want_ctl && mask(during) == want_mask,
-        "during the reset: want SltCtl {want_ctl:?} AER mask {want_mask:?}, got {during} (before {before})"
+        "during the reset: want SltCtl {want_ctl:?} AER mask {want_mask:?}, got {during:?} (before {before:?})"
     );
     ensure!(
         sltctl(after) == sltctl(before) && mask(after) == mask(before),
-        "after the reset the port is as before: {before} vs {after}"
+        "after the reset the port is as before: {before:?} vs {after:?}"
     );
     let acts = actions(console)?;
     let a = acts
@@ -201,21 +204,21 @@ pub(crate) fn check_port(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         restored.len() == usize::from(hp) + usize::from(sd),
         "the report lists each port register put back: {restored:?}"
     );
-    check_sim(sim, "modem", 1 + kernel_device_specific_resets(console))?;
-    let hex = |v: Option<u64>| v.map_or("none".into(), |v| format!("{v:#x}"));
+    check_sim(sim, "modem", 1 + kernel_device_specific_resets(console)?)?;
+    let hex = |v: Option<u32>| v.map_or("none".into(), |v| format!("{v:#x}"));
     Ok(vec![
         format!(
             "port {}: SltCtl {} -> {} during (hotplug events {hp}), AER UncorMask {} -> {} during (Surprise Down reported {sd})",
-            before["port"],
-            hex(sltctl(before)),
-            hex(sltctl(during)),
+            before.port.as_deref().unwrap_or("none"),
+            hex(sltctl(before).map(u32::from)),
+            hex(sltctl(during).map(u32::from)),
             hex(mask(before)),
             hex(mask(during))
         ),
         format!("after: as before; restored {restored:?}"),
     ])
 }
-pub(crate) fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_power(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let plan = section(console, "plan").join("\n");
     let out = section(console, "pc-out").join("\n");
     ensure!(
@@ -237,11 +240,11 @@ pub(crate) fn check_power(console: &str, sim: Option<&Value>) -> anyhow::Result<
             && after.contains("record=0"),
         "the function came back wrong: {after}"
     );
-    let report: Value = serde_json::from_str(section(console, "pc-report").join("").trim())
+    let report: CycleReport = serde_json::from_str(section(console, "pc-report").join("").trim())
         .context("no JSON report after the power cycle")?;
     ensure!(
-        report["verdict"]["health"] == "clean",
-        "reset after the power cycle: {report}"
+        report.verdict.as_ref().map(|v| v.health) == Some(journal::Outcome::Clean),
+        "reset after the power cycle: {report:?}"
     );
     let port_line = out
         .lines()

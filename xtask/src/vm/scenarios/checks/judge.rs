@@ -1,6 +1,6 @@
 //! The next owner's drivers judging the card, and the golden traces they are judged against.
+use crate::vm::records::SimReport;
 use anyhow::{Context as _, bail, ensure};
-use serde_json::Value;
 
 use super::host::guest_kernel;
 use super::journal::{self, actions};
@@ -12,7 +12,7 @@ use crate::vm::scenarios::{Judge, MHI_ENDS, Run};
 pub(crate) fn check_driver_judge(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<Vec<String>> {
     const FW: &str = "Direct firmware load for qcom/sdx65m/xbl.elf failed with error -2";
     let messages = |name: &str| -> Vec<String> {
@@ -91,15 +91,14 @@ pub(crate) fn check_driver_judge(
 pub(crate) fn golden_trace(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<String> {
     let (major, minor) = guest_kernel(console)?;
     let key = format!("{major}.{minor} {}", run.state);
-    let seen: Vec<String> = sim.context("no simulator report")?["beyond_model"]
-        .as_array()
-        .context("the simulator reported no beyond_model")?
+    let seen: Vec<String> = sim
+        .context("no simulator report")?
+        .beyond_model
         .iter()
-        .filter_map(Value::as_u64)
         .map(|o| format!("{o:#x}"))
         .collect();
     let line = format!("{key} {}", seen.join(" ")).trim_end().to_string();
@@ -135,7 +134,7 @@ pub(crate) fn golden_trace(
 pub(crate) fn check_wlan_judge(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
     j: &Judge,
 ) -> anyhow::Result<Vec<String>> {
     let lines = |name: &str| -> Vec<String> {

@@ -1,11 +1,10 @@
 //! The detect → reset → verify loops, and the kernel's own regimes (7.4's device_specific).
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
 
-use super::host::port_states;
+use super::check_sim;
 use super::journal::{self, actions};
-use super::{attempts, check_sim, json_lines};
 use crate::vm::qemu::section;
+use crate::vm::records::{Journaled, KernelReset, Kind, SimReport, journal_events, port_readings};
 use crate::vm::scenarios::{Run, Scenario, Topology};
 
 /// What a loop expects on a kernel with the device-specific reset: the scenarios about the
@@ -28,7 +27,7 @@ fn port_guarded(run: &Run, console: &str, a: &journal::Action) -> anyhow::Result
     if run.topology != Topology::RootPort || !console.contains("VMLAB-BEGIN port") {
         return Ok(());
     }
-    let ports = port_states(console, "port");
+    let ports = port_readings(console, "port")?;
     ensure!(
         ports.len() == 2 && ports[0] == ports[1],
         "the port before and after the reset differ: {ports:?}"
@@ -37,9 +36,9 @@ fn port_guarded(run: &Run, console: &str, a: &journal::Action) -> anyhow::Result
     let restored = &report.restored.port;
     let port = report.port.as_ref().and_then(|p| p.port.as_deref());
     ensure!(
-        port.is_some() && port == ports[0]["port"].as_str() && !restored.is_empty(),
-        "the reset did not guard the port {}: restored {restored:?}",
-        ports[0]["port"]
+        port.is_some() && port == ports[0].port.as_deref() && !restored.is_empty(),
+        "the reset did not guard the port {:?}: restored {restored:?}",
+        ports[0].port
     );
     Ok(())
 }
@@ -47,14 +46,13 @@ fn port_guarded(run: &Run, console: &str, a: &journal::Action) -> anyhow::Result
 pub(crate) fn check_loop(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
     family: &str,
     writes: usize,
 ) -> anyhow::Result<Vec<String>> {
-    if expected_kernel_reset(run, console)?.0 == "device-specific" {
+    if expected_kernel_reset(run, console)?.0 == KernelReset::DeviceSpecific {
         return check_kernel_regime(run, console, sim, regime_of(run));
     }
-    let journal = json_lines(console, "journal");
     let acts = actions(console)?;
     let a = acts.first().context("the agent took no action")?;
     ensure!(
@@ -68,29 +66,27 @@ pub(crate) fn check_loop(
     );
     check_sim(sim, family, writes)?;
     let power = check_runtime_pm(sim, a)?;
-    let ev = journal
-        .iter()
-        .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
-        .context("no release event in the journal")?;
+    let journal = journal_events(console)?;
+    let ev = first_release(&journal)?;
     let (want, quirk) = expected_kernel_reset(run, console)?;
     ensure!(
-        ev["event"]["kernel_reset"] == want && ev["event"]["left_unreset"] == true,
-        "in {} the release must name kernel_reset={want}: {}",
+        ev.event.kernel_reset == Some(want) && ev.event.left_unreset == Some(true),
+        "in {} the release must name kernel_reset={}: {:?}",
         run.topology.name(),
-        ev["event"]
+        want.name(),
+        ev.event
     );
     // Read, not trusted: true where no kernel reset ran, false after the bus reset.
-    let needs_reset = want == "none";
+    let needs_reset = want == KernelReset::None;
     ensure!(
-        ev["event"]["needs_reset"] == needs_reset,
-        "in {} the summary must read needs_reset={needs_reset}: {}",
+        ev.event.needs_reset == Some(needs_reset),
+        "in {} the summary must read needs_reset={needs_reset}: {:?}",
         run.topology.name(),
-        ev["event"]
+        ev.event
     );
-    let done_ns = ev["event"]["ktime_ns"].as_u64().unwrap_or(0)
-        + ev["event"]["duration_ns"].as_u64().unwrap_or(0);
-    let received = ev["received_mono_ns"]
-        .as_u64()
+    let done_ns = ev.event.returned_ns();
+    let received = ev
+        .received_mono_ns
         .context("the journal's event has no received_mono_ns")?;
     ensure!(
         received >= done_ns,
@@ -104,8 +100,8 @@ pub(crate) fn check_loop(
         quirk,
         power,
         Some(format!(
-            "release: kernel_reset={} needs_reset={} -> reset anyway",
-            ev["event"]["kernel_reset"], ev["event"]["needs_reset"]
+            "release: kernel_reset={} needs_reset={needs_reset} -> reset anyway",
+            want.name()
         )),
         Some(format!("verdict {:?}: {}", a.result, a.detail)),
         Some(format!(
@@ -123,25 +119,17 @@ pub(crate) fn check_loop(
 /// it (its `power/control` record) before its first register write, and once `auto` is back
 /// the card sleeps again. None for the ivshmem card (no PM capability, no power report).
 pub(crate) fn check_runtime_pm(
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
     action: &journal::Action,
 ) -> anyhow::Result<Option<String>> {
-    let Some(power) = sim.and_then(|s| s["power"].as_array()) else {
+    let Some((power, writes)) = sim.and_then(|s| Some((s.power.as_ref()?, &s.writes))) else {
         return Ok(None);
     };
-    let change = |p: &Value| {
-        (
-            p["at_us"].as_u64().unwrap_or(0),
-            p["from"].as_u64().unwrap_or(0),
-            p["to"].as_u64().unwrap_or(0),
-        )
-    };
-    let writes = sim
-        .and_then(|s| s["writes"].as_array())
-        .cloned()
-        .unwrap_or_default();
-    let at = |w: Option<&Value>| w.and_then(|w| w["at_us"].as_u64());
-    let (Some(first), Some(last)) = (at(writes.first()), at(writes.last())) else {
+    let change = |p: &crate::vm::records::PowerChange| (p.at_us, p.from, p.to);
+    let (Some(first), Some(last)) = (
+        writes.first().map(|w| w.at_us),
+        writes.last().map(|w| w.at_us),
+    ) else {
         return Ok(None);
     };
     let woke = power.iter().map(change).rfind(|&(t, _, _)| t < first);
@@ -178,14 +166,14 @@ pub(crate) fn check_runtime_pm(
 pub(crate) fn expected_kernel_reset(
     run: &Run,
     console: &str,
-) -> anyhow::Result<(&'static str, Option<String>)> {
+) -> anyhow::Result<(KernelReset, Option<String>)> {
     let line = console
         .lines()
         .find_map(|l| l.split("VMLAB card at ").nth(1))
         .context("the guest printed no card line")?;
     let methods = line.split("reset_method: ").nth(1).unwrap_or("").trim();
     if run.topology == Topology::RootBus && !methods.contains("device_specific") {
-        return Ok(("none", None));
+        return Ok((KernelReset::None, None));
     }
     if methods.split_whitespace().any(|m| m == "device_specific") {
         ensure!(
@@ -193,21 +181,21 @@ pub(crate) fn expected_kernel_reset(
             "device_specific must be the kernel's first method: {methods}"
         );
         return Ok((
-            "device-specific",
+            KernelReset::DeviceSpecific,
             Some(format!(
                 "the kernel resets the card itself (reset_method: {methods})"
             )),
         ));
     }
     if methods.split_whitespace().any(|m| m == "bus") {
-        return Ok(("bus", None));
+        return Ok((KernelReset::Bus, None));
     }
     ensure!(
         line.contains("0x17cb"),
         "behind the root port only the Qualcomm quirk may take `bus` away: {line}"
     );
     Ok((
-        "none",
+        KernelReset::None,
         Some(format!(
             "the kernel's SBR-avoid quirk took `bus` from this Qualcomm card (reset_method: {methods})"
         )),
@@ -221,12 +209,12 @@ pub(crate) fn expected_kernel_reset(
 pub(crate) fn check_kernel_regime(
     run: &Run,
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
     want: KernelRegime,
 ) -> anyhow::Result<Vec<String>> {
     let (kernel_reset, note) = expected_kernel_reset(run, console)?;
     ensure!(
-        kernel_reset == "device-specific",
+        kernel_reset == KernelReset::DeviceSpecific,
         "the kernel does not list device_specific for the card"
     );
     let log = section(console, "agent-log").join("\n");
@@ -235,23 +223,19 @@ pub(crate) fn check_kernel_regime(
         "the agent did not start in the kernel-device-specific regime:\n{log}"
     );
     regime_views(run, console)?;
-    let journal = json_lines(console, "journal");
-    let ev = journal
-        .iter()
-        .find(|v| v["type"] == "event" && v["event"]["kind"] == "release")
-        .context("no release event in the journal")?;
+    let journal = journal_events(console)?;
+    let ev = first_release(&journal)?;
     ensure!(
-        ev["event"]["kernel_reset"] == want.release
-            && ev["event"]["left_unreset"] == (want.release != "device-specific"),
-        "the release must name kernel_reset {}: {}",
-        want.release,
-        ev["event"]
+        ev.event.kernel_reset == Some(want.release)
+            && ev.event.left_unreset == Some(want.release != KernelReset::DeviceSpecific),
+        "the release must name kernel_reset {}: {:?}",
+        want.release.name(),
+        ev.event
     );
-    let timed_out = journal.iter().any(|v| {
-        v["event"]["kind"] == "open"
-            && attempts(&v["event"]).contains(&("pci_dev_specific_reset".into(), -110))
-    });
-    if want.release == "none" {
+    let timed_out = journal
+        .iter()
+        .any(|j| j.event.kind == Kind::Open && j.event.tried("pci_dev_specific_reset", -110));
+    if want.release == KernelReset::None {
         ensure!(
             timed_out && log.contains("falling back to qcom-reset's register sequence"),
             "the kernel's reset must time out at open and the agent fall back to its own:\n{log}"
@@ -264,7 +248,9 @@ pub(crate) fn check_kernel_regime(
         note,
         Some(format!(
             "release: kernel_reset={} -> {:?} {}",
-            ev["event"]["kernel_reset"], a.result, a.detail
+            want.release.name(),
+            a.result,
+            a.detail
         )),
         Some(format!(
             "simulator: {} reset sequence(s), {} of the kernel's broken off by its link poll, the rest conformant with the reviewed one; {} ignored by the SoC",
@@ -336,52 +322,60 @@ fn one_action(console: &str, want: &KernelRegime) -> anyhow::Result<journal::Act
 
 /// The simulator's count of sequences: the kernel's broken off, the SoC's missed, the rest
 /// conformant with the reviewed one.
-fn sequences(sim: Option<&Value>, want: &KernelRegime) -> anyhow::Result<()> {
+fn sequences(sim: Option<&SimReport>, want: &KernelRegime) -> anyhow::Result<()> {
     let sim = sim.context("no simulator report")?;
-    let c = &sim["conformance"];
-    let writes = sim["writes"].as_array().cloned().unwrap_or_default();
-    let per = if sim["family"] == "wlan" { 3 } else { 1 };
+    let c = &sim.conformance;
+    let writes = &sim.writes;
+    let per = if sim.family == "wlan" { 3 } else { 1 };
     let complete = want.sequences - want.broken_off;
     // Broken-off resets (assert and deassert only) come first; the last sequence is whole.
-    let tail: Vec<u64> = writes
+    let tail: Vec<u32> = writes
         .iter()
         .rev()
         .take(per as usize)
-        .map(|w| w["offset"].as_u64().unwrap_or(0))
+        .map(|w| w.offset)
         .collect();
     ensure!(
-        (c["ok"] == true || want.broken_off > 0)
+        (c.ok || want.broken_off > 0)
             && writes.len() as u64 == complete * per + want.broken_off * 2
             && (per == 1 || tail == [0x38, 0x3008, 0x3008])
-            && sim["missed"] == want.missed
-            && sim["resets"] == want.sequences - want.missed,
-        "expected {} sequence(s) ({} broken off), {} missed: {} writes, conformance {c}, resets {}, missed {}",
+            && u64::from(sim.missed) == want.missed
+            && u64::from(sim.resets) == want.sequences - want.missed,
+        "expected {} sequence(s) ({} broken off), {} missed: {} writes, conformance {c:?}, resets {}, missed {}",
         want.sequences,
         want.broken_off,
         want.missed,
         writes.len(),
-        sim["resets"],
-        sim["missed"]
+        sim.resets,
+        sim.missed
     );
     if want.broken_off == 0 {
-        ensure!(c["sequences"] == want.sequences, "conformance {c}");
+        ensure!(c.sequences as u64 == want.sequences, "conformance {c:?}");
     }
     Ok(())
 }
 /// The kernel's own successful device-specific resets inside the VFIO opens and releases the
 /// journal recorded: on a kernel with the quirk, their writes are the simulator's too.
-pub(crate) fn kernel_device_specific_resets(console: &str) -> usize {
-    json_lines(console, "journal")
+pub(crate) fn kernel_device_specific_resets(console: &str) -> anyhow::Result<usize> {
+    Ok(journal_events(console)?
         .iter()
-        .filter(|v| matches!(v["event"]["kind"].as_str(), Some("open" | "release")))
-        .filter(|v| attempts(&v["event"]).contains(&("pci_dev_specific_reset".into(), 0)))
-        .count()
+        .filter(|j| matches!(j.event.kind, Kind::Open | Kind::Release))
+        .filter(|j| j.event.tried("pci_dev_specific_reset", 0))
+        .count())
+}
+
+/// The journal's first release event.
+fn first_release(journal: &[Journaled]) -> anyhow::Result<&Journaled> {
+    journal
+        .iter()
+        .find(|j| j.event.kind == Kind::Release)
+        .context("no release event in the journal")
 }
 
 /// What a run on a kernel with the device-specific reset must show.
 pub struct KernelRegime {
     /// What the release summary names: the kernel's reset at release, if it succeeded.
-    release: &'static str,
+    release: KernelReset,
     /// The agent's one action after the release: its trigger and result.
     trigger: journal::Trigger,
     result: journal::Outcome,
@@ -400,7 +394,7 @@ pub struct KernelRegime {
 impl KernelRegime {
     /// The kernel reset the card at open and release; the agent verified it and wrote nothing.
     pub(crate) const VERIFIED: KernelRegime = KernelRegime {
-        release: "device-specific",
+        release: KernelReset::DeviceSpecific,
         trigger: journal::Trigger::KernelReset,
         result: journal::Outcome::NothingToDo,
         method: None,
@@ -417,7 +411,7 @@ impl KernelRegime {
     /// Both kernel resets missed; the agent found the card stale and reset it through the
     /// kernel's `device_specific` (sysfs `reset`), which took.
     pub(crate) const STALE: KernelRegime = KernelRegime {
-        release: "device-specific",
+        release: KernelReset::DeviceSpecific,
         trigger: journal::Trigger::KernelReset,
         result: journal::Outcome::Clean,
         method: Some(journal::Method::KernelDeviceSpecific),
@@ -429,7 +423,7 @@ impl KernelRegime {
     /// release; the agent's kernel reset timed out too (the second) and its own sequence (the
     /// third) reset the card.
     pub(crate) const TIMEOUT: KernelRegime = KernelRegime {
-        release: "none",
+        release: KernelReset::None,
         trigger: journal::Trigger::Release,
         result: journal::Outcome::Clean,
         method: Some(journal::Method::RegisterSequence),
@@ -439,7 +433,7 @@ impl KernelRegime {
     };
     /// `act_with_kernel_reset = true`: the agent's own sequence after the kernel's.
     pub(crate) const ACT_WITH_KERNEL: KernelRegime = KernelRegime {
-        release: "device-specific",
+        release: KernelReset::DeviceSpecific,
         trigger: journal::Trigger::KernelReset,
         result: journal::Outcome::Clean,
         method: Some(journal::Method::RegisterSequence),

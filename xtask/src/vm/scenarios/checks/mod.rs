@@ -9,61 +9,29 @@ pub(super) mod probes;
 pub(super) mod safety;
 
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
 
 use crate::vm::qemu::section;
-
-pub(crate) fn json_lines(console: &str, name: &str) -> Vec<Value> {
-    section(console, name)
-        .into_iter()
-        .filter_map(|l| serde_json::from_str(l.trim()).ok())
-        .collect()
-}
-pub(crate) fn events<'a>(lines: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> {
-    lines.iter().filter(move |v| v["kind"] == kind)
-}
-pub(crate) fn attempts(v: &Value) -> Vec<(String, i64)> {
-    v["attempts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    (
-                        x["function"].as_str().unwrap_or("").to_string(),
-                        x["ret"].as_i64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use crate::vm::records::SimReport;
+pub(crate) use crate::vm::records::json_lines;
 /// The single sim-report expectation every loop shares: family, conformance, write count.
-pub(crate) fn check_sim(sim: Option<&Value>, family: &str, writes: usize) -> anyhow::Result<()> {
+pub(crate) fn check_sim(
+    sim: Option<&SimReport>,
+    family: &str,
+    writes: usize,
+) -> anyhow::Result<()> {
     let sim = sim.context("no simulator report")?;
+    ensure!(sim.family == family, "simulated family {}", sim.family);
     ensure!(
-        sim["family"] == family,
-        "simulated family {}",
-        sim["family"]
+        writes == 0 || sim.conformance.ok,
+        "the simulator saw a wrong sequence: {:?}",
+        sim.conformance
     );
     ensure!(
-        writes == 0 || sim["conformance"]["ok"] == true,
-        "the simulator saw a wrong sequence: {}",
-        sim["conformance"]
-    );
-    ensure!(
-        sim["writes"].as_array().map(Vec::len) == Some(writes),
-        "expected {writes} write(s): {}",
-        sim["writes"]
+        sim.writes.len() == writes,
+        "expected {writes} write(s): {:?}",
+        sim.writes
     );
     Ok(())
-}
-/// The JSON of the guest's `VMLAB {tag} {json}` line.
-pub(crate) fn vmlab_json(console: &str, tag: &str) -> anyhow::Result<Value> {
-    let text = console
-        .lines()
-        .find_map(|l| l.split(&format!("VMLAB {tag} ")).nth(1))
-        .with_context(|| format!("the guest printed no {tag} line"))?;
-    serde_json::from_str(text.trim()).with_context(|| format!("{tag}: {text}"))
 }
 /// The first stamped agent log line holding `pattern`, and its CLOCK_MONOTONIC ns.
 pub(crate) fn stamped<'a>(log: &[&'a str], pattern: &str) -> anyhow::Result<(&'a str, u64)> {

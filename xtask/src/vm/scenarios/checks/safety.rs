@@ -1,20 +1,23 @@
 //! Never harm the host: held cards, faults, graceful stops, binds, observe-only, ownership,
 //! SIGKILL, hand-over to a host driver, a reloaded vfio-pci.
 use anyhow::{Context as _, bail, ensure};
-use serde_json::Value;
 
-use super::host::port_states;
+use super::check_sim;
 use super::journal::{self, actions};
 use super::loops::kernel_device_specific_resets;
-use super::{check_sim, json_lines};
 use crate::vm::qemu::section;
+use crate::vm::records::{
+    Kind, PortReading, SimReport, crash_record, journal_events, port_readings,
+};
 
 /// How a WLAN card's release ends: the agent's reset (3 writes), or, where the kernel reset it
 /// at open and release (7.4's device-specific reset, 3 writes each), the verification of that
 /// reset. (kernel resets, trigger, result, the agent's writes)
-fn wlan_release_end(console: &str) -> (usize, journal::Trigger, journal::Outcome, usize) {
-    let kernel = kernel_device_specific_resets(console);
-    if kernel > 0 {
+fn wlan_release_end(
+    console: &str,
+) -> anyhow::Result<(usize, journal::Trigger, journal::Outcome, usize)> {
+    let kernel = kernel_device_specific_resets(console)?;
+    Ok(if kernel > 0 {
         (
             kernel,
             journal::Trigger::KernelReset,
@@ -28,10 +31,10 @@ fn wlan_release_end(console: &str) -> (usize, journal::Trigger, journal::Outcome
             journal::Outcome::Clean,
             3,
         )
-    }
+    })
 }
 
-pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_held(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let cli = section(console, "cli").join("\n");
     ensure!(
         cli.contains("is held by pid") && cli.contains("cli-rc=75"),
@@ -40,7 +43,7 @@ pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<V
     // The open's own reset calls are explained by the open: nothing to answer while the VM
     // holds the card, and its release is answered once: reset, or, where the kernel reset it
     // at open and release (7.4's device-specific reset), verified.
-    let (kernel, trigger, result, ours) = wlan_release_end(console);
+    let (kernel, trigger, result, ours) = wlan_release_end(console)?;
     let acts = actions(console)?;
     ensure!(
         acts.len() == 1 && acts[0].trigger == trigger && acts[0].result == result,
@@ -56,7 +59,7 @@ pub(crate) fn check_held(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         format!("after the release: {trigger:?} -> {result:?}; the kernel's own resets: {kernel}"),
     ])
 }
-pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_fault(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let acts = actions(console)?;
     let results: Vec<journal::Outcome> = acts.iter().map(|a| a.result).collect();
     ensure!(
@@ -72,9 +75,9 @@ pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<
     // On a kernel with the device-specific reset, that reset at the VM's open is the one that
     // takes the link (its poll times out): the agent finds config space all-ones from its first
     // read, so it saves, writes and restores nothing.
-    let kernel_took_link = json_lines(console, "journal")
+    let kernel_took_link = journal_events(console)?
         .iter()
-        .any(|v| v["event"]["function"] == "pci_dev_specific_reset" && v["event"]["ret"] == -110);
+        .any(|j| j.event.function == "pci_dev_specific_reset" && j.event.ret == -110);
     if kernel_took_link {
         return check_fault_after_kernel(&acts, console, sim);
     }
@@ -98,15 +101,9 @@ pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<
         "PCI_COMMAND is {now:#x}, expected {want:#x} (the agent restored {restored:#x})"
     );
     let sim = sim.context("no simulator report")?;
-    ensure!(
-        sim["resets"] == 1 && sim["link_up"] == false,
-        "simulator: {sim}"
-    );
-    if sim["writes"].as_array().map(Vec::len) != Some(2) {
-        bail!(
-            "expected 2 writes (one global reset), got {}",
-            sim["writes"]
-        );
+    ensure!(sim.resets == 1 && !sim.link_up, "simulator: {sim:?}");
+    if sim.writes.len() != 2 {
+        bail!("expected 2 writes (one global reset), got {:?}", sim.writes);
     }
     Ok(vec![format!(
         "2 attempts, both link-down, then: {:?}; PCI_COMMAND restored to {restored:#06x}, reads {now:#06x}",
@@ -116,7 +113,7 @@ pub(crate) fn check_fault(console: &str, sim: Option<&Value>) -> anyhow::Result<
 pub(crate) fn check_fault_after_kernel(
     acts: &[journal::Action],
     console: &str,
-    sim: Option<&Value>,
+    sim: Option<&SimReport>,
 ) -> anyhow::Result<Vec<String>> {
     for a in &acts[..2] {
         let r = a.report()?;
@@ -131,20 +128,21 @@ pub(crate) fn check_fault_after_kernel(
     );
     let sim = sim.context("no simulator report")?;
     ensure!(
-        sim["resets"] == 1
-            && sim["link_up"] == false
-            && sim["writes"].as_array().map(Vec::len) == Some(2),
-        "the kernel's global reset (assert, deassert) and nothing after: {sim}"
+        sim.resets == 1 && !sim.link_up && sim.writes.len() == 2,
+        "the kernel's global reset (assert, deassert) and nothing after: {sim:?}"
     );
     Ok(vec![format!(
         "the kernel's reset at open took the link for good (-ETIMEDOUT); 2 attempts found it down, wrote nothing, then: {:?}",
         acts[2].detail
     )])
 }
-pub(crate) fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_graceful(
+    console: &str,
+    sim: Option<&SimReport>,
+) -> anyhow::Result<Vec<String>> {
     // Where the kernel reset the card as the device closed (7.4), the wait is for the
     // verification of that reset, which finds it clean and writes nothing.
-    let (kernel, trigger, result, ours) = wlan_release_end(console);
+    let (kernel, trigger, result, ours) = wlan_release_end(console)?;
     let acts = actions(console)?;
     let done: Vec<&journal::Action> = acts.iter().filter(|a| a.result == result).collect();
     ensure!(done.len() == 1, "expected one {result:?}: {acts:?}");
@@ -175,7 +173,7 @@ pub(crate) fn check_graceful(console: &str, sim: Option<&Value>) -> anyhow::Resu
         ),
     ])
 }
-pub(crate) fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_bind(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let acts = actions(console)?;
     ensure!(acts.len() == 1, "expected one action: {acts:?}");
     let a = &acts[0];
@@ -183,9 +181,9 @@ pub(crate) fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         a.trigger == journal::Trigger::Bind && a.result == journal::Outcome::Clean,
         "action: {a:?}"
     );
-    let opened = json_lines(console, "journal")
+    let opened = journal_events(console)?
         .iter()
-        .any(|v| v["type"] == "event" && v["event"]["kind"] == "open");
+        .any(|j| j.event.kind == Kind::Open);
     ensure!(!opened, "the device was opened before its reset");
     // Where the kernel has the device-specific reset, the agent asks for it instead of its own.
     let log = section(console, "agent-log").join("\n");
@@ -206,7 +204,7 @@ pub(crate) fn check_bind(console: &str, sim: Option<&Value>) -> anyhow::Result<V
         a.detail
     )])
 }
-pub(crate) fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_observe(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let line = |tag: &str| {
         console
             .lines()
@@ -225,7 +223,7 @@ pub(crate) fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Resul
         acts.iter().map(|a| (a.trigger, a.result)).collect();
     // Where the kernel resets the card at open and release (7.4), the release is one to
     // verify, which observe-only cannot do on a runtime-suspended card: skipped, not woken.
-    let kernel = kernel_device_specific_resets(console);
+    let kernel = kernel_device_specific_resets(console)?;
     let release = if kernel > 0 {
         (journal::Trigger::KernelReset, journal::Outcome::Skipped)
     } else {
@@ -251,7 +249,7 @@ pub(crate) fn check_observe(console: &str, sim: Option<&Value>) -> anyhow::Resul
         format!("the simulator received only the kernel's {kernel} reset(s)"),
     ])
 }
-pub(crate) fn check_own(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_own(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let vm = section(console, "vm").join("\n");
     ensure!(
         vm.contains("EBUSY") && !vm.contains("vm-rc=0"),
@@ -290,7 +288,7 @@ pub(crate) fn check_own(console: &str, sim: Option<&Value>) -> anyhow::Result<Ve
         .iter()
         .filter(|r| matches!(r, journal::Outcome::Taken | journal::Outcome::Clean))
         .count();
-    check_sim(sim, "modem", ours + kernel_device_specific_resets(console))?;
+    check_sim(sim, "modem", ours + kernel_device_specific_resets(console)?)?;
     let log = section(console, "agent-log").join("\n");
     ensure!(
         log.contains("nothing more is written to it"),
@@ -314,16 +312,13 @@ pub(crate) fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
             .with_context(|| format!("guest did not print its {tag} state"))
     };
     let (killed, recovered) = (state("killed")?, state("recovered")?);
-    let record: Value = serde_json::from_str(section(console, "record").join("").trim())
-        .context("no crash record was left by the killed agent")?;
-    let cmd = record["command"]
-        .as_u64()
-        .context("record without PCI_COMMAND")?;
-    let power = record["power_control"].as_str().unwrap_or("on");
+    let record = crash_record(console, "record").context("the killed agent left none")?;
+    let cmd = record.command.context("record without PCI_COMMAND")?;
+    let power = record.power_control.as_deref().unwrap_or("on");
     let want = format!("pci_command={cmd:04x} power={power}");
     ensure!(
         killed != want && killed.contains("power=on"),
-        "the kill left nothing to restore? {killed} (record {record})"
+        "the kill left nothing to restore? {killed} (record {record:?})"
     );
     ensure!(
         recovered == want,
@@ -338,20 +333,20 @@ pub(crate) fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
         format!("restarted agent restored {recovered} from the record"),
     ];
     // Behind the root port the kill also leaves the port masked; the record brings it back.
-    let ports = port_states(console, "port");
+    let ports = port_readings(console, "port")?;
     if let [before, killed, recovered] = &ports[..] {
-        let regs = |v: &Value| (v["slot_control"].clone(), v["aer_uncor_mask"].clone());
+        let regs = |v: &PortReading| (v.slot_control, v.aer_uncor_mask);
         ensure!(
-            record["port"].is_object() && regs(killed) != regs(before),
-            "the killed session left the port unmasked or unrecorded: {killed} (record {record})"
+            record.port.is_some() && regs(killed) != regs(before),
+            "the killed session left the port unmasked or unrecorded: {killed:?} (record {record:?})"
         );
         ensure!(
             regs(recovered) == regs(before),
-            "the port after recovery {recovered} differs from before {before}"
+            "the port after recovery {recovered:?} differs from before {before:?}"
         );
         notes.push(format!(
             "port {}: masked when killed {:?}, restored from the record {:?}",
-            before["port"],
+            before.port.as_deref().unwrap_or("none"),
             regs(killed),
             regs(recovered)
         ));
@@ -360,7 +355,7 @@ pub(crate) fn check_kill(console: &str) -> anyhow::Result<Vec<String>> {
     }
     Ok(notes)
 }
-pub(crate) fn check_reload(console: &str, sim: Option<&Value>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn check_reload(console: &str, sim: Option<&SimReport>) -> anyhow::Result<Vec<String>> {
     let log = section(console, "agent-log").join("\n");
     let attached = log.matches("probe vfio_pci_core_disable attached").count();
     ensure!(
