@@ -10,7 +10,7 @@ use crate::{cargo, toolchain, workspace_root};
 pub const MUTANTS_VERSION: &str = "27.1.0";
 
 /// The reset core and the decision code.
-const CORE: [&str; 20] = [
+const CORE: [&str; 21] = [
     "qcom-reset/src/device/family.rs",
     "qcom-reset/src/device/sequence.rs",
     "qcom-reset/src/device/verdict.rs",
@@ -20,6 +20,7 @@ const CORE: [&str; 20] = [
     "qcom-reset/src/session/reset.rs",
     "qcom-reset/src/session/kernel.rs",
     "qcom-reset/src/session/plan.rs",
+    "qcom-reset/src/session/step.rs",
     "qcom-reset/src/session/status.rs",
     "qcom-reset/src/session/guard.rs",
     "qcom-reset/src/session/owner.rs",
