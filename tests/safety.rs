@@ -472,14 +472,21 @@ fn two_cards_below_one_port_never_record_each_others_masks() {
     assert_eq!(port_regs(&h), (0x1038, 0));
 }
 
-/// Item 11: with pciehp polling, the masks do not stop it acting on the link drop: refused
-/// unless allowed.
-#[test]
-fn pciehp_poll_mode_is_refused_unless_allowed() {
+/// The card behind the port of [`host_behind_port`], pciehp polling its slot
+/// (`pciehp_poll_mode=Y`).
+fn behind_a_polled_slot() -> FakeHost {
     let h = host_behind_port(FakeDevice::default());
     let param = h.root().join("sys/module/pciehp/parameters");
     fs::create_dir_all(&param).unwrap();
     fs::write(param.join("pciehp_poll_mode"), "Y\n").unwrap();
+    h
+}
+
+/// Item 11: with pciehp polling, the masks do not stop it acting on the link drop: refused
+/// unless allowed.
+#[test]
+fn pciehp_poll_mode_is_refused_unless_allowed() {
+    let h = behind_a_polled_slot();
     let card = sim(Family::Wlan, Faults::default());
     let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
     assert!(matches!(e, Error::PciehpPolls { .. }), "{e}");
@@ -1606,10 +1613,7 @@ fn a_dry_run_plans_the_steps_the_real_run_takes() {
 /// the request does not allow, a crash record it cannot read.
 #[test]
 fn a_dry_run_refuses_what_the_real_run_refuses() {
-    let h = host_behind_port(FakeDevice::default());
-    let param = h.root().join("sys/module/pciehp/parameters");
-    fs::create_dir_all(&param).unwrap();
-    fs::write(param.join("pciehp_poll_mode"), "Y\n").unwrap();
+    let h = behind_a_polled_slot();
     let card = sim(Family::Wlan, Faults::default());
     let dry = Request {
         dry_run: true,
@@ -1623,4 +1627,130 @@ fn a_dry_run_refuses_what_the_real_run_refuses() {
     let e = reset_with(&h, &dry, &card).unwrap_err();
     assert!(matches!(e, Error::BadRecord { .. }), "{e}");
     assert_eq!(config_writes(&card), 0);
+}
+
+/// Review finding (stop 34): a session that ends between the kernel reset's `reset_method` swap
+/// and its unswap (an error, a panic) puts the kernel's list back at restore. Before, the
+/// restore removed the record and the card kept `device_specific` as its only method.
+#[test]
+fn a_session_ending_with_the_methods_swapped_puts_them_back() {
+    let h = FakeHost::new();
+    h.add(FakeDevice {
+        reset_method: Some("bus device_specific"),
+        ..Default::default()
+    });
+    let dev = h.host.sysfs.device(bdf(WLAN)).unwrap();
+    let own = qcom_reset::host::own::Ownership::take(
+        &h.host.dev_vfio,
+        &h.host.proc_root,
+        &dev,
+        &h.host.open_group,
+    )
+    .unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let (mut s, _) = session::guard::Session::begin(
+        &dev,
+        h.host.run_dir.clone(),
+        Duration::ZERO,
+        own,
+        Box::new(card),
+        session::guard::Writes::Allowed,
+    )
+    .unwrap();
+    s.swap_reset_method("bus device_specific".into()).unwrap();
+    assert_eq!(h.read(WLAN, "reset_method"), "device_specific");
+    drop(s);
+    assert_eq!(h.read(WLAN, "reset_method"), "bus device_specific");
+    assert!(!record_path(&h, WLAN).exists(), "everything is back");
+}
+
+/// Review finding (stop 34): a dry run that cannot read the upstream port (a user other than
+/// root sees 64 bytes of it) still plans, naming what is unknown; the reset itself refuses.
+#[test]
+fn a_dry_run_names_an_unreadable_port_and_the_reset_refuses() {
+    let h = host_behind_port(FakeDevice::default());
+    let cfg = h.host.sysfs.root.join(PORT).join("config");
+    fs::remove_file(&cfg).unwrap();
+    fs::create_dir(&cfg).unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    let dry = Request {
+        dry_run: true,
+        ..Request::new(bdf(WLAN))
+    };
+    let r = reset_with(&h, &dry, &card).unwrap();
+    assert!(
+        matches!(r.plan()[1], session::Step::PortUnread(_)),
+        "{:?}",
+        r.plan()
+    );
+    assert!(r.port.is_none());
+    let e = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap_err();
+    assert!(matches!(e, Error::SysfsRead { .. }), "{e}");
+    assert_eq!(card.with_model(|m| m.writes.len()), 0, "no register write");
+}
+
+/// Review finding (stop 34): a killed session's record names a port other than the card's
+/// upstream one now (the bus numbered anew since). The session locks both ports: before, the
+/// recovered port's lock stood in for the upstream port's, which was then masked without its
+/// own lock, and a second card below it could record the masked values as its baseline.
+#[test]
+fn a_recovered_port_elsewhere_does_not_stand_in_for_the_upstream_ports_lock() {
+    const PORT2: &str = "0000:00:1d.0";
+    let h = host_behind_port(FakeDevice::default());
+    let other = h.host.sysfs.root.join(PORT2);
+    fs::create_dir_all(&other).unwrap();
+    fs::copy(
+        h.host.sysfs.root.join(PORT).join("config"),
+        other.join("config"),
+    )
+    .unwrap();
+    let card = sim(Family::Wlan, Faults::default());
+    leave_killed_session(&h, WLAN, &card, vec![]);
+    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
+    rec.port = Some(qcom_reset::session::port::PortRecord {
+        port: bdf(PORT2),
+        ids: None,
+        command_completed: false,
+        slot_control: Some((0x58, 0x1038)),
+        aer_mask: None,
+    });
+    record::save(&h.host.run_dir, &rec).unwrap();
+    let dry = Request {
+        dry_run: true,
+        ..Request::new(bdf(WLAN))
+    };
+    let c = card.clone();
+    let plan = session::reset(
+        &h.host,
+        &dry,
+        &mut move |_, _| Ok(Box::new(c.clone())),
+        "hooked",
+    )
+    .unwrap();
+    let (run_dir, held) = (h.host.run_dir.clone(), Arc::new(Mutex::new(None)));
+    let seen = held.clone();
+    let r = reset_changing_at_map(&h, &card, move || {
+        let free = DeviceLock::acquire(&run_dir, bdf(PORT), Duration::ZERO).is_ok();
+        *seen.lock().unwrap() = Some(!free);
+    })
+    .unwrap();
+    assert_eq!(
+        *held.lock().unwrap(),
+        Some(true),
+        "the upstream port's lock is held while its reports are masked"
+    );
+    let steps = &r.reset().unwrap().steps;
+    for p in [PORT2, PORT] {
+        assert!(
+            steps.contains(&session::Step::LockPort(bdf(p))),
+            "{steps:?}"
+        );
+    }
+    let planned: Vec<_> = plan.plan()[1..plan.plan().len() - 1]
+        .iter()
+        .filter(|s| !matches!(s, session::Step::Register(_)))
+        .cloned()
+        .collect();
+    assert_eq!(&planned, steps, "the plan foresees both locks");
+    assert_eq!(port_regs(&h), (0x1038, 0), "the upstream port is back");
 }

@@ -80,6 +80,16 @@ pub fn opens_device(access: Access) -> bool {
     matches!((access, locked), (Access::Vfio, _) | (Access::Auto, true))
 }
 
+/// The name of the backend [`open`] picks for `access` on this host ("sysfs" or "vfio"), as a
+/// session's steps and report name it: a dry run plans in the words the reset will report.
+pub fn backend_name(access: Access) -> &'static str {
+    if opens_device(access) {
+        "vfio"
+    } else {
+        "sysfs"
+    }
+}
+
 /// Why registers are not read through VFIO where reading must not change the device.
 pub const VFIO_OPEN_RESETS: &str = "reading the registers through VFIO (--access vfio, or auto under lockdown) opens the device, and the kernel resets it at every open and close";
 

@@ -131,7 +131,8 @@ pub(super) async fn attempt(
     dev_cfg: &crate::config::DeviceConfig,
 ) -> Action {
     let req = request(sh, bdf, dev_cfg);
-    let (host, open, access) = (sh.host.clone(), sh.open.clone(), sh.cfg().access.name());
+    let access = crate::access::backend_name(sh.cfg().access);
+    let (host, open) = (sh.host.clone(), sh.open.clone());
     let result = tokio::task::spawn_blocking(move || {
         session::reset(&host, &req, &mut |d, o| open(d, o), access)
     })
@@ -288,7 +289,8 @@ pub(super) async fn check_then_reset(
     }
     let req = request(sh, bdf, dev_cfg);
     let cfg = sh.cfg();
-    let (host, open, access) = (sh.host.clone(), sh.open.clone(), cfg.access.name());
+    let access = crate::access::backend_name(cfg.access);
+    let (host, open) = (sh.host.clone(), sh.open.clone());
     let shutdown = sh.shutdown.clone();
     // Set once the verdict called for a reset and it may begin: a panic after that is the
     // reset's (a failed attempt), before it the check's.

@@ -183,7 +183,8 @@ pub struct ResetArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Print every step the reset would take, register operations (offset, value, delay)
-    /// included, and touch nothing; refused where the reset would be.
+    /// included, and touch nothing; refused where what it reads shows the reset would be
+    /// (DPC, pciehp polling, a corrupt crash record).
     #[arg(long)]
     pub dry_run: bool,
     /// For hook scripts: a device that is not a target is a no-op (exit 0), not an error.

@@ -65,7 +65,7 @@ pub(super) fn reset_and_report(
         host,
         req,
         &mut |dev, own| access::open(dev, access, own),
-        access.name(),
+        access::backend_name(access),
     )?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

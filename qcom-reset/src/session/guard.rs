@@ -86,9 +86,10 @@ pub struct Session {
     pub(super) said_let_go: bool,
     /// The steps taken, in order, for the report.
     pub(super) steps: Vec<Step>,
-    /// The upstream port's lock while its reports are masked: two targets below one port never
-    /// record each other's masked state.
-    pub(super) _port_lock: Option<DeviceLock>,
+    /// The port locks held: the upstream port's while its reports are masked (two targets below
+    /// one port never record each other's masked state), and a killed session's recorded port
+    /// while it is put back (the same port, unless the bus was numbered anew since).
+    pub(super) port_locks: Vec<(Bdf, DeviceLock)>,
     /// Held until the session ends (let go only while the verification reads): nothing else
     /// can open the device while the session writes.
     pub(super) own: Ownership,
@@ -120,7 +121,7 @@ impl Session {
             verifying: false,
             said_let_go: false,
             steps: Vec::new(),
-            _port_lock: None,
+            port_locks: Vec::new(),
             own,
         };
         if writes == Writes::None {
@@ -321,11 +322,12 @@ impl Session {
         Ok(())
     }
 
-    /// Takes the upstream port's lock for the rest of the session, before its state is read
-    /// (or a killed session's port values are put back); once per session.
+    /// Takes `port`'s lock for the rest of the session, before its state is read (or a killed
+    /// session's port values are put back); once per port.
     pub fn lock_port(&mut self, port: Bdf) -> Result<()> {
-        if self._port_lock.is_none() {
-            self._port_lock = Some(DeviceLock::acquire(&self.run_dir, port, self.lock_wait)?);
+        if !self.port_locks.iter().any(|(p, _)| *p == port) {
+            let lock = DeviceLock::acquire(&self.run_dir, port, self.lock_wait)?;
+            self.port_locks.push((port, lock));
             self.took(Step::LockPort(port));
         }
         Ok(())
@@ -367,15 +369,17 @@ impl Session {
         Ok(())
     }
 
-    /// Puts the swapped list back and takes it out of the record.
+    /// Puts the swapped list back, then takes it out of the record: a list that cannot be
+    /// written back stays there for the restore (and, failing that, for a person).
     pub fn unswap_reset_method(&mut self) -> Result<()> {
         let Some(b) = self.baseline.as_mut() else {
             return Ok(());
         };
-        let Some(m) = b.reset_method.take() else {
+        let Some(m) = b.reset_method.clone() else {
             return Ok(());
         };
         self.dev.write("reset_method", &m)?;
+        b.reset_method = None;
         record::save(&self.run_dir, b)?;
         self.took(Step::PutBackMethods(m));
         Ok(())

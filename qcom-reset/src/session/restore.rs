@@ -39,6 +39,13 @@ impl Session {
             let lost = self.lost_to();
             let steps = put_back(&self.dev, self.backend.as_mut(), lost, &b, mode, &mut r);
             self.steps.extend(steps);
+            // The kernel's reset ended (an error, a panic) before its list was put back.
+            if let Some(m) = &b.reset_method {
+                match self.dev.write("reset_method", m) {
+                    Ok(()) => self.took(Step::PutBackMethods(m.clone())),
+                    Err(e) => r.errors.push(e.to_string()),
+                }
+            }
             report(self.bdf, &r);
             if r.errors.is_empty() {
                 record::remove(&self.run_dir, self.bdf);

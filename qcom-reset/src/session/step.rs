@@ -1,6 +1,8 @@
 //! The steps of a reset session in one vocabulary: the real run records each step as it takes
 //! it (the report's `steps`), the dry run lists the steps it would take (its `plan`), and
-//! `engine::a_dry_run_plans_the_steps_the_real_run_takes` holds the two to the same list.
+//! `safety::a_dry_run_plans_the_steps_the_real_run_takes` holds the two to the same list (the
+//! plan's lock, unlock and register operations aside). A step of the restore is an attempt: what
+//! failed is in the report's `restored.errors`.
 use std::fmt;
 
 use serde::Serialize;
@@ -75,6 +77,12 @@ pub enum Step {
     ReleaseDrivers,
     /// The device's lock let go.
     Unlock(Bdf),
+    /// A dry run's note: the upstream port could not be read (a user other than root sees only
+    /// its first 64 bytes), so what the reset would mask, or refuse, is unknown.
+    PortUnread(String),
+    /// A dry run's note: the crash record could not be read (it is root's), so whether a killed
+    /// session's record is put back first is unknown.
+    RecordUnread(String),
 }
 
 impl fmt::Display for Step {
@@ -120,8 +128,19 @@ impl fmt::Display for Step {
             ),
             Step::RestorePort(p) => write!(f, "upstream port {p}: masks put back"),
             Step::RestorePower(c) => write!(f, "sysfs power/control <- {c}"),
-            Step::ReleaseDrivers => write!(f, "sysfs driver_override <- as recorded"),
+            Step::ReleaseDrivers => write!(
+                f,
+                "sysfs driver_override <- as recorded (unless another was set since)"
+            ),
             Step::Unlock(b) => write!(f, "unlock {b}"),
+            Step::PortUnread(why) => write!(
+                f,
+                "upstream port unreadable ({why}): what it would mask is unknown"
+            ),
+            Step::RecordUnread(why) => write!(
+                f,
+                "crash record unreadable ({why}): whether a killed session's is put back first is unknown"
+            ),
         }
     }
 }
