@@ -1404,6 +1404,7 @@ impl Holder {
 /// `power/control` back (vfio-pci holds a runtime-PM reference while the VM has the card).
 #[test]
 fn a_vm_named_by_ebusy_keeps_the_card_and_polling_stops_at_once() {
+    capture_logs();
     let mut h = FakeHost::new();
     h.add(FakeDevice::default());
     let vm = Holder::new(&mut h, WLAN, "qemu-system-x86");
@@ -1439,6 +1440,12 @@ fn a_vm_named_by_ebusy_keeps_the_card_and_polling_stops_at_once() {
         seen.reads_held.lock().unwrap().len(),
         2,
         "reads after the VM took the card"
+    );
+    // The admin reads what was left to the VM: its config space, not the host's power policy.
+    let log = this_threads_log();
+    assert!(
+        log.contains("/dev/vfio/12: its config space is left to it"),
+        "{log}"
     );
     assert_eq!(
         *seen.after.lock().unwrap(),
@@ -1753,4 +1760,32 @@ fn a_recovered_port_elsewhere_does_not_stand_in_for_the_upstream_ports_lock() {
         .collect();
     assert_eq!(&planned, steps, "the plan foresees both locks");
     assert_eq!(port_regs(&h), (0x1038, 0), "the upstream port is back");
+}
+
+/// Mutation run (stop 34): a card whose config space answers with other IDs than sysfs showed
+/// gets no header repair when its link drop takes the BARs: config words are put back only
+/// onto the function the baseline was taken from (the final restore's, after the verdict, is
+/// the only one). It ends `wrong-identity`.
+#[test]
+fn a_card_answering_with_other_ids_gets_no_header_repair() {
+    capture_logs();
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let card = SimDevice::new(qcom_reset::sim::Model::new(
+        Family::Wlan,
+        0x17cb,
+        0x1107,
+        SimState::Crashed,
+        Faults::default(),
+    ));
+    let r = reset_with(&h, &Request::new(bdf(WLAN)), &card).unwrap();
+    let v = r.verdict().unwrap();
+    assert_eq!(
+        v.health,
+        qcom_reset::device::verdict::Health::WrongIdentity,
+        "{}",
+        v.detail
+    );
+    let log = this_threads_log();
+    assert!(!log.contains("header restored"), "{log}");
 }
