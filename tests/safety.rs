@@ -1231,10 +1231,17 @@ fn note_held(seen: &Seen, node: PathBuf) -> Box<dyn FnMut() + Send> {
 /// save a broken header as the state to put back), then reads on with it let go.
 #[test]
 fn the_group_is_let_go_once_the_card_is_settled_and_held_for_every_write() {
+    capture_logs();
     let h = FakeHost::new();
     h.add(FakeDevice::default());
     h.add(FakeDevice::modem(MODEM));
+    let said_let_go = || {
+        this_threads_log()
+            .matches("VFIO group let go while the verification only reads")
+            .count()
+    };
     for (at, family) in [(WLAN, Family::Wlan), (MODEM, Family::Modem)] {
+        let before = said_let_go();
         let card = sim(family, Faults::default());
         let (r, seen) = reset_with_verify_hook(&h, "sysfs", (at, &card), note_held);
         let r = r.unwrap();
@@ -1259,6 +1266,8 @@ fn the_group_is_let_go_once_the_card_is_settled_and_held_for_every_write() {
         );
         assert!(!holds(&group_node(&h, at)), "let go at the end");
         assert!(!record_path(&h, at).exists());
+        // The admin is told once that a VM may open the card now.
+        assert_eq!(said_let_go(), before + 1, "{at}");
         if at == MODEM {
             assert!(
                 !r.reset().unwrap().restored.config.is_empty(),
@@ -1271,11 +1280,13 @@ fn the_group_is_let_go_once_the_card_is_settled_and_held_for_every_write() {
     let card = sim(Family::Wlan, Faults::default());
     let (r, seen) = reset_with_verify_hook(&h, "vfio", (WLAN, &card), note_held);
     r.unwrap();
+    let before = said_let_go();
     let reads = seen.reads_held.lock().unwrap().clone();
     assert!(
         reads.iter().all(|held| *held),
         "VFIO access keeps its group: {reads:?}"
     );
+    assert_eq!(said_let_go(), before, "nothing let go, nothing said");
 }
 
 /// Issue 20: a VM that opens the card while the verification has let the group go keeps it: no
@@ -1788,4 +1799,39 @@ fn a_card_answering_with_other_ids_gets_no_header_repair() {
     );
     let log = this_threads_log();
     assert!(!log.contains("header restored"), "{log}");
+}
+
+/// Mutation run (stop 34): the line that says why a session writes no more comes with the
+/// first word of the loss, not with a repeat of it.
+#[test]
+fn a_session_says_at_once_that_its_card_was_taken() {
+    capture_logs();
+    let h = FakeHost::new();
+    h.add(FakeDevice::default());
+    let dev = h.host.sysfs.device(bdf(WLAN)).unwrap();
+    let own = qcom_reset::host::own::Ownership::take(
+        &h.host.dev_vfio,
+        &h.host.proc_root,
+        &dev,
+        &h.host.open_group,
+    )
+    .unwrap();
+    let (s, _) = session::guard::Session::begin(
+        &dev,
+        h.host.run_dir.clone(),
+        Duration::ZERO,
+        own,
+        Box::new(sim(Family::Wlan, Faults::default())),
+        session::guard::Writes::None,
+    )
+    .unwrap();
+    let e = s.lost(session::Lost::Gone);
+    assert!(matches!(e, Error::Taken { .. }), "{e}");
+    let log = this_threads_log();
+    assert!(
+        log.contains(
+            "taken by nobody: it left the bus during the session: nothing more is written to it"
+        ),
+        "{log}"
+    );
 }
