@@ -474,6 +474,11 @@ mod tests {
         assert!(!s.needs_guard());
         assert!(s.summary().contains("DPC enabled"), "{}", s.summary());
         assert_eq!(PortRecord::plan(&s), None, "nothing to mask");
+        // Either report alone is reason enough to guard the link drop.
+        for (sltctl, aer) in [(0x1038, PCI_ERR_UNC_SURPDN), (0x0020, 0)] {
+            let s = PortState::read(port(), &mut FakeConfig::root_port(sltctl, aer, 0)).unwrap();
+            assert!(s.hotplug_events != s.surprise_down_unmasked && s.needs_guard());
+        }
 
         // No slot: Slot Control is not the port's to touch.
         let mut noslot = FakeConfig::root_port(0x1038, 0, 0);
