@@ -89,9 +89,14 @@ fn mask_port(h: &FakeHost) {
 /// What a session killed after masking the port leaves in its record: the port's Slot Control
 /// (PDCE|HPIE|DLLSCE|CCIE) to put back. Returns the record as saved.
 fn record_masked_port(h: &FakeHost) -> Record {
+    record_masked_port_at(h, PORT)
+}
+
+/// The same, for the port at `port`.
+fn record_masked_port_at(h: &FakeHost, port: &str) -> Record {
     let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
     rec.port = Some(qcom_reset::session::port::PortRecord {
-        port: bdf(PORT),
+        port: bdf(port),
         ids: None,
         command_completed: false,
         slot_control: Some((0x58, 0x1038)),
@@ -1657,24 +1662,7 @@ fn a_session_ending_with_the_methods_swapped_puts_them_back() {
         reset_method: Some("bus device_specific"),
         ..Default::default()
     });
-    let dev = h.host.sysfs.device(bdf(WLAN)).unwrap();
-    let own = qcom_reset::host::own::Ownership::take(
-        &h.host.dev_vfio,
-        &h.host.proc_root,
-        &dev,
-        &h.host.open_group,
-    )
-    .unwrap();
-    let card = sim(Family::Wlan, Faults::default());
-    let (mut s, _) = session::guard::Session::begin(
-        &dev,
-        h.host.run_dir.clone(),
-        Duration::ZERO,
-        own,
-        Box::new(card),
-        session::guard::Writes::Allowed,
-    )
-    .unwrap();
+    let mut s = begin_wlan_session(&h, session::guard::Writes::Allowed);
     s.swap_reset_method("bus device_specific".into()).unwrap();
     assert_eq!(h.read(WLAN, "reset_method"), "device_specific");
     drop(s);
@@ -1724,15 +1712,7 @@ fn a_recovered_port_elsewhere_does_not_stand_in_for_the_upstream_ports_lock() {
     .unwrap();
     let card = sim(Family::Wlan, Faults::default());
     leave_killed_session(&h, WLAN, &card, vec![]);
-    let mut rec = record::load(&h.host.run_dir, bdf(WLAN)).unwrap().unwrap();
-    rec.port = Some(qcom_reset::session::port::PortRecord {
-        port: bdf(PORT2),
-        ids: None,
-        command_completed: false,
-        slot_control: Some((0x58, 0x1038)),
-        aer_mask: None,
-    });
-    record::save(&h.host.run_dir, &rec).unwrap();
+    record_masked_port_at(&h, PORT2);
     let dry = Request {
         dry_run: true,
         ..Request::new(bdf(WLAN))
@@ -1808,23 +1788,7 @@ fn a_session_says_at_once_that_its_card_was_taken() {
     capture_logs();
     let h = FakeHost::new();
     h.add(FakeDevice::default());
-    let dev = h.host.sysfs.device(bdf(WLAN)).unwrap();
-    let own = qcom_reset::host::own::Ownership::take(
-        &h.host.dev_vfio,
-        &h.host.proc_root,
-        &dev,
-        &h.host.open_group,
-    )
-    .unwrap();
-    let (s, _) = session::guard::Session::begin(
-        &dev,
-        h.host.run_dir.clone(),
-        Duration::ZERO,
-        own,
-        Box::new(sim(Family::Wlan, Faults::default())),
-        session::guard::Writes::None,
-    )
-    .unwrap();
+    let s = begin_wlan_session(&h, session::guard::Writes::None);
     let e = s.lost(session::Lost::Gone);
     assert!(matches!(e, Error::Taken { .. }), "{e}");
     let log = this_threads_log();
@@ -1834,4 +1798,28 @@ fn a_session_says_at_once_that_its_card_was_taken() {
         ),
         "{log}"
     );
+}
+
+/// A session on the WLAN card of `h` (a simulated card behind it), begun as the library's
+/// entry points begin one.
+fn begin_wlan_session(h: &FakeHost, writes: session::guard::Writes) -> session::guard::Session {
+    let dev = h.host.sysfs.device(bdf(WLAN)).unwrap();
+    let own = qcom_reset::host::own::Ownership::take(
+        &h.host.dev_vfio,
+        &h.host.proc_root,
+        &dev,
+        &h.host.open_group,
+    )
+    .unwrap();
+    let card = Box::new(sim(Family::Wlan, Faults::default()));
+    let (s, _) = session::guard::Session::begin(
+        &dev,
+        h.host.run_dir.clone(),
+        Duration::ZERO,
+        own,
+        card,
+        writes,
+    )
+    .unwrap();
+    s
 }
