@@ -1823,3 +1823,19 @@ fn begin_wlan_session(h: &FakeHost, writes: session::guard::Writes) -> session::
     .unwrap();
     s
 }
+
+/// Mutation run (stop 34): a lock wait says once whom it waits for, when it begins, not at
+/// every 50 ms poll after the first.
+#[test]
+fn a_lock_wait_says_once_whom_it_waits_for() {
+    capture_logs();
+    let h = FakeHost::new();
+    let _held = DeviceLock::acquire(&h.host.run_dir, bdf(WLAN), Duration::ZERO).unwrap();
+    let before = this_threads_log().matches("waiting up to").count();
+    let e = DeviceLock::acquire(&h.host.run_dir, bdf(WLAN), Duration::from_millis(180));
+    assert!(e.is_err(), "the lock is held");
+    assert_eq!(
+        this_threads_log().matches("waiting up to").count(),
+        before + 1
+    );
+}
